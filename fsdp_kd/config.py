@@ -1,0 +1,302 @@
+"""Typed training configuration: a YAML file, `--key value` flags over it, or flags alone.
+
+Key names follow OpenRLHF's `train_kd` wherever it had one, so its command lines move over unchanged. Every error
+here is one line naming the file, line and key (or the flag) and what would fix it, and is raised before any model
+or data is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .loss import DIVERGENCES
+
+
+class ConfigError(ValueError):
+    """A problem with the user's configuration; its message is meant to be printed as is."""
+
+
+# What replaces each DeepSpeed-only OpenRLHF flag here, for users moving their command lines over.
+DEEPSPEED_REPLACEMENTS = {
+    "zero_stage": "FSDP2 always full-shards the student (ZeRO-3 equivalent); drop the flag",
+    "adam_offload": "optimizer offload is not supported; FSDP2 full sharding already splits optimizer state across ranks",
+    "zpg": "ZeRO++ partition groups have no FSDP2 counterpart here; drop the flag",
+    "overlap_comm": "FSDP2 overlaps communication by itself; drop the flag",
+    "bf16": "use --param_dtype bf16",
+    "flash_attn": "use --attn_implementation flash_attention_2",
+    "deepspeed_enable_sleep": "there is no DeepSpeed engine to put to sleep; drop the flag",
+    "ds_tensor_parallel_size": "tensor parallelism is not supported; drop the flag",
+    "local_rank": "torchrun sets LOCAL_RANK in the environment; drop the flag",
+    "ref_offload": "the teacher's offload is --teacher_offload",
+}
+
+
+@dataclass
+class TrainConfig:
+    # Models
+    pretrain: str = ""  # the student: a local HF directory or a hub id
+    teacher_model: str | None = None  # None trains plain SFT (kd_coef must then be 0)
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    param_dtype: str = "auto"  # auto | bf16 | fp32; auto is bf16 on CUDA and fp32 on CPU
+    gradient_checkpointing: bool = False
+    teacher_offload: bool = False
+
+    # Data
+    dataset: str = ""
+    eval_dataset: str | None = None
+    input_key: str = "input"
+    output_key: str = "output"
+    input_template: str | None = None
+    apply_chat_template: bool = False
+    max_len: int = 2048
+    max_samples: int | None = None
+    max_eval_samples: int | None = None
+
+    # Optimization
+    micro_train_batch_size: int = 1
+    train_batch_size: int = 16
+    max_epochs: int = 1
+    max_steps: int | None = None
+    learning_rate: float = 5e-6
+    lr_warmup_ratio: float = 0.03
+    lr_scheduler: str = "cosine_with_min_lr"
+    min_lr_ratio: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    l2: float = 0.0
+    max_norm: float = 1.0
+    seed: int = 42
+
+    # Distillation
+    kd_coef: float = 0.4
+    kd_loss: str = "forward_kl"
+    jsd_beta: float = 0.5
+    kd_temperature: float = 1.0
+    kd_vocab_chunk: int = 8192
+    kd_token_chunk: int = 256
+
+    # Outputs
+    save_path: str = "output/fsdp_kd_student"
+    ckpt_path: str | None = None  # default: <save_path>/checkpoints
+    save_steps: int = -1
+    eval_steps: int = -1
+    logging_steps: int = 1
+    max_ckpt_num: int = 3
+    load_checkpoint: bool = False
+
+    def resolved_ckpt_path(self) -> str:
+        return self.ckpt_path or os.path.join(self.save_path, "checkpoints")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+# Keys that change what a checkpoint means; a resume with any of these changed is refused.
+RESUME_SENSITIVE_KEYS = (
+    "pretrain", "teacher_model", "dataset", "input_key", "output_key", "input_template", "apply_chat_template",
+    "max_len", "max_samples", "micro_train_batch_size", "train_batch_size", "seed", "param_dtype",
+    "kd_coef", "kd_loss", "jsd_beta", "kd_temperature", "max_epochs", "max_steps",
+)
+
+
+def _base_type(tp):
+    """(scalar type, optional?) for the annotations used in TrainConfig."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def _coerce(key: str, value, where: str):
+    """Converts a YAML or CLI value to the field's type, or raises a one-line ConfigError."""
+    tp, optional = _base_type(_TYPES[key])
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: key '{key}' cannot be empty; give a {tp.__name__}")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if typing.get_origin(tp) is tuple:
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or len(items) != 2:
+                raise ValueError
+            return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        pass
+    expected = "two numbers, e.g. [0.9, 0.95]" if typing.get_origin(tp) is tuple else f"a {tp.__name__}"
+    raise ConfigError(f"{where}: key '{key}' expects {expected}, got {value!r}")
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    if key in DEEPSPEED_REPLACEMENTS:
+        return ConfigError(f"{where}: '{key}' is a DeepSpeed-only option: {DEEPSPEED_REPLACEMENTS[key]}")
+    return ConfigError(f"{where}: unknown key '{key}'; valid keys: {', '.join(sorted(FIELDS))}")
+
+
+def _read_yaml(path: str) -> dict[str, tuple[object, str]]:
+    """Maps each key to (value, 'file:line') so later errors can point at the line."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: file not found: {path}")
+    text = Path(path).read_text()
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path}:1: the config must be a mapping of key: value")
+    loader = yaml.SafeLoader("")
+    out = {}
+    for key_node, value_node in root.value:
+        where = f"{path}:{key_node.start_mark.line + 1}"
+        out[key_node.value] = (loader.construct_object(value_node, deep=True), where)
+    return out
+
+
+def _parse_flags(argv: list[str]) -> tuple[str | None, dict[str, tuple[object, str]]]:
+    """`--key value`, `--key=value`, `--flag` alone for booleans, `--adam_betas 0.9 0.95`.
+
+    Returns (the --config path or None, {key: (raw value, where)}).
+    """
+    config_path, values, i = None, {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument {arg!r}; options look like --key value")
+        key, has_inline, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        where = f"command line --{key}"
+        taken = [inline] if has_inline else []
+        i += 1
+        while not has_inline and i < len(argv) and not argv[i].startswith("--"):
+            taken.append(argv[i])
+            i += 1
+        if key == "config":
+            if len(taken) != 1:
+                raise ConfigError("command line --config: give one YAML path")
+            config_path = taken[0]
+            continue
+        if key not in FIELDS:
+            raise _unknown_key_error(key, where)
+        if key == "adam_betas":
+            values[key] = (taken if len(taken) > 1 else (taken[0] if taken else None), where)
+            continue
+        if not taken and _base_type(_TYPES[key])[0] is bool:
+            taken = ["true"]
+        if len(taken) != 1:
+            raise ConfigError(f"{where}: expects one value, got {len(taken)}: {' '.join(taken) or 'none'}")
+        values[key] = (taken[0], where)
+    return config_path, values
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """YAML first, flags on top; then type checks and cross-field validation. No I/O besides reading the YAML."""
+    argv = sys.argv[1:] if argv is None else argv
+    config_path, flag_values = _parse_flags(argv)
+    merged = _read_yaml(config_path) if config_path else {}
+    for key, (value, where) in merged.items():
+        if key not in FIELDS:
+            raise _unknown_key_error(key, where)
+    merged.update(flag_values)
+    kwargs = {key: _coerce(key, value, where) for key, (value, where) in merged.items()}
+    cfg = TrainConfig(**kwargs)
+    validate(cfg, {key: where for key, (_, where) in merged.items()})
+    return cfg
+
+
+def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
+    """Cross-field checks that need no I/O. `where` maps keys to their source for the message."""
+    where = where or {}
+
+    def fail(key, message):
+        raise ConfigError(f"{where.get(key, f'key {key}')}: {message}")
+
+    if not cfg.pretrain:
+        fail("pretrain", "no student model: set pretrain to an HF model directory or hub id")
+    if not cfg.dataset:
+        fail("dataset", "no training data: set dataset to a .json/.jsonl file")
+    if cfg.teacher_model is None and cfg.kd_coef > 0:
+        fail("kd_coef", f"kd_coef is {cfg.kd_coef} but no teacher_model is set; set kd_coef 0 for plain SFT")
+    if not 0 <= cfg.kd_coef <= 1:
+        fail("kd_coef", f"kd_coef must be in [0, 1], got {cfg.kd_coef}")
+    if cfg.kd_loss not in DIVERGENCES:
+        fail("kd_loss", f"kd_loss must be one of {', '.join(DIVERGENCES)}, got {cfg.kd_loss!r}")
+    if not 0 <= cfg.jsd_beta <= 1:
+        fail("jsd_beta", f"jsd_beta must be in [0, 1], got {cfg.jsd_beta}")
+    if cfg.kd_temperature <= 0:
+        fail("kd_temperature", f"kd_temperature must be > 0, got {cfg.kd_temperature}")
+    if cfg.param_dtype not in ("auto", "bf16", "fp32"):
+        fail("param_dtype", f"param_dtype must be auto, bf16 or fp32, got {cfg.param_dtype!r}")
+    if cfg.lr_scheduler not in ("cosine_with_min_lr", "constant_with_warmup"):
+        fail("lr_scheduler", f"lr_scheduler must be cosine_with_min_lr or constant_with_warmup, got {cfg.lr_scheduler!r}")
+    for key in ("micro_train_batch_size", "train_batch_size", "max_epochs", "max_len", "logging_steps",
+                "kd_vocab_chunk", "kd_token_chunk", "max_ckpt_num"):
+        if getattr(cfg, key) < 1:
+            fail(key, f"{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        fail("max_steps", f"max_steps must be >= 1, got {cfg.max_steps}")
+    if not 0 <= cfg.lr_warmup_ratio < 1:
+        fail("lr_warmup_ratio", f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        fail("min_lr_ratio", f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.input_template is not None and cfg.input_template.count("{}") != 1:
+        fail("input_template", f"input_template must contain exactly one '{{}}' for the prompt, got {cfg.input_template!r}")
+
+
+def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    """train_batch_size = micro_train_batch_size × accumulation steps × world size, exactly."""
+    per_step = cfg.micro_train_batch_size * world_size
+    if cfg.train_batch_size % per_step:
+        raise ConfigError(
+            f"key train_batch_size: {cfg.train_batch_size} is not a multiple of micro_train_batch_size "
+            f"{cfg.micro_train_batch_size} × world size {world_size} = {per_step}; "
+            f"use e.g. {max(per_step, cfg.train_batch_size // per_step * per_step)}")
+    return cfg.train_batch_size // per_step
+
+
+def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:
+    """Keys that matter for a checkpoint and differ between the saved run and this one."""
+    now = current.to_dict()
+    return [f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in RESUME_SENSITIVE_KEYS if saved.get(k) != now[k]]
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = ["TrainConfig", "ConfigError", "parse_config", "validate", "gradient_accumulation_steps",
+           "resume_mismatches", "config_to_yaml"]

@@ -1,0 +1,85 @@
+"""Process-group setup and teardown, for ranks that torchrun started (or a single plain process).
+
+nccl on CUDA, gloo on CPU. A plain `python train.py` without torchrun runs as a world of one, so the same code
+path (FSDP2 included) serves a laptop and a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+    """Joins (or, for a plain process, creates) the default process group and a 1-D mesh over all ranks."""
+    if "RANK" not in os.environ:  # a plain `python ...`: a world of one, on a free local port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
+                                device_id=device if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    _quiet_libraries()
+    return DistEnv(rank, local_rank, world, device, mesh)
+
+
+def _quiet_libraries() -> None:
+    """N ranks × per-load progress bars drown the training log; errors still print."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Model init is seeded alike on every rank; dropout and other per-rank randomness differ by rank."""
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def teardown() -> None:
+    """A barrier first: gloo aborts the process if a rank tears down while a peer still has work in flight."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor

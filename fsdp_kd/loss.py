@@ -1,0 +1,282 @@
+"""The distillation loss: (1 - kd_coef)·CE + kd_coef·D(teacher, student), vocabulary-chunked.
+
+Why a hand-written kernel: at 8k tokens and a 152k vocabulary, one model's fp32 logits are ~5 GB, and autograd would
+keep the softmax copies and the gradient of that tensor too. Here the logits exist only for one block of
+`token_chunk` tokens at a time, and each pass over that block walks the vocabulary in `vocab_chunk` columns:
+
+  pass 1  logits of both models, chunk by chunk, into the block's cache, with online max / sum-exp statistics
+          (log-sum-exp, argmax) updated while each chunk is hot;
+  pass 2  per-row reductions that need the final normalizers: KL, entropies, and for reverse KL / JSD the row
+          scalar their gradient needs;
+  pass 3  the gradient of the loss with respect to the student's logits, chunk by chunk, folded straight into the
+          gradients of the student's hidden states and head weight.
+
+The gradient is produced during the forward pass (as Liger-Kernel and others do), so the logits are computed once:
+four matrix products in all (two forward, two gradient), which is the floor. `backward` only scales the stored
+gradients by the incoming scalar. Everything from the logits on is fp32, whatever the weights' dtype, so no logit
+is rounded to bf16 before its softmax.
+
+All returned values are *sums* over the valid tokens; the trainer divides by the global token count, which is the
+only way to make gradients independent of micro-batch split and world size.
+
+JSD(β) is normalized as [β·KL(p‖m) + (1-β)·KL(q‖m)] / (β(1-β)), m = β·p + (1-β)·q, p the teacher, q the student.
+The unnormalized form tends to 0 at both ends; this one tends to forward KL(p‖q) as β→0 and to reverse KL(q‖p) as
+β→1, and the endpoints are computed as exactly those.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    kd_coef: float = 0.5
+    divergence: str = "forward_kl"
+    jsd_beta: float = 0.5
+    temperature: float = 1.0
+    vocab_chunk: int = 8192
+    token_chunk: int = 256
+
+    def __post_init__(self):
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"kd_loss must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if not 0.0 <= self.kd_coef <= 1.0:
+            raise ValueError(f"kd_coef must be in [0, 1], got {self.kd_coef}")
+        if self.temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.temperature}")
+        if self.vocab_chunk < 1 or self.token_chunk < 1:
+            raise ValueError("kd_vocab_chunk and kd_token_chunk must be >= 1")
+
+    @property
+    def effective_divergence(self) -> str:
+        """JSD at its endpoints is computed as the KL it equals there, not as 0/0."""
+        if self.divergence == "jsd" and self.jsd_beta == 0.0:
+            return "forward_kl"
+        if self.divergence == "jsd" and self.jsd_beta == 1.0:
+            return "reverse_kl"
+        return self.divergence
+
+
+class _OnlineLogSumExp:
+    """Running max and rescaled sum of exponentials over vocabulary chunks, per row."""
+
+    def __init__(self, rows: int, device: torch.device):
+        self.max = torch.full((rows,), -math.inf, device=device)
+        self.sum = torch.zeros(rows, device=device)
+
+    def update(self, chunk: torch.Tensor, chunk_max: torch.Tensor) -> None:
+        new_max = torch.maximum(self.max, chunk_max)
+        self.sum.mul_(torch.exp(self.max - new_max))
+        self.sum.add_(torch.exp(chunk - new_max[:, None]).sum(dim=1))
+        self.max = new_max
+
+    def value(self) -> torch.Tensor:
+        return self.max + torch.log(self.sum)
+
+
+class _BlockStats:
+    """Pass-1 statistics of one token block, for both models."""
+
+    def __init__(self, rows: int, device: torch.device, has_teacher: bool, temperature: float):
+        self.scaled = temperature != 1.0
+        self.student = _OnlineLogSumExp(rows, device)  # of z_s / τ
+        self.student_raw = _OnlineLogSumExp(rows, device) if self.scaled else self.student  # of z_s, for CE
+        self.student_argmax = torch.zeros(rows, dtype=torch.long, device=device)
+        self.label_logit = torch.zeros(rows, device=device)
+        if has_teacher:
+            self.teacher = _OnlineLogSumExp(rows, device)
+            self.teacher_raw = _OnlineLogSumExp(rows, device) if self.scaled else self.teacher
+            self.teacher_argmax = torch.zeros(rows, dtype=torch.long, device=device)
+            self.teacher_label_logit = torch.zeros(rows, device=device)
+
+
+def _fp32_rows(weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return weight[start:stop].float()
+
+
+def _update_argmax(argmax: torch.Tensor, running_max: torch.Tensor, chunk_max, chunk_idx, offset: int) -> None:
+    improved = chunk_max > running_max
+    argmax.copy_(torch.where(improved, chunk_idx + offset, argmax))
+
+
+def _gather_labels(chunk: torch.Tensor, labels: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
+    inside = (labels >= start) & (labels < stop)
+    if inside.any():
+        rows = inside.nonzero(as_tuple=True)[0]
+        out[rows] = chunk[rows, labels[rows] - start]
+
+
+def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_size: int, with_grad: bool):
+    """Returns (loss_sum, metric sums, grad of h_s, grad of w_s); the gradients are None without `with_grad`."""
+    device = h_s.device
+    n_tokens, hidden_s = h_s.shape
+    has_teacher = h_t is not None
+    c = spec.kd_coef if has_teacher else 0.0
+    tau = spec.temperature
+    divergence = spec.effective_divergence
+    beta = spec.jsd_beta
+
+    grad_h = torch.zeros(n_tokens, hidden_s, dtype=torch.float32, device=device) if with_grad else None
+    grad_w = torch.zeros(w_s.shape[0], hidden_s, dtype=torch.float32, device=device) if with_grad else None
+    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in METRIC_NAMES}
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    chunks = [(v0, min(v0 + spec.vocab_chunk, vocab_size)) for v0 in range(0, vocab_size, spec.vocab_chunk)]
+    block_rows = min(spec.token_chunk, max(n_tokens, 1))
+    # One cache per model for one token block, stored chunk by chunk so each chunk is contiguous.
+    s_cache = [torch.empty(block_rows, v1 - v0, device=device) for v0, v1 in chunks]
+    t_cache = [torch.empty(block_rows, v1 - v0, device=device) for v0, v1 in chunks] if has_teacher else None
+
+    for t0 in range(0, n_tokens, block_rows):
+        t1 = min(t0 + block_rows, n_tokens)
+        rows = t1 - t0
+        hs = h_s[t0:t1].float()
+        ht = h_t[t0:t1].float() if has_teacher else None
+        y = labels[t0:t1]
+        st = _BlockStats(rows, device, has_teacher, tau)
+
+        # Pass 1: logits into the cache; online log-sum-exp and argmax.
+        for k, (v0, v1) in enumerate(chunks):
+            zs = torch.mm(hs, _fp32_rows(w_s, v0, v1).t(), out=s_cache[k][:rows])
+            zs_max, zs_idx = zs.max(dim=1)
+            _update_argmax(st.student_argmax, st.student_raw.max, zs_max, zs_idx, v0)
+            _gather_labels(zs, y, v0, v1, st.label_logit)
+            if st.scaled:
+                st.student_raw.update(zs, zs_max)
+                st.student.update(zs / tau, zs_max / tau)
+            else:
+                st.student.update(zs, zs_max)
+            if has_teacher:
+                zt = torch.mm(ht, _fp32_rows(w_t, v0, v1).t(), out=t_cache[k][:rows])
+                zt_max, zt_idx = zt.max(dim=1)
+                _update_argmax(st.teacher_argmax, st.teacher_raw.max, zt_max, zt_idx, v0)
+                _gather_labels(zt, y, v0, v1, st.teacher_label_logit)
+                if st.scaled:
+                    st.teacher_raw.update(zt, zt_max)
+                    st.teacher.update(zt / tau, zt_max / tau)
+                else:
+                    st.teacher.update(zt, zt_max)
+
+        lse_s = st.student.value()
+        lse_s_raw = st.student_raw.value()
+        ce = lse_s_raw - st.label_logit
+        sums["ce"] += ce.sum()
+
+        # Pass 2: row reductions that need the final normalizers.
+        p_dot_b = q_dot_a = p_dot_a = q_dot_b = None
+        kl_q_m = kl_p_m = None
+        if has_teacher:
+            lse_t = st.teacher.value()
+            p_dot_b = torch.zeros(rows, device=device)  # Σ p·log p
+            p_dot_a = torch.zeros(rows, device=device)  # Σ p·log q
+            q_dot_a = torch.zeros(rows, device=device)  # Σ q·log q
+            q_dot_b = torch.zeros(rows, device=device)  # Σ q·log p
+            if divergence == "jsd":
+                kl_q_m = torch.zeros(rows, device=device)
+                kl_p_m = torch.zeros(rows, device=device)
+            for k, (v0, v1) in enumerate(chunks):
+                log_q = s_cache[k][:rows] / tau - lse_s[:, None]
+                log_p = t_cache[k][:rows] / tau - lse_t[:, None]
+                p, q = log_p.exp(), log_q.exp()
+                p_dot_b += (p * log_p).sum(1)
+                p_dot_a += (p * log_q).sum(1)
+                q_dot_a += (q * log_q).sum(1)
+                q_dot_b += (q * log_p).sum(1)
+                if divergence == "jsd":
+                    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+                    kl_q_m += (q * (log_q - log_m)).sum(1)
+                    kl_p_m += (p * (log_p - log_m)).sum(1)
+            forward_kl = p_dot_b - p_dot_a
+            reverse_kl = q_dot_a - q_dot_b
+            if divergence == "forward_kl":
+                kd = forward_kl
+            elif divergence == "reverse_kl":
+                kd = reverse_kl
+            else:
+                kd = (beta * kl_p_m + (1 - beta) * kl_q_m) / (beta * (1 - beta))
+            kd = kd * tau * tau
+            sums["kd"] += kd.sum()
+            sums["kl"] += forward_kl.sum()
+            sums["teacher_entropy"] -= p_dot_b.sum()
+            sums["student_entropy"] -= q_dot_a.sum()
+            sums["top1_agreement"] += (st.student_argmax == st.teacher_argmax).sum()
+            sums["teacher_ce"] += (st.teacher_raw.value() - st.teacher_label_logit).sum()
+        else:
+            kd = torch.zeros_like(ce)
+
+        loss_sum += (1 - c) * ce.sum() + c * kd.sum()
+        if not with_grad:
+            continue
+
+        # Pass 3: d loss / d z_s per chunk, folded into the gradients of h_s and w_s.
+        for k, (v0, v1) in enumerate(chunks):
+            zs = s_cache[k][:rows]
+            log_q = zs / tau - lse_s[:, None] if st.scaled else zs - lse_s[:, None]
+            q = log_q.exp()
+            grad = q.clone() if not st.scaled else torch.exp(zs - lse_s_raw[:, None])
+            grad.mul_(1 - c)  # CE part: (1-c)·(softmax(z_s) - onehot)
+            if c > 0:
+                log_p = t_cache[k][:rows] / tau - lse_t[:, None]
+                if divergence == "forward_kl":
+                    d_kd = q - log_p.exp()
+                elif divergence == "reverse_kl":
+                    d_kd = q * (log_q - log_p - reverse_kl[:, None])
+                else:
+                    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+                    d_kd = q * (log_q - log_m - kl_q_m[:, None]) / beta
+                grad.add_(d_kd, alpha=c * tau)  # d(τ²·D)/dz_s = τ·dD/da
+            inside = (y >= v0) & (y < v1)
+            if inside.any():
+                hit = inside.nonzero(as_tuple=True)[0]
+                grad[hit, y[hit] - v0] -= 1 - c
+            grad_h[t0:t1].addmm_(grad, _fp32_rows(w_s, v0, v1))
+            grad_w[v0:v1].addmm_(grad.t(), hs)
+
+    return loss_sum, sums, grad_h, grad_w
+
+
+class _ChunkedDistillationLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, labels, spec, vocab_size, metrics_out):
+        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, sums, grad_h, grad_w = _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec, vocab_size, with_grad)
+        metrics_out.update(sums)
+        if with_grad:
+            ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h_s.dtype, w_s.dtype)
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h.mul_(grad_loss).to(h_dtype), grad_w.mul_(grad_loss).to(w_dtype),
+                None, None, None, None, None, None)
+
+
+def distillation_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
+                      spec: LossSpec, vocab_size: int, teacher_hidden: torch.Tensor | None = None,
+                      teacher_head: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed loss over the given rows, and summed metrics (detached, fp64).
+
+    `student_hidden`/`teacher_hidden` hold only the rows that have a valid next-token label (already shifted), so
+    prompt and padding rows are never projected. `vocab_size` is the shared tokenizer range that both
+    distributions are taken over; padded head rows beyond it are ignored. Without a teacher the loss is plain CE.
+    """
+    if student_head.shape[0] < vocab_size or (teacher_head is not None and teacher_head.shape[0] < vocab_size):
+        raise ValueError(f"vocab_size {vocab_size} exceeds an output head's rows")
+    metrics: dict[str, torch.Tensor] = {}
+    loss = _ChunkedDistillationLoss.apply(student_hidden, student_head, teacher_hidden, teacher_head,
+                                          labels, spec, vocab_size, metrics)
+    metrics["tokens"] = torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)
+    return loss, metrics

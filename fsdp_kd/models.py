@@ -1,0 +1,139 @@
+"""Loading the teacher and the student, checking that they speak the same tokens, and sharding both with FSDP2.
+
+Each model is wrapped in a `ShardedCausalLM` root. Per-layer FSDP units hold the decoder layers; the root holds the
+embeddings, final norm and output head. The root's `forward` runs a caller's function while those root parameters are
+gathered. That is how the loss kernel gets the student's *unsharded* head weight without a second copy: it runs inside
+the root's forward, and FSDP's own hooks gather the head before and reduce-scatter its gradient after.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .config import ConfigError, TrainConfig
+from .distributed import DistEnv
+
+
+class ShardedCausalLM(nn.Module):
+    """FSDP2 root around an HF causal LM; `forward(fn, *args)` returns `fn(lm, *args)` with root params gathered."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.lm, *args, **kwargs)
+
+    @contextmanager
+    def gathered_output_head(self):
+        """The full output-head weight, gathered from shards (and from CPU when offloaded) only for this block."""
+        self.unshard()
+        try:
+            yield self.lm.get_output_embeddings().weight
+        finally:
+            self.reshard()
+
+
+def decoder_layers(lm: nn.Module) -> nn.ModuleList:
+    """The repeated transformer blocks: the FSDP unit of sharding. HF names them `layers` in Llama-like models."""
+    for name in ("layers", "h", "blocks"):
+        layers = getattr(lm.base_model, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ConfigError(f"cannot find the decoder layers of {type(lm).__name__}; "
+                      "expected base_model.layers (Llama, Qwen2, Mistral, Phi-3, SmolLM and most others)")
+
+
+def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.param_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.param_dtype]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _id_to_token(tokenizer: PreTrainedTokenizerBase) -> list[str | None]:
+    table: list[str | None] = [None] * len(tokenizer)
+    for token, idx in tokenizer.get_vocab().items():
+        if idx < len(table):
+            table[idx] = token
+    return table
+
+
+def shared_vocab_size(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrainedTokenizerBase) -> int:
+    """The id range both distributions are compared over: the student tokenizer's.
+
+    Padded embedding rows (Qwen's 151936 vs 152064) are fine because only tokenizer ids count. A teacher whose
+    tokenizer maps any of those ids to a different token is a different tokenizer, and is refused.
+    """
+    student, teacher = _id_to_token(student_tok), _id_to_token(teacher_tok)
+    if len(teacher) < len(student):
+        raise ConfigError(f"teacher tokenizer has {len(teacher)} tokens, fewer than the student's {len(student)}: "
+                          "the teacher and student must share a tokenizer")
+    for idx, (s, t) in enumerate(zip(student, teacher)):
+        if s != t:
+            raise ConfigError(f"teacher and student tokenizers differ at id {idx}: student {s!r} vs teacher {t!r}; "
+                              "distillation needs one tokenizer (pick a teacher from the student's model family)")
+    return len(student)
+
+
+def load_causal_lm(path: str, cfg: TrainConfig, dtype: torch.dtype) -> nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False
+    return model
+
+
+def check_head_covers_vocab(model: nn.Module, vocab_size: int, role: str) -> None:
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < vocab_size:
+        raise ConfigError(f"the {role}'s output head has {rows} rows but its tokenizer has {vocab_size} tokens")
+
+
+def shard_student(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausalLM:
+    """Full shard (ZeRO-3 equivalent): every decoder layer, then the root. fp32 master weights, compute in
+    `param_dtype`, gradients reduced in fp32. FSDP's reduce-scatter sums rather than averages: the loss is already
+    divided by the global token count, so averaging over ranks would divide twice."""
+    compute_dtype = resolve_dtype(cfg, env.device)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    root = ShardedCausalLM(lm)
+    for layer in decoder_layers(lm):
+        fully_shard(layer, mesh=env.mesh, mp_policy=mp)
+    fully_shard(root, mesh=env.mesh, mp_policy=mp)
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return root
+
+
+def shard_teacher(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausalLM:
+    """Frozen, eval mode, sharded per layer and root; parameters live on CPU between uses when offloaded."""
+    lm.requires_grad_(False)
+    lm.eval()
+    offload = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cfg.teacher_offload else None
+    kwargs = {"mesh": env.mesh}
+    if offload is not None:
+        kwargs["offload_policy"] = offload
+    root = ShardedCausalLM(lm)
+    for layer in decoder_layers(lm):
+        fully_shard(layer, **kwargs)
+    fully_shard(root, **kwargs)
+    return root
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Global count: sharded parameters report their full shape."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,309 @@
+"""The training loop: one optimizer step = accumulate micro-batches, clip, step, log; that is all.
+
+Order of work at start is deliberate: everything that can reject the run cheaply (paths, output directory,
+tokenizers, data, checkpoint compatibility) happens before either model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulation_steps
+from .data import (IGNORE_INDEX, MicroBatch, StepSampler, check_data_path, collate, eval_batches,
+                   load_sft_dataset, looks_local)
+from .distributed import DistEnv, all_reduce_sum
+from .loss import METRIC_NAMES, LossSpec, distillation_loss
+from .models import (ShardedCausalLM, check_head_covers_vocab, load_causal_lm, load_tokenizer, parameter_count,
+                     resolve_dtype, shard_student, shard_teacher, shared_vocab_size)
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.yaml"
+_SUMMED = METRIC_NAMES + ("tokens",)
+
+
+def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine down to min_lr_ratio·lr (or constant). A pure function of the step, so a resumed
+    run needs no scheduler state to continue exactly."""
+    warmup = math.ceil(cfg.lr_warmup_ratio * total_steps)
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
+    if cfg.lr_scheduler == "constant_with_warmup":
+        return cfg.learning_rate
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    floor = cfg.min_lr_ratio * cfg.learning_rate
+    return floor + (cfg.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _hidden_states(lm, batch: MicroBatch) -> torch.Tensor:
+    """Final (normed) hidden states at the rows that have a trainable next-token target."""
+    hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    return hidden[batch.targets != IGNORE_INDEX]
+
+
+def _student_loss(lm, batch: MicroBatch, spec: LossSpec, vocab_size: int, teacher_hidden, teacher):
+    """Runs inside the student root's forward, so its output head is gathered while the kernel reads it."""
+    hidden = _hidden_states(lm, batch)
+    labels = batch.targets[batch.targets != IGNORE_INDEX]
+    head = lm.get_output_embeddings().weight
+    if teacher is None:
+        return distillation_loss(hidden, head, labels, spec, vocab_size)
+    with teacher.gathered_output_head() as teacher_head:
+        return distillation_loss(hidden, head, labels, spec, vocab_size, teacher_hidden, teacher_head)
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    real_tokens: int
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0. On resume, lines past the resumed step are dropped so the file reads as one run."""
+
+    def __init__(self, path: str, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step is not None and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, log=print):
+        self.cfg, self.env = cfg, env
+        self.log = log if env.is_main else (lambda *a, **k: None)
+        self._preflight()
+        self._load_models()
+
+    # ----------------------------------------------------------------------------------------------- setup
+    def _preflight(self) -> None:
+        """Every cheap check, on every rank alike, before any model is loaded."""
+        cfg, env = self.cfg, self.env
+        for key in ("pretrain", "teacher_model"):
+            path = getattr(cfg, key)
+            if path and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+                raise ConfigError(f"key {key}: model directory not found: {path}")
+        check_data_path(cfg.dataset, "dataset")
+        if cfg.eval_dataset:
+            check_data_path(cfg.eval_dataset, "eval_dataset")
+        self.accumulation = gradient_accumulation_steps(cfg, env.world_size)
+
+        self.resume_from = None
+        if cfg.load_checkpoint:
+            found = ckpt.complete_checkpoints(cfg.resolved_ckpt_path())
+            if found:
+                self.resume_from = found[-1][1]
+                ckpt.check_resumable(self.resume_from, cfg)
+        elif _holds_a_run(cfg.save_path):
+            raise ConfigError(f"key save_path: {cfg.save_path} already holds a model or metrics from an earlier run; "
+                              "choose a new save_path, or pass --load_checkpoint to resume that run")
+
+        self.tokenizer = load_tokenizer(cfg.pretrain, cfg.trust_remote_code)
+        self.vocab_size = len(self.tokenizer)
+        if cfg.teacher_model:
+            teacher_tok = load_tokenizer(cfg.teacher_model, cfg.trust_remote_code)
+            self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tok)
+
+        self.train_samples, stats = load_sft_dataset(cfg.dataset, cfg, self.tokenizer, cfg.max_samples)
+        self.log(stats.summary("train data"))
+        self.eval_samples = []
+        if cfg.eval_dataset:
+            self.eval_samples, eval_stats = load_sft_dataset(cfg.eval_dataset, cfg, self.tokenizer,
+                                                             cfg.max_eval_samples)
+            self.log(eval_stats.summary("eval data"))
+        self.sampler = StepSampler(len(self.train_samples), cfg, env.rank, env.world_size, self.accumulation)
+        self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+        if dist.is_initialized():
+            dist.barrier()  # every rank has checked save_path before rank 0 writes into it
+        if env.is_main:
+            os.makedirs(cfg.save_path, exist_ok=True)
+            removed = ckpt.remove_partial_checkpoints(cfg.resolved_ckpt_path())
+            if removed:
+                self.log(f"removed incomplete checkpoints left by an interrupted save: {', '.join(removed)}")
+            with open(os.path.join(cfg.save_path, CONFIG_FILE), "w") as f:
+                f.write(config_to_yaml(cfg))
+        self.log("resolved config:\n" + config_to_yaml(cfg).rstrip())
+
+    def _load_models(self) -> None:
+        cfg, env = self.cfg, self.env
+        compute_dtype = resolve_dtype(cfg, env.device)
+        self.export_config = AutoConfig.from_pretrained(cfg.pretrain, trust_remote_code=cfg.trust_remote_code)
+        student = load_causal_lm(cfg.pretrain, cfg, torch.float32)  # fp32 master weights
+        check_head_covers_vocab(student, self.vocab_size, "student")
+        self.student: ShardedCausalLM = shard_student(student, cfg, env)
+        self.teacher: ShardedCausalLM | None = None
+        if cfg.teacher_model:
+            teacher = load_causal_lm(cfg.teacher_model, cfg, compute_dtype)
+            check_head_covers_vocab(teacher, self.vocab_size, "teacher")
+            self.teacher = shard_teacher(teacher, cfg, env)
+        self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher else 0.0, divergence=cfg.kd_loss,
+                             jsd_beta=cfg.jsd_beta, temperature=cfg.kd_temperature,
+                             vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.learning_rate,
+                                           betas=cfg.adam_betas, weight_decay=cfg.l2)
+        self.start_step = 0
+        if cfg.load_checkpoint:
+            if self.resume_from:
+                self.start_step = ckpt.load_checkpoint(self.student, self.optimizer, self.resume_from, env.rank)
+                self.log(f"resumed from {self.resume_from} at step {self.start_step}")
+            else:
+                self.log(f"load_checkpoint: no complete checkpoint in {cfg.resolved_ckpt_path()}; starting fresh")
+        self.metrics_log = MetricsLog(os.path.join(cfg.save_path, METRICS_FILE), env.is_main,
+                                      self.start_step if cfg.load_checkpoint else None)
+        self._print_summary(compute_dtype)
+
+    def _print_summary(self, compute_dtype) -> None:
+        cfg, env = self.cfg, self.env
+        seq_tokens = sum(len(s.input_ids) for s in self.train_samples) / len(self.train_samples)
+        lines = [
+            f"world size {env.world_size} on {env.device.type} ({dist.get_backend() if dist.is_initialized() else 'single'})",
+            f"student {parameter_count(self.student) / 1e6:.2f}M params: FSDP2 full shard, compute {compute_dtype}, "
+            f"fp32 master weights and gradient reduction, activation checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
+        ]
+        if self.teacher:
+            lines.append(f"teacher {parameter_count(self.teacher) / 1e6:.2f}M params: frozen, FSDP2 full shard, "
+                         f"CPU offload {'on' if cfg.teacher_offload else 'off'}; shared vocabulary {self.vocab_size}")
+        lines += [
+            f"batch: {cfg.train_batch_size} sequences/step (~{cfg.train_batch_size * seq_tokens:.0f} tokens) = "
+            f"{cfg.micro_train_batch_size} micro × {self.accumulation} accumulation × {env.world_size} ranks",
+            f"steps: {self.total_steps} ({self.sampler.steps_per_epoch}/epoch); loss: "
+            + (f"{1 - self.spec.kd_coef:g}·CE + {self.spec.kd_coef:g}·{cfg.kd_loss} (τ={cfg.kd_temperature:g})"
+               if self.teacher else "CE (no teacher: plain SFT)"),
+        ]
+        self.log("\n".join("  " + line for line in lines))
+
+    # ----------------------------------------------------------------------------------------------- steps
+    def _run_micro_batch(self, batch: MicroBatch):
+        batch = batch.to(self.env.device)
+        teacher_hidden = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_hidden = self.teacher(_hidden_states, batch)
+        return self.student(_student_loss, batch, self.spec, self.vocab_size, teacher_hidden, self.teacher)
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Global per-token means of every summed metric."""
+        packed = all_reduce_sum(torch.stack([sums[k] for k in _SUMMED]).to(self.env.device))
+        totals = dict(zip(_SUMMED, packed.tolist()))
+        tokens = max(totals["tokens"], 1.0)
+        out = {k: totals[k] / tokens for k in METRIC_NAMES}
+        out["loss"] = (1 - self.spec.kd_coef) * out["ce"] + self.spec.kd_coef * out["kd"]
+        out["tokens"] = totals["tokens"]
+        return out
+
+    def forward_backward(self, step: int) -> tuple[dict[str, torch.Tensor], list[MicroBatch]]:
+        """Accumulates this rank's share of the step's gradients; returns the summed metrics and its batches.
+
+        Each micro-batch's summed loss is divided by the step's *global* count of trainable tokens (all ranks, all
+        micro-batches), and FSDP sums gradients across ranks, so the gradient is the mean over the global batch
+        whatever the split into micro-batches and ranks."""
+        epoch, step_in_epoch = divmod(step, self.sampler.steps_per_epoch)
+        micro_batches = [collate([self.train_samples[i] for i in idx], self.tokenizer.pad_token_id)
+                         for idx in self.sampler.indices(epoch, step_in_epoch)]
+        local_tokens = torch.tensor(float(sum(mb.trainable_tokens for mb in micro_batches)), device=self.env.device)
+        global_tokens = max(all_reduce_sum(local_tokens).item(), 1.0)
+        self.student.train()
+        sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUMMED}
+        for batch in micro_batches:
+            loss_sum, metrics = self._run_micro_batch(batch)
+            (loss_sum / global_tokens).backward()
+            for k in _SUMMED:
+                sums[k] += metrics[k].cpu()
+        return sums, micro_batches
+
+    def train_step(self, step: int) -> StepResult:
+        lr = lr_at(step, self.total_steps, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        sums, micro_batches = self.forward_backward(step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = self._reduce(sums)
+        metrics.update(lr=lr, grad_norm=float(grad_norm))
+        real = torch.tensor(float(sum(mb.real_tokens for mb in micro_batches)), device=self.env.device)
+        return StepResult(metrics, int(all_reduce_sum(real).item()))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.student.eval()
+        sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUMMED}
+        for batch in eval_batches(self.eval_samples, self.cfg.micro_train_batch_size, self.env.rank,
+                                  self.env.world_size, self.tokenizer.pad_token_id):
+            _, metrics = self._run_micro_batch(batch)
+            for k in _SUMMED:
+                sums[k] += metrics[k].cpu()
+        reduced = self._reduce(sums)
+        return {"eval_" + ("ce_loss" if k == "ce" else k): v for k, v in reduced.items()}
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        started, seen_tokens, window_tokens, window_start = time.time(), 0, 0, time.time()
+        best_eval, last_eval = None, None
+        step = self.start_step
+        for step in range(self.start_step, self.total_steps):
+            result = self.train_step(step)
+            done = step + 1
+            seen_tokens += result.real_tokens
+            window_tokens += result.real_tokens
+            if done % cfg.logging_steps == 0 or done == self.total_steps:
+                elapsed = time.time() - window_start
+                record = {"step": done, **{k: round(v, 6) for k, v in result.metrics.items()},
+                          "tokens_per_sec": round(window_tokens / max(elapsed, 1e-9), 1)}
+                self.metrics_log.write(record)
+                eta = (time.time() - started) / (done - self.start_step) * (self.total_steps - done)
+                self.log(f"step {done}/{self.total_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
+                         f"kl {record['kl']:.4f} | H(teacher) {record['teacher_entropy']:.4f} | lr {record['lr']:.2e} | "
+                         f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_sec']:.0f} tok/s | eta {eta:.0f}s")
+                window_tokens, window_start = 0, time.time()
+            if self.eval_samples and cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == self.total_steps):
+                last_eval = self.evaluate()
+                self.metrics_log.write({"step": done, **{k: round(v, 6) for k, v in last_eval.items()}})
+                self.log(f"eval @ {done}: ce {last_eval['eval_ce_loss']:.4f} | kl {last_eval['eval_kl']:.4f}")
+                if best_eval is None or last_eval["eval_loss"] < best_eval["eval_loss"]:
+                    best_eval = last_eval
+            if cfg.save_steps > 0 and done % cfg.save_steps == 0:
+                path = ckpt.save_checkpoint(self.student, self.optimizer, done, cfg, self.env.rank)
+                self.log(f"saved checkpoint {path}")
+        self.export()
+        summary = {"steps": self.total_steps, "seconds": round(time.time() - started, 1), "tokens": seen_tokens,
+                   "final_eval": last_eval, "best_eval": best_eval, "model": self.cfg.save_path}
+        self.log(f"done: {summary['steps']} steps in {summary['seconds']}s, {seen_tokens} tokens; "
+                 f"HF model in {self.cfg.save_path}")
+        return summary
+
+    def export(self) -> None:
+        dtype = getattr(self.export_config, "dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        self.export_config.dtype = dtype
+        state = ckpt.export_state_dict(self.student.lm, dtype)
+        ckpt.export_hf(state, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank)
+
+
+def _holds_a_run(save_path: str) -> bool:
+    if not os.path.isdir(save_path):
+        return False
+    names = os.listdir(save_path)
+    return METRICS_FILE in names or "config.json" in names or any(n.endswith(".safetensors") for n in names)

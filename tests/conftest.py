@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny models and data built from configs and saved with save_pretrained, and a torchrun runner.
+
+Nothing is downloaded. Models are Llama- and Qwen2-shaped, a few layers, over the demo's character tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata"
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """{'tok', 'teacher', 'student', 'qwen_teacher', 'qwen_student', 'train', 'eval'} paths."""
+    from fsdp_kd.demo import addition_records, build_char_tokenizer, build_tiny_model, write_jsonl
+
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {"tok": str(root / "tok")}
+    tok = build_char_tokenizer(paths["tok"])
+    for name, hidden, layers, family, seed, tie in (
+            ("teacher", 64, 2, "llama", 1, False), ("student", 32, 2, "llama", 2, False),
+            ("qwen_teacher", 64, 2, "qwen2", 3, True), ("qwen_student", 32, 2, "qwen2", 4, True)):
+        paths[name] = str(root / name)
+        build_tiny_model(paths[name], len(tok), hidden, layers, family=family, seed=seed, tie=tie)
+        if "teacher" in name:
+            _sharpen_output_head(paths[name])
+        tok.save_pretrained(paths[name])
+    paths["train"] = str(root / "train.jsonl")
+    paths["eval"] = str(root / "eval.jsonl")
+    write_jsonl(paths["train"], addition_records(0, 256, 99))
+    write_jsonl(paths["eval"], addition_records(1, 24, 99))
+    return paths
+
+
+def _sharpen_output_head(path: str, scale: float = 20.0) -> None:
+    """A random tiny model predicts near-uniformly, leaving nothing to distil; a scaled head gives it opinions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(scale)
+    model.save_pretrained(path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True, cwd=None):
+    """Runs `torchrun --nproc_per_node nproc ARGS` on gloo; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(save_path) -> list[dict]:
+    with open(Path(save_path) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_args(tiny, save_path, **overrides) -> list[str]:
+    """train.py flags for a short KD run on the tiny models; overrides win."""
+    flags = {"pretrain": tiny["student"], "teacher_model": tiny["teacher"], "dataset": tiny["train"],
+             "train_batch_size": 16, "micro_train_batch_size": 4, "max_steps": 4, "learning_rate": 3e-3,
+             "kd_coef": 0.5, "save_path": str(save_path), "lr_warmup_ratio": 0.0}
+    flags.update(overrides)
+    out = []
+    for k, v in flags.items():
+        if v is None:
+            continue
+        out += [f"--{k}", str(v)]
+    return out

@@ -1,0 +1,140 @@
+"""The chunked kernel against the dense reference: values, gradients, metrics, every divergence."""
+
+import math
+
+import pytest
+import torch
+
+from fsdp_kd.loss import LossSpec, distillation_loss
+from fsdp_kd.reference import dense_distillation_loss
+
+N, HS, HT, V = 29, 12, 20, 97
+
+
+def inputs(seed=0, dtype=torch.float32, padded_rows=(0, 0)):
+    g = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(N, HS, generator=g).to(dtype).requires_grad_()
+    w_s = (torch.randn(V + padded_rows[0], HS, generator=g) * 0.5).to(dtype).requires_grad_()
+    h_t = torch.randn(N, HT, generator=g).to(dtype)
+    w_t = (torch.randn(V + padded_rows[1], HT, generator=g) * 0.5).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    return h_s, w_s, h_t, w_t, labels
+
+
+def run(fn, spec, h_s, w_s, h_t, w_t, labels):
+    loss, metrics = fn(h_s, w_s, labels, spec, V, h_t, w_t)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+    return loss.detach(), metrics, grads
+
+
+def assert_close(a, b, rtol=1e-5):
+    scale = max(float(b.abs().max()), 1e-12)
+    assert float((a.double() - b.double()).abs().max()) <= rtol * scale, (a, b)
+
+
+CASES = [("forward_kl", 1.0, 0.5), ("forward_kl", 2.0, 0.5), ("reverse_kl", 1.0, 0.5), ("reverse_kl", 0.5, 0.5),
+         ("jsd", 1.0, 0.5), ("jsd", 3.0, 0.1), ("jsd", 1.0, 0.9), ("jsd", 1.0, 0.0), ("jsd", 1.0, 1.0)]
+
+
+@pytest.mark.parametrize("divergence,tau,beta", CASES)
+def test_matches_dense_reference(divergence, tau, beta):
+    spec = LossSpec(kd_coef=0.7, divergence=divergence, jsd_beta=beta, temperature=tau, vocab_chunk=13, token_chunk=6)
+    args = inputs(padded_rows=(5, 11))  # padded head rows beyond the shared vocabulary are ignored
+    loss, metrics, grads = run(distillation_loss, spec, *args)
+    ref_loss, ref_metrics, ref_grads = run(dense_distillation_loss, spec, *args)
+    assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r)
+    for name, value in ref_metrics.items():
+        assert math.isclose(float(metrics[name]), float(value), rel_tol=1e-5, abs_tol=1e-4), name
+
+
+@pytest.mark.parametrize("vocab_chunk,token_chunk", [(1, 1), (7, 3), (97, 29), (4096, 4096), (50, 8)])
+def test_independent_of_chunk_sizes(vocab_chunk, token_chunk):
+    base = run(distillation_loss, LossSpec(kd_coef=0.5, vocab_chunk=16, token_chunk=4), *inputs())
+    other = run(distillation_loss, LossSpec(kd_coef=0.5, vocab_chunk=vocab_chunk, token_chunk=token_chunk), *inputs())
+    assert_close(other[0], base[0])
+    for g, r in zip(other[2], base[2]):
+        assert_close(g, r)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_divergence_of_a_distribution_with_itself_is_zero(divergence):
+    h_s, w_s, _, _, labels = inputs()
+    spec = LossSpec(kd_coef=1.0, divergence=divergence, vocab_chunk=10)
+    loss, metrics = distillation_loss(h_s, w_s, labels, spec, V, h_s.detach(), w_s.detach())
+    assert abs(loss.item()) < 1e-4
+    assert abs(float(metrics["kl"])) < 1e-4
+    assert float(metrics["top1_agreement"]) == N
+    # the teacher's entropy is the floor of the soft-target CE, and is not zero here
+    assert float(metrics["teacher_entropy"]) / N > 1.0
+
+
+def test_jsd_endpoints_equal_the_kls_and_are_continuous():
+    args = inputs()
+
+    def value(divergence, beta=0.5):
+        spec = LossSpec(kd_coef=1.0, divergence=divergence, jsd_beta=beta)
+        return float(distillation_loss(args[0], args[1], args[4], spec, V, args[2], args[3])[0])
+
+    forward, reverse = value("forward_kl"), value("reverse_kl")
+    assert forward > 1 and reverse > 1 and abs(forward - reverse) > 0.1  # the two differ here
+    assert value("jsd", 0.0) == pytest.approx(forward, rel=1e-6)
+    assert value("jsd", 1.0) == pytest.approx(reverse, rel=1e-6)
+    # continuity: the gap to each endpoint shrinks as β approaches it, and is under 2% at 1e-4 from it
+    gaps_forward = [abs(value("jsd", b) - forward) for b in (1e-2, 1e-3, 1e-4)]
+    gaps_reverse = [abs(value("jsd", 1 - b) - reverse) for b in (1e-2, 1e-3, 1e-4)]
+    assert gaps_forward == sorted(gaps_forward, reverse=True) and gaps_forward[-1] < 2e-2 * forward
+    assert gaps_reverse == sorted(gaps_reverse, reverse=True) and gaps_reverse[-1] < 2e-2 * reverse
+    mids = [value("jsd", b) for b in (0.25, 0.5, 0.75)]
+    assert all(v > 0 for v in mids)
+
+
+def test_bf16_inputs_stay_close_to_fp32():
+    """bf16 weights and hidden states, fp32 accumulation: the only error is the inputs' own rounding.
+    Stated tolerance: 2% relative on the loss and on the gradient's norm."""
+    spec = LossSpec(kd_coef=0.5, vocab_chunk=16)
+    fp32 = run(distillation_loss, spec, *inputs())
+    bf16_args = inputs(dtype=torch.bfloat16)
+    bf16 = run(distillation_loss, spec, *bf16_args)
+    rounded = [a.detach().float().requires_grad_() if a.dtype == torch.bfloat16 and a.requires_grad else
+               (a.float() if a.dtype == torch.bfloat16 else a) for a in bf16_args]
+    exact_on_rounded = run(distillation_loss, spec, *rounded)
+    assert bf16[2][0].dtype == torch.bfloat16 and bf16[2][1].dtype == torch.bfloat16
+    assert float(bf16[0]) == pytest.approx(float(fp32[0]), rel=2e-2)
+    # no rounding inside the kernel: bf16 inputs give the fp32 result on the rounded inputs
+    assert float(bf16[0]) == pytest.approx(float(exact_on_rounded[0]), rel=1e-5)
+    for g, r in zip(bf16[2], fp32[2]):
+        assert float((g.float() - r).norm() / r.norm()) < 2e-2
+
+
+def test_all_masked_batch_gives_zero_loss_connected_to_the_graph():
+    h_s, w_s, h_t, w_t, _ = inputs()
+    spec = LossSpec(kd_coef=0.5)
+    loss, metrics = distillation_loss(h_s[:0], w_s, torch.zeros(0, dtype=torch.long), spec, V, h_t[:0], w_t)
+    assert float(loss) == 0.0 and float(metrics["tokens"]) == 0
+    loss.backward()
+    assert w_s.grad is not None and float(w_s.grad.abs().sum()) == 0.0
+
+
+def test_no_teacher_is_plain_cross_entropy():
+    h_s, w_s, _, _, labels = inputs()
+    loss, _ = distillation_loss(h_s, w_s, labels, LossSpec(kd_coef=0.0), V)
+    expected = torch.nn.functional.cross_entropy(h_s @ w_s.t(), labels, reduction="sum")
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_eval_under_no_grad_gives_the_same_values():
+    args = inputs()
+    spec = LossSpec(kd_coef=0.5, divergence="reverse_kl")
+    with_grad = distillation_loss(args[0], args[1], args[4], spec, V, args[2], args[3])
+    with torch.no_grad():
+        without = distillation_loss(args[0], args[1], args[4], spec, V, args[2], args[3])
+    assert float(with_grad[0]) == float(without[0])
+    assert float(with_grad[1]["kl"]) == float(without[1]["kl"])
+
+
+def test_rejects_a_vocabulary_larger_than_a_head():
+    h_s, w_s, h_t, w_t, labels = inputs()
+    with pytest.raises(ValueError, match="exceeds"):
+        distillation_loss(h_s, w_s[:50], labels, LossSpec(), V, h_t, w_t)

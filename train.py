@@ -1,0 +1,11 @@
+"""Distil a teacher into a student: `torchrun --nproc_per_node N train.py --config configs/X.yaml [--key value ...]`.
+
+With no arguments it runs the built-in demo. The work lives in `fsdp_kd/`; this file only starts it.
+"""
+
+import sys
+
+from fsdp_kd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
