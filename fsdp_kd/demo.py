@@ -1,11 +1,11 @@
 """The built-in demo: a real distillation on a laptop CPU, with no downloads, in a few minutes.
 
-It builds a character tokenizer and an arithmetic task, trains a teacher on it (the trainer with no teacher is
+It builds a character tokenizer and a toy translation task, trains a teacher on it (the trainer with no teacher is
 plain SFT), distils the teacher into a smaller student, trains the same student with CE only on the same budget,
 and prints a table: eval CE, KL to the teacher, and exact-match accuracy of greedy answers.
 
-The task: "a+b=" → the digits of a+b. The hard label carries one digit; the teacher's distribution also says which
-digits are near misses (carries, adjacent sums), the soft information distillation is meant to pass on.
+The task is a toy translation whose renderings are ambiguous (see `translation_task`): a sampled label shows one
+rendering, the teacher's distribution shows all of them with their odds, which is what distillation passes on.
 
     torchrun --nproc_per_node 2 train.py          # runs this
     torchrun --nproc_per_node 2 -m fsdp_kd.demo --out demo_out
@@ -55,10 +55,33 @@ def build_tiny_model(out_dir: str, vocab_size: int, hidden: int, layers: int, fa
     cls(config).save_pretrained(out_dir)
 
 
-def addition_records(seed: int, count: int, max_operand: int) -> list[dict]:
+SOURCE_LETTERS = "abcdefgh"
+TARGET_LETTERS = "ABCDEFGHIJKLMNOP"
+RENDERING_PROBS = (0.5, 0.3, 0.2)
+
+
+def translation_task(seed: int, n_train: int, n_eval: int, word_len: int = 6):
+    """A toy translation with ambiguous renderings: each source letter, in the context of the letter before it,
+    is rendered as one of three target letters with probabilities 0.5 / 0.3 / 0.2.
+
+    Responses are *samples*, so a hard label reveals one rendering; a teacher that has fit the data knows all three
+    and their odds. That is the information distillation can pass on and CE cannot.
+    Returns (train, eval, eval_mode): eval responses are sampled like the training data (eval CE and KL read
+    them); eval_mode holds the same prompts with the most likely rendering (exact match scores against it).
+    """
     rng = random.Random(seed)
-    return [{"input": f"{a}+{b}=", "output": str(a + b)}
-            for a, b in ((rng.randint(0, max_operand), rng.randint(0, max_operand)) for _ in range(count))]
+    table = {(prev, cur): rng.sample(TARGET_LETTERS, len(RENDERING_PROBS))
+             for prev in " " + SOURCE_LETTERS for cur in SOURCE_LETTERS}
+
+    def render(word: str, sampled: bool) -> str:
+        contexts = [table[(prev, cur)] for prev, cur in zip(" " + word, word)]
+        return "".join(rng.choices(c, RENDERING_PROBS)[0] if sampled else c[0] for c in contexts)
+
+    words = ["".join(rng.choice(SOURCE_LETTERS) for _ in range(word_len)) for _ in range(n_train + n_eval)]
+    train = [{"input": f"{w}:", "output": render(w, True)} for w in words[:n_train]]
+    held_out = words[n_train:]
+    return (train, [{"input": f"{w}:", "output": render(w, True)} for w in held_out],
+            [{"input": f"{w}:", "output": render(w, False)} for w in held_out])
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
@@ -86,8 +109,9 @@ def exact_match(model_dir: str, records: list[dict]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="working directory (must not hold an earlier demo)")
-    parser.add_argument("--teacher_steps", type=int, default=300)
-    parser.add_argument("--student_steps", type=int, default=150)
+    parser.add_argument("--teacher_steps", type=int, default=400)
+    parser.add_argument("--student_steps", type=int, default=600)
+    parser.add_argument("--train_samples", type=int, default=4000)
     args = parser.parse_args(argv)
 
     from .config import TrainConfig, validate
@@ -105,15 +129,15 @@ def main(argv: list[str] | None = None) -> int:
         for name, hidden, layers, seed in (("teacher_init", 192, 4, 1), ("student_init", 64, 2, 2)):
             build_tiny_model(paths[name], len(tok), hidden, layers, seed=seed)
             tok.save_pretrained(paths[name])
-        write_jsonl(os.path.join(paths["data"], "train.jsonl"), addition_records(0, 4000, 499))
-        write_jsonl(os.path.join(paths["data"], "eval.jsonl"), addition_records(1, 200, 499))
+        for name, records in zip(("train", "eval", "eval_mode"), translation_task(0, args.train_samples, 200)):
+            write_jsonl(os.path.join(paths["data"], f"{name}.jsonl"), records)
     torch.distributed.barrier()
 
     base = TrainConfig(dataset=os.path.join(paths["data"], "train.jsonl"),
                        eval_dataset=os.path.join(paths["data"], "eval.jsonl"), max_len=32,
                        micro_train_batch_size=max(1, 64 // env.world_size), train_batch_size=64,
-                       learning_rate=3e-3, lr_warmup_ratio=0.05, adam_betas=(0.9, 0.98), max_epochs=100,
-                       logging_steps=25, param_dtype="fp32", kd_vocab_chunk=64, kd_token_chunk=512)
+                       learning_rate=1e-3, lr_warmup_ratio=0.05, adam_betas=(0.9, 0.98), max_epochs=100,
+                       logging_steps=100, param_dtype="fp32", kd_vocab_chunk=64, kd_token_chunk=512)
     runs = {
         "teacher": dataclasses.replace(base, pretrain=paths["teacher_init"], kd_coef=0.0,
                                        max_steps=args.teacher_steps, save_path=os.path.join(args.out, "teacher")),
@@ -144,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         teardown()
     if env.is_main:
-        eval_records = [json.loads(line) for line in open(os.path.join(paths["data"], "eval.jsonl"))]
+        eval_records = [json.loads(line) for line in open(os.path.join(paths["data"], "eval_mode.jsonl"))]
         rows = ["| model | eval CE | KL(teacher‖model) | exact match |", "|---|---|---|---|"]
         for name, cfg in runs.items():
             acc = exact_match(cfg.save_path, eval_records)

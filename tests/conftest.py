@@ -21,7 +21,7 @@ REALDATA = REPO.parent / "shared" / "realdata"
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """{'tok', 'teacher', 'student', 'qwen_teacher', 'qwen_student', 'train', 'eval'} paths."""
-    from fsdp_kd.demo import addition_records, build_char_tokenizer, build_tiny_model, write_jsonl
+    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model, translation_task, write_jsonl
 
     root = tmp_path_factory.mktemp("tiny")
     paths = {"tok": str(root / "tok")}
@@ -36,8 +36,9 @@ def tiny(tmp_path_factory):
         tok.save_pretrained(paths[name])
     paths["train"] = str(root / "train.jsonl")
     paths["eval"] = str(root / "eval.jsonl")
-    write_jsonl(paths["train"], addition_records(0, 256, 99))
-    write_jsonl(paths["eval"], addition_records(1, 24, 99))
+    train, held_out, _ = translation_task(0, 256, 24)
+    write_jsonl(paths["train"], train)
+    write_jsonl(paths["eval"], held_out)
     return paths
 
 
