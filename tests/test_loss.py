@@ -75,7 +75,7 @@ def test_jsd_endpoints_equal_the_kls_and_are_continuous():
 
     def value(divergence, beta=0.5):
         spec = LossSpec(kd_coef=1.0, divergence=divergence, jsd_beta=beta)
-        return float(distillation_loss(args[0], args[1], args[4], spec, V, args[2], args[3])[0])
+        return distillation_loss(args[0], args[1], args[4], spec, V, args[2], args[3])[0].item()
 
     forward, reverse = value("forward_kl"), value("reverse_kl")
     assert forward > 1 and reverse > 1 and abs(forward - reverse) > 0.1  # the two differ here

@@ -1,0 +1,35 @@
+"""Tiny random teacher/student pairs sized to a real tokenizer's vocabulary, for CPU runs on real data.
+
+    python bench/make_tiny_models.py [--tokenizer ../shared/realdata/tok_smollm_360m_instruct] [--out bench_out]
+
+Writes <out>/tiny_<name>_teacher and <out>/tiny_<name>_student (Llama-shaped, saved with save_pretrained, with the
+tokenizer beside the weights), which configs/gsm8k_smollm_tiny.yaml and the benchmarks load.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from fsdp_kd.demo import build_tiny_model  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", default=os.path.join("..", "shared", "realdata", "tok_smollm_360m_instruct"))
+    parser.add_argument("--out", default="bench_out")
+    parser.add_argument("--name", default="smollm")
+    args = parser.parse_args()
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    for role, hidden, layers, seed in (("teacher", 128, 4, 1), ("student", 64, 2, 2)):
+        path = os.path.join(args.out, f"tiny_{args.name}_{role}")
+        build_tiny_model(path, len(tok), hidden, layers, seed=seed)
+        tok.save_pretrained(path)
+        print(f"{role}: {path} (hidden {hidden}, {layers} layers, vocabulary {len(tok)})")
+
+
+if __name__ == "__main__":
+    main()

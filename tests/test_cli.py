@@ -1,0 +1,84 @@
+"""Bad input through the real entry point: one line on stderr, a non-zero exit, nothing written, no traceback."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REALDATA, REPO, train_args
+
+
+def run_train(args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=cwd)
+
+
+def assert_one_line_error(proc, pattern):
+    import re
+
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def mismatched_teacher(tiny, tmp_path):
+    """The tiny teacher's weights with a real (SmolLM) tokenizer: a different tokenizer, same id count aside."""
+    path = tmp_path / "other_teacher"
+    shutil.copytree(tiny["teacher"], path)
+    for name in os.listdir(REALDATA / "tok_smollm_360m_instruct"):
+        shutil.copy(REALDATA / "tok_smollm_360m_instruct" / name, path / name)
+    return str(path)
+
+
+def test_missing_model_path(tiny, tmp_path):
+    proc = run_train(train_args(tiny, tmp_path / "out", pretrain=str(tmp_path / "nope")), tmp_path)
+    assert_one_line_error(proc, r"key pretrain: model directory not found: .*nope")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_dataset(tiny, tmp_path):
+    proc = run_train(train_args(tiny, tmp_path / "out", dataset=str(tmp_path / "missing.jsonl")), tmp_path)
+    assert_one_line_error(proc, r"key dataset: path not found: .*missing\.jsonl")
+
+
+def test_unknown_key(tiny, tmp_path):
+    proc = run_train(train_args(tiny, tmp_path / "out") + ["--micro_batch_size", "2"], tmp_path)
+    assert_one_line_error(proc, r"unknown key 'micro_batch_size'; valid keys: .*micro_train_batch_size")
+
+
+def test_wrong_type(tiny, tmp_path):
+    proc = run_train(train_args(tiny, tmp_path / "out", learning_rate="fast"), tmp_path)
+    assert_one_line_error(proc, r"key 'learning_rate' expects a float, got 'fast'")
+
+
+def test_different_tokenizers(tiny, tmp_path, mismatched_teacher):
+    proc = run_train(train_args(tiny, tmp_path / "out", teacher_model=mismatched_teacher), tmp_path)
+    assert_one_line_error(proc, r"tokenizers differ at id 0")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_empty_dataset(tiny, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = run_train(train_args(tiny, tmp_path / "out", dataset=str(empty)), tmp_path)
+    assert_one_line_error(proc, r"empty\.jsonl: no usable samples")
+
+
+def test_earlier_outputs_are_never_overwritten(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = run_train(train_args(tiny, out), tmp_path)
+    assert_one_line_error(proc, r"already holds a model or metrics from an earlier run")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_a_plain_single_process_run_works(tiny, tmp_path):
+    proc = run_train(train_args(tiny, tmp_path / "out", max_steps=2, train_batch_size=8), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "step 2/2" in proc.stdout and (tmp_path / "out" / "config.json").is_file()

@@ -1,0 +1,72 @@
+"""YAML + flags parsing and the one-line errors that point at the file, line and key."""
+
+import pytest
+
+from fsdp_kd.config import ConfigError, gradient_accumulation_steps, parse_config, resume_mismatches
+
+REQUIRED = ["--pretrain", "s", "--dataset", "d.jsonl", "--teacher_model", "t"]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_with_flag_overrides(tmp_path):
+    path = write(tmp_path, "pretrain: s\nteacher_model: t\ndataset: d.jsonl\nkd_coef: 0.7\nadam_betas: [0.8, 0.9]\n")
+    cfg = parse_config(["--config", path, "--kd_coef", "0.2", "--gradient_checkpointing"])
+    assert cfg.kd_coef == 0.2 and cfg.adam_betas == (0.8, 0.9) and cfg.gradient_checkpointing is True
+
+
+def test_flags_alone_in_openrlhf_style():
+    cfg = parse_config(REQUIRED + ["--adam_betas", "0.9", "0.95", "--max_len", "512", "--teacher_offload",
+                                   "--load_checkpoint", "false", "--max_samples=100"])
+    assert cfg.adam_betas == (0.9, 0.95) and cfg.max_len == 512 and cfg.teacher_offload
+    assert cfg.load_checkpoint is False and cfg.max_samples == 100
+
+
+def test_unknown_yaml_key_names_file_line_and_valid_keys(tmp_path):
+    path = write(tmp_path, "pretrain: s\ndataset: d.jsonl\nlearning_rat: 1e-5\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:3: unknown key 'learning_rat'; valid keys: .*learning_rate"):
+        parse_config(["--config", path])
+
+
+def test_wrong_type_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, "pretrain: s\ndataset: d.jsonl\nteacher_model: t\nmax_len: long\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4: key 'max_len' expects a int, got 'long'"):
+        parse_config(["--config", path])
+    with pytest.raises(ConfigError, match=r"--micro_train_batch_size: key 'micro_train_batch_size' expects a int"):
+        parse_config(REQUIRED + ["--micro_train_batch_size", "1.5"])
+
+
+@pytest.mark.parametrize("flag,replacement", [("zero_stage", "FSDP2 always full-shards"),
+                                              ("adam_offload", "optimizer offload"), ("bf16", "--param_dtype bf16")])
+def test_deepspeed_flags_explain_their_replacement(flag, replacement):
+    with pytest.raises(ConfigError, match=f"'{flag}' is a DeepSpeed-only option: .*{replacement}"):
+        parse_config(REQUIRED + [f"--{flag}", "1"])
+
+
+def test_kd_without_teacher_is_refused():
+    with pytest.raises(ConfigError, match="no teacher_model is set; set kd_coef 0"):
+        parse_config(["--pretrain", "s", "--dataset", "d.jsonl"])
+    assert parse_config(["--pretrain", "s", "--dataset", "d.jsonl", "--kd_coef", "0"]).teacher_model is None
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "pretrain: s\ndataset: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:\d+: not valid YAML"):
+        parse_config(["--config", path])
+
+
+def test_batch_sizes_must_divide():
+    cfg = parse_config(REQUIRED + ["--train_batch_size", "12", "--micro_train_batch_size", "4"])
+    assert gradient_accumulation_steps(cfg, 1) == 3
+    with pytest.raises(ConfigError, match=r"12 is not a multiple of micro_train_batch_size 4 × world size 2 = 8"):
+        gradient_accumulation_steps(cfg, 2)
+
+
+def test_resume_mismatch_lists_only_keys_that_matter():
+    saved = parse_config(REQUIRED).to_dict()
+    now = parse_config(REQUIRED + ["--logging_steps", "7", "--eval_steps", "3", "--train_batch_size", "32"])
+    assert resume_mismatches(saved, now) == ["train_batch_size (16 -> 32)"]
