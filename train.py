@@ -3,9 +3,7 @@
 With no arguments it runs the built-in demo. The work lives in `fsdp_kd/`; this file only starts it.
 """
 
-import sys
-
-from fsdp_kd.cli import main
+from fsdp_kd.cli import console_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -114,6 +114,24 @@ def load_checkpoint(root, optimizer, path: str, rank: int) -> int:
     return read_train_state(path)["step"]
 
 
+def load_model_weights(root, path: str) -> None:
+    """Collective. Only the model's tensors, for export: the optimizer state in the checkpoint is not read."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(root)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(root, state["model"])
+
+
+def export_student(root, model_config, tokenizer, out_dir: str, rank: int) -> None:
+    """Collective. The student as an HF directory, in the dtype its original checkpoint was published in."""
+    dtype = getattr(model_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model_config.dtype = dtype
+    export_hf(export_state_dict(root.lm, dtype), model_config, tokenizer, out_dir, rank)
+
+
 def export_state_dict(lm: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The HF state dict: parameters once each (a tied head is saved under the embedding's name only) plus
     persistent buffers, cast to the export dtype shard by shard."""

@@ -37,3 +37,10 @@ def run_training(cfg) -> int:
     finally:
         teardown()
     return 0
+
+
+def console_main() -> None:
+    """`train.py` and the `fsdp-kd-train` script: main, then a finalization-free exit (see exit_process)."""
+    from .distributed import exit_process
+
+    exit_process(main())

@@ -6,10 +6,13 @@ path (FSDP2 included) serves a laptop and a cluster.
 
 from __future__ import annotations
 
+import gc
 import os
 import random
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -75,8 +78,21 @@ def seed_everything(seed: int, rank: int) -> None:
 def teardown() -> None:
     """A barrier first: gloo aborts the process if a rank tears down while a peer still has work in flight."""
     if dist.is_initialized():
+        gc.collect()  # drop sharded tensors that still reference the group's work before destroying it
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """Ends an entry point after `teardown`, skipping interpreter finalization.
+
+    Gloo's C++ worker threads can still hold tensors when Python finalizes, and releasing them then aborts the
+    process ("terminate called without an active exception", see pytorch/pytorch#179291); under load we saw a rank
+    exit -6 after all its outputs were written. Every file is closed by now, so flushing stdio and leaving is safe.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

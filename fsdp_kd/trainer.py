@@ -294,12 +294,7 @@ class Trainer:
         return summary
 
     def export(self) -> None:
-        dtype = getattr(self.export_config, "dtype", None) or torch.float32
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        self.export_config.dtype = dtype
-        state = ckpt.export_state_dict(self.student.lm, dtype)
-        ckpt.export_hf(state, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank)
+        ckpt.export_student(self.student, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank)
 
 
 def _holds_a_run(save_path: str) -> bool:

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from fsdp_kd.config import parse_config
-from fsdp_kd.distributed import init_distributed, seed_everything, teardown
+from fsdp_kd.distributed import exit_process, init_distributed, seed_everything, teardown
 from fsdp_kd.reference import dense_distillation_loss
 from fsdp_kd.trainer import Trainer, _hidden_states
 from fsdp_kd.data import IGNORE_INDEX, collate
@@ -68,3 +68,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    exit_process(0)
