@@ -52,12 +52,21 @@ class TrainConfig:
     teacher_offload: bool = False
 
     # Data
-    dataset: str = ""
+    dataset: str = ""  # a file, a directory, a hub name; several comma-separated, mixed by dataset_probs
+    dataset_probs: str | None = None  # e.g. "0.7,0.3"
+    dataset_split: str = "train"
     eval_dataset: str | None = None
+    eval_split: str = "test"
+    eval_holdout_ratio: float = 0.0  # without eval_dataset: hold out this fraction of the training data
     input_key: str = "input"
     output_key: str = "output"
     input_template: str | None = None
     apply_chat_template: bool = False
+    tokenizer_chat_template: str | None = None  # a Jinja template (or a path to one) replacing the tokenizer's
+    multiturn: bool = False  # train every assistant turn of a conversation, not only the last
+    pretrain_mode: bool = False  # train every token
+    packing_samples: bool = False
+    skip_bad_rows: bool = False
     max_len: int = 2048
     max_samples: int | None = None
     max_eval_samples: int | None = None
@@ -82,7 +91,7 @@ class TrainConfig:
     jsd_beta: float = 0.5
     kd_temperature: float = 1.0
     kd_vocab_chunk: int = 8192
-    kd_token_chunk: int = 256
+    kd_token_chunk: int = 128
 
     # Outputs
     save_path: str = "output/fsdp_kd_student"
@@ -107,8 +116,9 @@ _TYPES = typing.get_type_hints(TrainConfig)
 
 # Keys that change what a checkpoint means; a resume with any of these changed is refused.
 RESUME_SENSITIVE_KEYS = (
-    "pretrain", "teacher_model", "dataset", "input_key", "output_key", "input_template", "apply_chat_template",
-    "max_len", "max_samples", "micro_train_batch_size", "train_batch_size", "seed", "param_dtype",
+    "pretrain", "teacher_model", "dataset", "dataset_probs", "dataset_split", "input_key", "output_key",
+    "input_template", "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode",
+    "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size", "seed", "param_dtype",
     "kd_coef", "kd_loss", "jsd_beta", "kd_temperature", "max_epochs", "max_steps",
 )
 
@@ -273,6 +283,16 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("lr_warmup_ratio", f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
     if not 0 <= cfg.min_lr_ratio <= 1:
         fail("min_lr_ratio", f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if not 0 <= cfg.eval_holdout_ratio < 1:
+        fail("eval_holdout_ratio", f"eval_holdout_ratio must be in [0, 1), got {cfg.eval_holdout_ratio}")
+    if cfg.dataset_probs is not None:
+        try:
+            probs = [float(p) for p in cfg.dataset_probs.split(",")]
+        except ValueError:
+            fail("dataset_probs", f"dataset_probs must be comma-separated numbers, got {cfg.dataset_probs!r}")
+        if len(probs) != len(cfg.dataset.split(",")) or min(probs) < 0 or sum(probs) <= 0:
+            fail("dataset_probs", f"dataset_probs needs one non-negative weight per dataset "
+                                  f"({len(cfg.dataset.split(','))}), got {cfg.dataset_probs!r}")
     if cfg.input_template is not None and cfg.input_template.count("{}") != 1:
         fail("input_template", f"input_template must contain exactly one '{{}}' for the prompt, got {cfg.input_template!r}")
 

@@ -7,7 +7,7 @@ keep the softmax copies and the gradient of that tensor too. Here the logits exi
   pass 1  logits of both models, chunk by chunk, into the block's cache, with online max / sum-exp statistics
           (log-sum-exp, argmax) updated while each chunk is hot;
   pass 2  per-row reductions that need the final normalizers: KL, entropies, and for reverse KL / JSD the row
-          scalar their gradient needs;
+          scalar their gradient needs (forward KL's gradient needs none, so its sums ride along in pass 3);
   pass 3  the gradient of the loss with respect to the student's logits, chunk by chunk, folded straight into the
           gradients of the student's hidden states and head weight.
 
@@ -43,7 +43,7 @@ class LossSpec:
     jsd_beta: float = 0.5
     temperature: float = 1.0
     vocab_chunk: int = 8192
-    token_chunk: int = 256
+    token_chunk: int = 128
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -98,6 +98,46 @@ class _BlockStats:
             self.teacher_raw = _OnlineLogSumExp(rows, device) if self.scaled else self.teacher
             self.teacher_argmax = torch.zeros(rows, dtype=torch.long, device=device)
             self.teacher_label_logit = torch.zeros(rows, device=device)
+
+
+class _RowSums:
+    """Per-row sums over the vocabulary of p·log p, p·log q, q·log q (and what reverse KL and JSD need)."""
+
+    def __init__(self, rows: int, device: torch.device, divergence: str, beta: float):
+        self.divergence_name, self.beta = divergence, beta
+        zeros = lambda: torch.zeros(rows, device=device)  # noqa: E731
+        self.p_log_p, self.p_log_q, self.q_log_q = zeros(), zeros(), zeros()
+        self.q_log_p = zeros() if divergence == "reverse_kl" else None
+        self.kl_q_m = zeros() if divergence == "jsd" else None
+        self.kl_p_m = zeros() if divergence == "jsd" else None
+
+    def log_m(self, log_q, log_p):
+        return torch.logaddexp(log_p + math.log(self.beta), log_q + math.log1p(-self.beta))
+
+    def add(self, log_q, log_p, q, p) -> None:
+        self.p_log_p += (p * log_p).sum(1)
+        self.p_log_q += (p * log_q).sum(1)
+        self.q_log_q += (q * log_q).sum(1)
+        if self.q_log_p is not None:
+            self.q_log_p += (q * log_p).sum(1)
+        if self.kl_q_m is not None:
+            log_m = self.log_m(log_q, log_p)
+            self.kl_q_m += (q * (log_q - log_m)).sum(1)
+            self.kl_p_m += (p * (log_p - log_m)).sum(1)
+
+    def forward_kl(self):
+        return self.p_log_p - self.p_log_q
+
+    def reverse_kl(self):
+        return self.q_log_q - self.q_log_p
+
+    def divergence(self):
+        if self.divergence_name == "forward_kl":
+            return self.forward_kl()
+        if self.divergence_name == "reverse_kl":
+            return self.reverse_kl()
+        b = self.beta
+        return (b * self.kl_p_m + (1 - b) * self.kl_q_m) / (b * (1 - b))
 
 
 def _fp32_rows(weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -172,68 +212,40 @@ def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_si
         ce = lse_s_raw - st.label_logit
         sums["ce"] += ce.sum()
 
-        # Pass 2: row reductions that need the final normalizers.
-        p_dot_b = q_dot_a = p_dot_a = q_dot_b = None
-        kl_q_m = kl_p_m = None
-        if has_teacher:
-            lse_t = st.teacher.value()
-            p_dot_b = torch.zeros(rows, device=device)  # Σ p·log p
-            p_dot_a = torch.zeros(rows, device=device)  # Σ p·log q
-            q_dot_a = torch.zeros(rows, device=device)  # Σ q·log q
-            q_dot_b = torch.zeros(rows, device=device)  # Σ q·log p
-            if divergence == "jsd":
-                kl_q_m = torch.zeros(rows, device=device)
-                kl_p_m = torch.zeros(rows, device=device)
-            for k, (v0, v1) in enumerate(chunks):
-                log_q = s_cache[k][:rows] / tau - lse_s[:, None]
-                log_p = t_cache[k][:rows] / tau - lse_t[:, None]
-                p, q = log_p.exp(), log_q.exp()
-                p_dot_b += (p * log_p).sum(1)
-                p_dot_a += (p * log_q).sum(1)
-                q_dot_a += (q * log_q).sum(1)
-                q_dot_b += (q * log_p).sum(1)
-                if divergence == "jsd":
-                    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-                    kl_q_m += (q * (log_q - log_m)).sum(1)
-                    kl_p_m += (p * (log_p - log_m)).sum(1)
-            forward_kl = p_dot_b - p_dot_a
-            reverse_kl = q_dot_a - q_dot_b
-            if divergence == "forward_kl":
-                kd = forward_kl
-            elif divergence == "reverse_kl":
-                kd = reverse_kl
-            else:
-                kd = (beta * kl_p_m + (1 - beta) * kl_q_m) / (beta * (1 - beta))
-            kd = kd * tau * tau
-            sums["kd"] += kd.sum()
-            sums["kl"] += forward_kl.sum()
-            sums["teacher_entropy"] -= p_dot_b.sum()
-            sums["student_entropy"] -= q_dot_a.sum()
-            sums["top1_agreement"] += (st.student_argmax == st.teacher_argmax).sum()
-            sums["teacher_ce"] += (st.teacher_raw.value() - st.teacher_label_logit).sum()
-        else:
-            kd = torch.zeros_like(ce)
+        lse_t = st.teacher.value() if has_teacher else None
 
-        loss_sum += (1 - c) * ce.sum() + c * kd.sum()
-        if not with_grad:
-            continue
+        def log_probs(k):
+            log_q = s_cache[k][:rows] / tau - lse_s[:, None] if st.scaled else s_cache[k][:rows] - lse_s[:, None]
+            if not has_teacher:
+                return log_q, None
+            log_p = t_cache[k][:rows] / tau - lse_t[:, None] if st.scaled else t_cache[k][:rows] - lse_t[:, None]
+            return log_q, log_p
+
+        # Pass 2: row sums over the vocabulary. Forward KL's gradient needs none of them, so with a gradient to
+        # compute they are folded into pass 3 instead of paying for a separate sweep.
+        row = _RowSums(rows, device, divergence, beta) if has_teacher else None
+        fused = with_grad and divergence == "forward_kl"
+        if has_teacher and not fused:
+            for k in range(len(chunks)):
+                log_q, log_p = log_probs(k)
+                row.add(log_q, log_p, log_q.exp(), log_p.exp())
 
         # Pass 3: d loss / d z_s per chunk, folded into the gradients of h_s and w_s.
-        for k, (v0, v1) in enumerate(chunks):
-            zs = s_cache[k][:rows]
-            log_q = zs / tau - lse_s[:, None] if st.scaled else zs - lse_s[:, None]
+        for k, (v0, v1) in enumerate(chunks if with_grad else ()):
+            log_q, log_p = log_probs(k)
             q = log_q.exp()
-            grad = q.clone() if not st.scaled else torch.exp(zs - lse_s_raw[:, None])
+            grad = torch.exp(s_cache[k][:rows] - lse_s_raw[:, None]) if st.scaled else q.clone()
             grad.mul_(1 - c)  # CE part: (1-c)·(softmax(z_s) - onehot)
-            if c > 0:
-                log_p = t_cache[k][:rows] / tau - lse_t[:, None]
+            if has_teacher:
+                p = log_p.exp()
+                if fused:
+                    row.add(log_q, log_p, q, p)
                 if divergence == "forward_kl":
-                    d_kd = q - log_p.exp()
+                    d_kd = q - p
                 elif divergence == "reverse_kl":
-                    d_kd = q * (log_q - log_p - reverse_kl[:, None])
+                    d_kd = q * (log_q - log_p - row.reverse_kl()[:, None])
                 else:
-                    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-                    d_kd = q * (log_q - log_m - kl_q_m[:, None]) / beta
+                    d_kd = q * (log_q - row.log_m(log_q, log_p) - row.kl_q_m[:, None]) / beta
                 grad.add_(d_kd, alpha=c * tau)  # d(τ²·D)/dz_s = τ·dD/da
             inside = (y >= v0) & (y < v1)
             if inside.any():
@@ -241,6 +253,16 @@ def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_si
                 grad[hit, y[hit] - v0] -= 1 - c
             grad_h[t0:t1].addmm_(grad, _fp32_rows(w_s, v0, v1))
             grad_w[v0:v1].addmm_(grad.t(), hs)
+
+        kd = row.divergence() * tau * tau if has_teacher else torch.zeros_like(ce)
+        if has_teacher:
+            sums["kd"] += kd.sum()
+            sums["kl"] += row.forward_kl().sum()
+            sums["teacher_entropy"] -= row.p_log_p.sum()
+            sums["student_entropy"] -= row.q_log_q.sum()
+            sums["top1_agreement"] += (st.student_argmax == st.teacher_argmax).sum()
+            sums["teacher_ce"] += (st.teacher_raw.value() - st.teacher_label_logit).sum()
+        loss_sum += (1 - c) * ce.sum() + c * kd.sum()
 
     return loss_sum, sums, grad_h, grad_w
 

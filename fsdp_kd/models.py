@@ -8,6 +8,7 @@ the root's forward, and FSDP's own hooks gather the head before and reduce-scatt
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -55,10 +56,13 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.param_dtype]
 
 
-def load_tokenizer(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str, trust_remote_code: bool, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """`chat_template` (Jinja text, or a path to a file of it) replaces the tokenizer's own."""
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        tokenizer.chat_template = (open(chat_template).read() if os.path.isfile(chat_template) else chat_template)
     return tokenizer
 
 

@@ -18,8 +18,8 @@ from transformers import AutoConfig
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulation_steps
-from .data import (IGNORE_INDEX, MicroBatch, StepSampler, check_data_path, collate, eval_batches,
-                   load_sft_dataset, looks_local)
+from .data import (IGNORE_INDEX, MicroBatch, Sample, StepSampler, check_data_path, collate, collate_packed,
+                   eval_shards, load_sft_dataset, looks_local, mix_datasets, padding_efficiency)
 from .distributed import DistEnv, all_reduce_sum
 from .loss import METRIC_NAMES, LossSpec, distillation_loss
 from .models import (ShardedCausalLM, check_head_covers_vocab, load_causal_lm, load_tokenizer, parameter_count,
@@ -45,7 +45,8 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 def _hidden_states(lm, batch: MicroBatch) -> torch.Tensor:
     """Final (normed) hidden states at the rows that have a trainable next-token target."""
-    hidden = lm.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    inputs = batch.model_inputs(lm.config._attn_implementation, lm.get_input_embeddings().weight.dtype)
+    hidden = lm.base_model(**inputs).last_hidden_state
     return hidden[batch.targets != IGNORE_INDEX]
 
 
@@ -98,7 +99,8 @@ class Trainer:
             path = getattr(cfg, key)
             if path and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
                 raise ConfigError(f"key {key}: model directory not found: {path}")
-        check_data_path(cfg.dataset, "dataset")
+        for path in cfg.dataset.split(","):
+            check_data_path(path, "dataset")
         if cfg.eval_dataset:
             check_data_path(cfg.eval_dataset, "eval_dataset")
         self.accumulation = gradient_accumulation_steps(cfg, env.world_size)
@@ -113,23 +115,18 @@ class Trainer:
             raise ConfigError(f"key save_path: {cfg.save_path} already holds a model or metrics from an earlier run; "
                               "choose a new save_path, or pass --load_checkpoint to resume that run")
 
-        self.tokenizer = load_tokenizer(cfg.pretrain, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template)
         self.vocab_size = len(self.tokenizer)
         if cfg.teacher_model:
             teacher_tok = load_tokenizer(cfg.teacher_model, cfg.trust_remote_code)
             self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tok)
 
-        self.train_samples, stats = load_sft_dataset(cfg.dataset, cfg, self.tokenizer, cfg.max_samples)
-        self.log(stats.summary("train data"))
-        self.eval_samples = []
-        if cfg.eval_dataset:
-            self.eval_samples, eval_stats = load_sft_dataset(cfg.eval_dataset, cfg, self.tokenizer,
-                                                             cfg.max_eval_samples)
-            self.log(eval_stats.summary("eval data"))
+        self.train_samples, self.eval_samples = self._load_data()
         self.sampler = StepSampler(len(self.train_samples), cfg, env.rank, env.world_size, self.accumulation)
         self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self._report_padding()
 
         if dist.is_initialized():
             dist.barrier()  # every rank has checked save_path before rank 0 writes into it
@@ -141,6 +138,53 @@ class Trainer:
             with open(os.path.join(cfg.save_path, CONFIG_FILE), "w") as f:
                 f.write(config_to_yaml(cfg))
         self.log("resolved config:\n" + config_to_yaml(cfg).rstrip())
+
+    def _load_data(self) -> tuple[list[Sample], list[Sample]]:
+        cfg = self.cfg
+        parts = []
+        for path in cfg.dataset.split(","):
+            samples, stats = load_sft_dataset(path, cfg, self.tokenizer, cfg.max_samples, cfg.dataset_split)
+            self.log(stats.summary(f"train data {path}"))
+            parts.append(samples)
+        if len(parts) == 1:
+            train = parts[0]
+        else:
+            probs = [float(p) for p in cfg.dataset_probs.split(",")] if cfg.dataset_probs else [1.0] * len(parts)
+            train = mix_datasets(parts, [p / sum(probs) for p in probs], cfg.seed)
+            self.log(f"mixed {len(train)} training samples from {len(parts)} datasets with weights {probs}")
+        held_out: list[Sample] = []
+        if cfg.eval_dataset:
+            held_out, stats = load_sft_dataset(cfg.eval_dataset, cfg, self.tokenizer, cfg.max_eval_samples,
+                                               cfg.eval_split)
+            self.log(stats.summary(f"eval data {cfg.eval_dataset}"))
+        elif cfg.eval_holdout_ratio > 0:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+            cut = max(1, int(len(train) * cfg.eval_holdout_ratio))
+            held_out, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+            self.log(f"held out {len(held_out)} training samples for evaluation (eval_holdout_ratio)")
+        return train, held_out
+
+    def collate(self, samples: list[Sample]) -> MicroBatch:
+        if self.cfg.packing_samples:
+            return collate_packed(samples, self.cfg.max_len, self.tokenizer.pad_token_id)
+        return collate(samples, self.tokenizer.pad_token_id)
+
+    def _step_batches(self, step: int) -> list[MicroBatch]:
+        epoch, step_in_epoch = divmod(step, self.sampler.steps_per_epoch)
+        return [self.collate([self.train_samples[i] for i in idx]) for idx in self.sampler.indices(epoch, step_in_epoch)]
+
+    def _report_padding(self, max_steps: int = 200) -> None:
+        """The share of computed token slots that are real tokens, over this rank's first steps (at most 200)."""
+        steps = range(min(self.sampler.steps_per_epoch, self.total_steps, max_steps))
+        groups = [[self.train_samples[i] for i in idx] for step in steps for idx in self.sampler.indices(0, step)]
+        unpacked = padding_efficiency([collate(g, self.tokenizer.pad_token_id) for g in groups])
+        if not self.cfg.packing_samples:
+            self.log(f"padding: {unpacked:.1%} of computed token slots are real tokens")
+            return
+        packed = [collate_packed(g, self.cfg.max_len, self.tokenizer.pad_token_id) for g in groups]
+        rows = sum(b.input_ids.shape[0] for b in packed)
+        self.log(f"packing: {sum(map(len, groups)) / rows:.2f} samples per row; {padding_efficiency(packed):.1%} "
+                 f"of computed token slots are real tokens (without packing: {unpacked:.1%})")
 
     def _load_models(self) -> None:
         cfg, env = self.cfg, self.env
@@ -215,9 +259,7 @@ class Trainer:
         Each micro-batch's summed loss is divided by the step's *global* count of trainable tokens (all ranks, all
         micro-batches), and FSDP sums gradients across ranks, so the gradient is the mean over the global batch
         whatever the split into micro-batches and ranks."""
-        epoch, step_in_epoch = divmod(step, self.sampler.steps_per_epoch)
-        micro_batches = [collate([self.train_samples[i] for i in idx], self.tokenizer.pad_token_id)
-                         for idx in self.sampler.indices(epoch, step_in_epoch)]
+        micro_batches = self._step_batches(step)
         local_tokens = torch.tensor(float(sum(mb.trainable_tokens for mb in micro_batches)), device=self.env.device)
         global_tokens = max(all_reduce_sum(local_tokens).item(), 1.0)
         self.student.train()
@@ -248,9 +290,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.student.eval()
         sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUMMED}
-        for batch in eval_batches(self.eval_samples, self.cfg.micro_train_batch_size, self.env.rank,
-                                  self.env.world_size, self.tokenizer.pad_token_id):
-            _, metrics = self._run_micro_batch(batch)
+        for samples in eval_shards(self.eval_samples, self.cfg.micro_train_batch_size, self.env.rank,
+                                   self.env.world_size):
+            _, metrics = self._run_micro_batch(self.collate(samples))
             for k in _SUMMED:
                 sums[k] += metrics[k].cpu()
         reduced = self._reduce(sums)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fsdp_kd.config import TrainConfig
-from fsdp_kd.data import (IGNORE_INDEX, DataError, StepSampler, eval_batches, load_sft_dataset, make_sample,
+from fsdp_kd.data import (IGNORE_INDEX, DataError, StepSampler, collate, eval_shards, load_sft_dataset, make_sample,
                           tokenize_pair, truncate)
 from fsdp_kd.models import load_tokenizer
 
@@ -67,7 +67,7 @@ def test_sampler_ranks_are_disjoint_and_cover_the_global_batch():
 
 def test_eval_shards_are_padded_with_masked_copies(tiny):
     samples = [make_sample([1, 2], [3, 4]) for _ in range(5)]
-    per_rank = [eval_batches(samples, 2, r, 2, pad_id=0) for r in range(2)]
+    per_rank = [[collate(b, pad_id=0) for b in eval_shards(samples, 2, r, 2)] for r in range(2)]
     assert [len(b) for b in per_rank] == [2, 2]
     assert sum(b.trainable_tokens for b in per_rank[0]) == 3 * 2
     assert sum(b.trainable_tokens for b in per_rank[1]) == 2 * 2  # 2 real, 1 masked stand-in
@@ -97,3 +97,113 @@ def test_samples_without_a_trainable_token_are_dropped_and_counted(tiny, tmp_pat
     samples, stats = load_sft_dataset(path, _cfg(max_len=2), load_tokenizer(tiny["tok"], False), None)
     assert stats.read == 2 and stats.kept == 2 and stats.truncated == 2
     assert all(s.trainable_tokens >= 1 for s in samples)
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"},
+                {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "It is 4."}]
+
+
+def _trained_text(tok, sample):
+    """The trained tokens, decoded span by span."""
+    spans, current = [], []
+    for i, t in enumerate(sample.targets):
+        if t != IGNORE_INDEX:
+            current.append(t)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    return spans + ([tok.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize("name,end_of_turn", [("tok_qwen2.5_instruct", "<|im_end|>"),
+                                              ("tok_phi3_mini_instruct", "<|end|>"),
+                                              ("tok_smollm_360m_instruct", "<|im_end|>")])
+@pytest.mark.parametrize("multiturn", [True, False])
+def test_multiturn_masks_cover_each_assistant_turn_and_nothing_else(name, end_of_turn, multiturn):
+    from fsdp_kd.data import record_to_sample
+
+    tok = load_tokenizer(str(REALDATA / name), False)
+    cfg = _cfg(apply_chat_template=True, multiturn=multiturn, input_key="messages")
+    sample, cut = record_to_sample({"messages": CONVERSATION}, cfg, tok, "t")
+    spans = _trained_text(tok, sample)
+    expected = ["Hello! How can I help?", "It is 4."] if multiturn else ["It is 4."]
+    assert len(spans) == len(expected) and not cut
+    for span, content in zip(spans, expected):
+        assert span.startswith(content) and end_of_turn in span
+        assert "2+2" not in span and "Be brief" not in span and "Hi there" not in span
+
+
+def test_sharegpt_layout_from_real_data_trains_every_gpt_turn():
+    from fsdp_kd.data import read_records, record_to_sample
+
+    tok = load_tokenizer(str(REALDATA / "tok_qwen2.5_instruct"), False)
+    cfg = _cfg(apply_chat_template=True, multiturn=True, input_key="conversations", max_len=4096)
+    for record, where in list(read_records(str(REALDATA / "fastchat" / "dummy_conversation.json")))[:20]:
+        sample, _ = record_to_sample(record, cfg, tok, where)
+        gpt_turns = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+        spans = _trained_text(tok, sample)
+        assert len(spans) == len(gpt_turns), where
+        for span, turn in zip(spans, gpt_turns):
+            assert span.startswith(turn.strip()[:20]), where
+
+
+def test_alpaca_layout_from_real_data(tmp_path):
+    from fsdp_kd.data import read_records, record_to_sample
+
+    tok = load_tokenizer(str(REALDATA / "tok_smollm_360m_instruct"), False)
+    cfg = _cfg(apply_chat_template=True)
+    records = list(read_records(str(REALDATA / "llamafactory" / "alpaca_en_demo.json")))
+    with_input = next((r, w) for r, w in records if r["input"].strip())
+    sample, _ = record_to_sample(with_input[0], cfg, tok, with_input[1])
+    prompt_text = tok.decode([t for t, y in zip(sample.input_ids, [IGNORE_INDEX] + sample.targets[:-1])
+                              if y == IGNORE_INDEX])
+    assert with_input[0]["instruction"][:30] in prompt_text and with_input[0]["input"][:30] in prompt_text
+    assert _trained_text(tok, sample)[0].startswith(with_input[0]["output"][:30])
+
+
+def test_pretrain_mode_trains_every_token(tiny):
+    from fsdp_kd.data import record_to_sample
+
+    sample, _ = record_to_sample({"input": "abcdef"}, _cfg(pretrain_mode=True), load_tokenizer(tiny["tok"], False), "t")
+    assert sample.trainable_tokens == len(sample.input_ids) - 1
+
+
+def test_skip_bad_rows_counts_them(tiny, tmp_path):
+    path = _write(tmp_path, ['{"input": "ab", "output": "CD"}', '{"input": "ab"}', '{"input": "a", "output": 3}'])
+    samples, stats = load_sft_dataset(path, _cfg(skip_bad_rows=True), load_tokenizer(tiny["tok"], False), None)
+    assert len(samples) == 1 and stats.dropped == {"bad rows": 2}
+    assert "bad.jsonl:2: missing key 'output'" in stats.summary("train")
+
+
+def test_mixing_follows_the_weights():
+    from fsdp_kd.data import mix_datasets
+
+    a = [make_sample([1], [2]) for _ in range(100)]
+    b = [make_sample([3], [4]) for _ in range(30)]
+    mixed = mix_datasets([a, b], [0.75, 0.25], seed=0)
+    assert sum(s.input_ids[0] == 1 for s in mixed) == 90 and sum(s.input_ids[0] == 3 for s in mixed) == 30
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_logits_equal_unpacked_logits(tiny, attn):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fsdp_kd.data import collate_packed, pack
+    from fsdp_kd.trainer import _hidden_states
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny["student"], attn_implementation=attn).eval()
+    g = torch.Generator().manual_seed(0)
+    samples = [make_sample(torch.randint(3, 70, (p,), generator=g).tolist(), torch.randint(3, 70, (r,), generator=g).tolist())
+               for p, r in ((3, 5), (7, 2), (2, 9), (4, 4), (6, 3))]
+    with torch.no_grad():
+        packed = _hidden_states(lm, collate_packed(samples, 24, pad_id=0))
+        order = [s for row in pack(samples, 24) for s in row]
+        separate = torch.cat([_hidden_states(lm, collate([s], pad_id=0)) for s in order])
+        unisolated = collate_packed(samples, 24, pad_id=0)
+        unisolated.segment_ids = None  # positions and a plain padding mask only: samples would see each other
+        leaked = _hidden_states(lm, unisolated)
+    assert collate_packed(samples, 24, pad_id=0).input_ids.shape[0] < len(samples)
+    assert torch.allclose(packed, separate, atol=1e-5)
+    assert not torch.allclose(leaked, separate, atol=1e-3)

@@ -86,3 +86,10 @@ def test_exported_model_reproduces_the_fsdp_logits(tiny, tmp_path, family):
     initial = AutoModelForCausalLM.from_pretrained(tiny[models[0]]).eval()
     with torch.no_grad():
         assert not torch.allclose(initial(input_ids=result["input_ids"]).logits, logits, atol=1e-3)  # it trained
+
+
+def test_packing_leaves_the_gradients_unchanged(tiny, tmp_path):
+    plain = _grads(tiny, tmp_path, "plain", 2, train_batch_size=8, micro_train_batch_size=4)
+    packed = _grads(tiny, tmp_path, "packed", 2, train_batch_size=8, micro_train_batch_size=4,
+                    packing_samples="true", max_len=64)
+    _assert_same_grads(packed["grads"], plain["grads"])

@@ -1,0 +1,167 @@
+"""Checkpoints that survive a kill: exact resume, atomic saves, rotation, export from a checkpoint, refusals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, _free_port, read_metrics, torchrun, train_args
+
+TRAIN = str(REPO / "train.py")
+TIMING_KEYS = {"tokens_per_sec"}
+
+
+def comparable(lines):
+    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
+
+
+def resume_args(tiny, save_path, **overrides):
+    # 16 steps per epoch: 24 steps cross an epoch boundary, so resuming must also restore the reshuffled order
+    flags = dict(max_steps=24, max_epochs=2, save_steps=4, logging_steps=1, load_checkpoint="true", max_ckpt_num=10)
+    flags.update(overrides)
+    return train_args(tiny, save_path, **flags)
+
+
+def start_torchrun(args, nproc=2):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def child_pids(pid):
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def kill_everything(proc):
+    """SIGKILL the ranks and torchrun itself, as a preemption would (the ranks have process groups of their own)."""
+    for pid in child_pids(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ref") / "run"
+    torchrun([TRAIN, *resume_args(tiny, save)])
+    return save
+
+
+def test_killed_rank_then_same_command_resumes_exactly(tiny, tmp_path, uninterrupted):
+    save = tmp_path / "run"
+    args = [TRAIN, *resume_args(tiny, save)]
+    proc = start_torchrun(args)
+    wait_for(save / "checkpoints" / "step_8", proc)
+    workers = child_pids(proc.pid)
+    assert len(workers) == 2
+    killed_at = time.time()
+    os.kill(workers[1], signal.SIGKILL)  # one rank dies; the other must not hang
+    proc.wait(timeout=60)
+    assert proc.returncode != 0 and time.time() - killed_at < 60
+    assert not (save / "config.json").exists(), "the run finished before the kill; the test proved nothing"
+
+    resumed = torchrun(args)
+    assert "resumed from" in resumed.stdout
+    assert comparable(read_metrics(save)) == comparable(read_metrics(uninterrupted))
+    from safetensors.torch import load_file
+
+    final = load_file(save / "model-00001-of-00001.safetensors")
+    reference = load_file(uninterrupted / "model-00001-of-00001.safetensors")
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in final)
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(tiny, tmp_path, uninterrupted):
+    save = tmp_path / "run"
+    proc = start_torchrun([TRAIN, *resume_args(tiny, save)])
+    wait_for(save / "checkpoints" / "step_12", proc)
+    kill_everything(proc)
+    assert not (save / "config.json").exists(), "the run finished before the kill; the test proved nothing"
+    # what a save killed halfway leaves: a .partial directory with some shards and no train state
+    partial = save / "checkpoints" / "step_16.partial"
+    partial.mkdir(exist_ok=True)
+    (partial / "__0_0.distcp").write_bytes(b"\0" * 100)
+    resumed = torchrun([TRAIN, *resume_args(tiny, save)])
+    assert "removed incomplete checkpoints" in resumed.stdout and "step_16.partial" in resumed.stdout
+    assert f"resumed from {save / 'checkpoints' / 'step_12'}" in resumed.stdout
+    assert not partial.exists()
+    assert comparable(read_metrics(save)) == comparable(read_metrics(uninterrupted))
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tiny, tmp_path):
+    save = tmp_path / "run"
+    torchrun([TRAIN, *resume_args(tiny, save, max_steps=8, save_steps=2, max_ckpt_num=2)])
+    assert sorted(os.listdir(save / "checkpoints")) == ["step_6", "step_8"]
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one(tiny, tmp_path, uninterrupted):
+    """DCP reshards, so the world size may change; the gradient is the same up to float summation order."""
+    save = tmp_path / "run"
+    args = [TRAIN, *resume_args(tiny, save)]
+    proc = start_torchrun(args)
+    wait_for(save / "checkpoints" / "step_8", proc)
+    kill_everything(proc)
+    single = torchrun(args, nproc=1)
+    assert "resumed from" in single.stdout
+    ours = [m for m in read_metrics(save) if "loss" in m]
+    reference = [m for m in read_metrics(uninterrupted) if "loss" in m]
+    assert [m["step"] for m in ours] == list(range(1, 25))
+    for a, b in zip(ours, reference):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]
+
+
+def test_resume_refuses_a_config_that_changes_the_run(tiny, tmp_path):
+    save = tmp_path / "run"
+    torchrun([TRAIN, *resume_args(tiny, save, max_steps=4, save_steps=2)])
+    proc = torchrun([TRAIN, *resume_args(tiny, save, max_steps=4, save_steps=2, train_batch_size=8)], check=False)
+    assert proc.returncode != 0
+    assert "cannot resume, the config differs in train_batch_size (16 -> 8)" in proc.stderr
+
+
+def test_load_checkpoint_without_any_starts_fresh_and_says_so(tiny, tmp_path):
+    proc = torchrun([TRAIN, *resume_args(tiny, tmp_path / "run", max_steps=2, save_steps=-1)])
+    assert "no complete checkpoint" in proc.stdout and "starting fresh" in proc.stdout
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_export_command_matches_the_end_of_training_export(tiny, tmp_path, uninterrupted, nproc):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "exported"
+    checkpoint = uninterrupted / "checkpoints" / "step_24"
+    if nproc == 1:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, "-m", "fsdp_kd.export", str(checkpoint), str(out)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    else:
+        torchrun(["-m", "fsdp_kd.export", str(checkpoint), str(out)], nproc=2)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+        final = AutoModelForCausalLM.from_pretrained(uninterrupted)(input_ids=ids).logits
+    assert torch.equal(exported, final)
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+
+
+def test_export_refuses_an_incomplete_checkpoint(tmp_path):
+    partial = tmp_path / "step_3.partial"
+    partial.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "fsdp_kd.export", str(partial), str(tmp_path / "o")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "not a complete checkpoint" in proc.stderr
