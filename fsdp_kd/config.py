@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 # What replaces each DeepSpeed-only OpenRLHF flag here, for users moving their command lines over.
 DEEPSPEED_REPLACEMENTS = {
-    "zero_stage": "FSDP2 always full-shards the student (ZeRO-3 equivalent); drop the flag",
+    "zero_stage": "use --sharding_strategy full_shard (ZeRO-3, the default) or shard_grad_op (ZeRO-2)",
     "adam_offload": "optimizer offload is not supported; FSDP2 full sharding already splits optimizer state across ranks",
     "zpg": "ZeRO++ partition groups have no FSDP2 counterpart here; drop the flag",
     "overlap_comm": "FSDP2 overlaps communication by itself; drop the flag",
@@ -49,7 +49,11 @@ class TrainConfig:
     attn_implementation: str = "sdpa"
     param_dtype: str = "auto"  # auto | bf16 | fp32; auto is bf16 on CUDA and fp32 on CPU
     gradient_checkpointing: bool = False
+    sharding_strategy: str = "full_shard"  # full_shard (ZeRO-3) | hybrid_shard (HSDP) | shard_grad_op (ZeRO-2)
+    hsdp_shard_size: int | None = None  # hybrid_shard: ranks per shard group; default the ranks per node
+    teacher_sharding_strategy: str = "full_shard"  # full_shard | hybrid_shard
     teacher_offload: bool = False
+    teacher_resident: bool = False  # keep the teacher gathered after its first forward (needs its full size free)
 
     # Data
     dataset: str = ""  # a file, a directory, a hub name; several comma-separated, mixed by dataset_probs
@@ -113,6 +117,8 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
+
+SHARDING_STRATEGIES = ("full_shard", "hybrid_shard", "shard_grad_op")
 
 # Keys that change what a checkpoint means; a resume with any of these changed is refused.
 RESUME_SENSITIVE_KEYS = (
@@ -271,6 +277,17 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("kd_temperature", f"kd_temperature must be > 0, got {cfg.kd_temperature}")
     if cfg.param_dtype not in ("auto", "bf16", "fp32"):
         fail("param_dtype", f"param_dtype must be auto, bf16 or fp32, got {cfg.param_dtype!r}")
+    if cfg.sharding_strategy not in SHARDING_STRATEGIES:
+        fail("sharding_strategy", f"sharding_strategy must be one of {', '.join(SHARDING_STRATEGIES)}, "
+                                  f"got {cfg.sharding_strategy!r}")
+    if cfg.teacher_sharding_strategy not in ("full_shard", "hybrid_shard"):
+        fail("teacher_sharding_strategy", "teacher_sharding_strategy must be full_shard or hybrid_shard, "
+                                          f"got {cfg.teacher_sharding_strategy!r}")
+    if cfg.teacher_resident and cfg.teacher_offload:
+        fail("teacher_resident", "teacher_resident keeps the teacher on the device, teacher_offload keeps it on CPU; "
+                                 "choose one")
+    if cfg.hsdp_shard_size is not None and cfg.hsdp_shard_size < 1:
+        fail("hsdp_shard_size", f"hsdp_shard_size must be >= 1, got {cfg.hsdp_shard_size}")
     if cfg.lr_scheduler not in ("cosine_with_min_lr", "constant_with_warmup"):
         fail("lr_scheduler", f"lr_scheduler must be cosine_with_min_lr or constant_with_warmup, got {cfg.lr_scheduler!r}")
     for key in ("micro_train_batch_size", "train_batch_size", "max_epochs", "max_len", "logging_steps",

@@ -106,6 +106,17 @@ def exact_match(model_dir: str, records: list[dict]) -> float:
     return hits / len(records)
 
 
+def _plot_students(runs: dict, out_dir: str) -> None:
+    try:
+        from .plot import plot_runs
+
+        path = plot_runs([runs["KD student"].save_path, runs["CE-only student"].save_path],
+                         ["KD student", "CE-only student"], os.path.join(out_dir, "curves.png"))
+        print(f"training curves: {path}")
+    except ImportError:
+        print('training curves skipped: matplotlib is not installed (pip install -e ".[plot]")')
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="working directory (must not hold an earlier demo)")
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                        eval_dataset=os.path.join(paths["data"], "eval.jsonl"), max_len=32,
                        micro_train_batch_size=max(1, 64 // env.world_size), train_batch_size=64,
                        learning_rate=1e-3, lr_warmup_ratio=0.05, adam_betas=(0.9, 0.98), max_epochs=100,
-                       logging_steps=100, param_dtype="fp32", kd_vocab_chunk=64, kd_token_chunk=512)
+                       logging_steps=100, eval_steps=100, param_dtype="fp32", kd_vocab_chunk=64,
+                       kd_token_chunk=512)
     runs = {
         "teacher": dataclasses.replace(base, pretrain=paths["teacher_init"], kd_coef=0.0,
                                        max_steps=args.teacher_steps, save_path=os.path.join(args.out, "teacher")),
@@ -176,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         table = "\n".join(rows)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(table + "\n")
+        _plot_students(runs, args.out)
         print("\n" + table + f"\n\nKD student (loadable with AutoModelForCausalLM.from_pretrained): {runs['KD student'].save_path}")
     return 0
 

@@ -25,11 +25,27 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
-    mesh: DeviceMesh
+    mesh: DeviceMesh  # 1-D over every rank
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def hybrid_mesh(self, shard_size: int | None) -> DeviceMesh:
+        """2-D (replicate, shard) mesh for HSDP: shard within a group of `shard_size` ranks (default: one node, from
+        torchrun's LOCAL_WORLD_SIZE), replicate across the groups."""
+        shard = shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        if self.world_size % shard:
+            raise ValueError(f"hybrid_shard: world size {self.world_size} is not a multiple of the shard group "
+                             f"size {shard}; set hsdp_shard_size to a divisor")
+        key = ("hybrid", shard)
+        if key not in _MESHES:
+            _MESHES[key] = init_device_mesh(self.device.type, (self.world_size // shard, shard),
+                                            mesh_dim_names=("replicate", "shard"))
+        return _MESHES[key]
+
+
+_MESHES: dict = {}  # one mesh per layout per process: a mesh's process groups are collective to create
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
@@ -46,11 +62,23 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
+        timeout = timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, store=_attempt_store(rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout, device_id=device if device.type == "cuda" else None)
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
     _quiet_libraries()
     return DistEnv(rank, local_rank, world, device, mesh)
+
+
+def _attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """torch's env:// store, namespaced by torchrun's restart count.
+
+    After `torchrun --max-restarts` restarts the ranks, the rendezvous store can still hold the previous attempt's
+    addresses; Gloo then dials a dead rank ("Connection refused") and the restart fails. A per-attempt prefix makes
+    each attempt's group meet only its own ranks.
+    """
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore(f"fsdp_kd/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _quiet_libraries() -> None:
@@ -80,6 +108,7 @@ def teardown() -> None:
     if dist.is_initialized():
         gc.collect()  # drop sharded tensors that still reference the group's work before destroying it
         dist.barrier()
+        _MESHES.clear()
         dist.destroy_process_group()
 
 

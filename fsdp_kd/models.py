@@ -104,18 +104,31 @@ def check_head_covers_vocab(model: nn.Module, vocab_size: int, role: str) -> Non
         raise ConfigError(f"the {role}'s output head has {rows} rows but its tokenizer has {vocab_size} tokens")
 
 
+def _shard_layers_and_root(root: "ShardedCausalLM", **fsdp_kwargs) -> None:
+    """One FSDP unit per decoder layer, then the root; each layer's forward starts gathering the next layer's
+    parameters, so communication (and, offloaded, the host-to-device copy) overlaps the current layer's compute."""
+    layers = list(decoder_layers(root.lm))
+    for layer in layers:
+        fully_shard(layer, **fsdp_kwargs)
+    fully_shard(root, **fsdp_kwargs)
+    for layer, following in zip(layers, layers[1:]):
+        layer.set_modules_to_forward_prefetch([following])
+
+
 def shard_student(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausalLM:
-    """Full shard (ZeRO-3 equivalent): every decoder layer, then the root. fp32 master weights, compute in
-    `param_dtype`, gradients reduced in fp32. FSDP's reduce-scatter sums rather than averages: the loss is already
-    divided by the global token count, so averaging over ranks would divide twice."""
+    """fp32 master weights, compute in `param_dtype`, gradients reduced in fp32.
+
+    full_shard: ZeRO-3, parameters gathered per layer and freed after use; shard_grad_op: ZeRO-2, parameters stay
+    gathered from forward to backward; hybrid_shard: HSDP, full shard within a group, replicas across groups.
+    FSDP's reduction sums rather than averages: the loss is already divided by the global token count, so
+    averaging over ranks would divide twice."""
     compute_dtype = resolve_dtype(cfg, env.device)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    mesh = env.hybrid_mesh(cfg.hsdp_shard_size) if cfg.sharding_strategy == "hybrid_shard" else env.mesh
     root = ShardedCausalLM(lm)
-    for layer in decoder_layers(lm):
-        fully_shard(layer, mesh=env.mesh, mp_policy=mp)
-    fully_shard(root, mesh=env.mesh, mp_policy=mp)
+    _shard_layers_and_root(root, mesh=mesh, reshard_after_forward=cfg.sharding_strategy != "shard_grad_op",
+                           mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32))
     for module in root.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -124,17 +137,16 @@ def shard_student(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausa
 
 
 def shard_teacher(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausalLM:
-    """Frozen, eval mode, sharded per layer and root; parameters live on CPU between uses when offloaded."""
+    """Frozen, eval mode, sharded per layer and root. Offloaded: parameters live on CPU between uses. Resident: kept
+    gathered after the first forward, trading its full size in memory for no all-gathers."""
     lm.requires_grad_(False)
     lm.eval()
-    offload = CPUOffloadPolicy(pin_memory=env.device.type == "cuda") if cfg.teacher_offload else None
-    kwargs = {"mesh": env.mesh}
-    if offload is not None:
-        kwargs["offload_policy"] = offload
+    kwargs = {"mesh": env.hybrid_mesh(cfg.hsdp_shard_size) if cfg.teacher_sharding_strategy == "hybrid_shard"
+              else env.mesh, "reshard_after_forward": not cfg.teacher_resident}
+    if cfg.teacher_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
     root = ShardedCausalLM(lm)
-    for layer in decoder_layers(lm):
-        fully_shard(layer, **kwargs)
-    fully_shard(root, **kwargs)
+    _shard_layers_and_root(root, **kwargs)
     return root
 
 

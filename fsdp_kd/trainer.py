@@ -312,12 +312,14 @@ class Trainer:
             if done % cfg.logging_steps == 0 or done == self.total_steps:
                 elapsed = time.time() - window_start
                 record = {"step": done, **{k: round(v, 6) for k, v in result.metrics.items()},
-                          "tokens_per_sec": round(window_tokens / max(elapsed, 1e-9), 1)}
+                          "tokens_per_sec": round(window_tokens / max(elapsed, 1e-9), 1),
+                          "peak_mem_gb": round(peak_memory_gb(self.env.device), 3)}
                 self.metrics_log.write(record)
                 eta = (time.time() - started) / (done - self.start_step) * (self.total_steps - done)
                 self.log(f"step {done}/{self.total_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
                          f"kl {record['kl']:.4f} | H(teacher) {record['teacher_entropy']:.4f} | lr {record['lr']:.2e} | "
-                         f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_sec']:.0f} tok/s | eta {eta:.0f}s")
+                         f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_sec']:.0f} tok/s | mem {record['peak_mem_gb']:.2f} GB | "
+                         f"eta {eta:.0f}s")
                 window_tokens, window_start = 0, time.time()
             if self.eval_samples and cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == self.total_steps):
                 last_eval = self.evaluate()
@@ -331,12 +333,30 @@ class Trainer:
         self.export()
         summary = {"steps": self.total_steps, "seconds": round(time.time() - started, 1), "tokens": seen_tokens,
                    "final_eval": last_eval, "best_eval": best_eval, "model": self.cfg.save_path}
-        self.log(f"done: {summary['steps']} steps in {summary['seconds']}s, {seen_tokens} tokens; "
+        evals = ""
+        if last_eval:
+            evals = (f"; eval CE final {last_eval['eval_ce_loss']:.4f} (best {best_eval['eval_ce_loss']:.4f}), "
+                     f"eval KL final {last_eval['eval_kl']:.4f} (best {best_eval['eval_kl']:.4f})")
+        self.log(f"done: {summary['steps']} steps in {summary['seconds']}s, {seen_tokens} tokens{evals}; "
                  f"HF model in {self.cfg.save_path}")
         return summary
 
     def export(self) -> None:
         ckpt.export_student(self.student, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The largest peak over the ranks: CUDA allocator peak on GPU, max RSS of the process on CPU."""
+    if device.type == "cuda":
+        local = torch.cuda.max_memory_allocated(device)
+    else:
+        import resource
+
+        local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.tensor(float(local), device=device)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return peak.item() / 1024**3
 
 
 def _holds_a_run(save_path: str) -> bool:

@@ -1,0 +1,113 @@
+"""Paper estimate of per-GPU memory and step time for a distillation run, from parameter counts and activation sizes.
+
+    python bench/memory_estimate.py                                  # Llama-3-70B → Llama-3-8B, 2 and 4 nodes of 8
+    python bench/memory_estimate.py --tokens 8192 --gpu_gb 80 --nodes 2 4 8
+
+Nothing is run: every figure is arithmetic on the formulas below, so others can rerun it for their own models.
+
+Memory per GPU, bytes (N = parameters, S = ranks a model is sharded over, L layers, H hidden, I MLP width, V vocab,
+T tokens per micro-batch):
+  student state     16·N_s / S_s        fp32 master weights 4 + fp32 gradients 4 + AdamW moments 8
+  student gathered  2·N_layer_s·2 + 2·V·H_s·2 + N_layer_s·4
+                    two bf16 layers in flight (current + prefetched), the root's embedding and head in bf16, one
+                    layer's fp32 gradient before its reduce-scatter
+  teacher shards    2·N_t / S_t on the GPU, or 0 with teacher_offload (then it sits in host RAM)
+  teacher gathered  2·N_layer_t·2 + 2·V·H_t·2       two bf16 layers in flight and its root
+  activations       student, activation checkpointing: L_s·T·H_s·2 (layer inputs) + T·(34·H_s + 4·I_s)·2/2
+                    (one layer recomputed); teacher: T·(4·H_t + 2·I_t)·2 (one layer, no grad)
+  loss kernel       2·128·V·4 (two logit caches) + V·H_s·4 (head gradient) + T·(H_s + H_t)·4
+Time per micro-batch: compute (6·N_s + 2·N_t)·T FLOP at `--tflops` sustained; all-gathers move every parameter of a
+model to every GPU once per forward (student twice: forward and backward), at `--intra_gbps` inside a node or
+`--inter_gbps` across nodes; offloaded teacher shards also cross PCIe (`--pcie_gbps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+GB = 1e9
+
+
+@dataclass
+class Shape:
+    name: str
+    hidden: int
+    layers: int
+    mlp: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def layer_params(self) -> int:
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        return attention + 3 * self.hidden * self.mlp + 2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + 2 * self.vocab * self.hidden + self.hidden
+
+
+LLAMA3_70B = Shape("Llama-3-70B", 8192, 80, 28672, 64, 8, 128256)
+LLAMA3_8B = Shape("Llama-3-8B", 4096, 32, 14336, 32, 8, 128256)
+
+
+def estimate(teacher: Shape, student: Shape, nodes: int, per_node: int, tokens: int, hybrid: bool, offload: bool,
+             args) -> dict:
+    world = nodes * per_node
+    shard = per_node if hybrid else world
+    s, t = student, teacher
+    memory = {
+        "student state": 16 * s.params / shard,
+        "student gathered": 2 * s.layer_params * 2 + 2 * s.vocab * s.hidden * 2 + s.layer_params * 4,
+        "teacher shards": 0 if offload else 2 * t.params / shard,
+        "teacher gathered": 2 * t.layer_params * 2 + 2 * t.vocab * t.hidden * 2,
+        "activations": (s.layers * tokens * s.hidden * 2 + tokens * (34 * s.hidden + 4 * s.mlp)
+                        + tokens * (4 * t.hidden + 2 * t.mlp) * 2),
+        "loss kernel": 2 * 128 * s.vocab * 4 + s.vocab * s.hidden * 4 + tokens * (s.hidden + t.hidden) * 4,
+    }
+    compute = (6 * s.params + 2 * t.params) * tokens / (args.tflops * 1e12)
+    # bytes each GPU receives per micro-batch; with HSDP all of it moves inside the node
+    gather_bw = args.intra_gbps if (hybrid or nodes == 1) else args.inter_gbps
+    student_comm = (2 * 2 * s.params + 4 * s.params) / (gather_bw * GB)  # 2 bf16 all-gathers + fp32 reduce-scatter
+    teacher_comm = 2 * t.params / (gather_bw * GB)
+    pcie = 2 * t.params / shard / (args.pcie_gbps * GB) if offload else 0.0
+    return {"memory": memory, "total": sum(memory.values()), "compute": compute, "student_comm": student_comm,
+            "teacher_comm": teacher_comm, "pcie": pcie, "host": 2 * t.params / shard * per_node if offload else 0}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--gpus_per_node", type=int, default=8)
+    parser.add_argument("--gpu_gb", type=float, default=80)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per micro-batch per GPU")
+    parser.add_argument("--tflops", type=float, default=400, help="sustained bf16 TFLOP/s per GPU")
+    parser.add_argument("--intra_gbps", type=float, default=150, help="all-gather GB/s per GPU inside a node")
+    parser.add_argument("--inter_gbps", type=float, default=40, help="all-gather GB/s per GPU across nodes")
+    parser.add_argument("--pcie_gbps", type=float, default=25, help="host-to-device GB/s per GPU")
+    args = parser.parse_args()
+    t, s = LLAMA3_70B, LLAMA3_8B
+    print(f"{t.name} ({t.params / 1e9:.1f}B) → {s.name} ({s.params / 1e9:.2f}B), {args.tokens} tokens per "
+          f"micro-batch per GPU, {args.gpus_per_node}×{args.gpu_gb:.0f} GB per node, activation checkpointing on\n")
+    print("| nodes | layout | teacher offload | student state | teacher shards | gathered (s+t) | activations + loss | "
+          "total / GPU | fits | compute | student comm | teacher comm | PCIe | host RAM / node |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for nodes in args.nodes:
+        for hybrid in (False, True):
+            for offload in (False, True):
+                r = estimate(t, s, nodes, args.gpus_per_node, args.tokens, hybrid, offload, args)
+                m = r["memory"]
+                print(f"| {nodes} | {'HSDP' if hybrid else 'full shard'} | {'on' if offload else 'off'} | "
+                      f"{m['student state'] / GB:.1f} GB | {m['teacher shards'] / GB:.1f} GB | "
+                      f"{(m['student gathered'] + m['teacher gathered']) / GB:.1f} GB | "
+                      f"{(m['activations'] + m['loss kernel']) / GB:.1f} GB | {r['total'] / GB:.1f} GB | "
+                      f"{'yes' if r['total'] < 0.9 * args.gpu_gb * GB else 'NO'} | {r['compute']:.2f} s | "
+                      f"{r['student_comm']:.2f} s | {r['teacher_comm']:.2f} s | {r['pcie']:.2f} s | "
+                      f"{r['host'] / GB:.0f} GB |")
+
+
+if __name__ == "__main__":
+    main()

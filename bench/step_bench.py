@@ -1,0 +1,167 @@
+"""A whole KD training step, the project's against a naive loop, on the same models, data and sharding.
+
+    python bench/step_bench.py                  # 2 ranks, seq 1024, vocab 49152, ~45M student, ~118M teacher
+    python bench/step_bench.py --nproc 2 --steps 3 --prompt_fraction 0.5
+
+The driver launches `torchrun` once per implementation, so each one's peak RSS is its own:
+  fsdp_kd  the trainer's step: teacher hidden states at trainable rows, then the chunked loss inside the student root
+  naive    HF forward with full [tokens × vocab] logits for both models and a dense fp32 CE + KL loss
+Both: FSDP2 full shard of the student and teacher, fp32, AdamW step, the same random token batch.
+Each rank also times a 2048³ matmul before the steps; their sum is the machine's measured matmul throughput, and
+MFU = model FLOPs per second / that, with model FLOPs = (6·N_student + 2·N_teacher + attention) per token, N without
+the input embeddings (lookups), counting every token (the work a dense loop must do). `--prompt_fraction` masks the start of each sequence as a prompt: the
+naive loop still projects those rows, the project's step does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def model_config(hidden: int, layers: int, vocab: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
+                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                       max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from transformers import LlamaForCausalLM
+
+    from fsdp_kd.config import TrainConfig
+    from fsdp_kd.data import IGNORE_INDEX, MicroBatch
+    from fsdp_kd.distributed import init_distributed, teardown
+    from fsdp_kd.loss import LossSpec
+    from fsdp_kd.models import parameter_count, shard_student, shard_teacher
+    from fsdp_kd.trainer import _hidden_states, _student_loss
+
+    env = init_distributed()
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(model_config(args.student_hidden, args.student_layers, args.vocab))
+    teacher = LlamaForCausalLM(model_config(args.teacher_hidden, args.teacher_layers, args.vocab))
+    n_student, n_teacher = parameter_count(student), parameter_count(teacher)
+    cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.5, teacher_model="-", param_dtype="fp32")
+    student_root, teacher_root = shard_student(student, cfg, env), shard_teacher(teacher, cfg, env)
+    optimizer = torch.optim.AdamW(student_root.parameters(), lr=1e-5)
+    spec = LossSpec(kd_coef=0.5)
+    dist.barrier()
+    gflops = torch.tensor(matmul_gflops())
+    dist.all_reduce(gflops)
+
+    g = torch.Generator().manual_seed(env.rank)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+    targets = torch.roll(ids, -1, dims=1)
+    targets[:, -1] = IGNORE_INDEX
+    targets[:, :int(args.seq * args.prompt_fraction)] = IGNORE_INDEX
+    batch = MicroBatch(ids, torch.ones_like(ids), targets)
+    global_tokens = float((targets != IGNORE_INDEX).sum()) * env.world_size
+
+    def naive_loss(lm, batch, teacher_logits):
+        logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        valid = batch.targets != IGNORE_INDEX
+        log_q = F.log_softmax(logits[valid], dim=-1)
+        log_p = F.log_softmax(teacher_logits[valid].float(), dim=-1)
+        ce = F.nll_loss(log_q, batch.targets[valid], reduction="sum")
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+        return 0.5 * ce + 0.5 * kl
+
+    def step():
+        with torch.no_grad():
+            if args.impl == "naive":
+                teacher_out = teacher_root(lambda lm, b: lm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, batch)
+            else:
+                teacher_out = teacher_root(_hidden_states, batch)
+        if args.impl == "naive":
+            loss = student_root(naive_loss, batch, teacher_out)
+        else:
+            loss, _ = student_root(_student_loss, batch, spec, args.vocab, teacher_out, teacher_root)
+        (loss / global_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(student_root.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: lazy init, optimizer state
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    dist.barrier()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.tensor(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    tokens = args.batch * args.seq * env.world_size
+    attention = 6 * 2 * (args.student_layers * args.student_hidden) * args.seq + \
+        2 * 2 * (args.teacher_layers * args.teacher_hidden) * args.seq  # per token: QK^T and AV, fwd (+bwd)
+    # the input embeddings are lookups, not matrix products: they do not count
+    matmul_student = n_student - args.vocab * args.student_hidden
+    matmul_teacher = n_teacher - args.vocab * args.teacher_hidden
+    flops_per_token = 6 * matmul_student + 2 * matmul_teacher + attention
+    if env.is_main:
+        print(json.dumps({"impl": args.impl, "tokens_per_sec": tokens / seconds, "peak_rss_gb": peak.item() / 1024**3,
+                          "mfu": flops_per_token * tokens / seconds / (gflops.item() * 1e9),
+                          "matmul_gflops": gflops.item(), "student_params": n_student, "teacher_params": n_teacher}))
+    teardown()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="sequences per rank per step")
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--student_hidden", type=int, default=384)
+    parser.add_argument("--student_layers", type=int, default=4)
+    parser.add_argument("--teacher_hidden", type=int, default=768)
+    parser.add_argument("--teacher_layers", type=int, default=6)
+    parser.add_argument("--prompt_fraction", type=float, default=0.0)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.impl:
+        worker(args)
+        return
+    results = {}
+    for impl in ("naive", "fsdp_kd"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), __file__,
+               "--impl", impl] + [f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "nproc")]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if out.returncode != 0:
+            sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
+        results[impl] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    naive, ours = results["naive"], results["fsdp_kd"]
+    print(f"{args.nproc} ranks, seq {args.seq}, batch {args.batch}/rank, vocab {args.vocab}, student "
+          f"{ours['student_params'] / 1e6:.1f}M, teacher {ours['teacher_params'] / 1e6:.1f}M, fp32, prompt fraction "
+          f"{args.prompt_fraction}; measured matmul throughput {ours['matmul_gflops']:.0f} GFLOP/s (all ranks)")
+    print("| step | tokens/s | peak RSS per rank | MFU |")
+    print("|---|---|---|---|")
+    for name, r in (("naive (full logits, dense loss)", naive), ("fsdp_kd", ours)):
+        print(f"| {name} | {r['tokens_per_sec']:.0f} | {r['peak_rss_gb']:.2f} GB | {r['mfu']:.0%} |")
+    print(f"| ratio fsdp_kd / naive | {ours['tokens_per_sec'] / naive['tokens_per_sec']:.2f}× | "
+          f"{ours['peak_rss_gb'] / naive['peak_rss_gb']:.2f}× | |")
+
+
+if __name__ == "__main__":
+    main()
