@@ -6,7 +6,8 @@
 The driver launches `torchrun` once per implementation, so each one's peak RSS is its own:
   fsdp_kd  the trainer's step: teacher hidden states at trainable rows, then the chunked loss inside the student root
   naive    HF forward with full [tokens × vocab] logits for both models and a dense fp32 CE + KL loss
-Both: FSDP2 full shard of the student and teacher, fp32, AdamW step, the same random token batch.
+Both: FSDP2 full shard of the student and teacher, `--param_dtype` (fp32 default; bf16 on GPU), AdamW step, the
+same random token batch. On CUDA the peak is the allocator's, on CPU the process's max RSS.
 Each rank also times a 2048³ matmul before the steps; their sum is the machine's measured matmul throughput, and
 MFU = model FLOPs per second / that, with model FLOPs = (6·N_student + 2·N_teacher + attention) per token, N without
 the input embeddings (lookups), counting every token (the work a dense loop must do). `--prompt_fraction` masks the start of each sequence as a prompt: the
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -34,14 +34,20 @@ def model_config(hidden: int, layers: int, vocab: int):
                        max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 3) -> float:
+def matmul_gflops(device, dtype, size: int = 2048, repeats: int = 3) -> float:
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    if device.type == "cuda":
+        size, repeats = 8192, 20
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -55,20 +61,22 @@ def worker(args) -> None:
     from fsdp_kd.data import IGNORE_INDEX, MicroBatch
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
-    from fsdp_kd.models import parameter_count, shard_student, shard_teacher
-    from fsdp_kd.trainer import _hidden_states, _student_loss
+    from fsdp_kd.models import parameter_count, resolve_dtype, shard_student, shard_teacher
+    from fsdp_kd.trainer import _hidden_states, _student_loss, peak_memory_gb
 
     env = init_distributed()
     torch.manual_seed(0)
     student = LlamaForCausalLM(model_config(args.student_hidden, args.student_layers, args.vocab))
     teacher = LlamaForCausalLM(model_config(args.teacher_hidden, args.teacher_layers, args.vocab))
     n_student, n_teacher = parameter_count(student), parameter_count(teacher)
-    cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.5, teacher_model="-", param_dtype="fp32")
-    student_root, teacher_root = shard_student(student, cfg, env), shard_teacher(teacher, cfg, env)
+    cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.5, teacher_model="-", param_dtype=args.param_dtype,
+                      teacher_offload=args.teacher_offload)
+    dtype = resolve_dtype(cfg, env.device)
+    student_root, teacher_root = shard_student(student, cfg, env), shard_teacher(teacher.to(dtype), cfg, env)
     optimizer = torch.optim.AdamW(student_root.parameters(), lr=1e-5)
     spec = LossSpec(kd_coef=0.5)
     dist.barrier()
-    gflops = torch.tensor(matmul_gflops())
+    gflops = torch.tensor(matmul_gflops(env.device, dtype), device=env.device)
     dist.all_reduce(gflops)
 
     g = torch.Generator().manual_seed(env.rank)
@@ -76,7 +84,7 @@ def worker(args) -> None:
     targets = torch.roll(ids, -1, dims=1)
     targets[:, -1] = IGNORE_INDEX
     targets[:, :int(args.seq * args.prompt_fraction)] = IGNORE_INDEX
-    batch = MicroBatch(ids, torch.ones_like(ids), targets)
+    batch = MicroBatch(ids, torch.ones_like(ids), targets).to(env.device)
     global_tokens = float((targets != IGNORE_INDEX).sum()) * env.world_size
 
     def naive_loss(lm, batch, teacher_logits):
@@ -110,8 +118,7 @@ def worker(args) -> None:
         step()
     dist.barrier()
     seconds = (time.perf_counter() - start) / args.steps
-    peak = torch.tensor(float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    peak_gb = peak_memory_gb(env.device)
     tokens = args.batch * args.seq * env.world_size
     attention = 6 * 2 * (args.student_layers * args.student_hidden) * args.seq + \
         2 * 2 * (args.teacher_layers * args.teacher_hidden) * args.seq  # per token: QK^T and AV, fwd (+bwd)
@@ -120,7 +127,7 @@ def worker(args) -> None:
     matmul_teacher = n_teacher - args.vocab * args.teacher_hidden
     flops_per_token = 6 * matmul_student + 2 * matmul_teacher + attention
     if env.is_main:
-        print(json.dumps({"impl": args.impl, "tokens_per_sec": tokens / seconds, "peak_rss_gb": peak.item() / 1024**3,
+        print(json.dumps({"impl": args.impl, "tokens_per_sec": tokens / seconds, "peak_gb": peak_gb,
                           "mfu": flops_per_token * tokens / seconds / (gflops.item() * 1e9),
                           "matmul_gflops": gflops.item(), "student_params": n_student, "teacher_params": n_teacher}))
     teardown()
@@ -138,6 +145,8 @@ def main():
     parser.add_argument("--teacher_hidden", type=int, default=768)
     parser.add_argument("--teacher_layers", type=int, default=6)
     parser.add_argument("--prompt_fraction", type=float, default=0.0)
+    parser.add_argument("--param_dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--teacher_offload", action="store_true")
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.impl:
@@ -146,21 +155,25 @@ def main():
     results = {}
     for impl in ("naive", "fsdp_kd"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), __file__,
-               "--impl", impl] + [f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "nproc")]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+               "--impl", impl] + [f"--{k}={v}" for k, v in vars(args).items()
+                                  if k not in ("impl", "nproc", "teacher_offload")]
+        cmd += ["--teacher_offload"] if args.teacher_offload else []
+        out = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
         if out.returncode != 0:
             sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
         results[impl] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     naive, ours = results["naive"], results["fsdp_kd"]
     print(f"{args.nproc} ranks, seq {args.seq}, batch {args.batch}/rank, vocab {args.vocab}, student "
           f"{ours['student_params'] / 1e6:.1f}M, teacher {ours['teacher_params'] / 1e6:.1f}M, fp32, prompt fraction "
-          f"{args.prompt_fraction}; measured matmul throughput {ours['matmul_gflops']:.0f} GFLOP/s (all ranks)")
-    print("| step | tokens/s | peak RSS per rank | MFU |")
+          f"{args.prompt_fraction}, {args.param_dtype}, teacher offload {'on' if args.teacher_offload else 'off'}; "
+          f"measured matmul throughput {ours['matmul_gflops']:.0f} GFLOP/s (all ranks)")
+    print("| step | tokens/s | peak memory per rank (CUDA allocator, or max RSS on CPU) | MFU |")
     print("|---|---|---|---|")
     for name, r in (("naive (full logits, dense loss)", naive), ("fsdp_kd", ours)):
-        print(f"| {name} | {r['tokens_per_sec']:.0f} | {r['peak_rss_gb']:.2f} GB | {r['mfu']:.0%} |")
+        print(f"| {name} | {r['tokens_per_sec']:.0f} | {r['peak_gb']:.2f} GB | {r['mfu']:.0%} |")
     print(f"| ratio fsdp_kd / naive | {ours['tokens_per_sec'] / naive['tokens_per_sec']:.2f}× | "
-          f"{ours['peak_rss_gb'] / naive['peak_rss_gb']:.2f}× | |")
+          f"{ours['peak_gb'] / naive['peak_gb']:.2f}× | |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .loss import DIVERGENCES
+from .loss import DIVERGENCES, LossSpec
 
 
 class ConfigError(ValueError):
@@ -90,12 +90,12 @@ class TrainConfig:
     seed: int = 42
 
     # Distillation
-    kd_coef: float = 0.4
-    kd_loss: str = "forward_kl"
-    jsd_beta: float = 0.5
-    kd_temperature: float = 1.0
-    kd_vocab_chunk: int = 8192
-    kd_token_chunk: int = 128
+    kd_coef: float = 0.4  # OpenRLHF's default
+    kd_loss: str = LossSpec.divergence
+    jsd_beta: float = LossSpec.jsd_beta
+    kd_temperature: float = LossSpec.temperature
+    kd_vocab_chunk: int = LossSpec.vocab_chunk
+    kd_token_chunk: int = LossSpec.token_chunk
 
     # Outputs
     save_path: str = "output/fsdp_kd_student"
@@ -105,6 +105,8 @@ class TrainConfig:
     logging_steps: int = 1
     max_ckpt_num: int = 3
     load_checkpoint: bool = False
+    use_tensorboard: str | None = None  # a log directory; needs the tensorboard package
+    use_wandb: str | None = None  # a W&B project name; needs the wandb package
 
     def resolved_ckpt_path(self) -> str:
         return self.ckpt_path or os.path.join(self.save_path, "checkpoints")

@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         table = "\n".join(rows)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(table + "\n")
-        _plot_students(runs, args.out)
         print("\n" + table + f"\n\nKD student (loadable with AutoModelForCausalLM.from_pretrained): {runs['KD student'].save_path}")
+        _plot_students(runs, args.out)
     return 0
 
 

@@ -84,20 +84,31 @@ class _OnlineLogSumExp:
         return self.max + torch.log(self.sum)
 
 
-class _BlockStats:
-    """Pass-1 statistics of one token block, for both models."""
+class _ModelBlockStats:
+    """Pass-1 statistics of one model over one token block: log-sum-exp of the logits at temperature τ (and at 1,
+    for the CE on the labels), the argmax, and the label's logit."""
 
-    def __init__(self, rows: int, device: torch.device, has_teacher: bool, temperature: float):
+    def __init__(self, rows: int, device: torch.device, temperature: float):
+        self.tau = temperature
         self.scaled = temperature != 1.0
-        self.student = _OnlineLogSumExp(rows, device)  # of z_s / τ
-        self.student_raw = _OnlineLogSumExp(rows, device) if self.scaled else self.student  # of z_s, for CE
-        self.student_argmax = torch.zeros(rows, dtype=torch.long, device=device)
+        self.lse = _OnlineLogSumExp(rows, device)  # of z / τ
+        self.lse_raw = _OnlineLogSumExp(rows, device) if self.scaled else self.lse  # of z
+        self.argmax = torch.zeros(rows, dtype=torch.long, device=device)
         self.label_logit = torch.zeros(rows, device=device)
-        if has_teacher:
-            self.teacher = _OnlineLogSumExp(rows, device)
-            self.teacher_raw = _OnlineLogSumExp(rows, device) if self.scaled else self.teacher
-            self.teacher_argmax = torch.zeros(rows, dtype=torch.long, device=device)
-            self.teacher_label_logit = torch.zeros(rows, device=device)
+
+    def consume(self, logits: torch.Tensor, labels: torch.Tensor, start: int, stop: int) -> None:
+        chunk_max, chunk_idx = logits.max(dim=1)
+        improved = chunk_max > self.lse_raw.max  # compared with the running max before it is updated
+        self.argmax.copy_(torch.where(improved, chunk_idx + start, self.argmax))
+        inside = (labels >= start) & (labels < stop)
+        if inside.any():
+            rows = inside.nonzero(as_tuple=True)[0]
+            self.label_logit[rows] = logits[rows, labels[rows] - start]
+        if self.scaled:
+            self.lse_raw.update(logits, chunk_max)
+            self.lse.update(logits / self.tau, chunk_max / self.tau)
+        else:
+            self.lse.update(logits, chunk_max)
 
 
 class _RowSums:
@@ -144,18 +155,6 @@ def _fp32_rows(weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return weight[start:stop].float()
 
 
-def _update_argmax(argmax: torch.Tensor, running_max: torch.Tensor, chunk_max, chunk_idx, offset: int) -> None:
-    improved = chunk_max > running_max
-    argmax.copy_(torch.where(improved, chunk_idx + offset, argmax))
-
-
-def _gather_labels(chunk: torch.Tensor, labels: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
-    inside = (labels >= start) & (labels < stop)
-    if inside.any():
-        rows = inside.nonzero(as_tuple=True)[0]
-        out[rows] = chunk[rows, labels[rows] - start]
-
-
 def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_size: int, with_grad: bool):
     """Returns (loss_sum, metric sums, grad of h_s, grad of w_s); the gradients are None without `with_grad`."""
     device = h_s.device
@@ -183,42 +182,28 @@ def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_si
         hs = h_s[t0:t1].float()
         ht = h_t[t0:t1].float() if has_teacher else None
         y = labels[t0:t1]
-        st = _BlockStats(rows, device, has_teacher, tau)
+        student = _ModelBlockStats(rows, device, tau)
+        teacher = _ModelBlockStats(rows, device, tau) if has_teacher else None
+        scaled = student.scaled
 
         # Pass 1: logits into the cache; online log-sum-exp and argmax.
         for k, (v0, v1) in enumerate(chunks):
-            zs = torch.mm(hs, _fp32_rows(w_s, v0, v1).t(), out=s_cache[k][:rows])
-            zs_max, zs_idx = zs.max(dim=1)
-            _update_argmax(st.student_argmax, st.student_raw.max, zs_max, zs_idx, v0)
-            _gather_labels(zs, y, v0, v1, st.label_logit)
-            if st.scaled:
-                st.student_raw.update(zs, zs_max)
-                st.student.update(zs / tau, zs_max / tau)
-            else:
-                st.student.update(zs, zs_max)
+            student.consume(torch.mm(hs, _fp32_rows(w_s, v0, v1).t(), out=s_cache[k][:rows]), y, v0, v1)
             if has_teacher:
-                zt = torch.mm(ht, _fp32_rows(w_t, v0, v1).t(), out=t_cache[k][:rows])
-                zt_max, zt_idx = zt.max(dim=1)
-                _update_argmax(st.teacher_argmax, st.teacher_raw.max, zt_max, zt_idx, v0)
-                _gather_labels(zt, y, v0, v1, st.teacher_label_logit)
-                if st.scaled:
-                    st.teacher_raw.update(zt, zt_max)
-                    st.teacher.update(zt / tau, zt_max / tau)
-                else:
-                    st.teacher.update(zt, zt_max)
+                teacher.consume(torch.mm(ht, _fp32_rows(w_t, v0, v1).t(), out=t_cache[k][:rows]), y, v0, v1)
 
-        lse_s = st.student.value()
-        lse_s_raw = st.student_raw.value()
-        ce = lse_s_raw - st.label_logit
+        lse_s = student.lse.value()
+        lse_s_raw = student.lse_raw.value()
+        ce = lse_s_raw - student.label_logit
         sums["ce"] += ce.sum()
 
-        lse_t = st.teacher.value() if has_teacher else None
+        lse_t = teacher.lse.value() if has_teacher else None
 
         def log_probs(k):
-            log_q = s_cache[k][:rows] / tau - lse_s[:, None] if st.scaled else s_cache[k][:rows] - lse_s[:, None]
+            log_q = s_cache[k][:rows] / tau - lse_s[:, None] if scaled else s_cache[k][:rows] - lse_s[:, None]
             if not has_teacher:
                 return log_q, None
-            log_p = t_cache[k][:rows] / tau - lse_t[:, None] if st.scaled else t_cache[k][:rows] - lse_t[:, None]
+            log_p = t_cache[k][:rows] / tau - lse_t[:, None] if scaled else t_cache[k][:rows] - lse_t[:, None]
             return log_q, log_p
 
         # Pass 2: row sums over the vocabulary. Forward KL's gradient needs none of them, so with a gradient to
@@ -234,7 +219,7 @@ def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_si
         for k, (v0, v1) in enumerate(chunks if with_grad else ()):
             log_q, log_p = log_probs(k)
             q = log_q.exp()
-            grad = torch.exp(s_cache[k][:rows] - lse_s_raw[:, None]) if st.scaled else q.clone()
+            grad = torch.exp(s_cache[k][:rows] - lse_s_raw[:, None]) if scaled else q.clone()
             grad.mul_(1 - c)  # CE part: (1-c)·(softmax(z_s) - onehot)
             if has_teacher:
                 p = log_p.exp()
@@ -260,8 +245,8 @@ def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_si
             sums["kl"] += row.forward_kl().sum()
             sums["teacher_entropy"] -= row.p_log_p.sum()
             sums["student_entropy"] -= row.q_log_q.sum()
-            sums["top1_agreement"] += (st.student_argmax == st.teacher_argmax).sum()
-            sums["teacher_ce"] += (st.teacher_raw.value() - st.teacher_label_logit).sum()
+            sums["top1_agreement"] += (student.argmax == teacher.argmax).sum()
+            sums["teacher_ce"] += (teacher.lse_raw.value() - teacher.label_logit).sum()
         loss_sum += (1 - c) * ce.sum() + c * kd.sum()
 
     return loss_sum, sums, grad_h, grad_w

@@ -67,21 +67,51 @@ class StepResult:
     real_tokens: int
 
 
-class MetricsLog:
-    """metrics.jsonl on rank 0. On resume, lines past the resumed step are dropped so the file reads as one run."""
+def check_logger_packages(cfg: TrainConfig) -> None:
+    """Asked-for loggers must be importable; said before any heavy work."""
+    import importlib.util
 
-    def __init__(self, path: str, enabled: bool, resume_step: int | None):
+    for key, module, extra in (("use_tensorboard", "tensorboard", "tensorboard"), ("use_wandb", "wandb", "wandb")):
+        if getattr(cfg, key) and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"key {key}: the {module} package is not installed; pip install {extra} "
+                              f"(or drop --{key})")
+
+
+class MetricsLog:
+    """metrics.jsonl on rank 0, mirrored to TensorBoard and W&B when asked. On resume, lines past the resumed step
+    are dropped so the file reads as one run."""
+
+    def __init__(self, path: str, enabled: bool, resume_step: int | None, cfg: TrainConfig):
         self.path, self.enabled = path, enabled
-        if enabled and resume_step is not None and os.path.exists(path):
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        if resume_step is not None and os.path.exists(path):
             with open(path) as f:
                 kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
             with open(path, "w") as f:
                 f.writelines(kept)
+        if cfg.use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(cfg.use_tensorboard)
+        if cfg.use_wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.use_wandb, config=cfg.to_dict(), resume="allow")
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=record["step"])
 
 
 class Trainer:
@@ -104,6 +134,7 @@ class Trainer:
         if cfg.eval_dataset:
             check_data_path(cfg.eval_dataset, "eval_dataset")
         self.accumulation = gradient_accumulation_steps(cfg, env.world_size)
+        check_logger_packages(cfg)
 
         self.resume_from = None
         if cfg.load_checkpoint:
@@ -211,7 +242,7 @@ class Trainer:
             else:
                 self.log(f"load_checkpoint: no complete checkpoint in {cfg.resolved_ckpt_path()}; starting fresh")
         self.metrics_log = MetricsLog(os.path.join(cfg.save_path, METRICS_FILE), env.is_main,
-                                      self.start_step if cfg.load_checkpoint else None)
+                                      self.start_step if cfg.load_checkpoint else None, cfg)
         self._print_summary(compute_dtype)
 
     def _print_summary(self, compute_dtype) -> None:
@@ -248,8 +279,9 @@ class Trainer:
         packed = all_reduce_sum(torch.stack([sums[k] for k in _SUMMED]).to(self.env.device))
         totals = dict(zip(_SUMMED, packed.tolist()))
         tokens = max(totals["tokens"], 1.0)
-        out = {k: totals[k] / tokens for k in METRIC_NAMES}
-        out["loss"] = (1 - self.spec.kd_coef) * out["ce"] + self.spec.kd_coef * out["kd"]
+        names = METRIC_NAMES if self.teacher is not None else ("ce",)  # no teacher: nothing to compare against
+        out = {k: totals[k] / tokens for k in names}
+        out["loss"] = (1 - self.spec.kd_coef) * out["ce"] + self.spec.kd_coef * out.get("kd", 0.0)
         out["tokens"] = totals["tokens"]
         return out
 
@@ -316,15 +348,17 @@ class Trainer:
                           "peak_mem_gb": round(peak_memory_gb(self.env.device), 3)}
                 self.metrics_log.write(record)
                 eta = (time.time() - started) / (done - self.start_step) * (self.total_steps - done)
+                teacher_part = (f"kl {record['kl']:.4f} | H(teacher) {record['teacher_entropy']:.4f} | "
+                                if "kl" in record else "")
                 self.log(f"step {done}/{self.total_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
-                         f"kl {record['kl']:.4f} | H(teacher) {record['teacher_entropy']:.4f} | lr {record['lr']:.2e} | "
-                         f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_sec']:.0f} tok/s | mem {record['peak_mem_gb']:.2f} GB | "
-                         f"eta {eta:.0f}s")
+                         f"{teacher_part}lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
+                         f"{record['tokens_per_sec']:.0f} tok/s | mem {record['peak_mem_gb']:.2f} GB | eta {eta:.0f}s")
                 window_tokens, window_start = 0, time.time()
             if self.eval_samples and cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == self.total_steps):
                 last_eval = self.evaluate()
                 self.metrics_log.write({"step": done, **{k: round(v, 6) for k, v in last_eval.items()}})
-                self.log(f"eval @ {done}: ce {last_eval['eval_ce_loss']:.4f} | kl {last_eval['eval_kl']:.4f}")
+                self.log(f"eval @ {done}: ce {last_eval['eval_ce_loss']:.4f}"
+                         + (f" | kl {last_eval['eval_kl']:.4f}" if "eval_kl" in last_eval else ""))
                 if best_eval is None or last_eval["eval_loss"] < best_eval["eval_loss"]:
                     best_eval = last_eval
             if cfg.save_steps > 0 and done % cfg.save_steps == 0:
@@ -335,8 +369,9 @@ class Trainer:
                    "final_eval": last_eval, "best_eval": best_eval, "model": self.cfg.save_path}
         evals = ""
         if last_eval:
-            evals = (f"; eval CE final {last_eval['eval_ce_loss']:.4f} (best {best_eval['eval_ce_loss']:.4f}), "
-                     f"eval KL final {last_eval['eval_kl']:.4f} (best {best_eval['eval_kl']:.4f})")
+            evals = f"; eval CE final {last_eval['eval_ce_loss']:.4f} (best {best_eval['eval_ce_loss']:.4f})"
+            if "eval_kl" in last_eval:
+                evals += f", eval KL final {last_eval['eval_kl']:.4f} (best {best_eval['eval_kl']:.4f})"
         self.log(f"done: {summary['steps']} steps in {summary['seconds']}s, {seen_tokens} tokens{evals}; "
                  f"HF model in {self.cfg.save_path}")
         return summary

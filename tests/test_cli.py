@@ -82,3 +82,33 @@ def test_a_plain_single_process_run_works(tiny, tmp_path):
     proc = run_train(train_args(tiny, tmp_path / "out", max_steps=2, train_batch_size=8), tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "step 2/2" in proc.stdout and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_missing_logger_package_is_named_before_any_work(tiny, tmp_path):
+    proc = run_train(train_args(tiny, tmp_path / "out", use_wandb="my-project"), tmp_path)
+    assert_one_line_error(proc, r"key use_wandb: the wandb package is not installed; pip install wandb")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorboard_mirrors_the_metrics(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = tmp_path / "tb"
+    proc = run_train(train_args(tiny, tmp_path / "out", max_steps=3, train_batch_size=8, use_tensorboard=str(logs)),
+                     tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    events = EventAccumulator(str(logs))
+    events.Reload()
+    assert [e.step for e in events.Scalars("kl")] == [1, 2, 3]
+    assert {"loss", "ce", "teacher_entropy", "lr", "grad_norm", "peak_mem_gb"} <= set(events.Tags()["scalars"])
+
+
+def test_sft_without_a_teacher_logs_no_teacher_metrics(tiny, tmp_path):
+    from conftest import read_metrics
+
+    proc = run_train(train_args(tiny, tmp_path / "out", teacher_model=None, kd_coef=0, max_steps=2, train_batch_size=8),
+                     tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    first = read_metrics(tmp_path / "out")[0]
+    assert "ce" in first and first["loss"] == first["ce"]
+    assert not {"kl", "teacher_entropy", "kd", "top1_agreement"} & first.keys()  # not zeros: absent

@@ -40,7 +40,7 @@ def test_wrong_type_names_file_line_and_key(tmp_path):
         parse_config(REQUIRED + ["--micro_train_batch_size", "1.5"])
 
 
-@pytest.mark.parametrize("flag,replacement", [("zero_stage", "FSDP2 always full-shards"),
+@pytest.mark.parametrize("flag,replacement", [("zero_stage", "--sharding_strategy full_shard"),
                                               ("adam_offload", "optimizer offload"), ("bf16", "--param_dtype bf16")])
 def test_deepspeed_flags_explain_their_replacement(flag, replacement):
     with pytest.raises(ConfigError, match=f"'{flag}' is a DeepSpeed-only option: .*{replacement}"):
