@@ -64,24 +64,56 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def save_checkpoint(root, optimizer, step: int, cfg: TrainConfig, rank: int) -> str:
-    """Collective: every rank calls it. Returns the final directory."""
-    ckpt_path = cfg.resolved_ckpt_path()
-    final = os.path.join(ckpt_path, f"step_{step}")
-    partial = final + ".partial"
-    model_state, optim_state = get_state_dict(root, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=partial)
-    torch.save(_rng_state(), os.path.join(partial, f"rng_rank{rank}.pt"))
-    _barrier()
-    if rank == 0:
-        with open(os.path.join(partial, TRAIN_STATE), "w") as f:
-            json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                       "config": cfg.to_dict()}, f, indent=1)
-        os.rename(partial, final)
-        for _, old in complete_checkpoints(ckpt_path)[:-cfg.max_ckpt_num]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return final
+class CheckpointWriter:
+    """Writes `step_N` checkpoints, synchronously or in the background (`async_save`). Collective: every rank
+    calls every method.
+
+    An asynchronous save stages the state to host memory, lets training go on while a thread writes it, and is
+    completed (barrier, train state, atomic rename, rotation) before the next save and before the export. Its
+    collectives run on a Gloo group of their own so they never interleave with training's. A run killed while a
+    save is in flight leaves only a `.partial` directory, which is never loaded.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int, asynchronous: bool):
+        self.cfg, self.rank = cfg, rank
+        self.pending = None  # (future, partial dir, final dir, step)
+        self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self.asynchronous = asynchronous
+
+    def save(self, root, optimizer, step: int) -> str:
+        self.finish()
+        final = os.path.join(self.cfg.resolved_ckpt_path(), f"step_{step}")
+        partial = final + ".partial"
+        os.makedirs(partial, exist_ok=True)
+        model_state, optim_state = get_state_dict(root, optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        torch.save(_rng_state(), os.path.join(partial, f"rng_rank{self.rank}.pt"))
+        if self.asynchronous:
+            self.pending = (dcp.async_save(state, checkpoint_id=partial, process_group=self.group), partial, final,
+                            step)
+        else:
+            dcp.save(state, checkpoint_id=partial)
+            self._complete(partial, final, step)
+        return final
+
+    def finish(self) -> None:
+        """Waits for an in-flight save and completes it."""
+        if self.pending is not None:
+            future, partial, final, step = self.pending
+            future.result()
+            self.pending = None
+            self._complete(partial, final, step)
+
+    def _complete(self, partial: str, final: str, step: int) -> None:
+        _barrier()
+        if self.rank == 0:
+            with open(os.path.join(partial, TRAIN_STATE), "w") as f:
+                json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                           "config": self.cfg.to_dict()}, f, indent=1)
+            os.rename(partial, final)
+            for _, old in complete_checkpoints(self.cfg.resolved_ckpt_path())[:-self.cfg.max_ckpt_num]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
 
 
 def read_train_state(path: str) -> dict:

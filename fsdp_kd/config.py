@@ -105,6 +105,7 @@ class TrainConfig:
     logging_steps: int = 1
     max_ckpt_num: int = 3
     load_checkpoint: bool = False
+    async_save: bool = False  # write checkpoints in the background while training goes on
     use_tensorboard: str | None = None  # a log directory; needs the tensorboard package
     use_wandb: str | None = None  # a W&B project name; needs the wandb package
 

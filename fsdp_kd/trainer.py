@@ -241,6 +241,7 @@ class Trainer:
                 self.log(f"resumed from {self.resume_from} at step {self.start_step}")
             else:
                 self.log(f"load_checkpoint: no complete checkpoint in {cfg.resolved_ckpt_path()}; starting fresh")
+        self.checkpoints = ckpt.CheckpointWriter(cfg, env.rank, cfg.async_save)
         self.metrics_log = MetricsLog(os.path.join(cfg.save_path, METRICS_FILE), env.is_main,
                                       self.start_step if cfg.load_checkpoint else None, cfg)
         self._print_summary(compute_dtype)
@@ -362,8 +363,9 @@ class Trainer:
                 if best_eval is None or last_eval["eval_loss"] < best_eval["eval_loss"]:
                     best_eval = last_eval
             if cfg.save_steps > 0 and done % cfg.save_steps == 0:
-                path = ckpt.save_checkpoint(self.student, self.optimizer, done, cfg, self.env.rank)
-                self.log(f"saved checkpoint {path}")
+                path = self.checkpoints.save(self.student, self.optimizer, done)
+                self.log(f"{'saving' if cfg.async_save else 'saved'} checkpoint {path}")
+        self.checkpoints.finish()
         self.export()
         summary = {"steps": self.total_steps, "seconds": round(time.time() - started, 1), "tokens": seen_tokens,
                    "final_eval": last_eval, "best_eval": best_eval, "model": self.cfg.save_path}

@@ -62,9 +62,11 @@ def uninterrupted(tiny, tmp_path_factory):
     return save
 
 
-def test_killed_rank_then_same_command_resumes_exactly(tiny, tmp_path, uninterrupted):
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_killed_rank_then_same_command_resumes_exactly(tiny, tmp_path, uninterrupted, async_save):
+    """Against a synchronous uninterrupted run: background saves must capture the same state."""
     save = tmp_path / "run"
-    args = [TRAIN, *resume_args(tiny, save)]
+    args = [TRAIN, *resume_args(tiny, save, async_save=async_save)]
     proc = start_torchrun(args)
     wait_for(save / "checkpoints" / "step_8", proc)
     workers = child_pids(proc.pid)
