@@ -17,11 +17,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.launch import run_worker  # noqa: E402
 
 
 def worker(args) -> None:
@@ -86,14 +87,8 @@ def main():
         return
     if os.path.exists(args.out):
         shutil.rmtree(args.out)  # the benchmark's own scratch directory
-    repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-                          __file__, "--worker", f"--hidden={args.hidden}", f"--layers={args.layers}",
-                          f"--vocab={args.vocab}", f"--out={args.out}"], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo})
-    if out.returncode != 0:
-        sys.exit(out.stderr[-3000:])
-    r = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    r = run_worker(__file__, args.nproc, ["--worker", f"--hidden={args.hidden}", f"--layers={args.layers}",
+                                          f"--vocab={args.vocab}", f"--out={args.out}"])
     print(f"student {r['params'] / 1e6:.1f}M parameters, {args.nproc} ranks, checkpoint {r['bytes'] / 2**20:.0f} MiB "
           "(fp32 weights + AdamW moments)")
     print("| operation | seconds |")

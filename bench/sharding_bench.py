@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.launch import run_worker  # noqa: E402
 
 
 def local_bytes(tensors) -> int:
@@ -68,14 +69,8 @@ def main():
     if args.worker:
         worker(args)
         return
-    rows = {}
-    for n in (1, args.nproc):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__, "--worker",
-               f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1",
-                                  "PYTHONPATH": os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")})
-        rows[n] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    flags = ["--worker", f"--hidden={args.hidden}", f"--layers={args.layers}", f"--vocab={args.vocab}"]
+    rows = {n: run_worker(__file__, n, flags) for n in (1, args.nproc)}
     print("| ranks | student params | grads | AdamW state | student total | teacher params |")
     print("|---|---|---|---|---|---|")
     for n, r in rows.items():

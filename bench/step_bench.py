@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench.launch import run_worker  # noqa: E402
 
 
 def model_config(hidden: int, layers: int, vocab: int):
@@ -152,17 +153,9 @@ def main():
     if args.impl:
         worker(args)
         return
-    results = {}
-    for impl in ("naive", "fsdp_kd"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), __file__,
-               "--impl", impl] + [f"--{k}={v}" for k, v in vars(args).items()
-                                  if k not in ("impl", "nproc", "teacher_offload")]
-        cmd += ["--teacher_offload"] if args.teacher_offload else []
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-        if out.returncode != 0:
-            sys.exit(f"{impl} failed:\n{out.stderr[-3000:]}")
-        results[impl] = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    flags = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "nproc", "teacher_offload")]
+    flags += ["--teacher_offload"] if args.teacher_offload else []
+    results = {impl: run_worker(__file__, args.nproc, ["--impl", impl, *flags]) for impl in ("naive", "fsdp_kd")}
     naive, ours = results["naive"], results["fsdp_kd"]
     print(f"{args.nproc} ranks, seq {args.seq}, batch {args.batch}/rank, vocab {args.vocab}, student "
           f"{ours['student_params'] / 1e6:.1f}M, teacher {ours['teacher_params'] / 1e6:.1f}M, fp32, prompt fraction "
