@@ -207,3 +207,17 @@ def test_packed_logits_equal_unpacked_logits(tiny, attn):
     assert collate_packed(samples, 24, pad_id=0).input_ids.shape[0] < len(samples)
     assert torch.allclose(packed, separate, atol=1e-5)
     assert not torch.allclose(leaked, separate, atol=1e-3)
+
+
+def test_parquet_csv_and_directory_sources(tiny, tmp_path):
+    import datasets
+
+    records = [{"input": "ab", "output": "CD"}, {"input": "abc", "output": "EF"}]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    datasets.Dataset.from_list(records).to_parquet(str(folder / "part1.parquet"))
+    datasets.Dataset.from_list(records).to_csv(str(folder / "part2.csv"))
+    tok = load_tokenizer(tiny["tok"], False)
+    for path, expected in ((folder / "part1.parquet", 2), (folder / "part2.csv", 2), (folder, 4)):
+        samples, stats = load_sft_dataset(str(path), _cfg(), tok, None)
+        assert len(samples) == expected and stats.kept == expected
