@@ -39,12 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from .distributed import init_distributed, teardown
-    from .models import load_causal_lm, load_tokenizer, shard_student
+    from .models import load_sharded, load_tokenizer, shard_student
 
     env = init_distributed()
     try:
         model_config = AutoConfig.from_pretrained(cfg.pretrain, trust_remote_code=cfg.trust_remote_code)
-        root = shard_student(load_causal_lm(cfg.pretrain, cfg, torch.float32), cfg, env)
+        root = load_sharded(cfg.pretrain, cfg, env, torch.float32, shard_student, "student")
         ckpt.load_model_weights(root, args.checkpoint)
         ckpt.export_student(root, model_config, load_tokenizer(cfg.pretrain, cfg.trust_remote_code),
                             args.out_dir, env.rank)

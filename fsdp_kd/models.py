@@ -98,6 +98,48 @@ def load_causal_lm(path: str, cfg: TrainConfig, dtype: torch.dtype) -> nn.Module
     return model
 
 
+@contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory); buffers stay real, because
+    non-persistent ones (rotary frequencies) are computed at construction and are not in any checkpoint."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, shard, role: str,
+                 vocab_size: int | None = None) -> ShardedCausalLM:
+    """The model at `path`, sharded by `shard(lm, cfg, env)`, without a full copy on every rank.
+
+    Global rank 0 alone loads it with `from_pretrained` (CPU); every rank builds the same architecture with its
+    parameters on the meta device, shards it, and receives its own shards by broadcast from rank 0. Host memory
+    for the full model is needed once, not once per rank.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig
+
+    full_state = load_causal_lm(path, cfg, dtype).state_dict() if env.rank == 0 else {}
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    with _parameters_on_meta():
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation,
+                                              trust_remote_code=cfg.trust_remote_code)
+    lm.config.use_cache = False
+    if vocab_size is not None:
+        check_head_covers_vocab(lm, vocab_size, role)
+    root = shard(lm, cfg, env)
+    set_model_state_dict(root.lm, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return root
+
+
 def check_head_covers_vocab(model: nn.Module, vocab_size: int, role: str) -> None:
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < vocab_size:

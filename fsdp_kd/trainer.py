@@ -22,8 +22,8 @@ from .data import (IGNORE_INDEX, MicroBatch, Sample, StepSampler, check_data_pat
                    eval_shards, load_sft_dataset, looks_local, mix_datasets, padding_efficiency)
 from .distributed import DistEnv, all_reduce_sum
 from .loss import METRIC_NAMES, LossSpec, distillation_loss
-from .models import (ShardedCausalLM, check_head_covers_vocab, load_causal_lm, load_tokenizer, parameter_count,
-                     resolve_dtype, shard_student, shard_teacher, shared_vocab_size)
+from .models import (ShardedCausalLM, load_sharded, load_tokenizer, parameter_count, resolve_dtype, shard_student,
+                     shard_teacher, shared_vocab_size)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
@@ -221,14 +221,13 @@ class Trainer:
         cfg, env = self.cfg, self.env
         compute_dtype = resolve_dtype(cfg, env.device)
         self.export_config = AutoConfig.from_pretrained(cfg.pretrain, trust_remote_code=cfg.trust_remote_code)
-        student = load_causal_lm(cfg.pretrain, cfg, torch.float32)  # fp32 master weights
-        check_head_covers_vocab(student, self.vocab_size, "student")
-        self.student: ShardedCausalLM = shard_student(student, cfg, env)
+        # fp32 master weights for the student; the frozen teacher only ever computes, in the compute dtype
+        self.student: ShardedCausalLM = load_sharded(cfg.pretrain, cfg, env, torch.float32, shard_student, "student",
+                                                     self.vocab_size)
         self.teacher: ShardedCausalLM | None = None
         if cfg.teacher_model:
-            teacher = load_causal_lm(cfg.teacher_model, cfg, compute_dtype)
-            check_head_covers_vocab(teacher, self.vocab_size, "teacher")
-            self.teacher = shard_teacher(teacher, cfg, env)
+            self.teacher = load_sharded(cfg.teacher_model, cfg, env, compute_dtype, shard_teacher, "teacher",
+                                        self.vocab_size)
         self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher else 0.0, divergence=cfg.kd_loss,
                              jsd_beta=cfg.jsd_beta, temperature=cfg.kd_temperature,
                              vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk)
