@@ -146,10 +146,10 @@ class Trainer:
             raise ConfigError(f"key save_path: {cfg.save_path} already holds a model or metrics from an earlier run; "
                               "choose a new save_path, or pass --load_checkpoint to resume that run")
 
-        self.tokenizer = load_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template)
+        self.tokenizer = _tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
         self.vocab_size = len(self.tokenizer)
         if cfg.teacher_model:
-            teacher_tok = load_tokenizer(cfg.teacher_model, cfg.trust_remote_code)
+            teacher_tok = _tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg)
             self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tok)
 
         self.train_samples, self.eval_samples = self._load_data()
@@ -393,6 +393,16 @@ def peak_memory_gb(device: torch.device) -> float:
     if dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return peak.item() / 1024**3
+
+
+def _tokenizer_or_error(path: str, key: str, cfg: TrainConfig, chat_template: str | None = None):
+    """A path that is neither a local directory nor a reachable hub id fails here, as one line."""
+    try:
+        return load_tokenizer(path, cfg.trust_remote_code, chat_template)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"key {key}: cannot load a tokenizer from {path!r} (not a local directory, and as a hub id: "
+                          f"{reason})") from None
 
 
 def _holds_a_run(save_path: str) -> bool:

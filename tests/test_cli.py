@@ -10,8 +10,8 @@ import pytest
 from conftest import REALDATA, REPO, train_args
 
 
-def run_train(args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_train(args, cwd, **extra_env):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **extra_env}
     return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
                           timeout=120, env=env, cwd=cwd)
 
@@ -112,3 +112,9 @@ def test_sft_without_a_teacher_logs_no_teacher_metrics(tiny, tmp_path):
     first = read_metrics(tmp_path / "out")[0]
     assert "ce" in first and first["loss"] == first["ce"]
     assert not {"kl", "teacher_entropy", "kd", "top1_agreement"} & first.keys()  # not zeros: absent
+
+
+def test_unknown_model_name_is_one_line(tiny, tmp_path):
+    proc = run_train(train_args(tiny, tmp_path / "out", pretrain="models/no-such-student"), tmp_path,
+                     HF_HUB_OFFLINE="1")
+    assert_one_line_error(proc, r"key pretrain: cannot load a tokenizer from 'models/no-such-student'")
