@@ -19,3 +19,11 @@ def run_worker(script: str, nproc: int, args: list[str]) -> dict:
     if out.returncode != 0:
         sys.exit(f"{os.path.basename(script)} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def add_shape_args(parser, hidden: int, layers: int, vocab: int, nproc: int = 2) -> None:
+    """The options every driver takes: how many ranks, and the Llama-shaped model's size."""
+    parser.add_argument("--nproc", type=int, default=nproc)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--vocab", type=int, default=vocab)

@@ -18,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.launch import run_worker  # noqa: E402
+from bench.launch import add_shape_args, run_worker  # noqa: E402
 
 
 def current_rss() -> int:
@@ -51,10 +51,7 @@ def worker(args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=640)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--vocab", type=int, default=32000)
+    add_shape_args(parser, hidden=640, layers=12, vocab=32000)
     parser.add_argument("--model", default=os.path.join("bench_out", "load_model"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--every_rank", action="store_true", help=argparse.SUPPRESS)

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.launch import run_worker  # noqa: E402
+from bench.launch import add_shape_args, run_worker  # noqa: E402
 
 
 def local_bytes(tensors) -> int:
@@ -59,10 +59,7 @@ def worker(args) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=49152)
+    add_shape_args(parser, hidden=384, layers=4, vocab=49152)
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
