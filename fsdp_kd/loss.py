@@ -216,6 +216,7 @@ def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_si
                 row.add(log_q, log_p, log_q.exp(), log_p.exp())
 
         # Pass 3: d loss / d z_s per chunk, folded into the gradients of h_s and w_s.
+        reverse_kl = row.reverse_kl()[:, None] if divergence == "reverse_kl" and has_teacher else None
         for k, (v0, v1) in enumerate(chunks if with_grad else ()):
             log_q, log_p = log_probs(k)
             q = log_q.exp()
@@ -228,7 +229,7 @@ def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_si
                 if divergence == "forward_kl":
                     d_kd = q - p
                 elif divergence == "reverse_kl":
-                    d_kd = q * (log_q - log_p - row.reverse_kl()[:, None])
+                    d_kd = q * (log_q - log_p - reverse_kl)
                 else:
                     d_kd = q * (log_q - row.log_m(log_q, log_p) - row.kl_q_m[:, None]) / beta
                 grad.add_(d_kd, alpha=c * tau)  # d(τ²·D)/dz_s = τ·dD/da

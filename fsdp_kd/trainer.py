@@ -200,14 +200,18 @@ class Trainer:
             return collate_packed(samples, self.cfg.max_len, self.tokenizer.pad_token_id)
         return collate(samples, self.tokenizer.pad_token_id)
 
-    def _step_batches(self, step: int) -> list[MicroBatch]:
+    def _step_samples(self, step: int) -> list[list[Sample]]:
+        """This rank's micro-batches of samples for a global step."""
         epoch, step_in_epoch = divmod(step, self.sampler.steps_per_epoch)
-        return [self.collate([self.train_samples[i] for i in idx]) for idx in self.sampler.indices(epoch, step_in_epoch)]
+        return [[self.train_samples[i] for i in idx] for idx in self.sampler.indices(epoch, step_in_epoch)]
+
+    def _step_batches(self, step: int) -> list[MicroBatch]:
+        return [self.collate(samples) for samples in self._step_samples(step)]
 
     def _report_padding(self, max_steps: int = 200) -> None:
         """The share of computed token slots that are real tokens, over this rank's first steps (at most 200)."""
         steps = range(min(self.sampler.steps_per_epoch, self.total_steps, max_steps))
-        groups = [[self.train_samples[i] for i in idx] for step in steps for idx in self.sampler.indices(0, step)]
+        groups = [group for step in steps for group in self._step_samples(step)]
         unpacked = padding_efficiency([collate(g, self.tokenizer.pad_token_id) for g in groups])
         if not self.cfg.packing_samples:
             self.log(f"padding: {unpacked:.1%} of computed token slots are real tokens")
