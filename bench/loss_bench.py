@@ -8,8 +8,16 @@ Each measurement runs in a fresh subprocess so its peak RSS (ru_maxrss) is its o
   dense   the obvious implementation: full fp32 logits for both models, log-softmax, CE + forward KL, autograd
   floor   the four matrix products the loss cannot avoid (student and teacher logits, grad of hidden, grad of head),
           2·T·H·V FLOP each, timed as plain torch.mm calls in the same run
+  eval    the kernel under torch.no_grad() (evaluation: no gradient passes), as a fraction of `fused`
 "Overhead" is peak RSS minus what the process holds before the loss plus the bytes that the weights, the head's
 gradient and the hidden states (and their gradient) need; the goal is at most 0.3 GB.
+
+    python bench/loss_bench.py --launches           # the launch profile only
+
+The launch profile counts, with the torch profiler, what one training call (forward + backward) of the kernel would
+launch on a GPU, per 1k tokens, for every divergence: kernels, host syncs (`.item()`, `nonzero`) and matrix
+products. It does so at the CPU block shape and at the CUDA one (`choose_chunks` for a CUDA device, forced here);
+the counts do not depend on the device, only on the block shape.
 """
 
 from __future__ import annotations
@@ -54,7 +62,10 @@ def child(kind: str, tokens: int, hidden: int, vocab: int, token_chunk: int, voc
     needed = 4 * (2 * vocab * hidden + vocab * hidden + 2 * tokens * hidden + tokens * hidden)
     spec = LossSpec(kd_coef=0.5, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
     start = time.perf_counter()
-    if kind == "floor":
+    if kind == "eval":
+        with torch.no_grad():
+            distillation_loss(h_s, w_s, labels, spec, vocab, h_t, w_t)
+    elif kind == "floor":
         with torch.no_grad():
             z = torch.mm(h_s, w_s.t())
             torch.mm(h_t, w_t.t())
@@ -77,6 +88,38 @@ def child(kind: str, tokens: int, hidden: int, vocab: int, token_chunk: int, voc
             "overhead_gb": (peak - base - needed) / GB}
 
 
+def launch_table(args) -> None:
+    import torch
+
+    from fsdp_kd.loss import DIVERGENCES, LossSpec, choose_chunks, distillation_loss
+    from fsdp_kd.profiling import profile_launches
+
+    tokens = args.tokens[0]
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(tokens, args.profile_hidden, generator=g).requires_grad_()
+    w_s = (torch.randn(args.vocab, args.profile_hidden, generator=g) * 0.02).requires_grad_()
+    h_t = torch.randn(tokens, args.profile_hidden, generator=g)
+    w_t = torch.randn(args.vocab, args.profile_hidden, generator=g) * 0.02
+    labels = torch.randint(0, args.vocab, (tokens,), generator=g)
+    shapes = {"cpu": choose_chunks(LossSpec(), torch.device("cpu"), tokens, args.vocab, 2),
+              "cuda": choose_chunks(LossSpec(), torch.device("cuda"), tokens, args.vocab, 2)}
+    print(f"\nlaunch profile: one training call (forward + backward), T={tokens}, V={args.vocab}, "
+          f"H={args.profile_hidden} (H does not change the counts); per 1k tokens")
+    print("| divergence | block shape (rows × columns) | kernel launches | host syncs | matmuls |")
+    print("|---|---|---|---|---|")
+
+    def training_call(spec):
+        loss, _ = distillation_loss(h_s, w_s, labels, spec, args.vocab, h_t, w_t)
+        loss.backward()
+
+    for device, (rows, cols) in shapes.items():
+        for name in DIVERGENCES:
+            spec = LossSpec(kd_coef=0.5, divergence=name, token_chunk=rows, vocab_chunk=cols)
+            _, profile = profile_launches(training_call, spec)
+            launches, syncs, matmuls = profile.per_1k(tokens)
+            print(f"| {name} | {device}: {rows} × {cols} | {launches:.0f} | {syncs:.0f} | {matmuls:.0f} |", flush=True)
+
+
 def run_child(kind, args, tokens) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--tokens", str(tokens), "--hidden", str(args.hidden),
            "--vocab", str(args.vocab), "--token_chunk", str(args.token_chunk), "--vocab_chunk", str(args.vocab_chunk)]
@@ -85,37 +128,44 @@ def run_child(kind, args, tokens) -> dict:
 
 
 def main():
-    from fsdp_kd.loss import LossSpec
+    from fsdp_kd.loss import CPU_CHUNKS
 
-    defaults = LossSpec()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--token_chunk", type=int, default=defaults.token_chunk)
-    parser.add_argument("--vocab_chunk", type=int, default=defaults.vocab_chunk)
+    parser.add_argument("--token_chunk", type=int, default=CPU_CHUNKS[0])
+    parser.add_argument("--vocab_chunk", type=int, default=CPU_CHUNKS[1])
+    parser.add_argument("--launches", action="store_true", help="print the launch profile only")
+    parser.add_argument("--profile_hidden", type=int, default=64, help="hidden size for the launch profile")
     parser.add_argument("--skip_dense", action="store_true", help="the dense loss needs ~16.5 GB at T=4096")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args.child, args.tokens[0], args.hidden, args.vocab, args.token_chunk, args.vocab_chunk)))
         return
+    if args.launches:
+        launch_table(args)
+        return
 
     print(f"H={args.hidden} V={args.vocab} fp32, forward+backward, token_chunk={args.token_chunk} "
           f"vocab_chunk={args.vocab_chunk}, torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}")
-    print("| T | fused time | dense time | matmul floor | fused / floor | fused / dense | fused peak RSS | "
-          "fused overhead | dense peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| T | fused time | dense time | matmul floor | fused / floor | fused / dense | eval / fused | "
+          "fused peak RSS | fused overhead | dense peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for tokens in args.tokens:
         floor = run_child("floor", args, tokens)
         fused = run_child("fused", args, tokens)
+        evaluation = run_child("eval", args, tokens)
         dense = None if args.skip_dense else run_child("dense", args, tokens)
         dense_time = f"{dense['seconds']:.1f} s" if dense else "—"
         ratio_dense = f"{fused['seconds'] / dense['seconds']:.2f}×" if dense else "—"
         dense_peak = f"{dense['peak_gb']:.2f} GB" if dense else "—"
         print(f"| {tokens} | {fused['seconds']:.1f} s | {dense_time} | {floor['seconds']:.1f} s | "
-              f"{fused['seconds'] / floor['seconds']:.2f}× | {ratio_dense} | {fused['peak_gb']:.2f} GB | "
+              f"{fused['seconds'] / floor['seconds']:.2f}× | {ratio_dense} | {evaluation['seconds'] / fused['seconds']:.2f}× | "
+              f"{fused['peak_gb']:.2f} GB | "
               f"{fused['overhead_gb']:+.2f} GB | {dense_peak} |", flush=True)
+    launch_table(args)
 
 
 if __name__ == "__main__":

@@ -94,8 +94,10 @@ class TrainConfig:
     kd_loss: str = LossSpec.divergence
     jsd_beta: float = LossSpec.jsd_beta
     kd_temperature: float = LossSpec.temperature
-    kd_vocab_chunk: int = LossSpec.vocab_chunk
-    kd_token_chunk: int = LossSpec.token_chunk
+    kd_vocab_chunk: int | None = None  # None: chosen per device (8192 on CPU; a few big chunks on CUDA)
+    kd_token_chunk: int | None = None  # None: chosen per device (128 on CPU; >= 1024 on CUDA)
+    kd_chunk_budget_mb: int = LossSpec.chunk_budget_mb  # CUDA: the loss's scratch memory per token block
+    compile_loss: bool = False  # torch.compile the loss's per-chunk elementwise work
 
     # Outputs
     save_path: str = "output/fsdp_kd_student"
@@ -294,8 +296,8 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.lr_scheduler not in ("cosine_with_min_lr", "constant_with_warmup"):
         fail("lr_scheduler", f"lr_scheduler must be cosine_with_min_lr or constant_with_warmup, got {cfg.lr_scheduler!r}")
     for key in ("micro_train_batch_size", "train_batch_size", "max_epochs", "max_len", "logging_steps",
-                "kd_vocab_chunk", "kd_token_chunk", "max_ckpt_num"):
-        if getattr(cfg, key) < 1:
+                "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb", "max_ckpt_num"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             fail(key, f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         fail("max_steps", f"max_steps must be >= 1, got {cfg.max_steps}")

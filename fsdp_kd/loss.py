@@ -1,39 +1,119 @@
 """The distillation loss: (1 - kd_coef)·CE + kd_coef·D(teacher, student), vocabulary-chunked.
 
 Why a hand-written kernel: at 8k tokens and a 152k vocabulary, one model's fp32 logits are ~5 GB, and autograd would
-keep the softmax copies and the gradient of that tensor too. Here the logits exist only for one block of
-`token_chunk` tokens at a time, and each pass over that block walks the vocabulary in `vocab_chunk` columns:
+keep the softmax copies and the gradient of that tensor too. Here the logits exist only for one block of token rows
+at a time, and each pass over that block walks the vocabulary in chunks:
 
-  pass 1  logits of both models, chunk by chunk, into the block's cache, with online max / sum-exp statistics
-          (log-sum-exp, argmax) updated while each chunk is hot;
-  pass 2  per-row reductions that need the final normalizers: KL, entropies, and for reverse KL / JSD the row
-          scalar their gradient needs (forward KL's gradient needs none, so its sums ride along in pass 3);
-  pass 3  the gradient of the loss with respect to the student's logits, chunk by chunk, folded straight into the
-          gradients of the student's hidden states and head weight.
+  pass 1  logits of both models, chunk by chunk, into the block's cache, with each chunk's log-sum-exp and argmax
+          folded into the row's running ones;
+  pass 2  per-row sums over the vocabulary that need the final normalizers: KL, entropies, and whatever the
+          divergence's gradient needs (a divergence whose gradient needs no sums, like forward KL, has them folded
+          into pass 3 instead of paying for a separate sweep);
+  pass 3  the gradient with respect to the student's logits, chunk by chunk, pushed back through the head straight
+          into the gradients of the hidden states and head weight (and bias).
 
-The gradient is produced during the forward pass (as Liger-Kernel and others do), so the logits are computed once:
-four matrix products in all (two forward, two gradient), which is the floor. `backward` only scales the stored
-gradients by the incoming scalar. Everything from the logits on is fp32, whatever the weights' dtype, so no logit
-is rounded to bf16 before its softmax.
+The gradient is produced during the forward pass (as Liger-Kernel does), so the logits are computed once: four matrix
+products in all (two forward, two gradient), which is the floor. `backward` only scales the stored gradients.
+
+What makes it fit a GPU:
+  - no host syncs: the label's logit and the one-hot term of the CE gradient use the label rows of the head
+    (`W[y]`, `index_add_`) once per block, never a `nonzero` or `.any()` per chunk;
+  - few launches: the block shape is chosen per device (`choose_chunks`); on CUDA a block is ≥ 1024 rows over a few
+    large vocabulary chunks, sized by a memory budget, so a 1k-token micro-batch costs a few hundred launches;
+  - tensor cores: with bf16 inputs the head products run in bf16 with fp32 output on CUDA, and the gradient products
+    take the gradient in bf16; logits, softmax statistics, row sums and gradient accumulation stay fp32, so no logit
+    is rounded to bf16 before its softmax;
+  - no gradient work without a gradient: evaluation (grad mode off) runs passes 1 and 2 only.
+
+Each divergence is one entry of `DIVERGENCES`: its row terms, its value from their sums, and its gradient with respect
+to the student's tempered logits. Each model's head is a `Head`: weight, optional bias, logit scale and soft-cap, so
+the kernel reproduces the model's own logits.
 
 All returned values are *sums* over the valid tokens; the trainer divides by the global token count, which is the
 only way to make gradients independent of micro-batch split and world size.
-
-JSD(β) is normalized as [β·KL(p‖m) + (1-β)·KL(q‖m)] / (β(1-β)), m = β·p + (1-β)·q, p the teacher, q the student.
-The unnormalized form tends to 0 at both ends; this one tends to forward KL(p‖q) as β→0 and to reverse KL(q‖p) as
-β→1, and the endpoints are computed as exactly those.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-
 METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce")
+
+
+# ---------------------------------------------------------------------------------------------------- divergences
+@dataclass
+class ChunkTerms:
+    """One vocabulary chunk of both tempered distributions, for one token block: log q, log p, q, p ([rows, cols])."""
+    log_q: torch.Tensor
+    log_p: torch.Tensor
+    q: torch.Tensor
+    p: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """D(p‖q) between the teacher p and the student q, as the kernel needs it.
+
+    `row_terms(t, beta)` gives the elementwise terms (beyond the shared p·log p, p·log q, q·log q) whose vocabulary
+    sums the divergence needs; `value(sums, beta)` is D per row from those sums; `grad(t, sums, beta)` is dD/da per
+    element, a = z_student / τ. `grad_needs_sums` is False when the gradient uses no row sums, which lets pass 2 ride
+    along in pass 3.
+    """
+    row_terms: Callable[[ChunkTerms, float], dict[str, torch.Tensor]]
+    value: Callable[[dict[str, torch.Tensor], float], torch.Tensor]
+    grad: Callable[[ChunkTerms, dict[str, torch.Tensor], float], torch.Tensor]
+    grad_needs_sums: bool = True
+
+
+def _log_mixture(t: ChunkTerms, beta: float) -> torch.Tensor:
+    """log m, m = β·p + (1-β)·q."""
+    return torch.logaddexp(t.log_p + math.log(beta), t.log_q + math.log1p(-beta))
+
+
+def _jsd_terms(t: ChunkTerms, beta: float) -> dict[str, torch.Tensor]:
+    log_m = _log_mixture(t, beta)
+    return {"kl_p_m": t.p * (t.log_p - log_m), "kl_q_m": t.q * (t.log_q - log_m)}
+
+
+def _jsd_grad(t: ChunkTerms, sums, beta: float) -> torch.Tensor:
+    return t.q * (t.log_q - _log_mixture(t, beta) - sums["kl_q_m"][:, None]) / beta
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    # KL(p‖q): mode covering, the classic KD objective
+    "forward_kl": Divergence(
+        row_terms=lambda t, beta: {},
+        value=lambda s, beta: s["p_log_p"] - s["p_log_q"],
+        grad=lambda t, s, beta: t.q - t.p,
+        grad_needs_sums=False),
+    # KL(q‖p): mode seeking, the usual choice on-policy
+    "reverse_kl": Divergence(
+        row_terms=lambda t, beta: {"q_log_p": t.q * t.log_p},
+        value=lambda s, beta: s["q_log_q"] - s["q_log_p"],
+        grad=lambda t, s, beta: t.q * (t.log_q - t.log_p - (s["q_log_q"] - s["q_log_p"])[:, None])),
+    # [β·KL(p‖m) + (1-β)·KL(q‖m)] / (β(1-β)): forward KL as β→0, reverse KL as β→1 (the endpoints are those KLs)
+    "jsd": Divergence(
+        row_terms=_jsd_terms,
+        value=lambda s, beta: (beta * s["kl_p_m"] + (1 - beta) * s["kl_q_m"]) / (beta * (1 - beta)),
+        grad=_jsd_grad),
+    # total variation ½·Σ|p - q|: bounded, robust to a teacher's confident mistakes
+    "tvd": Divergence(
+        row_terms=lambda t, beta: {"tvd": 0.5 * (t.q - t.p).abs(), "sign_q": torch.sign(t.q - t.p) * t.q},
+        value=lambda s, beta: s["tvd"],
+        grad=lambda t, s, beta: 0.5 * t.q * (torch.sign(t.q - t.p) - s["sign_q"][:, None])),
+}
+SHARED_SUMS = ("p_log_p", "p_log_q", "q_log_q")  # KL and both entropies, logged for every divergence
+
+
+# ---------------------------------------------------------------------------------------------------- the spec
+CPU_CHUNKS = (128, 8192)  # (token rows, vocabulary columns): the fastest on a 2-core CPU (docs/benchmarks.md)
+CUDA_MIN_ROWS = 1024
+DEFAULT_CUDA_BUDGET_MB = 4096
+_LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
 
 
 @dataclass(frozen=True)
@@ -42,20 +122,23 @@ class LossSpec:
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
     temperature: float = 1.0
-    vocab_chunk: int = 8192
-    token_chunk: int = 128
+    vocab_chunk: int | None = None  # None: chosen per device (choose_chunks)
+    token_chunk: int | None = None
+    chunk_budget_mb: int = DEFAULT_CUDA_BUDGET_MB  # CUDA: scratch memory the loss may use for one token block
+    compile: bool = False  # torch.compile the per-chunk elementwise work
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
-            raise ValueError(f"kd_loss must be one of {DIVERGENCES}, got {self.divergence!r}")
+            raise ValueError(f"kd_loss must be one of {tuple(DIVERGENCES)}, got {self.divergence!r}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if not 0.0 <= self.kd_coef <= 1.0:
             raise ValueError(f"kd_coef must be in [0, 1], got {self.kd_coef}")
         if self.temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.temperature}")
-        if self.vocab_chunk < 1 or self.token_chunk < 1:
-            raise ValueError("kd_vocab_chunk and kd_token_chunk must be >= 1")
+        if (self.vocab_chunk is not None and self.vocab_chunk < 1) or (
+                self.token_chunk is not None and self.token_chunk < 1) or self.chunk_budget_mb < 1:
+            raise ValueError("kd_vocab_chunk, kd_token_chunk and kd_chunk_budget_mb must be >= 1")
 
     @property
     def effective_divergence(self) -> str:
@@ -67,224 +150,315 @@ class LossSpec:
         return self.divergence
 
 
-class _OnlineLogSumExp:
-    """Running max and rescaled sum of exponentials over vocabulary chunks, per row."""
+def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: int) -> tuple[int, int]:
+    """(token rows per block, vocabulary columns per chunk); explicit `token_chunk`/`vocab_chunk` win.
 
-    def __init__(self, rows: int, device: torch.device):
-        self.max = torch.full((rows,), -math.inf, device=device)
-        self.sum = torch.zeros(rows, device=device)
-
-    def update(self, chunk: torch.Tensor, chunk_max: torch.Tensor) -> None:
-        new_max = torch.maximum(self.max, chunk_max)
-        self.sum.mul_(torch.exp(self.max - new_max))
-        self.sum.add_(torch.exp(chunk - new_max[:, None]).sum(dim=1))
-        self.max = new_max
-
-    def value(self) -> torch.Tensor:
-        return self.max + torch.log(self.sum)
-
-
-class _ModelBlockStats:
-    """Pass-1 statistics of one model over one token block: log-sum-exp of the logits at temperature τ (and at 1,
-    for the CE on the labels), the argmax, and the label's logit."""
-
-    def __init__(self, rows: int, device: torch.device, temperature: float):
-        self.tau = temperature
-        self.scaled = temperature != 1.0
-        self.lse = _OnlineLogSumExp(rows, device)  # of z / τ
-        self.lse_raw = _OnlineLogSumExp(rows, device) if self.scaled else self.lse  # of z
-        self.argmax = torch.zeros(rows, dtype=torch.long, device=device)
-        self.label_logit = torch.zeros(rows, device=device)
-
-    def consume(self, logits: torch.Tensor, labels: torch.Tensor, start: int, stop: int) -> None:
-        chunk_max, chunk_idx = logits.max(dim=1)
-        improved = chunk_max > self.lse_raw.max  # compared with the running max before it is updated
-        self.argmax.copy_(torch.where(improved, chunk_idx + start, self.argmax))
-        inside = (labels >= start) & (labels < stop)
-        if inside.any():
-            rows = inside.nonzero(as_tuple=True)[0]
-            self.label_logit[rows] = logits[rows, labels[rows] - start]
-        if self.scaled:
-            self.lse_raw.update(logits, chunk_max)
-            self.lse.update(logits / self.tau, chunk_max / self.tau)
-        else:
-            self.lse.update(logits, chunk_max)
+    CPU: small blocks keep each chunk in cache. CUDA: launches dominate small blocks, so a block is at least 1024 rows
+    (or every token), and the vocabulary is cut into as few equal chunks as the memory budget allows. The budget
+    covers the block's fp32 logit cache of every model (rows × V each) plus the live chunk temporaries.
+    """
+    if device.type != "cuda":
+        rows, cols = CPU_CHUNKS
+    else:
+        budget_floats = spec.chunk_budget_mb * 1024**2 // 4
+        rows = max(1, min(spec.token_chunk or CUDA_MIN_ROWS, n_tokens))
+        if spec.token_chunk is None:  # shrink the block only when not even a 4096-column chunk fits
+            rows = max(1, min(rows, budget_floats // (n_models * vocab + _LIVE_CHUNK_TEMPORARIES * 4096)))
+        room = budget_floats // rows - n_models * vocab
+        cols = max(4096, room // _LIVE_CHUNK_TEMPORARIES)
+        pieces = -(-vocab // cols)
+        cols = -(-vocab // pieces)  # equal chunks: the same kernels for every chunk
+    return spec.token_chunk or rows, spec.vocab_chunk or cols
 
 
-class _RowSums:
-    """Per-row sums over the vocabulary of p·log p, p·log q, q·log q (and what reverse KL and JSD need)."""
+# ---------------------------------------------------------------------------------------------------- heads
+@dataclass
+class Head:
+    """What a model does after its last hidden state: z = softcap(scale · (h·Wᵀ + b)).
 
-    def __init__(self, rows: int, device: torch.device, divergence: str, beta: float):
-        self.divergence_name, self.beta = divergence, beta
-        zeros = lambda: torch.zeros(rows, device=device)  # noqa: E731
-        self.p_log_p, self.p_log_q, self.q_log_q = zeros(), zeros(), zeros()
-        self.q_log_p = zeros() if divergence == "reverse_kl" else None
-        self.kl_q_m = zeros() if divergence == "jsd" else None
-        self.kl_p_m = zeros() if divergence == "jsd" else None
+    softcap(x) = cap · tanh(x / cap) (Gemma-2/3 `final_logit_softcapping`); scale is Cohere's `logit_scale` or
+    1/Granite's `logits_scaling`; b is a head bias (Phi-1/2). A plain Linear head is Head(weight).
+    """
+    weight: torch.Tensor  # [rows ≥ vocab, hidden]
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
 
-    def log_m(self, log_q, log_p):
-        return torch.logaddexp(log_p + math.log(self.beta), log_q + math.log1p(-self.beta))
+    def finish(self, raw: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Raw products (fp32) → the model's logits, in place."""
+        if bias is not None:
+            raw.add_(bias.float())
+        if self.scale != 1.0:
+            raw.mul_(self.scale)
+        if self.softcap is not None:
+            raw.div_(self.softcap).tanh_().mul_(self.softcap)
+        return raw
 
-    def add(self, log_q, log_p, q, p) -> None:
-        self.p_log_p += (p * log_p).sum(1)
-        self.p_log_q += (p * log_q).sum(1)
-        self.q_log_q += (q * log_q).sum(1)
-        if self.q_log_p is not None:
-            self.q_log_p += (q * log_p).sum(1)
-        if self.kl_q_m is not None:
-            log_m = self.log_m(log_q, log_p)
-            self.kl_q_m += (q * (log_q - log_m)).sum(1)
-            self.kl_p_m += (p * (log_p - log_m)).sum(1)
-
-    def forward_kl(self):
-        return self.p_log_p - self.p_log_q
-
-    def reverse_kl(self):
-        return self.q_log_q - self.q_log_p
-
-    def divergence(self):
-        if self.divergence_name == "forward_kl":
-            return self.forward_kl()
-        if self.divergence_name == "reverse_kl":
-            return self.reverse_kl()
-        b = self.beta
-        return (b * self.kl_p_m + (1 - b) * self.kl_q_m) / (b * (1 - b))
+    def chain(self, grad_z: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """dL/dz → dL/d(h·Wᵀ + b), in place on grad_z: the derivative of `finish` at its output z."""
+        if self.softcap is not None:
+            grad_z.mul_(1 - (z / self.softcap).square())
+        if self.scale != 1.0:
+            grad_z.mul_(self.scale)
+        return grad_z
 
 
-def _fp32_rows(weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return weight[start:stop].float()
+def as_head(head: torch.Tensor | Head) -> Head:
+    return head if isinstance(head, Head) else Head(head)
 
 
-def _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec: LossSpec, vocab_size: int, with_grad: bool):
-    """Returns (loss_sum, metric sums, grad of h_s, grad of w_s); the gradients are None without `with_grad`."""
-    device = h_s.device
-    n_tokens, hidden_s = h_s.shape
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output. bf16/fp16 inputs on CUDA run on tensor cores with fp32 accumulation and output
+    (`out_dtype`); elsewhere the inputs are widened first, which computes the same exact products and fp32 sums."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _CUDA_OUT_DTYPE.get("ok", True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): widen instead, from now on
+            _CUDA_OUT_DTYPE["ok"] = False
+    return torch.mm(a.float(), b.float())
+
+
+_CUDA_OUT_DTYPE: dict[str, bool] = {}
+
+
+# ---------------------------------------------------------------------------------------------------- the passes
+@dataclass
+class ModelBlock:
+    """One model over one token block: its logits chunk by chunk (the cache), log-sum-exp of z/τ and of z, the
+    argmax, and the label's logit. Filled by pass 1."""
+    head: Head
+    weight: torch.Tensor  # the head weight in the product dtype, cast once per call
+    bias: torch.Tensor | None
+    hidden: torch.Tensor  # [rows, hidden] in the product dtype
+    logits: list[torch.Tensor] = field(default_factory=list)
+    lse: torch.Tensor | None = None  # of z/τ
+    lse_raw: torch.Tensor | None = None  # of z (the CE's normalizer); `lse` itself when τ = 1
+    argmax: torch.Tensor | None = None
+    label_logit: torch.Tensor | None = None
+
+
+def pass1_logits(model: ModelBlock, chunks, labels: torch.Tensor, inv_tau: float) -> None:
+    """Logits chunk by chunk, with running log-sum-exp (at τ and at 1) and argmax; the label logit from W[y]."""
+    for v0, v1 in chunks:
+        z = model.head.finish(matmul_fp32(model.hidden, model.weight[v0:v1].t()),
+                              None if model.bias is None else model.bias[v0:v1])
+        model.logits.append(z)
+        chunk_max, chunk_arg = z.max(dim=1)
+        chunk_lse_raw = torch.logsumexp(z, dim=1)
+        chunk_lse = chunk_lse_raw if inv_tau == 1.0 else torch.logsumexp(z * inv_tau, dim=1)
+        if model.lse is None:
+            model.argmax, model.lse, model.lse_raw = chunk_arg, chunk_lse, chunk_lse_raw
+            running_max = chunk_max
+            continue
+        # the first chunk that reaches the running max keeps the argmax, as torch.argmax would
+        model.argmax = torch.where(chunk_max > running_max, chunk_arg + v0, model.argmax)
+        running_max = torch.maximum(running_max, chunk_max)
+        model.lse = torch.logaddexp(model.lse, chunk_lse)
+        model.lse_raw = model.lse if inv_tau == 1.0 else torch.logaddexp(model.lse_raw, chunk_lse_raw)
+    label_raw = (model.hidden.float() * model.weight[labels].float()).sum(1)
+    model.label_logit = model.head.finish(label_raw, None if model.bias is None else model.bias[labels])
+
+
+def chunk_terms(z_s: torch.Tensor, z_t: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
+                inv_tau: float) -> ChunkTerms:
+    """Both tempered distributions over one chunk, from the logits and the normalizers of z/τ."""
+    log_q = (z_s if inv_tau == 1.0 else z_s * inv_tau) - lse_s[:, None]
+    log_p = (z_t if inv_tau == 1.0 else z_t * inv_tau) - lse_t[:, None]
+    return ChunkTerms(log_q, log_p, log_q.exp(), log_p.exp())
+
+
+def chunk_row_sums(t: ChunkTerms, divergence: Divergence, beta: float) -> dict[str, torch.Tensor]:
+    """The vocabulary sums of one chunk: the shared ones and the divergence's own."""
+    sums = {"p_log_p": (t.p * t.log_p).sum(1), "p_log_q": (t.p * t.log_q).sum(1), "q_log_q": (t.q * t.log_q).sum(1)}
+    sums.update({name: term.sum(1) for name, term in divergence.row_terms(t, beta).items()})
+    return sums
+
+
+def sums_of_chunk(z_s, z_t, lse_s, lse_t, inv_tau: float, divergence: Divergence, beta: float):
+    """Pass 2's elementwise work on one chunk."""
+    return chunk_row_sums(chunk_terms(z_s, z_t, lse_s, lse_t, inv_tau), divergence, beta)
+
+
+def logit_grad_of_chunk(z_s, z_t, lse_s, lse_raw_s, lse_t, sums, inv_tau: float, divergence: Divergence,
+                        beta: float, kd_coef: float, with_sums: bool):
+    """Pass 3's elementwise work on one chunk: dL/dz_student except the CE's one-hot term,
+    (1-c)·softmax(z) + c·τ·dD/da (a = z/τ, so d(τ²·D)/dz = τ·dD/da), and the chunk's row sums when pass 2 was
+    folded in (`with_sums`; then `sums` is None and the divergence's gradient needs none)."""
+    t = chunk_terms(z_s, z_t, lse_s, lse_t, inv_tau)
+    student_probs = t.q if inv_tau == 1.0 else torch.exp(z_s - lse_raw_s[:, None])
+    grad = torch.add(student_probs * (1 - kd_coef), divergence.grad(t, sums, beta), alpha=kd_coef / inv_tau)
+    return grad, (chunk_row_sums(t, divergence, beta) if with_sums else None)
+
+
+def _accumulate(total: dict | None, part: dict) -> dict:
+    return part if total is None else {name: total[name] + part[name] for name in part}
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def elementwise_functions(compiled: bool) -> tuple[Callable, Callable]:
+    """(pass 2's, pass 3's) per-chunk functions; compiled, each is a few fused kernels instead of a dozen."""
+    if not compiled:
+        return sums_of_chunk, logit_grad_of_chunk
+    if not _COMPILED:
+        _COMPILED["sums"] = torch.compile(sums_of_chunk, dynamic=True)
+        _COMPILED["grad"] = torch.compile(logit_grad_of_chunk, dynamic=True)
+    return _COMPILED["sums"], _COMPILED["grad"]
+
+
+@dataclass
+class Gradients:
+    """fp32 accumulators for the student's hidden states, head weight and head bias."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        out.addmm_(a, b)
+    else:
+        out.add_(matmul_fp32(a, b))
+
+
+def push_back(grads: Gradients, student: ModelBlock, grad_z: torch.Tensor, z: torch.Tensor, rows: slice,
+              v0: int, v1: int) -> None:
+    """One chunk's dL/dz through the head into the hidden-state, weight and bias gradients: the two gradient
+    products, with dL/dz in the product dtype (bf16 on tensor cores) and fp32 accumulation."""
+    g = student.head.chain(grad_z, z)
+    if grads.bias is not None:
+        grads.bias[v0:v1].add_(g.sum(0))
+    g = g.to(student.hidden.dtype)
+    _add_product(grads.hidden[rows], g, student.weight[v0:v1])
+    _add_product(grads.weight[v0:v1], g.t(), student.hidden)
+
+
+def push_back_labels(grads: Gradients, student: ModelBlock, labels: torch.Tensor, rows: slice, ce_weight: float):
+    """The CE's one-hot term, -(1-c) at each row's label, through the head: rows W[y] and `index_add_`, so no
+    chunk has to find which labels it holds (a `nonzero`, a host sync, per chunk)."""
+    coef = student.head.chain(torch.full_like(student.label_logit, -ce_weight), student.label_logit)
+    grads.hidden[rows].add_(coef[:, None] * student.weight[labels].float())
+    grads.weight.index_add_(0, labels, coef[:, None] * student.hidden.float())
+    if grads.bias is not None:
+        grads.bias.index_add_(0, labels, coef)
+
+
+# ---------------------------------------------------------------------------------------------------- the kernel
+def _cast_once(head: Head, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head's weight in the product dtype (one cast per call, only when it differs), and its bias."""
+    return head.weight.to(dtype), head.bias
+
+
+def chunked_loss(h_s: torch.Tensor, s_head: Head, labels: torch.Tensor, spec: LossSpec, vocab_size: int,
+                 h_t: torch.Tensor | None, t_head: Head | None, with_grad: bool):
+    """(summed loss, summed metrics [len(METRIC_NAMES)] fp64, Gradients or None)."""
+    device, n = h_s.device, h_s.shape[0]
     has_teacher = h_t is not None
     c = spec.kd_coef if has_teacher else 0.0
-    tau = spec.temperature
-    divergence = spec.effective_divergence
-    beta = spec.jsd_beta
+    inv_tau, beta = 1.0 / spec.temperature, spec.jsd_beta
+    divergence = DIVERGENCES[spec.effective_divergence]
+    fold_sums_into_grad = with_grad and not divergence.grad_needs_sums
+    sums_fn, grad_fn = elementwise_functions(spec.compile)
+    block_rows, cols = choose_chunks(spec, device, n, vocab_size, 2 if has_teacher else 1)
+    chunks = [(v0, min(v0 + cols, vocab_size)) for v0 in range(0, vocab_size, cols)]
 
-    grad_h = torch.zeros(n_tokens, hidden_s, dtype=torch.float32, device=device) if with_grad else None
-    grad_w = torch.zeros(w_s.shape[0], hidden_s, dtype=torch.float32, device=device) if with_grad else None
-    sums = {name: torch.zeros((), dtype=torch.float64, device=device) for name in METRIC_NAMES}
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    s_weight, s_bias = _cast_once(s_head, h_s.dtype)
+    t_weight, t_bias = _cast_once(t_head, h_t.dtype) if has_teacher else (None, None)
+    grads = None
+    if with_grad:
+        grads = Gradients(torch.zeros(n, h_s.shape[1], device=device),
+                          torch.zeros(s_head.weight.shape, device=device),
+                          None if s_bias is None else torch.zeros(s_bias.shape, device=device))
+    totals = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=device)
 
-    chunks = [(v0, min(v0 + spec.vocab_chunk, vocab_size)) for v0 in range(0, vocab_size, spec.vocab_chunk)]
-    block_rows = min(spec.token_chunk, max(n_tokens, 1))
-    # One cache per model for one token block, stored chunk by chunk so each chunk is contiguous.
-    s_cache = [torch.empty(block_rows, v1 - v0, device=device) for v0, v1 in chunks]
-    t_cache = [torch.empty(block_rows, v1 - v0, device=device) for v0, v1 in chunks] if has_teacher else None
+    for r0 in range(0, n, block_rows):
+        rows = slice(r0, min(r0 + block_rows, n))
+        y = labels[rows]
+        student = ModelBlock(s_head, s_weight, s_bias, h_s[rows])
+        pass1_logits(student, chunks, y, inv_tau)
+        ce = student.lse_raw - student.label_logit
+        if not has_teacher:
+            totals[0] += ce.sum()
+            for k, (v0, v1) in enumerate(chunks if with_grad else ()):
+                push_back(grads, student, torch.exp(student.logits[k] - student.lse_raw[:, None]),
+                          student.logits[k], rows, v0, v1)
+        else:
+            teacher = ModelBlock(t_head, t_weight, t_bias, h_t[rows])
+            pass1_logits(teacher, chunks, y, inv_tau)
+            sums = None
+            if not fold_sums_into_grad:  # pass 2
+                for z_s, z_t in zip(student.logits, teacher.logits):
+                    sums = _accumulate(sums, sums_fn(z_s, z_t, student.lse, teacher.lse, inv_tau, divergence, beta))
+            folded = None
+            for k, (v0, v1) in enumerate(chunks if with_grad else ()):  # pass 3
+                grad_z, chunk_sums = grad_fn(student.logits[k], teacher.logits[k], student.lse, student.lse_raw,
+                                             teacher.lse, sums, inv_tau, divergence, beta, c, fold_sums_into_grad)
+                folded = _accumulate(folded, chunk_sums) if fold_sums_into_grad else None
+                push_back(grads, student, grad_z, student.logits[k], rows, v0, v1)
+            sums = folded if fold_sums_into_grad else sums
+            kd = divergence.value(sums, beta) * spec.temperature**2
+            per_row = torch.stack([ce, kd, sums["p_log_p"] - sums["p_log_q"], -sums["p_log_p"], -sums["q_log_q"],
+                                   (student.argmax == teacher.argmax).float(),
+                                   teacher.lse_raw - teacher.label_logit])
+            totals += per_row.sum(1)
+        if with_grad:
+            push_back_labels(grads, student, y, rows, 1 - c)
 
-    for t0 in range(0, n_tokens, block_rows):
-        t1 = min(t0 + block_rows, n_tokens)
-        rows = t1 - t0
-        hs = h_s[t0:t1].float()
-        ht = h_t[t0:t1].float() if has_teacher else None
-        y = labels[t0:t1]
-        student = _ModelBlockStats(rows, device, tau)
-        teacher = _ModelBlockStats(rows, device, tau) if has_teacher else None
-        scaled = student.scaled
-
-        # Pass 1: logits into the cache; online log-sum-exp and argmax.
-        for k, (v0, v1) in enumerate(chunks):
-            student.consume(torch.mm(hs, _fp32_rows(w_s, v0, v1).t(), out=s_cache[k][:rows]), y, v0, v1)
-            if has_teacher:
-                teacher.consume(torch.mm(ht, _fp32_rows(w_t, v0, v1).t(), out=t_cache[k][:rows]), y, v0, v1)
-
-        lse_s = student.lse.value()
-        lse_s_raw = student.lse_raw.value()
-        ce = lse_s_raw - student.label_logit
-        sums["ce"] += ce.sum()
-
-        lse_t = teacher.lse.value() if has_teacher else None
-
-        def log_probs(k):
-            log_q = s_cache[k][:rows] / tau - lse_s[:, None] if scaled else s_cache[k][:rows] - lse_s[:, None]
-            if not has_teacher:
-                return log_q, None
-            log_p = t_cache[k][:rows] / tau - lse_t[:, None] if scaled else t_cache[k][:rows] - lse_t[:, None]
-            return log_q, log_p
-
-        # Pass 2: row sums over the vocabulary. Forward KL's gradient needs none of them, so with a gradient to
-        # compute they are folded into pass 3 instead of paying for a separate sweep.
-        row = _RowSums(rows, device, divergence, beta) if has_teacher else None
-        fused = with_grad and divergence == "forward_kl"
-        if has_teacher and not fused:
-            for k in range(len(chunks)):
-                log_q, log_p = log_probs(k)
-                row.add(log_q, log_p, log_q.exp(), log_p.exp())
-
-        # Pass 3: d loss / d z_s per chunk, folded into the gradients of h_s and w_s.
-        reverse_kl = row.reverse_kl()[:, None] if divergence == "reverse_kl" and has_teacher else None
-        for k, (v0, v1) in enumerate(chunks if with_grad else ()):
-            log_q, log_p = log_probs(k)
-            q = log_q.exp()
-            grad = torch.exp(s_cache[k][:rows] - lse_s_raw[:, None]) if scaled else q.clone()
-            grad.mul_(1 - c)  # CE part: (1-c)·(softmax(z_s) - onehot)
-            if has_teacher:
-                p = log_p.exp()
-                if fused:
-                    row.add(log_q, log_p, q, p)
-                if divergence == "forward_kl":
-                    d_kd = q - p
-                elif divergence == "reverse_kl":
-                    d_kd = q * (log_q - log_p - reverse_kl)
-                else:
-                    d_kd = q * (log_q - row.log_m(log_q, log_p) - row.kl_q_m[:, None]) / beta
-                grad.add_(d_kd, alpha=c * tau)  # d(τ²·D)/dz_s = τ·dD/da
-            inside = (y >= v0) & (y < v1)
-            if inside.any():
-                hit = inside.nonzero(as_tuple=True)[0]
-                grad[hit, y[hit] - v0] -= 1 - c
-            grad_h[t0:t1].addmm_(grad, _fp32_rows(w_s, v0, v1))
-            grad_w[v0:v1].addmm_(grad.t(), hs)
-
-        kd = row.divergence() * tau * tau if has_teacher else torch.zeros_like(ce)
-        if has_teacher:
-            sums["kd"] += kd.sum()
-            sums["kl"] += row.forward_kl().sum()
-            sums["teacher_entropy"] -= row.p_log_p.sum()
-            sums["student_entropy"] -= row.q_log_q.sum()
-            sums["top1_agreement"] += (student.argmax == teacher.argmax).sum()
-            sums["teacher_ce"] += (teacher.lse_raw.value() - teacher.label_logit).sum()
-        loss_sum += (1 - c) * ce.sum() + c * kd.sum()
-
-    return loss_sum, sums, grad_h, grad_w
+    loss = (1 - c) * totals[0] + c * totals[1]
+    return loss, totals, grads
 
 
 class _ChunkedDistillationLoss(torch.autograd.Function):
+    """Autograd's view of the kernel: the gradients come out of the forward; backward scales them."""
+
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, labels, spec, vocab_size, metrics_out):
-        with_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, sums, grad_h, grad_w = _fused_forward_backward(h_s, w_s, h_t, w_t, labels, spec, vocab_size, with_grad)
-        metrics_out.update(sums)
-        if with_grad:
-            ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes = (h_s.dtype, w_s.dtype)
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, heads, spec, vocab_size, metrics_out):
+        s_head, t_head = heads
+        s_head = Head(w_s, b_s, s_head.scale, s_head.softcap)
+        t_head = None if t_head is None else Head(w_t, b_t, t_head.scale, t_head.softcap)
+        loss, totals, grads = chunked_loss(h_s, s_head, labels, spec, vocab_size, h_t, t_head, with_grad=True)
+        metrics_out["totals"] = totals
+        ctx.save_for_backward(grads.hidden, grads.weight, *(() if grads.bias is None else (grads.bias,)))
+        ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
         return loss.float()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.dtypes
-        return (grad_h.mul_(grad_loss).to(h_dtype), grad_w.mul_(grad_loss).to(w_dtype),
-                None, None, None, None, None, None)
+        saved = ctx.saved_tensors
+        grad_b = saved[2].mul_(grad_loss).to(ctx.dtypes[2]) if len(saved) == 3 else None
+        return (saved[0].mul_(grad_loss).to(ctx.dtypes[0]), saved[1].mul_(grad_loss).to(ctx.dtypes[1]), grad_b,
+                None, None, None, None, None, None, None, None)
 
 
-def distillation_loss(student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
+def distillation_loss(student_hidden: torch.Tensor, student_head: torch.Tensor | Head, labels: torch.Tensor,
                       spec: LossSpec, vocab_size: int, teacher_hidden: torch.Tensor | None = None,
-                      teacher_head: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Summed loss over the given rows, and summed metrics (detached, fp64).
+                      teacher_head: torch.Tensor | Head | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed loss over the given rows, and summed metrics (detached, fp64, on the device).
 
     `student_hidden`/`teacher_hidden` hold only the rows that have a valid next-token label (already shifted), so
     prompt and padding rows are never projected. `vocab_size` is the shared tokenizer range that both
     distributions are taken over; padded head rows beyond it are ignored. Without a teacher the loss is plain CE.
+    A head is a weight tensor or a `Head`. Gradient work happens only when grad mode is on and the student's
+    hidden states or head need a gradient: evaluation under `torch.no_grad()` runs the forward passes alone.
     """
-    if student_head.shape[0] < vocab_size or (teacher_head is not None and teacher_head.shape[0] < vocab_size):
+    s_head = as_head(student_head)
+    t_head = None if teacher_head is None else as_head(teacher_head)
+    if s_head.weight.shape[0] < vocab_size or (t_head is not None and t_head.weight.shape[0] < vocab_size):
         raise ValueError(f"vocab_size {vocab_size} exceeds an output head's rows")
-    metrics: dict[str, torch.Tensor] = {}
-    loss = _ChunkedDistillationLoss.apply(student_hidden, student_head, teacher_hidden, teacher_head,
-                                          labels, spec, vocab_size, metrics)
+    trainable = [student_hidden, s_head.weight] + ([] if s_head.bias is None else [s_head.bias])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in trainable):
+        out: dict[str, torch.Tensor] = {}
+        loss = _ChunkedDistillationLoss.apply(
+            student_hidden, s_head.weight, s_head.bias, teacher_hidden, None if t_head is None else t_head.weight,
+            None if t_head is None else t_head.bias, labels, (s_head, t_head), spec, vocab_size, out)
+        totals = out["totals"]
+    else:
+        loss, totals, _ = chunked_loss(student_hidden, s_head, labels, spec, vocab_size, teacher_hidden, t_head,
+                                       with_grad=False)
+        loss = loss.float()
+    metrics = dict(zip(METRIC_NAMES, totals.unbind()))
     metrics["tokens"] = torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)
     return loss, metrics

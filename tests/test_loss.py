@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from fsdp_kd.loss import LossSpec, distillation_loss
+from fsdp_kd.loss import DIVERGENCES, Head, LossSpec, choose_chunks, distillation_loss
+from fsdp_kd.profiling import profile_launches
 from fsdp_kd.reference import dense_distillation_loss
 
 N, HS, HT, V = 29, 12, 20, 97
@@ -33,7 +34,8 @@ def assert_close(a, b, rtol=1e-5):
 
 
 CASES = [("forward_kl", 1.0, 0.5), ("forward_kl", 2.0, 0.5), ("reverse_kl", 1.0, 0.5), ("reverse_kl", 0.5, 0.5),
-         ("jsd", 1.0, 0.5), ("jsd", 3.0, 0.1), ("jsd", 1.0, 0.9), ("jsd", 1.0, 0.0), ("jsd", 1.0, 1.0)]
+         ("jsd", 1.0, 0.5), ("jsd", 3.0, 0.1), ("jsd", 1.0, 0.9), ("jsd", 1.0, 0.0), ("jsd", 1.0, 1.0),
+         ("tvd", 1.0, 0.5), ("tvd", 2.0, 0.5)]
 
 
 @pytest.mark.parametrize("divergence,tau,beta", CASES)
@@ -58,7 +60,7 @@ def test_independent_of_chunk_sizes(vocab_chunk, token_chunk):
         assert_close(g, r)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 def test_divergence_of_a_distribution_with_itself_is_zero(divergence):
     h_s, w_s, _, _, labels = inputs()
     spec = LossSpec(kd_coef=1.0, divergence=divergence, vocab_chunk=10)
@@ -138,3 +140,120 @@ def test_rejects_a_vocabulary_larger_than_a_head():
     h_s, w_s, h_t, w_t, labels = inputs()
     with pytest.raises(ValueError, match="exceeds"):
         distillation_loss(h_s, w_s[:50], labels, LossSpec(), V, h_t, w_t)
+
+
+# ------------------------------------------------------------------------------------------- heads beyond a Linear
+HEADS = {"bias": dict(bias=True), "cohere_scale": dict(scale=0.0625), "granite_scale": dict(scale=1 / 8.0),
+         "softcap": dict(scale=8.0, softcap=3.0), "all": dict(bias=True, scale=4.0, softcap=2.0)}  # scaled: caps bite
+
+
+def heads(seed, w_s, w_t, bias=False, scale=1.0, softcap=None):
+    g = torch.Generator().manual_seed(seed)
+    b_s = (torch.randn(w_s.shape[0], generator=g)).requires_grad_() if bias else None
+    b_t = torch.randn(w_t.shape[0], generator=g) if bias else None
+    return Head(w_s, b_s, scale, softcap), Head(w_t, b_t, scale, softcap)
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+@pytest.mark.parametrize("divergence,tau", [("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 1.0)])
+def test_head_transforms_match_the_dense_reference(kind, divergence, tau):
+    """Soft-capping, logit scale and head bias, applied in the chunked passes with their derivatives."""
+    h_s, w_s, h_t, w_t, labels = inputs(padded_rows=(3, 0))
+    s_head, t_head = heads(1, w_s, w_t, **HEADS[kind])
+    spec = LossSpec(kd_coef=0.6, divergence=divergence, temperature=tau, vocab_chunk=13, token_chunk=6)
+    params = (h_s, w_s) + ((s_head.bias,) if s_head.bias is not None else ())
+    results = []
+    for fn in (distillation_loss, dense_distillation_loss):
+        loss, metrics = fn(h_s, s_head, labels, spec, V, h_t, t_head)
+        results.append((loss.detach(), metrics, torch.autograd.grad(loss, params)))
+    (loss, metrics, grads), (ref_loss, ref_metrics, ref_grads) = results
+    assert_close(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r)
+    for name, value in ref_metrics.items():
+        assert math.isclose(float(metrics[name]), float(value), rel_tol=1e-5, abs_tol=1e-4), name
+
+
+# ------------------------------------------------------------------------------------------- built for a GPU
+def big_inputs(tokens=1024, hidden=16, vocab=32768):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(tokens, hidden, generator=g).requires_grad_(),
+            (torch.randn(vocab, hidden, generator=g) * 0.1).requires_grad_(),
+            torch.randn(tokens, hidden, generator=g), torch.randn(vocab, hidden, generator=g) * 0.1,
+            torch.randint(0, vocab, (tokens,), generator=g))
+
+
+def training_call(spec, h_s, w_s, h_t, w_t, labels):
+    loss, metrics = distillation_loss(h_s, w_s, labels, spec, w_s.shape[0], h_t, w_t)
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("divergence", list(DIVERGENCES))
+def test_no_host_syncs_and_few_launches(divergence):
+    """No `.item()`/`nonzero` anywhere in the loss; at the CUDA block shape (1024 rows, two vocabulary chunks,
+    forced here on CPU) a 1k-token training call launches at most 200 kernels."""
+    args = big_inputs()
+    cuda_shape = choose_chunks(LossSpec(), torch.device("cuda"), 1024, 2 * 75968, 2)
+    assert cuda_shape == (1024, 75968)  # the default budget fits a 152k vocabulary in two chunks
+    for token_chunk, vocab_chunk in ((None, None), (1024, 16384)):
+        spec = LossSpec(kd_coef=0.5, divergence=divergence, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
+        _, profile = profile_launches(training_call, spec, *args)
+        assert profile.host_syncs == 0, profile.by_name
+        if token_chunk:
+            assert profile.launches <= 200, profile.by_name
+            assert profile.matmuls == 8  # two logit products per chunk, two gradient products per chunk
+
+
+def test_evaluation_does_no_gradient_work():
+    """Under no_grad only the logit products run, although the head parameter requires a gradient."""
+    h_s, w_s, h_t, w_t, labels = big_inputs(tokens=256)
+    spec = LossSpec(kd_coef=0.5, divergence="reverse_kl", token_chunk=256, vocab_chunk=16384)
+
+    def evaluation():
+        with torch.no_grad():
+            return distillation_loss(h_s, w_s, labels, spec, w_s.shape[0], h_t, w_t)
+
+    _, profile = profile_launches(evaluation)
+    assert profile.matmuls == 4 and "aten::index_add_" not in profile.by_name, profile.by_name
+
+
+def test_chunk_shapes_per_device():
+    spec = LossSpec()
+    assert choose_chunks(spec, torch.device("cpu"), 5000, 151936, 2) == (128, 8192)
+    rows, cols = choose_chunks(spec, torch.device("cuda"), 8192, 151936, 2)
+    assert rows == 1024 and -(-151936 // cols) <= 3
+    # the budget holds the logit caches and the chunk temporaries
+    assert rows * 4 * (2 * 151936 + 8 * cols) <= spec.chunk_budget_mb * 1024**2
+    assert choose_chunks(spec, torch.device("cuda"), 300, 32000, 2) == (300, 32000)  # one block, one chunk
+    small = LossSpec(chunk_budget_mb=512)
+    rows, cols = choose_chunks(small, torch.device("cuda"), 8192, 151936, 2)
+    assert rows < 1024 and rows * 4 * (2 * 151936 + 8 * cols) <= 512 * 1024**2
+    assert choose_chunks(LossSpec(token_chunk=64, vocab_chunk=100), torch.device("cuda"), 8192, 151936, 2) == (64, 100)
+
+
+def test_bf16_products_keep_fp32_statistics():
+    """The bf16 path: bf16 head products with fp32 output, dL/dz rounded to bf16 for the gradient products. Loss
+    and metrics equal the fp32 computation on the rounded inputs; gradients stay within the bf16 tolerance."""
+    spec = LossSpec(kd_coef=0.5, divergence="jsd", vocab_chunk=16)
+    bf16_args = inputs(dtype=torch.bfloat16)
+    rounded = [a.detach().float().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in bf16_args]
+    loss, metrics, grads = run(distillation_loss, spec, *bf16_args)
+    ref_loss, ref_metrics, ref_grads = run(dense_distillation_loss, spec, *rounded)
+    assert_close(loss, ref_loss)
+    assert math.isclose(float(metrics["kl"]), float(ref_metrics["kl"]), rel_tol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16
+        assert float((g.float() - r).norm() / r.norm()) < 1e-2
+
+
+def test_compiled_elementwise_work_equals_eager():
+    args = inputs()
+    for divergence in ("forward_kl", "jsd"):
+        eager = run(distillation_loss, LossSpec(kd_coef=0.5, divergence=divergence, temperature=2.0,
+                                                vocab_chunk=16, token_chunk=8), *args)
+        compiled = run(distillation_loss, LossSpec(kd_coef=0.5, divergence=divergence, temperature=2.0,
+                                                   vocab_chunk=16, token_chunk=8, compile=True), *args)
+        assert_close(compiled[0], eager[0], rtol=1e-6)
+        for g, r in zip(compiled[2], eager[2]):
+            assert_close(g, r, rtol=1e-6)
