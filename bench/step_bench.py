@@ -63,7 +63,8 @@ def worker(args) -> None:
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
     from fsdp_kd.models import parameter_count, resolve_dtype, shard_student, shard_teacher
-    from fsdp_kd.trainer import _hidden_states, _student_loss, peak_memory_gb
+    from fsdp_kd.distill import LiveTeacher, student_loss
+    from fsdp_kd.trainer import peak_memory_gb
 
     env = init_distributed()
     torch.manual_seed(0)
@@ -102,11 +103,11 @@ def worker(args) -> None:
             if args.impl == "naive":
                 teacher_out = teacher_root(lambda lm, b: lm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, batch)
             else:
-                teacher_out = teacher_root(_hidden_states, batch)
+                teacher_out = LiveTeacher(teacher_root).targets(batch)
         if args.impl == "naive":
             loss = student_root(naive_loss, batch, teacher_out)
         else:
-            loss, _ = student_root(_student_loss, batch, spec, args.vocab, teacher_out, teacher_root)
+            loss, _ = student_root(student_loss, batch, spec, args.vocab, teacher_out)
         (loss / global_tokens).backward()
         torch.nn.utils.clip_grad_norm_(student_root.parameters(), 1.0)
         optimizer.step()

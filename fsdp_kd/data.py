@@ -10,6 +10,7 @@ else IGNORE_INDEX. CE and KD both read this one shifted mask.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -308,24 +309,41 @@ def pack(samples: list[Sample], max_len: int) -> list[list[Sample]]:
 
 @dataclass
 class MicroBatch:
+    """One forward's worth of rows. Built on the host; `to(device)` moves it whole.
+
+    `target_rows` (flat indices of the positions that have a trainable target) and `target_ids` (those targets) are
+    computed on the host when the batch is built, so selecting the trained rows on the device is an `index_select`,
+    never a boolean mask (a `nonzero`, which stalls the GPU stream)."""
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T], 1 on real tokens
     targets: torch.Tensor  # [B, T], IGNORE_INDEX where nothing is trained
     segment_ids: torch.Tensor | None = None  # [B, T] when packed: which sample of the row, -1 on padding
     position_ids: torch.Tensor | None = None  # [B, T] when packed: restarting at 0 for each sample
+    target_rows: torch.Tensor | None = None  # [N] flat positions with a target; computed from targets if None
+    target_ids: torch.Tensor | None = None  # [N] the targets there
+    real_tokens: int = -1  # tokens that are not padding; counted from attention_mask if -1
+
+    def __post_init__(self):
+        if self.target_rows is None:
+            flat = self.targets.flatten()
+            self.target_rows = (flat != IGNORE_INDEX).nonzero()[:, 0]
+            self.target_ids = flat[self.target_rows]
+        if self.real_tokens < 0:
+            self.real_tokens = int(self.attention_mask.sum())
 
     @property
     def trainable_tokens(self) -> int:
-        return int((self.targets != IGNORE_INDEX).sum())
+        return self.target_rows.numel()
 
-    @property
-    def real_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+    def to(self, device: torch.device) -> "MicroBatch":
+        """On CUDA the copies are asynchronous (pinned host memory), so a step's batches can all be queued at once
+        and the host never waits for them."""
+        def move(t):
+            if not isinstance(t, torch.Tensor) or t.device == device:
+                return t
+            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
-    def to(self, device) -> "MicroBatch":
-        moved = [t.to(device) if t is not None else None for t in
-                 (self.input_ids, self.attention_mask, self.targets, self.segment_ids, self.position_ids)]
-        return MicroBatch(*moved)
+        return MicroBatch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Keyword arguments for the HF base model. Packed rows get a block-diagonal causal mask, because HF's

@@ -18,26 +18,40 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from .config import ConfigError, TrainConfig
 from .distributed import DistEnv
+from .heads import output_head
 
 
 class ShardedCausalLM(nn.Module):
-    """FSDP2 root around an HF causal LM; `forward(fn, *args)` returns `fn(lm, *args)` with root params gathered."""
+    """FSDP2 root around an HF causal LM; `forward(fn, *args)` returns `fn(lm, *args)` with root params gathered.
+
+    The output head lives in the root's FSDP unit, or (`separate_head`, for a frozen teacher with an untied head) in
+    a unit of its own, so that the teacher's forward does not gather the head and the loss does not gather the
+    embeddings. `keep_gathered` is set for a resident teacher, whose parameters are never resharded.
+    """
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        self.separate_head = False
+        self.keep_gathered = False
+
+    @property
+    def head_unit(self) -> nn.Module:
+        return self.lm.get_output_embeddings() if self.separate_head else self
 
     def forward(self, fn, *args, **kwargs):
         return fn(self.lm, *args, **kwargs)
 
     @contextmanager
-    def gathered_output_head(self):
-        """The full output-head weight, gathered from shards (and from CPU when offloaded) only for this block."""
-        self.unshard()
+    def gathered_head(self):
+        """The output head (a loss `Head`), gathered from shards (and from CPU when offloaded) only for this block.
+        A unit that is still gathered after the forward (a tied teacher root) is not gathered twice."""
+        self.head_unit.unshard()
         try:
-            yield self.lm.get_output_embeddings().weight
+            yield output_head(self.lm)
         finally:
-            self.reshard()
+            if not self.keep_gathered:
+                self.head_unit.reshard()
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
@@ -146,13 +160,22 @@ def check_head_covers_vocab(model: nn.Module, vocab_size: int, role: str) -> Non
         raise ConfigError(f"the {role}'s output head has {rows} rows but its tokenizer has {vocab_size} tokens")
 
 
-def _shard_layers_and_root(root: "ShardedCausalLM", **fsdp_kwargs) -> None:
-    """One FSDP unit per decoder layer, then the root; each layer's forward starts gathering the next layer's
-    parameters, so communication (and, offloaded, the host-to-device copy) overlaps the current layer's compute."""
+def has_tied_head(lm: nn.Module) -> bool:
+    return lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+
+
+def _shard_layers_and_root(root: "ShardedCausalLM", root_reshard_after_forward: bool, head_unit: bool = False,
+                           **fsdp_kwargs) -> None:
+    """One FSDP unit per decoder layer (each layer's forward starts gathering the next layer's parameters, so
+    communication and, offloaded, the host-to-device copy overlap the current layer's compute), the output head as
+    a unit of its own when `head_unit`, then the root."""
     layers = list(decoder_layers(root.lm))
     for layer in layers:
         fully_shard(layer, **fsdp_kwargs)
-    fully_shard(root, **fsdp_kwargs)
+    if head_unit:
+        fully_shard(root.lm.get_output_embeddings(), **fsdp_kwargs)
+        root.separate_head = True
+    fully_shard(root, **{**fsdp_kwargs, "reshard_after_forward": root_reshard_after_forward})
     for layer, following in zip(layers, layers[1:]):
         layer.set_modules_to_forward_prefetch([following])
 
@@ -169,7 +192,10 @@ def shard_student(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausa
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mesh = env.hybrid_mesh(cfg.hsdp_shard_size) if cfg.sharding_strategy == "hybrid_shard" else env.mesh
     root = ShardedCausalLM(lm)
-    _shard_layers_and_root(root, mesh=mesh, reshard_after_forward=cfg.sharding_strategy != "shard_grad_op",
+    # The root (embeddings, norm, head) stays gathered from its forward, which ends with the loss, into the
+    # backward, which starts with the loss: resharding it in between would only gather it again.
+    _shard_layers_and_root(root, root_reshard_after_forward=False, mesh=mesh,
+                           reshard_after_forward=cfg.sharding_strategy != "shard_grad_op",
                            mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32))
     for module in root.modules():
         if isinstance(module, FSDPModule):
@@ -179,8 +205,12 @@ def shard_student(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausa
 
 
 def shard_teacher(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausalLM:
-    """Frozen, eval mode, sharded per layer and root. Offloaded: parameters live on CPU between uses. Resident: kept
-    gathered after the first forward, trading its full size in memory for no all-gathers."""
+    """Frozen, eval mode, sharded per layer, head and root. Offloaded: parameters live on CPU between uses.
+    Resident: kept gathered after the first forward, trading its full size in memory for no all-gathers.
+
+    Each micro-batch gathers every teacher parameter once: the root (embeddings, norm) for the forward, the head
+    only for the loss. A tied head is the embedding, so the root stays gathered from the forward until the loss
+    has read the head (`gathered_head` reshards it)."""
     lm.requires_grad_(False)
     lm.eval()
     kwargs = {"mesh": env.hybrid_mesh(cfg.hsdp_shard_size) if cfg.teacher_sharding_strategy == "hybrid_shard"
@@ -188,7 +218,10 @@ def shard_teacher(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausa
     if cfg.teacher_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=env.device.type == "cuda")
     root = ShardedCausalLM(lm)
-    _shard_layers_and_root(root, **kwargs)
+    tied = has_tied_head(lm)
+    _shard_layers_and_root(root, root_reshard_after_forward=not (tied or cfg.teacher_resident),
+                           head_unit=not tied, **kwargs)
+    root.keep_gathered = cfg.teacher_resident
     return root
 
 

@@ -20,14 +20,15 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulation_steps
 from .data import (IGNORE_INDEX, MicroBatch, Sample, StepSampler, check_data_path, collate, collate_packed,
                    eval_shards, load_sft_dataset, looks_local, mix_datasets, padding_efficiency)
+from .distill import LiveTeacher, student_loss
 from .distributed import DistEnv, all_reduce_sum
-from .loss import METRIC_NAMES, LossSpec, distillation_loss
+from .loss import METRIC_NAMES, LossSpec
 from .models import (ShardedCausalLM, load_sharded, load_tokenizer, parameter_count, resolve_dtype, shard_student,
                      shard_teacher, shared_vocab_size)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
-_SUMMED = METRIC_NAMES + ("tokens",)
+_SUMMED = METRIC_NAMES + ("tokens",)  # summed over tokens, micro-batches and ranks, then divided by "tokens"
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -41,24 +42,6 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     progress = (step - warmup) / max(1, total_steps - warmup)
     floor = cfg.min_lr_ratio * cfg.learning_rate
     return floor + (cfg.learning_rate - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def _hidden_states(lm, batch: MicroBatch) -> torch.Tensor:
-    """Final (normed) hidden states at the rows that have a trainable next-token target."""
-    inputs = batch.model_inputs(lm.config._attn_implementation, lm.get_input_embeddings().weight.dtype)
-    hidden = lm.base_model(**inputs).last_hidden_state
-    return hidden[batch.targets != IGNORE_INDEX]
-
-
-def _student_loss(lm, batch: MicroBatch, spec: LossSpec, vocab_size: int, teacher_hidden, teacher):
-    """Runs inside the student root's forward, so its output head is gathered while the kernel reads it."""
-    hidden = _hidden_states(lm, batch)
-    labels = batch.targets[batch.targets != IGNORE_INDEX]
-    head = lm.get_output_embeddings().weight
-    if teacher is None:
-        return distillation_loss(hidden, head, labels, spec, vocab_size)
-    with teacher.gathered_output_head() as teacher_head:
-        return distillation_loss(hidden, head, labels, spec, vocab_size, teacher_hidden, teacher_head)
 
 
 @dataclass
@@ -205,9 +188,6 @@ class Trainer:
         epoch, step_in_epoch = divmod(step, self.sampler.steps_per_epoch)
         return [[self.train_samples[i] for i in idx] for idx in self.sampler.indices(epoch, step_in_epoch)]
 
-    def _step_batches(self, step: int) -> list[MicroBatch]:
-        return [self.collate(samples) for samples in self._step_samples(step)]
-
     def _report_padding(self, max_steps: int = 200) -> None:
         """The share of computed token slots that are real tokens, over this rank's first steps (at most 200)."""
         steps = range(min(self.sampler.steps_per_epoch, self.total_steps, max_steps))
@@ -232,9 +212,11 @@ class Trainer:
         if cfg.teacher_model:
             self.teacher = load_sharded(cfg.teacher_model, cfg, env, compute_dtype, shard_teacher, "teacher",
                                         self.vocab_size)
+        self.teacher_source = LiveTeacher(self.teacher) if self.teacher else None
         self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher else 0.0, divergence=cfg.kd_loss,
                              jsd_beta=cfg.jsd_beta, temperature=cfg.kd_temperature,
-                             vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk)
+                             vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk,
+                             chunk_budget_mb=cfg.kd_chunk_budget_mb, compile=cfg.compile_loss)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.learning_rate,
                                            betas=cfg.adam_betas, weight_decay=cfg.l2)
         self.start_step = 0
@@ -271,40 +253,51 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------- steps
     def _run_micro_batch(self, batch: MicroBatch):
-        batch = batch.to(self.env.device)
-        teacher_hidden = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_hidden = self.teacher(_hidden_states, batch)
-        return self.student(_student_loss, batch, self.spec, self.vocab_size, teacher_hidden, self.teacher)
+        """(summed loss, summed metrics) of one micro-batch that is already on the device."""
+        targets = self.teacher_source.targets(batch) if self.teacher_source else None
+        return self.student(student_loss, batch, self.spec, self.vocab_size, targets)
 
-    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Global per-token means of every summed metric."""
-        packed = all_reduce_sum(torch.stack([sums[k] for k in _SUMMED]).to(self.env.device))
-        totals = dict(zip(_SUMMED, packed.tolist()))
+    def _device_batches(self, groups: list[list[Sample]]) -> list[MicroBatch]:
+        """Every micro-batch of a step collated on the host and queued for the device at once: on CUDA the copies
+        are asynchronous, so the next micro-batch's inputs are there before it starts."""
+        return [self.collate(samples).to(self.env.device) for samples in groups]
+
+    def _reduce(self, sums: torch.Tensor, extra: list[torch.Tensor] = ()) -> tuple[dict[str, float], list[float]]:
+        """Global per-token means of the summed metrics (`sums`, ordered as _SUMMED, on the device), and the values
+        of `extra` (already global) — all in one device-to-host transfer."""
+        host = torch.cat([all_reduce_sum(sums.clone()), *(e.reshape(1).double() for e in extra)]).tolist()
+        totals = dict(zip(_SUMMED, host[:len(_SUMMED)]))
         tokens = max(totals["tokens"], 1.0)
         names = METRIC_NAMES if self.teacher is not None else ("ce",)  # no teacher: nothing to compare against
         out = {k: totals[k] / tokens for k in names}
         out["loss"] = (1 - self.spec.kd_coef) * out["ce"] + self.spec.kd_coef * out.get("kd", 0.0)
         out["tokens"] = totals["tokens"]
-        return out
+        return out, host[len(_SUMMED):]
 
-    def forward_backward(self, step: int) -> tuple[dict[str, torch.Tensor], list[MicroBatch]]:
-        """Accumulates this rank's share of the step's gradients; returns the summed metrics and its batches.
+    def _summed(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([metrics[k] for k in _SUMMED])
+
+    def forward_backward(self, step: int) -> tuple[torch.Tensor, list[MicroBatch]]:
+        """Accumulates this rank's share of the step's gradients; returns the summed metrics (on the device, ordered
+        as _SUMMED) and its batches.
 
         Each micro-batch's summed loss is divided by the step's *global* count of trainable tokens (all ranks, all
         micro-batches), and FSDP sums gradients across ranks, so the gradient is the mean over the global batch
-        whatever the split into micro-batches and ranks."""
-        micro_batches = self._step_batches(step)
+        whatever the split into micro-batches and ranks. Nothing here waits for the device: the token count stays a
+        device tensor, and so do the metrics. With HSDP, gradients are all-reduced across replicas only after the
+        last micro-batch; the ones before only reduce-scatter within the shard group."""
+        micro_batches = self._device_batches(self._step_samples(step))
         local_tokens = torch.tensor(float(sum(mb.trainable_tokens for mb in micro_batches)), device=self.env.device)
-        global_tokens = max(all_reduce_sum(local_tokens).item(), 1.0)
+        global_tokens = all_reduce_sum(local_tokens).clamp_min(1.0)
         self.student.train()
-        sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUMMED}
-        for batch in micro_batches:
+        hybrid = self.cfg.sharding_strategy == "hybrid_shard"
+        sums = torch.zeros(len(_SUMMED), dtype=torch.float64, device=self.env.device)
+        for i, batch in enumerate(micro_batches):
+            if hybrid:
+                self.student.set_requires_all_reduce(i == len(micro_batches) - 1)
             loss_sum, metrics = self._run_micro_batch(batch)
             (loss_sum / global_tokens).backward()
-            for k in _SUMMED:
-                sums[k] += metrics[k].cpu()
+            sums += self._summed(metrics)
         return sums, micro_batches
 
     def train_step(self, step: int) -> StepResult:
@@ -315,23 +308,23 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
+        real = torch.tensor(float(sum(mb.real_tokens for mb in micro_batches)), device=self.env.device)
+        metrics, (norm, real_tokens) = self._reduce(sums, [grad_norm, all_reduce_sum(real)])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = self._reduce(sums)
-        metrics.update(lr=lr, grad_norm=float(grad_norm))
-        real = torch.tensor(float(sum(mb.real_tokens for mb in micro_batches)), device=self.env.device)
-        return StepResult(metrics, int(all_reduce_sum(real).item()))
+        metrics.update(lr=lr, grad_norm=norm)
+        return StepResult(metrics, int(real_tokens))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.student.eval()
-        sums = {k: torch.zeros((), dtype=torch.float64) for k in _SUMMED}
-        for samples in eval_shards(self.eval_samples, self.cfg.micro_train_batch_size, self.env.rank,
-                                   self.env.world_size):
-            _, metrics = self._run_micro_batch(self.collate(samples))
-            for k in _SUMMED:
-                sums[k] += metrics[k].cpu()
-        reduced = self._reduce(sums)
+        sums = torch.zeros(len(_SUMMED), dtype=torch.float64, device=self.env.device)
+        groups = eval_shards(self.eval_samples, self.cfg.micro_train_batch_size, self.env.rank, self.env.world_size)
+        for batch in self._device_batches(groups):
+            _, metrics = self._run_micro_batch(batch)
+            sums += self._summed(metrics)
+        self.student.reshard()  # the root stays gathered after a forward that no backward follows
+        reduced, _ = self._reduce(sums)
         return {"eval_" + ("ce_loss" if k == "ce" else k): v for k, v in reduced.items()}
 
     # ------------------------------------------------------------------------------------------------ loop

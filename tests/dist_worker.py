@@ -14,20 +14,20 @@ import torch
 from fsdp_kd.config import parse_config
 from fsdp_kd.distributed import exit_process, init_distributed, seed_everything, teardown
 from fsdp_kd.reference import dense_distillation_loss
-from fsdp_kd.trainer import Trainer, _hidden_states
-from fsdp_kd.data import IGNORE_INDEX, collate
+from fsdp_kd.data import collate
+from fsdp_kd.distill import hidden_at_targets
+from fsdp_kd.trainer import Trainer
 
 
 def full_grads(trainer):
     return {n: p.grad.full_tensor().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
 
 
-def dense_loss(lm, batch, spec, vocab_size, teacher_hidden, teacher):
-    hidden = _hidden_states(lm, batch)
-    labels = batch.targets[batch.targets != IGNORE_INDEX]
-    with teacher.gathered_output_head() as w_t:
-        return dense_distillation_loss(hidden, lm.get_output_embeddings().weight, labels, spec, vocab_size,
-                                       teacher_hidden, w_t)
+def dense_loss(lm, batch, spec, vocab_size, targets):
+    hidden = hidden_at_targets(lm, batch)
+    with targets.head() as teacher_head:
+        return dense_distillation_loss(hidden, lm.get_output_embeddings().weight, batch.target_ids, spec,
+                                       vocab_size, targets.hidden, teacher_head.weight)
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
     result = {}
     if mode == "grads":
         sums, _ = trainer.forward_backward(0)
-        result = {"grads": full_grads(trainer), "metrics": trainer._reduce(sums)}
+        result = {"grads": full_grads(trainer), "metrics": trainer._reduce(sums)[0]}
     elif mode == "dense":
         batch = collate([trainer.train_samples[i] for i in range(env.rank * 4, env.rank * 4 + 4)],
                         trainer.tokenizer.pad_token_id)
@@ -48,9 +48,8 @@ def main():
             if fn is None:
                 loss, _ = trainer._run_micro_batch(batch)
             else:
-                with torch.no_grad():
-                    teacher_hidden = trainer.teacher(_hidden_states, batch)
-                loss, _ = trainer.student(fn, batch, trainer.spec, trainer.vocab_size, teacher_hidden, trainer.teacher)
+                targets = trainer.teacher_source.targets(batch)
+                loss, _ = trainer.student(fn, batch, trainer.spec, trainer.vocab_size, targets)
             loss.backward()
             total = loss.detach().clone()
             torch.distributed.all_reduce(total)

@@ -191,19 +191,19 @@ def test_packed_logits_equal_unpacked_logits(tiny, attn):
     from transformers import AutoModelForCausalLM
 
     from fsdp_kd.data import collate_packed, pack
-    from fsdp_kd.trainer import _hidden_states
+    from fsdp_kd.distill import hidden_at_targets
 
     lm = AutoModelForCausalLM.from_pretrained(tiny["student"], attn_implementation=attn).eval()
     g = torch.Generator().manual_seed(0)
     samples = [make_sample(torch.randint(3, 70, (p,), generator=g).tolist(), torch.randint(3, 70, (r,), generator=g).tolist())
                for p, r in ((3, 5), (7, 2), (2, 9), (4, 4), (6, 3))]
     with torch.no_grad():
-        packed = _hidden_states(lm, collate_packed(samples, 24, pad_id=0))
+        packed = hidden_at_targets(lm, collate_packed(samples, 24, pad_id=0))
         order = [s for row in pack(samples, 24) for s in row]
-        separate = torch.cat([_hidden_states(lm, collate([s], pad_id=0)) for s in order])
+        separate = torch.cat([hidden_at_targets(lm, collate([s], pad_id=0)) for s in order])
         unisolated = collate_packed(samples, 24, pad_id=0)
         unisolated.segment_ids = None  # positions and a plain padding mask only: samples would see each other
-        leaked = _hidden_states(lm, unisolated)
+        leaked = hidden_at_targets(lm, unisolated)
     assert collate_packed(samples, 24, pad_id=0).input_ids.shape[0] < len(samples)
     assert torch.allclose(packed, separate, atol=1e-5)
     assert not torch.allclose(leaked, separate, atol=1e-3)
