@@ -35,6 +35,7 @@ def worker(args) -> None:
     from fsdp_kd.config import TrainConfig
     from fsdp_kd.demo import build_char_tokenizer
     from fsdp_kd.distributed import init_distributed, teardown
+    from fsdp_kd.export import export_student
     from fsdp_kd.models import parameter_count, shard_student
 
     env = init_distributed()
@@ -65,7 +66,7 @@ def worker(args) -> None:
     resume_s, _ = timed(lambda: ckpt.load_checkpoint(root, optimizer, path, env.rank))
     export_dir = os.path.join(args.out, "export")
     tok = build_char_tokenizer(os.path.join(args.out, f"tokenizer_rank{env.rank}"))  # the export needs one
-    export_s, _ = timed(lambda: ckpt.export_student(root, lm.config, tok, export_dir, env.rank))
+    export_s, _ = timed(lambda: export_student(root, lm.config, tok, export_dir, env.rank))
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
     if env.is_main:
         print(json.dumps({"params": params, "bytes": size, "save": save_s, "async_stall": stall_s,

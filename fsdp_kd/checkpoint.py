@@ -1,12 +1,11 @@
-"""Sharded training checkpoints (torch.distributed.checkpoint) and the HF-format export.
+"""Sharded training checkpoints (torch.distributed.checkpoint): save, rotate, find, resume.
 
 A checkpoint is written to `step_N.partial/` and renamed to `step_N/` by rank 0 only after every rank has finished
 and the train state is on disk; a rename is atomic, so a directory named `step_N` is always complete, and a
-`.partial` left by a kill is never loaded (it is removed at the next start). Nothing is unpickled: DCP reads tensors,
-the train state is JSON, and the per-rank RNG files load with `weights_only=True`.
-
-The export writes safetensors from the shards through DCP's HuggingFace storage writer: each rank writes its own
-shard files, and rank 0 stitches them into full tensors file by file, so no rank ever holds the whole model.
+`.partial` left by a kill is never loaded (it is removed at the next start). Rotation renames an old checkpoint to
+`step_N.deleting` before deleting it, so a kill halfway through a delete never leaves a half-deleted directory under
+a complete name. Weights are checked to be finite before anything is written. Nothing is unpickled: DCP reads
+tensors, the train state is JSON, and the per-rank RNG files load with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -15,17 +14,18 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .config import ConfigError, TrainConfig, resume_mismatches
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAIN_STATE = "train_state.json"
-MAX_SHARD_BYTES = 4 * 1024**3
 
 
 def _barrier():
@@ -46,15 +46,34 @@ def complete_checkpoints(ckpt_path: str) -> list[tuple[int, str]]:
 
 
 def remove_partial_checkpoints(ckpt_path: str) -> list[str]:
-    """Rank 0 only, at start: leftovers of saves that were killed halfway."""
+    """Rank 0 only, at start: leftovers of saves and of rotations that were killed halfway."""
     if not os.path.isdir(ckpt_path):
         return []
     removed = []
     for name in os.listdir(ckpt_path):
-        if name.endswith(".partial"):
+        if name.endswith((".partial", ".deleting")):
             shutil.rmtree(os.path.join(ckpt_path, name), ignore_errors=True)
             removed.append(name)
     return removed
+
+
+class NonFiniteWeights(RuntimeError):
+    """The model holds NaN or inf; it is never written. Found by a collective check, so alike on every rank."""
+    same_on_every_rank = True
+
+
+def check_finite(root, what: str) -> None:
+    """Collective. Raises on every rank if any rank's shard of any parameter is not finite: a pass over the
+    weights, cheap next to writing them."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in root.parameters()]
+    ok = torch.stack([torch.isfinite(p).all() for p in local]).all() if local else torch.tensor(True)
+    flag = ok.to(torch.int32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if not bool(flag.item()):
+        bad = next((name for name, p in root.named_parameters()
+                    if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()), "on another rank")
+        raise NonFiniteWeights(f"the student's weights are not finite (first: {bad}); {what} was not written")
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -83,26 +102,51 @@ class CheckpointWriter:
     def save(self, root, optimizer, step: int) -> str:
         self.finish()
         final = os.path.join(self.cfg.resolved_ckpt_path(), f"step_{step}")
+        check_finite(root, f"checkpoint {final}")
         partial = final + ".partial"
-        os.makedirs(partial, exist_ok=True)
         model_state, optim_state = get_state_dict(root, optimizer)
         state = {"model": model_state, "optim": optim_state}
-        torch.save(_rng_state(), os.path.join(partial, f"rng_rank{self.rank}.pt"))
-        if self.asynchronous:
-            self.pending = (dcp.async_save(state, checkpoint_id=partial, process_group=self.group), partial, final,
-                            step)
-        else:
+        with self._explained(final):
+            os.makedirs(partial, exist_ok=True)
+            torch.save(_rng_state(), os.path.join(partial, f"rng_rank{self.rank}.pt"))
+            if self.asynchronous:
+                self.pending = (dcp.async_save(state, checkpoint_id=partial, process_group=self.group), partial,
+                                final, step)
+                return final
             dcp.save(state, checkpoint_id=partial)
-            self._complete(partial, final, step)
+        self._complete(partial, final, step)
         return final
 
+    @contextmanager
+    def _explained(self, final: str):
+        """A failed write becomes one CheckpointError that says where, how much room the disk had left (torch's
+        own message for a full disk can be as cryptic as "unexpected pos 704 vs 598"), and which checkpoint is
+        still the last complete one. The `.partial` directory it leaves is removed at the next start."""
+        try:
+            yield
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            directory = self.cfg.resolved_ckpt_path()
+            try:
+                free = f"{shutil.disk_usage(directory).free / 1024**2:.1f} MiB free there"
+            except OSError:
+                free = "free space unknown"
+            raise CheckpointError(f"writing checkpoint {final} failed ({free}): {_root_cause(e)}; the last "
+                                  f"complete checkpoint is {latest_checkpoint(directory)}") from e
+
     def finish(self) -> None:
-        """Waits for an in-flight save and completes it."""
+        """Waits for an in-flight save and completes it. A failed save raises here, and leaves only its
+        `.partial` directory: the checkpoints before it stay complete."""
         if self.pending is not None:
             future, partial, final, step = self.pending
-            future.result()
             self.pending = None
+            with self._explained(final):
+                future.result()
             self._complete(partial, final, step)
+
+    def poll(self) -> None:
+        """Raises now, not at the next save, if a background save has already failed."""
+        if self.pending is not None and self.pending[0].done() and self.pending[0].exception() is not None:
+            self.finish()
 
     def _complete(self, partial: str, final: str, step: int) -> None:
         _barrier()
@@ -112,13 +156,41 @@ class CheckpointWriter:
                            "config": self.cfg.to_dict()}, f, indent=1)
             os.rename(partial, final)
             for _, old in complete_checkpoints(self.cfg.resolved_ckpt_path())[:-self.cfg.max_ckpt_num]:
-                shutil.rmtree(old, ignore_errors=True)
+                os.rename(old, old + ".deleting")  # no longer complete before the first file goes
+                shutil.rmtree(old + ".deleting", ignore_errors=True)
         _barrier()
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written."""
+
+
+def _root_cause(error: BaseException) -> str:
+    """'Type: message' of the first rank's failure inside a DCP CheckpointException (whose own text is every
+    rank's traceback), or of the error itself."""
+    if isinstance(error, CheckpointException) and error.failures:
+        rank, (cause, _) = next(iter(sorted(error.failures.items())))
+        return f"{type(cause).__name__}: {cause} (rank {rank})"
+    return f"{type(error).__name__}: {error}"
+
+
+def latest_checkpoint(ckpt_path: str) -> str:
+    """The newest complete checkpoint's path, or a phrase saying there is none; for error messages."""
+    found = complete_checkpoints(ckpt_path)
+    return found[-1][1] if found else "none (no checkpoint was completed)"
+
+
 def read_train_state(path: str) -> dict:
-    with open(os.path.join(path, TRAIN_STATE)) as f:
-        return json.load(f)
+    file = os.path.join(path, TRAIN_STATE)
+    try:
+        with open(file) as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "config" not in state:
+            raise ValueError("missing step or config")
+        return state
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{file}: not a train state written by fsdp-kd ({e}); delete {path} to resume from "
+                          "the checkpoint before it") from None
 
 
 def check_resumable(path: str, cfg: TrainConfig) -> dict:
@@ -132,18 +204,27 @@ def check_resumable(path: str, cfg: TrainConfig) -> dict:
 
 
 def load_checkpoint(root, optimizer, path: str, rank: int) -> int:
-    """Collective. DCP reshards, so a checkpoint from another world size loads; only the RNG files are per rank."""
+    """Collective. DCP reshards, so a checkpoint from another world size loads; only the RNG files are per rank.
+    A damaged checkpoint (truncated shards, foreign files) is one error naming it."""
     model_state, optim_state = get_state_dict(root, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
-    if os.path.isfile(rng_file):
-        rng = torch.load(rng_file, weights_only=True)
+    try:
+        dcp.load(state, checkpoint_id=path)
+        rng = torch.load(rng_file, weights_only=True) if os.path.isfile(rng_file) else None
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise DamagedCheckpoint(f"{path}: cannot be read ({_root_cause(e)}); delete it to resume from the "
+                                "checkpoint before it") from None
+    set_state_dict(root, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if rng is not None:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return read_train_state(path)["step"]
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A complete-looking checkpoint whose files do not load."""
 
 
 def load_model_weights(root, path: str) -> None:
@@ -153,51 +234,3 @@ def load_model_weights(root, path: str) -> None:
     state = {"model": get_model_state_dict(root)}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(root, state["model"])
-
-
-def export_student(root, model_config, tokenizer, out_dir: str, rank: int) -> None:
-    """Collective. The student as an HF directory, in the dtype its original checkpoint was published in."""
-    dtype = getattr(model_config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model_config.dtype = dtype
-    export_hf(export_state_dict(root.lm, dtype), model_config, tokenizer, out_dir, rank)
-
-
-def export_state_dict(lm: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The HF state dict: parameters once each (a tied head is saved under the embedding's name only) plus
-    persistent buffers, cast to the export dtype shard by shard."""
-    names = {n for n, _ in lm.named_parameters()}
-    names |= {n for n, _ in lm.named_buffers()}
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in lm.state_dict().items() if k in names}
-
-
-def _file_assignment(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Tensors to safetensors files of at most MAX_SHARD_BYTES, in order (1-based, as HF names them)."""
-    mapping, index, used = {}, 1, 0
-    for name, tensor in state.items():
-        size = tensor.numel() * tensor.element_size()
-        if used and used + size > MAX_SHARD_BYTES:
-            index, used = index + 1, 0
-        mapping[name] = index
-        used += size
-    return mapping
-
-
-def export_hf(state: dict[str, torch.Tensor], model_config, tokenizer, out_dir: str, rank: int) -> None:
-    """Collective. Writes config, generation config, safetensors with index, and tokenizer into `out_dir`."""
-    from torch.distributed.checkpoint import HuggingFaceStorageWriter
-
-    writer = HuggingFaceStorageWriter(path=out_dir, save_distributed=True, enable_consolidation=True,
-                                      fqn_to_index_mapping=_file_assignment(state))
-    dcp.save(state, storage_writer=writer)
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(os.path.join(out_dir, "sharded"), ignore_errors=True)
-        shutil.rmtree(os.path.join(out_dir, ".metadata"), ignore_errors=True)
-        model_config.save_pretrained(out_dir)
-        from transformers import GenerationConfig
-
-        GenerationConfig.from_model_config(model_config).save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
-    _barrier()

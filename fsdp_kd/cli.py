@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .config import ConfigError, parse_config
@@ -17,26 +18,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(argv)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        from .distributed import report_failure
+
+        return report_failure(e, int(os.environ.get("RANK", "0")))  # before the process group: said by rank 0
     return run_training(cfg)
 
 
 def run_training(cfg) -> int:
-    from .distributed import init_distributed, seed_everything, teardown
+    """Trains on every rank; a failure on any one rank ends the job at once (see `report_failure`)."""
+    from .distributed import run_ranked, seed_everything
     from .trainer import Trainer
 
-    env = init_distributed()
-    try:
+    def work(env):
         seed_everything(cfg.seed, env.rank)
-        Trainer(cfg, env).train()
-    except ConfigError as e:
-        if env.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        teardown()
-    return 0
+        trainer = Trainer(cfg, env)
+        try:
+            trainer.train()
+        except BaseException:
+            trainer.close(failed=True)
+            raise
+        trainer.close(failed=False)
+
+    return run_ranked(work, cfg.dist_timeout_minutes)
 
 
 def console_main() -> None:

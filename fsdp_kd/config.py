@@ -22,7 +22,9 @@ from .loss import DIVERGENCES, LossSpec
 
 
 class ConfigError(ValueError):
-    """A problem with the user's configuration; its message is meant to be printed as is."""
+    """A problem with the user's configuration; its message is meant to be printed as is. Every rank finds it
+    alike, so one rank says it."""
+    same_on_every_rank = True
 
 
 # What replaces each DeepSpeed-only OpenRLHF flag here, for users moving their command lines over.
@@ -88,6 +90,7 @@ class TrainConfig:
     l2: float = 0.0
     max_norm: float = 1.0
     seed: int = 42
+    max_skipped_steps: int = 5  # consecutive steps with a non-finite loss or gradient norm before the run stops
 
     # Distillation
     kd_coef: float = 0.4  # OpenRLHF's default
@@ -110,6 +113,7 @@ class TrainConfig:
     async_save: bool = False  # write checkpoints in the background while training goes on
     use_tensorboard: str | None = None  # a log directory; needs the tensorboard package
     use_wandb: str | None = None  # a W&B project name; needs the wandb package
+    dist_timeout_minutes: float = 60.0  # process-group timeout: long enough for rank 0 to load a large model
 
     def resolved_ckpt_path(self) -> str:
         return self.ckpt_path or os.path.join(self.save_path, "checkpoints")
@@ -189,7 +193,10 @@ def _read_yaml(path: str) -> dict[str, tuple[object, str]]:
     """Maps each key to (value, 'file:line') so later errors can point at the line."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config: file not found: {path}")
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte at offset {e.start}); re-save the config as UTF-8") from None
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as e:
@@ -296,11 +303,13 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.lr_scheduler not in ("cosine_with_min_lr", "constant_with_warmup"):
         fail("lr_scheduler", f"lr_scheduler must be cosine_with_min_lr or constant_with_warmup, got {cfg.lr_scheduler!r}")
     for key in ("micro_train_batch_size", "train_batch_size", "max_epochs", "max_len", "logging_steps",
-                "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb", "max_ckpt_num"):
+                "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb", "max_ckpt_num", "max_skipped_steps"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             fail(key, f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         fail("max_steps", f"max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.dist_timeout_minutes <= 0:
+        fail("dist_timeout_minutes", f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
     if not 0 <= cfg.lr_warmup_ratio < 1:
         fail("lr_warmup_ratio", f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
     if not 0 <= cfg.min_lr_ratio <= 1:

@@ -77,8 +77,9 @@ def read_records(path: str, split: str = "train") -> Iterator[tuple[object, str]
             yield from read_records(str(f), split)
         return
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line = _utf8(raw, f"{path}:{lineno}")
                 if not line.strip():
                     continue
                 try:
@@ -87,9 +88,10 @@ def read_records(path: str, split: str = "train") -> Iterator[tuple[object, str]
                     raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         return
     if path.endswith(".json"):
+        with open(path, "rb") as f:
+            text = _utf8(f.read(), path)
         try:
-            with open(path, encoding="utf-8") as f:
-                records = json.load(f)
+            records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(records, list):
@@ -105,6 +107,14 @@ def read_records(path: str, split: str = "train") -> Iterator[tuple[object, str]
         table = datasets.load_dataset(path, split=split)
     for i, record in enumerate(table):
         yield record, f"{path}[{i}]"
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save the file "
+                        "as UTF-8") from None
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

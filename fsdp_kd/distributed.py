@@ -10,9 +10,10 @@ import gc
 import os
 import random
 import sys
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,10 @@ class DistEnv:
 _MESHES: dict = {}  # one mesh per layout per process: a mesh's process groups are collective to create
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+DEFAULT_TIMEOUT_MINUTES = 60.0  # long enough for rank 0 to read a large model before the others' first collective
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
     """Joins (or, for a plain process, creates) the default process group and a 1-D mesh over all ranks."""
     if "RANK" not in os.environ:  # a plain `python ...`: a world of one, on a free local port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -101,6 +105,61 @@ def seed_everything(seed: int, rank: int) -> None:
     """Model init is seeded alike on every rank; dropout and other per-rank randomness differ by rank."""
     random.seed(seed + rank)
     torch.manual_seed(seed + rank)
+
+
+def run_ranked(work: Callable[[DistEnv], None], timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> int:
+    """Joins the process group, runs `work(env)`, and returns the exit code: 0 after a clean teardown, or the
+    code `report_failure` gives. Callers exit right after (`exit_process`), so a failed rank leaves at once."""
+    env = init_distributed(timeout_minutes)
+    try:
+        work(env)
+    except BaseException as error:  # noqa: BLE001 - every failure must end the rank, and end it fast
+        return report_failure(error, env.rank)
+    teardown()
+    return 0
+
+
+def report_failure(error: BaseException, rank: int) -> int:
+    """One rank failed: say it once, tell torchrun, and return the exit code (2 for bad input, 1 otherwise).
+
+    No barrier and no orderly teardown: the other ranks are blocked inside collectives that this rank will never
+    join, and would hold it there until the process-group timeout. Instead this rank exits (its caller calls
+    `exit_process`), torchrun sees a failed worker and stops the others within seconds, and its summary names
+    this error as the root cause because it is written to torchrun's error file.
+
+    Bad input (ConfigError) and other errors marked `same_on_every_rank` are raised alike on every rank, so rank 0
+    prints their one line; anything else is printed with the rank it happened on, and its traceback.
+    """
+    from .config import ConfigError
+
+    bad_input = isinstance(error, ConfigError)
+    if bad_input or getattr(error, "same_on_every_rank", False):
+        line = f"error: {error}"
+        if rank == 0:
+            print(line, file=sys.stderr, flush=True)
+        detail = line
+    else:
+        line = f"[rank {rank}] {type(error).__name__}: {error}"
+        detail = traceback.format_exc()
+        print(detail.rstrip() + "\n" + line, file=sys.stderr, flush=True)
+    _write_torchrun_error_file(line, detail)
+    return 2 if bad_input else 1
+
+
+def _write_torchrun_error_file(message: str, detail: str) -> None:
+    """The structure torchrun's `@record` writes; its failure summary prints `py_callstack` as the traceback."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"py_callstack": detail,
+                                                                       "timestamp": str(int(time.time()))}}}, f)
+    except OSError:
+        pass  # the error was printed; the file only improves torchrun's summary
 
 
 def teardown() -> None:

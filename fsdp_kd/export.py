@@ -1,19 +1,86 @@
-"""Convert a training checkpoint into an HF model directory, with any number of ranks (one process is fine).
+"""The HF export: the trained student as a directory `from_pretrained` loads, written from the shards.
+
+At the end of training the trainer calls `export_student`; a checkpoint is converted with any number of ranks (one
+process is fine):
 
     python -m fsdp_kd.export CKPT_PATH/step_N OUT_DIR
     torchrun --nproc_per_node 4 -m fsdp_kd.export CKPT_PATH/step_N OUT_DIR
 
-The student's architecture and tokenizer come from the run's `pretrain`, recorded in the checkpoint. The weights are
-read sharded across the ranks and written through the same code as the end-of-training export.
+The safetensors are written through DCP's HuggingFace storage writer: each rank writes its own shard files, and rank 0
+stitches them into full tensors file by file, so no rank ever holds the whole model. The weights are checked to be
+finite first: a model with NaN or inf is never exported. For the command, the student's architecture and tokenizer
+come from the run's `pretrain`, recorded in the checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
 from .config import ConfigError, TrainConfig
+
+MAX_SHARD_BYTES = 4 * 1024**3
+
+
+def export_student(root, model_config, tokenizer, out_dir: str, rank: int) -> None:
+    """Collective. The student as an HF directory, in the dtype its original checkpoint was published in."""
+    dtype = getattr(model_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model_config.dtype = dtype
+    from .checkpoint import check_finite
+
+    check_finite(root, f"the export to {out_dir}")
+    export_hf(export_state_dict(root.lm, dtype), model_config, tokenizer, out_dir, rank)
+
+
+def export_state_dict(lm: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The HF state dict: parameters once each (a tied head is saved under the embedding's name only) plus
+    persistent buffers, cast to the export dtype shard by shard."""
+    names = {n for n, _ in lm.named_parameters()}
+    names |= {n for n, _ in lm.named_buffers()}
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in lm.state_dict().items() if k in names}
+
+
+def _file_assignment(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Tensors to safetensors files of at most MAX_SHARD_BYTES, in order (1-based, as HF names them)."""
+    mapping, index, used = {}, 1, 0
+    for name, tensor in state.items():
+        size = tensor.numel() * tensor.element_size()
+        if used and used + size > MAX_SHARD_BYTES:
+            index, used = index + 1, 0
+        mapping[name] = index
+        used += size
+    return mapping
+
+
+def export_hf(state: dict[str, torch.Tensor], model_config, tokenizer, out_dir: str, rank: int) -> None:
+    """Collective. Writes config, generation config, safetensors with index, and tokenizer into `out_dir`."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    writer = HuggingFaceStorageWriter(path=out_dir, save_distributed=True, enable_consolidation=True,
+                                      fqn_to_index_mapping=_file_assignment(state))
+    dcp.save(state, storage_writer=writer)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        shutil.rmtree(os.path.join(out_dir, "sharded"), ignore_errors=True)
+        shutil.rmtree(os.path.join(out_dir, ".metadata"), ignore_errors=True)
+        model_config.save_pretrained(out_dir)
+        from transformers import GenerationConfig
+
+        GenerationConfig.from_model_config(model_config).save_pretrained(out_dir)
+        tokenizer.save_pretrained(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,24 +102,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import torch
     from transformers import AutoConfig
 
-    from .distributed import init_distributed, teardown
+    from .distributed import run_ranked
     from .models import load_sharded, load_tokenizer, shard_student
 
-    env = init_distributed()
-    try:
+    def work(env):
         model_config = AutoConfig.from_pretrained(cfg.pretrain, trust_remote_code=cfg.trust_remote_code)
         root = load_sharded(cfg.pretrain, cfg, env, torch.float32, shard_student, "student")
         ckpt.load_model_weights(root, args.checkpoint)
-        ckpt.export_student(root, model_config, load_tokenizer(cfg.pretrain, cfg.trust_remote_code),
-                            args.out_dir, env.rank)
+        export_student(root, model_config, load_tokenizer(cfg.pretrain, cfg.trust_remote_code), args.out_dir,
+                       env.rank)
         if env.is_main:
             print(f"exported {args.checkpoint} to {args.out_dir}")
-    finally:
-        teardown()
-    return 0
+
+    return run_ranked(work, cfg.dist_timeout_minutes)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,45 @@ def shared_vocab_size(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrai
     return len(student)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: str, key: str, trust_remote_code: bool) -> None:
+    """A local model directory is complete before anything loads: a config transformers knows, weight files, and
+    safetensors files whose headers read (a truncated download fails here, naming the file, not minutes later)."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"key {key}: {path}/config.json cannot be read as a model config ({reason})") from None
+    names = set(os.listdir(path))
+    if not names & set(WEIGHT_FILES):
+        raise ConfigError(f"key {key}: {path} has no model weights (none of {', '.join(WEIGHT_FILES)}); point it at "
+                          "a complete HF model directory")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f).get("weight_map", {}).values()))
+    else:
+        files = sorted(n for n in names if n.endswith(".safetensors"))
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ConfigError(f"key {key}: {file} is listed in model.safetensors.index.json but missing; "
+                              "re-download the model")
+        try:
+            with safe_open(file, framework="pt"):
+                pass  # opening reads the header and checks that the file covers every tensor it lists
+        except Exception as e:  # safetensors raises its own error type for a bad header
+            raise ConfigError(f"key {key}: {file} is truncated or not a safetensors file ({e}); re-download "
+                              "it") from None
+
+
 def load_causal_lm(path: str, cfg: TrainConfig, dtype: torch.dtype) -> nn.Module:
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code)
@@ -141,6 +180,12 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoConfig
 
+    import time
+
+    started = time.time()
+    if env.rank == 0 and env.world_size > 1:
+        print(f"rank 0: reading the {role} from {path}; the other {env.world_size - 1} ranks wait for its broadcast "
+              f"(up to dist_timeout_minutes {cfg.dist_timeout_minutes:g})", flush=True)
     full_state = load_causal_lm(path, cfg, dtype).state_dict() if env.rank == 0 else {}
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     with _parameters_on_meta():
@@ -151,6 +196,8 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
         check_head_covers_vocab(lm, vocab_size, role)
     root = shard(lm, cfg, env)
     set_model_state_dict(root.lm, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if env.rank == 0:
+        print(f"{role} loaded and sharded over {env.world_size} rank(s) in {time.time() - started:.1f}s", flush=True)
     return root
 
 

@@ -22,9 +22,10 @@ from .data import (IGNORE_INDEX, MicroBatch, Sample, StepSampler, check_data_pat
                    eval_shards, load_sft_dataset, looks_local, mix_datasets, padding_efficiency)
 from .distill import LiveTeacher, student_loss
 from .distributed import DistEnv, all_reduce_sum
+from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
-from .models import (ShardedCausalLM, load_sharded, load_tokenizer, parameter_count, resolve_dtype, shard_student,
-                     shard_teacher, shared_vocab_size)
+from .models import (ShardedCausalLM, check_model_dir, load_sharded, load_tokenizer, parameter_count, resolve_dtype,
+                     shard_student, shard_teacher, shared_vocab_size)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
@@ -48,6 +49,37 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 class StepResult:
     metrics: dict[str, float]
     real_tokens: int
+    skipped: bool = False  # the loss or the gradient norm was not finite: no optimizer update
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm; raised alike on every rank."""
+    same_on_every_rank = True
+
+
+class SkipGuard:
+    """Counts consecutive skipped (non-finite) steps and stops the run when there are too many.
+
+    A single bad batch is skipped and training goes on; a run that keeps producing NaN or inf has diverged, and
+    going on would only burn GPU hours, so it stops and points at the last checkpoint written before the first
+    bad step (checkpoints are only written from finite weights)."""
+
+    def __init__(self, limit: int, ckpt_path: str):
+        self.limit, self.ckpt_path = limit, ckpt_path
+        self.in_a_row, self.first_bad = 0, None
+
+    def update(self, step: int, skipped: bool) -> None:
+        if not skipped:
+            self.in_a_row, self.first_bad = 0, None
+            return
+        self.in_a_row += 1
+        self.first_bad = self.first_bad or step
+        if self.in_a_row >= self.limit:
+            raise NonFiniteTraining(
+                f"steps {self.first_bad}-{step}: the loss or gradient norm was not finite {self.in_a_row} steps in a "
+                f"row (max_skipped_steps {self.limit}), so the run stopped; those steps did not update the weights. "
+                f"Last complete checkpoint: {ckpt.latest_checkpoint(self.ckpt_path)}. Lower learning_rate or "
+                "check the data, then resume with --load_checkpoint")
 
 
 def check_logger_packages(cfg: TrainConfig) -> None:
@@ -83,6 +115,15 @@ class MetricsLog:
 
             self.wandb = wandb.init(project=cfg.use_wandb, config=cfg.to_dict(), resume="allow")
 
+    def close(self, failed: bool) -> None:
+        """Flushes and ends the mirrors, so a W&B run ends as finished or failed rather than "crashed"."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=1 if failed else 0)
+            self.wandb = None
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -112,6 +153,8 @@ class Trainer:
             path = getattr(cfg, key)
             if path and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
                 raise ConfigError(f"key {key}: model directory not found: {path}")
+            if path and os.path.isdir(os.path.expanduser(path)):
+                check_model_dir(os.path.expanduser(path), key, cfg.trust_remote_code)
         for path in cfg.dataset.split(","):
             check_data_path(path, "dataset")
         if cfg.eval_dataset:
@@ -119,15 +162,20 @@ class Trainer:
         self.accumulation = gradient_accumulation_steps(cfg, env.world_size)
         check_logger_packages(cfg)
 
+        for key, path in (("save_path", cfg.save_path), ("ckpt_path", cfg.resolved_ckpt_path())):
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise ConfigError(f"key {key}: {path} is a file, not a directory; choose a directory path")
         self.resume_from = None
-        if cfg.load_checkpoint:
-            found = ckpt.complete_checkpoints(cfg.resolved_ckpt_path())
-            if found:
-                self.resume_from = found[-1][1]
-                ckpt.check_resumable(self.resume_from, cfg)
+        found = ckpt.complete_checkpoints(cfg.resolved_ckpt_path()) if cfg.load_checkpoint else []
+        if found:
+            self.resume_from = found[-1][1]
+            ckpt.check_resumable(self.resume_from, cfg)
         elif _holds_a_run(cfg.save_path):
-            raise ConfigError(f"key save_path: {cfg.save_path} already holds a model or metrics from an earlier run; "
-                              "choose a new save_path, or pass --load_checkpoint to resume that run")
+            why = (f"--load_checkpoint found no complete checkpoint in {cfg.resolved_ckpt_path()} to resume, and "
+                   if cfg.load_checkpoint else "")
+            raise ConfigError(f"key save_path: {why}{cfg.save_path} already holds a model or metrics from an earlier "
+                              "run; choose a new save_path" + ("" if cfg.load_checkpoint else
+                                                              ", or pass --load_checkpoint to resume that run"))
 
         self.tokenizer = _tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
         self.vocab_size = len(self.tokenizer)
@@ -149,7 +197,7 @@ class Trainer:
             removed = ckpt.remove_partial_checkpoints(cfg.resolved_ckpt_path())
             if removed:
                 self.log(f"removed incomplete checkpoints left by an interrupted save: {', '.join(removed)}")
-            with open(os.path.join(cfg.save_path, CONFIG_FILE), "w") as f:
+            with open(os.path.join(cfg.save_path, CONFIG_FILE), "w") as f:  # never a run's: checked above
                 f.write(config_to_yaml(cfg))
         self.log("resolved config:\n" + config_to_yaml(cfg).rstrip())
 
@@ -225,7 +273,8 @@ class Trainer:
                 self.start_step = ckpt.load_checkpoint(self.student, self.optimizer, self.resume_from, env.rank)
                 self.log(f"resumed from {self.resume_from} at step {self.start_step}")
             else:
-                self.log(f"load_checkpoint: no complete checkpoint in {cfg.resolved_ckpt_path()}; starting fresh")
+                self.log(f"load_checkpoint: no complete checkpoint in {cfg.resolved_ckpt_path()} and no earlier "
+                         "outputs in save_path; starting fresh")
         self.checkpoints = ckpt.CheckpointWriter(cfg, env.rank, cfg.async_save)
         self.metrics_log = MetricsLog(os.path.join(cfg.save_path, METRICS_FILE), env.is_main,
                                       self.start_step if cfg.load_checkpoint else None, cfg)
@@ -310,10 +359,12 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         real = torch.tensor(float(sum(mb.real_tokens for mb in micro_batches)), device=self.env.device)
         metrics, (norm, real_tokens) = self._reduce(sums, [grad_norm, all_reduce_sum(real)])
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         metrics.update(lr=lr, grad_norm=norm)
-        return StepResult(metrics, int(real_tokens))
+        finite = math.isfinite(metrics["loss"]) and math.isfinite(norm)  # global values: every rank agrees
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(metrics, int(real_tokens), skipped=not finite)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -332,13 +383,19 @@ class Trainer:
         cfg = self.cfg
         started, seen_tokens, window_tokens, window_start = time.time(), 0, 0, time.time()
         best_eval, last_eval = None, None
-        step = self.start_step
+        guard = SkipGuard(cfg.max_skipped_steps, cfg.resolved_ckpt_path())
         for step in range(self.start_step, self.total_steps):
             result = self.train_step(step)
             done = step + 1
+            self.checkpoints.poll()
+            if result.skipped:
+                self.log(f"step {done}: skipped, no update (loss {result.metrics['loss']}, grad norm "
+                         f"{result.metrics['grad_norm']}); {guard.in_a_row + 1} in a row, limit {cfg.max_skipped_steps}")
+                self.metrics_log.write({"step": done, "skipped": True, **result.metrics})
+            guard.update(done, result.skipped)
             seen_tokens += result.real_tokens
             window_tokens += result.real_tokens
-            if done % cfg.logging_steps == 0 or done == self.total_steps:
+            if not result.skipped and (done % cfg.logging_steps == 0 or done == self.total_steps):
                 elapsed = time.time() - window_start
                 record = {"step": done, **{k: round(v, 6) for k, v in result.metrics.items()},
                           "tokens_per_sec": round(window_tokens / max(elapsed, 1e-9), 1),
@@ -361,8 +418,14 @@ class Trainer:
             if cfg.save_steps > 0 and done % cfg.save_steps == 0:
                 path = self.checkpoints.save(self.student, self.optimizer, done)
                 self.log(f"{'saving' if cfg.async_save else 'saved'} checkpoint {path}")
-        self.checkpoints.finish()
+        save_error = None
+        try:
+            self.checkpoints.finish()
+        except ckpt.CheckpointError as e:  # the trained model is still in memory: export it, then report
+            save_error = e
         self.export()
+        if save_error is not None:
+            raise save_error
         summary = {"steps": self.total_steps, "seconds": round(time.time() - started, 1), "tokens": seen_tokens,
                    "final_eval": last_eval, "best_eval": best_eval, "model": self.cfg.save_path}
         evals = ""
@@ -375,7 +438,11 @@ class Trainer:
         return summary
 
     def export(self) -> None:
-        ckpt.export_student(self.student, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank)
+        export_student(self.student, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank)
+
+    def close(self, failed: bool) -> None:
+        """Ends the metric mirrors (W&B, TensorBoard) as finished or failed."""
+        self.metrics_log.close(failed)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -398,6 +465,10 @@ def _tokenizer_or_error(path: str, key: str, cfg: TrainConfig, chat_template: st
         return load_tokenizer(path, cfg.trust_remote_code, chat_template)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"key {key}: cannot load a tokenizer from the directory {path} ({reason}); it needs the "
+                              "tokenizer files of the model (tokenizer.json or tokenizer.model, "
+                              "tokenizer_config.json)") from None
         raise ConfigError(f"key {key}: cannot load a tokenizer from {path!r} (not a local directory, and as a hub id: "
                           f"{reason})") from None
 

@@ -70,6 +70,26 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = 
     return proc
 
 
+def start_torchrun(args, nproc=2):
+    """`torchrun` in the background, stdout and stderr merged, in a session of its own (so it can be killed whole)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()), *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(path, proc, timeout=120, ready=os.path.exists):
+    """Waits until `ready(path)`; fails if the run ends first or the timeout passes."""
+    import time
+
+    deadline = time.time() + timeout
+    while not ready(path):
+        assert proc.poll() is None, f"run ended before {path} was ready:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} was not ready in {timeout}s"
+        time.sleep(0.01)
+
+
 def read_metrics(save_path) -> list[dict]:
     with open(Path(save_path) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]

@@ -5,6 +5,7 @@
 MODE grads   one step's accumulated gradients (full tensors), before the optimizer step
 MODE dense   the kernel's loss and gradients, and the dense reference's, on the same FSDP-sharded batch
 MODE logits  train, export, then the FSDP model's logits on a fixed batch (compared with from_pretrained)
+MODE gathers how many teacher parameters FSDP all-gathers for one micro-batch's targets (forward and head)
 """
 
 import sys
@@ -54,6 +55,24 @@ def main():
             total = loss.detach().clone()
             torch.distributed.all_reduce(total)
             result[name] = {"loss": total, "grads": full_grads(trainer)}
+    elif mode == "gathers":
+        import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+
+        gathered, all_gather = [], param_group.foreach_all_gather
+
+        def counting(fsdp_params, *args, **kwargs):
+            gathered.append(sum(p._orig_size.numel() for p in fsdp_params))
+            return all_gather(fsdp_params, *args, **kwargs)
+
+        param_group.foreach_all_gather = counting
+        batch = collate(trainer.train_samples[:2], trainer.tokenizer.pad_token_id).to(env.device)
+        per_micro_batch = []
+        for _ in range(2):
+            gathered.clear()
+            with trainer.teacher_source.targets(batch).head():
+                pass
+            per_micro_batch.append(sum(gathered))
+        result = {"gathered": per_micro_batch, "parameters": sum(p.numel() for p in trainer.teacher.parameters())}
     elif mode == "logits":
         trainer.train()
         ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])

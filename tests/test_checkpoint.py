@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, _free_port, read_metrics, torchrun, train_args
+from conftest import REPO, read_metrics, start_torchrun, torchrun, train_args, wait_for
 
 TRAIN = str(REPO / "train.py")
 TIMING_KEYS = {"tokens_per_sec", "peak_mem_gb"}  # measurements of the machine, not of the run
@@ -24,22 +24,6 @@ def resume_args(tiny, save_path, **overrides):
     flags = dict(max_steps=24, max_epochs=2, save_steps=4, logging_steps=1, load_checkpoint="true", max_ckpt_num=10)
     flags.update(overrides)
     return train_args(tiny, save_path, **flags)
-
-
-def start_torchrun(args, nproc=2):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def wait_for(path, proc, timeout=120):
-    deadline = time.time() + timeout
-    while not os.path.exists(path):
-        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.01)
 
 
 def child_pids(pid):
@@ -98,10 +82,16 @@ def test_half_written_checkpoint_is_ignored_and_removed(tiny, tmp_path, uninterr
     partial = save / "checkpoints" / "step_16.partial"
     partial.mkdir(exist_ok=True)
     (partial / "__0_0.distcp").write_bytes(b"\0" * 100)
+    # what a rotation killed halfway leaves: the old checkpoint renamed away first, then partly deleted; its train
+    # state is still there, and it is newer-looking than the real one, yet it is never loaded
+    deleting = save / "checkpoints" / "step_20.deleting"
+    deleting.mkdir()
+    (deleting / "train_state.json").write_text('{"step": 20}')
     resumed = torchrun([TRAIN, *resume_args(tiny, save)])
     assert "removed incomplete checkpoints" in resumed.stdout and "step_16.partial" in resumed.stdout
+    assert "step_20.deleting" in resumed.stdout
     assert f"resumed from {save / 'checkpoints' / 'step_12'}" in resumed.stdout
-    assert not partial.exists()
+    assert not partial.exists() and not deleting.exists()
     assert comparable(read_metrics(save)) == comparable(read_metrics(uninterrupted))
 
 
@@ -138,6 +128,17 @@ def test_resume_refuses_a_config_that_changes_the_run(tiny, tmp_path):
 def test_load_checkpoint_without_any_starts_fresh_and_says_so(tiny, tmp_path):
     proc = torchrun([TRAIN, *resume_args(tiny, tmp_path / "run", max_steps=2, save_steps=-1)])
     assert "no complete checkpoint" in proc.stdout and "starting fresh" in proc.stdout
+
+
+def test_load_checkpoint_without_any_never_truncates_an_earlier_run(tiny, tmp_path):
+    """An earlier run saved no checkpoint; --load_checkpoint must not start over on top of its metrics."""
+    save = tmp_path / "run"
+    torchrun([TRAIN, *resume_args(tiny, save, max_steps=3, save_steps=-1, load_checkpoint="false")])
+    before = (save / "metrics.jsonl").read_text()
+    proc = torchrun([TRAIN, *resume_args(tiny, save, max_steps=3, save_steps=-1)], check=False)
+    assert proc.returncode != 0
+    assert "found no complete checkpoint" in proc.stderr and "already holds" in proc.stderr
+    assert (save / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -118,3 +118,14 @@ def test_unknown_model_name_is_one_line(tiny, tmp_path):
     proc = run_train(train_args(tiny, tmp_path / "out", pretrain="models/no-such-student"), tmp_path,
                      HF_HUB_OFFLINE="1")
     assert_one_line_error(proc, r"key pretrain: cannot load a tokenizer from 'models/no-such-student'")
+
+
+@pytest.mark.parametrize("key", ["save_path", "ckpt_path"])
+def test_an_output_path_that_is_a_file_is_one_line(tiny, tmp_path, key):
+    target = tmp_path / "a_file"
+    target.write_text("not a directory")
+    save_path = target if key == "save_path" else tmp_path / "out"
+    extra = {"ckpt_path": str(target)} if key == "ckpt_path" else {}
+    proc = run_train(train_args(tiny, save_path, **extra), tmp_path)
+    assert_one_line_error(proc, rf"key {key}: .*a_file is a file, not a directory")
+    assert target.read_text() == "not a directory"
