@@ -128,6 +128,9 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 SHARDING_STRATEGIES = ("full_shard", "hybrid_shard", "shard_grad_op")
+# Attention implementations whose packed rows are isolated: sdpa and eager get a block-diagonal mask; the others get
+# restarting position_ids and no mask (HF's varlen path). See data.MicroBatch.model_inputs.
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 # Keys that change what a checkpoint means; a resume with any of these changed is refused.
 RESUME_SENSITIVE_KEYS = (
@@ -295,6 +298,9 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.teacher_sharding_strategy not in ("full_shard", "hybrid_shard"):
         fail("teacher_sharding_strategy", "teacher_sharding_strategy must be full_shard or hybrid_shard, "
                                           f"got {cfg.teacher_sharding_strategy!r}")
+    if cfg.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        fail("attn_implementation", f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
+                                    f"got {cfg.attn_implementation!r}")
     if cfg.teacher_resident and cfg.teacher_offload:
         fail("teacher_resident", "teacher_resident keeps the teacher on the device, teacher_offload keeps it on CPU; "
                                  "choose one")

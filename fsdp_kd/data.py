@@ -356,11 +356,16 @@ class MicroBatch:
         return MicroBatch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the HF base model. Packed rows get a block-diagonal causal mask, because HF's
-        sdpa and eager attention do not isolate samples on position_ids alone: boolean for sdpa, additive for
-        eager. Padding positions may attend to themselves only, so no softmax row is empty."""
+        """Keyword arguments for the HF base model. Packed rows must not see each other:
+        - sdpa and eager get a block-diagonal causal mask (boolean for sdpa, additive for eager), because they do not
+          isolate samples on position_ids alone when a mask is given; padding positions attend to themselves only,
+          so no softmax row is empty;
+        - flash attention and flex attention get no mask, only position_ids restarting at 0 for each sample: HF
+          reads the sample boundaries off them (the varlen path), as it expects."""
         if self.segment_ids is None:
             return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if attn_implementation not in ("sdpa", "eager"):
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
         seg = self.segment_ids
         width = seg.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()

@@ -22,9 +22,10 @@ from .loss import Head, LossSpec, distillation_loss
 def hidden_at_targets(lm, batch: MicroBatch) -> torch.Tensor:
     """Final (normed) hidden states at the positions that have a trainable next-token target, [N, hidden].
 
-    The rows are picked with `index_select` on indices computed on the host, so this never syncs the device."""
+    The rows are picked with `index_select` on indices computed on the host, so this never syncs the device. No KV
+    cache: besides its memory, HF reads packed-sample boundaries off position_ids only when there is none."""
     inputs = batch.model_inputs(lm.config._attn_implementation, lm.get_input_embeddings().weight.dtype)
-    hidden = lm.base_model(**inputs).last_hidden_state
+    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
     return hidden.flatten(0, 1).index_select(0, batch.target_rows)
 
 

@@ -28,8 +28,10 @@ from .config import ConfigError, TrainConfig
 MAX_SHARD_BYTES = 4 * 1024**3
 
 
-def export_student(root, model_config, tokenizer, out_dir: str, rank: int) -> None:
-    """Collective. The student as an HF directory, in the dtype its original checkpoint was published in."""
+def export_student(root, model_config, tokenizer, out_dir: str, rank: int, source: str | None = None,
+                   trust_remote_code: bool = False) -> None:
+    """Collective. The student as an HF directory, in the dtype its original checkpoint was published in, with the
+    student's own generation config (from `source`, its original directory or hub id) and tokenizer."""
     dtype = getattr(model_config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -37,7 +39,32 @@ def export_student(root, model_config, tokenizer, out_dir: str, rank: int) -> No
     from .checkpoint import check_finite
 
     check_finite(root, f"the export to {out_dir}")
-    export_hf(export_state_dict(root.lm, dtype), model_config, tokenizer, out_dir, rank)
+    export_hf(export_state_dict(root.lm, dtype), model_config, tokenizer, out_dir, rank,
+              generation_config=generation_config_of(source, model_config))
+    if rank == 0 and trust_remote_code and source and os.path.isdir(source):
+        copy_remote_code(source, out_dir)
+
+
+def generation_config_of(source: str | None, model_config):
+    """The student's own generation_config.json (Qwen2.5-Instruct's two stop tokens and sampling defaults, say);
+    built from the model config only when the student has none. Dropping it makes `generate` and vLLM stop at the
+    wrong token."""
+    from transformers import GenerationConfig
+
+    if source:
+        try:
+            return GenerationConfig.from_pretrained(source)
+        except OSError:
+            pass
+    return GenerationConfig.from_model_config(model_config)
+
+
+def copy_remote_code(source: str, out_dir: str) -> None:
+    """A model loaded with trust_remote_code needs its modeling/configuration/tokenization .py files beside the
+    weights for the export to load the same way."""
+    for name in os.listdir(source):
+        if name.endswith(".py"):
+            shutil.copy2(os.path.join(source, name), os.path.join(out_dir, name))
 
 
 def export_state_dict(lm: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -60,7 +87,8 @@ def _file_assignment(state: dict[str, torch.Tensor]) -> dict[str, int]:
     return mapping
 
 
-def export_hf(state: dict[str, torch.Tensor], model_config, tokenizer, out_dir: str, rank: int) -> None:
+def export_hf(state: dict[str, torch.Tensor], model_config, tokenizer, out_dir: str, rank: int,
+              generation_config=None) -> None:
     """Collective. Writes config, generation config, safetensors with index, and tokenizer into `out_dir`."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -73,9 +101,7 @@ def export_hf(state: dict[str, torch.Tensor], model_config, tokenizer, out_dir: 
         shutil.rmtree(os.path.join(out_dir, "sharded"), ignore_errors=True)
         shutil.rmtree(os.path.join(out_dir, ".metadata"), ignore_errors=True)
         model_config.save_pretrained(out_dir)
-        from transformers import GenerationConfig
-
-        GenerationConfig.from_model_config(model_config).save_pretrained(out_dir)
+        (generation_config or generation_config_of(None, model_config)).save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     if dist.is_initialized():
         dist.barrier()
@@ -111,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         model_config = AutoConfig.from_pretrained(cfg.pretrain, trust_remote_code=cfg.trust_remote_code)
         root = load_sharded(cfg.pretrain, cfg, env, torch.float32, shard_student, "student")
         ckpt.load_model_weights(root, args.checkpoint)
-        export_student(root, model_config, load_tokenizer(cfg.pretrain, cfg.trust_remote_code), args.out_dir,
-                       env.rank)
+        tokenizer = load_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template)
+        export_student(root, model_config, tokenizer, args.out_dir, env.rank, source=cfg.pretrain,
+                       trust_remote_code=cfg.trust_remote_code)
         if env.is_main:
             print(f"exported {args.checkpoint} to {args.out_dir}")
 

@@ -7,9 +7,11 @@ everything the model's own forward applies after `h·Wᵀ`. A family that adds s
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .loss import Head
+from .config import ConfigError
+from .loss import Head, matmul_fp32
 
 # config attribute → the Head fields it sets, given its value (None or 0 leaves the head plain)
 LOGIT_TRANSFORMS = {
@@ -35,3 +37,31 @@ def output_head(lm: nn.Module) -> Head:
     """The model's output head as the loss kernel reads it: weight, bias (Phi-1/2 have one) and logit transforms."""
     linear = lm.get_output_embeddings()
     return Head(linear.weight, getattr(linear, "bias", None), **head_config(lm.config))
+
+
+def verify_head(lm: nn.Module, role: str, vocab_size: int, device: torch.device | None = None,
+                probe_tokens: int = 8) -> float:
+    """Refuses a model whose own logits differ from what the kernel computes from its hidden states and `Head`.
+
+    Runs the model's forward on a short probe (inside the FSDP root's forward, with the head gathered) and compares
+    `lm(ids).logits` with the kernel's `finish(h·Wᵀ)` on `base_model(ids).last_hidden_state`. A family that applies
+    anything after its head that no `LOGIT_TRANSFORMS` entry describes fails here, before training, instead of
+    silently distilling the wrong distribution. The tolerance allows for bf16 compute, whose model logits are
+    rounded to bf16 while the kernel's are fp32. Returns the relative difference."""
+    device = device or lm.get_input_embeddings().weight.device  # pass the compute device for an offloaded model
+    ids = ((torch.arange(probe_tokens) * 7 + 3) % vocab_size)[None].to(device)
+    with torch.no_grad():
+        head = output_head(lm)  # computed first: the model's own forward may reshard a head of its own unit
+        hidden = lm.base_model(input_ids=ids).last_hidden_state[0]
+        ours = head.finish(matmul_fp32(hidden, head.weight[:vocab_size].t()),
+                           None if head.bias is None else head.bias[:vocab_size])
+        logits = lm(input_ids=ids).logits
+    theirs = logits[0, :, :vocab_size].float()
+    difference = float((ours - theirs).abs().max() / theirs.abs().max().clamp_min(1e-6))
+    exact = logits.dtype == torch.float32 and hidden.dtype == torch.float32
+    if difference > (1e-4 if exact else 3e-2):
+        raise ConfigError(
+            f"the {role} ({getattr(lm.config, 'model_type', type(lm).__name__)}) computes logits that the loss kernel "
+            f"does not reproduce (relative difference {difference:.2g} on a probe): its forward applies something after "
+            "the output head beyond a bias, a logit scale and a soft-cap, so this family is not supported yet")
+    return difference

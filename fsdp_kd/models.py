@@ -42,6 +42,15 @@ class ShardedCausalLM(nn.Module):
     def forward(self, fn, *args, **kwargs):
         return fn(self.lm, *args, **kwargs)
 
+    def reshard_everything(self) -> None:
+        """Frees every gathered unit, after a forward that no backward follows (evaluation, a probe): under
+        shard_grad_op or for the root, FSDP would otherwise keep them gathered until a backward."""
+        if self.keep_gathered:
+            return
+        for module in self.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
     @contextmanager
     def gathered_head(self):
         """The output head (a loss `Head`), gathered from shards (and from CPU when offloaded) only for this block.
@@ -71,13 +80,21 @@ def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool, chat_template: str | None = None) -> PreTrainedTokenizerBase:
-    """`chat_template` (Jinja text, or a path to a file of it) replaces the tokenizer's own."""
+    """`chat_template` (Jinja text, or a path to a file of it) replaces the tokenizer's own. Nothing else changes:
+    the export saves this tokenizer, and a pad token it never had would change what `generate` and servers do."""
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
         tokenizer.chat_template = (open(chat_template).read() if os.path.isfile(chat_template) else chat_template)
     return tokenizer
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that fills padded positions: never attended to and never trained, so any valid id does; the pad
+    token when the tokenizer has one, else EOS."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
 
 
 def _id_to_token(tokenizer: PreTrainedTokenizerBase) -> list[str | None]:

@@ -24,8 +24,9 @@ from .distill import LiveTeacher, student_loss
 from .distributed import DistEnv, all_reduce_sum
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
-from .models import (ShardedCausalLM, check_model_dir, load_sharded, load_tokenizer, parameter_count, resolve_dtype,
-                     shard_student, shard_teacher, shared_vocab_size)
+from .heads import verify_head
+from .models import (ShardedCausalLM, check_model_dir, load_sharded, load_tokenizer, padding_id, parameter_count,
+                     resolve_dtype, shard_student, shard_teacher, shared_vocab_size)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
@@ -179,6 +180,7 @@ class Trainer:
 
         self.tokenizer = _tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
         self.vocab_size = len(self.tokenizer)
+        self.pad_id = padding_id(self.tokenizer)
         if cfg.teacher_model:
             teacher_tok = _tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg)
             self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tok)
@@ -228,8 +230,8 @@ class Trainer:
 
     def collate(self, samples: list[Sample]) -> MicroBatch:
         if self.cfg.packing_samples:
-            return collate_packed(samples, self.cfg.max_len, self.tokenizer.pad_token_id)
-        return collate(samples, self.tokenizer.pad_token_id)
+            return collate_packed(samples, self.cfg.max_len, self.pad_id)
+        return collate(samples, self.pad_id)
 
     def _step_samples(self, step: int) -> list[list[Sample]]:
         """This rank's micro-batches of samples for a global step."""
@@ -240,11 +242,11 @@ class Trainer:
         """The share of computed token slots that are real tokens, over this rank's first steps (at most 200)."""
         steps = range(min(self.sampler.steps_per_epoch, self.total_steps, max_steps))
         groups = [group for step in steps for group in self._step_samples(step)]
-        unpacked = padding_efficiency([collate(g, self.tokenizer.pad_token_id) for g in groups])
+        unpacked = padding_efficiency([collate(g, self.pad_id) for g in groups])
         if not self.cfg.packing_samples:
             self.log(f"padding: {unpacked:.1%} of computed token slots are real tokens")
             return
-        packed = [collate_packed(g, self.cfg.max_len, self.tokenizer.pad_token_id) for g in groups]
+        packed = [collate_packed(g, self.cfg.max_len, self.pad_id) for g in groups]
         rows = sum(b.input_ids.shape[0] for b in packed)
         self.log(f"packing: {sum(map(len, groups)) / rows:.2f} samples per row; {padding_efficiency(packed):.1%} "
                  f"of computed token slots are real tokens (without packing: {unpacked:.1%})")
@@ -260,6 +262,11 @@ class Trainer:
         if cfg.teacher_model:
             self.teacher = load_sharded(cfg.teacher_model, cfg, env, compute_dtype, shard_teacher, "teacher",
                                         self.vocab_size)
+        for role, root in (("student", self.student), ("teacher", self.teacher)):
+            if root is not None:
+                with root.gathered_head():
+                    root(verify_head, role, self.vocab_size, env.device)
+                root.reshard_everything()
         self.teacher_source = LiveTeacher(self.teacher) if self.teacher else None
         self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher else 0.0, divergence=cfg.kd_loss,
                              jsd_beta=cfg.jsd_beta, temperature=cfg.kd_temperature,
@@ -374,7 +381,7 @@ class Trainer:
         for batch in self._device_batches(groups):
             _, metrics = self._run_micro_batch(batch)
             sums += self._summed(metrics)
-        self.student.reshard()  # the root stays gathered after a forward that no backward follows
+        self.student.reshard_everything()
         reduced, _ = self._reduce(sums)
         return {"eval_" + ("ce_loss" if k == "ce" else k): v for k, v in reduced.items()}
 
@@ -438,7 +445,8 @@ class Trainer:
         return summary
 
     def export(self) -> None:
-        export_student(self.student, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank)
+        export_student(self.student, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank,
+                       source=self.cfg.pretrain, trust_remote_code=self.cfg.trust_remote_code)
 
     def close(self, failed: bool) -> None:
         """Ends the metric mirrors (W&B, TensorBoard) as finished or failed."""

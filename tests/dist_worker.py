@@ -1,27 +1,41 @@
-"""Runs under torchrun for the multi-rank tests: builds a real Trainer and dumps what a test compares.
+"""Runs under torchrun for the multi-rank tests and dumps what a test compares; one function per mode.
 
-    python -m torch.distributed.run --nproc_per_node N tests/dist_worker.py MODE OUT_FILE [train.py flags]
+    python -m torch.distributed.run --nproc_per_node N tests/dist_worker.py MODE OUT_FILE [ARGS ...]
 
-MODE grads   one step's accumulated gradients (full tensors), before the optimizer step
-MODE dense   the kernel's loss and gradients, and the dense reference's, on the same FSDP-sharded batch
-MODE logits  train, export, then the FSDP model's logits on a fixed batch (compared with from_pretrained)
-MODE gathers how many teacher parameters FSDP all-gathers for one micro-batch's targets (forward and head)
+MODE grads    one step's accumulated gradients (full tensors), before the optimizer step    ARGS: train.py flags
+MODE dense    the kernel's loss and gradients, and the dense reference's, on the same batch  ARGS: train.py flags
+MODE logits   train, export, then the FSDP model's logits on a fixed batch                   ARGS: train.py flags
+MODE gathers  teacher parameters all-gathered for one micro-batch's targets                  ARGS: train.py flags
+MODE families for each model, shard, train a step, export, and compare the export's logits   ARGS: FAMILY=DIR ...
 """
 
+import os
 import sys
 
 import torch
 
 from fsdp_kd.config import parse_config
-from fsdp_kd.distributed import exit_process, init_distributed, seed_everything, teardown
-from fsdp_kd.reference import dense_distillation_loss
 from fsdp_kd.data import collate
 from fsdp_kd.distill import hidden_at_targets
+from fsdp_kd.distributed import exit_process, init_distributed, seed_everything, teardown
+from fsdp_kd.reference import dense_distillation_loss
 from fsdp_kd.trainer import Trainer
+
+
+def trainer_from(flags, env) -> Trainer:
+    cfg = parse_config(flags)
+    seed_everything(cfg.seed, env.rank)
+    return Trainer(cfg, env)
 
 
 def full_grads(trainer):
     return {n: p.grad.full_tensor().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
+
+
+def grads(env, flags, out_file):
+    trainer = trainer_from(flags, env)
+    sums, _ = trainer.forward_backward(0)
+    return {"grads": full_grads(trainer), "metrics": trainer._reduce(sums)[0]}
 
 
 def dense_loss(lm, batch, spec, vocab_size, targets):
@@ -31,54 +45,96 @@ def dense_loss(lm, batch, spec, vocab_size, targets):
                                        vocab_size, targets.hidden, teacher_head.weight)
 
 
-def main():
-    mode, out_file, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
-    cfg = parse_config(flags)
-    env = init_distributed()
-    seed_everything(cfg.seed, env.rank)
-    trainer = Trainer(cfg, env)
+def dense(env, flags, out_file):
+    trainer = trainer_from(flags, env)
+    batch = collate([trainer.train_samples[i] for i in range(env.rank * 4, env.rank * 4 + 4)], trainer.pad_id)
     result = {}
-    if mode == "grads":
-        sums, _ = trainer.forward_backward(0)
-        result = {"grads": full_grads(trainer), "metrics": trainer._reduce(sums)[0]}
-    elif mode == "dense":
-        batch = collate([trainer.train_samples[i] for i in range(env.rank * 4, env.rank * 4 + 4)],
-                        trainer.tokenizer.pad_token_id)
-        for name, fn in (("kernel", None), ("dense", dense_loss)):
-            trainer.optimizer.zero_grad(set_to_none=True)
-            if fn is None:
-                loss, _ = trainer._run_micro_batch(batch)
-            else:
-                targets = trainer.teacher_source.targets(batch)
-                loss, _ = trainer.student(fn, batch, trainer.spec, trainer.vocab_size, targets)
-            loss.backward()
-            total = loss.detach().clone()
-            torch.distributed.all_reduce(total)
-            result[name] = {"loss": total, "grads": full_grads(trainer)}
-    elif mode == "gathers":
-        import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+    for name, fn in (("kernel", None), ("dense", dense_loss)):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if fn is None:
+            loss, _ = trainer._run_micro_batch(batch)
+        else:
+            targets = trainer.teacher_source.targets(batch)
+            loss, _ = trainer.student(fn, batch, trainer.spec, trainer.vocab_size, targets)
+        loss.backward()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        result[name] = {"loss": total, "grads": full_grads(trainer)}
+    return result
 
-        gathered, all_gather = [], param_group.foreach_all_gather
 
-        def counting(fsdp_params, *args, **kwargs):
-            gathered.append(sum(p._orig_size.numel() for p in fsdp_params))
-            return all_gather(fsdp_params, *args, **kwargs)
+def gathers(env, flags, out_file):
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
 
-        param_group.foreach_all_gather = counting
-        batch = collate(trainer.train_samples[:2], trainer.tokenizer.pad_token_id).to(env.device)
-        per_micro_batch = []
-        for _ in range(2):
-            gathered.clear()
-            with trainer.teacher_source.targets(batch).head():
-                pass
-            per_micro_batch.append(sum(gathered))
-        result = {"gathered": per_micro_batch, "parameters": sum(p.numel() for p in trainer.teacher.parameters())}
-    elif mode == "logits":
-        trainer.train()
-        ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])
+    trainer = trainer_from(flags, env)
+    gathered, all_gather = [], param_group.foreach_all_gather
+
+    def counting(fsdp_params, *args, **kwargs):
+        gathered.append(sum(p._orig_size.numel() for p in fsdp_params))
+        return all_gather(fsdp_params, *args, **kwargs)
+
+    param_group.foreach_all_gather = counting
+    batch = collate(trainer.train_samples[:2], trainer.pad_id).to(env.device)
+    per_micro_batch = []
+    for _ in range(2):
+        gathered.clear()
+        with trainer.teacher_source.targets(batch).head():
+            pass
+        per_micro_batch.append(sum(gathered))
+    return {"gathered": per_micro_batch, "parameters": sum(p.numel() for p in trainer.teacher.parameters())}
+
+
+def logits(env, flags, out_file):
+    trainer = trainer_from(flags, env)
+    trainer.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])
+    with torch.no_grad():
+        out = trainer.student(lambda lm, x: lm(input_ids=x).logits, ids)
+    return {"input_ids": ids, "logits": out}
+
+
+def families(env, pairs, out_file):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fsdp_kd.config import TrainConfig
+    from fsdp_kd.demo import build_char_tokenizer
+    from fsdp_kd.distill import student_loss
+    from fsdp_kd.export import export_student
+    from fsdp_kd.loss import LossSpec
+    from fsdp_kd.models import load_sharded, shard_student
+    from test_families import V, batch_of
+
+    work = os.path.dirname(out_file)
+    tokenizer = build_char_tokenizer(os.path.join(work, f"tok_rank{env.rank}"))
+    errors = {}
+    for family, path in (pair.split("=", 1) for pair in pairs):
+        cfg = TrainConfig(pretrain=path, dataset="-", kd_coef=0.0, param_dtype="fp32", attn_implementation="eager")
+        root = load_sharded(path, cfg, env, torch.float32, shard_student, "student", V)
+        optimizer = torch.optim.AdamW(root.parameters(), lr=1e-2)
+        loss, _ = root(student_loss, batch_of(env.rank), LossSpec(kd_coef=0.0), V, None)
+        loss.backward()
+        optimizer.step()
+        ids = batch_of(0).input_ids
         with torch.no_grad():
-            logits = trainer.student(lambda lm, x: lm(input_ids=x).logits, ids)
-        result = {"input_ids": ids, "logits": logits}
+            trained = root(lambda lm, x: lm(input_ids=x).logits, ids)
+        root.reshard_everything()
+        export_dir = os.path.join(work, f"export_{family}")
+        export_student(root, AutoConfig.from_pretrained(path), tokenizer, export_dir, env.rank)
+        if env.is_main:
+            reloaded = AutoModelForCausalLM.from_pretrained(export_dir, attn_implementation="eager").eval()
+            with torch.no_grad():
+                exported = reloaded(input_ids=ids).logits
+            errors[family] = float((exported - trained).abs().max() / trained.abs().max())
+    return errors
+
+
+MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "families": families}
+
+
+def main():
+    mode, out_file, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    env = init_distributed()
+    result = MODES[mode](env, args, out_file)
     if env.is_main:
         torch.save(result, out_file)
     teardown()

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fsdp_kd.config import TrainConfig
 from fsdp_kd.data import (IGNORE_INDEX, DataError, StepSampler, collate, eval_shards, load_sft_dataset, make_sample,
@@ -185,8 +186,10 @@ def test_mixing_follows_the_weights():
     assert sum(s.input_ids[0] == 1 for s in mixed) == 90 and sum(s.input_ids[0] == 3 for s in mixed) == 30
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_packed_logits_equal_unpacked_logits(tiny, attn):
+    """sdpa and eager isolate packed samples with a block mask; flex attention (like flash attention) reads the
+    boundaries off the restarting position_ids, with no mask."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -202,11 +205,34 @@ def test_packed_logits_equal_unpacked_logits(tiny, attn):
         order = [s for row in pack(samples, 24) for s in row]
         separate = torch.cat([hidden_at_targets(lm, collate([s], pad_id=0)) for s in order])
         unisolated = collate_packed(samples, 24, pad_id=0)
-        unisolated.segment_ids = None  # positions and a plain padding mask only: samples would see each other
+        unisolated.segment_ids, unisolated.position_ids = None, None  # a plain padding mask: samples see each other
         leaked = hidden_at_targets(lm, unisolated)
     assert collate_packed(samples, 24, pad_id=0).input_ids.shape[0] < len(samples)
     assert torch.allclose(packed, separate, atol=1e-5)
     assert not torch.allclose(leaked, separate, atol=1e-3)
+
+
+@pytest.mark.parametrize("attn", ["flash_attention_2", "flash_attention_3", "flex_attention"])
+def test_varlen_attention_gets_restarting_positions_and_no_mask(attn):
+    """HF's flash-attention path expects no 4-D mask; it finds the packed samples from position_ids restarting at 0.
+    (The packed = unpacked check for flash attention itself needs a GPU.)"""
+    from fsdp_kd.data import collate_packed
+
+    samples = [make_sample([5, 6, 7], [8, 9]), make_sample([10, 11], [12, 13, 14, 15])]
+    batch = collate_packed(samples, 16, pad_id=0)
+    inputs = batch.model_inputs(attn, torch.bfloat16)
+    assert "attention_mask" not in inputs
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]]  # longest sample first
+
+
+def test_sdpa_and_eager_get_a_block_mask():
+    from fsdp_kd.data import collate_packed
+
+    samples = [make_sample([5, 6, 7], [8, 9]), make_sample([10, 11], [12, 13, 14, 15])]
+    batch = collate_packed(samples, 16, pad_id=0)
+    for attn in ("sdpa", "eager"):
+        mask = batch.model_inputs(attn, torch.float32)["attention_mask"]
+        assert mask.dim() == 4 and mask.shape[-1] == 11
 
 
 def test_parquet_csv_and_directory_sources(tiny, tmp_path):
