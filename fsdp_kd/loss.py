@@ -239,6 +239,15 @@ class ModelBlock:
     label_logit: torch.Tensor | None = None
 
 
+def logsumexp_given_max(z: torch.Tensor, z_max: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """log Σ exp(z/τ) per row, reusing the row max that the argmax already produced (torch.logsumexp would take it
+    again, and guard against infinities that finite logits never have)."""
+    shifted = z - z_max[:, None]
+    if inv_tau != 1.0:
+        shifted.mul_(inv_tau)
+    return shifted.exp_().sum(dim=1).log_().add_(z_max * inv_tau)
+
+
 def pass1_logits(model: ModelBlock, chunks, labels: torch.Tensor, inv_tau: float) -> None:
     """Logits chunk by chunk, with running log-sum-exp (at τ and at 1) and argmax; the label logit from W[y]."""
     for v0, v1 in chunks:
@@ -246,8 +255,8 @@ def pass1_logits(model: ModelBlock, chunks, labels: torch.Tensor, inv_tau: float
                               None if model.bias is None else model.bias[v0:v1])
         model.logits.append(z)
         chunk_max, chunk_arg = z.max(dim=1)
-        chunk_lse_raw = torch.logsumexp(z, dim=1)
-        chunk_lse = chunk_lse_raw if inv_tau == 1.0 else torch.logsumexp(z * inv_tau, dim=1)
+        chunk_lse_raw = logsumexp_given_max(z, chunk_max, 1.0)
+        chunk_lse = chunk_lse_raw if inv_tau == 1.0 else logsumexp_given_max(z, chunk_max, inv_tau)
         if model.lse is None:
             model.argmax, model.lse, model.lse_raw = chunk_arg, chunk_lse, chunk_lse_raw
             running_max = chunk_max
