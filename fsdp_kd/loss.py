@@ -361,19 +361,74 @@ def _cast_once(head: Head, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
     return head.weight.to(dtype), head.bias
 
 
+@dataclass(frozen=True)
+class KernelPlan:
+    """Everything a token block needs to know, decided once per call from the spec and the shapes."""
+    chunks: list[tuple[int, int]]
+    kd_coef: float
+    tau: float
+    beta: float
+    divergence: Divergence
+    fold_sums_into_grad: bool  # pass 2 rides along in pass 3 (training with a divergence whose grad needs no sums)
+    sums_fn: Callable
+    grad_fn: Callable
+
+    @property
+    def inv_tau(self) -> float:
+        return 1.0 / self.tau
+
+
+def student_block(plan: KernelPlan, student: ModelBlock, labels, rows: slice, grads: Gradients | None):
+    """One token block without a teacher: CE only. Returns the block's metric sums."""
+    pass1_logits(student, plan.chunks, labels, plan.inv_tau)
+    for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):
+        probs = torch.exp(student.logits[k] - student.lse_raw[:, None])
+        push_back(grads, student, probs, student.logits[k], rows, v0, v1)
+    if grads is not None:
+        push_back_labels(grads, student, labels, rows, 1.0)
+    ce = (student.lse_raw - student.label_logit).sum()
+    return torch.cat([ce[None], ce.new_zeros(len(METRIC_NAMES) - 1)])
+
+
+def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock, labels, rows: slice,
+                       grads: Gradients | None) -> torch.Tensor:
+    """One token block of both models: passes 1-3. Returns the block's metric sums, ordered as METRIC_NAMES.
+    Its logit caches die with it, before the next block allocates its own."""
+    pass1_logits(student, plan.chunks, labels, plan.inv_tau)
+    pass1_logits(teacher, plan.chunks, labels, plan.inv_tau)
+    sums = None
+    if not plan.fold_sums_into_grad:  # pass 2
+        for z_s, z_t in zip(student.logits, teacher.logits):
+            sums = _accumulate(sums, plan.sums_fn(z_s, z_t, student.lse, teacher.lse, plan.inv_tau, plan.divergence,
+                                                  plan.beta))
+    for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):  # pass 3
+        grad_z, chunk_sums = plan.grad_fn(student.logits[k], teacher.logits[k], student.lse, student.lse_raw,
+                                          teacher.lse, sums, plan.inv_tau, plan.divergence, plan.beta, plan.kd_coef,
+                                          plan.fold_sums_into_grad)
+        if plan.fold_sums_into_grad:
+            sums = _accumulate(sums, chunk_sums)
+        push_back(grads, student, grad_z, student.logits[k], rows, v0, v1)
+    if grads is not None:
+        push_back_labels(grads, student, labels, rows, 1 - plan.kd_coef)
+    kd = plan.divergence.value(sums, plan.beta) * plan.tau**2
+    per_row = torch.stack([student.lse_raw - student.label_logit, kd, sums["p_log_p"] - sums["p_log_q"],
+                           -sums["p_log_p"], -sums["q_log_q"], (student.argmax == teacher.argmax).float(),
+                           teacher.lse_raw - teacher.label_logit])
+    return per_row.sum(1)
+
+
 def chunked_loss(h_s: torch.Tensor, s_head: Head, labels: torch.Tensor, spec: LossSpec, vocab_size: int,
                  h_t: torch.Tensor | None, t_head: Head | None, with_grad: bool):
     """(summed loss, summed metrics [len(METRIC_NAMES)] fp64, Gradients or None)."""
     device, n = h_s.device, h_s.shape[0]
     has_teacher = h_t is not None
-    c = spec.kd_coef if has_teacher else 0.0
-    inv_tau, beta = 1.0 / spec.temperature, spec.jsd_beta
     divergence = DIVERGENCES[spec.effective_divergence]
-    fold_sums_into_grad = with_grad and not divergence.grad_needs_sums
-    sums_fn, grad_fn = elementwise_functions(spec.compile)
     block_rows, cols = choose_chunks(spec, device, n, vocab_size, 2 if has_teacher else 1)
-    chunks = [(v0, min(v0 + cols, vocab_size)) for v0 in range(0, vocab_size, cols)]
-
+    sums_fn, grad_fn = elementwise_functions(spec.compile)
+    plan = KernelPlan(chunks=[(v0, min(v0 + cols, vocab_size)) for v0 in range(0, vocab_size, cols)],
+                      kd_coef=spec.kd_coef if has_teacher else 0.0, tau=spec.temperature, beta=spec.jsd_beta,
+                      divergence=divergence, fold_sums_into_grad=with_grad and not divergence.grad_needs_sums,
+                      sums_fn=sums_fn, grad_fn=grad_fn)
     s_weight, s_bias = _cast_once(s_head, h_s.dtype)
     t_weight, t_bias = _cast_once(t_head, h_t.dtype) if has_teacher else (None, None)
     grads = None
@@ -382,41 +437,14 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, labels: torch.Tensor, spec: Lo
                           torch.zeros(s_head.weight.shape, device=device),
                           None if s_bias is None else torch.zeros(s_bias.shape, device=device))
     totals = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=device)
-
     for r0 in range(0, n, block_rows):
         rows = slice(r0, min(r0 + block_rows, n))
-        y = labels[rows]
         student = ModelBlock(s_head, s_weight, s_bias, h_s[rows])
-        pass1_logits(student, chunks, y, inv_tau)
-        ce = student.lse_raw - student.label_logit
-        if not has_teacher:
-            totals[0] += ce.sum()
-            for k, (v0, v1) in enumerate(chunks if with_grad else ()):
-                push_back(grads, student, torch.exp(student.logits[k] - student.lse_raw[:, None]),
-                          student.logits[k], rows, v0, v1)
-        else:
-            teacher = ModelBlock(t_head, t_weight, t_bias, h_t[rows])
-            pass1_logits(teacher, chunks, y, inv_tau)
-            sums = None
-            if not fold_sums_into_grad:  # pass 2
-                for z_s, z_t in zip(student.logits, teacher.logits):
-                    sums = _accumulate(sums, sums_fn(z_s, z_t, student.lse, teacher.lse, inv_tau, divergence, beta))
-            folded = None
-            for k, (v0, v1) in enumerate(chunks if with_grad else ()):  # pass 3
-                grad_z, chunk_sums = grad_fn(student.logits[k], teacher.logits[k], student.lse, student.lse_raw,
-                                             teacher.lse, sums, inv_tau, divergence, beta, c, fold_sums_into_grad)
-                folded = _accumulate(folded, chunk_sums) if fold_sums_into_grad else None
-                push_back(grads, student, grad_z, student.logits[k], rows, v0, v1)
-            sums = folded if fold_sums_into_grad else sums
-            kd = divergence.value(sums, beta) * spec.temperature**2
-            per_row = torch.stack([ce, kd, sums["p_log_p"] - sums["p_log_q"], -sums["p_log_p"], -sums["q_log_q"],
-                                   (student.argmax == teacher.argmax).float(),
-                                   teacher.lse_raw - teacher.label_logit])
-            totals += per_row.sum(1)
-        if with_grad:
-            push_back_labels(grads, student, y, rows, 1 - c)
-
-    loss = (1 - c) * totals[0] + c * totals[1]
+        teacher = ModelBlock(t_head, t_weight, t_bias, h_t[rows]) if has_teacher else None
+        totals += (distillation_block(plan, student, teacher, labels[rows], rows, grads) if has_teacher
+                   else student_block(plan, student, labels[rows], rows, grads))
+        del student, teacher  # the block's logit caches, before the next block allocates its own
+    loss = (1 - plan.kd_coef) * totals[0] + plan.kd_coef * totals[1]
     return loss, totals, grads
 
 
