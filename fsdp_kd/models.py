@@ -188,22 +188,20 @@ def _parameters_on_meta():
 
 def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, shard, role: str,
                  vocab_size: int | None = None) -> ShardedCausalLM:
-    """The model at `path`, sharded by `shard(lm, cfg, env)`, without a full copy on every rank.
+    """The model at `path`, sharded by `shard(lm, cfg, env)`, without a full copy on any rank where possible.
 
-    Global rank 0 alone loads it with `from_pretrained` (CPU); every rank builds the same architecture with its
-    parameters on the meta device, shards it, and receives its own shards by broadcast from rank 0. Host memory
-    for the full model is needed once, not once per rank.
+    Every rank builds the architecture with its parameters on the meta device and shards it. Then, when `path` is a
+    local directory of safetensors whose tensor names and shapes are the model's own, each rank reads only its own
+    slice of each tensor from the files and converts it to `dtype` (`_read_own_shards`): host memory per rank is its
+    shard, not the model. Otherwise (pytorch_model.bin, or checkpoints whose names transformers converts at load
+    time, such as the per-expert tensors of MoE models) global rank 0 loads the model with `from_pretrained` and
+    broadcasts each tensor to the ranks, which keep their slices: the full model once in host memory.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoConfig
-
     import time
 
+    from transformers import AutoConfig
+
     started = time.time()
-    if env.rank == 0 and env.world_size > 1:
-        print(f"rank 0: reading the {role} from {path}; the other {env.world_size - 1} ranks wait for its broadcast "
-              f"(up to dist_timeout_minutes {cfg.dist_timeout_minutes:g})", flush=True)
-    full_state = load_causal_lm(path, cfg, dtype).state_dict() if env.rank == 0 else {}
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     with _parameters_on_meta():
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation,
@@ -211,11 +209,98 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
     lm.config.use_cache = False
     if vocab_size is not None:
         check_head_covers_vocab(lm, vocab_size, role)
+    files = _safetensors_index(path)
+    own_shards = files is not None and _names_match(lm, files)
+    if env.rank == 0:
+        how = ("each rank reads its own shards from the safetensors files" if own_shards else
+               f"rank 0 reads it and broadcasts to the other {env.world_size - 1} ranks (up to dist_timeout_minutes "
+               f"{cfg.dist_timeout_minutes:g}), because "
+               + ("its weights are not safetensors" if files is None else
+                  "its tensor names differ from the model's (transformers converts them at load time)"))
+        print(f"loading the {role} from {path}: {how}", flush=True)
     root = shard(lm, cfg, env)
-    set_model_state_dict(root.lm, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    if own_shards:
+        _read_own_shards(root, files, dtype, torch.device("cpu") if cfg.teacher_offload and role == "teacher"
+                         else env.device)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full_state = load_causal_lm(path, cfg, dtype).state_dict() if env.rank == 0 else {}
+        set_model_state_dict(root.lm, full_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if env.rank == 0:
         print(f"{role} loaded and sharded over {env.world_size} rank(s) in {time.time() - started:.1f}s", flush=True)
     return root
+
+
+def _safetensors_index(path: str) -> dict[str, str] | None:
+    """{tensor name: file} of a local directory's safetensors (single file or indexed shards), or None."""
+    import json
+
+    if not os.path.isdir(path):
+        return None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as handle:
+        return {name: single for name in handle.keys()}
+
+
+def _names_match(lm: nn.Module, files: dict[str, str]) -> bool:
+    """Every parameter (a tied one once) is in the files under its own name, with its own shape."""
+    from safetensors import safe_open
+
+    handles: dict[str, object] = {}
+    for name, param in lm.named_parameters():
+        if name not in files:
+            return False
+        if files[name] not in handles:
+            handles[files[name]] = safe_open(files[name], framework="pt")
+        if list(handles[files[name]].get_slice(name).get_shape()) != list(param.shape):
+            return False
+    return True
+
+
+def _read_own_shards(root: nn.Module, files: dict[str, str], dtype: torch.dtype, device: torch.device) -> None:
+    """Materializes the sharded (meta) parameters on `device` and fills each rank's local slice from the files.
+
+    `get_slice` reads only the requested rows, so no rank reads or holds another's. Buffers that the constructor
+    computed (rotary frequencies) are kept; persistent buffers found in the files are read whole."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    computed = {name: buffer.detach().clone() for name, buffer in root.named_buffers()}
+    root.to_empty(device=device)
+    for name, buffer in root.named_buffers():
+        buffer.copy_(computed[name])
+    handles: dict[str, object] = {}
+
+    def read(name: str, index=None) -> torch.Tensor:
+        if files[name] not in handles:
+            handles[files[name]] = safe_open(files[name], framework="pt")
+        tensor_slice = handles[files[name]].get_slice(name)
+        return tensor_slice[index] if index is not None else tensor_slice[:]
+
+    with torch.no_grad():
+        for name, param in root.lm.named_parameters():
+            if isinstance(param, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                                      param.placements)
+                local = param.to_local()
+                if local.numel():
+                    local.copy_(read(name, tuple(slice(o, o + n) for o, n in zip(offset, shape))).to(dtype))
+            else:
+                param.copy_(read(name).to(dtype))
+        for name, buffer in root.lm.named_buffers():
+            if name in files:
+                buffer.copy_(read(name).to(buffer.dtype))
 
 
 def check_head_covers_vocab(model: nn.Module, vocab_size: int, role: str) -> None:

@@ -7,6 +7,8 @@ MODE dense    the kernel's loss and gradients, and the dense reference's, on the
 MODE logits   train, export, then the FSDP model's logits on a fixed batch                   ARGS: train.py flags
 MODE gathers  teacher parameters all-gathered for one micro-batch's targets                  ARGS: train.py flags
 MODE families for each model, shard, train a step, export, and compare the export's logits   ARGS: FAMILY=DIR ...
+MODE load     each model loaded into shards (as student, and as an offloaded teacher) against
+              from_pretrained: the largest difference of any tensor                            ARGS: NAME=DIR ...
 """
 
 import os
@@ -128,7 +130,24 @@ def families(env, pairs, out_file):
     return errors
 
 
-MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "families": families}
+def load(env, pairs, out_file):
+    from transformers import AutoModelForCausalLM
+
+    from fsdp_kd.config import TrainConfig
+    from fsdp_kd.models import load_sharded, shard_student, shard_teacher
+
+    differences = {}
+    for name, path in (pair.split("=", 1) for pair in pairs):
+        reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+        for role, shard, offload in (("student", shard_student, False), ("teacher", shard_teacher, True)):
+            cfg = TrainConfig(pretrain=path, dataset="-", kd_coef=0.0, param_dtype="fp32", teacher_offload=offload)
+            root = load_sharded(path, cfg, env, torch.float32, shard, role)
+            loaded = {n: p.full_tensor() for n, p in root.lm.named_parameters()}
+            differences[f"{name} as {role}"] = max(float((loaded[n] - reference[n]).abs().max()) for n in loaded)
+    return differences
+
+
+MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "families": families, "load": load}
 
 
 def main():

@@ -1,12 +1,14 @@
-"""Teacher/student tokenizer agreement: padded rows are fine, a different tokenizer is refused."""
+"""Loading into shards, and teacher/student tokenizer agreement: padded rows are fine, a different tokenizer is
+refused."""
 
 import pytest
+import torch
 
 from fsdp_kd.config import ConfigError
 from fsdp_kd.demo import build_char_tokenizer
 from fsdp_kd.models import load_tokenizer, shared_vocab_size
 
-from conftest import REALDATA
+from conftest import REALDATA, REPO, torchrun
 
 
 def test_same_tokenizer_shares_its_full_range(tiny):
@@ -32,3 +34,25 @@ def test_real_tokenizers_that_differ_are_refused_with_the_first_differing_id():
 def test_qwen_tokenizer_range_is_its_length_not_the_padded_embedding():
     qwen = load_tokenizer(str(REALDATA / "tok_qwen2.5_instruct"), False)
     assert shared_vocab_size(qwen, qwen) == 151665  # models pad their embeddings to 151936; those rows are ignored
+
+
+def test_each_rank_reads_its_own_shards_from_disk(tiny, tmp_path):
+    """Untied (Llama) and tied (Qwen2) models, as student and as offloaded teacher, sharded over 2 ranks from their
+    safetensors equal from_pretrained exactly; an MoE checkpoint (per-expert tensors that transformers fuses at load
+    time) takes rank 0's broadcast path and is exact too."""
+    from test_families import build
+
+    moe = tmp_path / "mixtral"
+    build("mixtral", seed=0).save_pretrained(moe)
+    sharded = tmp_path / "sharded"  # an indexed checkpoint of several files
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tiny["teacher"]).save_pretrained(sharded, max_shard_size="60KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    out = tmp_path / "load.pt"
+    proc = torchrun([str(REPO / "tests" / "dist_worker.py"), "load", str(out), f"llama={tiny['teacher']}",
+                     f"qwen={tiny['qwen_student']}", f"indexed={sharded}", f"mixtral={moe}"])
+    differences = torch.load(out, weights_only=True)
+    assert len(differences) == 8 and all(d == 0.0 for d in differences.values()), differences
+    assert proc.stdout.count("each rank reads its own shards from the safetensors files") == 6
+    assert "its tensor names differ from the model's" in proc.stdout
