@@ -125,19 +125,16 @@ def test_resume_refuses_a_config_that_changes_the_run(tiny, tmp_path):
     assert "cannot resume, the config differs in train_batch_size (16 -> 8)" in proc.stderr
 
 
-def test_load_checkpoint_without_any_starts_fresh_and_says_so(tiny, tmp_path):
-    proc = torchrun([TRAIN, *resume_args(tiny, tmp_path / "run", max_steps=2, save_steps=-1)])
-    assert "no complete checkpoint" in proc.stdout and "starting fresh" in proc.stdout
-
-
-def test_load_checkpoint_without_any_never_truncates_an_earlier_run(tiny, tmp_path):
-    """An earlier run saved no checkpoint; --load_checkpoint must not start over on top of its metrics."""
+def test_load_checkpoint_without_any_starts_fresh_then_never_overwrites_that_run(tiny, tmp_path):
+    """No checkpoint and an empty save_path: start fresh and say so. The same command again finds no checkpoint
+    (none was saved) but an earlier run's outputs: refused, its metrics untouched."""
     save = tmp_path / "run"
-    torchrun([TRAIN, *resume_args(tiny, save, max_steps=3, save_steps=-1, load_checkpoint="false")])
+    proc = torchrun([TRAIN, *resume_args(tiny, save, max_steps=2, save_steps=-1)])
+    assert "no complete checkpoint" in proc.stdout and "starting fresh" in proc.stdout
     before = (save / "metrics.jsonl").read_text()
-    proc = torchrun([TRAIN, *resume_args(tiny, save, max_steps=3, save_steps=-1)], check=False)
-    assert proc.returncode != 0
-    assert "found no complete checkpoint" in proc.stderr and "already holds" in proc.stderr
+    again = torchrun([TRAIN, *resume_args(tiny, save, max_steps=2, save_steps=-1)], check=False)
+    assert again.returncode != 0
+    assert "found no complete checkpoint" in again.stderr and "already holds" in again.stderr
     assert (save / "metrics.jsonl").read_text() == before
 
 
