@@ -70,3 +70,18 @@ def test_resume_mismatch_lists_only_keys_that_matter():
     saved = parse_config(REQUIRED).to_dict()
     now = parse_config(REQUIRED + ["--logging_steps", "7", "--eval_steps", "3", "--train_batch_size", "32"])
     assert resume_mismatches(saved, now) == ["train_batch_size (16 -> 32)"]
+
+
+def test_unknown_attention_implementation_lists_the_accepted_ones():
+    with pytest.raises(ConfigError, match=r"command line --attn_implementation: attn_implementation must be one of "
+                                          r"sdpa, eager, flash_attention_2, flash_attention_3, flex_attention"):
+        parse_config(REQUIRED + ["--attn_implementation", "paged_attention"])
+    assert parse_config(REQUIRED + ["--attn_implementation", "flash_attention_2"]).attn_implementation == \
+        "flash_attention_2"
+
+
+def test_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"pretrain: s\n\xff\xfe: x\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: not UTF-8 text .* re-save the config as UTF-8"):
+        parse_config(["--config", str(path)])

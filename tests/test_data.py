@@ -247,3 +247,16 @@ def test_parquet_csv_and_directory_sources(tiny, tmp_path):
     for path, expected in ((folder / "part1.parquet", 2), (folder / "part2.csv", 2), (folder, 4)):
         samples, stats = load_sft_dataset(str(path), _cfg(), tok, None)
         assert len(samples) == expected and stats.kept == expected
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_data_that_is_not_utf8_names_the_file_and_line(tmp_path, suffix):
+    from fsdp_kd.data import read_records
+
+    path = tmp_path / f"data{suffix}"
+    good = b'{"input": "ab", "output": "cd"}'
+    body = good + b"\n" + b'{"input": "\xff", "output": "x"}\n' if suffix == ".jsonl" else b"[" + good + b', "\xff"]'
+    path.write_bytes(body)
+    where = f"{path}:2" if suffix == ".jsonl" else str(path)
+    with pytest.raises(DataError, match=rf"^{where}: not UTF-8 text \(byte 0xff at offset \d+\); re-save"):
+        list(read_records(str(path)))
