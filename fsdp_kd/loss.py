@@ -92,7 +92,7 @@ DIVERGENCES: dict[str, Divergence] = {
         grad_needs_sums=False),
     # KL(q‖p): mode seeking, the usual choice on-policy
     "reverse_kl": Divergence(
-        row_terms=lambda t, beta: {"q_log_p": t.q * t.log_p},
+        row_terms=lambda t, beta: {"q_log_p": t.q * t.log_p},  # summed by the kernel
         value=lambda s, beta: s["q_log_q"] - s["q_log_p"],
         grad=lambda t, s, beta: t.q * (t.log_q - t.log_p - (s["q_log_q"] - s["q_log_p"])[:, None])),
     # [β·KL(p‖m) + (1-β)·KL(q‖m)] / (β(1-β)): forward KL as β→0, reverse KL as β→1 (the endpoints are those KLs)
@@ -278,9 +278,15 @@ def chunk_terms(z_s: torch.Tensor, z_t: torch.Tensor, lse_s: torch.Tensor, lse_t
     return ChunkTerms(log_q, log_p, log_q.exp(), log_p.exp())
 
 
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a[i, j]·b[i, j] per row as one batched product: one kernel and no [rows × cols] temporary, where
+    `(a * b).sum(1)` is two kernels and writes the product out (twice as slow on a CPU, measured)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def chunk_row_sums(t: ChunkTerms, divergence: Divergence, beta: float) -> dict[str, torch.Tensor]:
     """The vocabulary sums of one chunk: the shared ones and the divergence's own."""
-    sums = {"p_log_p": (t.p * t.log_p).sum(1), "p_log_q": (t.p * t.log_q).sum(1), "q_log_q": (t.q * t.log_q).sum(1)}
+    sums = {"p_log_p": row_dot(t.p, t.log_p), "p_log_q": row_dot(t.p, t.log_q), "q_log_q": row_dot(t.q, t.log_q)}
     sums.update({name: term.sum(1) for name, term in divergence.row_terms(t, beta).items()})
     return sums
 

@@ -28,7 +28,9 @@ METADATA_ONLY = frozenset({
     "aten::as_strided_", "aten::to", "aten::type_as",
 })
 HOST_SYNCS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static"})
-MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul"})
+# 2-D matrix products: the loss's head products (logits and gradients). Its per-row dot products run as `bmm` and
+# count as launches only.
+MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_"})
 
 
 @dataclass
