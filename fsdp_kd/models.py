@@ -210,7 +210,8 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
     if vocab_size is not None:
         check_head_covers_vocab(lm, vocab_size, role)
     files = _safetensors_index(path)
-    own_shards = files is not None and _names_match(lm, files)
+    checkpoint = _Checkpoint(files) if files is not None else None
+    own_shards = checkpoint is not None and _names_match(lm, checkpoint)
     if env.rank == 0:
         how = ("each rank reads its own shards from the safetensors files" if own_shards else
                f"rank 0 reads it and broadcasts to the other {env.world_size - 1} ranks (up to dist_timeout_minutes "
@@ -220,7 +221,7 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
         print(f"loading the {role} from {path}: {how}", flush=True)
     root = shard(lm, cfg, env)
     if own_shards:
-        _read_own_shards(root, files, dtype, torch.device("cpu") if cfg.teacher_offload and role == "teacher"
+        _read_own_shards(root, checkpoint, dtype, torch.device("cpu") if cfg.teacher_offload and role == "teacher"
                          else env.device)
     else:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -252,27 +253,35 @@ def _safetensors_index(path: str) -> dict[str, str] | None:
         return {name: single for name in handle.keys()}
 
 
-def _names_match(lm: nn.Module, files: dict[str, str]) -> bool:
+class _Checkpoint:
+    """A checkpoint's safetensors files, opened lazily, each once: slices of a tensor by name."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files, self.handles = files, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def slice(self, name: str):
+        from safetensors import safe_open
+
+        file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = safe_open(file, framework="pt")
+        return self.handles[file].get_slice(name)
+
+
+def _names_match(lm: nn.Module, checkpoint: _Checkpoint) -> bool:
     """Every parameter (a tied one once) is in the files under its own name, with its own shape."""
-    from safetensors import safe_open
-
-    handles: dict[str, object] = {}
-    for name, param in lm.named_parameters():
-        if name not in files:
-            return False
-        if files[name] not in handles:
-            handles[files[name]] = safe_open(files[name], framework="pt")
-        if list(handles[files[name]].get_slice(name).get_shape()) != list(param.shape):
-            return False
-    return True
+    return all(name in checkpoint and list(checkpoint.slice(name).get_shape()) == list(param.shape)
+               for name, param in lm.named_parameters())
 
 
-def _read_own_shards(root: nn.Module, files: dict[str, str], dtype: torch.dtype, device: torch.device) -> None:
+def _read_own_shards(root: nn.Module, checkpoint: _Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
     """Materializes the sharded (meta) parameters on `device` and fills each rank's local slice from the files.
 
     `get_slice` reads only the requested rows, so no rank reads or holds another's. Buffers that the constructor
     computed (rotary frequencies) are kept; persistent buffers found in the files are read whole."""
-    from safetensors import safe_open
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -280,14 +289,6 @@ def _read_own_shards(root: nn.Module, files: dict[str, str], dtype: torch.dtype,
     root.to_empty(device=device)
     for name, buffer in root.named_buffers():
         buffer.copy_(computed[name])
-    handles: dict[str, object] = {}
-
-    def read(name: str, index=None) -> torch.Tensor:
-        if files[name] not in handles:
-            handles[files[name]] = safe_open(files[name], framework="pt")
-        tensor_slice = handles[files[name]].get_slice(name)
-        return tensor_slice[index] if index is not None else tensor_slice[:]
-
     with torch.no_grad():
         for name, param in root.lm.named_parameters():
             if isinstance(param, DTensor):
@@ -295,12 +296,13 @@ def _read_own_shards(root: nn.Module, files: dict[str, str], dtype: torch.dtype,
                                                                       param.placements)
                 local = param.to_local()
                 if local.numel():
-                    local.copy_(read(name, tuple(slice(o, o + n) for o, n in zip(offset, shape))).to(dtype))
+                    rows = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+                    local.copy_(checkpoint.slice(name)[rows].to(dtype))
             else:
-                param.copy_(read(name).to(dtype))
+                param.copy_(checkpoint.slice(name)[:].to(dtype))
         for name, buffer in root.lm.named_buffers():
-            if name in files:
-                buffer.copy_(read(name).to(buffer.dtype))
+            if name in checkpoint:
+                buffer.copy_(checkpoint.slice(name)[:].to(buffer.dtype))
 
 
 def check_head_covers_vocab(model: nn.Module, vocab_size: int, role: str) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 # Operators that only make a view, change metadata or allocate: no kernel runs.
 METADATA_ONLY = frozenset({
     "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias", "aten::as_strided", "aten::slice",

@@ -18,7 +18,7 @@ from transformers import AutoConfig
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulation_steps
-from .data import (IGNORE_INDEX, MicroBatch, Sample, StepSampler, check_data_path, collate, collate_packed,
+from .data import (MicroBatch, Sample, StepSampler, check_data_path, collate, collate_packed,
                    eval_shards, load_sft_dataset, looks_local, mix_datasets, padding_efficiency)
 from .distill import LiveTeacher, student_loss
 from .distributed import DistEnv, all_reduce_sum
