@@ -59,7 +59,8 @@ def worker(args) -> None:
     from transformers import LlamaForCausalLM
 
     from fsdp_kd.config import TrainConfig
-    from fsdp_kd.data import IGNORE_INDEX, MicroBatch
+    from fsdp_kd.data import MicroBatch
+    from fsdp_kd.records import IGNORE_INDEX
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
     from fsdp_kd.models import parameter_count, resolve_dtype, shard_student, shard_teacher

@@ -76,6 +76,7 @@ class TrainConfig:
     max_len: int = 2048
     max_samples: int | None = None
     max_eval_samples: int | None = None
+    data_cache_dir: str | None = None  # tokenized data cache; default $FSDP_KD_DATA_CACHE or ~/.cache/fsdp_kd/tokenized
 
     # Optimization
     micro_train_batch_size: int = 1

@@ -1,303 +1,123 @@
-"""SFT data: records → token ids with shifted next-token targets on response tokens only → rank-sharded micro-batches.
+"""Samples → rank-sharded micro-batches: which samples each rank trains on at each step (over one source or an
+interleaved mixture of several), and how a micro-batch is laid out (padded, or packed with attention isolation).
 
-One rule shapes this module: the loss mask is decided by token ids the model will really see, never by string
-offsets. A prompt and its response are tokenized as the model consumes them (the chat template's own rendering of
-the conversation when `apply_chat_template` is set), and the response is what follows the rendered prompt.
-
-`targets[i]` is the id the model must predict at position i (the next token) when that token is a response token,
-else IGNORE_INDEX. CE and KD both read this one shifted mask.
+Samples come from `records` (one record → one sample) through `tokenized` (tokenized once, memory-mapped); this
+module only ever holds the indices of a step and the few samples it reads for it.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
+import numpy as np
 import torch
 
-from .config import ConfigError, TrainConfig
-
-IGNORE_INDEX = -100
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+from .config import TrainConfig
+from .records import IGNORE_INDEX, DataError, Sample
 
 
-class DataError(ConfigError):
-    """Bad data, reported as 'file:line: key ...: what is wrong'."""
+class SampleTable(Protocol):
+    """What training reads samples from: a tokenized source, a view of one, or several concatenated."""
+    lengths: np.ndarray
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> Sample: ...
 
 
-@dataclass
-class Sample:
-    input_ids: list[int]
-    targets: list[int]
+class Rows:
+    """Some rows of a table, in a given order (a held-out split, or the rest of it)."""
 
-    @property
-    def trainable_tokens(self) -> int:
-        return sum(t != IGNORE_INDEX for t in self.targets)
+    def __init__(self, table: SampleTable, rows: Sequence[int]):
+        self.table, self.rows = table, np.asarray(rows, dtype=np.int64)
+        self.lengths = table.lengths[self.rows]
 
+    def __len__(self) -> int:
+        return len(self.rows)
 
-@dataclass
-class DataStats:
-    read: int = 0
-    kept: int = 0
-    truncated: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    first_bad_row: str | None = None
-
-    def drop(self, reason: str, first: str | None = None) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
-        self.first_bad_row = self.first_bad_row or first
-
-    def summary(self, name: str) -> str:
-        dropped = ", ".join(f"{n} {why}" for why, n in self.dropped.items()) or "none"
-        line = f"{name}: {self.read} records read, {self.kept} kept ({self.truncated} truncated), dropped: {dropped}"
-        return line + (f"; first bad row: {self.first_bad_row}" if self.first_bad_row else "")
+    def __getitem__(self, i: int) -> Sample:
+        return self.table[int(self.rows[i])]
 
 
-def looks_local(path: str) -> bool:
-    return (path.startswith(("/", "./", "../", "~")) or path.endswith(LOCAL_SUFFIXES) or os.path.exists(path))
+class Concatenated:
+    """Several sources as one index space: source k's row j is at offsets[k] + j."""
+
+    def __init__(self, parts: list[SampleTable]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.lengths = np.concatenate([p.lengths for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> Sample:
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return self.parts[k][int(i - self.offsets[k])]
 
 
-def check_data_path(path: str, key: str) -> None:
-    if looks_local(path) and not os.path.exists(os.path.expanduser(path)):
-        raise ConfigError(f"key {key}: path not found: {path}")
+class EpochOrder:
+    """The order in which each epoch visits the training samples, over the sources concatenated.
 
-
-def read_records(path: str, split: str = "train") -> Iterator[tuple[object, str]]:
-    """Yields (record, 'where') pairs; 'where' is file:line for JSONL, file[index] for JSON arrays and tables."""
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
-        files = sorted(p for p in Path(path).iterdir() if p.suffix in LOCAL_SUFFIXES)
-        if not files:
-            raise DataError(f"{path}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files")
-        for f in files:
-            yield from read_records(str(f), split)
-        return
-    if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = _utf8(raw, f"{path}:{lineno}")
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line), f"{path}:{lineno}"
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        return
-    if path.endswith(".json"):
-        with open(path, "rb") as f:
-            text = _utf8(f.read(), path)
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON array of records (or use .jsonl, one record per line)")
-        for i, record in enumerate(records):
-            yield record, f"{path}[{i}]"
-        return
-    import datasets  # tables and hub datasets
-
-    if path.endswith((".parquet", ".csv")):
-        table = datasets.load_dataset(path.rsplit(".", 1)[1], data_files=path, split="train")
-    else:
-        table = datasets.load_dataset(path, split=split)
-    for i, record in enumerate(table):
-        yield record, f"{path}[{i}]"
-
-
-def _utf8(raw: bytes, where: str) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save the file "
-                        "as UTF-8") from None
-
-
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "function_call": "assistant", "system": "system", "observation": "tool", "tool": "tool",
-                  "function": "tool"}
-
-
-def _field(record: object, key: str, where: str):
-    """A record's string field, or a DataError that names the file, line and key."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if key not in record:
-        raise DataError(f"{where}: missing key '{key}' (set input_key/output_key to the record's field names)")
-    value = record[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: key '{key}' must be a string, got {type(value).__name__}")
-    return value
-
-
-def _conversation(turns: list, key: str, where: str) -> list[dict]:
-    """OpenAI `messages` (role/content) or ShareGPT `conversations` (from/value) → role/content messages."""
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: key '{key}' item {i} must be an object, got {type(turn).__name__}")
-        if "role" in turn:
-            role, content = turn["role"], turn.get("content")
-        else:
-            role, content = SHAREGPT_ROLES.get(turn.get("from")), turn.get("value")
-            if role is None:
-                raise DataError(f"{where}: key '{key}' item {i} has unknown speaker {turn.get('from')!r}; "
-                                f"known: {', '.join(SHAREGPT_ROLES)}")
-        if not isinstance(content, str):
-            raise DataError(f"{where}: key '{key}' item {i} needs a string content/value")
-        messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: key '{key}' has no assistant turn to train on")
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-        raise DataError(f"{where}: key '{key}' has an empty assistant turn")
-    return messages
-
-
-def _ids(rendered) -> list[int]:
-    """apply_chat_template returns a list, or a BatchEncoding in newer transformers."""
-    return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
-
-
-def _render(tokenizer, messages, generation_prompt: bool = False) -> list[int]:
-    return _ids(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt))
-
-
-def chat_token_mask(messages: list[dict], tokenizer, all_assistant_turns: bool, where: str):
-    """(ids, trainable) for a conversation rendered by the chat template.
-
-    An assistant turn's tokens are those that the rendering up to and including that turn adds after the rendering
-    of everything before it with the generation prompt: the content and whatever the template closes a turn with
-    (`<|im_end|>`, Phi-3's `<|end|>`). Tokens that a template adds only at the very end of a rendering (Phi-3
-    appends EOS) are trained only where they really appear: after the last turn.
+    One source: a fresh permutation per epoch (seeded by seed + epoch). Several sources, weighted by
+    `dataset_probs` (OpenRLHF's meaning: sampling weights over an interleaved stream): an epoch is as many draws as
+    all the weighted sources hold together, and source k gets round(p_k × that) of them, interleaved at random. Each
+    source is read as an endless stream of its own reshuffled passes, continued from epoch to epoch, so a source
+    whose share is below its size sees new samples every epoch and one above it repeats whole passes; nothing is
+    cut. `describe` says how many samples of each source an epoch draws.
     """
-    full = _render(tokenizer, messages)
-    trainable = [False] * len(full)
-    assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for i in assistant_turns if all_assistant_turns else assistant_turns[-1:]:
-        start = len(_render(tokenizer, messages[:i], generation_prompt=True))
-        upto = _render(tokenizer, messages[:i + 1])
-        if full[:start] != upto[:start]:
-            raise DataError(f"{where}: the chat template renders turn {i} differently inside the whole "
-                            "conversation, so its tokens cannot be located exactly")
-        end = start
-        while end < min(len(upto), len(full)) and upto[end] == full[end]:
-            end += 1
-        if end == start:
-            raise DataError(f"{where}: assistant turn {i} renders to no tokens")
-        trainable[start:end] = [True] * (end - start)
-    return full, trainable
+
+    def __init__(self, sizes: list[int], probs: list[float] | None, seed: int):
+        self.sizes, self.seed = list(sizes), seed
+        probs = [1.0] * len(sizes) if probs is None else list(probs)
+        self.probs = [p / sum(probs) for p in probs]
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.length = sum(n for n, p in zip(self.sizes, self.probs) if p > 0) if len(sizes) > 1 else sizes[0]
+        self.draws = _largest_remainder([p * self.length for p in self.probs]) if len(sizes) > 1 else [sizes[0]]
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def __call__(self, epoch: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._order(epoch))
+        return self._cached[1]
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if len(self.sizes) == 1:
+            return self._stream(0, epoch * self.length, self.length)
+        labels = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.draws))
+        labels = labels[torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))]
+        order = torch.empty(self.length, dtype=torch.long)
+        for k, draws in enumerate(self.draws):
+            if draws:
+                order[labels == k] = int(self.offsets[k]) + self._stream(k, epoch * draws, draws)
+        return order
+
+    def _stream(self, source: int, start: int, count: int) -> torch.Tensor:
+        """Items [start, start + count) of source's endless stream of passes, pass p a permutation seeded by
+        seed + p (+ a per-source offset): with one source, pass p is exactly epoch p's permutation."""
+        size = self.sizes[source]
+        position = torch.arange(start, start + count)
+        out = torch.empty(count, dtype=torch.long)
+        for p in range(start // size, (start + count - 1) // size + 1):
+            g = torch.Generator().manual_seed(self.seed + p + 1_000_003 * source)
+            here = position // size == p
+            out[here] = torch.randperm(size, generator=g)[position[here] % size]
+        return out
+
+    def describe(self, names: list[str]) -> list[str]:
+        return [f"{name}: {size} samples, {draws} per epoch ({draws / size:.2f} passes, weight {p:.3g})"
+                for name, size, draws, p in zip(names, self.sizes, self.draws, self.probs)]
 
 
-def tokenize_pair(prompt: str, response: str, cfg: TrainConfig, tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids) exactly as the model will see them, concatenated."""
-    if cfg.apply_chat_template:
-        ids, trainable = chat_token_mask([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": response}], tokenizer, False, where)
-        split = trainable.index(True)
-        return ids[:split], ids[split:]
-    text = cfg.input_template.format(prompt) if cfg.input_template else prompt
-    prompt_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    return prompt_ids, response_ids
-
-
-def truncate(prompt_ids: list[int], response_ids: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
-    """Keeps the prompt's end (the question nearest the answer) and the response's start (what follows it).
-    The prompt keeps at least half of max_len when both are long."""
-    if len(prompt_ids) + len(response_ids) <= max_len:
-        return prompt_ids, response_ids, False
-    prompt_keep = min(len(prompt_ids), max(max_len - len(response_ids), max_len // 2))
-    response_keep = max_len - prompt_keep
-    return prompt_ids[len(prompt_ids) - prompt_keep:], response_ids[:response_keep], True
-
-
-def sample_from_mask(input_ids: list[int], trainable: list[bool]) -> Sample:
-    """Position i predicts token i+1 and is trained when token i+1 is trainable; token 0 is never a target."""
-    targets = [input_ids[i + 1] if trainable[i + 1] else IGNORE_INDEX for i in range(len(input_ids) - 1)]
-    return Sample(list(input_ids), targets + [IGNORE_INDEX])
-
-
-def make_sample(prompt_ids: list[int], response_ids: list[int]) -> Sample:
-    return sample_from_mask(prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids))
-
-
-def record_to_sample(record: object, cfg: TrainConfig, tokenizer, where: str) -> tuple[Sample, bool]:
-    """One record in any supported layout → (sample, truncated?). Raises DataError naming where and which key.
-
-    Layouts: a conversation list under `input_key` (OpenAI messages or ShareGPT conversations, needs the chat
-    template); Alpaca (`instruction` + optional `input` → `output`, recognized when `input_key` is left at `input`
-    or set to `instruction`); prompt/response under `input_key`/`output_key`; with `pretrain_mode`, plain text where
-    every token is trained.
-    """
-    if cfg.pretrain_mode:
-        text = _field(record, cfg.input_key, where)
-        if cfg.output_key in record:
-            text += _field(record, cfg.output_key, where)
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        return sample_from_mask(ids[:cfg.max_len], [True] * min(len(ids), cfg.max_len)), len(ids) > cfg.max_len
-    if isinstance(record, dict) and isinstance(record.get(cfg.input_key), list):
-        if not cfg.apply_chat_template:
-            raise DataError(f"{where}: key '{cfg.input_key}' holds a conversation; set apply_chat_template")
-        messages = _conversation(record[cfg.input_key], cfg.input_key, where)
-        ids, trainable = chat_token_mask(messages, tokenizer, cfg.multiturn, where)
-        return sample_from_mask(ids[:cfg.max_len], trainable[:cfg.max_len]), len(ids) > cfg.max_len
-    if isinstance(record, dict) and "instruction" in record and cfg.input_key in ("input", "instruction"):  # Alpaca
-        prompt = _field(record, "instruction", where)
-        extra = record.get("input") or ""
-        if not isinstance(extra, str):
-            raise DataError(f"{where}: key 'input' must be a string, got {type(extra).__name__}")
-        prompt = f"{prompt}\n\n{extra}" if extra.strip() else prompt
-    else:
-        prompt = _field(record, cfg.input_key, where)
-    response = _field(record, cfg.output_key, where)
-    if not response.strip():
-        raise DataError(f"{where}: key '{cfg.output_key}' is empty; a response is needed to train on")
-    prompt_ids, response_ids = tokenize_pair(prompt, response, cfg, tokenizer, where)
-    prompt_ids, response_ids, cut = truncate(prompt_ids, response_ids, cfg.max_len)
-    return make_sample(prompt_ids, response_ids), cut
-
-
-def load_sft_dataset(path: str, cfg: TrainConfig, tokenizer, max_samples: int | None,
-                     split: str = "train") -> tuple[list[Sample], DataStats]:
-    """Every record tokenized up front, so bad data fails before training (or, with skip_bad_rows, is counted)."""
-    stats = DataStats()
-    samples: list[Sample] = []
-    for record, where in read_records(path, split):
-        if max_samples is not None and stats.read >= max_samples:
-            break
-        stats.read += 1
-        try:
-            sample, cut = record_to_sample(record, cfg, tokenizer, where)
-        except DataError as e:
-            if not cfg.skip_bad_rows:
-                raise
-            stats.drop("bad rows", first=str(e))
-            continue
-        if sample.trainable_tokens == 0:
-            stats.drop("with no trainable token left after truncation")
-            continue
-        stats.truncated += cut
-        stats.kept += 1
-        samples.append(sample)
-    if not samples:
-        raise DataError(f"{path}: no usable samples ({stats.summary('dataset')})")
-    return samples, stats
-
-
-def mix_datasets(parts: list[list[Sample]], probs: list[float], seed: int) -> list[Sample]:
-    """Draws from each dataset in proportion to `probs`, as many samples as the scarcest share allows."""
-    total = min(len(part) / p for part, p in zip(parts, probs) if p > 0)
-    rng = torch.Generator().manual_seed(seed)
-    mixed = []
-    for part, p in zip(parts, probs):
-        mixed += [part[i] for i in torch.randperm(len(part), generator=rng)[:int(total * p)].tolist()]
-    return mixed
+def _largest_remainder(shares: list[float]) -> list[int]:
+    """Integers summing to round(sum(shares)), each the floor or ceiling of its share."""
+    floors = [int(s) for s in shares]
+    left = round(sum(shares)) - sum(floors)
+    for i in sorted(range(len(shares)), key=lambda i: floors[i] - shares[i])[:left]:
+        floors[i] += 1
+    return floors
 
 
 def pack(samples: list[Sample], max_len: int) -> list[list[Sample]]:
@@ -421,24 +241,22 @@ def masked_copy(sample: Sample) -> Sample:
 class StepSampler:
     """Which samples each rank trains on at each step: deterministic, seeded by epoch, disjoint across ranks.
 
-    A global batch is `train_batch_size` consecutive indices of the epoch's permutation. Rank r takes the r-th
+    A global batch is `train_batch_size` consecutive indices of the epoch's order. Rank r takes the r-th
     contiguous slice of it and cuts that into micro-batches, so 1 rank × 2 accumulation steps and 2 ranks × 1 see
     the same samples. The last partial global batch of an epoch is dropped, so every rank takes the same steps.
     """
 
-    def __init__(self, num_samples: int, cfg: TrainConfig, rank: int, world_size: int, accumulation: int):
-        self.num_samples, self.cfg, self.rank, self.world, self.accumulation = num_samples, cfg, rank, world_size, accumulation
-        self.steps_per_epoch = num_samples // cfg.train_batch_size
+    def __init__(self, order: EpochOrder, cfg: TrainConfig, rank: int, world_size: int, accumulation: int):
+        self.order, self.cfg, self.rank, self.world, self.accumulation = order, cfg, rank, world_size, accumulation
+        self.steps_per_epoch = order.length // cfg.train_batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"dataset: {num_samples} usable samples is fewer than train_batch_size "
+            raise DataError(f"dataset: {order.length} usable samples is fewer than train_batch_size "
                             f"{cfg.train_batch_size}; lower train_batch_size or add data")
 
     def indices(self, epoch: int, step_in_epoch: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        order = torch.randperm(self.num_samples, generator=g)
         per_rank = self.cfg.micro_train_batch_size * self.accumulation
         start = step_in_epoch * self.cfg.train_batch_size + self.rank * per_rank
-        mine = order[start:start + per_rank].tolist()
+        mine = self.order(epoch)[start:start + per_rank].tolist()
         mbs = self.cfg.micro_train_batch_size
         return [mine[i:i + mbs] for i in range(0, per_rank, mbs)]
 

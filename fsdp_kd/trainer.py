@@ -18,8 +18,10 @@ from transformers import AutoConfig
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulation_steps
-from .data import (MicroBatch, Sample, StepSampler, check_data_path, collate, collate_packed,
-                   eval_shards, load_sft_dataset, looks_local, mix_datasets, padding_efficiency)
+from .data import (Concatenated, EpochOrder, MicroBatch, Rows, SampleTable, StepSampler, collate, collate_packed,
+                   eval_shards, padding_efficiency)
+from .records import Sample, check_data_path, looks_local
+from .tokenized import TokenizedDataset, open_tokenized
 from .distill import LiveTeacher, student_loss
 from .distributed import DistEnv, all_reduce_sum
 from .export import export_student
@@ -139,6 +141,13 @@ class MetricsLog:
             self.wandb.log(values, step=record["step"])
 
 
+def _hold_out(table: SampleTable, ratio: float, seed: int) -> tuple[Rows, Rows]:
+    """(train, held out): a seeded share of the table's rows, at least one, set aside for evaluation."""
+    order = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed)).numpy()
+    cut = max(1, int(len(table) * ratio))
+    return Rows(table, order[cut:]), Rows(table, order[:cut])
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, log=print):
         self.cfg, self.env = cfg, env
@@ -186,7 +195,7 @@ class Trainer:
             self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tok)
 
         self.train_samples, self.eval_samples = self._load_data()
-        self.sampler = StepSampler(len(self.train_samples), cfg, env.rank, env.world_size, self.accumulation)
+        self.sampler = StepSampler(self.epoch_order, cfg, env.rank, env.world_size, self.accumulation)
         self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -203,30 +212,33 @@ class Trainer:
                 f.write(config_to_yaml(cfg))
         self.log("resolved config:\n" + config_to_yaml(cfg).rstrip())
 
-    def _load_data(self) -> tuple[list[Sample], list[Sample]]:
+    def _load_data(self) -> tuple[SampleTable, list[Sample]]:
+        """The training table (one source, or several under an interleaved `EpochOrder`) and the held-out samples.
+        Each source is tokenized once per node into the cache and read memory-mapped (`tokenized`)."""
         cfg = self.cfg
-        parts = []
-        for path in cfg.dataset.split(","):
-            samples, stats = load_sft_dataset(path, cfg, self.tokenizer, cfg.max_samples, cfg.dataset_split)
-            self.log(stats.summary(f"train data {path}"))
-            parts.append(samples)
-        if len(parts) == 1:
-            train = parts[0]
-        else:
-            probs = [float(p) for p in cfg.dataset_probs.split(",")] if cfg.dataset_probs else [1.0] * len(parts)
-            train = mix_datasets(parts, [p / sum(probs) for p in probs], cfg.seed)
-            self.log(f"mixed {len(train)} training samples from {len(parts)} datasets with weights {probs}")
+        paths = cfg.dataset.split(",")
+        sources = [self._open_source(path, cfg.dataset_split, cfg.max_samples, "train data") for path in paths]
         held_out: list[Sample] = []
         if cfg.eval_dataset:
-            held_out, stats = load_sft_dataset(cfg.eval_dataset, cfg, self.tokenizer, cfg.max_eval_samples,
-                                               cfg.eval_split)
-            self.log(stats.summary(f"eval data {cfg.eval_dataset}"))
+            eval_table = self._open_source(cfg.eval_dataset, cfg.eval_split, cfg.max_eval_samples, "eval data")
+            held_out = [eval_table[i] for i in range(len(eval_table))]
         elif cfg.eval_holdout_ratio > 0:
-            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-            cut = max(1, int(len(train) * cfg.eval_holdout_ratio))
-            held_out, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+            splits = [_hold_out(source, cfg.eval_holdout_ratio, cfg.seed) for source in sources]
+            sources = [train for train, _ in splits]
+            held_out = [held[i] for _, held in splits for i in range(len(held))]
             self.log(f"held out {len(held_out)} training samples for evaluation (eval_holdout_ratio)")
-        return train, held_out
+        probs = [float(p) for p in cfg.dataset_probs.split(",")] if cfg.dataset_probs else None
+        self.epoch_order = EpochOrder([len(s) for s in sources], probs, cfg.seed)
+        if len(sources) > 1:
+            self.log("mixing, per epoch of " + f"{self.epoch_order.length} samples:\n" +
+                     "\n".join("  " + line for line in self.epoch_order.describe(paths)))
+        return (sources[0] if len(sources) == 1 else Concatenated(sources)), held_out
+
+    def _open_source(self, path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
+        table = open_tokenized(path, split, max_samples, self.cfg, self.tokenizer, self.env.local_rank,
+                               barrier=dist.barrier if dist.is_initialized() else (lambda: None), log=self.log)
+        self.log(table.stats.summary(f"{what} {path}"))
+        return table
 
     def collate(self, samples: list[Sample]) -> MicroBatch:
         if self.cfg.packing_samples:
@@ -289,7 +301,7 @@ class Trainer:
 
     def _print_summary(self, compute_dtype) -> None:
         cfg, env = self.cfg, self.env
-        seq_tokens = sum(len(s.input_ids) for s in self.train_samples) / len(self.train_samples)
+        seq_tokens = float(self.train_samples.lengths.mean())
         lines = [
             f"world size {env.world_size} on {env.device.type} ({dist.get_backend() if dist.is_initialized() else 'single'})",
             f"student {parameter_count(self.student) / 1e6:.2f}M params: FSDP2 full shard, compute {compute_dtype}, "

@@ -10,12 +10,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
+# Tokenized data goes to a cache of this test session (torchrun children inherit it), never to ~/.cache.
+os.environ.setdefault("FSDP_KD_DATA_CACHE", tempfile.mkdtemp(prefix="fsdp_kd_tokenized_"))
 
 
 @pytest.fixture(scope="session")

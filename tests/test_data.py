@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from fsdp_kd.config import TrainConfig
-from fsdp_kd.data import (IGNORE_INDEX, DataError, StepSampler, collate, eval_shards, load_sft_dataset, make_sample,
-                          tokenize_pair, truncate)
+from fsdp_kd.data import EpochOrder, StepSampler, collate, eval_shards
 from fsdp_kd.models import load_tokenizer
+from fsdp_kd.records import IGNORE_INDEX, DataError, make_sample, record_to_sample, tokenize_pair, truncate
+from fsdp_kd.tokenized import open_tokenized
 
 from conftest import REALDATA
 
@@ -30,6 +31,13 @@ def test_truncation_keeps_prompt_end_and_response_start():
 
 def _cfg(**kw):
     return TrainConfig(pretrain="x", dataset="x.jsonl", kd_coef=0.0, **kw)
+
+
+def load_samples(path, cfg, tok, tmp_path, max_samples=None):
+    """(samples, stats) of a source through the real path: tokenized into a cache under tmp_path, read back."""
+    cfg.data_cache_dir = str(tmp_path / "tokenized")
+    table = open_tokenized(str(path), "train", max_samples, cfg, tok, local_rank=0, log=lambda *a: None)
+    return [table[i] for i in range(len(table))], table.stats
 
 
 @pytest.mark.parametrize("name,end_of_turn", [("tok_qwen2.5_instruct", "<|im_end|>"),
@@ -56,11 +64,11 @@ def test_input_template_and_eos(tiny):
 
 def test_sampler_ranks_are_disjoint_and_cover_the_global_batch():
     cfg = _cfg(train_batch_size=8, micro_train_batch_size=2)
-    ranks = [StepSampler(40, cfg, r, 2, accumulation=2) for r in range(2)]
+    ranks = [StepSampler(EpochOrder([40], None, cfg.seed), cfg, r, 2, accumulation=2) for r in range(2)]
     for step in range(ranks[0].steps_per_epoch):
         parts = [sum(s.indices(0, step), []) for s in ranks]
         assert not set(parts[0]) & set(parts[1])
-        single = sum(StepSampler(40, cfg, 0, 1, accumulation=4).indices(0, step), [])
+        single = sum(StepSampler(EpochOrder([40], None, cfg.seed), cfg, 0, 1, accumulation=4).indices(0, step), [])
         assert parts[0] + parts[1] == single  # same samples whatever the split
     assert ranks[0].indices(0, 0) == ranks[0].indices(0, 0)
     assert ranks[0].indices(0, 0) != ranks[0].indices(1, 0)
@@ -90,12 +98,12 @@ def _write(tmp_path, lines):
 def test_bad_rows_name_file_line_and_key(tiny, tmp_path, line, message):
     path = _write(tmp_path, ['{"input": "ab", "output": "CD"}', line])
     with pytest.raises(DataError, match=message):
-        load_sft_dataset(path, _cfg(), load_tokenizer(tiny["tok"], False), None)
+        load_samples(path, _cfg(), load_tokenizer(tiny["tok"], False), tmp_path)
 
 
 def test_samples_without_a_trainable_token_are_dropped_and_counted(tiny, tmp_path):
     path = _write(tmp_path, [json.dumps({"input": "a" * 40, "output": "B"}), json.dumps({"input": "a", "output": "B"})])
-    samples, stats = load_sft_dataset(path, _cfg(max_len=2), load_tokenizer(tiny["tok"], False), None)
+    samples, stats = load_samples(path, _cfg(max_len=2), load_tokenizer(tiny["tok"], False), tmp_path)
     assert stats.read == 2 and stats.kept == 2 and stats.truncated == 2
     assert all(s.trainable_tokens >= 1 for s in samples)
 
@@ -122,8 +130,6 @@ def _trained_text(tok, sample):
                                               ("tok_smollm_360m_instruct", "<|im_end|>")])
 @pytest.mark.parametrize("multiturn", [True, False])
 def test_multiturn_masks_cover_each_assistant_turn_and_nothing_else(name, end_of_turn, multiturn):
-    from fsdp_kd.data import record_to_sample
-
     tok = load_tokenizer(str(REALDATA / name), False)
     cfg = _cfg(apply_chat_template=True, multiturn=multiturn, input_key="messages")
     sample, cut = record_to_sample({"messages": CONVERSATION}, cfg, tok, "t")
@@ -136,7 +142,7 @@ def test_multiturn_masks_cover_each_assistant_turn_and_nothing_else(name, end_of
 
 
 def test_sharegpt_layout_from_real_data_trains_every_gpt_turn():
-    from fsdp_kd.data import read_records, record_to_sample
+    from fsdp_kd.records import read_records
 
     tok = load_tokenizer(str(REALDATA / "tok_qwen2.5_instruct"), False)
     cfg = _cfg(apply_chat_template=True, multiturn=True, input_key="conversations", max_len=4096)
@@ -150,7 +156,7 @@ def test_sharegpt_layout_from_real_data_trains_every_gpt_turn():
 
 
 def test_alpaca_layout_from_real_data(tmp_path):
-    from fsdp_kd.data import read_records, record_to_sample
+    from fsdp_kd.records import read_records
 
     tok = load_tokenizer(str(REALDATA / "tok_smollm_360m_instruct"), False)
     cfg = _cfg(apply_chat_template=True)
@@ -164,26 +170,42 @@ def test_alpaca_layout_from_real_data(tmp_path):
 
 
 def test_pretrain_mode_trains_every_token(tiny):
-    from fsdp_kd.data import record_to_sample
-
     sample, _ = record_to_sample({"input": "abcdef"}, _cfg(pretrain_mode=True), load_tokenizer(tiny["tok"], False), "t")
     assert sample.trainable_tokens == len(sample.input_ids) - 1
 
 
 def test_skip_bad_rows_counts_them(tiny, tmp_path):
     path = _write(tmp_path, ['{"input": "ab", "output": "CD"}', '{"input": "ab"}', '{"input": "a", "output": 3}'])
-    samples, stats = load_sft_dataset(path, _cfg(skip_bad_rows=True), load_tokenizer(tiny["tok"], False), None)
+    samples, stats = load_samples(path, _cfg(skip_bad_rows=True), load_tokenizer(tiny["tok"], False), tmp_path)
     assert len(samples) == 1 and stats.dropped == {"bad rows": 2}
     assert "bad.jsonl:2: missing key 'output'" in stats.summary("train")
 
 
-def test_mixing_follows_the_weights():
-    from fsdp_kd.data import mix_datasets
+def test_one_source_epoch_is_a_seeded_permutation():
+    order = EpochOrder([50], None, seed=7)
+    for epoch in range(3):
+        assert order(epoch).tolist() == torch.randperm(50, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
 
-    a = [make_sample([1], [2]) for _ in range(100)]
-    b = [make_sample([3], [4]) for _ in range(30)]
-    mixed = mix_datasets([a, b], [0.75, 0.25], seed=0)
-    assert sum(s.input_ids[0] == 1 for s in mixed) == 90 and sum(s.input_ids[0] == 3 for s in mixed) == 30
+
+def test_mixing_follows_the_weights_and_drops_nothing():
+    """0.9/0.1 over 100 and 10,000 samples: an epoch is 10,100 draws, 9,090 from the small source (90.9 passes) and
+    1,010 from the large one, interleaved; the large source's draws continue from epoch to epoch, so ten epochs
+    read all of it, and only their last 100 draws start its second pass."""
+    order = EpochOrder([100, 10_000], [0.9, 0.1], seed=0)
+    assert order.length == 10_100 and order.draws == [9090, 1010]
+    seen_large = []
+    for epoch in range(10):
+        indices = order(epoch)
+        from_large = indices >= 100
+        assert int(from_large.sum()) == 1010
+        for part in indices.chunk(10):  # interleaved: every tenth of the epoch has about a tenth of the draws
+            share = float((part >= 100).float().mean())
+            assert abs(share - 0.1) < 4 * (0.1 * 0.9 / len(part)) ** 0.5
+        small = indices[~from_large]
+        assert torch.bincount(small, minlength=100).min() >= 90  # whole passes: each sample 90 or 91 times
+        seen_large += indices[from_large].tolist()
+    assert set(seen_large) == set(range(100, 10_100)) and len(set(seen_large[:10_000])) == 10_000
+    assert order.describe(["a", "b"])[1] == "b: 10000 samples, 1010 per epoch (0.10 passes, weight 0.1)"
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
@@ -245,13 +267,13 @@ def test_parquet_csv_and_directory_sources(tiny, tmp_path):
     datasets.Dataset.from_list(records).to_csv(str(folder / "part2.csv"))
     tok = load_tokenizer(tiny["tok"], False)
     for path, expected in ((folder / "part1.parquet", 2), (folder / "part2.csv", 2), (folder, 4)):
-        samples, stats = load_sft_dataset(str(path), _cfg(), tok, None)
+        samples, stats = load_samples(path, _cfg(), tok, tmp_path)
         assert len(samples) == expected and stats.kept == expected
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_data_that_is_not_utf8_names_the_file_and_line(tmp_path, suffix):
-    from fsdp_kd.data import read_records
+    from fsdp_kd.records import read_records
 
     path = tmp_path / f"data{suffix}"
     good = b'{"input": "ab", "output": "cd"}'
@@ -260,3 +282,41 @@ def test_data_that_is_not_utf8_names_the_file_and_line(tmp_path, suffix):
     where = f"{path}:2" if suffix == ".jsonl" else str(path)
     with pytest.raises(DataError, match=rf"^{where}: not UTF-8 text \(byte 0xff at offset \d+\); re-save"):
         list(read_records(str(path)))
+
+
+def _reference_chat_token_mask(messages, tok, all_assistant_turns):
+    """The mask's definition, computed the slow way: each prefix tokenized by the template itself (2k + 1
+    tokenizations). `records.chat_token_mask` must agree with it exactly."""
+    def render(msgs, generation_prompt=False):
+        out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    full = render(messages)
+    trainable = [False] * len(full)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i in turns if all_assistant_turns else turns[-1:]:
+        start = len(render(messages[:i], generation_prompt=True))
+        upto = render(messages[:i + 1])
+        assert full[:start] == upto[:start]
+        end = start
+        while end < min(len(upto), len(full)) and upto[end] == full[end]:
+            end += 1
+        trainable[start:end] = [True] * (end - start)
+    return full, trainable
+
+
+@pytest.mark.parametrize("name", ["tok_qwen2.5_instruct", "tok_phi3_mini_instruct", "tok_smollm_360m_instruct"])
+def test_one_rendering_chat_masks_equal_the_prefix_definition(name):
+    """Real multi-turn data (ShareGPT chats, tool calls with function/observation turns, identity prompts) under
+    three real chat templates, every assistant turn and the last only."""
+    from fsdp_kd.records import _conversation, chat_token_mask, read_records
+
+    tok = load_tokenizer(str(REALDATA / name), False)
+    conversations = []
+    for folder, file in (("fastchat", "dummy_conversation.json"), ("llamafactory", "glaive_toolcall_en_demo.json")):
+        for record, where in list(read_records(str(REALDATA / folder / file)))[:25]:
+            conversations.append(_conversation(record["conversations"], "conversations", where))
+    conversations.append(CONVERSATION)
+    for messages in conversations:
+        for all_turns in (True, False):
+            assert chat_token_mask(messages, tok, all_turns, "t") == _reference_chat_token_mask(messages, tok, all_turns)

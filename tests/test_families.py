@@ -63,7 +63,8 @@ def build(family: str, seed: int, hidden: int = 32, head_scale: float = 8.0):
 
 
 def batch_of(seed: int = 0):
-    from fsdp_kd.data import collate, make_sample
+    from fsdp_kd.data import collate
+    from fsdp_kd.records import make_sample
 
     g = torch.Generator().manual_seed(seed)
     samples = [make_sample(torch.randint(3, V, (p,), generator=g).tolist(), torch.randint(3, V, (r,), generator=g).tolist())

@@ -1,0 +1,248 @@
+"""Tokenize once, memory-map everywhere.
+
+A data source is tokenized a single time per node into an Arrow table (int32 ids, the trained positions as a few
+[start, end) spans), cached on disk under a key made of everything that changes the tokens: the data files (path,
+size, modification time), the tokenizer and its chat template, the layout settings and this module's format
+version. Every later run and every restart of the same run opens the table memory-mapped, and each rank reads the
+rows of its own micro-batches when it needs them, so a rank's memory does not grow with the dataset.
+
+The build uses `datasets.map(num_proc=...)` over the same per-record code as everything else
+(`records.record_to_sample`), so a cached sample is exactly the sample the records would give. Bad rows keep their
+file:line:key report: the first records are tried in this process before any worker starts (a wrong key fails in a
+second), and a bad row further in fails the build with its own location, or is counted with `skip_bad_rows`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import TrainConfig
+from .records import (IGNORE_INDEX, LOCAL_SUFFIXES, DataError, DataStats, Sample, looks_local, parse_record,
+                      raw_records, record_to_sample)
+
+FORMAT_VERSION = 1  # bump when the stored columns or the tokenization rules change
+DEFAULT_CACHE = "~/.cache/fsdp_kd/tokenized"
+TOKEN_SETTINGS = ("input_key", "output_key", "input_template", "apply_chat_template", "multiturn", "pretrain_mode",
+                  "max_len", "skip_bad_rows")
+NO_TARGET = "with no trainable token left after truncation"
+PROBE_RECORDS = 32  # tried in-process before the parallel build, so a wrong key fails at once
+META_FILE = "fsdp_kd_tokenized.json"
+
+
+def cache_root(cfg: TrainConfig) -> str:
+    return os.path.expanduser(cfg.data_cache_dir or os.environ.get("FSDP_KD_DATA_CACHE") or DEFAULT_CACHE)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the ids: the tokenizer's model, normalizer and special tokens, and its chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else
+             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.chat_template, tokenizer.bos_token_id,
+                         tokenizer.eos_token_id]).encode())
+    return h.hexdigest()
+
+
+def source_files(path: str) -> list[str]:
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return sorted(str(p) for p in Path(path).iterdir() if p.suffix in LOCAL_SUFFIXES)
+    return [path]
+
+
+def cache_key(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer) -> dict:
+    """Everything that changes the tokenized samples of one source."""
+    if looks_local(path):
+        source = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files(path)]
+    else:
+        source = [path, split]  # a hub dataset: its name and split (datasets keeps its own revision cache)
+    return {"format": FORMAT_VERSION, "source": source, "max_samples": max_samples,
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "settings": {k: getattr(cfg, k) for k in TOKEN_SETTINGS}}
+
+
+class TokenizedDataset:
+    """One tokenized source, memory-mapped. `ds[i]` reads and rebuilds sample i; `lengths` are its token counts."""
+
+    def __init__(self, directory: str):
+        import datasets
+
+        self.directory = directory
+        with open(os.path.join(directory, META_FILE)) as f:
+            self.meta = json.load(f)
+        self.table = datasets.load_from_disk(directory)
+        self.lengths = self.table.data.column("length").to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i) -> Sample:
+        row = self.table[int(i)]
+        return sample_from_spans(row["input_ids"], row["spans"])
+
+    @property
+    def stats(self) -> DataStats:
+        return DataStats(**self.meta["stats"])
+
+    @property
+    def samples_sha256(self) -> str:
+        """A hash of every stored sample, in order: what a teacher cache checks it was built from."""
+        return self.meta["samples_sha256"]
+
+
+def sample_from_spans(input_ids: list[int], spans: list[int]) -> Sample:
+    """Targets from the trained positions: position p predicts input_ids[p + 1] when p lies in a span."""
+    targets = [IGNORE_INDEX] * len(input_ids)
+    for start, end in zip(spans[::2], spans[1::2]):
+        targets[start:end] = input_ids[start + 1:end + 1]
+    return Sample(list(input_ids), targets)
+
+
+def spans_of(sample: Sample) -> list[int]:
+    """The trained positions of a sample as flat [start, end, start, end, ...]."""
+    spans: list[int] = []
+    for p, t in enumerate(sample.targets):
+        if t == IGNORE_INDEX:
+            continue
+        if spans and spans[-1] == p:
+            spans[-1] = p + 1
+        else:
+            spans += [p, p + 1]
+    return spans
+
+
+def _tokenize_batch(batch: dict, cfg: TrainConfig, tokenizer) -> dict:
+    out: dict[str, list] = {"input_ids": [], "spans": [], "length": [], "truncated": [], "error": []}
+    for text, where in zip(batch["record"], batch["where"]):
+        sample, cut, error = Sample([], []), False, None
+        try:
+            sample, cut = record_to_sample(parse_record(text, where), cfg, tokenizer, where)
+            if sample.trainable_tokens == 0:
+                error = NO_TARGET
+        except DataError as e:
+            error = str(e)
+        out["input_ids"].append(sample.input_ids)
+        out["spans"].append(spans_of(sample))
+        out["length"].append(len(sample.input_ids))
+        out["truncated"].append(cut)
+        out["error"].append(error)
+    return out
+
+
+def open_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, local_rank: int,
+                   barrier=lambda: None, log=print) -> TokenizedDataset:
+    """The source's tokenized table: built by local rank 0 of each node if no run has built it yet (the other ranks
+    wait at `barrier`), else opened from the cache."""
+    key = cache_key(path, split, max_samples, cfg, tokenizer)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(path.rstrip("/")))[:60]
+    directory = os.path.join(cache_root(cfg), f"{name}-{digest}")
+    if not os.path.exists(os.path.join(directory, META_FILE)) and local_rank == 0:
+        build_tokenized(path, split, max_samples, cfg, tokenizer, key, directory, log)
+    barrier()
+    if not os.path.exists(os.path.join(directory, META_FILE)):
+        raise DataError(f"{path}: the tokenized cache {directory} was not built (it must be on a file system that "
+                        "every rank of a node sees)")
+    log(f"{path}: tokenized cache {directory}")
+    return TokenizedDataset(directory)
+
+
+def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, key: dict,
+                    directory: str, log=print) -> None:
+    """Tokenizes a source into `directory`, atomically: it is written beside it and renamed into place, so a
+    killed build leaves nothing that a later run would take for a finished one."""
+    import datasets
+
+    started = time.perf_counter()
+    _probe(path, split, cfg, tokenizer)
+    work = f"{directory}.building-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        raw = datasets.Dataset.from_generator(
+            _limited_records, gen_kwargs={"path": path, "split": split, "limit": max_samples},
+            features=datasets.Features({"record": datasets.Value("string"), "where": datasets.Value("string")}),
+            cache_dir=os.path.join(work, "raw"))
+        features = datasets.Features({
+            "input_ids": datasets.List(datasets.Value("int32")), "spans": datasets.List(datasets.Value("int32")),
+            "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
+            "error": datasets.Value("string")})
+        workers = max(1, min(os.cpu_count() or 1, len(raw) // 2000))
+        tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256, num_proc=workers if workers > 1 else None,
+                            fn_kwargs={"cfg": cfg, "tokenizer": tokenizer}, remove_columns=["record", "where"],
+                            features=features, desc=f"tokenizing {os.path.basename(path)}",
+                            cache_file_name=os.path.join(work, "map", "tokenized.arrow"))
+        stats, kept = _tally(tokenized, cfg.skip_bad_rows)
+        if len(kept) == 0:
+            raise DataError(f"{path}: no usable samples ({stats.summary('dataset')})")
+        table = tokenized.select(kept).remove_columns(["error", "truncated"])
+        table.save_to_disk(os.path.join(work, "table"))
+        meta = {"key": key, "stats": stats.__dict__, "samples_sha256": _content_hash(os.path.join(work, "table")),
+                "built_seconds": round(time.perf_counter() - started, 1)}
+        with open(os.path.join(work, "table", META_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.makedirs(os.path.dirname(directory), exist_ok=True)
+        try:
+            os.replace(os.path.join(work, "table"), directory)
+        except OSError:
+            if not os.path.exists(os.path.join(directory, META_FILE)):  # else another node finished it first
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"{path}: tokenized {stats.kept} samples in {time.perf_counter() - started:.1f} s with {workers} "
+        f"process{'es' if workers > 1 else ''}")
+
+
+def _limited_records(path: str, split: str, limit: int | None):
+    for n, (text, where) in enumerate(raw_records(path, split)):
+        if limit is not None and n >= limit:
+            return
+        yield {"record": text, "where": where}
+
+
+def _probe(path: str, split: str, cfg: TrainConfig, tokenizer) -> None:
+    """The first records, in this process: a wrong key or layout fails in a second, not after the whole build."""
+    if cfg.skip_bad_rows:
+        return
+    for n, (text, where) in enumerate(raw_records(path, split)):
+        if n >= PROBE_RECORDS:
+            return
+        record_to_sample(parse_record(text, where), cfg, tokenizer, where)
+
+
+def _tally(tokenized, skip_bad_rows: bool) -> tuple[DataStats, np.ndarray]:
+    """(stats, indices of the kept rows); the first bad row is an error unless bad rows are skipped."""
+    errors = tokenized.data.column("error")
+    bad = np.asarray(errors.is_valid())
+    stats = DataStats(read=len(tokenized), kept=int((~bad).sum()))
+    for i in np.flatnonzero(bad):
+        why = errors[int(i)].as_py()
+        if why == NO_TARGET:
+            stats.drop(NO_TARGET)
+        elif not skip_bad_rows:
+            raise DataError(why)
+        else:
+            stats.drop("bad rows", first=why)
+    kept = np.flatnonzero(~bad)
+    stats.truncated = int(np.asarray(tokenized.data.column("truncated").to_numpy(zero_copy_only=False))[kept].sum())
+    return stats, kept
+
+
+def _content_hash(directory: str) -> str:
+    """sha256 over the stored ids and spans, in row order."""
+    import datasets
+
+    table = datasets.load_from_disk(directory).data
+    h = hashlib.sha256()
+    for column in ("input_ids", "spans"):
+        for chunk in table.column(column).chunks:
+            h.update(np.diff(chunk.offsets.to_numpy()).astype(np.int64).tobytes())
+            h.update(chunk.flatten().to_numpy().astype(np.int32).tobytes())
+    return h.hexdigest()
