@@ -1,7 +1,9 @@
-"""The dense distillation loss: full logits and autograd, the obvious way.
+"""The obvious, slow ways: yardsticks for the fast code, used by the tests and the benchmarks, never by training.
 
-It is the yardstick for the chunked kernel in `loss.py`: the tests check values and gradients against it, and the
-benchmarks under `bench/` measure the kernel's time and memory against it. It is not used for training.
+- The dense distillation loss (full logits and autograd) for the chunked kernel in `loss.py`: the tests check values
+  and gradients against it, and `bench/loss_bench.py` measures the kernel's time and memory against it.
+- The chat-template response mask by its definition (every prefix tokenized by the template) for the one-rendering
+  `records.chat_token_mask`: the tests check equality on real data, `bench/data_bench.py` measures the cost.
 """
 
 from __future__ import annotations
@@ -64,3 +66,26 @@ def dense_distillation_loss(student_hidden, student_head, labels, spec: LossSpec
         "teacher_ce": -log_p_raw.gather(1, labels[:, None]).detach().double().sum(),
     })
     return loss, metrics
+
+
+def prefix_chat_token_mask(messages: list[dict], tokenizer, all_assistant_turns: bool) -> tuple[list[int], list[bool]]:
+    """(ids, trainable) by the mask's definition: an assistant turn's tokens are those the tokenized rendering up to
+    and including it adds after the tokenized rendering of everything before it with the generation prompt, as far
+    as they agree with the whole conversation's tokens. 2k + 1 tokenizations of growing prefixes for k turns."""
+    def render(msgs, generation_prompt=False):
+        out = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    full = render(messages)
+    trainable = [False] * len(full)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i in turns if all_assistant_turns else turns[-1:]:
+        start = len(render(messages[:i], generation_prompt=True))
+        upto = render(messages[:i + 1])
+        if full[:start] != upto[:start]:
+            raise ValueError(f"turn {i} renders differently inside the whole conversation")
+        end = start
+        while end < min(len(upto), len(full)) and upto[end] == full[end]:
+            end += 1
+        trainable[start:end] = [True] * (end - start)
+    return full, trainable

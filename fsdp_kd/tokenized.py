@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -138,16 +139,26 @@ def _tokenize_batch(batch: dict, cfg: TrainConfig, tokenizer) -> dict:
 
 
 def open_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, local_rank: int,
-                   barrier=lambda: None, log=print) -> TokenizedDataset:
-    """The source's tokenized table: built by local rank 0 of each node if no run has built it yet (the other ranks
-    wait at `barrier`), else opened from the cache."""
+                   share: Callable[[str | None], list] = lambda error: [error], log=print) -> TokenizedDataset:
+    """The source's tokenized table: built by local rank 0 of each node if no run has built it yet, else opened from
+    the cache. `share` exchanges each rank's build error (None if none) with every rank, and doubles as the wait
+    for the build: every rank fails with the builder's message, rather than waiting on a barrier for a rank that
+    has died."""
     key = cache_key(path, split, max_samples, cfg, tokenizer)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(path.rstrip("/")))[:60]
     directory = os.path.join(cache_root(cfg), f"{name}-{digest}")
+    failure, error = None, None
     if not os.path.exists(os.path.join(directory, META_FILE)) and local_rank == 0:
-        build_tokenized(path, split, max_samples, cfg, tokenizer, key, directory, log)
-    barrier()
+        try:
+            build_tokenized(path, split, max_samples, cfg, tokenizer, key, directory, log)
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, whatever it is
+            failure, error = e, str(e) if isinstance(e, DataError) else f"{path}: tokenizing failed: {e!r}"
+    errors = [e for e in share(error) if e]
+    if failure is not None:
+        raise failure
+    if errors:
+        raise DataError(errors[0])
     if not os.path.exists(os.path.join(directory, META_FILE)):
         raise DataError(f"{path}: the tokenized cache {directory} was not built (it must be on a file system that "
                         "every rank of a node sees)")
@@ -208,13 +219,16 @@ def _limited_records(path: str, split: str, limit: int | None):
 
 
 def _probe(path: str, split: str, cfg: TrainConfig, tokenizer) -> None:
-    """The first records, in this process: a wrong key or layout fails in a second, not after the whole build."""
-    if cfg.skip_bad_rows:
-        return
-    for n, (text, where) in enumerate(raw_records(path, split)):
-        if n >= PROBE_RECORDS:
+    """The first records, in this process: a wrong key or layout fails in a second, not after the whole build (and
+    an empty source fails here, where `datasets` would only say that a split holds no data)."""
+    n = 0
+    for n, (text, where) in enumerate(raw_records(path, split), 1):
+        if n > PROBE_RECORDS:
             return
-        record_to_sample(parse_record(text, where), cfg, tokenizer, where)
+        if not cfg.skip_bad_rows:
+            record_to_sample(parse_record(text, where), cfg, tokenizer, where)
+    if n == 0:
+        raise DataError(f"{path}: no usable samples (no records)")
 
 
 def _tally(tokenized, skip_bad_rows: bool) -> tuple[DataStats, np.ndarray]:

@@ -23,7 +23,7 @@ from .data import (Concatenated, EpochOrder, MicroBatch, Rows, SampleTable, Step
 from .records import Sample, check_data_path, looks_local
 from .tokenized import TokenizedDataset, open_tokenized
 from .distill import LiveTeacher, student_loss
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, all_gather_object, all_reduce_sum
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
 from .heads import verify_head
@@ -236,7 +236,7 @@ class Trainer:
 
     def _open_source(self, path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
         table = open_tokenized(path, split, max_samples, self.cfg, self.tokenizer, self.env.local_rank,
-                               barrier=dist.barrier if dist.is_initialized() else (lambda: None), log=self.log)
+                               share=all_gather_object, log=self.log)
         self.log(table.stats.summary(f"{what} {path}"))
         return table
 

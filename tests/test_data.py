@@ -284,32 +284,12 @@ def test_data_that_is_not_utf8_names_the_file_and_line(tmp_path, suffix):
         list(read_records(str(path)))
 
 
-def _reference_chat_token_mask(messages, tok, all_assistant_turns):
-    """The mask's definition, computed the slow way: each prefix tokenized by the template itself (2k + 1
-    tokenizations). `records.chat_token_mask` must agree with it exactly."""
-    def render(msgs, generation_prompt=False):
-        out = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=generation_prompt)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-
-    full = render(messages)
-    trainable = [False] * len(full)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    for i in turns if all_assistant_turns else turns[-1:]:
-        start = len(render(messages[:i], generation_prompt=True))
-        upto = render(messages[:i + 1])
-        assert full[:start] == upto[:start]
-        end = start
-        while end < min(len(upto), len(full)) and upto[end] == full[end]:
-            end += 1
-        trainable[start:end] = [True] * (end - start)
-    return full, trainable
-
-
 @pytest.mark.parametrize("name", ["tok_qwen2.5_instruct", "tok_phi3_mini_instruct", "tok_smollm_360m_instruct"])
 def test_one_rendering_chat_masks_equal_the_prefix_definition(name):
-    """Real multi-turn data (ShareGPT chats, tool calls with function/observation turns, identity prompts) under
+    """Real multi-turn data (ShareGPT chats, tool calls with function/observation turns, a system prompt) under
     three real chat templates, every assistant turn and the last only."""
     from fsdp_kd.records import _conversation, chat_token_mask, read_records
+    from fsdp_kd.reference import prefix_chat_token_mask
 
     tok = load_tokenizer(str(REALDATA / name), False)
     conversations = []
@@ -319,4 +299,4 @@ def test_one_rendering_chat_masks_equal_the_prefix_definition(name):
     conversations.append(CONVERSATION)
     for messages in conversations:
         for all_turns in (True, False):
-            assert chat_token_mask(messages, tok, all_turns, "t") == _reference_chat_token_mask(messages, tok, all_turns)
+            assert chat_token_mask(messages, tok, all_turns, "t") == prefix_chat_token_mask(messages, tok, all_turns)
