@@ -103,6 +103,14 @@ class TrainConfig:
     kd_chunk_budget_mb: int = LossSpec.chunk_budget_mb  # CUDA: the loss's scratch memory per token block
     compile_loss: bool = False  # torch.compile the loss's per-chunk elementwise work
 
+    # Teacher cache (docs/teacher_cache.md): cache_teacher writes it, training reads it instead of a teacher model
+    teacher_cache: str | None = None
+    cache_mode: str = "topk"  # topk: k ids + log-probs + a rest bucket; sampled: n draws as ids with counts
+    cache_k: int = 64
+    cache_n: int = 32
+    cache_log_p_dtype: str = "float16"  # topk log-probabilities on disk: float16, bfloat16 or float32
+    cache_chunk_samples: int = 512  # samples per part file: the unit of work a killed build loses at most
+
     # Outputs
     save_path: str = "output/fsdp_kd_student"
     ckpt_path: str | None = None  # default: <save_path>/checkpoints
@@ -135,7 +143,7 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attent
 
 # Keys that change what a checkpoint means; a resume with any of these changed is refused.
 RESUME_SENSITIVE_KEYS = (
-    "pretrain", "teacher_model", "dataset", "dataset_probs", "dataset_split", "input_key", "output_key",
+    "pretrain", "teacher_model", "teacher_cache", "dataset", "dataset_probs", "dataset_split", "input_key", "output_key",
     "input_template", "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode",
     "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size", "seed", "param_dtype",
     "kd_coef", "kd_loss", "jsd_beta", "kd_temperature", "max_epochs", "max_steps",
@@ -281,8 +289,9 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("pretrain", "no student model: set pretrain to an HF model directory or hub id")
     if not cfg.dataset:
         fail("dataset", "no training data: set dataset to a .json/.jsonl file")
-    if cfg.teacher_model is None and cfg.kd_coef > 0:
-        fail("kd_coef", f"kd_coef is {cfg.kd_coef} but no teacher_model is set; set kd_coef 0 for plain SFT")
+    if cfg.teacher_model is None and cfg.teacher_cache is None and cfg.kd_coef > 0:
+        fail("kd_coef", f"kd_coef is {cfg.kd_coef} but no teacher_model or teacher_cache is set; set kd_coef 0 for "
+                        "plain SFT")
     if not 0 <= cfg.kd_coef <= 1:
         fail("kd_coef", f"kd_coef must be in [0, 1], got {cfg.kd_coef}")
     if cfg.kd_loss not in DIVERGENCES:
@@ -310,7 +319,8 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.lr_scheduler not in ("cosine_with_min_lr", "constant_with_warmup"):
         fail("lr_scheduler", f"lr_scheduler must be cosine_with_min_lr or constant_with_warmup, got {cfg.lr_scheduler!r}")
     for key in ("micro_train_batch_size", "train_batch_size", "max_epochs", "max_len", "logging_steps",
-                "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb", "max_ckpt_num", "max_skipped_steps"):
+                "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb", "max_ckpt_num", "max_skipped_steps",
+                "cache_chunk_samples"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             fail(key, f"{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -331,6 +341,13 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         if len(probs) != len(cfg.dataset.split(",")) or min(probs) < 0 or sum(probs) <= 0:
             fail("dataset_probs", f"dataset_probs needs one non-negative weight per dataset "
                                   f"({len(cfg.dataset.split(','))}), got {cfg.dataset_probs!r}")
+    if cfg.cache_mode not in ("topk", "sampled"):
+        fail("cache_mode", f"cache_mode must be topk or sampled, got {cfg.cache_mode!r}")
+    if cfg.cache_k < 1 or not 1 <= cfg.cache_n <= 255:
+        fail("cache_k" if cfg.cache_k < 1 else "cache_n", "cache_k must be >= 1 and cache_n in [1, 255] (counts are "
+                                                          f"stored in a byte), got {cfg.cache_k} and {cfg.cache_n}")
+    if cfg.cache_log_p_dtype not in ("float16", "bfloat16", "float32"):
+        fail("cache_log_p_dtype", f"cache_log_p_dtype must be float16, bfloat16 or float32, got {cfg.cache_log_p_dtype!r}")
     if cfg.input_template is not None and cfg.input_template.count("{}") != 1:
         fail("input_template", f"input_template must contain exactly one '{{}}' for the prompt, got {cfg.input_template!r}")
 

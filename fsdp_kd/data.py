@@ -152,6 +152,8 @@ class MicroBatch:
     target_rows: torch.Tensor | None = None  # [N] flat positions with a target; computed from targets if None
     target_ids: torch.Tensor | None = None  # [N] the targets there
     real_tokens: int = -1  # tokens that are not padding; counted from attention_mask if -1
+    # (source, row) of each sample that has targets, in layout order: a teacher cache's key for its target rows
+    sample_keys: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.target_rows is None:
@@ -207,7 +209,7 @@ def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
         ids[row, :n] = torch.tensor(s.input_ids)
         mask[row, :n] = 1
         targets[row, :n] = torch.tensor(s.targets)
-    return MicroBatch(ids, mask, targets)
+    return MicroBatch(ids, mask, targets, sample_keys=[(s.source, s.row) for s in samples if s.trainable_tokens])
 
 
 def collate_packed(samples: list[Sample], max_len: int, pad_id: int) -> MicroBatch:
@@ -215,6 +217,7 @@ def collate_packed(samples: list[Sample], max_len: int, pad_id: int) -> MicroBat
     rows = pack(samples, max_len)
     batch = collate([Sample(sum((s.input_ids for s in row), []), sum((s.targets for s in row), []))
                      for row in rows], pad_id)
+    batch.sample_keys = [(s.source, s.row) for row in rows for s in row if s.trainable_tokens]
     batch.segment_ids = torch.full_like(batch.input_ids, -1)
     batch.position_ids = torch.zeros_like(batch.input_ids)
     for r, row in enumerate(rows):

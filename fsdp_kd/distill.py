@@ -1,9 +1,10 @@
 """The distillation step's glue between the models and the loss: which rows are trained, and where the teacher's
 targets come from.
 
-The loss and the training loop never touch a teacher model directly. They take `TeacherTargets` from a source:
-`LiveTeacher` runs the sharded teacher on each micro-batch; a cache of teacher distributions, or a server, is another
-source with the same method.
+The loss and the training loop never touch a teacher model directly. They take targets from a source, whose
+`targets(batch)` returns something with `distill(hidden, head, labels, spec, vocab_size)`: `LiveTeacher` runs the
+sharded teacher on each micro-batch (`TeacherTargets`); `teacher_cache.CachedTeacher` reads a cache of teacher
+distributions (`CachedTargets`). A server would be a third source.
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ def hidden_at_targets(lm, batch: MicroBatch) -> torch.Tensor:
 
 @dataclass
 class TeacherTargets:
-    """What the loss needs from the teacher for one micro-batch: its hidden states at the target rows, and its head,
-    gathered only while the loss runs (`with targets.head() as head:`)."""
+    """What the loss needs from a live teacher for one micro-batch: its hidden states at the target rows, and its
+    head, gathered only while the loss runs."""
     hidden: torch.Tensor
     head: Callable[[], AbstractContextManager[Head]]
+
+    def distill(self, hidden: torch.Tensor, head, labels: torch.Tensor, spec: LossSpec, vocab_size: int):
+        with self.head() as teacher_head:
+            return distillation_loss(hidden, head, labels, spec, vocab_size, self.hidden, teacher_head)
 
 
 class LiveTeacher:
@@ -48,12 +53,12 @@ class LiveTeacher:
         return TeacherTargets(self.root(hidden_at_targets, batch), self.root.gathered_head)
 
 
-def student_loss(lm, batch: MicroBatch, spec: LossSpec, vocab_size: int, targets: TeacherTargets | None):
-    """(summed loss, summed metrics) of one micro-batch. Runs inside the student root's forward, so the student's
-    head is gathered by FSDP while the kernel reads it and its gradient is reduced by FSDP afterwards."""
+def student_loss(lm, batch: MicroBatch, spec: LossSpec, vocab_size: int, targets=None):
+    """(summed loss, summed metrics) of one micro-batch against a source's targets (None: plain CE). Runs inside
+    the student root's forward, so the student's head is gathered by FSDP while the kernel reads it and its
+    gradient is reduced by FSDP afterwards."""
     hidden = hidden_at_targets(lm, batch)
     head = output_head(lm)
     if targets is None:
         return distillation_loss(hidden, head, batch.target_ids, spec, vocab_size)
-    with targets.head() as teacher_head:
-        return distillation_loss(hidden, head, batch.target_ids, spec, vocab_size, targets.hidden, teacher_head)
+    return targets.distill(hidden, head, batch.target_ids, spec, vocab_size)

@@ -54,18 +54,32 @@ class ChunkTerms:
     p: torch.Tensor
 
 
+@dataclass
+class Buckets:
+    """Both tempered distributions over the buckets of a cached teacher ([rows, B]): the cached tokens, then one
+    bucket for the rest of the vocabulary. Empty buckets hold p = 0 (log p = -inf), likewise q."""
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    p: torch.Tensor
+    q: torch.Tensor
+
+
 @dataclass(frozen=True)
 class Divergence:
     """D(p‖q) between the teacher p and the student q, as the kernel needs it.
 
-    `row_terms(t, beta)` gives the elementwise terms (beyond the shared p·log p, p·log q, q·log q) whose vocabulary
-    sums the divergence needs; `value(sums, beta)` is D per row from those sums; `grad(t, sums, beta)` is dD/da per
-    element, a = z_student / τ. `grad_needs_sums` is False when the gradient uses no row sums, which lets pass 2 ride
-    along in pass 3.
+    Over the whole vocabulary (a live teacher): `row_terms(t, beta)` gives the elementwise terms (beyond the shared
+    p·log p, p·log q, q·log q) whose vocabulary sums the divergence needs; `value(sums, beta)` is D per row from those
+    sums; `grad(t, sums, beta)` is dD/da per element, a = z_student / τ. `grad_needs_sums` is False when the gradient
+    uses no row sums, which lets pass 2 ride along in pass 3.
+
+    Over buckets (a cached teacher): `on_buckets(b, beta)` is (D per row, ∂D/∂Q per bucket); the kernel turns the
+    latter into dD/da through the softmax and the rest bucket (`bucket_block`).
     """
     row_terms: Callable[[ChunkTerms, float], dict[str, torch.Tensor]]
     value: Callable[[dict[str, torch.Tensor], float], torch.Tensor]
     grad: Callable[[ChunkTerms, dict[str, torch.Tensor], float], torch.Tensor]
+    on_buckets: Callable[[Buckets, float], tuple[torch.Tensor, torch.Tensor]]
     grad_needs_sums: bool = True
 
 
@@ -83,28 +97,43 @@ def _jsd_grad(t: ChunkTerms, sums, beta: float) -> torch.Tensor:
     return t.q * (t.log_q - _log_mixture(t, beta) - sums["kl_q_m"][:, None]) / beta
 
 
+def _xlogy_sum(x: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """Σ x·log_ratio per row, with 0·log(0/·) = 0 (an empty bucket adds nothing, not NaN)."""
+    return torch.where(x > 0, x * log_ratio, 0.0).sum(1)
+
+
+def _jsd_on_buckets(b: Buckets, beta: float):
+    log_m = torch.logaddexp(b.log_p + math.log(beta), b.log_q + math.log1p(-beta))
+    value = (beta * _xlogy_sum(b.p, b.log_p - log_m) + (1 - beta) * _xlogy_sum(b.q, b.log_q - log_m))
+    return value / (beta * (1 - beta)), (b.log_q - log_m) / beta
+
+
 DIVERGENCES: dict[str, Divergence] = {
     # KL(p‖q): mode covering, the classic KD objective
     "forward_kl": Divergence(
         row_terms=lambda t, beta: {},
         value=lambda s, beta: s["p_log_p"] - s["p_log_q"],
         grad=lambda t, s, beta: t.q - t.p,
+        on_buckets=lambda b, beta: (_xlogy_sum(b.p, b.log_p - b.log_q), -torch.exp(b.log_p - b.log_q)),
         grad_needs_sums=False),
     # KL(q‖p): mode seeking, the usual choice on-policy
     "reverse_kl": Divergence(
         row_terms=lambda t, beta: {"q_log_p": t.q * t.log_p},  # summed by the kernel
         value=lambda s, beta: s["q_log_q"] - s["q_log_p"],
-        grad=lambda t, s, beta: t.q * (t.log_q - t.log_p - (s["q_log_q"] - s["q_log_p"])[:, None])),
+        grad=lambda t, s, beta: t.q * (t.log_q - t.log_p - (s["q_log_q"] - s["q_log_p"])[:, None]),
+        on_buckets=lambda b, beta: (_xlogy_sum(b.q, b.log_q - b.log_p), b.log_q - b.log_p)),
     # [β·KL(p‖m) + (1-β)·KL(q‖m)] / (β(1-β)): forward KL as β→0, reverse KL as β→1 (the endpoints are those KLs)
     "jsd": Divergence(
         row_terms=_jsd_terms,
         value=lambda s, beta: (beta * s["kl_p_m"] + (1 - beta) * s["kl_q_m"]) / (beta * (1 - beta)),
-        grad=_jsd_grad),
+        grad=_jsd_grad,
+        on_buckets=_jsd_on_buckets),
     # total variation ½·Σ|p - q|: bounded, robust to a teacher's confident mistakes
     "tvd": Divergence(
         row_terms=lambda t, beta: {"tvd": 0.5 * (t.q - t.p).abs(), "sign_q": torch.sign(t.q - t.p) * t.q},
         value=lambda s, beta: s["tvd"],
-        grad=lambda t, s, beta: 0.5 * t.q * (torch.sign(t.q - t.p) - s["sign_q"][:, None])),
+        grad=lambda t, s, beta: 0.5 * t.q * (torch.sign(t.q - t.p) - s["sign_q"][:, None]),
+        on_buckets=lambda b, beta: (0.5 * (b.q - b.p).abs().sum(1), 0.5 * torch.sign(b.q - b.p))),
 }
 SHARED_SUMS = ("p_log_p", "p_log_q", "q_log_q")  # KL and both entropies, logged for every divergence
 
@@ -169,6 +198,11 @@ def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: in
         pieces = -(-vocab // cols)
         cols = -(-vocab // pieces)  # equal chunks: the same kernels for every chunk
     return spec.token_chunk or rows, spec.vocab_chunk or cols
+
+
+def vocab_chunks(vocab_size: int, cols: int) -> list[tuple[int, int]]:
+    """[v0, v1) column ranges of at most `cols` covering the vocabulary."""
+    return [(v0, min(v0 + cols, vocab_size)) for v0 in range(0, vocab_size, cols)]
 
 
 # ---------------------------------------------------------------------------------------------------- heads
@@ -423,20 +457,101 @@ def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBloc
     return per_row.sum(1)
 
 
+@dataclass
+class SparseTargets:
+    """A cached teacher distribution per target row, at the run's temperature: `ids` [N, k] token ids, `log_p`
+    [N, k] their log-probabilities (-inf on an empty slot), `log_rest` [N] the log of the mass on every other token
+    (-inf when there is none: a sampled cache, or k = V). No two non-empty slots of a row hold the same id."""
+    ids: torch.Tensor
+    log_p: torch.Tensor
+    log_rest: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> "SparseTargets":
+        return SparseTargets(self.ids[rows], self.log_p[rows], self.log_rest[rows])
+
+
+def mass_on_buckets(model: ModelBlock, chunks, ids: torch.Tensor, inv_tau: float):
+    """A model's tempered distribution over the buckets `ids` [rows, k] + the rest, from its pass-1 logits: log q at
+    the ids (gathered from the chunk that holds each), the log of its mass on all other tokens (a log-sum-exp over
+    each chunk with the ids masked out, exact even when that mass is ~0, as it is at k = V), and Σ q·log q over the
+    whole vocabulary. Pass 2 of a cached teacher for the student; the cache's builder uses it for the teacher."""
+    a_cached = torch.zeros(ids.shape, device=ids.device)
+    lse_rest = torch.full(ids.shape[:1], -math.inf, device=ids.device)
+    q_log_q = torch.zeros(ids.shape[:1], device=ids.device)
+    for z, (v0, v1) in zip(model.logits, chunks):
+        here, local = _in_chunk(ids, v0, v1)
+        a = z if inv_tau == 1.0 else z * inv_tau
+        a_cached = torch.where(here, a.gather(1, local), a_cached)
+        hit = torch.zeros(z.shape[0], v1 - v0 + 1, dtype=torch.bool, device=z.device)
+        hit.scatter_(1, torch.where(here, local, v1 - v0), True)  # the extra last column takes the misses
+        lse_rest = torch.logaddexp(lse_rest, torch.logsumexp(a.masked_fill(hit[:, :-1], -math.inf), dim=1))
+        log_q = a - model.lse[:, None]
+        q_log_q += row_dot(log_q.exp(), log_q)
+    return a_cached - model.lse[:, None], lse_rest - model.lse, q_log_q
+
+
+def _in_chunk(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which ids fall in columns [v0, v1), their column in the chunk, clamped into it where they do not)."""
+    return (ids >= v0) & (ids < v1), (ids - v0).clamp(0, v1 - v0 - 1)
+
+
+def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, labels, rows: slice,
+                 grads: Gradients | None) -> torch.Tensor:
+    """One token block against a cached teacher: D between the bucketed distributions, the k cached tokens plus one
+    bucket for the rest (the student's rest is 1 - Σ_k q). Returns the block's metric sums, ordered as METRIC_NAMES.
+
+    With u = ∂D/∂Q per bucket (u_r the rest's) and S = Σ_k Q, the gradient with respect to the tempered logits is
+        dD/da_v = q_v·(u_r·S - Σ_k u_j·Q_j)  +  [v cached]·q_v·(u_v - u_r),
+    a dense term that is the softmax times a per-row constant, plus a sparse term scattered into the chunk that holds
+    each cached id. Only the student's head is multiplied: the teacher side is [rows, k] numbers read from disk."""
+    pass1_logits(student, plan.chunks, labels, plan.inv_tau)
+    log_q_cached, log_q_rest, q_log_q = mass_on_buckets(student, plan.chunks, cached.ids, plan.inv_tau)
+    log_q_cached = log_q_cached.masked_fill(cached.log_p == -math.inf, -math.inf)  # empty slots are no bucket
+    log_p = torch.cat([cached.log_p, cached.log_rest[:, None]], 1)
+    log_q = torch.cat([log_q_cached, log_q_rest[:, None]], 1)
+    b = Buckets(log_p, log_q, log_p.exp(), log_q.exp())
+    value, u = plan.divergence.on_buckets(b, plan.beta)
+    u = torch.where(b.q > 0, u, 0.0)  # a bucket the student gives no mass moves with no logit
+    q_k, u_k, u_r = b.q[:, :-1], u[:, :-1], u[:, -1]
+    dense = u_r * q_k.sum(1) - (u_k * q_k).sum(1)
+    sparse = (u_k - u_r[:, None]) * q_k
+    kd_scale = plan.kd_coef / plan.inv_tau  # d(τ²·D)/dz = τ·dD/da
+    for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):
+        z = student.logits[k]
+        q = torch.exp((z if plan.inv_tau == 1.0 else z * plan.inv_tau) - student.lse[:, None])
+        probs = q if plan.inv_tau == 1.0 else torch.exp(z - student.lse_raw[:, None])
+        grad_z = torch.add(probs * (1 - plan.kd_coef), q * dense[:, None], alpha=kd_scale)
+        here, local = _in_chunk(cached.ids, v0, v1)
+        grad_z.scatter_add_(1, local, torch.where(here, sparse * kd_scale, 0.0))
+        push_back(grads, student, grad_z, z, rows, v0, v1)
+    if grads is not None:
+        push_back_labels(grads, student, labels, rows, 1 - plan.kd_coef)
+    is_label = cached.ids == labels[:, None]
+    teacher_log_p_label = torch.where(is_label.any(1), torch.where(is_label, cached.log_p, -math.inf).amax(1),
+                                      cached.log_rest)
+    teacher_top = cached.ids.gather(1, cached.log_p.argmax(1, keepdim=True))[:, 0]
+    per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.tau**2,
+                           _xlogy_sum(b.p, b.log_p - b.log_q), -_xlogy_sum(b.p, b.log_p), -q_log_q,
+                           (student.argmax == teacher_top).float(), -teacher_log_p_label])
+    return per_row.sum(1)
+
+
 def chunked_loss(h_s: torch.Tensor, s_head: Head, labels: torch.Tensor, spec: LossSpec, vocab_size: int,
-                 h_t: torch.Tensor | None, t_head: Head | None, with_grad: bool):
-    """(summed loss, summed metrics [len(METRIC_NAMES)] fp64, Gradients or None)."""
+                 h_t: torch.Tensor | None, t_head: Head | None, with_grad: bool, cached: SparseTargets | None = None):
+    """(summed loss, summed metrics [len(METRIC_NAMES)] fp64, Gradients or None). The teacher is live (`h_t`,
+    `t_head`), cached (`cached`), or absent."""
     device, n = h_s.device, h_s.shape[0]
-    has_teacher = h_t is not None
+    has_teacher = h_t is not None or cached is not None
     divergence = DIVERGENCES[spec.effective_divergence]
-    block_rows, cols = choose_chunks(spec, device, n, vocab_size, 2 if has_teacher else 1)
+    block_rows, cols = choose_chunks(spec, device, n, vocab_size, 2 if h_t is not None else 1)
     sums_fn, grad_fn = elementwise_functions(spec.compile)
-    plan = KernelPlan(chunks=[(v0, min(v0 + cols, vocab_size)) for v0 in range(0, vocab_size, cols)],
+    plan = KernelPlan(chunks=vocab_chunks(vocab_size, cols),
                       kd_coef=spec.kd_coef if has_teacher else 0.0, tau=spec.temperature, beta=spec.jsd_beta,
-                      divergence=divergence, fold_sums_into_grad=with_grad and not divergence.grad_needs_sums,
+                      divergence=divergence,
+                      fold_sums_into_grad=with_grad and not divergence.grad_needs_sums and h_t is not None,
                       sums_fn=sums_fn, grad_fn=grad_fn)
     s_weight, s_bias = _cast_once(s_head, h_s.dtype)
-    t_weight, t_bias = _cast_once(t_head, h_t.dtype) if has_teacher else (None, None)
+    t_weight, t_bias = _cast_once(t_head, h_t.dtype) if h_t is not None else (None, None)
     grads = None
     if with_grad:
         grads = Gradients(torch.zeros(n, h_s.shape[1], device=device),
@@ -446,9 +561,13 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, labels: torch.Tensor, spec: Lo
     for r0 in range(0, n, block_rows):
         rows = slice(r0, min(r0 + block_rows, n))
         student = ModelBlock(s_head, s_weight, s_bias, h_s[rows])
-        teacher = ModelBlock(t_head, t_weight, t_bias, h_t[rows]) if has_teacher else None
-        totals += (distillation_block(plan, student, teacher, labels[rows], rows, grads) if has_teacher
-                   else student_block(plan, student, labels[rows], rows, grads))
+        teacher = ModelBlock(t_head, t_weight, t_bias, h_t[rows]) if h_t is not None else None
+        if teacher is not None:
+            totals += distillation_block(plan, student, teacher, labels[rows], rows, grads)
+        elif cached is not None:
+            totals += bucket_block(plan, student, cached[rows], labels[rows], rows, grads)
+        else:
+            totals += student_block(plan, student, labels[rows], rows, grads)
         del student, teacher  # the block's logit caches, before the next block allocates its own
     loss = (1 - plan.kd_coef) * totals[0] + plan.kd_coef * totals[1]
     return loss, totals, grads
@@ -458,11 +577,12 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
     """Autograd's view of the kernel: the gradients come out of the forward; backward scales them."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, heads, spec, vocab_size, metrics_out):
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, labels, heads, spec, vocab_size, metrics_out, cached):
         s_head, t_head = heads
         s_head = Head(w_s, b_s, s_head.scale, s_head.softcap)
         t_head = None if t_head is None else Head(w_t, b_t, t_head.scale, t_head.softcap)
-        loss, totals, grads = chunked_loss(h_s, s_head, labels, spec, vocab_size, h_t, t_head, with_grad=True)
+        loss, totals, grads = chunked_loss(h_s, s_head, labels, spec, vocab_size, h_t, t_head, with_grad=True,
+                                           cached=cached)
         metrics_out["totals"] = totals
         ctx.save_for_backward(grads.hidden, grads.weight, *(() if grads.bias is None else (grads.bias,)))
         ctx.dtypes = (h_s.dtype, w_s.dtype, None if b_s is None else b_s.dtype)
@@ -473,13 +593,18 @@ class _ChunkedDistillationLoss(torch.autograd.Function):
         saved = ctx.saved_tensors
         grad_b = saved[2].mul_(grad_loss).to(ctx.dtypes[2]) if len(saved) == 3 else None
         return (saved[0].mul_(grad_loss).to(ctx.dtypes[0]), saved[1].mul_(grad_loss).to(ctx.dtypes[1]), grad_b,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def distillation_loss(student_hidden: torch.Tensor, student_head: torch.Tensor | Head, labels: torch.Tensor,
                       spec: LossSpec, vocab_size: int, teacher_hidden: torch.Tensor | None = None,
-                      teacher_head: torch.Tensor | Head | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      teacher_head: torch.Tensor | Head | None = None, cached_teacher: SparseTargets | None = None,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Summed loss over the given rows, and summed metrics (detached, fp64, on the device).
+
+    The teacher is live (its hidden states at the same rows and its head), cached (`cached_teacher`: its
+    distribution as stored, see `SparseTargets`; the divergence is then taken between the bucketed distributions),
+    or absent.
 
     `student_hidden`/`teacher_hidden` hold only the rows that have a valid next-token label (already shifted), so
     prompt and padding rows are never projected. `vocab_size` is the shared tokenizer range that both
@@ -496,11 +621,11 @@ def distillation_loss(student_hidden: torch.Tensor, student_head: torch.Tensor |
         out: dict[str, torch.Tensor] = {}
         loss = _ChunkedDistillationLoss.apply(
             student_hidden, s_head.weight, s_head.bias, teacher_hidden, None if t_head is None else t_head.weight,
-            None if t_head is None else t_head.bias, labels, (s_head, t_head), spec, vocab_size, out)
+            None if t_head is None else t_head.bias, labels, (s_head, t_head), spec, vocab_size, out, cached_teacher)
         totals = out["totals"]
     else:
         loss, totals, _ = chunked_loss(student_hidden, s_head, labels, spec, vocab_size, teacher_hidden, t_head,
-                                       with_grad=False)
+                                       with_grad=False, cached=cached_teacher)
         loss = loss.float()
     metrics = dict(zip(METRIC_NAMES, totals.unbind()))
     metrics["tokens"] = torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)

@@ -97,6 +97,20 @@ def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return 0
 
 
+def tokenizer_or_error(path: str, key: str, cfg: TrainConfig, chat_template: str | None = None):
+    """A path that is neither a local directory nor a reachable hub id fails here, as one line."""
+    try:
+        return load_tokenizer(path, cfg.trust_remote_code, chat_template)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"key {key}: cannot load a tokenizer from the directory {path} ({reason}); it needs the "
+                              "tokenizer files of the model (tokenizer.json or tokenizer.model, "
+                              "tokenizer_config.json)") from None
+        raise ConfigError(f"key {key}: cannot load a tokenizer from {path!r} (not a local directory, and as a hub id: "
+                          f"{reason})") from None
+
+
 def _id_to_token(tokenizer: PreTrainedTokenizerBase) -> list[str | None]:
     table: list[str | None] = [None] * len(tokenizer)
     for token, idx in tokenizer.get_vocab().items():

@@ -31,6 +31,9 @@ class DataError(ConfigError):
 class Sample:
     input_ids: list[int]
     targets: list[int]
+    # where it was read from: the tokenized source's sample hash and its row there (a teacher cache's key)
+    source: str = field(default="", compare=False)
+    row: int = field(default=-1, compare=False)
 
     @property
     def trainable_tokens(self) -> int:

@@ -1,7 +1,8 @@
 """The obvious, slow ways: yardsticks for the fast code, used by the tests and the benchmarks, never by training.
 
 - The dense distillation loss (full logits and autograd) for the chunked kernel in `loss.py`: the tests check values
-  and gradients against it, and `bench/loss_bench.py` measures the kernel's time and memory against it.
+  and gradients against it, and `bench/loss_bench.py` measures the kernel's time and memory against it. Likewise
+  the loss against a cached teacher, on the bucketed distributions.
 - The chat-template response mask by its definition (every prefix tokenized by the template) for the one-rendering
   `records.chat_token_mask`: the tests check equality on real data, `bench/data_bench.py` measures the cost.
 """
@@ -13,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .loss import Head, LossSpec, as_head
+from .loss import Head, LossSpec, SparseTargets, as_head
 
 
 def dense_logits(hidden: torch.Tensor, head: torch.Tensor | Head, vocab_size: int) -> torch.Tensor:
@@ -66,6 +67,35 @@ def dense_distillation_loss(student_hidden, student_head, labels, spec: LossSpec
         "teacher_ce": -log_p_raw.gather(1, labels[:, None]).detach().double().sum(),
     })
     return loss, metrics
+
+
+def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vocab_size: int,
+                        cached: SparseTargets):
+    """`loss.distillation_loss` against a cached teacher, the obvious way: the student's full softmax, its mass on
+    each cached token and on the rest (one minus the cached tokens' mass), the divergence between the bucketed
+    distributions written out per divergence, autograd for the gradient. Returns (summed loss, summed kd·τ²)."""
+    tau, beta, c = spec.temperature, spec.jsd_beta, spec.kd_coef
+    z_s = dense_logits(student_hidden, student_head, vocab_size)
+    ce = F.cross_entropy(z_s, labels, reduction="none")
+    q_all = F.softmax(z_s / tau, dim=-1)
+    filled = cached.log_p > -math.inf
+    q_cached = q_all.gather(1, cached.ids) * filled
+    q = torch.cat([q_cached, (1 - q_cached.sum(1)).clamp_min(0)[:, None]], 1)
+    p = torch.cat([cached.log_p.exp(), cached.log_rest.exp()[:, None]], 1)
+    safe_log = lambda x: torch.log(torch.where(x > 0, x, 1.0))  # noqa: E731 - log, with 0·log 0 taken as 0
+    divergence = spec.effective_divergence
+    if divergence == "forward_kl":
+        kd = (p * (safe_log(p) - safe_log(q))).sum(-1)
+    elif divergence == "reverse_kl":
+        kd = (q * (safe_log(q) - safe_log(p))).sum(-1)
+    elif divergence == "tvd":
+        kd = 0.5 * (p - q).abs().sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        kd = (beta * (p * (safe_log(p) - safe_log(m))).sum(-1)
+              + (1 - beta) * (q * (safe_log(q) - safe_log(m))).sum(-1)) / (beta * (1 - beta))
+    kd = kd * tau * tau
+    return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
 
 
 def prefix_chat_token_mask(messages: list[dict], tokenizer, all_assistant_turns: bool) -> tuple[list[int], list[bool]]:

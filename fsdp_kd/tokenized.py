@@ -14,10 +14,12 @@ second), and a bad row further in fails the build with its own location, or is c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -73,10 +75,10 @@ def cache_key(path: str, split: str, max_samples: int | None, cfg: TrainConfig, 
 class TokenizedDataset:
     """One tokenized source, memory-mapped. `ds[i]` reads and rebuilds sample i; `lengths` are its token counts."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, path: str = ""):
         import datasets
 
-        self.directory = directory
+        self.directory, self.path = directory, path  # the cache directory; the data it was tokenized from
         with open(os.path.join(directory, META_FILE)) as f:
             self.meta = json.load(f)
         self.table = datasets.load_from_disk(directory)
@@ -87,7 +89,9 @@ class TokenizedDataset:
 
     def __getitem__(self, i) -> Sample:
         row = self.table[int(i)]
-        return sample_from_spans(row["input_ids"], row["spans"])
+        sample = sample_from_spans(row["input_ids"], row["spans"])
+        sample.source, sample.row = self.samples_sha256, int(i)
+        return sample
 
     @property
     def stats(self) -> DataStats:
@@ -163,7 +167,20 @@ def open_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainCon
         raise DataError(f"{path}: the tokenized cache {directory} was not built (it must be on a file system that "
                         "every rank of a node sees)")
     log(f"{path}: tokenized cache {directory}")
-    return TokenizedDataset(directory)
+    return TokenizedDataset(directory, path)
+
+
+def open_sources(cfg: TrainConfig, tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda e: [e],
+                 log=print) -> tuple[list[TokenizedDataset], TokenizedDataset | None]:
+    """A run's training sources (`dataset`, comma-separated) and its eval source (`eval_dataset`, or None)."""
+    def source(path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
+        table = open_tokenized(path, split, max_samples, cfg, tokenizer, local_rank, share, log)
+        log(table.stats.summary(f"{what} {path}"))
+        return table
+
+    train = [source(path, cfg.dataset_split, cfg.max_samples, "train data") for path in cfg.dataset.split(",")]
+    held_out = source(cfg.eval_dataset, cfg.eval_split, cfg.max_eval_samples, "eval data") if cfg.eval_dataset else None
+    return train, held_out
 
 
 def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, key: dict,
@@ -176,6 +193,7 @@ def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainCo
     _probe(path, split, cfg, tokenizer)
     work = f"{directory}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
+    datasets.disable_progress_bars()  # one bar, for the tokenizing; reading and saving are quick
     try:
         raw = datasets.Dataset.from_generator(
             _limited_records, gen_kwargs={"path": path, "split": split, "limit": max_samples},
@@ -185,11 +203,15 @@ def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainCo
             "input_ids": datasets.List(datasets.Value("int32")), "spans": datasets.List(datasets.Value("int32")),
             "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
             "error": datasets.Value("string")})
-        workers = max(1, min(os.cpu_count() or 1, len(raw) // 2000))
-        tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256, num_proc=workers if workers > 1 else None,
-                            fn_kwargs={"cfg": cfg, "tokenizer": tokenizer}, remove_columns=["record", "where"],
-                            features=features, desc=f"tokenizing {os.path.basename(path)}",
-                            cache_file_name=os.path.join(work, "map", "tokenized.arrow"))
+        workers = max(1, min(os.cpu_count() or 1, len(raw) // 1000))
+        datasets.enable_progress_bars()
+        with contextlib.redirect_stderr(sys.stdout):  # progress is output; stderr stays for errors
+            tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
+                                num_proc=workers if workers > 1 else None,
+                                fn_kwargs={"cfg": cfg, "tokenizer": tokenizer}, remove_columns=["record", "where"],
+                                features=features, desc=f"tokenizing {os.path.basename(path)}",
+                                cache_file_name=os.path.join(work, "map", "tokenized.arrow"))
+        datasets.disable_progress_bars()
         stats, kept = _tally(tokenized, cfg.skip_bad_rows)
         if len(kept) == 0:
             raise DataError(f"{path}: no usable samples ({stats.summary('dataset')})")
@@ -206,6 +228,7 @@ def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainCo
             if not os.path.exists(os.path.join(directory, META_FILE)):  # else another node finished it first
                 raise
     finally:
+        datasets.enable_progress_bars()
         shutil.rmtree(work, ignore_errors=True)
     log(f"{path}: tokenized {stats.kept} samples in {time.perf_counter() - started:.1f} s with {workers} "
         f"process{'es' if workers > 1 else ''}")

@@ -21,14 +21,15 @@ from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulat
 from .data import (Concatenated, EpochOrder, MicroBatch, Rows, SampleTable, StepSampler, collate, collate_packed,
                    eval_shards, padding_efficiency)
 from .records import Sample, check_data_path, looks_local
-from .tokenized import TokenizedDataset, open_tokenized
+from .teacher_cache import CacheMeta, CachedTeacher, check_cache_fits
+from .tokenized import open_sources
 from .distill import LiveTeacher, student_loss
 from .distributed import DistEnv, all_gather_object, all_reduce_sum
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
 from .heads import verify_head
-from .models import (ShardedCausalLM, check_model_dir, load_sharded, load_tokenizer, padding_id, parameter_count,
-                     resolve_dtype, shard_student, shard_teacher, shared_vocab_size)
+from .models import (ShardedCausalLM, check_model_dir, load_sharded, padding_id, parameter_count, resolve_dtype,
+                     shard_student, shard_teacher, shared_vocab_size, tokenizer_or_error)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
@@ -187,14 +188,21 @@ class Trainer:
                               "run; choose a new save_path" + ("" if cfg.load_checkpoint else
                                                               ", or pass --load_checkpoint to resume that run"))
 
-        self.tokenizer = _tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
+        self.tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
         self.vocab_size = len(self.tokenizer)
         self.pad_id = padding_id(self.tokenizer)
-        if cfg.teacher_model:
-            teacher_tok = _tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg)
+        self.cache_meta = None
+        if cfg.teacher_cache:  # the teacher's distributions come from disk: no teacher model is loaded
+            self.cache_meta = CacheMeta.load(os.path.expanduser(cfg.teacher_cache))
+            self.vocab_size = self.cache_meta.vocab_size
+        elif cfg.teacher_model:
+            teacher_tok = tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg)
             self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tok)
 
         self.train_samples, self.eval_samples = self._load_data()
+        if self.cache_meta is not None:
+            check_cache_fits(self.cache_meta, cfg.teacher_cache, cfg, self.tokenizer, self.sources,
+                             LossSpec(divergence=cfg.kd_loss, jsd_beta=cfg.jsd_beta).effective_divergence)
         self.sampler = StepSampler(self.epoch_order, cfg, env.rank, env.world_size, self.accumulation)
         self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
         if cfg.max_steps is not None:
@@ -216,12 +224,11 @@ class Trainer:
         """The training table (one source, or several under an interleaved `EpochOrder`) and the held-out samples.
         Each source is tokenized once per node into the cache and read memory-mapped (`tokenized`)."""
         cfg = self.cfg
-        paths = cfg.dataset.split(",")
-        sources = [self._open_source(path, cfg.dataset_split, cfg.max_samples, "train data") for path in paths]
+        sources, eval_source = open_sources(cfg, self.tokenizer, self.env.local_rank, all_gather_object, self.log)
+        self.sources = sources + ([eval_source] if eval_source is not None else [])
         held_out: list[Sample] = []
-        if cfg.eval_dataset:
-            eval_table = self._open_source(cfg.eval_dataset, cfg.eval_split, cfg.max_eval_samples, "eval data")
-            held_out = [eval_table[i] for i in range(len(eval_table))]
+        if eval_source is not None:
+            held_out = [eval_source[i] for i in range(len(eval_source))]
         elif cfg.eval_holdout_ratio > 0:
             splits = [_hold_out(source, cfg.eval_holdout_ratio, cfg.seed) for source in sources]
             sources = [train for train, _ in splits]
@@ -230,15 +237,9 @@ class Trainer:
         probs = [float(p) for p in cfg.dataset_probs.split(",")] if cfg.dataset_probs else None
         self.epoch_order = EpochOrder([len(s) for s in sources], probs, cfg.seed)
         if len(sources) > 1:
-            self.log("mixing, per epoch of " + f"{self.epoch_order.length} samples:\n" +
-                     "\n".join("  " + line for line in self.epoch_order.describe(paths)))
+            self.log(f"mixing, per epoch of {self.epoch_order.length} samples:\n" +
+                     "\n".join("  " + line for line in self.epoch_order.describe(cfg.dataset.split(","))))
         return (sources[0] if len(sources) == 1 else Concatenated(sources)), held_out
-
-    def _open_source(self, path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
-        table = open_tokenized(path, split, max_samples, self.cfg, self.tokenizer, self.env.local_rank,
-                               share=all_gather_object, log=self.log)
-        self.log(table.stats.summary(f"{what} {path}"))
-        return table
 
     def collate(self, samples: list[Sample]) -> MicroBatch:
         if self.cfg.packing_samples:
@@ -271,7 +272,7 @@ class Trainer:
         self.student: ShardedCausalLM = load_sharded(cfg.pretrain, cfg, env, torch.float32, shard_student, "student",
                                                      self.vocab_size)
         self.teacher: ShardedCausalLM | None = None
-        if cfg.teacher_model:
+        if cfg.teacher_model and not cfg.teacher_cache:
             self.teacher = load_sharded(cfg.teacher_model, cfg, env, compute_dtype, shard_teacher, "teacher",
                                         self.vocab_size)
         for role, root in (("student", self.student), ("teacher", self.teacher)):
@@ -280,7 +281,9 @@ class Trainer:
                     root(verify_head, role, self.vocab_size, env.device)
                 root.reshard_everything()
         self.teacher_source = LiveTeacher(self.teacher) if self.teacher else None
-        self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher else 0.0, divergence=cfg.kd_loss,
+        if self.cache_meta is not None:
+            self.teacher_source = CachedTeacher(os.path.expanduser(cfg.teacher_cache), self.cache_meta, env.device)
+        self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher_source else 0.0, divergence=cfg.kd_loss,
                              jsd_beta=cfg.jsd_beta, temperature=cfg.kd_temperature,
                              vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk,
                              chunk_budget_mb=cfg.kd_chunk_budget_mb, compile=cfg.compile_loss)
@@ -310,12 +313,17 @@ class Trainer:
         if self.teacher:
             lines.append(f"teacher {parameter_count(self.teacher) / 1e6:.2f}M params: frozen, FSDP2 full shard, "
                          f"CPU offload {'on' if cfg.teacher_offload else 'off'}; shared vocabulary {self.vocab_size}")
+        if self.cache_meta is not None:
+            meta = self.cache_meta
+            lines.append(f"teacher: no model loaded; its {meta.mode} distributions ("
+                         f"{'k' if meta.mode == 'topk' else 'n'} = {meta.slots}) from the cache {cfg.teacher_cache}, "
+                         f"{meta.bytes / max(meta.tokens, 1):.0f} bytes per token")
         lines += [
             f"batch: {cfg.train_batch_size} sequences/step (~{cfg.train_batch_size * seq_tokens:.0f} tokens) = "
             f"{cfg.micro_train_batch_size} micro × {self.accumulation} accumulation × {env.world_size} ranks",
             f"steps: {self.total_steps} ({self.sampler.steps_per_epoch}/epoch); loss: "
             + (f"{1 - self.spec.kd_coef:g}·CE + {self.spec.kd_coef:g}·{cfg.kd_loss} (τ={cfg.kd_temperature:g})"
-               if self.teacher else "CE (no teacher: plain SFT)"),
+               if self.teacher_source else "CE (no teacher: plain SFT)"),
         ]
         self.log("\n".join("  " + line for line in lines))
 
@@ -336,10 +344,13 @@ class Trainer:
         host = torch.cat([all_reduce_sum(sums.clone()), *(e.reshape(1).double() for e in extra)]).tolist()
         totals = dict(zip(_SUMMED, host[:len(_SUMMED)]))
         tokens = max(totals["tokens"], 1.0)
-        names = METRIC_NAMES if self.teacher is not None else ("ce",)  # no teacher: nothing to compare against
+        names = METRIC_NAMES if self.teacher_source is not None else ("ce",)  # no teacher: nothing to compare
         out = {k: totals[k] / tokens for k in names}
         out["loss"] = (1 - self.spec.kd_coef) * out["ce"] + self.spec.kd_coef * out.get("kd", 0.0)
         out["tokens"] = totals["tokens"]
+        # a cache's metrics say what they are: over buckets, or estimates from draws (None: not available)
+        renamed = getattr(self.teacher_source, "metric_names", {})
+        out = {renamed.get(k, k): v for k, v in out.items() if renamed.get(k, k) is not None}
         return out, host[len(_SUMMED):]
 
     def _summed(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -421,8 +432,7 @@ class Trainer:
                           "peak_mem_gb": round(peak_memory_gb(self.env.device), 3)}
                 self.metrics_log.write(record)
                 eta = (time.time() - started) / (done - self.start_step) * (self.total_steps - done)
-                teacher_part = (f"kl {record['kl']:.4f} | H(teacher) {record['teacher_entropy']:.4f} | "
-                                if "kl" in record else "")
+                teacher_part = "".join(f"{name} {record[key]:.4f} | " for key, name in _shown_teacher_metrics(record))
                 self.log(f"step {done}/{self.total_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
                          f"{teacher_part}lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
                          f"{record['tokens_per_sec']:.0f} tok/s | mem {record['peak_mem_gb']:.2f} GB | eta {eta:.0f}s")
@@ -430,8 +440,8 @@ class Trainer:
             if self.eval_samples and cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == self.total_steps):
                 last_eval = self.evaluate()
                 self.metrics_log.write({"step": done, **{k: round(v, 6) for k, v in last_eval.items()}})
-                self.log(f"eval @ {done}: ce {last_eval['eval_ce_loss']:.4f}"
-                         + (f" | kl {last_eval['eval_kl']:.4f}" if "eval_kl" in last_eval else ""))
+                self.log(f"eval @ {done}: ce {last_eval['eval_ce_loss']:.4f}" + "".join(
+                    f" | {name} {last_eval[key]:.4f}" for key, name in _shown_teacher_metrics(last_eval, "eval_")[:1]))
                 if best_eval is None or last_eval["eval_loss"] < best_eval["eval_loss"]:
                     best_eval = last_eval
             if cfg.save_steps > 0 and done % cfg.save_steps == 0:
@@ -450,8 +460,8 @@ class Trainer:
         evals = ""
         if last_eval:
             evals = f"; eval CE final {last_eval['eval_ce_loss']:.4f} (best {best_eval['eval_ce_loss']:.4f})"
-            if "eval_kl" in last_eval:
-                evals += f", eval KL final {last_eval['eval_kl']:.4f} (best {best_eval['eval_kl']:.4f})"
+            for key, name in _shown_teacher_metrics(last_eval, "eval_")[:1]:
+                evals += f", eval {name} final {last_eval[key]:.4f} (best {best_eval[key]:.4f})"
         self.log(f"done: {summary['steps']} steps in {summary['seconds']}s, {seen_tokens} tokens{evals}; "
                  f"HF model in {self.cfg.save_path}")
         return summary
@@ -479,18 +489,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return peak.item() / 1024**3
 
 
-def _tokenizer_or_error(path: str, key: str, cfg: TrainConfig, chat_template: str | None = None):
-    """A path that is neither a local directory nor a reachable hub id fails here, as one line."""
-    try:
-        return load_tokenizer(path, cfg.trust_remote_code, chat_template)
-    except (OSError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if os.path.isdir(os.path.expanduser(path)):
-            raise ConfigError(f"key {key}: cannot load a tokenizer from the directory {path} ({reason}); it needs the "
-                              "tokenizer files of the model (tokenizer.json or tokenizer.model, "
-                              "tokenizer_config.json)") from None
-        raise ConfigError(f"key {key}: cannot load a tokenizer from {path!r} (not a local directory, and as a hub id: "
-                          f"{reason})") from None
+def _shown_teacher_metrics(record: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, label) of the teacher metrics a log line shows: the KL and the teacher's entropy, under whichever name
+    the teacher source gives them (a cache's are over buckets, or estimates)."""
+    shown = []
+    for base, label in (("kl", "kl"), ("teacher_entropy", "H(teacher)")):
+        for suffix, note in (("", ""), ("_buckets", " (buckets)"), ("_estimate", " (estimate)")):
+            if prefix + base + suffix in record:
+                shown.append((prefix + base + suffix, label + note))
+    return shown
 
 
 def _holds_a_run(save_path: str) -> bool:

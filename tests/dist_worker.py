@@ -76,7 +76,7 @@ def gathers(env, flags, out_file):
         return all_gather(fsdp_params, *args, **kwargs)
 
     param_group.foreach_all_gather = counting
-    batch = collate(trainer.train_samples[:2], trainer.pad_id).to(env.device)
+    batch = collate([trainer.train_samples[i] for i in range(2)], trainer.pad_id).to(env.device)
     per_micro_batch = []
     for _ in range(2):
         gathered.clear()

@@ -1,0 +1,192 @@
+"""Run the frozen teacher once over a run's data and store its distributions: `python -m fsdp_kd.cache_teacher`.
+
+    torchrun --nproc_per_node N -m fsdp_kd.cache_teacher --config run.yaml --teacher_cache DIR \\
+        [--cache_mode topk --cache_k 64 | --cache_mode sampled --cache_n 32]
+
+It takes train.py's keys: the same `pretrain` (whose tokenizer tokenizes the data), `teacher_model`, data keys and
+`kd_temperature` as the training run that will read the cache, and the teacher is sharded as in training
+(`teacher_offload` included). Every sample of every training source and of `eval_dataset` is cached, so the run may
+hold out or mix them as it likes. Work goes in chunks of samples; each rank writes its share of a chunk as one part
+file, so a killed build, started again with the same arguments, keeps its finished chunks. See `teacher_cache` for
+the format and docs/teacher_cache.md for when to cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from .config import ConfigError, TrainConfig, parse_config
+from .data import collate, collate_packed, eval_shards
+from .distill import LiveTeacher
+from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
+from .heads import verify_head
+from .loss import LossSpec
+from .models import load_sharded, padding_id, resolve_dtype, shard_teacher, shared_vocab_size, tokenizer_or_error
+from .teacher_cache import META_FILE, CacheMeta, part_name, teacher_rows, write_part
+from .tokenized import TOKEN_SETTINGS, open_sources, tokenizer_fingerprint
+
+class CacheBuilder:
+    """Checks everything cheap (keys, tokenizers, data, an existing cache) before the teacher loads; then builds."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.log = print if env.is_main else (lambda *a, **k: None)
+        for key in ("teacher_cache", "teacher_model"):
+            if not getattr(cfg, key):
+                raise ConfigError(f"key {key}: cache_teacher needs {key} (the cache's directory; the teacher to run)")
+        self.directory = os.path.expanduser(cfg.teacher_cache)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise ConfigError(f"key teacher_cache: {self.directory} is a file, not a directory")
+        self.tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
+        self.vocab_size = shared_vocab_size(self.tokenizer, tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg))
+        train, held_out = open_sources(cfg, self.tokenizer, env.local_rank, all_gather_object, self.log)
+        self.sources = list({s.samples_sha256: s for s in train + ([held_out] if held_out else [])}.values())
+        offsets = [0]
+        for source in self.sources:
+            offsets.append(offsets[-1] + len(source))
+        self.offsets = offsets
+        slots = min(cfg.cache_k, self.vocab_size) if cfg.cache_mode == "topk" else cfg.cache_n
+        self.meta = CacheMeta(
+            mode=cfg.cache_mode, slots=slots, temperature=cfg.kd_temperature, vocab_size=self.vocab_size,
+            log_p_dtype=cfg.cache_log_p_dtype, tokenizer=tokenizer_fingerprint(self.tokenizer),
+            sources=[{"path": s.path, "samples_sha256": s.samples_sha256, "samples": len(s), "offset": o}
+                     for s, o in zip(self.sources, offsets)],
+            settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=os.path.abspath(cfg.teacher_model),
+            samples_per_chunk=cfg.cache_chunk_samples)
+        self.already_complete = self._adopt_existing()
+
+    def _adopt_existing(self) -> bool:
+        """A directory with a cache of the same kind resumes it (or is already complete); any other cache there is
+        refused, never overwritten."""
+        existed = all_gather_object(os.path.exists(os.path.join(self.directory, META_FILE)))[0]  # before any write
+        if not existed:
+            if self.env.is_main:
+                os.makedirs(self.directory, exist_ok=True)
+                self.meta.save(self.directory)
+            all_gather_object(None)  # the directory exists before any rank writes into it
+            return False
+        old = CacheMeta.load(self.directory)
+        differ = [k for k in ("mode", "slots", "temperature", "vocab_size", "log_p_dtype", "tokenizer", "sources",
+                              "teacher", "samples_per_chunk") if getattr(old, k) != getattr(self.meta, k)]
+        if differ:
+            raise ConfigError(f"key teacher_cache: {self.directory} holds a cache built with other {', '.join(differ)}; "
+                              "choose a new directory (an existing cache is never overwritten)")
+        return old.complete
+
+    def run(self) -> None:
+        cfg, env = self.cfg, self.env
+        if self.already_complete:
+            self.log(f"teacher cache {self.directory} is already complete; nothing to do")
+            return
+        started = time.time()
+        teacher = load_sharded(cfg.teacher_model, cfg, env, resolve_dtype(cfg, env.device), shard_teacher, "teacher",
+                               self.vocab_size)
+        with teacher.gathered_head():
+            teacher(verify_head, "teacher", self.vocab_size, env.device)
+        teacher.reshard_everything()
+        source = LiveTeacher(teacher)
+        spec = LossSpec(temperature=cfg.kd_temperature, vocab_chunk=cfg.kd_vocab_chunk,
+                        token_chunk=cfg.kd_token_chunk, chunk_budget_mb=cfg.kd_chunk_budget_mb)
+        total = self.offsets[-1]
+        chunks = range(-(-total // self.meta.samples_per_chunk))
+        done = set(all_gather_object(sorted(self._finished_chunks()))[0])  # rank 0's view, for every rank
+        self.log(f"caching the teacher's {cfg.cache_mode} distribution ({'k' if cfg.cache_mode == 'topk' else 'n'} = "
+                 f"{self.meta.slots}, τ = {cfg.kd_temperature:g}) for {total} samples in {len(chunks)} chunks"
+                 + (f"; {len(done)} chunks already done" if done else ""))
+        tokens = written = 0
+        progress = _progress(len(chunks), len(done), env.is_main)
+        for chunk in chunks:
+            if chunk in done:
+                continue
+            positions = range(chunk * self.meta.samples_per_chunk, min((chunk + 1) * self.meta.samples_per_chunk, total))
+            samples = [self._sample(i) for i in positions]
+            generator = torch.Generator(env.device).manual_seed(cfg.seed * 1_000_003 + chunk * env.world_size + env.rank)
+            keys, rows = [], []
+            for group in eval_shards(samples, cfg.micro_train_batch_size, env.rank, env.world_size):
+                batch = (collate_packed(group, cfg.max_len, padding_id(self.tokenizer)) if cfg.packing_samples
+                         else collate(group, padding_id(self.tokenizer))).to(env.device)
+                targets = source.targets(batch)
+                with targets.head() as head:
+                    cached = teacher_rows(targets.hidden, head, spec, self.vocab_size, cfg.cache_mode,
+                                          self.meta.slots, generator)
+                lengths = {(s.source, s.row): s.trainable_tokens for s in group}
+                counts = [lengths[key] for key in batch.sample_keys]
+                keys += batch.sample_keys
+                rows += list(zip(*(column.split(counts) for column in cached)))
+            indices = [self.offsets[self._source_index(sha)] + row for sha, row in keys]
+            written += write_part(self.directory, part_name(chunk, env.rank, env.world_size), indices, rows, self.meta)
+            tokens += sum(r[0].shape[0] for r in rows)
+            progress.update(1)
+        progress.close()
+        totals = all_reduce_sum(torch.tensor([float(tokens), float(written)], dtype=torch.float64,
+                                             device=env.device)).tolist()
+        if env.is_main:  # the whole cache's figures, earlier runs' parts included
+            self.meta.complete, self.meta.seconds = True, round(time.time() - started, 1)
+            self.meta.tokens, self.meta.bytes = _tokens_and_bytes(self.directory)
+            self.meta.save(self.directory)
+        self.log(f"teacher cache {self.directory}: {int(totals[0])} tokens cached in {time.time() - started:.1f} s, "
+                 f"{totals[1] / max(totals[0], 1):.1f} bytes per token")
+
+    def _source_index(self, sha: str) -> int:
+        return next(i for i, s in enumerate(self.sources) if s.samples_sha256 == sha)
+
+    def _sample(self, position: int):
+        k = max(i for i, o in enumerate(self.offsets[:-1]) if o <= position)
+        return self.sources[k][position - self.offsets[k]]
+
+    def _finished_chunks(self) -> set[int]:
+        """Chunks whose parts are all on disk, from a complete set of some world size (a resumed build may run on
+        another number of ranks). Leftover temporary files of a killed build are removed."""
+        parts: dict[tuple[int, int], set[int]] = {}
+        for name in os.listdir(self.directory):
+            if name.endswith(".tmp") and self.env.is_main:
+                os.remove(os.path.join(self.directory, name))
+            elif name.startswith("part-") and name.endswith(".safetensors"):
+                _, chunk, rank, _, world = name[:-len(".safetensors")].split("-")
+                parts.setdefault((int(chunk), int(world)), set()).add(int(rank[1:]))
+        return {chunk for (chunk, world), ranks in parts.items() if len(ranks) == world}
+
+
+def _tokens_and_bytes(directory: str) -> tuple[int, int]:
+    from safetensors import safe_open
+
+    tokens = size = 0
+    for name in os.listdir(directory):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(directory, name), framework="pt") as f:
+                tokens += int(f.get_tensor("offsets")[-1])
+            size += os.path.getsize(os.path.join(directory, name))
+    return tokens, size
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, initial: int, shown: bool):
+    if not shown:
+        return _NoProgress()
+    from tqdm import tqdm  # a dependency of transformers and datasets
+
+    return tqdm(total=total, initial=initial, unit="chunk", desc="caching teacher", file=sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_config(argv)
+    except ConfigError as e:
+        return report_failure(e, int(os.environ.get("RANK", "0")))
+    return run_ranked(lambda env: CacheBuilder(cfg, env).run(), cfg.dist_timeout_minutes)
+
+
+if __name__ == "__main__":
+    exit_process(main())

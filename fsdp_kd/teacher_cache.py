@@ -1,0 +1,306 @@
+"""Teacher distributions on disk: what `python -m fsdp_kd.cache_teacher` writes and `train.py --teacher_cache` reads.
+
+For every trained token the cache keeps a compact stand-in for the teacher's distribution p at the temperature τ:
+  topk     the k most likely ids, their log-probabilities, and the log of the mass on every other token (the
+           "rest" bucket); training takes the divergence between the bucketed distributions, exact at k = V;
+  sampled  n draws from p, stored as the distinct ids with their counts; p̂ = counts / n is an unbiased estimate
+           of p, so forward KL's gradient q - p̂ is an unbiased estimate of the live one.
+
+Layout of a cache directory:
+  cache.json                what the cache is valid for (tokenizer, the data's sample hashes and settings, teacher,
+                            τ, mode, k or n, vocabulary), and whether it is complete
+  part-CCCCCC-rRRR-of-WWW.safetensors
+                            chunk C of the samples as built by rank R of W: `sample` (the cache's sample index),
+                            `offsets` (each sample's token rows), `ids` (uint8 [tokens, slots, bytes]: the fewest
+                            little-endian bytes that hold the vocabulary), and `log_p` + `log_rest` (topk, 16-bit by
+                            default) or `counts` (sampled, uint8)
+A part is written to a temporary name and renamed, so a killed build keeps its finished parts and loses no more
+than the parts in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+from .loss import (Head, LossSpec, ModelBlock, SparseTargets, choose_chunks, distillation_loss, mass_on_buckets,
+                   pass1_logits, vocab_chunks)
+
+META_FILE = "cache.json"
+FORMAT_VERSION = 1
+MODES = ("topk", "sampled")
+LOG_P_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# ------------------------------------------------------------------------------------------------ the teacher side
+def teacher_topk(teacher: ModelBlock, chunks, k: int, inv_tau: float) -> SparseTargets:
+    """The k most likely tokens of each row of a teacher block, their tempered log-probabilities, and the log of the
+    mass on all other tokens (exact: a masked log-sum-exp, not log(1 - Σ), so it is -inf at k = V)."""
+    rows = teacher.hidden.shape[0]
+    pass1_logits(teacher, chunks, torch.zeros(rows, dtype=torch.long, device=teacher.hidden.device), inv_tau)
+    best = torch.full((rows, 0), -math.inf, device=teacher.hidden.device)
+    best_ids = torch.zeros((rows, 0), dtype=torch.long, device=teacher.hidden.device)
+    for z, (v0, _) in zip(teacher.logits, chunks):
+        values, ids = z.topk(min(k, z.shape[1]), dim=1)
+        best, order = torch.cat([best, values], 1).topk(min(k, best.shape[1] + values.shape[1]), dim=1)
+        best_ids = torch.cat([best_ids, ids + v0], 1).gather(1, order)
+    log_p, log_rest, _ = mass_on_buckets(teacher, chunks, best_ids, inv_tau)
+    return SparseTargets(best_ids, log_p, log_rest)
+
+
+def teacher_samples(teacher: ModelBlock, chunks, n: int, inv_tau: float,
+                    generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, counts) [rows, n]: n draws per row from the tempered teacher distribution, the distinct ids each with
+    its count in the slot of its first occurrence (the other slots repeat the id with count 0).
+
+    Drawn in two stages that never build a [rows × vocabulary] probability tensor: which chunk each draw falls in
+    (by the chunks' masses), then n draws within every chunk, of which each row keeps as many as fell there."""
+    rows, device = teacher.hidden.shape[0], teacher.hidden.device
+    pass1_logits(teacher, chunks, torch.zeros(rows, dtype=torch.long, device=device), inv_tau)
+    chunk_lse = torch.stack([torch.logsumexp(z * inv_tau, dim=1) for z in teacher.logits], 1)
+    chunk_of_draw = torch.multinomial((chunk_lse - teacher.lse[:, None]).exp(), n, replacement=True,
+                                      generator=generator)
+    drawn, kept = [], []
+    for c, (z, (v0, _)) in enumerate(zip(teacher.logits, chunks)):
+        here = (chunk_of_draw == c).sum(1, keepdim=True)
+        probs = torch.softmax(z * inv_tau, dim=1)
+        drawn.append(torch.multinomial(probs, n, replacement=True, generator=generator) + v0)
+        kept.append(torch.arange(n, device=device)[None, :] < here)
+    drawn, kept = torch.cat(drawn, 1), torch.cat(kept, 1)
+    first = torch.sort(kept.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n]
+    ids = drawn.gather(1, first).sort(dim=1).values
+    return ids, run_counts(ids)
+
+
+def run_counts(sorted_ids: torch.Tensor) -> torch.Tensor:
+    """For rows of sorted ids: each run's length at its first position, 0 elsewhere."""
+    rows, n = sorted_ids.shape
+    position = torch.arange(n, device=sorted_ids.device).expand(rows, n)
+    starts = torch.ones_like(sorted_ids, dtype=torch.bool)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    start_at = torch.where(starts, position, n)
+    following = torch.cat([start_at[:, 1:], torch.full((rows, 1), n, device=sorted_ids.device)], 1)
+    next_start = following.flip(1).cummin(1).values.flip(1)
+    return torch.where(starts, next_start - position, 0)
+
+
+def teacher_rows(hidden: torch.Tensor, head: Head, spec: LossSpec, vocab_size: int, mode: str, slots: int,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+    """The cached form of the teacher's distribution at each row of `hidden` (its final hidden states at the target
+    rows): (ids, log_p, log_rest) for topk, (ids, counts) for sampled. Walks token blocks and vocabulary chunks as
+    the loss does (`choose_chunks`), so no [tokens × vocabulary] tensor exists."""
+    rows, cols = choose_chunks(spec, hidden.device, hidden.shape[0], vocab_size, 1)
+    chunks = vocab_chunks(vocab_size, cols)
+    weight = head.weight.to(hidden.dtype)
+    parts = []
+    for r0 in range(0, hidden.shape[0], rows):
+        block = ModelBlock(head, weight, head.bias, hidden[r0:r0 + rows])
+        if mode == "topk":
+            cached = teacher_topk(block, chunks, slots, 1.0 / spec.temperature)
+            parts.append((cached.ids, cached.log_p, cached.log_rest))
+        else:
+            parts.append(teacher_samples(block, chunks, slots, 1.0 / spec.temperature, generator))
+    return tuple(torch.cat(column) for column in zip(*parts))
+
+
+# ------------------------------------------------------------------------------------------------ storage
+def id_bytes(vocab_size: int) -> int:
+    """The fewest bytes that hold every id below vocab_size."""
+    return max(1, math.ceil(math.log2(max(vocab_size, 2)) / 8))
+
+
+def encode_ids(ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Long ids [..., k] → uint8 [..., k, width], little-endian."""
+    shifts = torch.arange(width, device=ids.device) * 8
+    return ((ids[..., None] >> shifts) & 0xFF).to(torch.uint8)
+
+
+def decode_ids(packed: torch.Tensor) -> torch.Tensor:
+    shifts = torch.arange(packed.shape[-1], device=packed.device) * 8
+    return (packed.long() << shifts).sum(-1)
+
+
+def part_name(chunk: int, rank: int, world: int) -> str:
+    return f"part-{chunk:06d}-r{rank:03d}-of-{world:03d}.safetensors"
+
+
+@dataclass
+class CacheMeta:
+    """What a cache holds and what it is valid for (cache.json)."""
+    mode: str
+    slots: int  # k (topk) or n (sampled)
+    temperature: float
+    vocab_size: int
+    log_p_dtype: str
+    tokenizer: str  # tokenized.tokenizer_fingerprint
+    sources: list[dict]  # [{"path", "samples_sha256", "samples", "offset"}]: the cache's sample index space
+    settings: dict  # the tokenization settings (tokenized.TOKEN_SETTINGS)
+    teacher: str
+    samples_per_chunk: int
+    complete: bool = False
+    tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    format: int = FORMAT_VERSION
+
+    def save(self, directory: str) -> None:
+        tmp = os.path.join(directory, META_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.__dict__, f, indent=1)
+        os.replace(tmp, os.path.join(directory, META_FILE))
+
+    @classmethod
+    def load(cls, directory: str) -> "CacheMeta":
+        path = os.path.join(directory, META_FILE)
+        if not os.path.exists(path):
+            raise ConfigError(f"key teacher_cache: {directory} holds no {META_FILE}; build one with "
+                              "`torchrun ... -m fsdp_kd.cache_teacher --teacher_cache DIR ...`")
+        with open(path) as f:
+            meta = cls(**json.load(f))
+        if meta.format != FORMAT_VERSION:
+            raise ConfigError(f"key teacher_cache: {directory} has cache format {meta.format}, this version reads "
+                              f"{FORMAT_VERSION}; rebuild it")
+        return meta
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s["samples"] for s in self.sources)
+
+
+def write_part(directory: str, name: str, samples: list[int], rows: list[tuple[torch.Tensor, ...]],
+               meta: CacheMeta) -> int:
+    """One part: each given sample's rows as `teacher_rows` made them, in sample order. Returns the bytes written."""
+    from safetensors.torch import save_file
+
+    width = id_bytes(meta.vocab_size)
+    counts = [r[0].shape[0] for r in rows]
+    tensors = {"sample": torch.tensor(samples, dtype=torch.int64),
+               "offsets": torch.tensor(np.cumsum([0] + counts), dtype=torch.int64)}
+    ids = torch.cat([r[0] for r in rows]).cpu()
+    tensors["ids"] = encode_ids(ids, width).contiguous()
+    if meta.mode == "topk":
+        dtype = LOG_P_DTYPES[meta.log_p_dtype]
+        tensors["log_p"] = torch.cat([r[1] for r in rows]).cpu().to(dtype).contiguous()
+        tensors["log_rest"] = torch.cat([r[2] for r in rows]).cpu().to(dtype).contiguous()
+    else:
+        tensors["counts"] = torch.cat([r[1] for r in rows]).cpu().to(torch.uint8).contiguous()
+    tmp = os.path.join(directory, name + ".tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, os.path.join(directory, name))
+    return os.path.getsize(os.path.join(directory, name))
+
+
+# ------------------------------------------------------------------------------------------------ the training side
+def check_cache_fits(meta: CacheMeta, directory: str, cfg, tokenizer, sources, divergence: str) -> None:
+    """A training run reads a cache only if it was built for this run's tokens and temperature: each mismatch is one
+    line that names what differs."""
+    from .tokenized import TOKEN_SETTINGS, tokenizer_fingerprint
+
+    where = f"key teacher_cache: {directory}"
+    if not meta.complete:
+        raise ConfigError(f"{where} is incomplete (its build was interrupted); finish it by running cache_teacher "
+                          "again with the same arguments")
+    if meta.tokenizer != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"{where} was built with another tokenizer or chat template than this run's pretrain "
+                          f"{cfg.pretrain}; build a cache with this run's pretrain")
+    if meta.temperature != cfg.kd_temperature:
+        raise ConfigError(f"{where} holds the teacher at kd_temperature {meta.temperature:g}, this run has "
+                          f"{cfg.kd_temperature:g}; set kd_temperature {meta.temperature:g} or build a cache at "
+                          f"{cfg.kd_temperature:g}")
+    cached = {s["samples_sha256"] for s in meta.sources}
+    for source in sources:
+        if source.samples_sha256 not in cached:
+            changed = [f"{k} {meta.settings.get(k)!r} then, {getattr(cfg, k)!r} now" for k in TOKEN_SETTINGS
+                       if meta.settings.get(k) != getattr(cfg, k)]
+            why = "; ".join(changed) if changed else "its files changed, or they are other files"
+            raise ConfigError(f"{where} does not hold this run's data: {source.path} tokenizes to samples that the "
+                              f"cache was not built from ({why}); build a cache for this data")
+    if meta.mode == "sampled" and divergence != "forward_kl":
+        raise ConfigError(f"key kd_loss: {divergence} needs the teacher's probability of every token the student "
+                          "gives mass to, which a sampled cache does not have (p̂ is 0 off its draws); use "
+                          "forward_kl, or a topk cache")
+
+
+
+class CachedTeacher:
+    """Teacher targets read from a cache, in place of a live teacher (see `distill.LiveTeacher`).
+
+    Opening reads every part's small `sample` and `offsets` tensors into an index (sample → part and rows); a
+    micro-batch then reads only its own samples' rows, memory-mapped, and moves them to the device in one copy per
+    tensor."""
+
+    def __init__(self, directory: str, meta: CacheMeta, device: torch.device):
+        from safetensors import safe_open
+
+        self.directory, self.meta, self.device = directory, meta, device
+        self.source_offset = {s["samples_sha256"]: s["offset"] for s in meta.sources}
+        total = meta.num_samples
+        self.part = np.full(total, -1, dtype=np.int64)
+        self.start = np.zeros(total, dtype=np.int64)
+        self.end = np.zeros(total, dtype=np.int64)
+        self.files = []
+        for name in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+            handle = safe_open(os.path.join(directory, name), framework="pt")
+            samples, offsets = handle.get_tensor("sample").numpy(), handle.get_tensor("offsets").numpy()
+            self.part[samples] = len(self.files)
+            self.start[samples], self.end[samples] = offsets[:-1], offsets[1:]
+            self.files.append(handle)
+        missing = int((self.part < 0).sum())
+        if missing:
+            raise ConfigError(f"key teacher_cache: {directory} lacks {missing} of its {total} samples; finish it by "
+                              "running cache_teacher again with the same arguments")
+
+    @property
+    def metric_names(self) -> dict[str, str | None]:
+        """How the loss's metrics read against this cache: over buckets (topk), or estimated from draws (sampled);
+        None drops a metric that the cache cannot give."""
+        if self.meta.mode == "topk":
+            return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": "teacher_ce_buckets"}
+        return {"kl": "kl_estimate", "teacher_entropy": "teacher_entropy_estimate", "teacher_ce": None,
+                "kd": "kd_estimate"}
+
+    def index_of(self, source_sha: str, row: int) -> int:
+        return self.source_offset[source_sha] + row
+
+    def targets(self, batch) -> "CachedTargets":
+        """The cached distributions at the batch's target rows, in their order (samples in layout order, each
+        sample's targets in position order)."""
+        pieces: dict[str, list[torch.Tensor]] = {}
+        names = ("ids", "log_p", "log_rest") if self.meta.mode == "topk" else ("ids", "counts")
+        for source, row in batch.sample_keys:
+            i = self.index_of(source, row)
+            handle, start, end = self.files[self.part[i]], int(self.start[i]), int(self.end[i])
+            for name in names:
+                pieces.setdefault(name, []).append(handle.get_slice(name)[start:end])
+        host = {name: torch.cat(parts) for name, parts in pieces.items()}
+        if host["ids"].shape[0] != batch.trainable_tokens:
+            raise ConfigError(f"key teacher_cache: the cache holds {host['ids'].shape[0]} target rows for a "
+                              f"micro-batch that has {batch.trainable_tokens}; it was built from other data")
+        on_device = {name: _to_device(t, self.device) for name, t in host.items()}
+        ids = decode_ids(on_device["ids"])
+        if self.meta.mode == "topk":
+            return CachedTargets(SparseTargets(ids, on_device["log_p"].float(), on_device["log_rest"].float()))
+        counts = on_device["counts"].float()
+        log_p = torch.log(counts / self.meta.slots)  # -inf on the empty slots
+        return CachedTargets(SparseTargets(ids, log_p, torch.full(ids.shape[:1], -math.inf, device=ids.device)))
+
+
+@dataclass
+class CachedTargets:
+    """A micro-batch's cached teacher distributions, applied by the loss as buckets."""
+    sparse: SparseTargets
+
+    def distill(self, hidden: torch.Tensor, head, labels: torch.Tensor, spec, vocab_size: int):
+        return distillation_loss(hidden, head, labels, spec, vocab_size, cached_teacher=self.sparse)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

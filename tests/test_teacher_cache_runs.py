@@ -1,0 +1,92 @@
+"""`cache_teacher` and `train.py --teacher_cache` end to end under torchrun on 2 ranks: a cache of every token trains
+exactly like the live teacher, a killed build resumes, and a cache for other data or another τ is refused."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, read_metrics, start_torchrun, torchrun, train_args, wait_for
+from test_checkpoint import kill_everything
+
+TRAIN = str(REPO / "train.py")
+VOCAB = 77  # the tiny models' character tokenizer
+
+
+def cache_args(tiny, cache, **overrides):
+    flags = {"eval_dataset": tiny["eval"], "teacher_cache": str(cache), "cache_chunk_samples": 64, **overrides}
+    return ["-m", "fsdp_kd.cache_teacher", *train_args(tiny, cache / "unused", **flags)]
+
+
+def test_a_cache_of_every_token_trains_exactly_like_the_live_teacher(tiny, tmp_path):
+    """k = V in float32, τ = 2: every step's loss, CE, KD and KL, and the evaluation, equal the live run's."""
+    cache = tmp_path / "cache"
+    common = dict(eval_dataset=tiny["eval"], eval_steps=2, kd_temperature=2.0, kd_loss="jsd", logging_steps=1)
+    torchrun(cache_args(tiny, cache, cache_k=VOCAB, cache_log_p_dtype="float32", kd_temperature=2.0))
+    meta = json.loads((cache / "cache.json").read_text())
+    assert meta["complete"] and meta["slots"] == VOCAB and len(meta["sources"]) == 2
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "live", **common)])
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "cached", teacher_model=None, teacher_cache=str(cache), **common)])
+    live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
+    assert len(live) == len(cached) == 6
+    pairs = {"loss": "loss", "ce": "ce", "kd": "kd", "kl": "kl_buckets", "eval_loss": "eval_loss",
+             "eval_kl": "eval_kl_buckets", "grad_norm": "grad_norm"}
+    for a, b in zip(live, cached):
+        for name, cached_name in pairs.items():
+            if name in a:
+                assert b[cached_name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (name, a, b)
+
+
+def test_sampled_cache_trains_forward_kl_and_says_its_kl_is_an_estimate(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    torchrun(cache_args(tiny, cache, cache_mode="sampled", cache_n=16))
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "out", teacher_model=None, teacher_cache=str(cache), max_steps=2)])
+    first = read_metrics(tmp_path / "out")[0]
+    assert "kl_estimate" in first and "kl" not in first and "teacher_ce" not in first
+
+
+def _parts(cache):
+    return {name: (cache / name).stat().st_mtime_ns for name in os.listdir(cache) if name.endswith(".safetensors")}
+
+
+def test_a_killed_build_keeps_its_finished_parts_and_resumes(tiny, tmp_path):
+    cache, reference = tmp_path / "cache", tmp_path / "reference"
+    torchrun(cache_args(tiny, reference, cache_chunk_samples=16))
+    proc = start_torchrun(cache_args(tiny, cache, cache_chunk_samples=16))
+    wait_for(cache, proc, timeout=180, ready=lambda c: os.path.isdir(c) and len(_parts(c)) >= 4)
+    kill_everything(proc)
+    kept = _parts(cache)
+    assert not json.loads((cache / "cache.json").read_text())["complete"]
+    out = torchrun(cache_args(tiny, cache, cache_chunk_samples=16))
+    assert "already done" in out.stdout
+    after = _parts(cache)
+    assert all(after[name] == mtime for name, mtime in kept.items())  # finished parts were not redone
+    assert sorted(after) == sorted(_parts(reference))
+    from safetensors.torch import load_file
+
+    for name in after:  # top-k is deterministic: the resumed cache equals an uninterrupted one
+        a, b = load_file(str(cache / name)), load_file(str(reference / name))
+        assert all(a[k].equal(b[k]) for k in a), name
+
+
+def _train_once(tiny, tmp_path, cache, **flags):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = train_args(tiny, tmp_path / "out", teacher_model=None, teacher_cache=str(cache), max_steps=1, **flags)
+    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_a_cache_for_other_tokens_or_another_temperature_is_refused(tiny, tmp_path):
+    cache = tmp_path / "cache"
+    torchrun(cache_args(tiny, cache, cache_mode="sampled", cache_n=8))
+    cases = [({"max_len": 8}, r"does not hold this run's data: .*train\.jsonl .*max_len 2048 then, 8 now"),
+             ({"kd_temperature": 2.0}, r"kd_temperature 1, this run has 2"),
+             ({"kd_loss": "reverse_kl"}, r"key kd_loss: reverse_kl needs .* a sampled cache"),
+             ({"pretrain": tiny["qwen_student"]}, r"another tokenizer|does not hold this run's data")]
+    for flags, message in cases:
+        proc = _train_once(tiny, tmp_path, cache, **flags)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+        assert __import__("re").search(message, lines[0]), lines[0]
+        assert not (tmp_path / "out").exists()
