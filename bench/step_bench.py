@@ -2,6 +2,7 @@
 
     python bench/step_bench.py                  # 2 ranks, seq 1024, vocab 49152, ~45M student, ~118M teacher
     python bench/step_bench.py --nproc 2 --steps 3 --prompt_fraction 0.5
+    python bench/step_bench.py --on_policy_ratio 1 --gen_tokens 64   # on-policy: generation, then the step
 
 The driver launches `torchrun` once per implementation, so each one's peak RSS is its own:
   fsdp_kd  the trainer's step: teacher hidden states at trainable rows, then the chunked loss inside the student root
@@ -114,6 +115,9 @@ def worker(args) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    if args.impl == "on_policy":
+        return on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids)
+
     step()  # warm-up: lazy init, optimizer state
     dist.barrier()
     start = time.perf_counter()
@@ -136,6 +140,60 @@ def worker(args) -> None:
     teardown()
 
 
+def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) -> None:
+    """Times generation (gathered once, and re-gathered per token) and the on-policy step's three parts."""
+    import torch
+    import torch.distributed as dist
+
+    from fsdp_kd.data import collate
+    from fsdp_kd.distill import LiveTeacher, student_loss
+    from fsdp_kd.distributed import teardown
+    from fsdp_kd.on_policy import GenerationSettings, generate, with_response
+    from fsdp_kd.trainer import peak_memory_gb
+
+    # the last id as the only stop token: a random model almost never samples it, so every response is full length
+    settings = GenerationSettings(args.gen_tokens, 1.0, 1.0, (args.vocab - 1,), args.seq + args.gen_tokens, 0)
+    prompts = [row[:args.seq // 2] for row in ids.tolist()]
+
+    def synced(fn):
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        out = fn()
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+        return out, time.perf_counter() - start
+
+    generate(student_root, prompts, settings, 0, env.device)  # warm-up
+    times = {"generate": 0.0, "generate per token": 0.0, "teacher": 0.0, "student": 0.0}
+    generated = 0
+    for step in range(args.steps):
+        (responses, _), seconds = synced(lambda: generate(student_root, prompts, settings, step, env.device))
+        times["generate"] += seconds
+        _, seconds = synced(lambda: generate(student_root, prompts, settings, step, env.device, gather_once=False))
+        times["generate per token"] += seconds
+        generated += sum(map(len, responses)) * env.world_size
+        batch = collate([with_response(p, r) for p, r in zip(prompts, responses)], 0).to(env.device)
+        with torch.no_grad():
+            targets, seconds = synced(lambda: LiveTeacher(teacher_root).targets(batch))
+        times["teacher"] += seconds
+
+        def student_part():
+            loss, _ = student_root(student_loss, batch, spec, args.vocab, targets)
+            (loss / batch.trainable_tokens).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        _, seconds = synced(student_part)
+        times["student"] += seconds
+    if env.is_main:
+        print(json.dumps({"impl": "on_policy", "generated": generated, "peak_gb": peak_memory_gb(env.device),
+                          **{k: v / args.steps for k, v in times.items()}}))
+    teardown()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=2)
@@ -150,10 +208,27 @@ def main():
     parser.add_argument("--prompt_fraction", type=float, default=0.0)
     parser.add_argument("--param_dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--teacher_offload", action="store_true")
+    parser.add_argument("--on_policy_ratio", type=float, default=0.0, help="1: measure the on-policy step")
+    parser.add_argument("--gen_tokens", type=int, default=64)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.impl:
         worker(args)
+        return
+    if args.on_policy_ratio > 0:
+        flags = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "nproc", "teacher_offload")]
+        r = run_worker(__file__, args.nproc, ["--impl", "on_policy", *flags])
+        per_step = r["generate"] + r["teacher"] + r["student"]
+        tokens = r["generated"] / args.steps
+        print(f"{args.nproc} ranks, {args.batch} prompts of {args.seq // 2} tokens per rank, {args.gen_tokens} new "
+              f"tokens each, vocabulary {args.vocab}, {args.param_dtype}")
+        print("| generation | tokens/s |\n|---|---|")
+        print(f"| student gathered once | {tokens / r['generate']:.0f} |")
+        print(f"| re-gathered per token | {tokens / r['generate per token']:.0f} |")
+        print(f"| ratio | {r['generate per token'] / r['generate']:.2f}× |")
+        print("| step part | seconds | share |\n|---|---|---|")
+        for part in ("generate", "teacher", "student"):
+            print(f"| {part} | {r[part]:.2f} | {r[part] / per_step:.0%} |")
         return
     flags = [f"--{k}={v}" for k, v in vars(args).items() if k not in ("impl", "nproc", "teacher_offload")]
     flags += ["--teacher_offload"] if args.teacher_offload else []

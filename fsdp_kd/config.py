@@ -103,6 +103,13 @@ class TrainConfig:
     kd_chunk_budget_mb: int = LossSpec.chunk_budget_mb  # CUDA: the loss's scratch memory per token block
     compile_loss: bool = False  # torch.compile the loss's per-chunk elementwise work
 
+    # On-policy distillation (fsdp_kd/on_policy.py): the student writes the responses of this share of micro-batches
+    on_policy_ratio: float = 0.0  # λ of GKD; reverse_kl is the usual kd_loss on-policy
+    on_policy_ce: bool = False  # keep the CE term on self-generated text (it reinforces the student's own samples)
+    generate_max_new_tokens: int = 256
+    generate_temperature: float = 1.0  # 0: greedy
+    generate_top_p: float = 1.0
+
     # Teacher cache (docs/teacher_cache.md): cache_teacher writes it, training reads it instead of a teacher model
     teacher_cache: str | None = None
     cache_mode: str = "topk"  # topk: k ids + log-probs + a rest bucket; sampled: n draws as ids with counts
@@ -146,7 +153,8 @@ RESUME_SENSITIVE_KEYS = (
     "pretrain", "teacher_model", "teacher_cache", "dataset", "dataset_probs", "dataset_split", "input_key", "output_key",
     "input_template", "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode",
     "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size", "seed", "param_dtype",
-    "kd_coef", "kd_loss", "jsd_beta", "kd_temperature", "max_epochs", "max_steps",
+    "kd_coef", "kd_loss", "jsd_beta", "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
+    "generate_max_new_tokens", "generate_temperature", "generate_top_p",
 )
 
 
@@ -341,6 +349,15 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         if len(probs) != len(cfg.dataset.split(",")) or min(probs) < 0 or sum(probs) <= 0:
             fail("dataset_probs", f"dataset_probs needs one non-negative weight per dataset "
                                   f"({len(cfg.dataset.split(','))}), got {cfg.dataset_probs!r}")
+    if not 0 <= cfg.on_policy_ratio <= 1:
+        fail("on_policy_ratio", f"on_policy_ratio must be in [0, 1], got {cfg.on_policy_ratio}")
+    if cfg.on_policy_ratio > 0 and (cfg.teacher_model is None or cfg.teacher_cache is not None):
+        fail("on_policy_ratio", "on-policy distillation needs a live teacher (teacher_model, no teacher_cache): a "
+                                "cache cannot grade responses written after it was built")
+    if cfg.generate_temperature < 0 or not 0 < cfg.generate_top_p <= 1 or cfg.generate_max_new_tokens < 1:
+        fail("generate_temperature" if cfg.generate_temperature < 0 else "generate_top_p"
+             if not 0 < cfg.generate_top_p <= 1 else "generate_max_new_tokens",
+             "generate_temperature must be >= 0, generate_top_p in (0, 1], generate_max_new_tokens >= 1")
     if cfg.cache_mode not in ("topk", "sampled"):
         fail("cache_mode", f"cache_mode must be topk or sampled, got {cfg.cache_mode!r}")
     if cfg.cache_k < 1 or not 1 <= cfg.cache_n <= 255:

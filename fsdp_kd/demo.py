@@ -1,8 +1,10 @@
 """The built-in demo: a real distillation on a laptop CPU, with no downloads, in a few minutes.
 
 It builds a character tokenizer and a toy translation task, trains a teacher on it (the trainer with no teacher is
-plain SFT), distils the teacher into a smaller student, trains the same student with CE only on the same budget,
-and prints a table: eval CE, KL to the teacher, and exact-match accuracy of greedy answers.
+plain SFT), distils the teacher into a smaller student, distils it again from a top-k cache of the teacher (k = 8,
+built once, no teacher loaded while training), trains the same student with CE only on the same budget, and prints
+a table: eval CE, KL to the teacher (the full KL, against the live teacher, for every model), and exact-match
+accuracy of greedy answers.
 
 The task is a toy translation whose renderings are ambiguous (see `translation_task`): a sampled label shows one
 rendering, the teacher's distribution shows all of them with their odds, which is what distillation passes on.
@@ -58,6 +60,7 @@ def build_tiny_model(out_dir: str, vocab_size: int, hidden: int, layers: int, fa
 SOURCE_LETTERS = "abcdefgh"
 TARGET_LETTERS = "ABCDEFGHIJKLMNOP"
 RENDERING_PROBS = (0.5, 0.3, 0.2)
+CACHED = "KD student, top-k cache (k = 8)"
 
 
 def translation_task(seed: int, n_train: int, n_eval: int, word_len: int = 6):
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_samples", type=int, default=4000)
     args = parser.parse_args(argv)
 
+    from .cache_teacher import CacheBuilder
     from .config import TrainConfig, validate
     from .distributed import init_distributed, seed_everything, teardown
     from .trainer import Trainer
@@ -149,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
                        micro_train_batch_size=max(1, 64 // env.world_size), train_batch_size=64,
                        learning_rate=1e-3, lr_warmup_ratio=0.05, adam_betas=(0.9, 0.98), max_epochs=100,
                        logging_steps=100, eval_steps=100, param_dtype="fp32", kd_vocab_chunk=64,
-                       kd_token_chunk=512)
+                       kd_token_chunk=512, data_cache_dir=os.path.join(args.out, "tokenized"))
     runs = {
         "teacher": dataclasses.replace(base, pretrain=paths["teacher_init"], kd_coef=0.0,
                                        max_steps=args.teacher_steps, save_path=os.path.join(args.out, "teacher")),
         "KD student": dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.9,
                                           max_steps=args.student_steps, save_path=os.path.join(args.out, "kd_student")),
+        CACHED: dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.9, max_steps=args.student_steps,
+                                    teacher_cache=os.path.join(args.out, "teacher_cache"), cache_k=8,
+                                    save_path=os.path.join(args.out, "kd_cache_student")),
         "CE-only student": dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.0,
                                                max_steps=args.student_steps,
                                                save_path=os.path.join(args.out, "ce_student")),
@@ -164,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, cfg in runs.items():
             if name == "KD student":
                 cfg = dataclasses.replace(cfg, teacher_model=runs["teacher"].save_path)
+            if name == CACHED:  # run the teacher once over the data, then train with no teacher loaded
+                if env.is_main:
+                    print(f"\n=== teacher cache (top-k, k = {cfg.cache_k}) ===", flush=True)
+                CacheBuilder(dataclasses.replace(cfg, teacher_model=runs["teacher"].save_path), env).run()
             validate(cfg)
             if env.is_main:
                 print(f"\n=== {name} ===", flush=True)
@@ -174,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         # Score every model on the same footing: eval CE and KL to the teacher from one evaluation pass each.
         for name, cfg in runs.items():
             probe = dataclasses.replace(cfg, pretrain=cfg.save_path, teacher_model=runs["teacher"].save_path,
-                                        kd_coef=0.5, save_path=os.path.join(args.out, "scoring", name.replace(" ", "_")))
+                                        teacher_cache=None, kd_coef=0.5, save_path=os.path.join(args.out, "scoring", name.replace(" ", "_")))
             seed_everything(cfg.seed, env.rank)
             results[name] = Trainer(probe, env).evaluate()
     finally:

@@ -148,6 +148,7 @@ _LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pas
 @dataclass(frozen=True)
 class LossSpec:
     kd_coef: float = 0.5
+    ce_coef: float | None = None  # the CE term's weight; None: 1 - kd_coef (0 on self-generated text, on-policy)
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
     temperature: float = 1.0
@@ -168,6 +169,10 @@ class LossSpec:
         if (self.vocab_chunk is not None and self.vocab_chunk < 1) or (
                 self.token_chunk is not None and self.token_chunk < 1) or self.chunk_budget_mb < 1:
             raise ValueError("kd_vocab_chunk, kd_token_chunk and kd_chunk_budget_mb must be >= 1")
+
+    @property
+    def ce_weight(self) -> float:
+        return 1.0 - self.kd_coef if self.ce_coef is None else self.ce_coef
 
     @property
     def effective_divergence(self) -> str:
@@ -331,13 +336,13 @@ def sums_of_chunk(z_s, z_t, lse_s, lse_t, inv_tau: float, divergence: Divergence
 
 
 def logit_grad_of_chunk(z_s, z_t, lse_s, lse_raw_s, lse_t, sums, inv_tau: float, divergence: Divergence,
-                        beta: float, kd_coef: float, with_sums: bool):
+                        beta: float, ce_coef: float, kd_coef: float, with_sums: bool):
     """Pass 3's elementwise work on one chunk: dL/dz_student except the CE's one-hot term,
-    (1-c)·softmax(z) + c·τ·dD/da (a = z/τ, so d(τ²·D)/dz = τ·dD/da), and the chunk's row sums when pass 2 was
-    folded in (`with_sums`; then `sums` is None and the divergence's gradient needs none)."""
+    w·softmax(z) + c·τ·dD/da (w the CE's weight, 1-c unless set; a = z/τ, so d(τ²·D)/dz = τ·dD/da), and the chunk's
+    row sums when pass 2 was folded in (`with_sums`; then `sums` is None and the divergence's gradient needs none)."""
     t = chunk_terms(z_s, z_t, lse_s, lse_t, inv_tau)
     student_probs = t.q if inv_tau == 1.0 else torch.exp(z_s - lse_raw_s[:, None])
-    grad = torch.add(student_probs * (1 - kd_coef), divergence.grad(t, sums, beta), alpha=kd_coef / inv_tau)
+    grad = torch.add(student_probs * ce_coef, divergence.grad(t, sums, beta), alpha=kd_coef / inv_tau)
     return grad, (chunk_row_sums(t, divergence, beta) if with_sums else None)
 
 
@@ -405,6 +410,7 @@ def _cast_once(head: Head, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tens
 class KernelPlan:
     """Everything a token block needs to know, decided once per call from the spec and the shapes."""
     chunks: list[tuple[int, int]]
+    ce_coef: float
     kd_coef: float
     tau: float
     beta: float
@@ -443,13 +449,14 @@ def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBloc
                                                   plan.beta))
     for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):  # pass 3
         grad_z, chunk_sums = plan.grad_fn(student.logits[k], teacher.logits[k], student.lse, student.lse_raw,
-                                          teacher.lse, sums, plan.inv_tau, plan.divergence, plan.beta, plan.kd_coef,
+                                          teacher.lse, sums, plan.inv_tau, plan.divergence, plan.beta, plan.ce_coef,
+                                          plan.kd_coef,
                                           plan.fold_sums_into_grad)
         if plan.fold_sums_into_grad:
             sums = _accumulate(sums, chunk_sums)
         push_back(grads, student, grad_z, student.logits[k], rows, v0, v1)
     if grads is not None:
-        push_back_labels(grads, student, labels, rows, 1 - plan.kd_coef)
+        push_back_labels(grads, student, labels, rows, plan.ce_coef)
     kd = plan.divergence.value(sums, plan.beta) * plan.tau**2
     per_row = torch.stack([student.lse_raw - student.label_logit, kd, sums["p_log_p"] - sums["p_log_q"],
                            -sums["p_log_p"], -sums["q_log_q"], (student.argmax == teacher.argmax).float(),
@@ -520,12 +527,12 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
         z = student.logits[k]
         q = torch.exp((z if plan.inv_tau == 1.0 else z * plan.inv_tau) - student.lse[:, None])
         probs = q if plan.inv_tau == 1.0 else torch.exp(z - student.lse_raw[:, None])
-        grad_z = torch.add(probs * (1 - plan.kd_coef), q * dense[:, None], alpha=kd_scale)
+        grad_z = torch.add(probs * plan.ce_coef, q * dense[:, None], alpha=kd_scale)
         here, local = _in_chunk(cached.ids, v0, v1)
         grad_z.scatter_add_(1, local, torch.where(here, sparse * kd_scale, 0.0))
         push_back(grads, student, grad_z, z, rows, v0, v1)
     if grads is not None:
-        push_back_labels(grads, student, labels, rows, 1 - plan.kd_coef)
+        push_back_labels(grads, student, labels, rows, plan.ce_coef)
     is_label = cached.ids == labels[:, None]
     teacher_log_p_label = torch.where(is_label.any(1), torch.where(is_label, cached.log_p, -math.inf).amax(1),
                                       cached.log_rest)
@@ -546,7 +553,8 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, labels: torch.Tensor, spec: Lo
     block_rows, cols = choose_chunks(spec, device, n, vocab_size, 2 if h_t is not None else 1)
     sums_fn, grad_fn = elementwise_functions(spec.compile)
     plan = KernelPlan(chunks=vocab_chunks(vocab_size, cols),
-                      kd_coef=spec.kd_coef if has_teacher else 0.0, tau=spec.temperature, beta=spec.jsd_beta,
+                      ce_coef=spec.ce_weight if has_teacher else 1.0, kd_coef=spec.kd_coef if has_teacher else 0.0,
+                      tau=spec.temperature, beta=spec.jsd_beta,
                       divergence=divergence,
                       fold_sums_into_grad=with_grad and not divergence.grad_needs_sums and h_t is not None,
                       sums_fn=sums_fn, grad_fn=grad_fn)
@@ -569,7 +577,7 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, labels: torch.Tensor, spec: Lo
         else:
             totals += student_block(plan, student, labels[rows], rows, grads)
         del student, teacher  # the block's logit caches, before the next block allocates its own
-    loss = (1 - plan.kd_coef) * totals[0] + plan.kd_coef * totals[1]
+    loss = plan.ce_coef * totals[0] + plan.kd_coef * totals[1]
     return loss, totals, grads
 
 

@@ -34,6 +34,7 @@ class ShardedCausalLM(nn.Module):
         self.lm = lm
         self.separate_head = False
         self.keep_gathered = False
+        self.resharding_units: set[nn.Module] = set()  # the FSDP units that reshard after their forward
 
     @property
     def head_unit(self) -> nn.Module:
@@ -216,6 +217,7 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
     from transformers import AutoConfig
 
     started = time.time()
+    path = local_model_path(path, env)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     with _parameters_on_meta():
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.attn_implementation,
@@ -246,6 +248,39 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
     if env.rank == 0:
         print(f"{role} loaded and sharded over {env.world_size} rank(s) in {time.time() - started:.1f}s", flush=True)
     return root
+
+
+# Files a hub model's weights never need (other frameworks' weights, GGUF, original checkpoints)
+_NOT_NEEDED = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "original/*", "*.mlmodel"]
+
+
+def local_model_path(path: str, env: DistEnv) -> str:
+    """A local directory for `path`: itself, or, for a hub id, the snapshot in the local HF cache. Local rank 0 of
+    each node downloads it while the other ranks wait (up to dist_timeout_minutes: a big model takes a while), so
+    a node fetches each file once, and every rank can then read its own shards from the safetensors files.
+    .bin weights are skipped when the repository has safetensors."""
+    if os.path.isdir(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    from huggingface_hub import HfApi, snapshot_download
+
+    from .distributed import all_gather_object
+
+    error = None
+    if env.local_rank == 0:
+        try:
+            try:
+                files = HfApi().list_repo_files(path)
+            except Exception:  # noqa: BLE001 - offline, or no listing: fetch what the filter allows
+                files = []
+            skip = _NOT_NEEDED + (["*.bin", "*.pt", "*.pth"] if any(f.endswith(".safetensors") for f in files) else [])
+            print(f"downloading {path} from the hub (local rank 0 of each node; the other ranks wait)", flush=True)
+            snapshot_download(path, ignore_patterns=skip)
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it
+            error = f"cannot download {path!r} from the hub: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
+    errors = [e for e in all_gather_object(error) if e]
+    if errors:
+        raise ConfigError(errors[0])
+    return snapshot_download(path, local_files_only=True)
 
 
 def _safetensors_index(path: str) -> dict[str, str] | None:
@@ -341,6 +376,11 @@ def _shard_layers_and_root(root: "ShardedCausalLM", root_reshard_after_forward: 
         fully_shard(root.lm.get_output_embeddings(), **fsdp_kwargs)
         root.separate_head = True
     fully_shard(root, **{**fsdp_kwargs, "reshard_after_forward": root_reshard_after_forward})
+    resharding = bool(fsdp_kwargs.get("reshard_after_forward", True))
+    root.resharding_units = set(layers + ([root.lm.get_output_embeddings()] if head_unit else [])) if resharding \
+        else set()
+    if root_reshard_after_forward:
+        root.resharding_units.add(root)
     for layer, following in zip(layers, layers[1:]):
         layer.set_modules_to_forward_prefetch([following])
 

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,13 +28,15 @@ from .distill import LiveTeacher, student_loss
 from .distributed import DistEnv, all_gather_object, all_reduce_sum
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
+from .on_policy import GenerationSettings, GenerationStats, OnPolicy, stop_token_ids
 from .heads import verify_head
 from .models import (ShardedCausalLM, check_model_dir, load_sharded, padding_id, parameter_count, resolve_dtype,
                      shard_student, shard_teacher, shared_vocab_size, tokenizer_or_error)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
-_SUMMED = METRIC_NAMES + ("tokens",)  # summed over tokens, micro-batches and ranks, then divided by "tokens"
+# summed over tokens, micro-batches and ranks, then divided by "tokens"
+_SUMMED = ("loss",) + METRIC_NAMES + ("tokens",)
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -54,6 +57,31 @@ class StepResult:
     metrics: dict[str, float]
     real_tokens: int
     skipped: bool = False  # the loss or the gradient norm was not finite: no optimizer update
+
+
+@dataclass
+class StepWork:
+    """What a step's forward and backward passes leave for the optimizer step and the log."""
+    sums: torch.Tensor  # summed metrics, ordered as _SUMMED, on the device
+    on_policy_sums: torch.Tensor  # those of the on-policy micro-batches alone
+    micro_batches: list[MicroBatch]
+    generation: GenerationStats
+
+
+def _on_policy_metrics(metrics: dict, kl_on: float, tokens_on: float, on_batches: float, batches: float,
+                       sequences: float, generated: float, seconds: float, world_size: int) -> dict[str, float]:
+    """The on-policy share of micro-batches, what generation did, and the KL on and off the student's own text."""
+    out = {"on_policy_share": on_batches / max(batches, 1.0),
+           "generated_len": generated / max(sequences, 1.0),
+           "gen_tokens_per_sec": generated / max(seconds / world_size, 1e-9) if generated else 0.0}
+    kl_key = next((k for k in ("kl", "kl_buckets", "kl_estimate") if k in metrics), None)
+    if kl_key is not None:
+        tokens_off = metrics["tokens"] - tokens_on
+        if tokens_on:
+            out["kl_on_policy"] = kl_on / tokens_on
+        if tokens_off:
+            out["kl_off_policy"] = (metrics[kl_key] * metrics["tokens"] - kl_on) / tokens_off
+    return out
 
 
 class NonFiniteTraining(RuntimeError):
@@ -287,6 +315,17 @@ class Trainer:
                              jsd_beta=cfg.jsd_beta, temperature=cfg.kd_temperature,
                              vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk,
                              chunk_budget_mb=cfg.kd_chunk_budget_mb, compile=cfg.compile_loss)
+        self.on_policy, self.on_policy_spec = None, self.spec
+        if cfg.on_policy_ratio > 0:
+            settings = GenerationSettings(cfg.generate_max_new_tokens, cfg.generate_temperature, cfg.generate_top_p,
+                                          stop_token_ids(self.tokenizer, _generation_config(cfg.pretrain)),
+                                          cfg.max_len, self.pad_id)
+            self.on_policy = OnPolicy(cfg.on_policy_ratio, cfg.seed, settings, env.rank, env.device)
+            self.on_policy_spec = dataclasses.replace(self.spec, ce_coef=None if cfg.on_policy_ce else 0.0)
+            self.log(f"on-policy: {cfg.on_policy_ratio:.0%} of micro-batches train on the student's own responses "
+                     f"(up to {cfg.generate_max_new_tokens} tokens, temperature {cfg.generate_temperature:g}, top-p "
+                     f"{cfg.generate_top_p:g}, stop ids {list(settings.stop_ids)}; CE "
+                     f"{'on' if cfg.on_policy_ce else 'off'} there)")
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.learning_rate,
                                            betas=cfg.adam_betas, weight_decay=cfg.l2)
         self.start_step = 0
@@ -328,10 +367,10 @@ class Trainer:
         self.log("\n".join("  " + line for line in lines))
 
     # ----------------------------------------------------------------------------------------------- steps
-    def _run_micro_batch(self, batch: MicroBatch):
+    def _run_micro_batch(self, batch: MicroBatch, spec: LossSpec):
         """(summed loss, summed metrics) of one micro-batch that is already on the device."""
         targets = self.teacher_source.targets(batch) if self.teacher_source else None
-        return self.student(student_loss, batch, self.spec, self.vocab_size, targets)
+        return self.student(student_loss, batch, spec, self.vocab_size, targets)
 
     def _device_batches(self, groups: list[list[Sample]]) -> list[MicroBatch]:
         """Every micro-batch of a step collated on the host and queued for the device at once: on CUDA the copies
@@ -345,51 +384,68 @@ class Trainer:
         totals = dict(zip(_SUMMED, host[:len(_SUMMED)]))
         tokens = max(totals["tokens"], 1.0)
         names = METRIC_NAMES if self.teacher_source is not None else ("ce",)  # no teacher: nothing to compare
-        out = {k: totals[k] / tokens for k in names}
-        out["loss"] = (1 - self.spec.kd_coef) * out["ce"] + self.spec.kd_coef * out.get("kd", 0.0)
+        out = {k: totals[k] / tokens for k in ("loss", *names)}
         out["tokens"] = totals["tokens"]
         # a cache's metrics say what they are: over buckets, or estimates from draws (None: not available)
         renamed = getattr(self.teacher_source, "metric_names", {})
         out = {renamed.get(k, k): v for k, v in out.items() if renamed.get(k, k) is not None}
         return out, host[len(_SUMMED):]
 
-    def _summed(self, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([metrics[k] for k in _SUMMED])
+    def _summed(self, loss_sum: torch.Tensor, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([loss_sum.detach().double(), *(metrics[k] for k in _SUMMED[1:])])
 
-    def forward_backward(self, step: int) -> tuple[torch.Tensor, list[MicroBatch]]:
+    def forward_backward(self, step: int) -> StepWork:
         """Accumulates this rank's share of the step's gradients; returns the summed metrics (on the device, ordered
-        as _SUMMED) and its batches.
+        as _SUMMED), those of its on-policy micro-batches alone, its batches and what generation did.
 
         Each micro-batch's summed loss is divided by the step's *global* count of trainable tokens (all ranks, all
         micro-batches), and FSDP sums gradients across ranks, so the gradient is the mean over the global batch
         whatever the split into micro-batches and ranks. Nothing here waits for the device: the token count stays a
         device tensor, and so do the metrics. With HSDP, gradients are all-reduced across replicas only after the
-        last micro-batch; the ones before only reduce-scatter within the shard group."""
-        micro_batches = self._device_batches(self._step_samples(step))
+        last micro-batch; the ones before only reduce-scatter within the shard group. On-policy micro-batches get
+        the student's own responses first (`on_policy`), so the count includes them."""
+        groups = self._step_samples(step)
+        on_policy, generation = [False] * len(groups), GenerationStats()
+        if self.on_policy is not None:
+            groups, on_policy, generation = self.on_policy.rewrite(self.student, step, groups)
+        micro_batches = self._device_batches(groups)
         local_tokens = torch.tensor(float(sum(mb.trainable_tokens for mb in micro_batches)), device=self.env.device)
         global_tokens = all_reduce_sum(local_tokens).clamp_min(1.0)
         self.student.train()
         hybrid = self.cfg.sharding_strategy == "hybrid_shard"
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64, device=self.env.device)
-        for i, batch in enumerate(micro_batches):
+        on_policy_sums = torch.zeros_like(sums)
+        for i, (batch, generated) in enumerate(zip(micro_batches, on_policy)):
             if hybrid:
                 self.student.set_requires_all_reduce(i == len(micro_batches) - 1)
-            loss_sum, metrics = self._run_micro_batch(batch)
+            loss_sum, metrics = self._run_micro_batch(batch, self.on_policy_spec if generated else self.spec)
             (loss_sum / global_tokens).backward()
-            sums += self._summed(metrics)
-        return sums, micro_batches
+            summed = self._summed(loss_sum, metrics)
+            sums += summed
+            if generated:
+                on_policy_sums += summed
+        return StepWork(sums, on_policy_sums, micro_batches, generation)
 
     def train_step(self, step: int) -> StepResult:
         lr = lr_at(step, self.total_steps, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        sums, micro_batches = self.forward_backward(step)
+        work = self.forward_backward(step)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        real = torch.tensor(float(sum(mb.real_tokens for mb in micro_batches)), device=self.env.device)
-        metrics, (norm, real_tokens) = self._reduce(sums, [grad_norm, all_reduce_sum(real)])
+        device = self.env.device
+        real = torch.tensor(float(sum(mb.real_tokens for mb in work.micro_batches)), device=device)
+        gen = work.generation
+        on_policy = all_reduce_sum(torch.cat([work.on_policy_sums[_SUMMED.index("kl")].reshape(1),
+                                              work.on_policy_sums[_SUMMED.index("tokens")].reshape(1),
+                                              torch.tensor([gen.micro_batches, len(work.micro_batches), gen.sequences,
+                                                            gen.tokens, gen.seconds], dtype=torch.float64,
+                                                           device=device)]))
+        metrics, (norm, real_tokens, *on) = self._reduce(work.sums, [grad_norm, all_reduce_sum(real), *on_policy])
         metrics.update(lr=lr, grad_norm=norm)
+        if self.on_policy is not None:
+            metrics.update(_on_policy_metrics(metrics, *on, world_size=self.env.world_size))
         finite = math.isfinite(metrics["loss"]) and math.isfinite(norm)  # global values: every rank agrees
         if finite:
             self.optimizer.step()
@@ -402,8 +458,8 @@ class Trainer:
         sums = torch.zeros(len(_SUMMED), dtype=torch.float64, device=self.env.device)
         groups = eval_shards(self.eval_samples, self.cfg.micro_train_batch_size, self.env.rank, self.env.world_size)
         for batch in self._device_batches(groups):
-            _, metrics = self._run_micro_batch(batch)
-            sums += self._summed(metrics)
+            loss_sum, metrics = self._run_micro_batch(batch, self.spec)
+            sums += self._summed(loss_sum, metrics)
         self.student.reshard_everything()
         reduced, _ = self._reduce(sums)
         return {"eval_" + ("ce_loss" if k == "ce" else k): v for k, v in reduced.items()}
@@ -433,6 +489,9 @@ class Trainer:
                 self.metrics_log.write(record)
                 eta = (time.time() - started) / (done - self.start_step) * (self.total_steps - done)
                 teacher_part = "".join(f"{name} {record[key]:.4f} | " for key, name in _shown_teacher_metrics(record))
+                if "on_policy_share" in record:
+                    teacher_part += (f"on-policy {record['on_policy_share']:.0%}, {record['generated_len']:.1f} "
+                                     f"tokens, {record['gen_tokens_per_sec']:.0f} gen tok/s | ")
                 self.log(f"step {done}/{self.total_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
                          f"{teacher_part}lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
                          f"{record['tokens_per_sec']:.0f} tok/s | mem {record['peak_mem_gb']:.2f} GB | eta {eta:.0f}s")
@@ -487,6 +546,16 @@ def peak_memory_gb(device: torch.device) -> float:
     if dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return peak.item() / 1024**3
+
+
+def _generation_config(path: str):
+    """The student's generation_config.json (its EOS ids), or None when it has none."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
 
 
 def _shown_teacher_metrics(record: dict, prefix: str = "") -> list[tuple[str, str]]:

@@ -9,6 +9,8 @@ MODE gathers  teacher parameters all-gathered for one micro-batch's targets     
 MODE families for each model, shard, train a step, export, and compare the export's logits   ARGS: FAMILY=DIR ...
 MODE load     each model loaded into shards (as student, and as an offloaded teacher) against
               from_pretrained: the largest difference of any tensor                            ARGS: NAME=DIR ...
+MODE generate every rank's on-policy responses to its prompts (gathered once, and re-gathered per token), and a
+              single-process HF generate of the same weights with the same seed                ARGS: train.py flags
 """
 
 import os
@@ -36,8 +38,8 @@ def full_grads(trainer):
 
 def grads(env, flags, out_file):
     trainer = trainer_from(flags, env)
-    sums, _ = trainer.forward_backward(0)
-    return {"grads": full_grads(trainer), "metrics": trainer._reduce(sums)[0]}
+    work = trainer.forward_backward(0)
+    return {"grads": full_grads(trainer), "metrics": trainer._reduce(work.sums)[0]}
 
 
 def dense_loss(lm, batch, spec, vocab_size, targets):
@@ -54,7 +56,7 @@ def dense(env, flags, out_file):
     for name, fn in (("kernel", None), ("dense", dense_loss)):
         trainer.optimizer.zero_grad(set_to_none=True)
         if fn is None:
-            loss, _ = trainer._run_micro_batch(batch)
+            loss, _ = trainer._run_micro_batch(batch, trainer.spec)
         else:
             targets = trainer.teacher_source.targets(batch)
             loss, _ = trainer.student(fn, batch, trainer.spec, trainer.vocab_size, targets)
@@ -147,7 +149,39 @@ def load(env, pairs, out_file):
     return differences
 
 
-MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "families": families, "load": load}
+def generate(env, flags, out_file):
+    from transformers import AutoModelForCausalLM
+
+    from fsdp_kd.distributed import all_gather_object
+    from fsdp_kd.on_policy import generate as fsdp_generate, generation_config, prompt_of
+
+    trainer = trainer_from(flags, env)
+    settings = trainer.on_policy.settings
+    prompts = [prompt_of(trainer.train_samples[i]) for i in range(env.rank * 5, env.rank * 5 + 5)]
+    seed = 1234 + env.rank
+    once, _ = fsdp_generate(trainer.student, prompts, settings, seed, env.device)
+    per_token, _ = fsdp_generate(trainer.student, prompts, settings, seed, env.device, gather_once=False)
+    reference_model = AutoModelForCausalLM.from_pretrained(trainer.cfg.pretrain, dtype=torch.float32).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[settings.pad_id] * (width - len(p)) + p for p in prompts])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    torch.manual_seed(seed)
+    out = reference_model.generate(input_ids=ids, attention_mask=mask,
+                                   generation_config=generation_config(settings, settings.max_new_tokens))
+    reference = []
+    for row in out[:, width:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in settings.stop_ids), len(row))
+        reference.append(row[:cut])
+    step_groups, flags_, stats = trainer.on_policy.rewrite(trainer.student, 0, [[trainer.train_samples[i]]
+                                                                               for i in range(4)])
+    return all_gather_object({"once": once, "per_token": per_token, "reference": reference,
+                              "stop_ids": list(settings.stop_ids), "max_new_tokens": settings.max_new_tokens,
+                              "rewritten": [[(s.input_ids, s.targets) for s in g] for g in step_groups],
+                              "flags": flags_})
+
+
+MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "families": families, "load": load,
+         "generate": generate}
 
 
 def main():

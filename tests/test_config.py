@@ -48,7 +48,7 @@ def test_deepspeed_flags_explain_their_replacement(flag, replacement):
 
 
 def test_kd_without_teacher_is_refused():
-    with pytest.raises(ConfigError, match="no teacher_model is set; set kd_coef 0"):
+    with pytest.raises(ConfigError, match="no teacher_model or teacher_cache is set; set kd_coef 0"):
         parse_config(["--pretrain", "s", "--dataset", "d.jsonl"])
     assert parse_config(["--pretrain", "s", "--dataset", "d.jsonl", "--kd_coef", "0"]).teacher_model is None
 

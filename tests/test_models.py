@@ -56,3 +56,30 @@ def test_each_rank_reads_its_own_shards_from_disk(tiny, tmp_path):
     assert len(differences) == 8 and all(d == 0.0 for d in differences.values()), differences
     assert proc.stdout.count("each rank reads its own shards from the safetensors files") == 6
     assert "its tensor names differ from the model's" in proc.stdout
+
+
+def test_a_hub_id_is_fetched_once_per_node_and_read_shard_by_shard(tiny, tmp_path):
+    """`--pretrain org/name` with the model in the HF cache (offline: nothing is reachable here): local rank 0
+    resolves it while the other rank waits, then both read their own shards from the snapshot's safetensors."""
+    import os
+    import shutil
+
+    from conftest import read_metrics, train_args
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--fsdpkd--tiny-student"
+    shutil.copytree(tiny["student"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        out = torchrun([str(REPO / "train.py"), *train_args(tiny, tmp_path / "out", pretrain="fsdpkd/tiny-student",
+                                                            max_steps=1)])
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert "loading the student from" in out.stdout and "each rank reads its own shards" in out.stdout
+    assert out.stdout.count("downloading fsdpkd/tiny-student from the hub") == 1
+    assert len(read_metrics(tmp_path / "out")) == 1

@@ -1,0 +1,111 @@
+"""On-policy distillation: generation under FSDP2 equals HF generate, responses end at stop tokens, the step trains
+only on them at λ = 1, and prompts, responses and stop tokens are taken apart right."""
+
+import pytest
+import torch
+
+from fsdp_kd.models import load_tokenizer
+from fsdp_kd.on_policy import prompt_of, stop_token_ids, with_response
+from fsdp_kd.records import IGNORE_INDEX, make_sample
+
+from conftest import REALDATA, REPO, read_metrics, torchrun, train_args
+
+WORKER = str(REPO / "tests" / "dist_worker.py")
+TRAIN = str(REPO / "train.py")
+
+
+def test_prompt_and_response_of_a_sample():
+    sample = make_sample([5, 6, 7], [8, 9])
+    assert prompt_of(sample) == [5, 6, 7]
+    rewritten = with_response([5, 6, 7], [20, 21, 2])
+    assert rewritten.input_ids == [5, 6, 7, 20, 21, 2]
+    assert rewritten.targets == [IGNORE_INDEX, IGNORE_INDEX, 20, 21, 2, IGNORE_INDEX]
+
+
+def test_the_prompt_of_a_multiturn_sample_ends_before_its_last_response():
+    ids = list(range(10, 20))
+    targets = [IGNORE_INDEX, 12, 13, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 17, 18, 19, IGNORE_INDEX]
+    from fsdp_kd.records import Sample
+
+    assert prompt_of(Sample(ids, targets)) == ids[:7]  # position 6 predicts 17, the last response's first token
+
+
+@pytest.mark.parametrize("name,expected", [("tok_qwen2.5_instruct", {"<|im_end|>"}),
+                                           ("tok_phi3_mini_instruct", {"<|end|>", "<|endoftext|>"}),
+                                           ("tok_smollm_360m_instruct", {"<|im_end|>"})])
+def test_every_stop_token_of_real_tokenizers(name, expected):
+    tok = load_tokenizer(str(REALDATA / name), False)
+    stops = {tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)}
+    assert expected <= stops, stops
+
+    class QwenGenerationConfig:  # Qwen's generation_config.json lists <|im_end|> and <|endoftext|>
+        eos_token_id = [151645, 151643]
+
+    if name.startswith("tok_qwen"):
+        assert set(stop_token_ids(tok, QwenGenerationConfig)) >= {151645, 151643}
+
+
+def test_generation_under_fsdp2_equals_hf_generate_and_stops_at_stop_tokens(tiny, tmp_path):
+    """2 ranks, the student sharded: sampled responses equal single-process HF generate on the same weights with
+    the same seed, gathered once or re-gathered per token; each ends at its first stop token or the length limit.
+    At λ = 1 every micro-batch is rewritten to train on exactly its generated response."""
+    out = tmp_path / "gen.pt"
+    torchrun([WORKER, "generate", str(out), *train_args(tiny, tmp_path / "run", on_policy_ratio=1.0,
+                                                        generate_max_new_tokens=10)])
+    ranks = torch.load(out, weights_only=False)
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["once"] == r["reference"] == r["per_token"]
+        for response in r["once"]:
+            assert 1 <= len(response) <= r["max_new_tokens"]
+            assert not set(response[:-1]) & set(r["stop_ids"])
+        assert any(resp[-1] in r["stop_ids"] for resp in r["once"]) or all(len(x) == 10 for x in r["once"])
+        assert r["flags"] == [True] * 4
+        for group in r["rewritten"]:
+            for ids, targets in group:
+                trained = [t for t in targets if t != IGNORE_INDEX]
+                assert trained and ids[-len(trained):] == trained  # only the generated tail is trained
+    assert ranks[0]["once"] != ranks[1]["once"]  # different prompts and seeds per rank
+
+
+def test_lambda_one_trains_on_generated_text_with_no_ce_and_logs_generation(tiny, tmp_path):
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "out", on_policy_ratio=1.0, generate_max_new_tokens=8,
+                                 kd_loss="reverse_kl", kd_coef=0.5, logging_steps=1, max_steps=2)])
+    for m in read_metrics(tmp_path / "out"):
+        assert m["on_policy_share"] == 1.0 and 1 <= m["generated_len"] <= 8 and m["gen_tokens_per_sec"] > 0
+        assert m["loss"] == pytest.approx(0.5 * m["kd"], rel=1e-5)  # the CE term is off on self-generated text
+        assert m["kl_on_policy"] == pytest.approx(m["kl"], rel=1e-5) and "kl_off_policy" not in m
+
+
+def test_lambda_zero_is_the_off_policy_run(tiny, tmp_path):
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "default", max_steps=2, logging_steps=1)])
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "zero", max_steps=2, logging_steps=1, on_policy_ratio=0.0)])
+    drop = ("tokens_per_sec", "peak_mem_gb")
+    assert [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(tmp_path / "zero")] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(tmp_path / "default")]
+
+
+def test_a_killed_on_policy_run_resumes_bitwise(tiny, tmp_path):
+    """λ = 0.5: the resumed run draws the same on-policy micro-batches and samples the same responses (seeded per
+    step, micro-batch and rank), so its metrics and final weights equal an uninterrupted run's exactly."""
+    from safetensors.torch import load_file
+
+    from conftest import start_torchrun, wait_for
+    from test_checkpoint import comparable, kill_everything, resume_args
+
+    def args(save):
+        return [TRAIN, *resume_args(tiny, save, max_steps=10, on_policy_ratio=0.5, generate_max_new_tokens=8,
+                                    kd_loss="reverse_kl")]
+
+    torchrun(args(tmp_path / "reference"))
+    proc = start_torchrun(args(tmp_path / "run"))
+    wait_for(tmp_path / "run" / "checkpoints" / "step_4", proc)
+    kill_everything(proc)
+    assert not (tmp_path / "run" / "config.json").exists(), "the run finished before the kill"
+    assert "resumed from" in torchrun(args(tmp_path / "run")).stdout
+    resumed, reference = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "reference")
+    assert comparable(resumed) == comparable(reference)
+    assert 0 < sum(m["on_policy_share"] for m in reference) < len(reference)  # both kinds of micro-batch ran
+    final = load_file(tmp_path / "run" / "model-00001-of-00001.safetensors")
+    expected = load_file(tmp_path / "reference" / "model-00001-of-00001.safetensors")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
