@@ -24,7 +24,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.launch import run_worker  # noqa: E402
-from bench.step_bench import model_config  # noqa: E402
+from bench.step_bench import add_step_args, model_config  # noqa: E402
 
 SETTINGS = [("topk", 8), ("topk", 32), ("topk", 64), ("topk", 128), ("sampled", 32)]
 
@@ -124,16 +124,7 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=1, help="sequences per rank")
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--student_hidden", type=int, default=384)
-    parser.add_argument("--student_layers", type=int, default=4)
-    parser.add_argument("--teacher_hidden", type=int, default=768)
-    parser.add_argument("--teacher_layers", type=int, default=6)
-    parser.add_argument("--param_dtype", default="fp32", choices=["fp32", "bf16"])
+    add_step_args(parser)
     parser.add_argument("--k", type=int, default=32, choices=[s for m, s in SETTINGS if m == "topk"])
     parser.add_argument("--workdir", default="/tmp/fsdp_kd_cache_bench")
     parser.add_argument("--impl", help=argparse.SUPPRESS)

@@ -188,14 +188,15 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
 
         _, seconds = synced(student_part)
         times["student"] += seconds
+    peak_gb = peak_memory_gb(env.device)  # a collective: every rank takes part
     if env.is_main:
-        print(json.dumps({"impl": "on_policy", "generated": generated, "peak_gb": peak_memory_gb(env.device),
+        print(json.dumps({"impl": "on_policy", "generated": generated, "peak_gb": peak_gb,
                           **{k: v / args.steps for k, v in times.items()}}))
     teardown()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_step_args(parser) -> None:
+    """The step-bench shape, shared with the benches that run on the same models (cache_bench)."""
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="sequences per rank per step")
@@ -205,8 +206,13 @@ def main():
     parser.add_argument("--student_layers", type=int, default=4)
     parser.add_argument("--teacher_hidden", type=int, default=768)
     parser.add_argument("--teacher_layers", type=int, default=6)
-    parser.add_argument("--prompt_fraction", type=float, default=0.0)
     parser.add_argument("--param_dtype", default="fp32", choices=["fp32", "bf16"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_step_args(parser)
+    parser.add_argument("--prompt_fraction", type=float, default=0.0)
     parser.add_argument("--teacher_offload", action="store_true")
     parser.add_argument("--on_policy_ratio", type=float, default=0.0, help="1: measure the on-policy step")
     parser.add_argument("--gen_tokens", type=int, default=64)

@@ -75,6 +75,7 @@ def gathered(root, every_unit: bool = True):
     With `every_unit`, so are the decoder layers: FSDP would otherwise gather each layer again (and free it) at every
     forward, i.e. for every generated token; that per-token way is kept for the benchmark that measures the
     difference. Everything is resharded at the end."""
+    root(lambda lm: None)  # a root forward that computes nothing: FSDP's lazy init, which must come from the root
     units = [m for m in root.modules() if isinstance(m, FSDPModule)]
     held = units if every_unit else [root]
     for unit in held:
