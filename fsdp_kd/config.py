@@ -7,7 +7,6 @@ or data is touched.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys

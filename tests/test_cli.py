@@ -129,3 +129,16 @@ def test_an_output_path_that_is_a_file_is_one_line(tiny, tmp_path, key):
     proc = run_train(train_args(tiny, save_path, **extra), tmp_path)
     assert_one_line_error(proc, rf"key {key}: .*a_file is a file, not a directory")
     assert target.read_text() == "not a directory"
+
+
+def test_a_truncated_safetensors_shard_is_refused_with_its_name(tiny, tmp_path):
+    """A download cut short: the file's header promises more bytes than it has."""
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    weights = teacher / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2])
+    proc = run_train(train_args(tiny, tmp_path / "out", teacher_model=str(teacher)), tmp_path)
+    assert_one_line_error(proc, r"key teacher_model: .*teacher/model\.safetensors is truncated or not a safetensors "
+                                r"file .*re-download it")
+    assert not (tmp_path / "out").exists()

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from fsdp_kd.config import TrainConfig
 from fsdp_kd.models import load_tokenizer
@@ -81,3 +82,24 @@ def test_spans_round_trip():
     ids = list(range(10, 22))
     sample = sample_from_mask(ids, [False, False, True, True, False, True, True, True, False, False, True, True])
     assert sample_from_spans(ids, spans_of(sample)) == sample
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_micro_batches_from_the_cache_equal_those_from_the_records(tmp_path, packed):
+    """The same samples give the same tensors (ids, mask, targets, trained rows, packing layout), so the loss and
+    gradients computed from the cache are those computed from the records."""
+    from fsdp_kd.data import collate, collate_packed
+
+    tok = load_tokenizer(str(REALDATA / "tok_smollm_360m_instruct"), False)
+    cfg = _cfg(tmp_path, input_key="question", output_key="answer", apply_chat_template=True, max_len=192)
+    table = _open(GSM8K, cfg, tok, max_samples=24)
+    direct = [record_to_sample(r, cfg, tok, w)[0] for r, w in list(read_records(str(GSM8K)))[:24]]
+    pad = tok.pad_token_id
+    for start in range(0, 24, 6):
+        cached = [table[i] for i in range(start, start + 6)]
+        a = collate_packed(cached, 192, pad) if packed else collate(cached, pad)
+        b = collate_packed(direct[start:start + 6], 192, pad) if packed else collate(direct[start:start + 6], pad)
+        for name in ("input_ids", "attention_mask", "targets", "target_rows", "target_ids", "segment_ids",
+                     "position_ids"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
