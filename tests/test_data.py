@@ -225,7 +225,7 @@ def test_packed_logits_equal_unpacked_logits(tiny, attn):
     with torch.no_grad():
         packed = hidden_at_targets(lm, collate_packed(samples, 24, pad_id=0))
         order = [s for row in pack(samples, 24) for s in row]
-        separate = torch.cat([hidden_at_targets(lm, collate([s], pad_id=0)) for s in order])
+        separate = hidden_at_targets(lm, collate(order, pad_id=0))  # one sample per row, right-padded
         unisolated = collate_packed(samples, 24, pad_id=0)
         unisolated.segment_ids, unisolated.position_ids = None, None  # a plain padding mask: samples see each other
         leaked = hidden_at_targets(lm, unisolated)

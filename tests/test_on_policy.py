@@ -78,8 +78,8 @@ def test_lambda_one_trains_on_generated_text_with_no_ce_and_logs_generation(tiny
 
 
 def test_lambda_zero_is_the_off_policy_run(tiny, tmp_path):
-    torchrun([TRAIN, *train_args(tiny, tmp_path / "default", max_steps=2, logging_steps=1)])
-    torchrun([TRAIN, *train_args(tiny, tmp_path / "zero", max_steps=2, logging_steps=1, on_policy_ratio=0.0)])
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "default", max_steps=2, logging_steps=1)], nproc=1)
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "zero", max_steps=2, logging_steps=1, on_policy_ratio=0.0)], nproc=1)
     drop = ("tokens_per_sec", "peak_mem_gb")
     assert [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(tmp_path / "zero")] == \
         [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(tmp_path / "default")]
@@ -94,7 +94,7 @@ def test_a_killed_on_policy_run_resumes_bitwise(tiny, tmp_path):
     from test_checkpoint import comparable, kill_everything, resume_args
 
     def args(save):
-        return [TRAIN, *resume_args(tiny, save, max_steps=10, on_policy_ratio=0.5, generate_max_new_tokens=8,
+        return [TRAIN, *resume_args(tiny, save, max_steps=8, on_policy_ratio=0.5, generate_max_new_tokens=8,
                                     kd_loss="reverse_kl")]
 
     torchrun(args(tmp_path / "reference"))

@@ -67,7 +67,7 @@ def test_two_nodes_match_one_process(tiny, tmp_path, single_process, strategy):
 def test_hsdp_checkpoint_resumes_under_another_layout(tiny, tmp_path):
     """2 nodes × 2 ranks (HSDP 2×2) saves; 1 node × 2 ranks (full shard) resumes: DCP reshards."""
     save = tmp_path / "run"
-    flags = resume_args(tiny, save, max_steps=12, save_steps=4)
+    flags = resume_args(tiny, save, max_steps=8, save_steps=4)
     nodes = two_nodes([TRAIN, *flags, "--sharding_strategy", "hybrid_shard"], _free_port())
     deadline = time.time() + 300
     while not (save / "checkpoints" / "step_4").exists():
@@ -82,7 +82,7 @@ def test_hsdp_checkpoint_resumes_under_another_layout(tiny, tmp_path):
     resumed = torchrun([TRAIN, *flags], nproc=2)
     assert "resumed from" in resumed.stdout
     reference = tmp_path / "reference"
-    torchrun([TRAIN, *resume_args(tiny, reference, max_steps=12, save_steps=4)], nproc=2)
+    torchrun([TRAIN, *resume_args(tiny, reference, max_steps=8, save_steps=4)], nproc=2)
     assert losses(save) == pytest.approx(losses(reference), rel=1e-4)
 
 
@@ -90,15 +90,15 @@ def test_torchrun_restarts_resume_from_the_last_checkpoint(tiny, tmp_path):
     """`torchrun --max-restarts 1`: a killed rank takes the job down, torchrun starts it again, load_checkpoint
     picks up the newest complete checkpoint, and the run ends as an uninterrupted one does."""
     save = tmp_path / "run"
-    flags = resume_args(tiny, save, max_steps=24, save_steps=4)
+    flags = resume_args(tiny, save, max_steps=12, save_steps=4)
     proc = start_torchrun(["--max-restarts", "1", TRAIN, *flags])
-    wait_for(save / "checkpoints" / "step_8", proc)
+    wait_for(save / "checkpoints" / "step_4", proc)
     os.kill(child_pids(proc.pid)[0], 9)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-4000:]
     assert "resumed from" in out
     reference = tmp_path / "reference"
-    torchrun([TRAIN, *resume_args(tiny, reference, max_steps=24, save_steps=4)], nproc=2)
+    torchrun([TRAIN, *resume_args(tiny, reference, max_steps=12, save_steps=4)], nproc=2)
     assert comparable(read_metrics(save)) == comparable(read_metrics(reference))
 
 
