@@ -82,6 +82,25 @@ def test_k_equal_to_the_vocabulary_is_the_live_teacher(divergence):
         assert math.isclose(float(metrics[name]), float(live_metrics[name]), rel_tol=1e-5, abs_tol=1e-5), name
 
 
+def test_the_demos_top_k_plus_rest_kl_is_what_a_top_k_cache_trains_on():
+    """The demo's "top-8 + rest" column (`demo.bucketed`, on dense log-probs) is the kernel's KL on a k = 8 cache, and
+    a lower bound of the full KL: the part a top-k cache can teach."""
+    from torch.nn.functional import kl_div
+
+    from fsdp_kd.demo import bucketed
+
+    h_s, w_s, h_t, w_t, labels = inputs(2)
+    spec = LossSpec(kd_coef=1.0, divergence="forward_kl", vocab_chunk=13, token_chunk=6)
+    with torch.no_grad():
+        _, metrics = distillation_loss(h_s, w_s, labels, spec, V, cached_teacher=topk_of(h_t, w_t, 8))
+        log_p = torch.log_softmax(dense_logits(h_t, w_t, V).double(), dim=1)
+        log_q = torch.log_softmax(dense_logits(h_s, w_s, V).double(), dim=1)
+    top = log_p.topk(8, dim=1).indices
+    on_buckets = float(kl_div(bucketed(log_q, top), bucketed(log_p, top), reduction="sum", log_target=True))
+    assert math.isclose(on_buckets, float(metrics["kl"]), rel_tol=1e-5)
+    assert on_buckets < float(kl_div(log_q, log_p, reduction="sum", log_target=True))
+
+
 def test_samples_are_distinct_ids_with_counts_drawn_from_p():
     h_s, w_s, h_t, w_t, labels = inputs()
     block = lambda: ModelBlock(Head(w_t), w_t, None, h_t)  # noqa: E731
