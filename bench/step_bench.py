@@ -18,6 +18,7 @@ naive loop still projects those rows, the project's step does not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -153,6 +154,7 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
 
     # the last id as the only stop token: a random model almost never samples it, so every response is full length
     settings = GenerationSettings(args.gen_tokens, 1.0, 1.0, (args.vocab - 1,), args.seq + args.gen_tokens, 0)
+    per_token = dataclasses.replace(settings, gather_once=False)
     prompts = [row[:args.seq // 2] for row in ids.tolist()]
 
     def synced(fn):
@@ -172,7 +174,7 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
     for step in range(args.steps):
         (responses, _), seconds = synced(lambda: generate(student_root, prompts, settings, step, env.device))
         times["generate"] += seconds
-        _, seconds = synced(lambda: generate(student_root, prompts, settings, step, env.device, gather_once=False))
+        _, seconds = synced(lambda: generate(student_root, prompts, per_token, step, env.device))
         times["generate per token"] += seconds
         generated += sum(map(len, responses)) * env.world_size
         batch = collate([with_response(p, r) for p, r in zip(prompts, responses)], 0).to(env.device)

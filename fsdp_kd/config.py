@@ -108,6 +108,7 @@ class TrainConfig:
     generate_max_new_tokens: int = 256
     generate_temperature: float = 1.0  # 0: greedy
     generate_top_p: float = 1.0
+    generate_gather_once: bool = True  # hold the whole student during generate; false: re-gather each layer per token
 
     # Teacher cache (docs/teacher_cache.md): cache_teacher writes it, training reads it instead of a teacher model
     teacher_cache: str | None = None

@@ -33,6 +33,7 @@ class GenerationSettings:
     stop_ids: tuple[int, ...]  # every token that ends a response (all EOS ids, the template's end of turn)
     max_len: int  # prompt + response never exceed it
     pad_id: int
+    gather_once: bool = True  # the whole student gathered for the whole generate; False: FSDP re-gathers per token
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
@@ -73,8 +74,8 @@ def gathered(root, every_unit: bool = True):
 
     The root unit (embeddings, norm, head, which FSDP gathers in the root's forward) is gathered for the whole block.
     With `every_unit`, so are the decoder layers: FSDP would otherwise gather each layer again (and free it) at every
-    forward, i.e. for every generated token; that per-token way is kept for the benchmark that measures the
-    difference. Everything is resharded at the end."""
+    forward, i.e. for every generated token. That per-token way is slower but holds one layer at a time, for a
+    student too big to hold whole (`generate_gather_once: false`). Everything is resharded at the end."""
     root(lambda lm: None)  # a root forward that computes nothing: FSDP's lazy init, which must come from the root
     units = [m for m in root.modules() if isinstance(m, FSDPModule)]
     held = units if every_unit else [root]
@@ -91,8 +92,8 @@ def gathered(root, every_unit: bool = True):
 
 
 @torch.no_grad()
-def generate(root, prompts: list[list[int]], settings: GenerationSettings, seed: int, device: torch.device,
-             gather_once: bool = True) -> tuple[list[list[int]], float]:
+def generate(root, prompts: list[list[int]], settings: GenerationSettings, seed: int,
+             device: torch.device) -> tuple[list[list[int]], float]:
     """(responses, seconds): each prompt's sampled continuation, cut after its first stop token (kept) or at
     `max_new_tokens` (or where prompt + response reaches max_len). Left-padded batch, KV cache, no gradients."""
     started = time.perf_counter()
@@ -106,7 +107,7 @@ def generate(root, prompts: list[list[int]], settings: GenerationSettings, seed:
     lm, was_training = root.lm, root.lm.training
     lm.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered(root, gather_once):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered(root, settings.gather_once):
             torch.manual_seed(seed)
             out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                               generation_config=generation_config(settings, new_tokens))

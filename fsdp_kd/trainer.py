@@ -319,12 +319,13 @@ class Trainer:
         if cfg.on_policy_ratio > 0:
             settings = GenerationSettings(cfg.generate_max_new_tokens, cfg.generate_temperature, cfg.generate_top_p,
                                           stop_token_ids(self.tokenizer, _generation_config(cfg.pretrain)),
-                                          cfg.max_len, self.pad_id)
+                                          cfg.max_len, self.pad_id, cfg.generate_gather_once)
             self.on_policy = OnPolicy(cfg.on_policy_ratio, cfg.seed, settings, env.rank, env.device)
             self.on_policy_spec = dataclasses.replace(self.spec, ce_coef=None if cfg.on_policy_ce else 0.0)
             self.log(f"on-policy: {cfg.on_policy_ratio:.0%} of micro-batches train on the student's own responses "
                      f"(up to {cfg.generate_max_new_tokens} tokens, temperature {cfg.generate_temperature:g}, top-p "
-                     f"{cfg.generate_top_p:g}, stop ids {list(settings.stop_ids)}; CE "
+                     f"{cfg.generate_top_p:g}, stop ids {list(settings.stop_ids)}; student "
+                     f"{'gathered once per generate' if cfg.generate_gather_once else 're-gathered per token'}; CE "
                      f"{'on' if cfg.on_policy_ce else 'off'} there)")
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.learning_rate,
                                            betas=cfg.adam_betas, weight_decay=cfg.l2)

@@ -13,6 +13,7 @@ MODE generate every rank's on-policy responses to its prompts (gathered once, an
               single-process HF generate of the same weights with the same seed                ARGS: train.py flags
 """
 
+import dataclasses
 import os
 import sys
 
@@ -160,7 +161,8 @@ def generate(env, flags, out_file):
     prompts = [prompt_of(trainer.train_samples[i]) for i in range(env.rank * 5, env.rank * 5 + 5)]
     seed = 1234 + env.rank
     once, _ = fsdp_generate(trainer.student, prompts, settings, seed, env.device)
-    per_token, _ = fsdp_generate(trainer.student, prompts, settings, seed, env.device, gather_once=False)
+    per_token, _ = fsdp_generate(trainer.student, prompts, dataclasses.replace(settings, gather_once=False), seed,
+                                  env.device)
     reference_model = AutoModelForCausalLM.from_pretrained(trainer.cfg.pretrain, dtype=torch.float32).eval()
     width = max(map(len, prompts))
     ids = torch.tensor([[settings.pad_id] * (width - len(p)) + p for p in prompts])
