@@ -96,8 +96,8 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 
 
 @torch.no_grad()
-def greedy_scores(model_dir: str, teacher_dir: str, mode_records: list[dict], eval_records: list[dict],
-                  k: int = 8) -> tuple[float, float, float]:
+def scores_against_teacher(model_dir: str, teacher_dir: str, mode_records: list[dict], eval_records: list[dict],
+                           k: int = 8) -> tuple[float, float, float]:
     """(exact match, KL(teacher‖model) per token on the model's own greedy output, KL on the teacher's top-k
     buckets), with the exported HF models loaded the way users load them.
 
@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [f"| model | eval CE | KL(teacher‖model) | KL on the teacher's top-{k} + rest | exact match | "
                 "KL on its own greedy output |", "|---|---|---|---|---|---|"]
         for name, cfg in runs.items():
-            acc, own_kl, bucketed_kl = greedy_scores(cfg.save_path, runs["teacher"].save_path, mode_records,
-                                                     eval_records, k)
+            acc, own_kl, bucketed_kl = scores_against_teacher(cfg.save_path, runs["teacher"].save_path,
+                                                              mode_records, eval_records, k)
             rows.append(f"| {name} | {results[name]['eval_ce_loss']:.4f} | {results[name]['eval_kl']:.5f} | "
                         f"{bucketed_kl:.5f} | {acc:.1%} | {own_kl:.5f} |")
         table = "\n".join(rows)
