@@ -65,6 +65,12 @@ CACHED = "KD student, top-k cache (k = 8)"
 ON_POLICY = "KD student, on-policy (λ = 0.5)"
 
 
+def rendering_table(rng: random.Random) -> dict[tuple[str, str], list[str]]:
+    """(previous source letter or " ", source letter) -> its three target renderings, most likely first."""
+    return {(prev, cur): rng.sample(TARGET_LETTERS, len(RENDERING_PROBS))
+            for prev in " " + SOURCE_LETTERS for cur in SOURCE_LETTERS}
+
+
 def translation_task(seed: int, n_train: int, n_eval: int, word_len: int = 6):
     """A toy translation with ambiguous renderings: each source letter, in the context of the letter before it,
     is rendered as one of three target letters with probabilities 0.5 / 0.3 / 0.2.
@@ -75,8 +81,7 @@ def translation_task(seed: int, n_train: int, n_eval: int, word_len: int = 6):
     them); eval_mode holds the same prompts with the most likely rendering (exact match scores against it).
     """
     rng = random.Random(seed)
-    table = {(prev, cur): rng.sample(TARGET_LETTERS, len(RENDERING_PROBS))
-             for prev in " " + SOURCE_LETTERS for cur in SOURCE_LETTERS}
+    table = rendering_table(rng)
 
     def render(word: str, sampled: bool) -> str:
         contexts = [table[(prev, cur)] for prev, cur in zip(" " + word, word)]
