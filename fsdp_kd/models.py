@@ -99,9 +99,10 @@ def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def tokenizer_or_error(path: str, key: str, cfg: TrainConfig, chat_template: str | None = None):
-    """A path that is neither a local directory nor a reachable hub id fails here, as one line."""
+    """A path that is neither a local directory nor a reachable hub id fails here, as one line; so does a student
+    tokenizer that `apply_chat_template` cannot use (see `check_chat_template`)."""
     try:
-        return load_tokenizer(path, cfg.trust_remote_code, chat_template)
+        tokenizer = load_tokenizer(path, cfg.trust_remote_code, chat_template)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if os.path.isdir(os.path.expanduser(path)):
@@ -110,6 +111,19 @@ def tokenizer_or_error(path: str, key: str, cfg: TrainConfig, chat_template: str
                               "tokenizer_config.json)") from None
         raise ConfigError(f"key {key}: cannot load a tokenizer from {path!r} (not a local directory, and as a hub id: "
                           f"{reason})") from None
+    if key == "pretrain":
+        check_chat_template(tokenizer, path, cfg)
+    return tokenizer
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, cfg: TrainConfig) -> None:
+    """The student's tokenizer (key `pretrain`) renders the data. With `apply_chat_template` it needs a chat template,
+    its own or `tokenizer_chat_template`; without one, transformers fails on the first record with a traceback,
+    after the process group is up. The teacher's tokenizer renders nothing, so a base-model teacher with no template
+    is fine."""
+    if cfg.apply_chat_template and not tokenizer.chat_template:
+        raise ConfigError(f"key apply_chat_template: the tokenizer of pretrain ({path}) has no chat template; set "
+                          "tokenizer_chat_template (a Jinja template or a file), or drop --apply_chat_template")
 
 
 def _id_to_token(tokenizer: PreTrainedTokenizerBase) -> list[str | None]:

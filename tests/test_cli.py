@@ -1,13 +1,14 @@
 """Bad input through the real entry point: one line on stderr, a non-zero exit, nothing written, no traceback."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REALDATA, REPO, train_args
+from conftest import REALDATA, REPO, torchrun, train_args
 
 
 def run_train(args, cwd, **extra_env):
@@ -142,3 +143,27 @@ def test_a_truncated_safetensors_shard_is_refused_with_its_name(tiny, tmp_path):
     assert_one_line_error(proc, r"key teacher_model: .*teacher/model\.safetensors is truncated or not a safetensors "
                                 r"file .*re-download it")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_line_before_any_model_loads(tiny, tmp_path):
+    """The tiny character tokenizer has no chat template. train.py and cache_teacher (2 ranks: rank 0 says it once)
+    stop on --apply_chat_template with one line naming the tokenizer's directory and the fix; the fix it names
+    (a template file in tokenizer_chat_template) makes the same run train."""
+    fix = r"set tokenizer_chat_template \(a Jinja template or a file\), or drop --apply_chat_template"
+    proc = run_train(train_args(tiny, tmp_path / "out", apply_chat_template=True), tmp_path)
+    assert_one_line_error(proc, rf"key apply_chat_template: the tokenizer of pretrain \({tiny['student']}\) has no "
+                                rf"chat template; {fix}")
+    assert not (tmp_path / "out").exists()
+
+    cache = tmp_path / "cache"
+    proc = torchrun(["-m", "fsdp_kd.cache_teacher", *train_args(tiny, tmp_path / "unused", apply_chat_template=True,
+                                                                teacher_cache=str(cache))], check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and len(errors) == 1 and re.search(fix, errors[0]), proc.stderr[-3000:]
+    assert "ValueError" not in proc.stderr and not cache.exists()  # not transformers' error, and nothing written
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    proc = run_train(train_args(tiny, tmp_path / "fixed", apply_chat_template=True, tokenizer_chat_template=template,
+                                max_steps=1, train_batch_size=8), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
