@@ -27,9 +27,13 @@ def main(argv: list[str] | None = None) -> int:
 def run_training(cfg) -> int:
     """Trains on every rank; a failure on any one rank ends the job at once (see `report_failure`)."""
     from .distributed import run_ranked, seed_everything
+    from .startup import CLOCK
     from .trainer import Trainer
 
+    CLOCK.lap("imports")
+
     def work(env):
+        CLOCK.lap("process group")
         seed_everything(cfg.seed, env.rank)
         trainer = Trainer(cfg, env)
         try:

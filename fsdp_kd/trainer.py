@@ -12,6 +12,7 @@ import os
 import time
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,7 @@ from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
 from .on_policy import GenerationSettings, GenerationStats, OnPolicy, stop_token_ids
 from .heads import verify_head
+from .startup import CLOCK
 from .models import (ShardedCausalLM, check_model_dir, load_sharded, padding_id, parameter_count, resolve_dtype,
                      shard_student, shard_teacher, shared_vocab_size, tokenizer_or_error)
 
@@ -183,6 +185,7 @@ class Trainer:
         self.log = log if env.is_main else (lambda *a, **k: None)
         self._preflight()
         self._load_models()
+        CLOCK.lap("optimizer and logs")
 
     # ----------------------------------------------------------------------------------------------- setup
     def _preflight(self) -> None:
@@ -226,6 +229,7 @@ class Trainer:
         elif cfg.teacher_model:
             teacher_tok = tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg)
             self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tok)
+        CLOCK.lap("tokenizers")
 
         self.train_samples, self.eval_samples = self._load_data()
         if self.cache_meta is not None:
@@ -236,6 +240,7 @@ class Trainer:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self._report_padding()
+        CLOCK.lap("data")
 
         if dist.is_initialized():
             dist.barrier()  # every rank has checked save_path before rank 0 writes into it
@@ -303,11 +308,13 @@ class Trainer:
         if cfg.teacher_model and not cfg.teacher_cache:
             self.teacher = load_sharded(cfg.teacher_model, cfg, env, compute_dtype, shard_teacher, "teacher",
                                         self.vocab_size)
+        CLOCK.lap("models")
         for role, root in (("student", self.student), ("teacher", self.teacher)):
             if root is not None:
                 with root.gathered_head():
                     root(verify_head, role, self.vocab_size, env.device)
                 root.reshard_everything()
+        CLOCK.lap("head probes")
         self.teacher_source = LiveTeacher(self.teacher) if self.teacher else None
         if self.cache_meta is not None:
             self.teacher_source = CachedTeacher(os.path.expanduser(cfg.teacher_cache), self.cache_meta, env.device)
@@ -466,7 +473,8 @@ class Trainer:
         return {"eval_" + ("ce_loss" if k == "ce" else k): v for k, v in reduced.items()}
 
     # ------------------------------------------------------------------------------------------------ loop
-    def train(self) -> dict:
+    def train(self, on_step: Callable[[int, int], None] | None = None) -> dict:
+        """Runs the remaining steps, then exports; `on_step(done, total)` after each step (the demo's progress)."""
         cfg = self.cfg
         started, seen_tokens, window_tokens, window_start = time.time(), 0, 0, time.time()
         best_eval, last_eval = None, None
@@ -474,12 +482,17 @@ class Trainer:
         for step in range(self.start_step, self.total_steps):
             result = self.train_step(step)
             done = step + 1
+            startup = CLOCK.finish("first step") if step == self.start_step else None
+            if startup:
+                self.log(startup)
             self.checkpoints.poll()
             if result.skipped:
                 self.log(f"step {done}: skipped, no update (loss {result.metrics['loss']}, grad norm "
                          f"{result.metrics['grad_norm']}); {guard.in_a_row + 1} in a row, limit {cfg.max_skipped_steps}")
                 self.metrics_log.write({"step": done, "skipped": True, **result.metrics})
             guard.update(done, result.skipped)
+            if on_step is not None:
+                on_step(done, self.total_steps)
             seen_tokens += result.real_tokens
             window_tokens += result.real_tokens
             if not result.skipped and (done % cfg.logging_steps == 0 or done == self.total_steps):
