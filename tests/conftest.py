@@ -1,12 +1,16 @@
 """Shared fixtures: tiny models and data built from configs and saved with save_pretrained, and a torchrun runner.
 
-Nothing is downloaded. Models are Llama- and Qwen2-shaped, a few layers, over the demo's character tokenizer.
+Nothing is downloaded. Models are Llama- and Qwen2-shaped, a few layers, over the demo's character tokenizer. Tests
+whose point is a real tokenizer or data set get it from `assets.real_asset`, which skips them where it is missing;
+the summary hook below counts those skips.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
@@ -15,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from assets import SKIP_PREFIX
+
 REPO = Path(__file__).resolve().parents[1]
-REALDATA = REPO.parent / "shared" / "realdata"
 # Tokenized data goes to a cache of this test session (torchrun children inherit it), never to ~/.cache.
 os.environ.setdefault("FSDP_KD_DATA_CACHE", tempfile.mkdtemp(prefix="fsdp_kd_tokenized_"))
 
@@ -43,6 +48,45 @@ def tiny(tmp_path_factory):
     write_jsonl(paths["train"], train)
     write_jsonl(paths["eval"], held_out)
     return paths
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_bpe_tok(tmp_path_factory) -> str:
+    """Path of a byte-level BPE tokenizer trained here, with a ChatML chat template (eos <|im_end|>, pad
+    <|endoftext|>): a chat tokenizer for tests that need one but not a particular real one. It differs from the
+    character tokenizer from id 0 on and has more ids (256 bytes and merges)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator([f"{r['question']} {r['answer']}" for r in qa_records(200, seed=99)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    path = str(tmp_path_factory.mktemp("chat_bpe_tok"))
+    tok.save_pretrained(path)
+    return path
+
+
+def qa_records(n: int, seed: int = 0) -> list[dict]:
+    """`n` {"question", "answer"} records of English words, questions of 3 to 60 words and answers of 2 to 120:
+    uneven lengths, some over a max_len of 128 tokens, for tests of truncation and packing without real data."""
+    rng = random.Random(seed)
+    words = ("the a an one two three four five six seven eight nine ten apples pears costs sells buys has how many "
+             "much is are does what total each every day week more less than and then so answer left").split()
+
+    def text(low, high):
+        return " ".join(rng.choice(words) for _ in range(rng.randint(low, high)))
+
+    return [{"question": text(3, 60).capitalize() + "?", "answer": text(2, 120) + f". #### {rng.randint(0, 99)}"}
+            for _ in range(n)]
 
 
 def _sharpen_output_head(path: str, scale: float = 20.0) -> None:
@@ -110,3 +154,14 @@ def train_args(tiny, save_path, **overrides) -> list[str]:
             continue
         out += [f"--{k}", str(v)]
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line when tests were skipped for missing real assets (`assets.real_asset`): how many and which."""
+    reasons = [report.longrepr[2] for report in terminalreporter.stats.get("skipped", [])
+               if isinstance(report.longrepr, tuple)]
+    names = [m.group(1) for m in (re.search(rf"{SKIP_PREFIX}(\S+):", r) for r in reasons) if m]
+    if names:
+        terminalreporter.write_line(
+            f"{len(names)} tests skipped for missing real assets: {', '.join(sorted(set(names)))}; see README.md, "
+            "the paragraph under the test command")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REALDATA, REPO, torchrun, train_args
+from conftest import REPO, torchrun, train_args
 
 
 def run_train(args, cwd, **extra_env):
@@ -27,12 +27,12 @@ def assert_one_line_error(proc, pattern):
 
 
 @pytest.fixture
-def mismatched_teacher(tiny, tmp_path):
-    """The tiny teacher's weights with a real (SmolLM) tokenizer: a different tokenizer, same id count aside."""
+def mismatched_teacher(tiny, tmp_path, chat_bpe_tok):
+    """The tiny teacher's weights with another tokenizer (a BPE, more ids than the student's): refused at id 0."""
     path = tmp_path / "other_teacher"
     shutil.copytree(tiny["teacher"], path)
-    for name in os.listdir(REALDATA / "tok_smollm_360m_instruct"):
-        shutil.copy(REALDATA / "tok_smollm_360m_instruct" / name, path / name)
+    for name in os.listdir(chat_bpe_tok):
+        shutil.copy(os.path.join(chat_bpe_tok, name), path / name)
     return str(path)
 
 

@@ -11,7 +11,7 @@ from fsdp_kd.models import load_tokenizer
 from fsdp_kd.records import IGNORE_INDEX, DataError, make_sample, record_to_sample, tokenize_pair, truncate
 from fsdp_kd.tokenized import open_tokenized
 
-from conftest import REALDATA
+from assets import real_asset
 
 
 def test_targets_are_the_next_response_token_only():
@@ -44,7 +44,7 @@ def load_samples(path, cfg, tok, tmp_path, max_samples=None):
                                               ("tok_phi3_mini_instruct", "<|end|>"),
                                               ("tok_smollm_360m_instruct", "<|im_end|>")])
 def test_chat_template_mask_covers_exactly_the_assistant_turn(name, end_of_turn):
-    tok = load_tokenizer(str(REALDATA / name), trust_remote_code=False)
+    tok = load_tokenizer(str(real_asset(name)), trust_remote_code=False)
     response = "The answer is 42."
     prompt_ids, response_ids = tokenize_pair("What is 6*7?", response, _cfg(apply_chat_template=True), tok, "t")
     trained = tok.decode(response_ids)
@@ -130,7 +130,7 @@ def _trained_text(tok, sample):
                                               ("tok_smollm_360m_instruct", "<|im_end|>")])
 @pytest.mark.parametrize("multiturn", [True, False])
 def test_multiturn_masks_cover_each_assistant_turn_and_nothing_else(name, end_of_turn, multiturn):
-    tok = load_tokenizer(str(REALDATA / name), False)
+    tok = load_tokenizer(str(real_asset(name)), False)
     cfg = _cfg(apply_chat_template=True, multiturn=multiturn, input_key="messages")
     sample, cut = record_to_sample({"messages": CONVERSATION}, cfg, tok, "t")
     spans = _trained_text(tok, sample)
@@ -144,9 +144,9 @@ def test_multiturn_masks_cover_each_assistant_turn_and_nothing_else(name, end_of
 def test_sharegpt_layout_from_real_data_trains_every_gpt_turn():
     from fsdp_kd.records import read_records
 
-    tok = load_tokenizer(str(REALDATA / "tok_qwen2.5_instruct"), False)
+    tok = load_tokenizer(str(real_asset("tok_qwen2.5_instruct")), False)
     cfg = _cfg(apply_chat_template=True, multiturn=True, input_key="conversations", max_len=4096)
-    for record, where in list(read_records(str(REALDATA / "fastchat" / "dummy_conversation.json")))[:20]:
+    for record, where in list(read_records(str(real_asset("fastchat/dummy_conversation.json"))))[:20]:
         sample, _ = record_to_sample(record, cfg, tok, where)
         gpt_turns = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
         spans = _trained_text(tok, sample)
@@ -158,9 +158,9 @@ def test_sharegpt_layout_from_real_data_trains_every_gpt_turn():
 def test_alpaca_layout_from_real_data(tmp_path):
     from fsdp_kd.records import read_records
 
-    tok = load_tokenizer(str(REALDATA / "tok_smollm_360m_instruct"), False)
+    tok = load_tokenizer(str(real_asset("tok_smollm_360m_instruct")), False)
     cfg = _cfg(apply_chat_template=True)
-    records = list(read_records(str(REALDATA / "llamafactory" / "alpaca_en_demo.json")))
+    records = list(read_records(str(real_asset("llamafactory/alpaca_en_demo.json"))))
     with_input = next((r, w) for r, w in records if r["input"].strip())
     sample, _ = record_to_sample(with_input[0], cfg, tok, with_input[1])
     prompt_text = tok.decode([t for t, y in zip(sample.input_ids, [IGNORE_INDEX] + sample.targets[:-1])
@@ -291,10 +291,10 @@ def test_one_rendering_chat_masks_equal_the_prefix_definition(name):
     from fsdp_kd.records import _conversation, chat_token_mask, read_records
     from fsdp_kd.reference import prefix_chat_token_mask
 
-    tok = load_tokenizer(str(REALDATA / name), False)
+    tok = load_tokenizer(str(real_asset(name)), False)
     conversations = []
-    for folder, file in (("fastchat", "dummy_conversation.json"), ("llamafactory", "glaive_toolcall_en_demo.json")):
-        for record, where in list(read_records(str(REALDATA / folder / file)))[:25]:
+    for source in ("fastchat/dummy_conversation.json", "llamafactory/glaive_toolcall_en_demo.json"):
+        for record, where in list(read_records(str(real_asset(source))))[:25]:
             conversations.append(_conversation(record["conversations"], "conversations", where))
     conversations.append(CONVERSATION)
     for messages in conversations:

@@ -1,5 +1,5 @@
 """Exports as faithful as the input: the student's own generation config, its tokenizer exactly as loaded (no pad
-token added), and its remote-code files; with the real Qwen2.5 and Phi-3 tokenizers from ../shared/realdata."""
+token added), and its remote-code files; with the real Qwen2.5 and Phi-3 tokenizers (tests/assets.py)."""
 
 import json
 import os
@@ -9,7 +9,10 @@ import sys
 
 import pytest
 
-from conftest import REALDATA, REPO
+from fsdp_kd.demo import write_jsonl
+
+from assets import real_asset
+from conftest import REPO, qa_records
 
 # As the instruct models publish them: two stop tokens for Qwen2.5 (<|im_end|>, <|endoftext|>); three for Phi-3,
 # whose end of turn <|end|> is not its EOS.
@@ -27,8 +30,9 @@ def student_dir(root, tokenizer_name: str, drop_pad: bool):
 
     path = root / "student"
     path.mkdir()
-    for name in os.listdir(REALDATA / tokenizer_name):
-        shutil.copy(REALDATA / tokenizer_name / name, path / name)
+    tokenizer = real_asset(tokenizer_name)
+    for name in os.listdir(tokenizer):
+        shutil.copy(tokenizer / name, path / name)
     if drop_pad:  # a tokenizer without a pad token, as several base models ship
         config_file = path / "tokenizer_config.json"
         config = json.loads(config_file.read_text())
@@ -49,8 +53,10 @@ def test_export_keeps_generation_config_tokenizer_and_remote_code(tmp_path, toke
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     student = student_dir(tmp_path, tokenizer_name, drop_pad)
+    data = tmp_path / "qa.jsonl"
+    write_jsonl(str(data), qa_records(8))
     out = tmp_path / "out"
-    args = ["--pretrain", str(student), "--dataset", str(REALDATA / "gsm8k" / "train.jsonl"), "--input_key",
+    args = ["--pretrain", str(student), "--dataset", str(data), "--input_key",
             "question", "--output_key", "answer", "--apply_chat_template", "--max_samples", "8", "--max_len", "96",
             "--train_batch_size", "8", "--micro_train_batch_size", "4", "--max_steps", "1", "--kd_coef", "0",
             "--save_path", str(out), "--trust_remote_code"]

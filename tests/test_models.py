@@ -8,7 +8,8 @@ from fsdp_kd.config import ConfigError
 from fsdp_kd.demo import build_char_tokenizer
 from fsdp_kd.models import load_tokenizer, shared_vocab_size
 
-from conftest import REALDATA, REPO, torchrun
+from assets import real_asset
+from conftest import REPO, torchrun
 
 
 def test_same_tokenizer_shares_its_full_range(tiny):
@@ -22,17 +23,17 @@ def test_teacher_with_extra_tokens_beyond_the_students_range_is_fine(tiny, tmp_p
     assert shared_vocab_size(student, teacher) == len(student) < len(teacher)
 
 
-def test_real_tokenizers_that_differ_are_refused_with_the_first_differing_id():
-    qwen = load_tokenizer(str(REALDATA / "tok_qwen2.5_instruct"), False)
-    smollm = load_tokenizer(str(REALDATA / "tok_smollm_360m_instruct"), False)
-    with pytest.raises(ConfigError, match=r"tokenizers differ at id 0: student .* vs teacher"):
-        shared_vocab_size(smollm, qwen)
+def test_tokenizers_that_differ_are_refused_with_the_first_differing_id(tiny, chat_bpe_tok):
+    chars, bpe = load_tokenizer(tiny["tok"], False), load_tokenizer(chat_bpe_tok, False)
+    assert len(chars) < len(bpe)
+    with pytest.raises(ConfigError, match=r"tokenizers differ at id 0: student '<pad>' vs teacher '<\|endoftext\|>'"):
+        shared_vocab_size(chars, bpe)
     with pytest.raises(ConfigError, match="fewer than the student's"):
-        shared_vocab_size(qwen, smollm)
+        shared_vocab_size(bpe, chars)
 
 
 def test_qwen_tokenizer_range_is_its_length_not_the_padded_embedding():
-    qwen = load_tokenizer(str(REALDATA / "tok_qwen2.5_instruct"), False)
+    qwen = load_tokenizer(str(real_asset("tok_qwen2.5_instruct")), False)
     assert shared_vocab_size(qwen, qwen) == 151665  # models pad their embeddings to 151936; those rows are ignored
 
 

@@ -8,7 +8,8 @@ from fsdp_kd.models import load_tokenizer
 from fsdp_kd.on_policy import prompt_of, stop_token_ids, with_response
 from fsdp_kd.records import IGNORE_INDEX, make_sample
 
-from conftest import REALDATA, REPO, read_metrics, torchrun, train_args
+from assets import real_asset
+from conftest import REPO, read_metrics, torchrun, train_args
 
 WORKER = str(REPO / "tests" / "dist_worker.py")
 TRAIN = str(REPO / "train.py")
@@ -34,7 +35,7 @@ def test_the_prompt_of_a_multiturn_sample_ends_before_its_last_response():
                                            ("tok_phi3_mini_instruct", {"<|end|>", "<|endoftext|>"}),
                                            ("tok_smollm_360m_instruct", {"<|im_end|>"})])
 def test_every_stop_token_of_real_tokenizers(name, expected):
-    tok = load_tokenizer(str(REALDATA / name), False)
+    tok = load_tokenizer(str(real_asset(name)), False)
     stops = {tok.convert_ids_to_tokens(i) for i in stop_token_ids(tok)}
     assert expected <= stops, stops
 

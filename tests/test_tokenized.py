@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from fsdp_kd.config import TrainConfig
+from fsdp_kd.demo import write_jsonl
 from fsdp_kd.models import load_tokenizer
 from fsdp_kd.records import DataError, read_records, record_to_sample
 from fsdp_kd.tokenized import open_tokenized, sample_from_spans, spans_of
 
-from conftest import REALDATA
-
-GSM8K = REALDATA / "gsm8k" / "train.jsonl"
+from assets import real_asset
+from conftest import qa_records
 
 
 def _cfg(tmp_path, **kw):
@@ -28,15 +28,16 @@ def _open(path, cfg, tok, max_samples=None):
 def test_cached_samples_equal_the_records_and_a_second_open_reuses_them(tmp_path):
     """3,000 GSM8K records through the Qwen2.5 chat template, tokenized by 2 worker processes: every sample equals
     `record_to_sample` on its record, in order; opening again reads the same table without building."""
-    tok = load_tokenizer(str(REALDATA / "tok_qwen2.5_instruct"), False)
+    tok = load_tokenizer(str(real_asset("tok_qwen2.5_instruct")), False)
+    gsm8k = real_asset("gsm8k/train.jsonl")
     cfg = _cfg(tmp_path, input_key="question", output_key="answer", apply_chat_template=True, max_len=256)
-    table = _open(GSM8K, cfg, tok, max_samples=3000)
-    records = list(read_records(str(GSM8K)))[:3000]
+    table = _open(gsm8k, cfg, tok, max_samples=3000)
+    records = list(read_records(str(gsm8k)))[:3000]
     assert len(table) == 3000 and table.stats.truncated > 0
     for i, (record, where) in enumerate(records):
         assert table[i] == record_to_sample(record, cfg, tok, where)[0], where
     assert [int(n) for n in table.lengths[:5]] == [len(table[i].input_ids) for i in range(5)]
-    again = _open(GSM8K, cfg, tok, max_samples=3000)
+    again = _open(gsm8k, cfg, tok, max_samples=3000)
     assert again.directory == table.directory and again.meta == table.meta
     assert len(os.listdir(tmp_path / "cache")) == 1  # no work directory left behind
 
@@ -66,13 +67,20 @@ def test_a_bad_row_past_the_first_records_is_named_and_nothing_is_cached(tmp_pat
     assert len(table) == 99 and table.stats.dropped == {"bad rows": 1}
 
 
-def test_conversations_are_found_by_their_shape(tmp_path):
-    """ShareGPT records train with the chat template without naming `conversations` as input_key."""
-    tok = load_tokenizer(str(REALDATA / "tok_qwen2.5_instruct"), False)
-    path = REALDATA / "fastchat" / "dummy_conversation.json"
-    table = _open(path, _cfg(tmp_path, apply_chat_template=True, max_len=1024), tok, max_samples=20)
+def test_conversations_are_found_by_their_shape(tmp_path, chat_bpe_tok):
+    """ShareGPT records (FastChat's layout: 1 to 3 human/gpt exchanges) train with the chat template without naming
+    `conversations` as input_key."""
+    tok = load_tokenizer(chat_bpe_tok, False)
+    path = tmp_path / "sharegpt.json"
+    chats = [{"id": f"c{i}", "conversations": [{"from": role, "value": f"{r['question']} {role} {turn}"}
+                                               for turn in range(1 + i % 3) for role in ("human", "gpt")]}
+             for i, r in enumerate(qa_records(20, seed=3))]
+    path.write_text(json.dumps(chats))
+    table = _open(path, _cfg(tmp_path, apply_chat_template=True, max_len=1024), tok)
     named = _cfg(tmp_path, apply_chat_template=True, max_len=1024, input_key="conversations")
-    for i, (record, where) in enumerate(list(read_records(str(path)))[:20]):
+    records = list(read_records(str(path)))
+    assert len(table) == len(records) == 20
+    for i, (record, where) in enumerate(records):
         assert table[i] == record_to_sample(record, named, tok, where)[0]
 
 
@@ -85,20 +93,23 @@ def test_spans_round_trip():
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_micro_batches_from_the_cache_equal_those_from_the_records(tmp_path, packed):
+def test_micro_batches_from_the_cache_equal_those_from_the_records(tmp_path, packed, chat_bpe_tok):
     """The same samples give the same tensors (ids, mask, targets, trained rows, packing layout), so the loss and
     gradients computed from the cache are those computed from the records."""
     from fsdp_kd.data import collate, collate_packed
 
-    tok = load_tokenizer(str(REALDATA / "tok_smollm_360m_instruct"), False)
-    cfg = _cfg(tmp_path, input_key="question", output_key="answer", apply_chat_template=True, max_len=192)
-    table = _open(GSM8K, cfg, tok, max_samples=24)
-    direct = [record_to_sample(r, cfg, tok, w)[0] for r, w in list(read_records(str(GSM8K)))[:24]]
+    tok = load_tokenizer(chat_bpe_tok, False)
+    data = tmp_path / "qa.jsonl"
+    write_jsonl(str(data), qa_records(24))
+    cfg = _cfg(tmp_path, input_key="question", output_key="answer", apply_chat_template=True, max_len=128)
+    table = _open(data, cfg, tok)
+    direct = [record_to_sample(r, cfg, tok, w)[0] for r, w in read_records(str(data))]
+    assert table.stats.truncated > 0 and len({len(s.input_ids) for s in direct}) > 12  # cut and uneven lengths
     pad = tok.pad_token_id
     for start in range(0, 24, 6):
         cached = [table[i] for i in range(start, start + 6)]
-        a = collate_packed(cached, 192, pad) if packed else collate(cached, pad)
-        b = collate_packed(direct[start:start + 6], 192, pad) if packed else collate(direct[start:start + 6], pad)
+        a = collate_packed(cached, 128, pad) if packed else collate(cached, pad)
+        b = collate_packed(direct[start:start + 6], 128, pad) if packed else collate(direct[start:start + 6], pad)
         for name in ("input_ids", "attention_mask", "targets", "target_rows", "target_ids", "segment_ids",
                      "position_ids"):
             x, y = getattr(a, name), getattr(b, name)
