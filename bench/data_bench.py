@@ -3,8 +3,8 @@
     python bench/data_bench.py [--sizes 10000,500000] [--source gsm8k|sharegpt] [--workdir /tmp/fsdp_kd_data_bench]
     python bench/data_bench.py --chat_mask_only
 
-The real GSM8K (or ShareGPT) file from ../shared/realdata is repeated to each size as JSONL and tokenized with the
-Qwen2.5 chat template. For each size, in fresh processes:
+The real GSM8K (or ShareGPT) file from $FSDP_KD_TEST_ASSETS or ../shared/realdata (bench/realdata.py) is repeated to
+each size as JSONL and tokenized with the Qwen2.5 chat template. For each size, in fresh processes:
   build     the first start: `open_tokenized` tokenizes into the cache (datasets.map, all cores)
   start     a second start on the cache, as every rank does: open the table, the epoch order, the step sampler,
             and collate the first step's micro-batches. Wall time of the whole process (imports included), and the
@@ -28,12 +28,12 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.load_bench import anonymous_rss, current_rss  # noqa: E402
+from bench.realdata import realdata  # noqa: E402
 
-REALDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "realdata")
-TOKENIZER = os.path.join(REALDATA, "tok_qwen2.5_instruct")
-SOURCES = {  # name: (file, keys)
-    "gsm8k": (os.path.join(REALDATA, "gsm8k", "train.jsonl"), {"input_key": "question", "output_key": "answer"}),
-    "sharegpt": (os.path.join(REALDATA, "fastchat", "dummy_conversation.json"), {"multiturn": True}),
+TOKENIZER = realdata("tok_qwen2.5_instruct")
+SOURCES = {  # name: (real asset, keys)
+    "gsm8k": ("gsm8k/train.jsonl", {"input_key": "question", "output_key": "answer"}),
+    "sharegpt": ("fastchat/dummy_conversation.json", {"multiturn": True}),
 }
 
 
@@ -47,7 +47,7 @@ def config(source: str, cache: str):
 def write_repeated(source: str, size: int, path: str) -> None:
     from fsdp_kd.records import raw_records
 
-    lines = [text.strip() for text, _ in raw_records(SOURCES[source][0])]
+    lines = [text.strip() for text, _ in raw_records(realdata(SOURCES[source][0]))]
     with open(path, "w") as f:
         for i in range(size):
             f.write(lines[i % len(lines)] + "\n")
@@ -92,7 +92,7 @@ def chat_mask_cost(turns: int, repeats: int = 5) -> tuple[float, float]:
     from fsdp_kd.reference import prefix_chat_token_mask
 
     tok = load_tokenizer(TOKENIZER, False)
-    records = [r for r, _ in read_records(SOURCES["gsm8k"][0])]
+    records = [r for r, _ in read_records(realdata(SOURCES["gsm8k"][0]))]
     costs = []
     for mask in (lambda m: chat_token_mask(m, tok, True, "bench"), lambda m: prefix_chat_token_mask(m, tok, True)):
         mask([{"role": "user", "content": "warm"}, {"role": "assistant", "content": "up"}])  # template compiled once
