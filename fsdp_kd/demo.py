@@ -25,6 +25,8 @@ import sys
 
 import torch
 
+from .stages import Stages
+
 DEMO_CHARS = list("0123456789+=-*() \nABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,:?")
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 
@@ -118,29 +120,42 @@ def scores_against_teacher(model_dir: str, teacher_dir: str, mode_records: list[
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
 
-    def log_probs(lm, ids, rows):
-        return torch.log_softmax(lm(ids).logits[0, rows].double(), -1)
+    def log_probs(lm, ids):
+        return torch.log_softmax(lm(ids).logits.double(), -1)
 
     hits, own_kl, own_tokens = 0, 0.0, 0
-    for r in mode_records:
-        ids = tok(r["input"], return_tensors="pt")["input_ids"]
-        out = model.generate(ids, max_new_tokens=len(r["output"]) + 1, do_sample=False,
+    for group in _same_length(mode_records, lambda r: (len(tok(r["input"])["input_ids"]), len(r["output"]))):
+        prompts = torch.tensor([tok(r["input"])["input_ids"] for r in group])
+        out = model.generate(prompts, max_new_tokens=len(group[0]["output"]) + 1, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        hits += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == r["output"]
-        rows = slice(ids.shape[1] - 1, out.shape[1] - 1)  # the positions that predicted the generated tokens
-        log_q, log_p = log_probs(model, out, rows), log_probs(teacher, out, rows)
-        own_kl += float(kl_div(log_q, log_p, reduction="sum", log_target=True))
-        own_tokens += log_q.shape[0]
+        start = prompts.shape[1]
+        log_q_all, log_p_all = log_probs(model, out), log_probs(teacher, out)
+        for i, r in enumerate(group):
+            generated = out[i, start:].tolist()
+            n = generated.index(tok.eos_token_id) + 1 if tok.eos_token_id in generated else len(generated)
+            hits += tok.decode(generated[:n], skip_special_tokens=True) == r["output"]
+            rows = slice(start - 1, start - 1 + n)  # the positions that predicted this answer's tokens
+            own_kl += float(kl_div(log_q_all[i, rows], log_p_all[i, rows], reduction="sum", log_target=True))
+            own_tokens += n
     bucketed_kl, tokens = 0.0, 0
-    for r in eval_records:
-        prompt = tok(r["input"])["input_ids"]
-        ids = torch.tensor([tok(r["input"] + r["output"])["input_ids"] + [tok.eos_token_id]])
-        rows = slice(len(prompt) - 1, ids.shape[1] - 1)  # the response and its end, as the trainer scores them
-        log_q, log_p = log_probs(model, ids, rows), log_probs(teacher, ids, rows)
+    for group in _same_length(eval_records, lambda r: (len(tok(r["input"])["input_ids"]),
+                                                       len(tok(r["input"] + r["output"])["input_ids"]))):
+        prompt_len = len(tok(group[0]["input"])["input_ids"])
+        ids = torch.tensor([tok(r["input"] + r["output"])["input_ids"] + [tok.eos_token_id] for r in group])
+        rows = slice(prompt_len - 1, ids.shape[1] - 1)  # the response and its end, as the trainer scores them
+        log_q, log_p = log_probs(model, ids)[:, rows], log_probs(teacher, ids)[:, rows]
         top = log_p.topk(k, -1).indices
         bucketed_kl += float(kl_div(bucketed(log_q, top), bucketed(log_p, top), reduction="sum", log_target=True))
-        tokens += log_q.shape[0]
+        tokens += log_q.shape[0] * log_q.shape[1]
     return hits / len(mode_records), own_kl / max(own_tokens, 1), bucketed_kl / max(tokens, 1)
+
+
+def _same_length(records: list[dict], length) -> list[list[dict]]:
+    """The records grouped by `length(record)`, so each group runs as one batch with no padding."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(length(r), []).append(r)
+    return list(groups.values())
 
 
 def bucketed(log_probs: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
@@ -149,25 +164,36 @@ def bucketed(log_probs: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     return torch.cat([picked, torch.log1p(-picked.exp().sum(-1, keepdim=True).clamp(max=1.0))], -1)
 
 
-def _plot_students(runs: dict, out_dir: str) -> None:
+def _plot_students(runs: dict, out_dir: str) -> str:
+    """Where the KD and CE-only students' training curves went, or why there are none."""
     try:
         from .plot import plot_runs
-
-        path = plot_runs([runs["KD student"].save_path, runs["CE-only student"].save_path],
-                         ["KD student", "CE-only student"], os.path.join(out_dir, "curves.png"))
-        print(f"training curves: {path}")
     except ImportError:
-        print('training curves skipped: matplotlib is not installed (pip install -e ".[plot]")')
+        return 'curves.png skipped: matplotlib is not installed (pip install -e ".[plot]")'
+    path = plot_runs([runs["KD student"].save_path, runs["CE-only student"].save_path],
+                     ["KD student", "CE-only student"], os.path.join(out_dir, "curves.png"))
+    return f"{os.path.basename(path):<22} training curves of the KD and CE-only students"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="demo_out", help="working directory (must not hold an earlier demo)")
-    parser.add_argument("--teacher_steps", type=int, default=400)
-    parser.add_argument("--student_steps", type=int, default=600)
-    parser.add_argument("--train_samples", type=int, default=4000)
+    from .usage import asks_for_help, parser_sections, print_help, render
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m fsdp_kd.demo", add_help=False)
+    parser.add_argument("--out", default="demo_out", help="the working directory: data, models, the table and the "
+                                                          "curves (must not hold a finished demo)")
+    parser.add_argument("--teacher_steps", type=int, default=400, help="optimizer steps that train the teacher")
+    parser.add_argument("--student_steps", type=int, default=600,
+                        help="optimizer steps that train each student (live KD, cached, on-policy, CE-only)")
+    parser.add_argument("--train_samples", type=int, default=4000, help="training samples of the toy translation task")
     parser.add_argument("--seed", type=int, default=0,
                         help="shifts every seed (task, initial weights, training); rerun with others to see the spread")
+    if asks_for_help(argv):
+        return print_help(render(
+            "torchrun --nproc_per_node 2 -m fsdp_kd.demo [--out DIR] [--seed S] [--option value ...]",
+            "Runs the built-in demo: trains a teacher on a toy translation task, distils it into a 16x smaller student "
+            "three ways (live teacher, top-k cache, on-policy) and compares them with a CE-only student in a table.",
+            parser_sections(parser, "Options")))
     args = parser.parse_args(argv)
 
     from .cache_teacher import CacheBuilder
@@ -179,16 +205,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out} already holds a finished demo; pass --out NEW_DIR", file=sys.stderr)
         return 2
     env = init_distributed()
-    paths = {k: os.path.join(args.out, k) for k in ("tokenizer", "teacher_init", "student_init", "data")}
+    # the task and models, five trainings, the teacher cache and the scoring
+    stages = Stages(8, os.path.join(args.out, "logs"), shown=env.is_main)
     if env.is_main:
-        os.makedirs(paths["data"], exist_ok=True)
-        tok = build_char_tokenizer(paths["tokenizer"])
-        for name, hidden, layers, seed in (("teacher_init", 192, 4, 1), ("student_init", 64, 2, 2)):
-            build_tiny_model(paths[name], len(tok), hidden, layers, seed=args.seed + seed)
-            tok.save_pretrained(paths[name])
-        for name, records in zip(("train", "eval", "eval_mode"), translation_task(args.seed, args.train_samples, 200)):
-            write_jsonl(os.path.join(paths["data"], f"{name}.jsonl"), records)
-    torch.distributed.barrier()
+        print(f"fsdp-kd demo: a 192-wide, 4-layer teacher distilled into a 64-wide, 2-layer student on a toy "
+              f"translation task ({env.world_size} ranks, {env.device.type}); each stage's log is in "
+              f"{stages.log_dir}", flush=True)
+    paths = {k: os.path.join(args.out, k) for k in ("tokenizer", "teacher_init", "student_init", "data")}
+    with stages.run("task, tokenizer and initial models", "setup"):
+        if env.is_main:
+            os.makedirs(paths["data"], exist_ok=True)
+            tok = build_char_tokenizer(paths["tokenizer"])
+            for name, hidden, layers, seed in (("teacher_init", 192, 4, 1), ("student_init", 64, 2, 2)):
+                build_tiny_model(paths[name], len(tok), hidden, layers, seed=args.seed + seed)
+                tok.save_pretrained(paths[name])
+            for name, records in zip(("train", "eval", "eval_mode"),
+                                     translation_task(args.seed, args.train_samples, 200)):
+                write_jsonl(os.path.join(paths["data"], f"{name}.jsonl"), records)
+        torch.distributed.barrier()
 
     base = TrainConfig(dataset=os.path.join(paths["data"], "train.jsonl"),
                        eval_dataset=os.path.join(paths["data"], "eval.jsonl"), max_len=32,
@@ -218,41 +252,49 @@ def main(argv: list[str] | None = None) -> int:
             if name in ("KD student", ON_POLICY):
                 cfg = dataclasses.replace(cfg, teacher_model=runs["teacher"].save_path)
             if name == CACHED:  # run the teacher once over the data, then train with no teacher loaded
-                if env.is_main:
-                    print(f"\n=== teacher cache (top-k, k = {cfg.cache_k}) ===", flush=True)
-                CacheBuilder(dataclasses.replace(cfg, teacher_model=runs["teacher"].save_path), env).run()
+                with stages.run(f"teacher cache (top-k, k = {cfg.cache_k})", "teacher_cache"):
+                    CacheBuilder(dataclasses.replace(cfg, teacher_model=runs["teacher"].save_path), env).run()
             validate(cfg)
-            if env.is_main:
-                print(f"\n=== {name} ===", flush=True)
-            seed_everything(cfg.seed, env.rank)
-            trainer = Trainer(cfg, env)
-            trainer.train()
-            del trainer
-        # Score every model on the same footing: eval CE and KL to the teacher from one evaluation pass each.
-        for name, cfg in runs.items():
-            probe = dataclasses.replace(cfg, pretrain=cfg.save_path, teacher_model=runs["teacher"].save_path,
-                                        teacher_cache=None, on_policy_ratio=0.0, kd_coef=0.5,
-                                        save_path=os.path.join(args.out, "scoring", name.replace(" ", "_")))
-            seed_everything(cfg.seed, env.rank)
-            results[name] = Trainer(probe, env).evaluate()
+            with stages.run(name, os.path.basename(cfg.save_path)) as stage:
+                seed_everything(cfg.seed, env.rank)
+                summary = Trainer(cfg, env).train(on_step=stage.update)
+                stage.result = f"eval CE {summary['final_eval']['eval_ce_loss']:.4f}"
+        # Score every model on the same footing: eval CE and KL to the teacher from one evaluation pass each, then
+        # the exported HF models as users load them (rank 0; the others wait at the next collective).
+        mode_records, eval_records = ([json.loads(line) for line in open(os.path.join(paths["data"], f"{part}.jsonl"))]
+                                      for part in ("eval_mode", "eval"))
+        with stages.run("scoring every model", "scoring") as stage:
+            for i, (name, cfg) in enumerate(runs.items()):
+                probe = dataclasses.replace(cfg, pretrain=cfg.save_path, teacher_model=runs["teacher"].save_path,
+                                            teacher_cache=None, on_policy_ratio=0.0, kd_coef=0.5,
+                                            save_path=os.path.join(args.out, "scoring", name.replace(" ", "_")))
+                seed_everything(cfg.seed, env.rank)
+                results[name] = Trainer(probe, env).evaluate()
+                if env.is_main:
+                    results[name]["scores"] = scores_against_teacher(cfg.save_path, runs["teacher"].save_path,
+                                                                     mode_records, eval_records, runs[CACHED].cache_k)
+                stage.update(i + 1, len(runs))
     finally:
         teardown()
     if env.is_main:
-        mode_records, eval_records = ([json.loads(line) for line in open(os.path.join(paths["data"], f"{part}.jsonl"))]
-                                      for part in ("eval_mode", "eval"))
         k = runs[CACHED].cache_k
         rows = [f"| model | eval CE | KL(teacher‖model) | KL on the teacher's top-{k} + rest | exact match | "
                 "KL on its own greedy output |", "|---|---|---|---|---|---|"]
-        for name, cfg in runs.items():
-            acc, own_kl, bucketed_kl = scores_against_teacher(cfg.save_path, runs["teacher"].save_path,
-                                                              mode_records, eval_records, k)
+        for name in runs:
+            acc, own_kl, bucketed_kl = results[name]["scores"]
             rows.append(f"| {name} | {results[name]['eval_ce_loss']:.4f} | {results[name]['eval_kl']:.5f} | "
                         f"{bucketed_kl:.5f} | {acc:.1%} | {own_kl:.5f} |")
         table = "\n".join(rows)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(table + "\n")
-        print("\n" + table + f"\n\nKD student (loadable with AutoModelForCausalLM.from_pretrained): {runs['KD student'].save_path}")
-        _plot_students(runs, args.out)
+        print("\n" + table + "\n")
+        print(f"outputs in {args.out}/:\n"
+              f"  {os.path.basename(runs['KD student'].save_path) + '/':<22} the KD student as an HF model "
+              "(AutoModelForCausalLM.from_pretrained); every run's folder holds its model, train_config.yaml and "
+              "metrics.jsonl\n"
+              f"  {'table.md':<22} the table above\n"
+              f"  {_plot_students(runs, args.out)}\n"
+              f"  {'logs/':<22} each stage's full output")
     return 0
 
 
