@@ -179,8 +179,31 @@ def _progress(total: int, initial: int, shown: bool):
     return tqdm(total=total, initial=initial, unit="chunk", desc="caching teacher", file=sys.stdout)
 
 
+# The keys a cache build reads (its --help lists them); train.py's other keys are accepted and ignored, so one config
+# serves both.
+KEYS = ("pretrain", "teacher_model", "trust_remote_code", "attn_implementation", "param_dtype",
+        "teacher_sharding_strategy", "hsdp_shard_size", "teacher_offload", "teacher_resident",
+        "dataset", "dataset_split", "eval_dataset", "eval_split", "input_key", "output_key", "input_template",
+        "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode", "packing_samples",
+        "skip_bad_rows", "max_len", "max_samples", "max_eval_samples", "data_cache_dir",
+        "micro_train_batch_size", "seed", "kd_temperature", "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb",
+        "teacher_cache", "cache_mode", "cache_k", "cache_n", "cache_log_p_dtype", "cache_chunk_samples",
+        "dist_timeout_minutes")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .usage import KEYS_NOTE, asks_for_help, key_sections, print_help, render
+
     argv = sys.argv[1:] if argv is None else argv
+    if asks_for_help(argv):
+        return print_help(render(
+            "torchrun --nproc_per_node N -m fsdp_kd.cache_teacher --config FILE.yaml --teacher_cache DIR "
+            "[--key value ...]",
+            "Runs the frozen teacher once over a training run's data and stores its distributions in teacher_cache, "
+            "for train.py --teacher_cache to train from with no teacher model loaded.", key_sections(KEYS),
+            "It takes train.py's keys, so one --config serves both; give it the pretrain (whose tokenizer tokenizes "
+            "the data), data keys and kd_temperature of the run that will read the cache. It uses the keys below and "
+            "ignores the rest. " + KEYS_NOTE))
     try:
         cfg = parse_config(argv)
     except ConfigError as e:

@@ -6,6 +6,11 @@ import os
 import sys
 
 from .config import ConfigError, parse_config
+from .usage import KEYS_NOTE, asks_for_help, key_sections, print_help, render
+
+USAGE = "torchrun --nproc_per_node N train.py [--config FILE.yaml] [--key value ...]"
+SUMMARY = ("Distils a teacher into a student on FSDP2 (plain SFT without a teacher), then exports the student as an HF "
+           "model; with no arguments, runs the built-in demo instead.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print("fsdp-kd: no arguments, running the built-in demo (see README for real runs)", flush=True)
         return demo_main([])
+    if asks_for_help(argv):
+        return print_help(render(USAGE, SUMMARY, key_sections(), KEYS_NOTE))
     try:
         cfg = parse_config(argv)
     except ConfigError as e:

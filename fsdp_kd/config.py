@@ -41,95 +41,134 @@ DEEPSPEED_REPLACEMENTS = {
 }
 
 
+def opt(default, help: str, section: str | None = None):
+    """A TrainConfig field: its default and the one line `--help` prints for it (tests/test_help.py fails on a field
+    without one). `section` starts a group of `--help`: this field and the ones after it, up to the next section."""
+    return dataclasses.field(default=default, metadata={"help": help, **({"section": section} if section else {})})
+
+
 @dataclass
 class TrainConfig:
-    # Models
-    pretrain: str = ""  # the student: a local HF directory or a hub id
-    teacher_model: str | None = None  # None trains plain SFT (kd_coef must then be 0)
-    trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"
-    param_dtype: str = "auto"  # auto | bf16 | fp32; auto is bf16 on CUDA and fp32 on CPU
-    gradient_checkpointing: bool = False
-    sharding_strategy: str = "full_shard"  # full_shard (ZeRO-3) | hybrid_shard (HSDP) | shard_grad_op (ZeRO-2)
-    hsdp_shard_size: int | None = None  # hybrid_shard: ranks per shard group; default the ranks per node
-    teacher_sharding_strategy: str = "full_shard"  # full_shard | hybrid_shard
-    teacher_offload: bool = False
-    teacher_resident: bool = False  # keep the teacher gathered after its first forward (needs its full size free)
+    """Every key of train.py and cache_teacher. A new key is one line in its group: `name: type = opt(default,
+    "what it means")`; `python train.py --help` lists it from there."""
 
-    # Data
-    dataset: str = ""  # a file, a directory, a hub name; several comma-separated, mixed by dataset_probs
-    dataset_probs: str | None = None  # e.g. "0.7,0.3"
-    dataset_split: str = "train"
-    eval_dataset: str | None = None
-    eval_split: str = "test"
-    eval_holdout_ratio: float = 0.0  # without eval_dataset: hold out this fraction of the training data
-    input_key: str = "input"
-    output_key: str = "output"
-    input_template: str | None = None
-    apply_chat_template: bool = False
-    tokenizer_chat_template: str | None = None  # a Jinja template (or a path to one) replacing the tokenizer's
-    multiturn: bool = False  # train every assistant turn of a conversation, not only the last
-    pretrain_mode: bool = False  # train every token
-    packing_samples: bool = False
-    skip_bad_rows: bool = False
-    max_len: int = 2048
-    max_samples: int | None = None
-    max_eval_samples: int | None = None
-    data_cache_dir: str | None = None  # tokenized data cache; default $FSDP_KD_DATA_CACHE or ~/.cache/fsdp_kd/tokenized
+    pretrain: str = opt("", "the student: a local HF model directory or a hub id; its tokenizer tokenizes the data",
+                        section="Models")
+    teacher_model: str | None = opt(None, "the teacher: a local HF model directory or a hub id with the student's "
+                                          "tokenizer; none trains plain SFT (kd_coef must then be 0)")
+    trust_remote_code: bool = opt(False, "let transformers run a model's own .py files (architectures it does not "
+                                         "ship); the export copies them")
+    attn_implementation: str = opt("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention")
+    param_dtype: str = opt("auto", "compute dtype: auto, bf16 or fp32; auto is bf16 on CUDA and fp32 on CPU (the "
+                                   "student's master weights stay fp32)")
+    gradient_checkpointing: bool = opt(False, "recompute the student's layer activations in the backward: less "
+                                              "memory, more compute")
+    sharding_strategy: str = opt("full_shard", "the student's sharding: full_shard (ZeRO-3), hybrid_shard (HSDP) or "
+                                               "shard_grad_op (ZeRO-2)")
+    hsdp_shard_size: int | None = opt(None, "hybrid_shard: ranks per shard group (replicated across groups); none: "
+                                            "the ranks per node")
+    teacher_sharding_strategy: str = opt("full_shard", "the teacher's sharding: full_shard or hybrid_shard")
+    teacher_offload: bool = opt(False, "keep the teacher's shards in CPU memory, moved to the device for each "
+                                       "forward: less device memory, slower")
+    teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
+                                        "needs its full size free on every device")
 
-    # Optimization
-    micro_train_batch_size: int = 1
-    train_batch_size: int = 16
-    max_epochs: int = 1
-    max_steps: int | None = None
-    learning_rate: float = 5e-6
-    lr_warmup_ratio: float = 0.03
-    lr_scheduler: str = "cosine_with_min_lr"
-    min_lr_ratio: float = 0.1
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    l2: float = 0.0
-    max_norm: float = 1.0
-    seed: int = 42
-    max_skipped_steps: int = 5  # consecutive steps with a non-finite loss or gradient norm before the run stops
+    dataset: str = opt("", "training data: a .jsonl/.json/.parquet/.csv file, a directory of them or a hub dataset; "
+                           "several comma-separated are mixed by dataset_probs", section="Data")
+    dataset_probs: str | None = opt(None, "sampling weights of the comma-separated datasets, e.g. 0.7,0.3; none: "
+                                          "equal weights")
+    dataset_split: str = opt("train", "the split of a hub dataset to train on")
+    eval_dataset: str | None = opt(None, "held-out data, in the layouts dataset takes; none: see eval_holdout_ratio")
+    eval_split: str = opt("test", "the split of a hub eval_dataset")
+    eval_holdout_ratio: float = opt(0.0, "without eval_dataset: hold out this fraction of the training data for eval")
+    input_key: str = opt("input", "the record key of the prompt (or of a conversation)")
+    output_key: str = opt("output", "the record key of the response")
+    input_template: str | None = opt(None, "a format string with one {} for the prompt, e.g. \"User: {}\\nAssistant: "
+                                           "\"; unused with apply_chat_template")
+    apply_chat_template: bool = opt(False, "render prompts and conversations with the student tokenizer's chat "
+                                           "template (or tokenizer_chat_template)")
+    tokenizer_chat_template: str | None = opt(None, "a Jinja chat template, or a path to a file of one, replacing the "
+                                                    "tokenizer's own")
+    multiturn: bool = opt(False, "train every assistant turn of a conversation, not only the last")
+    pretrain_mode: bool = opt(False, "train every token of the text (no prompt/response split)")
+    packing_samples: bool = opt(False, "pack each micro-batch's samples into rows of max_len with a block-diagonal "
+                                       "attention mask")
+    skip_bad_rows: bool = opt(False, "drop and count records that cannot be read or tokenized instead of stopping "
+                                     "the run")
+    max_len: int = opt(2048, "the most tokens of a sample, prompt and response together; longer samples are cut")
+    max_samples: int | None = opt(None, "read at most this many records of each training source; none: all")
+    max_eval_samples: int | None = opt(None, "read at most this many records of eval_dataset; none: all")
+    data_cache_dir: str | None = opt(None, "where tokenized data is cached; none: $FSDP_KD_DATA_CACHE or "
+                                           "~/.cache/fsdp_kd/tokenized")
 
-    # Distillation
-    kd_coef: float = 0.4  # OpenRLHF's default
-    kd_loss: str = LossSpec.divergence
-    jsd_beta: float = LossSpec.jsd_beta
-    kd_temperature: float = LossSpec.temperature
-    kd_vocab_chunk: int | None = None  # None: chosen per device (8192 on CPU; a few big chunks on CUDA)
-    kd_token_chunk: int | None = None  # None: chosen per device (128 on CPU; >= 1024 on CUDA)
-    kd_chunk_budget_mb: int = LossSpec.chunk_budget_mb  # CUDA: the loss's scratch memory per token block
-    compile_loss: bool = False  # torch.compile the loss's per-chunk elementwise work
+    micro_train_batch_size: int = opt(1, "samples per rank per forward/backward", section="Optimization")
+    train_batch_size: int = opt(16, "samples per optimizer step over all ranks: micro_train_batch_size × "
+                                    "accumulation steps × world size")
+    max_epochs: int = opt(1, "passes over the training data")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps; none: max_epochs decides")
+    learning_rate: float = opt(5e-6, "the peak learning rate of AdamW")
+    lr_warmup_ratio: float = opt(0.03, "the fraction of the steps spent in linear warmup from 0")
+    lr_scheduler: str = opt("cosine_with_min_lr", "after warmup: cosine_with_min_lr (cosine down to min_lr_ratio × "
+                                                  "learning_rate) or constant_with_warmup")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule's final learning rate, as a fraction of learning_rate")
+    adam_betas: tuple[float, float] = opt((0.9, 0.95), "AdamW's beta1 and beta2")
+    l2: float = opt(0.0, "AdamW weight decay")
+    max_norm: float = opt(1.0, "clip gradients to this global norm")
+    seed: int = opt(42, "seeds the data order and hold-out, and each rank's draws (dropout, on-policy sampling, a "
+                        "sampled cache)")
+    max_skipped_steps: int = opt(5, "consecutive steps with a non-finite loss or gradient norm (each skipped, no "
+                                    "update) before the run stops")
 
-    # On-policy distillation (fsdp_kd/on_policy.py): the student writes the responses of this share of micro-batches
-    on_policy_ratio: float = 0.0  # λ of GKD; reverse_kl is the usual kd_loss on-policy
-    on_policy_ce: bool = False  # keep the CE term on self-generated text (it reinforces the student's own samples)
-    generate_max_new_tokens: int = 256
-    generate_temperature: float = 1.0  # 0: greedy
-    generate_top_p: float = 1.0
-    generate_gather_once: bool = True  # hold the whole student during generate; false: re-gather each layer per token
+    kd_coef: float = opt(0.4, "loss = (1 - kd_coef) · CE + kd_coef · divergence to the teacher; OpenRLHF's "
+                              "default", section="Distillation")
+    kd_loss: str = opt(LossSpec.divergence, "the divergence: forward_kl (KL(teacher ‖ student)), reverse_kl, jsd "
+                                            "or tvd")
+    jsd_beta: float = opt(LossSpec.jsd_beta, "jsd: the mixture weight; 0 is forward_kl, 1 is reverse_kl")
+    kd_temperature: float = opt(LossSpec.temperature, "both distributions are softmax(logits / kd_temperature) in "
+                                                      "the divergence")
+    kd_vocab_chunk: int | None = opt(None, "the loss kernel's vocabulary columns per chunk; none: chosen per device "
+                                           "(8192 on CPU, a few big chunks on CUDA)")
+    kd_token_chunk: int | None = opt(None, "the loss kernel's tokens per block; none: chosen per device (128 on "
+                                           "CPU, >= 1024 on CUDA)")
+    kd_chunk_budget_mb: int = opt(LossSpec.chunk_budget_mb, "CUDA: the loss kernel's scratch memory per token "
+                                                            "block, in MiB")
+    compile_loss: bool = opt(False, "torch.compile the loss kernel's per-chunk elementwise work")
 
-    # Teacher cache (docs/teacher_cache.md): cache_teacher writes it, training reads it instead of a teacher model
-    teacher_cache: str | None = None
-    cache_mode: str = "topk"  # topk: k ids + log-probs + a rest bucket; sampled: n draws as ids with counts
-    cache_k: int = 64
-    cache_n: int = 32
-    cache_log_p_dtype: str = "float16"  # topk log-probabilities on disk: float16, bfloat16 or float32
-    cache_chunk_samples: int = 512  # samples per part file: the unit of work a killed build loses at most
+    on_policy_ratio: float = opt(0.0, "GKD's λ: the share of micro-batches whose responses the student writes "
+                                      "itself (reverse_kl is the usual kd_loss then)", section="On-policy distillation")
+    on_policy_ce: bool = opt(False, "keep the CE term on self-generated text (it reinforces the student's own "
+                                    "samples)")
+    generate_max_new_tokens: int = opt(256, "on-policy: the longest response the student writes, in tokens")
+    generate_temperature: float = opt(1.0, "on-policy: the student's sampling temperature; 0: greedy")
+    generate_top_p: float = opt(1.0, "on-policy: nucleus sampling's probability mass; 1: off")
+    generate_gather_once: bool = opt(True, "hold the whole student gathered while it generates; false: re-gather "
+                                           "each layer per token (a student too big to hold whole)")
 
-    # Outputs
-    save_path: str = "output/fsdp_kd_student"
-    ckpt_path: str | None = None  # default: <save_path>/checkpoints
-    save_steps: int = -1
-    eval_steps: int = -1
-    logging_steps: int = 1
-    max_ckpt_num: int = 3
-    load_checkpoint: bool = False
-    async_save: bool = False  # write checkpoints in the background while training goes on
-    use_tensorboard: str | None = None  # a log directory; needs the tensorboard package
-    use_wandb: str | None = None  # a W&B project name; needs the wandb package
-    dist_timeout_minutes: float = 60.0  # process-group timeout: long enough for rank 0 to load a large model
+    teacher_cache: str | None = opt(None, "a directory of the teacher's stored distributions: cache_teacher writes "
+                                          "it, training reads it instead of running a teacher", section="Teacher cache")
+    cache_mode: str = opt("topk", "topk: cache_k ids with log-probs plus a rest bucket; sampled: cache_n draws as ids "
+                                  "with counts")
+    cache_k: int = opt(64, "topk: the teacher's most likely ids stored per token")
+    cache_n: int = opt(32, "sampled: draws from the teacher per token (at most 255)")
+    cache_log_p_dtype: str = opt("float16", "topk: the dtype of the stored log-probabilities: float16, bfloat16 or "
+                                            "float32")
+    cache_chunk_samples: int = opt(512, "samples per part file: the most work a killed cache build loses")
+
+    save_path: str = opt("output/fsdp_kd_student", "where the run writes the HF model, metrics.jsonl and "
+                                                   "train_config.yaml; must not hold an earlier run", section="Outputs")
+    ckpt_path: str | None = opt(None, "where checkpoints go; none: <save_path>/checkpoints")
+    save_steps: int = opt(-1, "save a checkpoint every this many steps; -1: never (the final model is exported "
+                              "anyway)")
+    eval_steps: int = opt(-1, "evaluate every this many steps and after the last; -1: never")
+    logging_steps: int = opt(1, "log metrics every this many steps (and after the last)")
+    max_ckpt_num: int = opt(3, "keep this many newest checkpoints; older ones are deleted")
+    load_checkpoint: bool = opt(False, "resume from the newest complete checkpoint in ckpt_path")
+    async_save: bool = opt(False, "write checkpoints in the background while training goes on")
+    use_tensorboard: str | None = opt(None, "mirror metrics to TensorBoard in this log directory (needs the "
+                                            "tensorboard package)")
+    use_wandb: str | None = opt(None, "mirror metrics to this W&B project (needs the wandb package)")
+    dist_timeout_minutes: float = opt(60.0, "the process group's timeout: long enough for rank 0 to load a large "
+                                            "model")
 
     def resolved_ckpt_path(self) -> str:
         return self.ckpt_path or os.path.join(self.save_path, "checkpoints")
@@ -164,6 +203,12 @@ def _base_type(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         return next(a for a in args if a is not type(None)), True
     return tp, False
+
+
+def type_name(key: str) -> str:
+    """A key's type as `--help` shows it: STR, INT, FLOAT, BOOL, or FLOAT FLOAT for a pair."""
+    tp, _ = _base_type(_TYPES[key])
+    return "FLOAT FLOAT" if typing.get_origin(tp) is tuple else tp.__name__.upper()
 
 
 def _coerce(key: str, value, where: str):

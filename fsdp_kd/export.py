@@ -110,9 +110,18 @@ def export_hf(state: dict[str, torch.Tensor], model_config, tokenizer, out_dir: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a complete checkpoint directory, e.g. out/checkpoints/step_200")
-    parser.add_argument("out_dir", help="a new directory for the HF model")
+    from .usage import asks_for_help, parser_sections, print_help, render
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m fsdp_kd.export", add_help=False)
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="a complete checkpoint directory of a run, e.g. out/checkpoints/step_200")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="a new (or empty) directory for the HF model")
+    if asks_for_help(argv):
+        return print_help(render(
+            "python -m fsdp_kd.export CHECKPOINT OUT_DIR  (or torchrun --nproc_per_node N -m fsdp_kd.export ...)",
+            "Turns a training checkpoint into an HF model directory that from_pretrained loads, with the student's "
+            "config, generation config and tokenizer taken from the run's pretrain.", parser_sections(parser)))
     args = parser.parse_args(argv)
     from . import checkpoint as ckpt
 
