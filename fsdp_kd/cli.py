@@ -18,8 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         from .demo import main as demo_main
 
-        print("fsdp-kd: no arguments, running the built-in demo (see README for real runs)", flush=True)
-        return demo_main([])
+        return demo_main([])  # it says what it is, and how to start a real run
     if asks_for_help(argv):
         return print_help(render(USAGE, SUMMARY, key_sections(), KEYS_NOTE))
     try:

@@ -161,6 +161,8 @@ class TrainConfig:
                               "anyway)")
     eval_steps: int = opt(-1, "evaluate every this many steps and after the last; -1: never")
     logging_steps: int = opt(1, "log metrics every this many steps (and after the last)")
+    print_config: bool = opt(False, "print the resolved config at start (it is always written to "
+                                    "<save_path>/train_config.yaml)")
     max_ckpt_num: int = opt(3, "keep this many newest checkpoints; older ones are deleted")
     load_checkpoint: bool = opt(False, "resume from the newest complete checkpoint in ckpt_path")
     async_save: bool = opt(False, "write checkpoints in the background while training goes on")

@@ -294,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
               "metrics.jsonl\n"
               f"  {'table.md':<22} the table above\n"
               f"  {_plot_students(runs, args.out)}\n"
-              f"  {'logs/':<22} each stage's full output")
+              f"  {'logs/':<22} each stage's full output\n"
+              "a real run: torchrun --nproc_per_node N train.py --pretrain STUDENT --teacher_model TEACHER "
+              "--dataset DATA.jsonl (python train.py --help lists every key)")
     return 0
 
 

@@ -232,6 +232,8 @@ class Trainer:
         CLOCK.lap("tokenizers")
 
         self.train_samples, self.eval_samples = self._load_data()
+        if self.resume_from:
+            ckpt.check_same_data(self.resume_from, self.training_data, self.log)
         if self.cache_meta is not None:
             check_cache_fits(self.cache_meta, cfg.teacher_cache, cfg, self.tokenizer, self.sources,
                              LossSpec(divergence=cfg.kd_loss, jsd_beta=cfg.jsd_beta).effective_divergence)
@@ -251,13 +253,15 @@ class Trainer:
                 self.log(f"removed incomplete checkpoints left by an interrupted save: {', '.join(removed)}")
             with open(os.path.join(cfg.save_path, CONFIG_FILE), "w") as f:  # never a run's: checked above
                 f.write(config_to_yaml(cfg))
-        self.log("resolved config:\n" + config_to_yaml(cfg).rstrip())
+        if cfg.print_config:
+            self.log("resolved config:\n" + config_to_yaml(cfg).rstrip())
 
     def _load_data(self) -> tuple[SampleTable, list[Sample]]:
         """The training table (one source, or several under an interleaved `EpochOrder`) and the held-out samples.
         Each source is tokenized once per node into the cache and read memory-mapped (`tokenized`)."""
         cfg = self.cfg
         sources, eval_source = open_sources(cfg, self.tokenizer, self.env.local_rank, all_gather_object, self.log)
+        self.training_data = ckpt.data_fingerprint(sources)
         self.sources = sources + ([eval_source] if eval_source is not None else [])
         held_out: list[Sample] = []
         if eval_source is not None:
@@ -268,7 +272,7 @@ class Trainer:
             held_out = [held[i] for _, held in splits for i in range(len(held))]
             self.log(f"held out {len(held_out)} training samples for evaluation (eval_holdout_ratio)")
         probs = [float(p) for p in cfg.dataset_probs.split(",")] if cfg.dataset_probs else None
-        self.epoch_order = EpochOrder([len(s) for s in sources], probs, cfg.seed)
+        self.epoch_order = EpochOrder([len(s) for s in sources], probs, cfg.seed, batch_size=cfg.train_batch_size)
         if len(sources) > 1:
             self.log(f"mixing, per epoch of {self.epoch_order.length} samples:\n" +
                      "\n".join("  " + line for line in self.epoch_order.describe(cfg.dataset.split(","))))
@@ -344,7 +348,7 @@ class Trainer:
             else:
                 self.log(f"load_checkpoint: no complete checkpoint in {cfg.resolved_ckpt_path()} and no earlier "
                          "outputs in save_path; starting fresh")
-        self.checkpoints = ckpt.CheckpointWriter(cfg, env.rank, cfg.async_save)
+        self.checkpoints = ckpt.CheckpointWriter(cfg, env.rank, cfg.async_save, self.training_data)
         self.metrics_log = MetricsLog(os.path.join(cfg.save_path, METRICS_FILE), env.is_main,
                                       self.start_step if cfg.load_checkpoint else None, cfg)
         self._print_summary(compute_dtype)
