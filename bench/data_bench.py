@@ -67,7 +67,7 @@ def child(args) -> None:
         table = [record_to_sample(r, cfg, tok, w)[0] for r, w in read_records(args.data)]
     else:
         table = open_tokenized(args.data, "train", None, cfg, tok, local_rank=0, log=lambda *a: None)
-    order = EpochOrder([len(table)], None, cfg.seed)
+    order = EpochOrder([len(table)], None, cfg.seed, batch_size=cfg.train_batch_size)
     sampler = StepSampler(order, cfg, 0, 1, accumulation=cfg.train_batch_size // cfg.micro_train_batch_size)
     batches = [collate([table[i] for i in idx], padding_id(tok)) for idx in sampler.indices(0, 0)]
     print(json.dumps({"seconds": time.perf_counter() - started, "rss": current_rss(), "anon": anonymous_rss(),

@@ -61,21 +61,28 @@ class Concatenated:
 class EpochOrder:
     """The order in which each epoch visits the training samples, over the sources concatenated.
 
-    One source: a fresh permutation per epoch (seeded by seed + epoch). Several sources, weighted by
-    `dataset_probs` (OpenRLHF's meaning: sampling weights over an interleaved stream): an epoch is as many draws as
-    all the weighted sources hold together, and source k gets round(p_k × that) of them, interleaved at random. Each
-    source is read as an endless stream of its own reshuffled passes, continued from epoch to epoch, so a source
-    whose share is below its size sees new samples every epoch and one above it repeats whole passes; nothing is
-    cut. `describe` says how many samples of each source an epoch draws.
+    An epoch is `length` samples, whole global batches of `batch_size`, and the steps train every one of them.
+
+    One source: a fresh permutation per epoch (seeded by seed + epoch), of which the epoch takes the first `length`
+    (the usual drop-last: the rest, fewer than a global batch, wait for another epoch's permutation). Several
+    sources, weighted by `dataset_probs` (OpenRLHF's meaning: sampling weights over an interleaved stream): the
+    sources together hold `held` samples (those with a weight), an epoch is that many draws cut down to whole global
+    batches, and source k gets round(p_k × length) of them, interleaved at random. Each source is read as an endless
+    stream of its own reshuffled passes, continued from epoch to epoch, so a source whose share is below its size
+    sees new samples every epoch and one above it repeats whole passes. Since every draw is trained, each pass of a
+    source trains each of its samples exactly once: nothing is cut or skipped. An epoch's order is a function of
+    (seed, epoch) alone, so a resumed run reads the same one. `describe` says how many samples of each source an
+    epoch draws.
     """
 
-    def __init__(self, sizes: list[int], probs: list[float] | None, seed: int):
-        self.sizes, self.seed = list(sizes), seed
+    def __init__(self, sizes: list[int], probs: list[float] | None, seed: int, *, batch_size: int):
+        self.sizes, self.seed, self.batch_size = list(sizes), seed, batch_size
         probs = [1.0] * len(sizes) if probs is None else list(probs)
         self.probs = [p / sum(probs) for p in probs]
         self.offsets = np.cumsum([0] + self.sizes)
-        self.length = sum(n for n, p in zip(self.sizes, self.probs) if p > 0) if len(sizes) > 1 else sizes[0]
-        self.draws = _largest_remainder([p * self.length for p in self.probs]) if len(sizes) > 1 else [sizes[0]]
+        self.held = sum(n for n, p in zip(self.sizes, self.probs) if p > 0) if len(sizes) > 1 else sizes[0]
+        self.length = self.held // batch_size * batch_size
+        self.draws = _largest_remainder([p * self.length for p in self.probs]) if len(sizes) > 1 else [self.length]
         self._cached: tuple[int, torch.Tensor] | None = None
 
     def __call__(self, epoch: int) -> torch.Tensor:
@@ -85,7 +92,7 @@ class EpochOrder:
 
     def _order(self, epoch: int) -> torch.Tensor:
         if len(self.sizes) == 1:
-            return self._stream(0, epoch * self.length, self.length)
+            return self._stream(0, epoch * self.sizes[0], self.length)
         labels = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.draws))
         labels = labels[torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch))]
         order = torch.empty(self.length, dtype=torch.long)
@@ -246,14 +253,17 @@ class StepSampler:
 
     A global batch is `train_batch_size` consecutive indices of the epoch's order. Rank r takes the r-th
     contiguous slice of it and cuts that into micro-batches, so 1 rank × 2 accumulation steps and 2 ranks × 1 see
-    the same samples. The last partial global batch of an epoch is dropped, so every rank takes the same steps.
+    the same samples. The order holds whole global batches only (`EpochOrder`), so every rank takes the same steps.
     """
 
     def __init__(self, order: EpochOrder, cfg: TrainConfig, rank: int, world_size: int, accumulation: int):
+        if order.batch_size != cfg.train_batch_size:
+            raise ValueError(f"the epoch order is cut into batches of {order.batch_size}, the steps take "
+                             f"train_batch_size {cfg.train_batch_size}")
         self.order, self.cfg, self.rank, self.world, self.accumulation = order, cfg, rank, world_size, accumulation
         self.steps_per_epoch = order.length // cfg.train_batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"dataset: {order.length} usable samples is fewer than train_batch_size "
+            raise DataError(f"dataset: {order.held} usable samples is fewer than train_batch_size "
                             f"{cfg.train_batch_size}; lower train_batch_size or add data")
 
     def indices(self, epoch: int, step_in_epoch: int) -> list[list[int]]:

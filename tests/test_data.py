@@ -64,11 +64,12 @@ def test_input_template_and_eos(tiny):
 
 def test_sampler_ranks_are_disjoint_and_cover_the_global_batch():
     cfg = _cfg(train_batch_size=8, micro_train_batch_size=2)
-    ranks = [StepSampler(EpochOrder([40], None, cfg.seed), cfg, r, 2, accumulation=2) for r in range(2)]
+    order = EpochOrder([40], None, cfg.seed, batch_size=cfg.train_batch_size)
+    ranks = [StepSampler(order, cfg, r, 2, accumulation=2) for r in range(2)]
     for step in range(ranks[0].steps_per_epoch):
         parts = [sum(s.indices(0, step), []) for s in ranks]
         assert not set(parts[0]) & set(parts[1])
-        single = sum(StepSampler(EpochOrder([40], None, cfg.seed), cfg, 0, 1, accumulation=4).indices(0, step), [])
+        single = sum(StepSampler(order, cfg, 0, 1, accumulation=4).indices(0, step), [])
         assert parts[0] + parts[1] == single  # same samples whatever the split
     assert ranks[0].indices(0, 0) == ranks[0].indices(0, 0)
     assert ranks[0].indices(0, 0) != ranks[0].indices(1, 0)
@@ -182,7 +183,7 @@ def test_skip_bad_rows_counts_them(tiny, tmp_path):
 
 
 def test_one_source_epoch_is_a_seeded_permutation():
-    order = EpochOrder([50], None, seed=7)
+    order = EpochOrder([50], None, seed=7, batch_size=10)
     for epoch in range(3):
         assert order(epoch).tolist() == torch.randperm(50, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
 
@@ -191,7 +192,7 @@ def test_mixing_follows_the_weights_and_drops_nothing():
     """0.9/0.1 over 100 and 10,000 samples: an epoch is 10,100 draws, 9,090 from the small source (90.9 passes) and
     1,010 from the large one, interleaved; the large source's draws continue from epoch to epoch, so ten epochs
     read all of it, and only their last 100 draws start its second pass."""
-    order = EpochOrder([100, 10_000], [0.9, 0.1], seed=0)
+    order = EpochOrder([100, 10_000], [0.9, 0.1], seed=0, batch_size=100)
     assert order.length == 10_100 and order.draws == [9090, 1010]
     seen_large = []
     for epoch in range(10):
@@ -206,6 +207,27 @@ def test_mixing_follows_the_weights_and_drops_nothing():
         seen_large += indices[from_large].tolist()
     assert set(seen_large) == set(range(100, 10_100)) and len(set(seen_large[:10_000])) == 10_000
     assert order.describe(["a", "b"])[1] == "b: 10000 samples, 1010 per epoch (0.10 passes, weight 0.1)"
+
+
+def test_mixing_trains_every_draw_so_each_pass_covers_its_source_once():
+    """Two sources and a global batch that does not divide the epoch: what the steps train of each source, read in
+    order across epochs, is whole passes (each sample exactly once per pass), so no draw is taken from a source's
+    stream and then left untrained. The order of an epoch does not depend on which epochs were asked for before."""
+    cfg = _cfg(train_batch_size=6, micro_train_batch_size=2)
+    sizes = [7, 13]
+    order = EpochOrder(sizes, [0.3, 0.7], seed=3, batch_size=6)
+    sampler = StepSampler(order, cfg, 0, 1, accumulation=3)
+    trained = [[], []]
+    for epoch in range(12):
+        for step in range(sampler.steps_per_epoch):
+            for i in sum(sampler.indices(epoch, step), []):
+                trained[int(i >= sizes[0])].append(i - sizes[0] * (i >= sizes[0]))
+    for size, seen in zip(sizes, trained):
+        passes = len(seen) // size
+        assert passes >= 4, "too few draws to test whole passes"
+        for p in range(passes):
+            assert sorted(seen[p * size:(p + 1) * size]) == list(range(size)), f"pass {p} of a {size}-sample source"
+    assert torch.equal(EpochOrder(sizes, [0.3, 0.7], seed=3, batch_size=6)(11), order(11))
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
