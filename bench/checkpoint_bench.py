@@ -58,9 +58,9 @@ def worker(args) -> None:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return elapsed.item(), result
 
-    sync_writer = ckpt.CheckpointWriter(cfg, env.rank, asynchronous=False)
+    sync_writer = ckpt.CheckpointWriter(cfg, env.rank, asynchronous=False, data=[])
     save_s, path = timed(lambda: sync_writer.save(root, optimizer, 1))
-    async_writer = ckpt.CheckpointWriter(cfg, env.rank, asynchronous=True)
+    async_writer = ckpt.CheckpointWriter(cfg, env.rank, asynchronous=True, data=[])
     stall_s, _ = timed(lambda: async_writer.save(root, optimizer, 2))
     finish_s, _ = timed(async_writer.finish)
     resume_s, _ = timed(lambda: ckpt.load_checkpoint(root, optimizer, path, env.rank))

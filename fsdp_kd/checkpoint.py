@@ -93,8 +93,9 @@ class CheckpointWriter:
     save is in flight leaves only a `.partial` directory, which is never loaded.
     """
 
-    def __init__(self, cfg: TrainConfig, rank: int, asynchronous: bool):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: TrainConfig, rank: int, asynchronous: bool, data: list[dict]):
+        """`data`: `data_fingerprint` of the training sources, recorded in every train state."""
+        self.cfg, self.rank, self.data = cfg, rank, data
         self.pending = None  # (future, partial dir, final dir, step)
         self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
         self.asynchronous = asynchronous
@@ -153,7 +154,7 @@ class CheckpointWriter:
         if self.rank == 0:
             with open(os.path.join(partial, TRAIN_STATE), "w") as f:
                 json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                           "config": self.cfg.to_dict()}, f, indent=1)
+                           "config": self.cfg.to_dict(), "data": self.data}, f, indent=1)
             os.rename(partial, final)
             for _, old in complete_checkpoints(self.cfg.resolved_ckpt_path())[:-self.cfg.max_ckpt_num]:
                 os.rename(old, old + ".deleting")  # no longer complete before the first file goes
@@ -201,6 +202,29 @@ def check_resumable(path: str, cfg: TrainConfig) -> dict:
         raise ConfigError(f"{path}: cannot resume, the config differs in {', '.join(mismatched)}; "
                           "restore those keys or use a new ckpt_path")
     return state
+
+
+def data_fingerprint(sources) -> list[dict]:
+    """What a train state records of the training data: each source's path and the sha256 of its tokenized
+    samples, in row order (`TokenizedDataset.samples_sha256`, computed once when the source is tokenized and read
+    from its cache's metadata, so recording it costs nothing). The config keys cannot see an edited file at the same
+    path, and any change to the samples changes the sample order and the length of an epoch."""
+    return [{"path": source.path, "samples_sha256": source.samples_sha256} for source in sources]
+
+
+def check_same_data(path: str, data: list[dict], log=print) -> None:
+    """Refuses a checkpoint whose training data has changed since it was saved (`data_fingerprint`); one saved
+    before train states recorded the data resumes, with a line saying the data could not be checked."""
+    saved = read_train_state(path).get("data")
+    if saved is None:
+        log(f"warning: {path} records no hash of its training data (saved by an older fsdp-kd), so a change to the "
+            "data since then cannot be detected; resuming")
+        return
+    for then, now in zip(saved, data):
+        if then["samples_sha256"] != now["samples_sha256"]:
+            raise ConfigError(f"{path}: cannot resume, the training data {now['path']} changed since the checkpoint "
+                              "(its tokenized samples differ); restore the data it was trained on, or start a new "
+                              "run with a new save_path (and ckpt_path, if set)")
 
 
 def load_checkpoint(root, optimizer, path: str, rank: int) -> int:

@@ -165,3 +165,42 @@ def test_export_refuses_an_incomplete_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fsdp_kd.export", str(partial), str(tmp_path / "o")],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "not a complete checkpoint" in proc.stderr
+
+
+def _short_run_on_own_data(tiny, tmp_path):
+    """A 2-step run, checkpointed at its end, on a copy of the training data that the test may edit."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(open(tiny["train"]).read())
+    args = [TRAIN, *resume_args(tiny, tmp_path / "run", dataset=str(data), max_steps=2, save_steps=2)]
+    torchrun(args)
+    return data, args
+
+
+def test_resume_refuses_training_data_that_changed_since_the_checkpoint(tiny, tmp_path):
+    """The data's samples are compared, not its file's name or date: the same bytes rewritten (a new mtime, so it
+    is tokenized again) resume; one record edited at the same path is refused, naming the file."""
+    data, args = _short_run_on_own_data(tiny, tmp_path)
+    text = data.read_text()
+    os.utime(data, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert "resumed from" in torchrun(args).stdout
+    first = text.splitlines()[0]
+    data.write_text(text.replace(first, first.replace('"input": "', '"input": "a'), 1))
+    proc = torchrun(args, check=False)
+    assert proc.returncode != 0
+    assert (f"cannot resume, the training data {data} changed since the checkpoint" in proc.stderr
+            and "restore" in proc.stderr and "new save_path" in proc.stderr), proc.stderr[-2000:]
+
+
+def test_checkpoint_without_a_data_hash_resumes_with_a_warning(tiny, tmp_path):
+    """A train state written before data hashes were recorded: resumed, with one line saying the data is unchecked."""
+    import json
+
+    data, args = _short_run_on_own_data(tiny, tmp_path)
+    state_file = tmp_path / "run" / "checkpoints" / "step_2" / "train_state.json"
+    state = json.loads(state_file.read_text())
+    assert "data" in state
+    del state["data"]
+    state_file.write_text(json.dumps(state))
+    proc = torchrun(args)
+    assert "resumed from" in proc.stdout
+    assert "records no hash of its training data" in proc.stdout
