@@ -20,6 +20,7 @@ than the parts in flight.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ META_FILE = "cache.json"
 FORMAT_VERSION = 1
 MODES = ("topk", "sampled")
 LOG_P_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+OPEN_PARTS = 128  # parts a reader keeps open, each one memory map: far below vm.max_map_count (65530)
 
 
 # ------------------------------------------------------------------------------------------------ the teacher side
@@ -173,23 +175,36 @@ class CacheMeta:
         return sum(s["samples"] for s in self.sources)
 
 
-def write_part(directory: str, name: str, samples: list[int], rows: list[tuple[torch.Tensor, ...]],
-               meta: CacheMeta) -> int:
-    """One part: each given sample's rows as `teacher_rows` made them, in sample order. Returns the bytes written."""
-    from safetensors.torch import save_file
+def no_rows(meta: CacheMeta) -> tuple[torch.Tensor, ...]:
+    """`teacher_rows`'s columns for no rows: what a rank holds where its share of the samples is only masked copies
+    (a chunk with fewer samples than ranks, an evaluation micro-batch past the end of the data)."""
+    ids = torch.zeros((0, meta.slots), dtype=torch.long)
+    if meta.mode == "topk":
+        return ids, torch.zeros((0, meta.slots)), torch.zeros(0)
+    return ids, torch.zeros((0, meta.slots), dtype=torch.long)
 
-    width = id_bytes(meta.vocab_size)
-    counts = [r[0].shape[0] for r in rows]
-    tensors = {"sample": torch.tensor(samples, dtype=torch.int64),
-               "offsets": torch.tensor(np.cumsum([0] + counts), dtype=torch.int64)}
-    ids = torch.cat([r[0] for r in rows]).cpu()
-    tensors["ids"] = encode_ids(ids, width).contiguous()
+
+def stored_columns(meta: CacheMeta, columns: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """`teacher_rows`'s columns as a part stores them: packed ids, 16-bit log-probabilities, uint8 counts."""
+    ids = encode_ids(columns[0].cpu(), id_bytes(meta.vocab_size)).contiguous()
     if meta.mode == "topk":
         dtype = LOG_P_DTYPES[meta.log_p_dtype]
-        tensors["log_p"] = torch.cat([r[1] for r in rows]).cpu().to(dtype).contiguous()
-        tensors["log_rest"] = torch.cat([r[2] for r in rows]).cpu().to(dtype).contiguous()
-    else:
-        tensors["counts"] = torch.cat([r[1] for r in rows]).cpu().to(torch.uint8).contiguous()
+        return {"ids": ids, "log_p": columns[1].cpu().to(dtype).contiguous(),
+                "log_rest": columns[2].cpu().to(dtype).contiguous()}
+    return {"ids": ids, "counts": columns[1].cpu().to(torch.uint8).contiguous()}
+
+
+def write_part(directory: str, name: str, samples: list[int], rows: list[tuple[torch.Tensor, ...]],
+               meta: CacheMeta) -> int:
+    """One part: each given sample's rows as `teacher_rows` made them, in sample order (none: a rank whose share of
+    the chunk was only masked copies still writes its part, so the chunk counts as finished). Returns the bytes
+    written."""
+    from safetensors.torch import save_file
+
+    counts = [r[0].shape[0] for r in rows]
+    columns = tuple(torch.cat(column) for column in zip(*rows)) if rows else no_rows(meta)
+    tensors = {"sample": torch.tensor(samples, dtype=torch.int64),
+               "offsets": torch.tensor(np.cumsum([0] + counts), dtype=torch.int64), **stored_columns(meta, columns)}
     tmp = os.path.join(directory, name + ".tmp")
     save_file(tensors, tmp)
     os.replace(tmp, os.path.join(directory, name))
@@ -231,9 +246,10 @@ def check_cache_fits(meta: CacheMeta, directory: str, cfg, tokenizer, sources, d
 class CachedTeacher:
     """Teacher targets read from a cache, in place of a live teacher (see `distill.LiveTeacher`).
 
-    Opening reads every part's small `sample` and `offsets` tensors into an index (sample → part and rows); a
-    micro-batch then reads only its own samples' rows, memory-mapped, and moves them to the device in one copy per
-    tensor."""
+    Opening reads every part's small `sample` and `offsets` tensors into an index (sample → part and rows) and closes
+    the part again; a micro-batch then reads only its own samples' rows, memory-mapped, and moves them to the device
+    in one copy per tensor. A build writes a part per chunk per rank (10⁵ of them at 64 ranks, above Linux's default
+    vm.max_map_count of 65530), so at most `OPEN_PARTS` parts stay open (mapped) at once, the most recently read."""
 
     def __init__(self, directory: str, meta: CacheMeta, device: torch.device):
         from safetensors import safe_open
@@ -244,17 +260,22 @@ class CachedTeacher:
         self.part = np.full(total, -1, dtype=np.int64)
         self.start = np.zeros(total, dtype=np.int64)
         self.end = np.zeros(total, dtype=np.int64)
-        self.files = []
-        for name in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
-            handle = safe_open(os.path.join(directory, name), framework="pt")
-            samples, offsets = handle.get_tensor("sample").numpy(), handle.get_tensor("offsets").numpy()
-            self.part[samples] = len(self.files)
-            self.start[samples], self.end[samples] = offsets[:-1], offsets[1:]
-            self.files.append(handle)
+        self.files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        for k, name in enumerate(self.files):
+            with safe_open(os.path.join(directory, name), framework="pt") as handle:
+                samples, offsets = handle.get_tensor("sample").numpy(), handle.get_tensor("offsets").numpy()
+                self.part[samples] = k
+                self.start[samples], self.end[samples] = offsets[:-1], offsets[1:]
         missing = int((self.part < 0).sum())
         if missing:
             raise ConfigError(f"key teacher_cache: {directory} lacks {missing} of its {total} samples; finish it by "
                               "running cache_teacher again with the same arguments")
+        self._open = functools.lru_cache(maxsize=OPEN_PARTS)(self._open_part)
+
+    def _open_part(self, k: int):
+        from safetensors import safe_open
+
+        return safe_open(os.path.join(self.directory, self.files[k]), framework="pt")
 
     @property
     def metric_names(self) -> dict[str, str | None]:
@@ -270,15 +291,8 @@ class CachedTeacher:
 
     def targets(self, batch) -> "CachedTargets":
         """The cached distributions at the batch's target rows, in their order (samples in layout order, each
-        sample's targets in position order)."""
-        pieces: dict[str, list[torch.Tensor]] = {}
-        names = ("ids", "log_p", "log_rest") if self.meta.mode == "topk" else ("ids", "counts")
-        for source, row in batch.sample_keys:
-            i = self.index_of(source, row)
-            handle, start, end = self.files[self.part[i]], int(self.start[i]), int(self.end[i])
-            for name in names:
-                pieces.setdefault(name, []).append(handle.get_slice(name)[start:end])
-        host = {name: torch.cat(parts) for name, parts in pieces.items()}
+        sample's targets in position order). A batch of only masked copies has no samples and gets no rows."""
+        host = self._read(batch.sample_keys) if batch.sample_keys else stored_columns(self.meta, no_rows(self.meta))
         if host["ids"].shape[0] != batch.trainable_tokens:
             raise ConfigError(f"key teacher_cache: the cache holds {host['ids'].shape[0]} target rows for a "
                               f"micro-batch that has {batch.trainable_tokens}; it was built from other data")
@@ -289,6 +303,17 @@ class CachedTeacher:
         counts = on_device["counts"].float()
         log_p = torch.log(counts / self.meta.slots)  # -inf on the empty slots
         return CachedTargets(SparseTargets(ids, log_p, torch.full(ids.shape[:1], -math.inf, device=ids.device)))
+
+    def _read(self, sample_keys: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
+        """The stored columns of these samples' rows, concatenated on the host."""
+        pieces: dict[str, list[torch.Tensor]] = {}
+        names = ("ids", "log_p", "log_rest") if self.meta.mode == "topk" else ("ids", "counts")
+        for source, row in sample_keys:
+            i = self.index_of(source, row)
+            handle, start, end = self._open(int(self.part[i])), int(self.start[i]), int(self.end[i])
+            for name in names:
+                pieces.setdefault(name, []).append(handle.get_slice(name)[start:end])
+        return {name: torch.cat(parts) for name, parts in pieces.items()}
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""`cache_teacher` and `train.py --teacher_cache` end to end under torchrun on 2 ranks: a cache of every token trains
-exactly like the live teacher, a killed build resumes, and a cache for other data or another τ is refused."""
+"""`cache_teacher` and `train.py --teacher_cache` end to end under torchrun on 2 ranks (a build also on 3): a cache of
+every token trains exactly like the live teacher, at any world and chunk size and at micro-batch 1 with uneven eval
+data, a killed build resumes, and a cache for other data or another τ is refused."""
 
 import json
 import os
@@ -20,6 +21,19 @@ def cache_args(tiny, cache, **overrides):
     return ["-m", "fsdp_kd.cache_teacher", *train_args(tiny, cache / "unused", **flags)]
 
 
+LIKE_LIVE = {"loss": "loss", "ce": "ce", "kd": "kd", "kl": "kl_buckets", "eval_loss": "eval_loss",
+             "eval_kl": "eval_kl_buckets", "grad_norm": "grad_norm"}
+
+
+def assert_like_live(live: list[dict], cached: list[dict]) -> None:
+    """Every logged figure of a run from a k = V float32 cache equals the live teacher's run's to 1e-5."""
+    assert len(live) == len(cached)
+    for a, b in zip(live, cached):
+        for name, cached_name in LIKE_LIVE.items():
+            if name in a:
+                assert b[cached_name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (name, a, b)
+
+
 def test_a_cache_of_every_token_trains_exactly_like_the_live_teacher(tiny, tmp_path):
     """k = V in float32, τ = 2: every step's loss, CE, KD and KL, and the evaluation, equal the live run's."""
     cache = tmp_path / "cache"
@@ -30,13 +44,44 @@ def test_a_cache_of_every_token_trains_exactly_like_the_live_teacher(tiny, tmp_p
     torchrun([TRAIN, *train_args(tiny, tmp_path / "live", **common)])
     torchrun([TRAIN, *train_args(tiny, tmp_path / "cached", teacher_model=None, teacher_cache=str(cache), **common)])
     live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
-    assert len(live) == len(cached) == 6
-    pairs = {"loss": "loss", "ce": "ce", "kd": "kd", "kl": "kl_buckets", "eval_loss": "eval_loss",
-             "eval_kl": "eval_kl_buckets", "grad_norm": "grad_norm"}
-    for a, b in zip(live, cached):
-        for name, cached_name in pairs.items():
-            if name in a:
-                assert b[cached_name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (name, a, b)
+    assert len(live) == 6
+    assert_like_live(live, cached)
+
+
+@pytest.fixture(scope="module")
+def uneven(tiny, tmp_path_factory):
+    """The sizes users run and the tests above avoid: micro_train_batch_size 1 (the default) and three eval records,
+    so on 2 ranks one rank's last eval micro-batch holds only a masked copy. Returns the training flags and the live
+    teacher's run, which every cache below must reproduce."""
+    root = tmp_path_factory.mktemp("uneven")
+    eval3 = root / "eval3.jsonl"
+    with open(tiny["eval"]) as f:
+        eval3.write_text("".join(f.readlines()[:3]))
+    common = dict(eval_dataset=str(eval3), micro_train_batch_size=1, max_steps=2, eval_steps=1, kd_temperature=2.0,
+                  kd_loss="jsd", logging_steps=1)
+    torchrun([TRAIN, *train_args(tiny, root / "live", **common)])
+    live = read_metrics(root / "live")
+    assert sum("eval_loss" in m for m in live) == 2
+    return common, live
+
+
+@pytest.mark.parametrize("nproc,short_last_chunk", [(2, False), (2, True), (3, True)])
+def test_a_cache_built_at_any_world_and_chunk_size_trains_like_the_live_teacher(tiny, tmp_path, uneven, nproc,
+                                                                                short_last_chunk):
+    """Built on 2 or 3 ranks, with a last chunk of fewer samples than ranks (the ranks without a sample write a part
+    of none) or not, a k = V cache trains at micro-batch 1 and evaluates three records on 2 ranks (a rank's micro-batch
+    of only a masked copy reads no rows) exactly like the live teacher."""
+    common, live = uneven
+    samples = sum(1 for path in (tiny["train"], common["eval_dataset"]) for _ in open(path))
+    chunk = samples - 1 if short_last_chunk else 64
+    cache = tmp_path / "cache"
+    torchrun(cache_args(tiny, cache, cache_k=VOCAB, cache_log_p_dtype="float32", cache_chunk_samples=chunk,
+                        eval_dataset=common["eval_dataset"], kd_temperature=common["kd_temperature"]), nproc=nproc)
+    meta = json.loads((cache / "cache.json").read_text())
+    assert meta["complete"] and sum(s["samples"] for s in meta["sources"]) == samples
+    assert 0 < samples % chunk < nproc if short_last_chunk else samples % chunk >= nproc
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "cached", teacher_model=None, teacher_cache=str(cache), **common)])
+    assert_like_live(live, read_metrics(tmp_path / "cached"))
 
 
 def _parts(cache):
