@@ -73,8 +73,11 @@ class Divergence:
     sums; `grad(t, sums, beta)` is dD/da per element, a = z_student / τ. `grad_needs_sums` is False when the gradient
     uses no row sums, which lets pass 2 ride along in pass 3.
 
-    Over buckets (a cached teacher): `on_buckets(b, beta)` is (D per row, ∂D/∂Q per bucket); the kernel turns the
-    latter into dD/da through the softmax and the rest bucket (`bucket_block`).
+    Over buckets (a cached teacher): `on_buckets(b, beta)` is (D per row, w per bucket), w = ∂D/∂log Q = Q·∂D/∂Q up
+    to a multiple of Q (which the softmax cancels); the kernel turns w into dD/da through the softmax and the rest
+    bucket (`bucket_block`). w is written in a bounded form, never as a ratio of probabilities times Q: forward KL's
+    -p/Q·Q overflows once log p - log Q passes 88 (fp32) and vanishes once Q underflows, where w = -p does neither.
+    An empty bucket (p = Q = 0) has w = 0.
     """
     row_terms: Callable[[ChunkTerms, float], dict[str, torch.Tensor]]
     value: Callable[[dict[str, torch.Tensor], float], torch.Tensor]
@@ -97,15 +100,20 @@ def _jsd_grad(t: ChunkTerms, sums, beta: float) -> torch.Tensor:
     return t.q * (t.log_q - _log_mixture(t, beta) - sums["kl_q_m"][:, None]) / beta
 
 
+def _xlogy(x: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """x·log_ratio, with 0·log(0/·) = 0 (an empty bucket adds nothing, not NaN)."""
+    return torch.where(x > 0, x * log_ratio, 0.0)
+
+
 def _xlogy_sum(x: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
-    """Σ x·log_ratio per row, with 0·log(0/·) = 0 (an empty bucket adds nothing, not NaN)."""
-    return torch.where(x > 0, x * log_ratio, 0.0).sum(1)
+    return _xlogy(x, log_ratio).sum(1)
 
 
 def _jsd_on_buckets(b: Buckets, beta: float):
+    """∂D/∂Q = log(Q/m)/β, so w = Q·log(Q/m)/β: bounded, as m ≥ (1-β)·Q."""
     log_m = torch.logaddexp(b.log_p + math.log(beta), b.log_q + math.log1p(-beta))
     value = (beta * _xlogy_sum(b.p, b.log_p - log_m) + (1 - beta) * _xlogy_sum(b.q, b.log_q - log_m))
-    return value / (beta * (1 - beta)), (b.log_q - log_m) / beta
+    return value / (beta * (1 - beta)), _xlogy(b.q, b.log_q - log_m) / beta
 
 
 DIVERGENCES: dict[str, Divergence] = {
@@ -114,14 +122,14 @@ DIVERGENCES: dict[str, Divergence] = {
         row_terms=lambda t, beta: {},
         value=lambda s, beta: s["p_log_p"] - s["p_log_q"],
         grad=lambda t, s, beta: t.q - t.p,
-        on_buckets=lambda b, beta: (_xlogy_sum(b.p, b.log_p - b.log_q), -torch.exp(b.log_p - b.log_q)),
+        on_buckets=lambda b, beta: (_xlogy_sum(b.p, b.log_p - b.log_q), -b.p),  # Q·(-p/Q)
         grad_needs_sums=False),
     # KL(q‖p): mode seeking, the usual choice on-policy
     "reverse_kl": Divergence(
         row_terms=lambda t, beta: {"q_log_p": t.q * t.log_p},  # summed by the kernel
         value=lambda s, beta: s["q_log_q"] - s["q_log_p"],
         grad=lambda t, s, beta: t.q * (t.log_q - t.log_p - (s["q_log_q"] - s["q_log_p"])[:, None]),
-        on_buckets=lambda b, beta: (_xlogy_sum(b.q, b.log_q - b.log_p), b.log_q - b.log_p)),
+        on_buckets=lambda b, beta: (_xlogy_sum(b.q, b.log_q - b.log_p), _xlogy(b.q, b.log_q - b.log_p))),
     # [β·KL(p‖m) + (1-β)·KL(q‖m)] / (β(1-β)): forward KL as β→0, reverse KL as β→1 (the endpoints are those KLs)
     "jsd": Divergence(
         row_terms=_jsd_terms,
@@ -133,7 +141,7 @@ DIVERGENCES: dict[str, Divergence] = {
         row_terms=lambda t, beta: {"tvd": 0.5 * (t.q - t.p).abs(), "sign_q": torch.sign(t.q - t.p) * t.q},
         value=lambda s, beta: s["tvd"],
         grad=lambda t, s, beta: 0.5 * t.q * (torch.sign(t.q - t.p) - s["sign_q"][:, None]),
-        on_buckets=lambda b, beta: (0.5 * (b.q - b.p).abs().sum(1), 0.5 * torch.sign(b.q - b.p))),
+        on_buckets=lambda b, beta: (0.5 * (b.q - b.p).abs().sum(1), 0.5 * b.q * torch.sign(b.q - b.p))),
 }
 SHARED_SUMS = ("p_log_p", "p_log_q", "q_log_q")  # KL and both entropies, logged for every divergence
 
@@ -489,9 +497,7 @@ def mass_on_buckets(model: ModelBlock, chunks, ids: torch.Tensor, inv_tau: float
         here, local = _in_chunk(ids, v0, v1)
         a = z if inv_tau == 1.0 else z * inv_tau
         a_cached = torch.where(here, a.gather(1, local), a_cached)
-        hit = torch.zeros(z.shape[0], v1 - v0 + 1, dtype=torch.bool, device=z.device)
-        hit.scatter_(1, torch.where(here, local, v1 - v0), True)  # the extra last column takes the misses
-        lse_rest = torch.logaddexp(lse_rest, torch.logsumexp(a.masked_fill(hit[:, :-1], -math.inf), dim=1))
+        lse_rest = torch.logaddexp(lse_rest, torch.logsumexp(_rest_only(a, ids, v0, v1), dim=1))
         log_q = a - model.lse[:, None]
         q_log_q += row_dot(log_q.exp(), log_q)
     return a_cached - model.lse[:, None], lse_rest - model.lse, q_log_q
@@ -502,34 +508,51 @@ def _in_chunk(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.
     return (ids >= v0) & (ids < v1), (ids - v0).clamp(0, v1 - v0 - 1)
 
 
+def _rest_only(a: torch.Tensor, ids: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """A chunk's tempered logits or log-probabilities (columns [v0, v1)) with the cached ids' columns at -inf: the
+    rest bucket's tokens."""
+    here, local = _in_chunk(ids, v0, v1)
+    hit = torch.zeros(a.shape[0], v1 - v0 + 1, dtype=torch.bool, device=a.device)
+    hit.scatter_(1, torch.where(here, local, v1 - v0), True)  # the extra last column takes the misses
+    return a.masked_fill(hit[:, :-1], -math.inf)
+
+
 def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, labels, rows: slice,
                  grads: Gradients | None) -> torch.Tensor:
     """One token block against a cached teacher: D between the bucketed distributions, the k cached tokens plus one
     bucket for the rest (the student's rest is 1 - Σ_k q). Returns the block's metric sums, ordered as METRIC_NAMES.
 
-    With u = ∂D/∂Q per bucket (u_r the rest's) and S = Σ_k Q, the gradient with respect to the tempered logits is
-        dD/da_v = q_v·(u_r·S - Σ_k u_j·Q_j)  +  [v cached]·q_v·(u_v - u_r),
-    a dense term that is the softmax times a per-row constant, plus a sparse term scattered into the chunk that holds
-    each cached id. Only the student's head is multiplied: the teacher side is [rows, k] numbers read from disk."""
+    With w = ∂D/∂log Q per bucket (`Divergence.on_buckets`; w_r the rest's) and Q_r the student's rest mass, the
+    gradient with respect to the tempered logits is
+        dD/da_v = -q_v·Σ_B w_B  +  [v in the rest]·(q_v / Q_r)·w_r  +  [v cached]·w_v,
+    two dense terms (the softmax, and the rest's own softmax q_v / Q_r = exp(log q_v - log Q_r) ≤ 1, each times a
+    per-row constant) and a sparse term scattered into the chunk that holds each cached id. Every
+    factor is bounded, so the gradient is finite and keeps its pull at any logit gap: a token the student has all but
+    ruled out (q_v = 0 in fp32) still gets -w_v = p_v under forward KL. Only the student's head is multiplied: the
+    teacher side is [rows, k] numbers read from disk."""
     pass1_logits(student, plan.chunks, labels, plan.inv_tau)
     log_q_cached, log_q_rest, q_log_q = mass_on_buckets(student, plan.chunks, cached.ids, plan.inv_tau)
     log_q_cached = log_q_cached.masked_fill(cached.log_p == -math.inf, -math.inf)  # empty slots are no bucket
     log_p = torch.cat([cached.log_p, cached.log_rest[:, None]], 1)
     log_q = torch.cat([log_q_cached, log_q_rest[:, None]], 1)
     b = Buckets(log_p, log_q, log_p.exp(), log_q.exp())
-    value, u = plan.divergence.on_buckets(b, plan.beta)
-    u = torch.where(b.q > 0, u, 0.0)  # a bucket the student gives no mass moves with no logit
-    q_k, u_k, u_r = b.q[:, :-1], u[:, :-1], u[:, -1]
-    dense = u_r * q_k.sum(1) - (u_k * q_k).sum(1)
-    sparse = (u_k - u_r[:, None]) * q_k
+    value, w = plan.divergence.on_buckets(b, plan.beta)
     kd_scale = plan.kd_coef / plan.inv_tau  # d(τ²·D)/dz = τ·dD/da
+    # Σ_B Q_B is 1 but for the rounding of the student's log-sum-exp; dividing by it cancels that rounding, which the
+    # softmax term would otherwise multiply by Σ w (reverse KL's D, large where the two models disagree)
+    minus_total = -w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
+    w_rest, w_cached = w[:, -1:], w[:, :-1] * kd_scale
+    log_rest = torch.where(log_q_rest > -math.inf, log_q_rest, 0.0)[:, None]  # a row without a rest never reads it
     for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):
         z = student.logits[k]
-        q = torch.exp((z if plan.inv_tau == 1.0 else z * plan.inv_tau) - student.lse[:, None])
+        log_q = (z if plan.inv_tau == 1.0 else z * plan.inv_tau) - student.lse[:, None]
+        q = log_q.exp()
         probs = q if plan.inv_tau == 1.0 else torch.exp(z - student.lse_raw[:, None])
-        grad_z = torch.add(probs * plan.ce_coef, q * dense[:, None], alpha=kd_scale)
+        rest_share = _rest_only(log_q, cached.ids, v0, v1).sub_(log_rest).exp_()  # q_v / Q_r, 0 on the cached ids
+        kd_grad = torch.addcmul(q * minus_total, rest_share, w_rest)
+        grad_z = torch.add(probs * plan.ce_coef, kd_grad, alpha=kd_scale)
         here, local = _in_chunk(cached.ids, v0, v1)
-        grad_z.scatter_add_(1, local, torch.where(here, sparse * kd_scale, 0.0))
+        grad_z.scatter_add_(1, local, torch.where(here, w_cached, 0.0))
         push_back(grads, student, grad_z, z, rows, v0, v1)
     if grads is not None:
         push_back_labels(grads, student, labels, rows, plan.ce_coef)

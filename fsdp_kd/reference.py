@@ -18,11 +18,13 @@ from .loss import Head, LossSpec, SparseTargets, as_head
 
 
 def dense_logits(hidden: torch.Tensor, head: torch.Tensor | Head, vocab_size: int) -> torch.Tensor:
-    """The model's logits over the shared vocabulary, as its own forward computes them: softcap(scale·(h·Wᵀ + b))."""
+    """The model's logits over the shared vocabulary, as its own forward computes them: softcap(scale·(h·Wᵀ + b)).
+    In fp32, or in fp64 when given fp64 inputs (an exact yardstick for the fp32 kernel)."""
     head = as_head(head)
-    z = hidden.float() @ head.weight[:vocab_size].float().t()
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    z = hidden.to(dtype) @ head.weight[:vocab_size].to(dtype).t()
     if head.bias is not None:
-        z = z + head.bias[:vocab_size].float()
+        z = z + head.bias[:vocab_size].to(dtype)
     z = z * head.scale
     if head.softcap is not None:
         z = torch.tanh(z / head.softcap) * head.softcap
@@ -71,31 +73,44 @@ def dense_distillation_loss(student_hidden, student_head, labels, spec: LossSpec
 
 def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vocab_size: int,
                         cached: SparseTargets):
-    """`loss.distillation_loss` against a cached teacher, the obvious way: the student's full softmax, its mass on
-    each cached token and on the rest (one minus the cached tokens' mass), the divergence between the bucketed
-    distributions written out per divergence, autograd for the gradient. Returns (summed loss, summed kd·τ²)."""
+    """`loss.distillation_loss` against a cached teacher, the obvious way: the student's full log-softmax, its log
+    mass on each cached token and on the rest (a log-sum-exp over every token outside the filled slots), the
+    divergence between the bucketed distributions written out per divergence, autograd for the gradient. All in log
+    space, so it stays finite where a probability underflows fp32 and equals the live loss at k = V at any logit
+    gap. Returns (summed loss, summed kd·τ²)."""
     tau, beta, c = spec.temperature, spec.jsd_beta, spec.kd_coef
     z_s = dense_logits(student_hidden, student_head, vocab_size)
     ce = F.cross_entropy(z_s, labels, reduction="none")
-    q_all = F.softmax(z_s / tau, dim=-1)
+    log_q_all = F.log_softmax(z_s / tau, dim=-1)
     filled = cached.log_p > -math.inf
-    q_cached = q_all.gather(1, cached.ids) * filled
-    q = torch.cat([q_cached, (1 - q_cached.sum(1)).clamp_min(0)[:, None]], 1)
-    p = torch.cat([cached.log_p.exp(), cached.log_rest.exp()[:, None]], 1)
-    safe_log = lambda x: torch.log(torch.where(x > 0, x, 1.0))  # noqa: E731 - log, with 0·log 0 taken as 0
+    log_q_cached = torch.where(filled, log_q_all.gather(1, cached.ids), -math.inf)
+    in_bucket = torch.zeros_like(z_s, dtype=torch.long).scatter_add(1, cached.ids, filled.long()) > 0
+    has_rest = ~in_bucket.all(1, keepdim=True)
+    rest_lse = torch.logsumexp(torch.where(has_rest, log_q_all.masked_fill(in_bucket, -math.inf), 0.0), dim=1)
+    log_q = torch.cat([log_q_cached, torch.where(has_rest, rest_lse[:, None], -math.inf)], 1)
+    log_p = torch.cat([cached.log_p, cached.log_rest[:, None]], 1)
     divergence = spec.effective_divergence
     if divergence == "forward_kl":
-        kd = (p * (safe_log(p) - safe_log(q))).sum(-1)
+        kd = _kl(log_p, log_q)
     elif divergence == "reverse_kl":
-        kd = (q * (safe_log(q) - safe_log(p))).sum(-1)
+        kd = _kl(log_q, log_p)
     elif divergence == "tvd":
-        kd = 0.5 * (p - q).abs().sum(-1)
+        kd = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     else:
-        m = beta * p + (1 - beta) * q
-        kd = (beta * (p * (safe_log(p) - safe_log(m))).sum(-1)
-              + (1 - beta) * (q * (safe_log(q) - safe_log(m))).sum(-1)) / (beta * (1 - beta))
+        occupied = (log_p > -math.inf) | (log_q > -math.inf)  # where m > 0; elsewhere m is never read
+        log_m = torch.logaddexp(torch.where(occupied, log_p, 0.0) + math.log(beta),
+                                torch.where(occupied, log_q, 0.0) + math.log1p(-beta))
+        kd = (beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)) / (beta * (1 - beta))
     kd = kd * tau * tau
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
+
+
+def _kl(log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:
+    """Σ x·(log x - log y) per row from log x and log y, with 0·log 0 = 0; an empty bucket (log x = -inf) is kept
+    out of the arithmetic, so it adds 0 to the value and to the gradient, not NaN."""
+    present = log_x > -math.inf
+    log_x, log_y = torch.where(present, log_x, 0.0), torch.where(present, log_y, 0.0)
+    return torch.where(present, log_x.exp() * (log_x - log_y), 0.0).sum(-1)
 
 
 def prefix_chat_token_mask(messages: list[dict], tokenizer, all_assistant_turns: bool) -> tuple[list[int], list[bool]]:

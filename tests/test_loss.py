@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from fsdp_kd.loss import DIVERGENCES, Head, LossSpec, choose_chunks, distillation_loss
+from fsdp_kd.loss import DIVERGENCES, Head, LossSpec, SparseTargets, choose_chunks, distillation_loss
 from fsdp_kd.profiling import profile_launches
-from fsdp_kd.reference import dense_distillation_loss
+from fsdp_kd.reference import dense_bucketed_loss, dense_distillation_loss
 
 N, HS, HT, V = 29, 12, 20, 97
 
@@ -256,3 +256,77 @@ def test_compiled_elementwise_work_equals_eager():
     assert_close(compiled[0], eager[0], rtol=1e-6)
     for g, r in zip(compiled[2], eager[2]):
         assert_close(g, r, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- a cached teacher at extremes
+VE = 16  # vocabulary of the extreme-logit tests; identity heads, so the hidden states are the logits
+EXTREME_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9), ("jsd", 0.0),
+                 ("jsd", 1.0), ("tvd", 0.5)]
+
+
+def extreme_logits():
+    """(student logits, teacher logits, labels) [rows, VE]: ordinary rows, then rows where a ratio of the two
+    distributions leaves fp32 — the teacher peaked on a token the student puts at -92 or -120, the student at +80
+    on a token the teacher does not favour, a teacher at +80 against a student at -120."""
+    g = torch.Generator().manual_seed(5)
+    z_s, z_t = torch.randn(8, VE, generator=g), torch.randn(8, VE, generator=g)
+    z_t[2:6, 3] = 20.0
+    z_s[2, 3], z_s[3, 3], z_s[4, 5], z_s[5, 3] = -92.0, -120.0, 80.0, -92.0
+    z_s[6, 7], z_t[6, 7] = -120.0, 80.0
+    z_s[7, 0], z_t[7, 9] = 80.0, 80.0
+    return z_s, z_t, torch.randint(0, VE, (8,), generator=g)
+
+
+def top_k_cache(z_t: torch.Tensor, tau: float, k: int) -> SparseTargets:
+    """The teacher's k most likely tokens and the log of its mass on the rest, by definition (k = V: no rest)."""
+    log_p, ids = torch.log_softmax(z_t / tau, dim=1).sort(dim=1, descending=True)
+    return SparseTargets(ids[:, :k], log_p[:, :k], torch.logsumexp(log_p[:, k:], dim=1))
+
+
+def with_logit_gradient(fn, z_s, *args, **kwargs):
+    """(loss, kd, dL/dz_student): with an identity head the hidden states' gradient is the logits' gradient."""
+    loss, metrics = fn(z_s, torch.eye(VE, dtype=z_s.dtype), *args, **kwargs)
+    kd = metrics["kd"] if isinstance(metrics, dict) else metrics
+    return loss.detach(), kd, torch.autograd.grad(loss, z_s)[0]
+
+
+def assert_all_close(got, expected, rtol=1e-5):
+    for name, a, b in zip(("loss", "kd", "gradient"), got, expected):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), (name, a, b)
+        assert_close(a, b, rtol)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 10.0])
+@pytest.mark.parametrize("divergence,beta", EXTREME_CASES)
+def test_full_vocabulary_cache_equals_the_live_teacher_at_extreme_logits(divergence, beta, tau):
+    """With k = V the bucketed divergence is the live one, so the cached path, kernel and dense reference alike, must
+    give the live teacher's loss, divergence and gradient (computed exactly, in fp64) at any logit gap. A bucket
+    gradient written as a ratio p/Q times Q is NaN once log p - log Q passes 88 (fp32) and drops the pull to 0 once
+    Q underflows: rows 2-3 and 5-6 (at τ = 0.5 a logit gap of 46 is enough)."""
+    z_s, z_t, labels = extreme_logits()
+    spec = LossSpec(kd_coef=0.8, divergence=divergence, jsd_beta=beta, temperature=tau, vocab_chunk=5, token_chunk=3)
+    cache = top_k_cache(z_t, tau, VE)
+    exact = with_logit_gradient(dense_distillation_loss, z_s.double().requires_grad_(), labels, spec, VE, z_t.double(),
+                                torch.eye(VE, dtype=torch.float64))
+    z_s.requires_grad_()
+    assert_all_close(with_logit_gradient(distillation_loss, z_s, labels, spec, VE, cached_teacher=cache), exact)
+    assert_all_close(with_logit_gradient(dense_bucketed_loss, z_s, labels, spec, VE, cache), exact)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 10.0])
+@pytest.mark.parametrize("divergence,beta", EXTREME_CASES)
+def test_a_starved_rest_bucket_keeps_a_finite_pull(divergence, beta, tau):
+    """k < V with the student's rest mass underflowing fp32 (at τ ≤ 1) while the teacher's rest holds mass: the last
+    row puts every uncached token at -110. The kernel and the dense reference on the buckets equal its exact value
+    to 3e-5: the teacher's log-probabilities near -160 (+80 at τ = 0.5) carry an fp32 rounding of 1e-5, which reverse
+    KL's w = Q·(log Q - log p) keeps, in either path."""
+    z_s, z_t, labels = extreme_logits()
+    z_t, labels = torch.cat([z_t, z_t[:1]]), torch.cat([labels, labels[:1]])  # a flat teacher: its rest holds mass
+    cache = top_k_cache(z_t, tau, 4)
+    starved = torch.full((VE,), -110.0).scatter(0, cache.ids[-1], 0.0)
+    z_s = torch.cat([z_s, starved[None]]).requires_grad_()
+    spec = LossSpec(kd_coef=0.8, divergence=divergence, jsd_beta=beta, temperature=tau, vocab_chunk=5, token_chunk=3)
+    exact = with_logit_gradient(dense_bucketed_loss, z_s.detach().double().requires_grad_(), labels, spec, VE,
+                                top_k_cache(z_t.double(), tau, 4))
+    assert_all_close(with_logit_gradient(distillation_loss, z_s, labels, spec, VE, cached_teacher=cache), exact, 3e-5)
+    assert_all_close(with_logit_gradient(dense_bucketed_loss, z_s, labels, spec, VE, cache), exact, 3e-5)
