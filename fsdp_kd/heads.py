@@ -2,7 +2,7 @@
 
 The loss kernel computes logits from the last hidden state and the head weight in vocabulary chunks, so it must know
 everything the model's own forward applies after `h·Wᵀ`. A family that adds something is one entry of
-`LOGIT_TRANSFORMS`: the config attribute that turns it on and how it changes the head.
+`LOGIT_TRANSFORMS`: the config attribute that turns it on, in which family, and how it changes the head.
 """
 
 from __future__ import annotations
@@ -13,22 +13,31 @@ from torch import nn
 from .config import ConfigError
 from .loss import Head, matmul_fp32
 
-# config attribute → the Head fields it sets, given its value (None or 0 leaves the head plain)
+ANY_FAMILY = "*"
+
+# (model_type, config attribute) → the Head fields it sets, given its value (None or 0 leaves the head plain). One
+# attribute name can mean different things in different families — Granite divides its logits by `logits_scaling`,
+# HyperCLOVA X multiplies them by it — so a family's own entry wins over the ANY_FAMILY one. A family that uses a name
+# in yet another way and has no entry of its own is refused by `verify_head`, not trained on the wrong logits.
 LOGIT_TRANSFORMS = {
-    "final_logit_softcapping": lambda v: {"softcap": float(v)},  # Gemma-2, Gemma-3: cap·tanh(z / cap)
-    "logit_scale": lambda v: {"scale": float(v)},  # Cohere, Cohere2: z · logit_scale
-    "logits_scaling": lambda v: {"scale": 1.0 / float(v)},  # Granite, GraniteMoE: z / logits_scaling
+    (ANY_FAMILY, "final_logit_softcapping"): lambda v: {"softcap": float(v)},  # Gemma-2, Gemma-3: cap·tanh(z / cap)
+    (ANY_FAMILY, "logit_scale"): lambda v: {"scale": float(v)},  # Cohere, Cohere2: z · logit_scale
+    (ANY_FAMILY, "logits_scaling"): lambda v: {"scale": 1.0 / float(v)},  # Granite, GraniteMoE: z / logits_scaling
+    ("hyperclovax", "logits_scaling"): lambda v: {"scale": float(v)},  # HyperCLOVA X: z · logits_scaling
+    ("falcon_h1", "lm_head_multiplier"): lambda v: {"scale": float(v)},  # Falcon-H1: z · lm_head_multiplier
 }
 
 
 def head_config(config) -> dict:
     """The Head fields (softcap, scale) that a model config asks for. Multimodal configs keep the language
-    model's settings in `text_config`."""
+    model's settings, and its model_type, in `text_config`."""
     config = getattr(config, "text_config", None) or config
+    family = getattr(config, "model_type", None)
     fields: dict = {}
-    for attribute, to_fields in LOGIT_TRANSFORMS.items():
+    for attribute in dict.fromkeys(attribute for _, attribute in LOGIT_TRANSFORMS):
         value = getattr(config, attribute, None)
-        if value:
+        to_fields = LOGIT_TRANSFORMS.get((family, attribute)) or LOGIT_TRANSFORMS.get((ANY_FAMILY, attribute))
+        if value and to_fields is not None:
             fields.update(to_fields(value))
     return fields
 

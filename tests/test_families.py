@@ -33,6 +33,10 @@ def family_configs() -> dict:
         "gemma2": ("Gemma2Config", {"final_logit_softcapping": 3.0, "head_dim": 8}, "logit soft-capping"),
         "gemma3": ("Gemma3TextConfig", {"final_logit_softcapping": 3.0, "head_dim": 8}, "logit soft-capping"),
         "granite": ("GraniteConfig", {"logits_scaling": 4.0}, "logits divided by logits_scaling"),
+        "hyperclovax": ("HyperCLOVAXConfig", {"logits_scaling": 0.25}, "logits times logits_scaling"),
+        "falcon_h1": ("FalconH1Config", {"lm_head_multiplier": 0.25, "mamba_d_ssm": None, "mamba_n_heads": 8,
+                                         "mamba_d_state": 16, "head_dim": 8},
+                      "attention/Mamba-2 hybrid, logits times lm_head_multiplier"),
         "cohere": ("CohereConfig", {"logit_scale": 0.25}, "logits times logit_scale"),
         "olmo2": ("Olmo2Config", {}, "post-norms"),
         "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
@@ -160,6 +164,9 @@ def test_head_description_is_read_from_the_config():
     assert output_head(build("gemma2", 0)).softcap == 3.0
     assert output_head(build("granite", 0)).scale == 0.25
     assert output_head(build("cohere", 0)).scale == 0.25
+    # one attribute name, two meanings: Granite divides by logits_scaling, HyperCLOVA X multiplies by it
+    assert output_head(build("hyperclovax", 0)).scale == 0.25
+    assert output_head(build("falcon_h1", 0)).scale == 0.25
     assert output_head(build("phi", 0)).bias is not None
     plain = output_head(build("llama", 0))
     assert plain.bias is None and plain.scale == 1.0 and plain.softcap is None
