@@ -26,7 +26,7 @@ from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_proces
 from .heads import verify_head
 from .loss import LossSpec
 from .models import load_sharded, padding_id, resolve_dtype, shard_teacher, shared_vocab_size, tokenizer_or_error
-from .teacher_cache import META_FILE, CacheMeta, part_name, teacher_rows, write_part
+from .teacher_cache import META_FILE, CacheMeta, part_name, teacher_identity, teacher_rows, write_part
 from .tokenized import TOKEN_SETTINGS, open_sources, tokenizer_fingerprint
 
 class CacheBuilder:
@@ -55,7 +55,7 @@ class CacheBuilder:
             log_p_dtype=cfg.cache_log_p_dtype, tokenizer=tokenizer_fingerprint(self.tokenizer),
             sources=[{"path": s.path, "samples_sha256": s.samples_sha256, "samples": len(s), "offset": o}
                      for s, o in zip(self.sources, offsets)],
-            settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=os.path.abspath(cfg.teacher_model),
+            settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=teacher_identity(cfg.teacher_model),
             samples_per_chunk=cfg.cache_chunk_samples)
         self.already_complete = self._adopt_existing()
 

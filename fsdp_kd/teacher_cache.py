@@ -128,6 +128,14 @@ def decode_ids(packed: torch.Tensor) -> torch.Tensor:
     return (packed.long() << shifts).sum(-1)
 
 
+def teacher_identity(teacher_model: str) -> str:
+    """How a cache records its teacher: a local directory (the same test as `models.local_model_path`) by its
+    absolute path, a hub id as the id, so that a build resumed, or a run started, from another directory names the
+    same teacher the same way."""
+    local = os.path.expanduser(teacher_model)
+    return os.path.abspath(local) if os.path.isdir(local) else teacher_model
+
+
 def part_name(chunk: int, rank: int, world: int) -> str:
     return f"part-{chunk:06d}-r{rank:03d}-of-{world:03d}.safetensors"
 
@@ -143,7 +151,7 @@ class CacheMeta:
     tokenizer: str  # tokenized.tokenizer_fingerprint
     sources: list[dict]  # [{"path", "samples_sha256", "samples", "offset"}]: the cache's sample index space
     settings: dict  # the tokenization settings (tokenized.TOKEN_SETTINGS)
-    teacher: str
+    teacher: str  # teacher_identity(teacher_model)
     samples_per_chunk: int
     complete: bool = False
     tokens: int = 0
@@ -213,14 +221,22 @@ def write_part(directory: str, name: str, samples: list[int], rows: list[tuple[t
 
 # ------------------------------------------------------------------------------------------------ the training side
 def check_cache_fits(meta: CacheMeta, directory: str, cfg, tokenizer, sources, divergence: str) -> None:
-    """A training run reads a cache only if it was built for this run's tokens and temperature: each mismatch is one
-    line that names what differs."""
+    """A training run reads a cache only if it was built for this run's tokens and temperature, and from the run's
+    teacher_model when it names one: each mismatch is one line that names what differs.
+
+    A run that names both a teacher and a cache trains from the cache and loads no teacher; the teacher must be the
+    one the cache was built with, or the run would silently distil another model than the one its config names.
+    Naming it is not refused, since the build and the run usually share one config (`--config run.yaml`)."""
     from .tokenized import TOKEN_SETTINGS, tokenizer_fingerprint
 
     where = f"key teacher_cache: {directory}"
     if not meta.complete:
         raise ConfigError(f"{where} is incomplete (its build was interrupted); finish it by running cache_teacher "
                           "again with the same arguments")
+    if cfg.teacher_model and teacher_identity(cfg.teacher_model) != meta.teacher:
+        raise ConfigError(f"key teacher_model: {cfg.teacher_model} is not the teacher the cache {directory} was built "
+                          f"with ({meta.teacher}); drop teacher_model to train from the cache, or build a cache with "
+                          "this teacher")
     if meta.tokenizer != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"{where} was built with another tokenizer or chat template than this run's pretrain "
                           f"{cfg.pretrain}; build a cache with this run's pretrain")

@@ -4,6 +4,7 @@ data, a killed build resumes, and a cache for other data or another τ is refuse
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -110,26 +111,50 @@ def test_a_killed_build_keeps_its_finished_parts_and_resumes(tiny, tmp_path):
 
 def _train_once(tiny, out, cache, **flags):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = train_args(tiny, out, teacher_model=None, teacher_cache=str(cache), max_steps=1, **flags)
+    args = train_args(tiny, out, **{"teacher_model": None, "teacher_cache": str(cache), "max_steps": 1, **flags})
     return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=180, env=env)
 
 
-def test_a_sampled_cache_trains_forward_kl_and_one_for_other_tokens_or_temperature_is_refused(tiny, tmp_path):
-    """One sampled build serves both checks: the matching run trains and logs its KL as an estimate; each mismatch
-    is one line naming what differs, before any output exists."""
+def test_a_sampled_cache_trains_forward_kl_and_one_for_other_tokens_temperature_or_teacher_is_refused(tiny,
+                                                                                                     tmp_path):
+    """One sampled build serves both checks: the matching run, whose config still names the teacher the cache was
+    built with (the same run.yaml as the build), trains and logs its KL as an estimate; each mismatch, another
+    teacher_model included, is one line naming what differs, before any output exists."""
     cache = tmp_path / "cache"
     torchrun(cache_args(tiny, cache, cache_mode="sampled", cache_n=8))
-    proc = _train_once(tiny, tmp_path / "out", cache, logging_steps=1)
+    proc = _train_once(tiny, tmp_path / "out", cache, logging_steps=1, teacher_model=tiny["teacher"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = read_metrics(tmp_path / "out")[0]
     assert "kl_estimate" in first and "kl" not in first and "teacher_ce" not in first
     cases = [({"max_len": 8}, r"does not hold this run's data: .*train\.jsonl .*max_len 2048 then, 8 now"),
              ({"kd_temperature": 2.0}, r"kd_temperature 1, this run has 2"),
              ({"kd_loss": "reverse_kl"}, r"key kd_loss: reverse_kl needs .* a sampled cache"),
-             ({"pretrain": tiny["qwen_student"]}, r"another tokenizer|does not hold this run's data")]
+             ({"pretrain": tiny["qwen_student"]}, r"another tokenizer|does not hold this run's data"),
+             ({"teacher_model": tiny["qwen_teacher"]}, r"key teacher_model: .*qwen_teacher is not the teacher .* "
+                                                       r"built with \(.*/teacher\); drop teacher_model")]
     for flags, message in cases:
         proc = _train_once(tiny, tmp_path / "refused", cache, **flags)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
         assert __import__("re").search(message, lines[0]), lines[0]
         assert not (tmp_path / "refused").exists()
+
+
+def test_a_hub_teacher_is_recorded_by_its_id_so_a_build_resumes_from_another_directory(tiny, tmp_path, monkeypatch):
+    """A teacher given as a hub id (here served offline from a local HF cache) is recorded as that id, not as a path
+    under the directory the build was started in: the same command from another directory takes the cache as its
+    own."""
+    hub, revision = tmp_path / "hub", "0" * 40
+    repo = hub / "models--fsdp-kd-tests--tiny-teacher"
+    shutil.copytree(tiny["teacher"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "cache"
+    args = cache_args(tiny, cache, teacher_model="fsdp-kd-tests/tiny-teacher")
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+    torchrun(args, cwd=tmp_path / "a")
+    assert "already complete" in torchrun(args, cwd=tmp_path / "b").stdout
+    assert json.loads((cache / "cache.json").read_text())["teacher"] == "fsdp-kd-tests/tiny-teacher"
