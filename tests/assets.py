@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import pytest
 
@@ -122,24 +123,29 @@ def _hub_file(name: str, source: HubSource, file: str) -> Path | None:
         return Path(hf_hub_download(source.repo_id, file, repo_type=source.repo_type,
                                     etag_timeout=HUB_CONNECT_TIMEOUT_S))
     except Exception as e:  # noqa: BLE001 - gated, moved, rate-limited, cut off: all mean "not available here"
-        HUB_FAILURES[name] = f"{source.repo_id}/{file} failed: {type(e).__name__}"
+        while e.__cause__ is not None:  # huggingface_hub wraps the HTTP error that says what happened
+            e = e.__cause__
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        HUB_FAILURES[name] = f"{source.repo_id}/{file} failed: {type(e).__name__}: {first_line}"
         return None
 
 
 @functools.lru_cache(maxsize=None)
 def _hub_reachable() -> bool:
-    """One TCP connect to the hub endpoint per session, bounded as a whole (name lookup included) so that a machine
-    with no network answers in about HUB_CONNECT_TIMEOUT_S, not a timeout per asset."""
+    """One TCP connect per session to the hub endpoint (or to the HTTPS proxy, where one is set), bounded as a whole,
+    name lookup included, so that a machine with no network answers in about HUB_CONNECT_TIMEOUT_S, not a timeout
+    per asset."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return False
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(getproxies().get("https") or constants.ENDPOINT)
     answered = []
 
     def connect():
         try:
-            socket.create_connection((url.hostname, url.port or 443), timeout=HUB_CONNECT_TIMEOUT_S).close()
+            port = url.port or (443 if url.scheme == "https" else 80)
+            socket.create_connection((url.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
             answered.append(True)
         except OSError:
             pass
