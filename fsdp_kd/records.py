@@ -237,11 +237,32 @@ def tokenize_pair(prompt: str, response: str, cfg: TrainConfig, tokenizer, where
 def truncate(prompt_ids: list[int], response_ids: list[int], max_len: int) -> tuple[list[int], list[int], bool]:
     """Keeps the prompt's end (the question nearest the answer) and the response's start (what follows it).
     The prompt keeps at least half of max_len when both are long."""
-    if len(prompt_ids) + len(response_ids) <= max_len:
-        return prompt_ids, response_ids, False
-    prompt_keep = min(len(prompt_ids), max(max_len - len(response_ids), max_len // 2))
-    response_keep = max_len - prompt_keep
-    return prompt_ids[len(prompt_ids) - prompt_keep:], response_ids[:response_keep], True
+    prompt_keep, response_keep = _kept_lengths(len(prompt_ids), len(response_ids), max_len)
+    cut = prompt_keep + response_keep < len(prompt_ids) + len(response_ids)
+    return prompt_ids[len(prompt_ids) - prompt_keep:], response_ids[:response_keep], cut
+
+
+def _kept_lengths(prompt_len: int, response_len: int, max_len: int) -> tuple[int, int]:
+    """How many tokens `truncate` keeps of the prompt's end and of the response's start."""
+    if prompt_len + response_len <= max_len:
+        return prompt_len, response_len
+    prompt_keep = min(prompt_len, max(max_len - response_len, max_len // 2))
+    return prompt_keep, max_len - prompt_keep
+
+
+def truncate_conversation(ids: list[int], trainable: list[bool], max_len: int):
+    """(ids, trainable, cut?): a rendered conversation cut as `truncate` cuts a prompt and its response, the response
+    being the final trained turn onward and the prompt everything before it. So the earliest turns go first and the
+    final assistant turn stays (a cut from the right would drop it, while prompt/response keeps its response); in
+    multiturn, the earlier assistant turns that still fit stay trained."""
+    if len(ids) <= max_len:
+        return ids, trainable, False
+    split = len(trainable) - trainable[::-1].index(True)  # just after the last trained token
+    while split > 0 and trainable[split - 1]:
+        split -= 1
+    prompt_keep, response_keep = _kept_lengths(split, len(ids) - split, max_len)
+    kept = slice(split - prompt_keep, split + response_keep)
+    return ids[kept], trainable[kept], True
 
 
 def sample_from_mask(input_ids: list[int], trainable: list[bool]) -> Sample:
@@ -286,7 +307,8 @@ def conversation(record, cfg: TrainConfig, tokenizer, where: str):
         raise DataError(f"{where}: key '{key}' holds a conversation; set apply_chat_template")
     messages = _conversation(record[key], key, where)
     ids, trainable = chat_token_mask(messages, tokenizer, cfg.multiturn, where)
-    return sample_from_mask(ids[:cfg.max_len], trainable[:cfg.max_len]), len(ids) > cfg.max_len
+    ids, trainable, cut = truncate_conversation(ids, trainable, cfg.max_len)
+    return sample_from_mask(ids, trainable), cut
 
 
 def alpaca(record, cfg: TrainConfig, tokenizer, where: str):

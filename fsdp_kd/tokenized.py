@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .records import (IGNORE_INDEX, LOCAL_SUFFIXES, DataError, DataStats, Sample, looks_local, parse_record,
                       raw_records, record_to_sample)
 
-FORMAT_VERSION = 1  # bump when the stored columns or the tokenization rules change
+FORMAT_VERSION = 2  # bump when the stored columns or the tokenization rules change (2: conversations cut from the left)
 DEFAULT_CACHE = "~/.cache/fsdp_kd/tokenized"
 TOKEN_SETTINGS = ("input_key", "output_key", "input_template", "apply_chat_template", "multiturn", "pretrain_mode",
                   "max_len", "skip_bad_rows")

@@ -142,6 +142,33 @@ def test_multiturn_masks_cover_each_assistant_turn_and_nothing_else(name, end_of
         assert "2+2" not in span and "Be brief" not in span and "Hi there" not in span
 
 
+@pytest.mark.parametrize("multiturn", [True, False])
+def test_a_long_conversation_is_cut_from_its_start_and_keeps_its_final_turn(chat_bpe_tok, multiturn):
+    """Truncation keeps what is trained, as a prompt/response keeps its response: the earliest turns go, the final
+    assistant turn stays whole and trained, and in multiturn the turns that still fit stay trained too."""
+    tok = load_tokenizer(chat_bpe_tok, False)
+    turns = [("how many apples does one day sell", "three apples and then two pears so five"),
+             ("what is the total each week", "the total is seven apples every week"),
+             ("and how much more than one day", "two more apples than one day so the answer is nine")]
+    messages = [{"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]
+    cfg = _cfg(apply_chat_template=True, multiturn=multiturn, input_key="messages")
+    whole, cut = record_to_sample({"messages": messages}, cfg, tok, "t")
+    assert not cut
+    first_trained = next(i for i, t in enumerate(whole.targets) if t != IGNORE_INDEX)
+    assert first_trained > 10  # the first user turn is more than 10 tokens
+    cfg.max_len = len(whole.input_ids) - 10
+    sample, cut = record_to_sample({"messages": messages}, cfg, tok, "t")
+    spans = _trained_text(tok, sample)
+    assert cut and sample.input_ids == whole.input_ids[10:]  # the earliest tokens went
+    assert spans[-1].startswith(turns[-1][1] + "<|im_end|>")
+    assert spans == (_trained_text(tok, whole) if multiturn else [spans[-1]])
+    # a final turn longer than max_len keeps its start, after at least half of max_len of what precedes it
+    cfg.max_len = 8
+    sample, cut = record_to_sample({"messages": messages}, cfg, tok, "t")
+    assert cut and len(sample.input_ids) == 8 and sample.targets[3:7] == sample.input_ids[4:8]
+    assert _trained_text(tok, whole)[-1].startswith(_trained_text(tok, sample)[0])
+
+
 def test_sharegpt_layout_from_real_data_trains_every_gpt_turn():
     from fsdp_kd.records import read_records
 
