@@ -10,6 +10,7 @@ import gc
 import os
 import random
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -49,6 +50,10 @@ class DistEnv:
 _MESHES: dict = {}  # one mesh per layout per process: a mesh's process groups are collective to create
 
 
+# How long a rank other than 0 waits, after an error every rank finds alike, before leaving: rank 0 prints it in
+# that time, and torchrun then stops the job. An error only this rank found still ends the job after the wait, named
+# in torchrun's summary.
+SAY_IT_ONCE_GRACE_SECONDS = 3.0
 DEFAULT_TIMEOUT_MINUTES = 60.0  # long enough for rank 0 to read a large model before the others' first collective
 
 
@@ -137,6 +142,8 @@ def report_failure(error: BaseException, rank: int) -> int:
         line = f"error: {error}"
         if rank == 0:
             print(line, file=sys.stderr, flush=True)
+        else:  # let rank 0 say it before torchrun, seeing this rank gone, stops rank 0 mid-sentence
+            time.sleep(SAY_IT_ONCE_GRACE_SECONDS)
         detail = line
     else:
         line = f"[rank {rank}] {type(error).__name__}: {error}"
@@ -152,7 +159,6 @@ def _write_torchrun_error_file(message: str, detail: str) -> None:
     if not path:
         return
     import json
-    import time
 
     try:
         with open(path, "w") as f:
