@@ -296,9 +296,11 @@ class CachedTeacher:
     @property
     def metric_names(self) -> dict[str, str | None]:
         """How the loss's metrics read against this cache: over buckets (topk), or estimated from draws (sampled);
-        None drops a metric that the cache cannot give."""
+        None drops a metric that the cache cannot give. The live teacher_ce is at τ = 1; the cache holds the teacher
+        at kd_temperature only, from which τ = 1 cannot be recovered, so a tempered cache's teacher CE says so."""
         if self.meta.mode == "topk":
-            return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": "teacher_ce_buckets"}
+            teacher_ce = "teacher_ce_buckets" + ("" if self.meta.temperature == 1.0 else "_at_kd_temperature")
+            return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": teacher_ce}
         return {"kl": "kl_estimate", "teacher_entropy": "teacher_entropy_estimate", "teacher_ce": None,
                 "kd": "kd_estimate"}
 

@@ -258,7 +258,7 @@ def test_compiled_elementwise_work_equals_eager():
         assert_close(g, r, rtol=1e-6)
 
 
-# ------------------------------------------------------------------------------------------- a cached teacher at extremes
+# ------------------------------------------------------------------------------------- a cached teacher at extremes
 VE = 16  # vocabulary of the extreme-logit tests; identity heads, so the hidden states are the logits
 EXTREME_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9), ("jsd", 0.0),
                  ("jsd", 1.0), ("tvd", 0.5)]
@@ -330,3 +330,17 @@ def test_a_starved_rest_bucket_keeps_a_finite_pull(divergence, beta, tau):
                                 top_k_cache(z_t.double(), tau, 4))
     assert_all_close(with_logit_gradient(distillation_loss, z_s, labels, spec, VE, cached_teacher=cache), exact, 3e-5)
     assert_all_close(with_logit_gradient(dense_bucketed_loss, z_s, labels, spec, VE, cache), exact, 3e-5)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_cached_teacher_ce_is_the_teachers_ce_at_the_caches_temperature(tau):
+    """A cache's teacher CE (k = V here) is -log p_τ(label): the live teacher_ce's definition at τ = 1, and at other
+    temperatures the tempered one, which `CachedTeacher.metric_names` logs under its own name."""
+    z_s, z_t, labels = extreme_logits()
+    spec = LossSpec(kd_coef=0.5, temperature=tau, vocab_chunk=5, token_chunk=3)
+    with torch.no_grad():
+        _, cached = distillation_loss(z_s, torch.eye(VE), labels, spec, VE, cached_teacher=top_k_cache(z_t, tau, VE))
+        _, live = distillation_loss(z_s, torch.eye(VE), labels, spec, VE, z_t, torch.eye(VE))
+    tempered = -torch.log_softmax(z_t.double() / tau, dim=1).gather(1, labels[:, None]).sum()
+    assert math.isclose(float(cached["teacher_ce"]), float(tempered), rel_tol=1e-5)
+    assert math.isclose(float(cached["teacher_ce"]), float(live["teacher_ce"]), rel_tol=1e-5) == (tau == 1.0)

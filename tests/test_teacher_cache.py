@@ -258,3 +258,17 @@ def test_reading_a_cache_of_many_parts_keeps_few_of_them_mapped(tmp_path):
         for column, name in ((got.ids, 0), (got.log_p, 1), (got.log_rest, 2)):
             assert torch.equal(column, torch.cat([written[i][name] for i in samples]))
     assert 0 < most <= OPEN_PARTS, most
+
+
+def test_a_tempered_caches_teacher_ce_says_so(tmp_path):
+    """The live `teacher_ce` is at τ = 1, like the student's CE. A top-k cache holds the teacher at kd_temperature
+    only, and τ = 1 cannot be recovered from it (log p₁ = τ·log p_τ - log Σ p_τ^τ needs every tail token's p_τ, not
+    only their total), so at τ ≠ 1 its teacher CE is logged under a name that says which temperature it is at."""
+    import dataclasses
+
+    from fsdp_kd.teacher_cache import CachedTeacher
+
+    meta, _ = _write_cache(tmp_path, [[0]])
+    for temperature, name in ((1.0, "teacher_ce_buckets"), (2.0, "teacher_ce_buckets_at_kd_temperature")):
+        cached = CachedTeacher(str(tmp_path), dataclasses.replace(meta, temperature=temperature), torch.device("cpu"))
+        assert cached.metric_names["teacher_ce"] == name
