@@ -10,17 +10,21 @@ samples; the KD term keeps its weight `kd_coef`.
 
 Generation runs with the student gathered once for the whole `generate` (every FSDP unit unsharded, resharded after),
 with a KV cache and left-padded prompts, so the layers are not gathered again for every token. Each rank seeds its
-sampling from (seed, step, micro-batch, rank): a resumed run writes exactly the same responses.
+sampling from (seed, step, micro-batch, rank): a resumed run writes exactly the same responses. Ids past the
+tokenizer (a padded head's rows) are never sampled.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .records import IGNORE_INDEX, Sample
 
@@ -34,6 +38,7 @@ class GenerationSettings:
     max_len: int  # prompt + response never exceed it
     pad_id: int
     gather_once: bool = True  # the whole student gathered for the whole generate; False: FSDP re-gathers per token
+    vocab_size: int | None = None  # the tokenizer's length: head rows from it on are padding, never sampled
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
@@ -110,7 +115,9 @@ def generate(root, prompts: list[list[int]], settings: GenerationSettings, seed:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered(root, settings.gather_once):
             torch.manual_seed(seed)
             out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                              generation_config=generation_config(settings, new_tokens))
+                              generation_config=generation_config(settings, new_tokens),
+                              logits_processor=LogitsProcessorList([NoPaddedRows(settings.vocab_size)]),
+                              synced_gpus=must_step_together(settings))
     finally:
         lm.train(was_training)
     responses = []
@@ -118,6 +125,30 @@ def generate(root, prompts: list[list[int]], settings: GenerationSettings, seed:
         cut = next((i + 1 for i, t in enumerate(row) if t in settings.stop_ids), len(row))
         responses.append(row[:cut])
     return responses, time.perf_counter() - started
+
+
+def must_step_together(settings: GenerationSettings) -> bool:
+    """Whether every rank must run as many forwards as the longest generation of any rank (transformers'
+    `synced_gpus`): when FSDP gathers layers per token (`gather_once` false), each forward is a collective, and a
+    rank whose responses have all ended must keep joining them. Gathered once, a forward is local, and a rank that is
+    done goes on without a per-token all-reduce. Said explicitly: transformers would guess it from an attribute FSDP
+    happens to set."""
+    return not settings.gather_once and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class NoPaddedRows(LogitsProcessor):
+    """No probability for the output head's rows at or past the tokenizer's length: heads are padded (Qwen2.5's has
+    151,936 rows for 151,665 tokens), and a padded row is no token. transformers runs the processors it is given
+    before temperature and top-p, so the nucleus is taken over tokens only. One fill of a fixed slice per token, in
+    place (generate hands the processors its own fp32 copy of the logits): no mask built, no host sync."""
+
+    def __init__(self, vocab_size: int | None):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.vocab_size is not None:
+            scores[:, self.vocab_size:] = -math.inf
+        return scores
 
 
 def generation_config(settings: GenerationSettings, new_tokens: int):

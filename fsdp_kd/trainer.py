@@ -330,7 +330,7 @@ class Trainer:
         if cfg.on_policy_ratio > 0:
             settings = GenerationSettings(cfg.generate_max_new_tokens, cfg.generate_temperature, cfg.generate_top_p,
                                           stop_token_ids(self.tokenizer, _generation_config(cfg.pretrain)),
-                                          cfg.max_len, self.pad_id, cfg.generate_gather_once)
+                                          cfg.max_len, self.pad_id, cfg.generate_gather_once, self.vocab_size)
             self.on_policy = OnPolicy(cfg.on_policy_ratio, cfg.seed, settings, env.rank, env.device)
             self.on_policy_spec = dataclasses.replace(self.spec, ce_coef=None if cfg.on_policy_ce else 0.0)
             self.log(f"on-policy: {cfg.on_policy_ratio:.0%} of micro-batches train on the student's own responses "

@@ -1,6 +1,8 @@
 """On-policy distillation: generation under FSDP2 equals HF generate, responses end at stop tokens, the step trains
 only on them at λ = 1, and prompts, responses and stop tokens are taken apart right."""
 
+import sys
+
 import pytest
 import torch
 
@@ -67,6 +69,62 @@ def test_generation_under_fsdp2_equals_hf_generate_and_stops_at_stop_tokens(tiny
                 trained = [t for t in targets if t != IGNORE_INDEX]
                 assert trained and ids[-len(trained):] == trained  # only the generated tail is trained
     assert ranks[0]["once"] != ranks[1]["once"]  # different prompts and seeds per rank
+
+
+def biased_student(tiny, path, padded_rows: int, eos_bias: float) -> int:
+    """Saves to `path` a Phi student (its head has a bias) whose embedding has `padded_rows` rows past its tokenizer's
+    length (Qwen's has 271) and whose head favours them (+8) and <eos> (`eos_bias`); returns the tokenizer's length."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    tok = load_tokenizer(tiny["tok"], False)
+    config = PhiConfig(vocab_size=len(tok) + padded_rows, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                       eos_token_id=tok.eos_token_id, bos_token_id=None)
+    torch.manual_seed(5)
+    model = PhiForCausalLM(config)
+    with torch.no_grad():
+        bias = model.get_output_embeddings().bias
+        bias.zero_()
+        bias[len(tok):] = 8.0
+        bias[tok.eos_token_id] = eos_bias
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return len(tok)
+
+
+def test_the_student_never_samples_a_padded_head_row(tiny, tmp_path):
+    """Ids at or past the tokenizer's length are not tokens: on-policy generation gives them no probability, gathered
+    once or per token, even from a head that favours them (HF generate on the same weights, the control, samples
+    them)."""
+    path = tmp_path / "student"
+    tokens = biased_student(tiny, path, padded_rows=51, eos_bias=0.0)
+    out = tmp_path / "gen.pt"
+    torchrun([WORKER, "generate", str(out), *train_args(tiny, tmp_path / "run", pretrain=path, on_policy_ratio=1.0,
+                                                        generate_max_new_tokens=10)])
+    for r in torch.load(out, weights_only=False):
+        assert any(t >= tokens for response in r["reference"] for t in response)
+        sampled = [t for response in r["once"] + r["per_token"] for t in response]
+        sampled += [t for group in r["rewritten"] for ids, _ in group for t in ids]
+        assert sampled and max(sampled) < tokens, sorted(set(sampled))[-5:]
+
+
+def test_ranks_generating_per_token_stay_in_step_without_transformers_guessing(tiny, tmp_path):
+    """generate_gather_once false gathers each layer for every token, a collective, so a rank whose responses have
+    all ended must keep stepping until every rank's have (`synced_gpus`). on_policy asks for it; transformers' own
+    guess from an FSDP attribute is switched off here, and ranks whose responses end at different lengths finish."""
+    path = tmp_path / "student"
+    biased_student(tiny, path, padded_rows=0, eos_bias=3.0)  # responses end at varied lengths
+    out = tmp_path / "gen.pt"
+    unguessing = ("import runpy, sys; import transformers.generation.utils as generation; "
+                  "generation.is_fsdp_managed_module = lambda module: False; "
+                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    torchrun(["--no-python", sys.executable, "-c", unguessing, WORKER, "generate", str(out),
+              *train_args(tiny, tmp_path / "run", pretrain=path, on_policy_ratio=1.0, generate_max_new_tokens=30,
+                          dist_timeout_minutes=1)])
+    ranks = torch.load(out, weights_only=False)
+    assert all(r["per_token"] == r["once"] for r in ranks)
+    longest = [max(map(len, r["per_token"])) for r in ranks]
+    assert longest[0] != longest[1], longest  # one rank ended first and had to keep stepping
 
 
 def test_lambda_one_trains_on_generated_text_with_no_ce_and_logs_generation(tiny, tmp_path):
