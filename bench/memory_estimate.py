@@ -10,7 +10,8 @@ T tokens per micro-batch):
   student state     16·N_s / S_s        fp32 master weights 4 + fp32 gradients 4 + AdamW moments 8
   student gathered  2·N_layer_s·2 + 2·V·H_s·2 + N_layer_s·4
                     two bf16 layers in flight (current + prefetched), the root's embedding and head in bf16, one
-                    layer's fp32 gradient before its reduce-scatter
+                    layer's fp32 gradient before its reduce-scatter (a tied embedding is the head: 1·V·H, here
+                    and wherever a formula counts both vocabulary matrices)
   teacher shards    2·N_t / S_t on the GPU, or 0 with teacher_offload (then it sits in host RAM)
   teacher gathered  2·N_layer_t·2 + 2·V·H_t·2       two bf16 layers in flight and its root
   activations       student, activation checkpointing: L_s·T·H_s·2 (layer inputs) + T·(34·H_s + 4·I_s)·2/2
@@ -38,6 +39,11 @@ class Shape:
     heads: int
     kv_heads: int
     vocab: int
+    tied: bool = False  # one matrix for the input embedding and the output head
+
+    @property
+    def vocab_matrices(self) -> int:
+        return 1 if self.tied else 2
 
     @property
     def layer_params(self) -> int:
@@ -47,11 +53,25 @@ class Shape:
 
     @property
     def params(self) -> int:
-        return self.layers * self.layer_params + 2 * self.vocab * self.hidden + self.hidden
+        return self.layers * self.layer_params + self.vocab_matrices * self.vocab * self.hidden + self.hidden
 
 
 LLAMA3_70B = Shape("Llama-3-70B", 8192, 80, 28672, 64, 8, 128256)
 LLAMA3_8B = Shape("Llama-3-8B", 4096, 32, 14336, 32, 8, 128256)
+
+
+def memory_per_gpu(teacher: Shape, student: Shape, shard: int, tokens: int, offload: bool) -> dict[str, float]:
+    """Bytes per GPU by part (the docstring's formulas), each model sharded over `shard` ranks."""
+    s, t = student, teacher
+    return {
+        "student state": 16 * s.params / shard,
+        "student gathered": 2 * s.layer_params * 2 + s.vocab_matrices * s.vocab * s.hidden * 2 + s.layer_params * 4,
+        "teacher shards": 0 if offload else 2 * t.params / shard,
+        "teacher gathered": 2 * t.layer_params * 2 + t.vocab_matrices * t.vocab * t.hidden * 2,
+        "activations": (s.layers * tokens * s.hidden * 2 + tokens * (34 * s.hidden + 4 * s.mlp)
+                        + tokens * (4 * t.hidden + 2 * t.mlp) * 2),
+        "loss kernel": 2 * 128 * s.vocab * 4 + s.vocab * s.hidden * 4 + tokens * (s.hidden + t.hidden) * 4,
+    }
 
 
 def estimate(teacher: Shape, student: Shape, nodes: int, per_node: int, tokens: int, hybrid: bool, offload: bool,
@@ -59,15 +79,7 @@ def estimate(teacher: Shape, student: Shape, nodes: int, per_node: int, tokens: 
     world = nodes * per_node
     shard = per_node if hybrid else world
     s, t = student, teacher
-    memory = {
-        "student state": 16 * s.params / shard,
-        "student gathered": 2 * s.layer_params * 2 + 2 * s.vocab * s.hidden * 2 + s.layer_params * 4,
-        "teacher shards": 0 if offload else 2 * t.params / shard,
-        "teacher gathered": 2 * t.layer_params * 2 + 2 * t.vocab * t.hidden * 2,
-        "activations": (s.layers * tokens * s.hidden * 2 + tokens * (34 * s.hidden + 4 * s.mlp)
-                        + tokens * (4 * t.hidden + 2 * t.mlp) * 2),
-        "loss kernel": 2 * 128 * s.vocab * 4 + s.vocab * s.hidden * 4 + tokens * (s.hidden + t.hidden) * 4,
-    }
+    memory = memory_per_gpu(teacher, student, shard, tokens, offload)
     compute = (6 * s.params + 2 * t.params) * tokens / (args.tflops * 1e12)
     # bytes each GPU receives per micro-batch; with HSDP all of it moves inside the node
     gather_bw = args.intra_gbps if (hybrid or nodes == 1) else args.inter_gbps
