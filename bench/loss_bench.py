@@ -15,22 +15,32 @@ Each measurement runs in a fresh subprocess so its peak RSS (ru_maxrss) is its o
 gradient and the hidden states (and their gradient) need; the goal is at most 0.3 GB.
 
     python bench/loss_bench.py --launches           # the launch profile only
+    python bench/loss_bench.py --vs_liger           # Liger's published shape, on CUDA if there is one
 
 The launch profile counts, with the torch profiler, what one training call (forward + backward) of the kernel would
 launch on a GPU, per 1k tokens, for every divergence: kernels, host syncs (`.item()`, `nonzero`) and matrix
 products. It does so at the CPU block shape and at the CUDA one (`choose_chunks` for a CUDA device, forced here);
 the counts do not depend on the device, only on the block shape.
+
+The Liger comparison runs the kernel at the shape of Liger-Kernel's distillation benchmark
+(`benchmark_distill_jsd_loss.py`: student H = 2048, teacher H = 4096, V = 128256, 8192 tokens, bf16, JSD β = 0.5
+with CE and JSD weighted 0.5 each), and Liger's own `LigerFusedLinearJSDLoss` when it is installed. Each kernel runs
+in a fresh process: the median of 10 forward + backward calls after 2 warm-ups, and the peak of the CUDA allocator
+over them (inputs and weights included, as Liger measures it), or max RSS on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -142,6 +152,107 @@ def launch_table(args) -> None:
             print(f"| {name} | {device}: {rows} × {cols} | {launches:.0f} | {syncs:.0f} | {matmuls:.0f} |", flush=True)
 
 
+@dataclass
+class KernelShape:
+    """One fused-loss call: tokens × hidden sizes × vocabulary, its dtype and the loss it computes."""
+    tokens: int
+    student_hidden: int
+    teacher_hidden: int
+    vocab: int
+    dtype: str = "bf16"
+    divergence: str = "jsd"
+    jsd_beta: float = 0.5
+    kd_coef: float = 0.5  # Liger's weight_soft_loss; its weight_hard_loss (CE) is 1 - kd_coef
+    repeats: int = 10
+
+
+# Liger-Kernel's benchmark_distill_jsd_loss.py: H = 4096 for the teacher, H // 2 for the student, bf16, BT up to 8192
+LIGER_SHAPE = KernelShape(tokens=8192, student_hidden=2048, teacher_hidden=4096, vocab=128256)
+KERNELS = {"fsdp_kd": "fsdp_kd.loss.distillation_loss", "liger": "Liger's LigerFusedLinearJSDLoss"}
+
+
+def kernel_call(impl: str, shape: KernelShape, h_s, w_s, h_t, w_t, labels):
+    """A forward + backward call of one kernel on these tensors; ImportError when that kernel is not installed."""
+    if impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=1 - shape.kd_coef, weight_soft_loss=shape.kd_coef,
+                                        beta=shape.jsd_beta)
+
+        def call():
+            out = liger(h_s, w_s, h_t, w_t, labels, None, None)
+            (out[0] if isinstance(out, tuple) else out).backward()
+        return call
+
+    from fsdp_kd.loss import LossSpec, distillation_loss
+
+    spec = LossSpec(kd_coef=shape.kd_coef, divergence=shape.divergence, jsd_beta=shape.jsd_beta)
+
+    def call():
+        loss, _ = distillation_loss(h_s, w_s, labels, spec, shape.vocab, h_t, w_t)
+        loss.backward()
+    return call
+
+
+def timed_child(impl: str, shape: KernelShape) -> dict:
+    """Median milliseconds of a forward + backward call and the peak memory over them, on CUDA if there is one."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[shape.dtype]
+    torch.manual_seed(0)
+    make = lambda *size, scale=1.0: (torch.randn(*size, device=device) * scale).to(dtype)  # noqa: E731
+    h_s, w_s = make(shape.tokens, shape.student_hidden).requires_grad_(), make(
+        shape.vocab, shape.student_hidden, scale=0.02).requires_grad_()
+    h_t, w_t = make(shape.tokens, shape.teacher_hidden), make(shape.vocab, shape.teacher_hidden, scale=0.02)
+    labels = torch.randint(0, shape.vocab, (shape.tokens,), device=device)
+    try:
+        call = kernel_call(impl, shape, h_s, w_s, h_t, w_t, labels)
+    except ImportError:
+        return {"impl": impl, "missing": "not installed"}
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    for _ in range(2):  # warm-up: kernel selection, compilation, the allocator's pools
+        call()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(shape.repeats):
+        h_s.grad = w_s.grad = None
+        start = clock()
+        call()
+        times.append(clock() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_bytes()
+    return {"impl": impl, "ms": statistics.median(times) * 1000, "peak_gb": peak / GB, "device": device.type}
+
+
+def timed(impl: str, shape: KernelShape) -> dict:
+    """`timed_child` in a fresh process, so that its peak memory is its own; raises with the child's stderr."""
+    cmd = [sys.executable, __file__, "--timed_child", impl, "--shape", json.dumps(dataclasses.asdict(shape))]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"loss_bench {impl} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def liger_table() -> None:
+    s = LIGER_SHAPE
+    print(f"T={s.tokens}, student H={s.student_hidden}, teacher H={s.teacher_hidden}, V={s.vocab}, {s.dtype}, "
+          f"(1 - {s.kd_coef})·CE + {s.kd_coef}·JSD(β = {s.jsd_beta}); median of {s.repeats} forward + backward "
+          "calls")
+    print("| kernel | device | time | peak memory |\n|---|---|---|---|")
+    for impl, name in KERNELS.items():
+        r = timed(impl, s)
+        if "missing" in r:
+            print(f"| {name} | — | {r['missing']} | — |")
+        else:
+            print(f"| {name} | {r['device']} | {r['ms']:.1f} ms | {r['peak_gb']:.2f} GB |")
+
+
 def run_child(kind, args, tokens) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--tokens", str(tokens), "--hidden", str(args.hidden),
            "--vocab", str(args.vocab), "--token_chunk", str(args.token_chunk), "--vocab_chunk", str(args.vocab_chunk)]
@@ -161,8 +272,17 @@ def main():
     parser.add_argument("--launches", action="store_true", help="print the launch profile only")
     parser.add_argument("--profile_hidden", type=int, default=64, help="hidden size for the launch profile")
     parser.add_argument("--skip_dense", action="store_true", help="the dense loss needs ~16.5 GB at T=4096")
+    parser.add_argument("--vs_liger", action="store_true", help="Liger's published shape, against Liger's kernel")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--timed_child", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.timed_child:
+        print(json.dumps(timed_child(args.timed_child, KernelShape(**json.loads(args.shape)))))
+        return
+    if args.vs_liger:
+        liger_table()
+        return
     if args.child:
         print(json.dumps(child(args.child, args.tokens[0], args.hidden, args.vocab, args.token_chunk, args.vocab_chunk)))
         return
