@@ -76,20 +76,19 @@ class TokenizedDataset:
     """One tokenized source, memory-mapped. `ds[i]` reads and rebuilds sample i; `lengths` are its token counts."""
 
     def __init__(self, directory: str, path: str = ""):
-        import datasets
-
         self.directory, self.path = directory, path  # the cache directory; the data it was tokenized from
         with open(os.path.join(directory, META_FILE)) as f:
             self.meta = json.load(f)
-        self.table = datasets.load_from_disk(directory)
-        self.lengths = self.table.data.column("length").to_numpy()
+        table = _memory_mapped_table(directory)
+        self.input_ids, self.spans = table.column("input_ids"), table.column("spans")
+        self.lengths = table.column("length").to_numpy()
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __getitem__(self, i) -> Sample:
-        row = self.table[int(i)]
-        sample = sample_from_spans(row["input_ids"], row["spans"])
+        i = int(i)
+        sample = sample_from_spans(self.input_ids[i].as_py(), self.spans[i].as_py())
         sample.source, sample.row = self.samples_sha256, int(i)
         return sample
 
@@ -101,6 +100,17 @@ class TokenizedDataset:
     def samples_sha256(self) -> str:
         """A hash of every stored sample, in order: what a teacher cache checks it was built from."""
         return self.meta["samples_sha256"]
+
+
+def _memory_mapped_table(directory: str):
+    """The table `datasets.save_to_disk` wrote there, memory-mapped with pyarrow alone: reading needs none of
+    `datasets`, whose import costs every rank about a second of start-up (it is imported only to build a cache)."""
+    import pyarrow as pa
+
+    with open(os.path.join(directory, "state.json")) as f:
+        files = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(os.path.join(directory, name))).read_all()
+                             for name in files])
 
 
 def sample_from_spans(input_ids: list[int], spans: list[int]) -> Sample:
