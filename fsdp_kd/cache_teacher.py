@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig, parse_config
 from .data import collate, collate_packed, eval_shards
@@ -128,6 +129,8 @@ class CacheBuilder:
             self.meta.complete, self.meta.seconds = True, round(time.time() - started, 1)
             self.meta.tokens, self.meta.bytes = _tokens_and_bytes(self.directory)
             self.meta.save(self.directory)
+        if dist.is_initialized():
+            dist.barrier()  # no rank returns before the cache is marked complete: its caller may train from it next
         self.log(f"teacher cache {self.directory}: {int(totals[0])} tokens cached in {time.time() - started:.1f} s, "
                  f"{totals[1] / max(totals[0], 1):.1f} bytes per token")
 
