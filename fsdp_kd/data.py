@@ -144,15 +144,24 @@ def pack(samples: list[Sample], max_len: int) -> list[list[Sample]]:
     return rows
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host data on the device without the host waiting: on CUDA the copy runs from pinned memory, asynchronously,
+    so a step's inputs can all be queued at once (a copy from pageable memory would stall until it is done)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 @dataclass
 class MicroBatch:
     """One forward's worth of rows. Built on the host; `to(device)` moves it whole.
 
-    `target_rows` (flat indices of the positions that have a trainable target) and `target_ids` (those targets) are
-    computed on the host when the batch is built, so selecting the trained rows on the device is an `index_select`,
-    never a boolean mask (a `nonzero`, which stalls the GPU stream)."""
+    Everything that depends on the values of the layout is computed here on the host, so the forward never reads a
+    device tensor back (a host sync, which stalls the GPU stream): `target_rows` (flat indices of the positions that
+    have a trainable target) and `target_ids` (those targets), so selecting the trained rows is an `index_select`
+    and never a boolean mask; whether there is padding; and the varlen layout flash attention reads."""
     input_ids: torch.Tensor  # [B, T]
-    attention_mask: torch.Tensor  # [B, T], 1 on real tokens
+    attention_mask: torch.Tensor  # [B, T], 1 on real tokens (right-padded)
     targets: torch.Tensor  # [B, T], IGNORE_INDEX where nothing is trained
     segment_ids: torch.Tensor | None = None  # [B, T] when packed: which sample of the row, -1 on padding
     position_ids: torch.Tensor | None = None  # [B, T] when packed: restarting at 0 for each sample
@@ -161,6 +170,10 @@ class MicroBatch:
     real_tokens: int = -1  # tokens that are not padding; counted from attention_mask if -1
     # (source, row) of each sample that has targets, in layout order: a teacher cache's key for its target rows
     sample_keys: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    # the rows flattened into one sequence: where each sample, and each row's padding, starts (int32, [S + 1]),
+    # and the longest of them; computed from the layout if None
+    cu_seq_lens: torch.Tensor | None = None
+    max_seq_len: int = 0
 
     def __post_init__(self):
         if self.target_rows is None:
@@ -169,33 +182,54 @@ class MicroBatch:
             self.target_ids = flat[self.target_rows]
         if self.real_tokens < 0:
             self.real_tokens = int(self.attention_mask.sum())
+        if self.cu_seq_lens is None:
+            self.cu_seq_lens, self.max_seq_len = _varlen_layout(self._segments())
 
     @property
     def trainable_tokens(self) -> int:
         return self.target_rows.numel()
 
+    @property
+    def padded(self) -> bool:
+        return self.real_tokens < self.input_ids.numel()
+
     def to(self, device: torch.device) -> "MicroBatch":
-        """On CUDA the copies are asynchronous (pinned host memory), so a step's batches can all be queued at once
-        and the host never waits for them."""
-        def move(t):
-            if not isinstance(t, torch.Tensor) or t.device == device:
-                return t
-            return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+        return MicroBatch(*(to_device(v, device) if isinstance(v, torch.Tensor) else v
+                            for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
-        return MicroBatch(*(move(getattr(self, f.name)) for f in dataclasses.fields(self)))
+    def _segments(self) -> torch.Tensor:
+        """[B, T]: which sample of its row each position belongs to, -1 on padding (one sample per row unpacked)."""
+        return self.segment_ids if self.segment_ids is not None else self.attention_mask - 1
 
-    def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Keyword arguments for the HF base model. Packed rows must not see each other:
-        - sdpa and eager get a block-diagonal causal mask (boolean for sdpa, additive for eager), because they do not
-          isolate samples on position_ids alone when a mask is given; padding positions attend to themselves only,
-          so no softmax row is empty;
-        - flash attention and flex attention get no mask, only position_ids restarting at 0 for each sample: HF
-          reads the sample boundaries off them (the varlen path), as it expects."""
-        if self.segment_ids is None:
-            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if attn_implementation not in ("sdpa", "eager"):
-            return {"input_ids": self.input_ids, "position_ids": self.position_ids}
-        seg = self.segment_ids
+    def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
+        """Keyword arguments for the HF base model: samples packed into a row must not see each other, and HF's own
+        mask code must not read a device tensor (each read stalls the GPU stream, once per forward). HF takes a 4-D
+        mask as it is; given a 2-D mask it reads whether there is padding (`.all()`), given none it reads the
+        position ids to find packed samples. So:
+        - sdpa and eager: a 4-D block-diagonal causal mask (boolean for sdpa, additive for eager) from the layout;
+          padding positions attend to themselves only, so no softmax row is empty. One exception, deliberate: a
+          batch with neither padding nor packing gets no mask under sdpa, which then runs its flash kernel with
+          is_causal (with any mask it must compute the masked half of every row too); HF reads the position ids
+          once per forward to learn that.
+        - flash attention: no mask; positions restarting at 0 for each sample, and the varlen layout
+          (`cu_seq_lens`, `max_seq_len`) so the kernel reads the sample boundaries from the host's numbers instead
+          of deriving them from the positions in every layer. HF's mask code still reads the positions once per
+          forward: flash attention takes no 4-D mask that would skip that.
+        - flex attention: no mask, positions restarting at 0 for each sample when packed (HF builds the block mask
+          from them, reading them once per forward). Unpacked rows need no mask: their padding is at the end, where
+          causal attention keeps it out of every real position's view."""
+        inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if attn_implementation.startswith("flash_attention"):
+            return {**inputs, "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                    "max_length_q": self.max_seq_len, "max_length_k": self.max_seq_len}
+        if attn_implementation == "eager" or (attn_implementation == "sdpa" and (
+                self.padded or self.segment_ids is not None)):
+            return {**inputs, "attention_mask": self._block_causal_mask(attn_implementation, dtype)}
+        return inputs
+
+    def _block_causal_mask(self, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, T, T]: position i attends to j ≤ i of its own sample; padding to itself. Computed on the device."""
+        seg = self._segments()
         width = seg.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
         allowed = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, :, None] >= 0)
@@ -203,38 +237,49 @@ class MicroBatch:
         mask = allowed[:, None]
         if attn_implementation == "eager":
             mask = torch.zeros(mask.shape, dtype=dtype, device=seg.device).masked_fill(~mask, torch.finfo(dtype).min)
-        return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": self.position_ids}
+        return mask
+
+
+def _varlen_layout(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seq_lens, longest) of the rows flattened into one sequence: each run of a sample, or of a row's padding,
+    is one sequence of its own. Host work, at collate time."""
+    rows, width = segments.shape
+    key = (segments + 1 + torch.arange(rows)[:, None] * (width + 1)).flatten().numpy()
+    starts = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1, [key.size]])
+    return torch.from_numpy(starts.astype(np.int32)), int(np.diff(starts).max())
 
 
 def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
-    width = max(len(s.input_ids) for s in samples)
-    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), width), dtype=torch.long)
-    targets = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, s in enumerate(samples):
-        n = len(s.input_ids)
-        ids[row, :n] = torch.tensor(s.input_ids)
-        mask[row, :n] = 1
-        targets[row, :n] = torch.tensor(s.targets)
-    return MicroBatch(ids, mask, targets, sample_keys=[(s.source, s.row) for s in samples if s.trainable_tokens])
+    """One sample per row, right-padded."""
+    return _collate_rows([[s] for s in samples], pad_id, packed=False)
 
 
 def collate_packed(samples: list[Sample], max_len: int, pad_id: int) -> MicroBatch:
     """The micro-batch's samples packed into as few rows of at most max_len as first-fit-decreasing finds."""
-    rows = pack(samples, max_len)
-    batch = collate([Sample(sum((s.input_ids for s in row), []), sum((s.targets for s in row), []))
-                     for row in rows], pad_id)
-    batch.sample_keys = [(s.source, s.row) for row in rows for s in row if s.trainable_tokens]
-    batch.segment_ids = torch.full_like(batch.input_ids, -1)
-    batch.position_ids = torch.zeros_like(batch.input_ids)
+    return _collate_rows(pack(samples, max_len), pad_id, packed=True)
+
+
+def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool) -> MicroBatch:
+    """Each row's samples one after the other, then padding; segments and restarting positions when packed."""
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
     for r, row in enumerate(rows):
         offset = 0
         for k, s in enumerate(row):
             n = len(s.input_ids)
-            batch.segment_ids[r, offset:offset + n] = k
-            batch.position_ids[r, offset:offset + n] = torch.arange(n)
+            ids[r, offset:offset + n] = torch.tensor(s.input_ids)
+            targets[r, offset:offset + n] = torch.tensor(s.targets)
+            mask[r, offset:offset + n] = 1
+            segments[r, offset:offset + n] = k
+            positions[r, offset:offset + n] = torch.arange(n)
             offset += n
-    return batch
+    keys = [(s.source, s.row) for row in rows for s in row if s.trainable_tokens]
+    return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
+                      sample_keys=keys)
 
 
 def padding_efficiency(batches: list[MicroBatch]) -> float:

@@ -659,5 +659,5 @@ def distillation_loss(student_hidden: torch.Tensor, student_head: torch.Tensor |
                                        with_grad=False, cached=cached_teacher)
         loss = loss.float()
     metrics = dict(zip(METRIC_NAMES, totals.unbind()))
-    metrics["tokens"] = torch.tensor(float(labels.numel()), dtype=torch.float64, device=labels.device)
+    metrics["tokens"] = torch.full((), float(labels.numel()), dtype=torch.float64, device=labels.device)  # no copy
     return loss, metrics

@@ -341,17 +341,22 @@ def _names_match(lm: nn.Module, checkpoint: _Checkpoint) -> bool:
 
 
 def _read_own_shards(root: nn.Module, checkpoint: _Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
-    """Materializes the sharded (meta) parameters on `device` and fills each rank's local slice from the files.
+    """Materializes the sharded (meta) parameters on `device` (the host for an offloaded teacher) and fills each
+    rank's local slice from the files.
 
-    `get_slice` reads only the requested rows, so no rank reads or holds another's. Buffers that the constructor
-    computed (rotary frequencies) are kept; persistent buffers found in the files are read whole."""
+    `get_slice` reads only the requested rows, so no rank reads or holds another's. Buffers stay as they are: with
+    the values the constructor computed (rotary frequencies), on the compute device, where `fully_shard` put them.
+    Only parameters are offloaded: a buffer in host memory would be copied to the device at every forward (rotary
+    code calls `.to`) or fail in a family whose code does not. Persistent buffers found in the files are read
+    whole."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    computed = {name: buffer.detach().clone() for name, buffer in root.named_buffers()}
-    root.to_empty(device=device)
-    for name, buffer in root.named_buffers():
-        buffer.copy_(computed[name])
+    buffers = dict(root.named_buffers(remove_duplicate=False))
+    root.to_empty(device=device)  # moves the buffers too: they are put back below
+    for name, buffer in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(owner), leaf, buffer)
     with torch.no_grad():
         for name, param in root.lm.named_parameters():
             if isinstance(param, DTensor):

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from .data import to_device
 from .records import IGNORE_INDEX, Sample
 
 
@@ -114,7 +115,7 @@ def generate(root, prompts: list[list[int]], settings: GenerationSettings, seed:
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered(root, settings.gather_once):
             torch.manual_seed(seed)
-            out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+            out = lm.generate(input_ids=to_device(ids, device), attention_mask=to_device(mask, device),
                               generation_config=generation_config(settings, new_tokens),
                               logits_processor=LogitsProcessorList([NoPaddedRows(settings.vocab_size)]),
                               synced_gpus=must_step_together(settings))

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .data import to_device
 from .loss import (Head, LossSpec, ModelBlock, SparseTargets, choose_chunks, distillation_loss, mass_on_buckets,
                    pass1_logits, vocab_chunks)
 
@@ -314,7 +315,7 @@ class CachedTeacher:
         if host["ids"].shape[0] != batch.trainable_tokens:
             raise ConfigError(f"key teacher_cache: the cache holds {host['ids'].shape[0]} target rows for a "
                               f"micro-batch that has {batch.trainable_tokens}; it was built from other data")
-        on_device = {name: _to_device(t, self.device) for name, t in host.items()}
+        on_device = {name: to_device(t, self.device) for name, t in host.items()}
         ids = decode_ids(on_device["ids"])
         if self.meta.mode == "topk":
             return CachedTargets(SparseTargets(ids, on_device["log_p"].float(), on_device["log_rest"].float()))
@@ -342,8 +343,3 @@ class CachedTargets:
     def distill(self, hidden: torch.Tensor, head, labels: torch.Tensor, spec, vocab_size: int):
         return distillation_loss(hidden, head, labels, spec, vocab_size, cached_teacher=self.sparse)
 
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

@@ -21,7 +21,7 @@ from transformers import AutoConfig
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulation_steps
 from .data import (Concatenated, EpochOrder, MicroBatch, Rows, SampleTable, StepSampler, collate, collate_packed,
-                   eval_shards, padding_efficiency)
+                   eval_shards, padding_efficiency, to_device)
 from .records import Sample, check_data_path, looks_local
 from .teacher_cache import CacheMeta, CachedTeacher, check_cache_fits
 from .tokenized import open_sources
@@ -391,8 +391,8 @@ class Trainer:
 
     def _reduce(self, sums: torch.Tensor, extra: list[torch.Tensor] = ()) -> tuple[dict[str, float], list[float]]:
         """Global per-token means of the summed metrics (`sums`, ordered as _SUMMED, on the device), and the values
-        of `extra` (already global) — all in one device-to-host transfer."""
-        host = torch.cat([all_reduce_sum(sums.clone()), *(e.reshape(1).double() for e in extra)]).tolist()
+        of `extra` (already global; each flattened) — all in one device-to-host transfer, the step's only one."""
+        host = torch.cat([all_reduce_sum(sums.clone()), *(e.reshape(-1).double() for e in extra)]).tolist()
         totals = dict(zip(_SUMMED, host[:len(_SUMMED)]))
         tokens = max(totals["tokens"], 1.0)
         names = METRIC_NAMES if self.teacher_source is not None else ("ce",)  # no teacher: nothing to compare
@@ -421,7 +421,7 @@ class Trainer:
         if self.on_policy is not None:
             groups, on_policy, generation = self.on_policy.rewrite(self.student, step, groups)
         micro_batches = self._device_batches(groups)
-        local_tokens = torch.tensor(float(sum(mb.trainable_tokens for mb in micro_batches)), device=self.env.device)
+        local_tokens = _host_values([sum(mb.trainable_tokens for mb in micro_batches)], self.env.device)[0]
         global_tokens = all_reduce_sum(local_tokens).clamp_min(1.0)
         self.student.train()
         hybrid = self.cfg.sharding_strategy == "hybrid_shard"
@@ -446,18 +446,16 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        device = self.env.device
-        real = torch.tensor(float(sum(mb.real_tokens for mb in work.micro_batches)), device=device)
-        gen = work.generation
-        on_policy = all_reduce_sum(torch.cat([work.on_policy_sums[_SUMMED.index("kl")].reshape(1),
-                                              work.on_policy_sums[_SUMMED.index("tokens")].reshape(1),
-                                              torch.tensor([gen.micro_batches, len(work.micro_batches), gen.sequences,
-                                                            gen.tokens, gen.seconds], dtype=torch.float64,
-                                                           device=device)]))
-        metrics, (norm, real_tokens, *on) = self._reduce(work.sums, [grad_norm, all_reduce_sum(real), *on_policy])
-        metrics.update(lr=lr, grad_norm=norm)
+        device, gen = self.env.device, work.generation
+        counts = _host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
+                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds], device)
+        summed = all_reduce_sum(torch.cat([work.on_policy_sums[_SUMMED.index("kl")].reshape(1),
+                                           work.on_policy_sums[_SUMMED.index("tokens")].reshape(1), counts]))
+        metrics, (norm, peak, kl_on, tokens_on, real_tokens, *on) = self._reduce(
+            work.sums, [grad_norm, peak_memory(device), summed])
+        metrics.update(lr=lr, grad_norm=norm, peak_mem_gb=peak)
         if self.on_policy is not None:
-            metrics.update(_on_policy_metrics(metrics, *on, world_size=self.env.world_size))
+            metrics.update(_on_policy_metrics(metrics, kl_on, tokens_on, *on, world_size=self.env.world_size))
         finite = math.isfinite(metrics["loss"]) and math.isfinite(norm)  # global values: every rank agrees
         if finite:
             self.optimizer.step()
@@ -503,7 +501,7 @@ class Trainer:
                 elapsed = time.time() - window_start
                 record = {"step": done, **{k: round(v, 6) for k, v in result.metrics.items()},
                           "tokens_per_sec": round(window_tokens / max(elapsed, 1e-9), 1),
-                          "peak_mem_gb": round(peak_memory_gb(self.env.device), 3)}
+                          "peak_mem_gb": round(result.metrics["peak_mem_gb"], 3)}
                 self.metrics_log.write(record)
                 eta = (time.time() - started) / (done - self.start_step) * (self.total_steps - done)
                 teacher_part = "".join(f"{name} {record[key]:.4f} | " for key, name in _shown_teacher_metrics(record))
@@ -552,18 +550,29 @@ class Trainer:
         self.metrics_log.close(failed)
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """The largest peak over the ranks: CUDA allocator peak on GPU, max RSS of the process on CPU."""
+def peak_memory(device: torch.device) -> torch.Tensor:
+    """The largest peak memory over the ranks, in GB, as a [1] tensor on the device: CUDA allocator peak on GPU, max
+    RSS of the process on CPU. Nothing waits for it; `train_step` reads it with the step's other metrics."""
     if device.type == "cuda":
         local = torch.cuda.max_memory_allocated(device)
     else:
         import resource
 
         local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = torch.tensor(float(local), device=device)
+    peak = _host_values([local / 1024**3], device)
     if dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak.item() / 1024**3
+    return peak
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """`peak_memory` read on the host at once: a sync, for the benches, between steps."""
+    return peak_memory(device).item()
+
+
+def _host_values(values: list[float], device: torch.device) -> torch.Tensor:
+    """Numbers the host knows, as a float64 tensor on the device, copied without stalling it (`data.to_device`)."""
+    return to_device(torch.tensor(values, dtype=torch.float64), device)
 
 
 def _generation_config(path: str):
