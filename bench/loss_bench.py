@@ -123,7 +123,9 @@ def run_once(kind, h_s, w_s, h_t, w_t, labels, spec, vocab) -> None:
 def launch_table(args) -> None:
     import torch
 
-    from fsdp_kd.loss import DIVERGENCES, LossSpec, choose_chunks, distillation_loss
+    from fsdp_kd.divergences import DIVERGENCES
+    from fsdp_kd.kernel import choose_chunks
+    from fsdp_kd.loss import LossSpec, distillation_loss
     from fsdp_kd.profiling import profile_launches
 
     tokens = args.tokens[0]
@@ -261,7 +263,7 @@ def run_child(kind, args, tokens) -> dict:
 
 
 def main():
-    from fsdp_kd.loss import CPU_CHUNKS
+    from fsdp_kd.kernel import CPU_CHUNKS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from .loss import DIVERGENCES, LossSpec
+from .divergences import DIVERGENCES
+from .loss import LossSpec
 
 
 class ConfigError(ValueError):

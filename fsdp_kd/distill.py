@@ -4,7 +4,7 @@ targets come from.
 The loss and the training loop never touch a teacher model directly. They take targets from a source, whose
 `targets(batch)` returns something with `distill(hidden, head, labels, spec, vocab_size)`: `LiveTeacher` runs the
 sharded teacher on each micro-batch (`TeacherTargets`); `teacher_cache.CachedTeacher` reads a cache of teacher
-distributions (`CachedTargets`). A server would be a third source.
+distributions (`CachedTargets`). A server would be a third source. `distill` hands the loss a `kernel.Targets`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 
 from .data import MicroBatch
 from .heads import output_head
-from .loss import Head, LossSpec, distillation_loss
+from .kernel import NO_TEACHER, Head, LiveTargets
+from .loss import LossSpec, loss_against
 
 
 def hidden_at_targets(lm, batch: MicroBatch) -> torch.Tensor:
@@ -39,7 +40,7 @@ class TeacherTargets:
 
     def distill(self, hidden: torch.Tensor, head, labels: torch.Tensor, spec: LossSpec, vocab_size: int):
         with self.head() as teacher_head:
-            return distillation_loss(hidden, head, labels, spec, vocab_size, self.hidden, teacher_head)
+            return loss_against(hidden, head, labels, spec, vocab_size, LiveTargets(self.hidden, teacher_head))
 
 
 class LiveTeacher:
@@ -60,5 +61,5 @@ def student_loss(lm, batch: MicroBatch, spec: LossSpec, vocab_size: int, targets
     hidden = hidden_at_targets(lm, batch)
     head = output_head(lm)
     if targets is None:
-        return distillation_loss(hidden, head, batch.target_ids, spec, vocab_size)
+        return loss_against(hidden, head, batch.target_ids, spec, vocab_size, NO_TEACHER)
     return targets.distill(hidden, head, batch.target_ids, spec, vocab_size)

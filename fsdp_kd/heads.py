@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .loss import Head, matmul_fp32
+from .kernel import Head, matmul_fp32
 
 ANY_FAMILY = "*"
 

@@ -31,8 +31,8 @@ import torch
 
 from .config import ConfigError
 from .data import to_device
-from .loss import (Head, LossSpec, ModelBlock, SparseTargets, choose_chunks, distillation_loss, mass_on_buckets,
-                   pass1_logits, vocab_chunks)
+from .kernel import Head, ModelBlock, SparseTargets, choose_chunks, mass_on_buckets, pass1_logits, vocab_chunks
+from .loss import LossSpec, loss_against
 
 META_FILE = "cache.json"
 FORMAT_VERSION = 1
@@ -341,5 +341,5 @@ class CachedTargets:
     sparse: SparseTargets
 
     def distill(self, hidden: torch.Tensor, head, labels: torch.Tensor, spec, vocab_size: int):
-        return distillation_loss(hidden, head, labels, spec, vocab_size, cached_teacher=self.sparse)
+        return loss_against(hidden, head, labels, spec, vocab_size, self.sparse)
 

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from fsdp_kd.loss import DIVERGENCES, Head, LossSpec, SparseTargets, choose_chunks, distillation_loss
+from fsdp_kd.divergences import DIVERGENCES
+from fsdp_kd.kernel import Head, SparseTargets, choose_chunks
+from fsdp_kd.loss import LossSpec, distillation_loss
 from fsdp_kd.profiling import profile_launches
 from fsdp_kd.reference import dense_bucketed_loss, dense_distillation_loss
 

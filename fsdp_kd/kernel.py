@@ -1,0 +1,488 @@
+"""The loss kernel's passes over one token block, and the targets a teacher hands the loss.
+
+Per block of token rows the logits exist only for that block, and each pass walks the vocabulary in chunks:
+
+  pass 1  logits of both models, chunk by chunk, into the block's cache, with each chunk's log-sum-exp and argmax
+          folded into the row's running ones;
+  pass 2  per-row sums over the vocabulary that need the final normalizers: KL, entropies, and whatever the
+          divergence's gradient needs (a divergence whose gradient needs no sums, like forward KL, has them folded
+          into pass 3 instead of paying for a separate sweep);
+  pass 3  the gradient with respect to the student's logits, chunk by chunk, pushed back through the head straight
+          into the gradients of the hidden states and head weight (and bias).
+
+What makes it fit a GPU:
+  - no host syncs: the label's logit and the one-hot term of the CE gradient use the label rows of the head
+    (`W[y]`, `index_add_`) once per block, never a `nonzero` or `.any()` per chunk;
+  - few launches: the block shape is chosen per device (`choose_chunks`); on CUDA a block is ≥ 1024 rows over a few
+    large vocabulary chunks, sized by a memory budget, so a 1k-token micro-batch costs a few hundred launches;
+  - tensor cores: with bf16 inputs the head products run in bf16 with fp32 output on CUDA, and the gradient products
+    take the gradient in bf16; logits, softmax statistics, row sums and gradient accumulation stay fp32, so no logit
+    is rounded to bf16 before its softmax;
+  - no gradient work without a gradient: evaluation (grad mode off) runs passes 1 and 2 only.
+
+Each model's head is a `Head`: weight, optional bias, logit scale and soft-cap, so the kernel reproduces the model's
+own logits. What the student is scored against is a `Targets` entry, which picks its block function: `LiveTargets`
+(a teacher's hidden states and head: `distillation_block`), `SparseTargets` (a cached distribution over a few ids
+and a rest bucket: `bucket_block`), `NO_TEACHER` (CE only: `student_block`). Another form of teacher output is one
+more `Targets` subclass with its block function; the divergences it can take come from `divergences.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .divergences import Buckets, ChunkTerms, Divergence, xlogy_sum
+
+if TYPE_CHECKING:
+    from .loss import LossSpec
+
+# the metric sums every block returns, in this order; the loss returns them by name
+METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce")
+
+
+# ---------------------------------------------------------------------------------------------------- block shape
+CPU_CHUNKS = (128, 8192)  # (token rows, vocabulary columns): the fastest on a 2-core CPU (docs/benchmarks.md)
+CUDA_MIN_ROWS = 1024
+DEFAULT_CUDA_BUDGET_MB = 4096
+_LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
+
+
+def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: int) -> tuple[int, int]:
+    """(token rows per block, vocabulary columns per chunk); explicit `token_chunk`/`vocab_chunk` win.
+
+    CPU: small blocks keep each chunk in cache. CUDA: launches dominate small blocks, so a block is at least 1024 rows
+    (or every token), and the vocabulary is cut into as few equal chunks as the memory budget allows. The budget
+    covers the block's fp32 logit cache of every model (rows × V each) plus the live chunk temporaries.
+    """
+    if device.type != "cuda":
+        rows, cols = CPU_CHUNKS
+    else:
+        budget_floats = spec.chunk_budget_mb * 1024**2 // 4
+        rows = max(1, min(spec.token_chunk or CUDA_MIN_ROWS, n_tokens))
+        if spec.token_chunk is None:  # shrink the block only when not even a 4096-column chunk fits
+            rows = max(1, min(rows, budget_floats // (n_models * vocab + _LIVE_CHUNK_TEMPORARIES * 4096)))
+        room = budget_floats // rows - n_models * vocab
+        cols = max(4096, room // _LIVE_CHUNK_TEMPORARIES)
+        pieces = -(-vocab // cols)
+        cols = -(-vocab // pieces)  # equal chunks: the same kernels for every chunk
+    return spec.token_chunk or rows, spec.vocab_chunk or cols
+
+
+def vocab_chunks(vocab_size: int, cols: int) -> list[tuple[int, int]]:
+    """[v0, v1) column ranges of at most `cols` covering the vocabulary."""
+    return [(v0, min(v0 + cols, vocab_size)) for v0 in range(0, vocab_size, cols)]
+
+
+
+# ---------------------------------------------------------------------------------------------------- heads
+@dataclass
+class Head:
+    """What a model does after its last hidden state: z = softcap(scale · (h·Wᵀ + b)).
+
+    softcap(x) = cap · tanh(x / cap) (Gemma-2/3 `final_logit_softcapping`); scale is Cohere's `logit_scale` or
+    1/Granite's `logits_scaling`; b is a head bias (Phi-1/2). A plain Linear head is Head(weight).
+    """
+    weight: torch.Tensor  # [rows ≥ vocab, hidden]
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def finish(self, raw: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Raw products (fp32) → the model's logits, in place."""
+        if bias is not None:
+            raw.add_(bias.float())
+        if self.scale != 1.0:
+            raw.mul_(self.scale)
+        if self.softcap is not None:
+            raw.div_(self.softcap).tanh_().mul_(self.softcap)
+        return raw
+
+    def chain(self, grad_z: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """dL/dz → dL/d(h·Wᵀ + b), in place on grad_z: the derivative of `finish` at its output z."""
+        if self.softcap is not None:
+            grad_z.mul_(1 - (z / self.softcap).square())
+        if self.scale != 1.0:
+            grad_z.mul_(self.scale)
+        return grad_z
+
+
+def as_head(head: torch.Tensor | Head) -> Head:
+    return head if isinstance(head, Head) else Head(head)
+
+
+def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output. bf16/fp16 inputs on CUDA run on tensor cores with fp32 accumulation and output
+    (`out_dtype`); elsewhere the inputs are widened first, which computes the same exact products and fp32 sums."""
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and _CUDA_OUT_DTYPE.get("ok", True):
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): widen instead, from now on
+            _CUDA_OUT_DTYPE["ok"] = False
+    return torch.mm(a.float(), b.float())
+
+
+_CUDA_OUT_DTYPE: dict[str, bool] = {}
+
+
+# ---------------------------------------------------------------------------------------------------- the passes
+@dataclass
+class ModelBlock:
+    """One model over one token block: its logits chunk by chunk (the cache), log-sum-exp of z/τ and of z, the
+    argmax, and the label's logit. Filled by pass 1."""
+    head: Head
+    weight: torch.Tensor  # the head weight in the product dtype, cast once per call
+    bias: torch.Tensor | None
+    hidden: torch.Tensor  # [rows, hidden] in the product dtype
+    logits: list[torch.Tensor] = field(default_factory=list)
+    lse: torch.Tensor | None = None  # of z/τ
+    lse_raw: torch.Tensor | None = None  # of z (the CE's normalizer); `lse` itself when τ = 1
+    argmax: torch.Tensor | None = None
+    label_logit: torch.Tensor | None = None
+
+
+def logsumexp_given_max(z: torch.Tensor, z_max: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """log Σ exp(z/τ) per row, reusing the row max that the argmax already produced (torch.logsumexp would take it
+    again, and guard against infinities that finite logits never have)."""
+    shifted = z - z_max[:, None]
+    if inv_tau != 1.0:
+        shifted.mul_(inv_tau)
+    return shifted.exp_().sum(dim=1).log_().add_(z_max * inv_tau)
+
+
+def pass1_logits(model: ModelBlock, chunks, labels: torch.Tensor, inv_tau: float) -> None:
+    """Logits chunk by chunk, with running log-sum-exp (at τ and at 1) and argmax; the label logit from W[y]."""
+    for v0, v1 in chunks:
+        z = model.head.finish(matmul_fp32(model.hidden, model.weight[v0:v1].t()),
+                              None if model.bias is None else model.bias[v0:v1])
+        model.logits.append(z)
+        chunk_max, chunk_arg = z.max(dim=1)
+        chunk_lse_raw = logsumexp_given_max(z, chunk_max, 1.0)
+        chunk_lse = chunk_lse_raw if inv_tau == 1.0 else logsumexp_given_max(z, chunk_max, inv_tau)
+        if model.lse is None:
+            model.argmax, model.lse, model.lse_raw = chunk_arg, chunk_lse, chunk_lse_raw
+            running_max = chunk_max
+            continue
+        # the first chunk that reaches the running max keeps the argmax, as torch.argmax would
+        model.argmax = torch.where(chunk_max > running_max, chunk_arg + v0, model.argmax)
+        running_max = torch.maximum(running_max, chunk_max)
+        model.lse = torch.logaddexp(model.lse, chunk_lse)
+        model.lse_raw = model.lse if inv_tau == 1.0 else torch.logaddexp(model.lse_raw, chunk_lse_raw)
+    label_raw = (model.hidden.float() * model.weight[labels].float()).sum(1)
+    model.label_logit = model.head.finish(label_raw, None if model.bias is None else model.bias[labels])
+
+
+def chunk_terms(z_s: torch.Tensor, z_t: torch.Tensor, lse_s: torch.Tensor, lse_t: torch.Tensor,
+                inv_tau: float) -> ChunkTerms:
+    """Both tempered distributions over one chunk, from the logits and the normalizers of z/τ."""
+    log_q = (z_s if inv_tau == 1.0 else z_s * inv_tau) - lse_s[:, None]
+    log_p = (z_t if inv_tau == 1.0 else z_t * inv_tau) - lse_t[:, None]
+    return ChunkTerms(log_q, log_p, log_q.exp(), log_p.exp())
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_j a[i, j]·b[i, j] per row as one batched product: one kernel and no [rows × cols] temporary, where
+    `(a * b).sum(1)` is two kernels and writes the product out (twice as slow on a CPU, measured)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def chunk_row_sums(t: ChunkTerms, divergence: Divergence, beta: float) -> dict[str, torch.Tensor]:
+    """The vocabulary sums of one chunk: the shared ones and the divergence's own."""
+    sums = {"p_log_p": row_dot(t.p, t.log_p), "p_log_q": row_dot(t.p, t.log_q), "q_log_q": row_dot(t.q, t.log_q)}
+    sums.update({name: term.sum(1) for name, term in divergence.row_terms(t, beta).items()})
+    return sums
+
+
+def sums_of_chunk(z_s, z_t, lse_s, lse_t, inv_tau: float, divergence: Divergence, beta: float):
+    """Pass 2's elementwise work on one chunk."""
+    return chunk_row_sums(chunk_terms(z_s, z_t, lse_s, lse_t, inv_tau), divergence, beta)
+
+
+def logit_grad_of_chunk(z_s, z_t, lse_s, lse_raw_s, lse_t, sums, inv_tau: float, divergence: Divergence,
+                        beta: float, ce_coef: float, kd_coef: float, with_sums: bool):
+    """Pass 3's elementwise work on one chunk: dL/dz_student except the CE's one-hot term,
+    w·softmax(z) + c·τ·dD/da (w the CE's weight, 1-c unless set; a = z/τ, so d(τ²·D)/dz = τ·dD/da), and the chunk's
+    row sums when pass 2 was folded in (`with_sums`; then `sums` is None and the divergence's gradient needs none)."""
+    t = chunk_terms(z_s, z_t, lse_s, lse_t, inv_tau)
+    student_probs = t.q if inv_tau == 1.0 else torch.exp(z_s - lse_raw_s[:, None])
+    grad = torch.add(student_probs * ce_coef, divergence.grad(t, sums, beta), alpha=kd_coef / inv_tau)
+    return grad, (chunk_row_sums(t, divergence, beta) if with_sums else None)
+
+
+def _accumulate(total: dict | None, part: dict) -> dict:
+    return part if total is None else {name: total[name] + part[name] for name in part}
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def elementwise_functions(compiled: bool) -> tuple[Callable, Callable]:
+    """(pass 2's, pass 3's) per-chunk functions; compiled, each is a few fused kernels instead of a dozen."""
+    if not compiled:
+        return sums_of_chunk, logit_grad_of_chunk
+    if not _COMPILED:
+        _COMPILED["sums"] = torch.compile(sums_of_chunk, dynamic=True)
+        _COMPILED["grad"] = torch.compile(logit_grad_of_chunk, dynamic=True)
+    return _COMPILED["sums"], _COMPILED["grad"]
+
+
+@dataclass
+class Gradients:
+    """fp32 accumulators for the student's hidden states, head weight and head bias."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        out.addmm_(a, b)
+    else:
+        out.add_(matmul_fp32(a, b))
+
+
+def push_back(grads: Gradients, student: ModelBlock, grad_z: torch.Tensor, z: torch.Tensor, rows: slice,
+              v0: int, v1: int) -> None:
+    """One chunk's dL/dz through the head into the hidden-state, weight and bias gradients: the two gradient
+    products, with dL/dz in the product dtype (bf16 on tensor cores) and fp32 accumulation."""
+    g = student.head.chain(grad_z, z)
+    if grads.bias is not None:
+        grads.bias[v0:v1].add_(g.sum(0))
+    g = g.to(student.hidden.dtype)
+    _add_product(grads.hidden[rows], g, student.weight[v0:v1])
+    _add_product(grads.weight[v0:v1], g.t(), student.hidden)
+
+
+def push_back_labels(grads: Gradients, student: ModelBlock, labels: torch.Tensor, rows: slice, ce_weight: float):
+    """The CE's one-hot term, -(1-c) at each row's label, through the head: rows W[y] and `index_add_`, so no
+    chunk has to find which labels it holds (a `nonzero`, a host sync, per chunk)."""
+    coef = student.head.chain(torch.full_like(student.label_logit, -ce_weight), student.label_logit)
+    grads.hidden[rows].add_(coef[:, None] * student.weight[labels].float())
+    grads.weight.index_add_(0, labels, coef[:, None] * student.hidden.float())
+    if grads.bias is not None:
+        grads.bias.index_add_(0, labels, coef)
+
+
+# ---------------------------------------------------------------------------------------------------- a block's plan
+@dataclass(frozen=True)
+class KernelPlan:
+    """Everything a token block needs to know, decided once per call from the spec and the shapes."""
+    chunks: list[tuple[int, int]]
+    ce_coef: float
+    kd_coef: float
+    tau: float
+    beta: float
+    divergence: Divergence
+    fold_sums_into_grad: bool  # pass 2 rides along in pass 3 (training with a divergence whose grad needs no sums)
+    sums_fn: Callable
+    grad_fn: Callable
+
+    @property
+    def inv_tau(self) -> float:
+        return 1.0 / self.tau
+
+
+# ---------------------------------------------------------------------------------------------------- targets
+class Targets(ABC):
+    """The teacher's side of one call of the loss, over the call's rows: each kind is one subclass, whose `block`
+    runs the passes of one token block of the student against it. The loss loops over token blocks calling `block`
+    and never asks which kind it has."""
+    models = 1  # the models whose fp32 logits a token block caches (the student, and a live teacher): sizes blocks
+
+    def weights(self, spec: LossSpec) -> tuple[float, float]:
+        """(CE weight, KD weight) of the loss against these targets."""
+        return spec.ce_weight, spec.kd_coef
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raises ValueError when the targets do not reach over the shared vocabulary."""
+
+    @abstractmethod
+    def block(self, plan: KernelPlan, student: ModelBlock, labels: torch.Tensor, rows: slice,
+              grads: Gradients | None) -> torch.Tensor:
+        """The metric sums of token block `rows`, ordered as METRIC_NAMES; with `grads`, the block's gradient is
+        added into them."""
+
+
+def check_head_rows(head: Head, vocab_size: int) -> None:
+    if head.weight.shape[0] < vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} exceeds an output head's rows")
+
+
+# ---------------------------------------------------------------------------------------------------- a live teacher
+@dataclass
+class LiveTargets(Targets):
+    """A teacher run on the same rows: its final hidden states [N, hidden] and its frozen head (no gradient), whose
+    logits are computed block by block beside the student's."""
+    hidden: torch.Tensor
+    head: Head
+    weight: torch.Tensor = field(init=False)  # the head weight in the product dtype: one cast per call, if any
+    models = 2
+
+    def __post_init__(self):
+        self.weight = self.head.weight.to(self.hidden.dtype)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        check_head_rows(self.head, vocab_size)
+
+    def block(self, plan, student, labels, rows, grads):
+        teacher = ModelBlock(self.head, self.weight, self.head.bias, self.hidden[rows])
+        return distillation_block(plan, student, teacher, labels, rows, grads)
+
+
+def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock, labels, rows: slice,
+                       grads: Gradients | None) -> torch.Tensor:
+    """One token block of both models: passes 1-3. Returns the block's metric sums, ordered as METRIC_NAMES.
+    Its logit caches die with it, before the next block allocates its own."""
+    pass1_logits(student, plan.chunks, labels, plan.inv_tau)
+    pass1_logits(teacher, plan.chunks, labels, plan.inv_tau)
+    sums = None
+    if not plan.fold_sums_into_grad:  # pass 2
+        for z_s, z_t in zip(student.logits, teacher.logits):
+            sums = _accumulate(sums, plan.sums_fn(z_s, z_t, student.lse, teacher.lse, plan.inv_tau, plan.divergence,
+                                                  plan.beta))
+    for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):  # pass 3
+        grad_z, chunk_sums = plan.grad_fn(student.logits[k], teacher.logits[k], student.lse, student.lse_raw,
+                                          teacher.lse, sums, plan.inv_tau, plan.divergence, plan.beta, plan.ce_coef,
+                                          plan.kd_coef,
+                                          plan.fold_sums_into_grad)
+        if plan.fold_sums_into_grad:
+            sums = _accumulate(sums, chunk_sums)
+        push_back(grads, student, grad_z, student.logits[k], rows, v0, v1)
+    if grads is not None:
+        push_back_labels(grads, student, labels, rows, plan.ce_coef)
+    kd = plan.divergence.value(sums, plan.beta) * plan.tau**2
+    per_row = torch.stack([student.lse_raw - student.label_logit, kd, sums["p_log_p"] - sums["p_log_q"],
+                           -sums["p_log_p"], -sums["q_log_q"], (student.argmax == teacher.argmax).float(),
+                           teacher.lse_raw - teacher.label_logit])
+    return per_row.sum(1)
+
+
+# ---------------------------------------------------------------------------------------------------- no teacher
+class NoTeacher(Targets):
+    """No teacher (plain SFT): the loss is the student's CE alone, whatever kd_coef says."""
+
+    def weights(self, spec: LossSpec) -> tuple[float, float]:
+        return 1.0, 0.0
+
+    def block(self, plan, student, labels, rows, grads):
+        return student_block(plan, student, labels, rows, grads)
+
+
+NO_TEACHER = NoTeacher()
+
+
+def student_block(plan: KernelPlan, student: ModelBlock, labels, rows: slice, grads: Gradients | None):
+    """One token block without a teacher: CE only. Returns the block's metric sums."""
+    pass1_logits(student, plan.chunks, labels, plan.inv_tau)
+    for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):
+        probs = torch.exp(student.logits[k] - student.lse_raw[:, None])
+        push_back(grads, student, probs, student.logits[k], rows, v0, v1)
+    if grads is not None:
+        push_back_labels(grads, student, labels, rows, 1.0)
+    ce = (student.lse_raw - student.label_logit).sum()
+    return torch.cat([ce[None], ce.new_zeros(len(METRIC_NAMES) - 1)])
+
+
+# ---------------------------------------------------------------------------------------------------- a cached teacher
+@dataclass
+class SparseTargets(Targets):
+    """A cached teacher distribution per target row, at the run's temperature: `ids` [N, k] token ids, `log_p`
+    [N, k] their log-probabilities (-inf on an empty slot), `log_rest` [N] the log of the mass on every other token
+    (-inf when there is none: a sampled cache, or k = V). No two non-empty slots of a row hold the same id. The
+    divergence is taken between the bucketed distributions (`bucket_block`)."""
+    ids: torch.Tensor
+    log_p: torch.Tensor
+    log_rest: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> SparseTargets:
+        return SparseTargets(self.ids[rows], self.log_p[rows], self.log_rest[rows])
+
+    def block(self, plan, student, labels, rows, grads):
+        return bucket_block(plan, student, self[rows], labels, rows, grads)
+
+
+def mass_on_buckets(model: ModelBlock, chunks, ids: torch.Tensor, inv_tau: float):
+    """A model's tempered distribution over the buckets `ids` [rows, k] + the rest, from its pass-1 logits: log q at
+    the ids (gathered from the chunk that holds each), the log of its mass on all other tokens (a log-sum-exp over
+    each chunk with the ids masked out, exact even when that mass is ~0, as it is at k = V), and Σ q·log q over the
+    whole vocabulary. Pass 2 of a cached teacher for the student; the cache's builder uses it for the teacher."""
+    a_cached = torch.zeros(ids.shape, device=ids.device)
+    lse_rest = torch.full(ids.shape[:1], -math.inf, device=ids.device)
+    q_log_q = torch.zeros(ids.shape[:1], device=ids.device)
+    for z, (v0, v1) in zip(model.logits, chunks):
+        here, local = _in_chunk(ids, v0, v1)
+        a = z if inv_tau == 1.0 else z * inv_tau
+        a_cached = torch.where(here, a.gather(1, local), a_cached)
+        lse_rest = torch.logaddexp(lse_rest, torch.logsumexp(_rest_only(a, ids, v0, v1), dim=1))
+        log_q = a - model.lse[:, None]
+        q_log_q += row_dot(log_q.exp(), log_q)
+    return a_cached - model.lse[:, None], lse_rest - model.lse, q_log_q
+
+
+def _in_chunk(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which ids fall in columns [v0, v1), their column in the chunk, clamped into it where they do not)."""
+    return (ids >= v0) & (ids < v1), (ids - v0).clamp(0, v1 - v0 - 1)
+
+
+def _rest_only(a: torch.Tensor, ids: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """A chunk's tempered logits or log-probabilities (columns [v0, v1)) with the cached ids' columns at -inf: the
+    rest bucket's tokens."""
+    here, local = _in_chunk(ids, v0, v1)
+    hit = torch.zeros(a.shape[0], v1 - v0 + 1, dtype=torch.bool, device=a.device)
+    hit.scatter_(1, torch.where(here, local, v1 - v0), True)  # the extra last column takes the misses
+    return a.masked_fill(hit[:, :-1], -math.inf)
+
+
+def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, labels, rows: slice,
+                 grads: Gradients | None) -> torch.Tensor:
+    """One token block against a cached teacher: D between the bucketed distributions, the k cached tokens plus one
+    bucket for the rest (the student's rest is 1 - Σ_k q). Returns the block's metric sums, ordered as METRIC_NAMES.
+
+    With w = ∂D/∂log Q per bucket (`Divergence.on_buckets`; w_r the rest's) and Q_r the student's rest mass, the
+    gradient with respect to the tempered logits is
+        dD/da_v = -q_v·Σ_B w_B  +  [v in the rest]·(q_v / Q_r)·w_r  +  [v cached]·w_v,
+    two dense terms (the softmax, and the rest's own softmax q_v / Q_r = exp(log q_v - log Q_r) ≤ 1, each times a
+    per-row constant) and a sparse term scattered into the chunk that holds each cached id. Every
+    factor is bounded, so the gradient is finite and keeps its pull at any logit gap: a token the student has all but
+    ruled out (q_v = 0 in fp32) still gets -w_v = p_v under forward KL. Only the student's head is multiplied: the
+    teacher side is [rows, k] numbers read from disk."""
+    pass1_logits(student, plan.chunks, labels, plan.inv_tau)
+    log_q_cached, log_q_rest, q_log_q = mass_on_buckets(student, plan.chunks, cached.ids, plan.inv_tau)
+    log_q_cached = log_q_cached.masked_fill(cached.log_p == -math.inf, -math.inf)  # empty slots are no bucket
+    log_p = torch.cat([cached.log_p, cached.log_rest[:, None]], 1)
+    log_q = torch.cat([log_q_cached, log_q_rest[:, None]], 1)
+    b = Buckets(log_p, log_q, log_p.exp(), log_q.exp())
+    value, w = plan.divergence.on_buckets(b, plan.beta)
+    kd_scale = plan.kd_coef / plan.inv_tau  # d(τ²·D)/dz = τ·dD/da
+    # Σ_B Q_B is 1 but for the rounding of the student's log-sum-exp; dividing by it cancels that rounding, which the
+    # softmax term would otherwise multiply by Σ w (reverse KL's D, large where the two models disagree)
+    minus_total = -w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
+    w_rest, w_cached = w[:, -1:], w[:, :-1] * kd_scale
+    log_rest = torch.where(log_q_rest > -math.inf, log_q_rest, 0.0)[:, None]  # a row without a rest never reads it
+    for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):
+        z = student.logits[k]
+        log_q = (z if plan.inv_tau == 1.0 else z * plan.inv_tau) - student.lse[:, None]
+        q = log_q.exp()
+        probs = q if plan.inv_tau == 1.0 else torch.exp(z - student.lse_raw[:, None])
+        rest_share = _rest_only(log_q, cached.ids, v0, v1).sub_(log_rest).exp_()  # q_v / Q_r, 0 on the cached ids
+        kd_grad = torch.addcmul(q * minus_total, rest_share, w_rest)
+        grad_z = torch.add(probs * plan.ce_coef, kd_grad, alpha=kd_scale)
+        here, local = _in_chunk(cached.ids, v0, v1)
+        grad_z.scatter_add_(1, local, torch.where(here, w_cached, 0.0))
+        push_back(grads, student, grad_z, z, rows, v0, v1)
+    if grads is not None:
+        push_back_labels(grads, student, labels, rows, plan.ce_coef)
+    is_label = cached.ids == labels[:, None]
+    teacher_log_p_label = torch.where(is_label.any(1), torch.where(is_label, cached.log_p, -math.inf).amax(1),
+                                      cached.log_rest)
+    teacher_top = cached.ids.gather(1, cached.log_p.argmax(1, keepdim=True))[:, 0]
+    per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.tau**2,
+                           xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q_log_q,
+                           (student.argmax == teacher_top).float(), -teacher_log_p_label])
+    return per_row.sum(1)
