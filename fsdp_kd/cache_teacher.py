@@ -27,7 +27,7 @@ from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_proces
 from .heads import verify_head
 from .loss import LossSpec
 from .models import load_sharded, padding_id, resolve_dtype, shard_teacher, shared_vocab_size, tokenizer_or_error
-from .teacher_cache import META_FILE, CacheMeta, part_name, teacher_identity, teacher_rows, write_part
+from .teacher_cache import CACHE_MODES, META_FILE, CacheMeta, part_name, teacher_identity, teacher_rows, write_part
 from .tokenized import TOKEN_SETTINGS, open_sources, tokenizer_fingerprint
 
 class CacheBuilder:
@@ -50,7 +50,8 @@ class CacheBuilder:
         for source in self.sources:
             offsets.append(offsets[-1] + len(source))
         self.offsets = offsets
-        slots = min(cfg.cache_k, self.vocab_size) if cfg.cache_mode == "topk" else cfg.cache_n
+        self.mode = CACHE_MODES[cfg.cache_mode]
+        slots = self.mode.slots(getattr(cfg, self.mode.slots_key), self.vocab_size)
         self.meta = CacheMeta(
             mode=cfg.cache_mode, slots=slots, temperature=cfg.kd_temperature, vocab_size=self.vocab_size,
             log_p_dtype=cfg.cache_log_p_dtype, tokenizer=tokenizer_fingerprint(self.tokenizer),
@@ -95,8 +96,8 @@ class CacheBuilder:
         total = self.offsets[-1]
         chunks = range(-(-total // self.meta.samples_per_chunk))
         done = set(all_gather_object(sorted(self._finished_chunks()))[0])  # rank 0's view, for every rank
-        self.log(f"caching the teacher's {cfg.cache_mode} distribution ({'k' if cfg.cache_mode == 'topk' else 'n'} = "
-                 f"{self.meta.slots}, τ = {cfg.kd_temperature:g}) for {total} samples in {len(chunks)} chunks"
+        self.log(f"caching the teacher's {cfg.cache_mode} distribution ({self.mode.describe(self.meta.slots)}, "
+                 f"τ = {cfg.kd_temperature:g}) for {total} samples in {len(chunks)} chunks"
                  + (f"; {len(done)} chunks already done" if done else ""))
         tokens = written = 0
         progress = _progress(len(chunks), len(done), env.is_main)

@@ -406,8 +406,10 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("generate_temperature" if cfg.generate_temperature < 0 else "generate_top_p"
              if not 0 < cfg.generate_top_p <= 1 else "generate_max_new_tokens",
              "generate_temperature must be >= 0, generate_top_p in (0, 1], generate_max_new_tokens >= 1")
-    if cfg.cache_mode not in ("topk", "sampled"):
-        fail("cache_mode", f"cache_mode must be topk or sampled, got {cfg.cache_mode!r}")
+    from .teacher_cache import CACHE_MODES  # not at the top: teacher_cache imports this module
+
+    if cfg.cache_mode not in CACHE_MODES:
+        fail("cache_mode", f"cache_mode must be {' or '.join(CACHE_MODES)}, got {cfg.cache_mode!r}")
     if cfg.cache_k < 1 or not 1 <= cfg.cache_n <= 255:
         fail("cache_k" if cfg.cache_k < 1 else "cache_n", "cache_k must be >= 1 and cache_n in [1, 255] (counts are "
                                                           f"stored in a byte), got {cfg.cache_k} and {cfg.cache_n}")

@@ -1,10 +1,15 @@
 """Teacher distributions on disk: what `python -m fsdp_kd.cache_teacher` writes and `train.py --teacher_cache` reads.
 
-For every trained token the cache keeps a compact stand-in for the teacher's distribution p at the temperature τ:
+For every trained token the cache keeps a compact stand-in for the teacher's distribution p at the temperature τ, in
+one of the modes of `CACHE_MODES`:
   topk     the k most likely ids, their log-probabilities, and the log of the mass on every other token (the
            "rest" bucket); training takes the divergence between the bucketed distributions, exact at k = V;
   sampled  n draws from p, stored as the distinct ids with their counts; p̂ = counts / n is an unbiased estimate
            of p, so forward KL's gradient q - p̂ is an unbiased estimate of the live one.
+A mode is one `CacheMode` entry, which says all there is to it: how its rows are built from the teacher's logits, the
+columns a part stores, the targets the loss takes from them, its metric names and the divergences it can train. A
+cache of the teacher's final hidden states would be one more entry, whose targets are `kernel.LiveTargets` (the stored
+states with the teacher's head).
 
 Layout of a cache directory:
   cache.json                what the cache is valid for (tokenizer, the data's sample hashes and settings, teacher,
@@ -12,8 +17,8 @@ Layout of a cache directory:
   part-CCCCCC-rRRR-of-WWW.safetensors
                             chunk C of the samples as built by rank R of W: `sample` (the cache's sample index),
                             `offsets` (each sample's token rows), `ids` (uint8 [tokens, slots, bytes]: the fewest
-                            little-endian bytes that hold the vocabulary), and `log_p` + `log_rest` (topk, 16-bit by
-                            default) or `counts` (sampled, uint8)
+                            little-endian bytes that hold the vocabulary), and the mode's other columns: `log_p` +
+                            `log_rest` (topk, 16-bit by default) or `counts` (sampled, uint8)
 A part is written to a temporary name and renamed, so a killed build keeps its finished parts and loses no more
 than the parts in flight.
 """
@@ -25,18 +30,20 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from .config import ConfigError
 from .data import to_device
-from .kernel import Head, ModelBlock, SparseTargets, choose_chunks, mass_on_buckets, pass1_logits, vocab_chunks
+from .divergences import DIVERGENCES
+from .kernel import (Head, ModelBlock, SparseTargets, Targets, choose_chunks, mass_on_buckets, pass1_logits,
+                     vocab_chunks)
 from .loss import LossSpec, loss_against
 
 META_FILE = "cache.json"
 FORMAT_VERSION = 1
-MODES = ("topk", "sampled")
 LOG_P_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OPEN_PARTS = 128  # parts a reader keeps open, each one memory map: far below vm.max_map_count (65530)
 
@@ -96,19 +103,16 @@ def run_counts(sorted_ids: torch.Tensor) -> torch.Tensor:
 def teacher_rows(hidden: torch.Tensor, head: Head, spec: LossSpec, vocab_size: int, mode: str, slots: int,
                  generator: torch.Generator | None) -> tuple[torch.Tensor, ...]:
     """The cached form of the teacher's distribution at each row of `hidden` (its final hidden states at the target
-    rows): (ids, log_p, log_rest) for topk, (ids, counts) for sampled. Walks token blocks and vocabulary chunks as
-    the loss does (`choose_chunks`), so no [tokens × vocabulary] tensor exists."""
+    rows): the columns of `mode` (`CACHE_MODES`). Walks token blocks and vocabulary chunks as the loss does
+    (`choose_chunks`), so no [tokens × vocabulary] tensor exists."""
+    build = CACHE_MODES[mode].build_rows
     rows, cols = choose_chunks(spec, hidden.device, hidden.shape[0], vocab_size, 1)
     chunks = vocab_chunks(vocab_size, cols)
     weight = head.weight.to(hidden.dtype)
     parts = []
     for r0 in range(0, hidden.shape[0], rows):
         block = ModelBlock(head, weight, head.bias, hidden[r0:r0 + rows])
-        if mode == "topk":
-            cached = teacher_topk(block, chunks, slots, 1.0 / spec.temperature)
-            parts.append((cached.ids, cached.log_p, cached.log_rest))
-        else:
-            parts.append(teacher_samples(block, chunks, slots, 1.0 / spec.temperature, generator))
+        parts.append(build(block, chunks, slots, 1.0 / spec.temperature, generator))
     return tuple(torch.cat(column) for column in zip(*parts))
 
 
@@ -145,7 +149,7 @@ def part_name(chunk: int, rank: int, world: int) -> str:
 class CacheMeta:
     """What a cache holds and what it is valid for (cache.json)."""
     mode: str
-    slots: int  # k (topk) or n (sampled)
+    slots: int  # per token: the mode's k (topk) or n (sampled)
     temperature: float
     vocab_size: int
     log_p_dtype: str
@@ -184,23 +188,100 @@ class CacheMeta:
         return sum(s["samples"] for s in self.sources)
 
 
+# ------------------------------------------------------------------------------------------------ the modes
+@dataclass(frozen=True)
+class Column:
+    """One tensor a cache mode keeps per token row: its shape past the row (one value per slot, or one value) and
+    dtype as the mode builds it, how a part stores it (`store`, on the host), and what a column read back becomes on
+    the device (`load`)."""
+    name: str
+    per_slot: bool
+    dtype: torch.dtype
+    store: Callable[[torch.Tensor, CacheMeta], torch.Tensor]
+    load: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _log_p_column(name: str, per_slot: bool) -> Column:
+    """Log-probabilities, stored in the cache's `log_p_dtype` (16-bit by default), read as fp32."""
+    return Column(name, per_slot, torch.float32, lambda t, meta: t.to(LOG_P_DTYPES[meta.log_p_dtype]),
+                  torch.Tensor.float)
+
+
+IDS = Column("ids", True, torch.long, lambda t, meta: encode_ids(t, id_bytes(meta.vocab_size)), decode_ids)
+COUNTS = Column("counts", True, torch.long, lambda t, meta: t.to(torch.uint8), torch.Tensor.float)  # n <= 255
+
+
+@dataclass(frozen=True)
+class CacheMode:
+    """One way of storing the teacher's distribution at a token, whole: what the build stores per token (its
+    `columns`, made by `build_rows` from a teacher block's logits at τ), what training sends the loss from them
+    (`targets`, any `kernel.Targets`), how the loss's metrics read against it (`metric_names`; None drops one), and
+    the divergences it can train (refused otherwise, saying what the mode `lacks`)."""
+    name: str
+    slots_key: str  # the config key of its slots per token
+    slots: Callable[[int, int], int]  # (that key's value, vocabulary size) -> the slots stored per token
+    build_rows: Callable[[ModelBlock, list[tuple[int, int]], int, float, torch.Generator | None],
+                         tuple[torch.Tensor, ...]]  # (block, chunks, slots, 1/τ, generator) -> the columns
+    columns: tuple[Column, ...]
+    targets: Callable[[dict[str, torch.Tensor], CacheMeta], Targets]  # the columns loaded on the device -> targets
+    metric_names: Callable[[CacheMeta], dict[str, str | None]]
+    divergences: tuple[str, ...] = tuple(DIVERGENCES)
+    lacks: str = ""
+
+    def describe(self, slots: int) -> str:
+        """Its size per token as the config names it, e.g. "k = 64"."""
+        return f"{self.slots_key.removeprefix('cache_')} = {slots}"
+
+
+def _topk_rows(block: ModelBlock, chunks, k: int, inv_tau: float, generator) -> tuple[torch.Tensor, ...]:
+    top = teacher_topk(block, chunks, k, inv_tau)
+    return top.ids, top.log_p, top.log_rest
+
+
+def _topk_metric_names(meta: CacheMeta) -> dict[str, str | None]:
+    """Over buckets. The live teacher_ce is at τ = 1; the cache holds the teacher at kd_temperature only, from which
+    τ = 1 cannot be recovered, so a tempered cache's teacher CE says so."""
+    teacher_ce = "teacher_ce_buckets" + ("" if meta.temperature == 1.0 else "_at_kd_temperature")
+    return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": teacher_ce}
+
+
+def _sampled_targets(columns: dict[str, torch.Tensor], meta: CacheMeta) -> SparseTargets:
+    """p̂ = counts / n (-inf on the empty slots), with no rest: the draws are all the cache knows."""
+    ids = columns["ids"]
+    log_p = torch.log(columns["counts"] / meta.slots)
+    return SparseTargets(ids, log_p, torch.full(ids.shape[:1], -math.inf, device=ids.device))
+
+
+CACHE_MODES: dict[str, CacheMode] = {
+    # the k most likely ids, their log-probabilities and the rest bucket: exact at k = V, biased (the tail's shape
+    # is lost) below it
+    "topk": CacheMode(
+        "topk", "cache_k", slots=min, build_rows=_topk_rows,
+        columns=(IDS, _log_p_column("log_p", per_slot=True), _log_p_column("log_rest", per_slot=False)),
+        targets=lambda columns, meta: SparseTargets(columns["ids"], columns["log_p"], columns["log_rest"]),
+        metric_names=_topk_metric_names),
+    # n draws as distinct ids with counts: p̂ is unbiased, but 0 off the draws
+    "sampled": CacheMode(
+        "sampled", "cache_n", slots=lambda n, vocab_size: n, build_rows=teacher_samples, columns=(IDS, COUNTS),
+        targets=_sampled_targets,
+        metric_names=lambda meta: {"kl": "kl_estimate", "teacher_entropy": "teacher_entropy_estimate",
+                                   "teacher_ce": None, "kd": "kd_estimate"},
+        divergences=("forward_kl",),
+        lacks="the teacher's probability of every token the student gives mass to, which a sampled cache does not "
+              "have (p̂ is 0 off its draws)"),
+}
+
+
 def no_rows(meta: CacheMeta) -> tuple[torch.Tensor, ...]:
     """`teacher_rows`'s columns for no rows: what a rank holds where its share of the samples is only masked copies
     (a chunk with fewer samples than ranks, an evaluation micro-batch past the end of the data)."""
-    ids = torch.zeros((0, meta.slots), dtype=torch.long)
-    if meta.mode == "topk":
-        return ids, torch.zeros((0, meta.slots)), torch.zeros(0)
-    return ids, torch.zeros((0, meta.slots), dtype=torch.long)
+    return tuple(torch.zeros((0, meta.slots) if c.per_slot else (0,), dtype=c.dtype)
+                 for c in CACHE_MODES[meta.mode].columns)
 
 
 def stored_columns(meta: CacheMeta, columns: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-    """`teacher_rows`'s columns as a part stores them: packed ids, 16-bit log-probabilities, uint8 counts."""
-    ids = encode_ids(columns[0].cpu(), id_bytes(meta.vocab_size)).contiguous()
-    if meta.mode == "topk":
-        dtype = LOG_P_DTYPES[meta.log_p_dtype]
-        return {"ids": ids, "log_p": columns[1].cpu().to(dtype).contiguous(),
-                "log_rest": columns[2].cpu().to(dtype).contiguous()}
-    return {"ids": ids, "counts": columns[1].cpu().to(torch.uint8).contiguous()}
+    """`teacher_rows`'s columns as a part stores them (packed ids, 16-bit log-probabilities, uint8 counts)."""
+    return {c.name: c.store(t.cpu(), meta).contiguous() for c, t in zip(CACHE_MODES[meta.mode].columns, columns)}
 
 
 def write_part(directory: str, name: str, samples: list[int], rows: list[tuple[torch.Tensor, ...]],
@@ -253,11 +334,11 @@ def check_cache_fits(meta: CacheMeta, directory: str, cfg, tokenizer, sources, d
             why = "; ".join(changed) if changed else "its files changed, or they are other files"
             raise ConfigError(f"{where} does not hold this run's data: {source.path} tokenizes to samples that the "
                               f"cache was not built from ({why}); build a cache for this data")
-    if meta.mode == "sampled" and divergence != "forward_kl":
-        raise ConfigError(f"key kd_loss: {divergence} needs the teacher's probability of every token the student "
-                          "gives mass to, which a sampled cache does not have (p̂ is 0 off its draws); use "
-                          "forward_kl, or a topk cache")
-
+    mode = CACHE_MODES[meta.mode]
+    if divergence not in mode.divergences:
+        others = [m.name for m in CACHE_MODES.values() if divergence in m.divergences]
+        raise ConfigError(f"key kd_loss: {divergence} needs {mode.lacks}; use {' or '.join(mode.divergences)}"
+                          + (f", or a {' or '.join(others)} cache" if others else ""))
 
 
 class CachedTeacher:
@@ -272,6 +353,7 @@ class CachedTeacher:
         from safetensors import safe_open
 
         self.directory, self.meta, self.device = directory, meta, device
+        self.mode = CACHE_MODES[meta.mode]
         self.source_offset = {s["samples_sha256"]: s["offset"] for s in meta.sources}
         total = meta.num_samples
         self.part = np.full(total, -1, dtype=np.int64)
@@ -296,14 +378,9 @@ class CachedTeacher:
 
     @property
     def metric_names(self) -> dict[str, str | None]:
-        """How the loss's metrics read against this cache: over buckets (topk), or estimated from draws (sampled);
-        None drops a metric that the cache cannot give. The live teacher_ce is at τ = 1; the cache holds the teacher
-        at kd_temperature only, from which τ = 1 cannot be recovered, so a tempered cache's teacher CE says so."""
-        if self.meta.mode == "topk":
-            teacher_ce = "teacher_ce_buckets" + ("" if self.meta.temperature == 1.0 else "_at_kd_temperature")
-            return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": teacher_ce}
-        return {"kl": "kl_estimate", "teacher_entropy": "teacher_entropy_estimate", "teacher_ce": None,
-                "kd": "kd_estimate"}
+        """How the loss's metrics read against this cache (its mode's names: over buckets, estimated from draws);
+        None drops a metric that the cache cannot give."""
+        return self.mode.metric_names(self.meta)
 
     def index_of(self, source_sha: str, row: int) -> int:
         return self.source_offset[source_sha] + row
@@ -312,33 +389,28 @@ class CachedTeacher:
         """The cached distributions at the batch's target rows, in their order (samples in layout order, each
         sample's targets in position order). A batch of only masked copies has no samples and gets no rows."""
         host = self._read(batch.sample_keys) if batch.sample_keys else stored_columns(self.meta, no_rows(self.meta))
-        if host["ids"].shape[0] != batch.trainable_tokens:
-            raise ConfigError(f"key teacher_cache: the cache holds {host['ids'].shape[0]} target rows for a "
-                              f"micro-batch that has {batch.trainable_tokens}; it was built from other data")
-        on_device = {name: to_device(t, self.device) for name, t in host.items()}
-        ids = decode_ids(on_device["ids"])
-        if self.meta.mode == "topk":
-            return CachedTargets(SparseTargets(ids, on_device["log_p"].float(), on_device["log_rest"].float()))
-        counts = on_device["counts"].float()
-        log_p = torch.log(counts / self.meta.slots)  # -inf on the empty slots
-        return CachedTargets(SparseTargets(ids, log_p, torch.full(ids.shape[:1], -math.inf, device=ids.device)))
+        rows = host[self.mode.columns[0].name].shape[0]
+        if rows != batch.trainable_tokens:
+            raise ConfigError(f"key teacher_cache: the cache holds {rows} target rows for a micro-batch that has "
+                              f"{batch.trainable_tokens}; it was built from other data")
+        loaded = {c.name: c.load(to_device(host[c.name], self.device)) for c in self.mode.columns}
+        return CachedTargets(self.mode.targets(loaded, self.meta))
 
     def _read(self, sample_keys: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """The stored columns of these samples' rows, concatenated on the host."""
         pieces: dict[str, list[torch.Tensor]] = {}
-        names = ("ids", "log_p", "log_rest") if self.meta.mode == "topk" else ("ids", "counts")
         for source, row in sample_keys:
             i = self.index_of(source, row)
             handle, start, end = self._open(int(self.part[i])), int(self.start[i]), int(self.end[i])
-            for name in names:
-                pieces.setdefault(name, []).append(handle.get_slice(name)[start:end])
+            for column in self.mode.columns:
+                pieces.setdefault(column.name, []).append(handle.get_slice(column.name)[start:end])
         return {name: torch.cat(parts) for name, parts in pieces.items()}
 
 
 @dataclass
 class CachedTargets:
-    """A micro-batch's cached teacher distributions, applied by the loss as buckets."""
-    sparse: SparseTargets
+    """A micro-batch's cached teacher distributions, as its cache mode hands them to the loss."""
+    sparse: Targets
 
     def distill(self, hidden: torch.Tensor, head, labels: torch.Tensor, spec, vocab_size: int):
         return loss_against(hidden, head, labels, spec, vocab_size, self.sparse)
