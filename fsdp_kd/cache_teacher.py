@@ -22,11 +22,11 @@ import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig, parse_config
 from .data import collate, collate_packed, eval_shards
-from .distill import LiveTeacher
+from .distill import LiveSetup
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
 from .heads import verify_head
 from .loss import LossSpec
-from .models import load_sharded, padding_id, resolve_dtype, shard_teacher, shared_vocab_size, tokenizer_or_error
+from .models import padding_id, resolve_dtype, tokenizer_or_error
 from .teacher_cache import CACHE_MODES, META_FILE, CacheMeta, part_name, teacher_identity, teacher_rows, write_part
 from .tokenized import TOKEN_SETTINGS, open_sources, tokenizer_fingerprint
 
@@ -43,7 +43,8 @@ class CacheBuilder:
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ConfigError(f"key teacher_cache: {self.directory} is a file, not a directory")
         self.tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
-        self.vocab_size = shared_vocab_size(self.tokenizer, tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg))
+        self.teacher_setup = LiveSetup(cfg, self.tokenizer)
+        self.vocab_size = self.teacher_setup.vocab_size
         train, held_out = open_sources(cfg, self.tokenizer, env.local_rank, all_gather_object, self.log)
         self.sources = list({s.samples_sha256: s for s in train + ([held_out] if held_out else [])}.values())
         offsets = [0]
@@ -85,12 +86,11 @@ class CacheBuilder:
             self.log(f"teacher cache {self.directory} is already complete; nothing to do")
             return
         started = time.time()
-        teacher = load_sharded(cfg.teacher_model, cfg, env, resolve_dtype(cfg, env.device), shard_teacher, "teacher",
-                               self.vocab_size)
+        teacher = self.teacher_setup.load_model(env, resolve_dtype(cfg, env.device))
         with teacher.gathered_head():
             teacher(verify_head, "teacher", self.vocab_size, env.device)
         teacher.reshard_everything()
-        source = LiveTeacher(teacher)
+        source = self.teacher_setup.open(env.device)
         spec = LossSpec(temperature=cfg.kd_temperature, vocab_chunk=cfg.kd_vocab_chunk,
                         token_chunk=cfg.kd_token_chunk, chunk_budget_mb=cfg.kd_chunk_budget_mb)
         total = self.offsets[-1]

@@ -341,6 +341,33 @@ def check_cache_fits(meta: CacheMeta, directory: str, cfg, tokenizer, sources, d
                           + (f", or a {' or '.join(others)} cache" if others else ""))
 
 
+class CacheSetup:
+    """The trainer's steps for a teacher read from a cache (an entry of `distill.TEACHER_SOURCES`): the cache's
+    record gives the vocabulary, the cache must fit the run's data before any model loads, and no teacher model
+    loads at all."""
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.directory = cfg, os.path.expanduser(cfg.teacher_cache)
+        self.meta = CacheMeta.load(self.directory)
+        self.vocab_size = self.meta.vocab_size
+
+    def check(self, tokenizer, sources) -> None:
+        cfg = self.cfg
+        check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources,
+                         LossSpec(divergence=cfg.kd_loss, jsd_beta=cfg.jsd_beta).effective_divergence)
+
+    def load_model(self, env, dtype) -> None:
+        return None
+
+    def open(self, device: torch.device) -> CachedTeacher:
+        return CachedTeacher(self.directory, self.meta, device)
+
+    def describe(self) -> list[str]:
+        meta, size = self.meta, CACHE_MODES[self.meta.mode].describe(self.meta.slots)
+        return [f"teacher: no model loaded; its {meta.mode} distributions ({size}) from the cache "
+                f"{self.cfg.teacher_cache}, {meta.bytes / max(meta.tokens, 1):.0f} bytes per token"]
+
+
 class CachedTeacher:
     """Teacher targets read from a cache, in place of a live teacher (see `distill.LiveTeacher`).
 

@@ -23,9 +23,8 @@ from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulat
 from .data import (Concatenated, EpochOrder, MicroBatch, Rows, SampleTable, StepSampler, collate, collate_packed,
                    eval_shards, padding_efficiency, to_device)
 from .records import Sample, check_data_path, looks_local
-from .teacher_cache import CacheMeta, CachedTeacher, check_cache_fits
 from .tokenized import open_sources
-from .distill import LiveTeacher, student_loss
+from .distill import setup_teacher, student_loss
 from .distributed import DistEnv, all_gather_object, all_reduce_sum
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
@@ -33,7 +32,7 @@ from .on_policy import GenerationSettings, GenerationStats, OnPolicy, stop_token
 from .heads import verify_head
 from .startup import CLOCK
 from .models import (ShardedCausalLM, check_model_dir, load_sharded, padding_id, parameter_count, resolve_dtype,
-                     shard_student, shard_teacher, shared_vocab_size, tokenizer_or_error)
+                     shard_student, tokenizer_or_error)
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
@@ -220,23 +219,15 @@ class Trainer:
                                                               ", or pass --load_checkpoint to resume that run"))
 
         self.tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
-        self.vocab_size = len(self.tokenizer)
         self.pad_id = padding_id(self.tokenizer)
-        self.cache_meta = None
-        if cfg.teacher_cache:  # the teacher's distributions come from disk: no teacher model is loaded
-            self.cache_meta = CacheMeta.load(os.path.expanduser(cfg.teacher_cache))
-            self.vocab_size = self.cache_meta.vocab_size
-        elif cfg.teacher_model:
-            teacher_tok = tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg)
-            self.vocab_size = shared_vocab_size(self.tokenizer, teacher_tok)
+        self.teacher_setup = setup_teacher(cfg, self.tokenizer)  # live, cache or none (distill.TEACHER_SOURCES)
+        self.vocab_size = self.teacher_setup.vocab_size
         CLOCK.lap("tokenizers")
 
         self.train_samples, self.eval_samples = self._load_data()
         if self.resume_from:
             ckpt.check_same_data(self.resume_from, self.training_data, self.log)
-        if self.cache_meta is not None:
-            check_cache_fits(self.cache_meta, cfg.teacher_cache, cfg, self.tokenizer, self.sources,
-                             LossSpec(divergence=cfg.kd_loss, jsd_beta=cfg.jsd_beta).effective_divergence)
+        self.teacher_setup.check(self.tokenizer, self.sources)
         self.sampler = StepSampler(self.epoch_order, cfg, env.rank, env.world_size, self.accumulation)
         self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
         if cfg.max_steps is not None:
@@ -308,10 +299,7 @@ class Trainer:
         # fp32 master weights for the student; the frozen teacher only ever computes, in the compute dtype
         self.student: ShardedCausalLM = load_sharded(cfg.pretrain, cfg, env, torch.float32, shard_student, "student",
                                                      self.vocab_size)
-        self.teacher: ShardedCausalLM | None = None
-        if cfg.teacher_model and not cfg.teacher_cache:
-            self.teacher = load_sharded(cfg.teacher_model, cfg, env, compute_dtype, shard_teacher, "teacher",
-                                        self.vocab_size)
+        self.teacher: ShardedCausalLM | None = self.teacher_setup.load_model(env, compute_dtype)
         CLOCK.lap("models")
         for role, root in (("student", self.student), ("teacher", self.teacher)):
             if root is not None:
@@ -319,9 +307,7 @@ class Trainer:
                     root(verify_head, role, self.vocab_size, env.device)
                 root.reshard_everything()
         CLOCK.lap("head probes")
-        self.teacher_source = LiveTeacher(self.teacher) if self.teacher else None
-        if self.cache_meta is not None:
-            self.teacher_source = CachedTeacher(os.path.expanduser(cfg.teacher_cache), self.cache_meta, env.device)
+        self.teacher_source = self.teacher_setup.open(env.device)
         self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher_source else 0.0, divergence=cfg.kd_loss,
                              jsd_beta=cfg.jsd_beta, temperature=cfg.kd_temperature,
                              vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk,
@@ -361,14 +347,7 @@ class Trainer:
             f"student {parameter_count(self.student) / 1e6:.2f}M params: FSDP2 full shard, compute {compute_dtype}, "
             f"fp32 master weights and gradient reduction, activation checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
         ]
-        if self.teacher:
-            lines.append(f"teacher {parameter_count(self.teacher) / 1e6:.2f}M params: frozen, FSDP2 full shard, "
-                         f"CPU offload {'on' if cfg.teacher_offload else 'off'}; shared vocabulary {self.vocab_size}")
-        if self.cache_meta is not None:
-            meta = self.cache_meta
-            lines.append(f"teacher: no model loaded; its {meta.mode} distributions ("
-                         f"{'k' if meta.mode == 'topk' else 'n'} = {meta.slots}) from the cache {cfg.teacher_cache}, "
-                         f"{meta.bytes / max(meta.tokens, 1):.0f} bytes per token")
+        lines += self.teacher_setup.describe()
         lines += [
             f"batch: {cfg.train_batch_size} sequences/step (~{cfg.train_batch_size * seq_tokens:.0f} tokens) = "
             f"{cfg.micro_train_batch_size} micro × {self.accumulation} accumulation × {env.world_size} ranks",
