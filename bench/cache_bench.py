@@ -42,7 +42,7 @@ def worker(args) -> None:
     from fsdp_kd.models import resolve_dtype, shard_student, shard_teacher
     from fsdp_kd.records import IGNORE_INDEX
     from fsdp_kd.teacher_cache import CachedTeacher, CacheMeta, part_name, teacher_rows, write_part
-    from fsdp_kd.trainer import peak_memory_gb
+    from fsdp_kd.run_log import peak_memory_gb
 
     env = init_distributed()
     cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.5, teacher_model="-", param_dtype=args.param_dtype)

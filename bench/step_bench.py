@@ -146,7 +146,7 @@ def worker(args) -> None:
     from fsdp_kd.loss import LossSpec
     from fsdp_kd.models import parameter_count, resolve_dtype, shard_student, shard_teacher
     from fsdp_kd.distill import LiveTeacher, student_loss
-    from fsdp_kd.trainer import peak_memory_gb
+    from fsdp_kd.run_log import peak_memory_gb
 
     env = init_distributed()
     torch.manual_seed(0)
@@ -232,7 +232,7 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
     from fsdp_kd.distill import LiveTeacher, student_loss
     from fsdp_kd.distributed import teardown
     from fsdp_kd.on_policy import GenerationSettings, generate, with_response
-    from fsdp_kd.trainer import peak_memory_gb
+    from fsdp_kd.run_log import peak_memory_gb
 
     # the last id as the only stop token: a random model almost never samples it, so every response is full length
     settings = GenerationSettings(args.gen_tokens, 1.0, 1.0, (args.vocab - 1,), args.seq + args.gen_tokens, 0)

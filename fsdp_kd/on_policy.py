@@ -201,3 +201,19 @@ class OnPolicy:
             stats.tokens += sum(map(len, responses))
             stats.seconds += seconds
         return out, flags, stats
+
+
+def on_policy_metrics(metrics: dict, kl_on: float, tokens_on: float, on_batches: float, batches: float,
+                       sequences: float, generated: float, seconds: float, world_size: int) -> dict[str, float]:
+    """The on-policy share of micro-batches, what generation did, and the KL on and off the student's own text."""
+    out = {"on_policy_share": on_batches / max(batches, 1.0),
+           "generated_len": generated / max(sequences, 1.0),
+           "gen_tokens_per_sec": generated / max(seconds / world_size, 1e-9) if generated else 0.0}
+    kl_key = next((k for k in ("kl", "kl_buckets", "kl_estimate") if k in metrics), None)
+    if kl_key is not None:
+        tokens_off = metrics["tokens"] - tokens_on
+        if tokens_on:
+            out["kl_on_policy"] = kl_on / tokens_on
+        if tokens_off:
+            out["kl_off_policy"] = (metrics[kl_key] * metrics["tokens"] - kl_on) / tokens_off
+    return out

@@ -1,12 +1,12 @@
 """The training loop: one optimizer step = accumulate micro-batches, clip, step, log; that is all.
 
 Order of work at start is deliberate: everything that can reject the run cheaply (paths, output directory,
-tokenizers, data, checkpoint compatibility) happens before either model is loaded.
+tokenizers, data, checkpoint compatibility: `preflight`) happens before either model is loaded. What the run reports
+and how it says it is `run_log`; where the teacher's targets come from is `distill.TEACHER_SOURCES`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -19,22 +19,22 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, config_to_yaml, gradient_accumulation_steps
-from .data import (Concatenated, EpochOrder, MicroBatch, Rows, SampleTable, StepSampler, collate, collate_packed,
-                   eval_shards, padding_efficiency, to_device)
-from .records import Sample, check_data_path, looks_local
-from .tokenized import open_sources
+from .config import TrainConfig, config_to_yaml, gradient_accumulation_steps
+from .data import MicroBatch, StepSampler, collate, collate_packed, eval_shards, padding_efficiency, to_device
+from .records import Sample
 from .distill import setup_teacher, student_loss
-from .distributed import DistEnv, all_gather_object, all_reduce_sum
+from .distributed import DistEnv, all_reduce_sum
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
-from .on_policy import GenerationSettings, GenerationStats, OnPolicy, stop_token_ids
+from .on_policy import GenerationSettings, GenerationStats, OnPolicy, on_policy_metrics, stop_token_ids
 from .heads import verify_head
+from .preflight import check_paths, checkpoint_to_resume, open_training_data
+from .run_log import (METRICS_FILE, MetricsLog, SkipGuard, check_logger_packages, done_line, eval_line, peak_memory,
+                      step_line)
 from .startup import CLOCK
-from .models import (ShardedCausalLM, check_model_dir, load_sharded, padding_id, parameter_count, resolve_dtype,
-                     shard_student, tokenizer_or_error)
+from .models import (ShardedCausalLM, load_sharded, padding_id, parameter_count, resolve_dtype, shard_student,
+                     tokenizer_or_error)
 
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.yaml"
 # summed over tokens, micro-batches and ranks, then divided by "tokens"
 _SUMMED = ("loss",) + METRIC_NAMES + ("tokens",)
@@ -69,115 +69,6 @@ class StepWork:
     generation: GenerationStats
 
 
-def _on_policy_metrics(metrics: dict, kl_on: float, tokens_on: float, on_batches: float, batches: float,
-                       sequences: float, generated: float, seconds: float, world_size: int) -> dict[str, float]:
-    """The on-policy share of micro-batches, what generation did, and the KL on and off the student's own text."""
-    out = {"on_policy_share": on_batches / max(batches, 1.0),
-           "generated_len": generated / max(sequences, 1.0),
-           "gen_tokens_per_sec": generated / max(seconds / world_size, 1e-9) if generated else 0.0}
-    kl_key = next((k for k in ("kl", "kl_buckets", "kl_estimate") if k in metrics), None)
-    if kl_key is not None:
-        tokens_off = metrics["tokens"] - tokens_on
-        if tokens_on:
-            out["kl_on_policy"] = kl_on / tokens_on
-        if tokens_off:
-            out["kl_off_policy"] = (metrics[kl_key] * metrics["tokens"] - kl_on) / tokens_off
-    return out
-
-
-class NonFiniteTraining(RuntimeError):
-    """Too many steps in a row had a non-finite loss or gradient norm; raised alike on every rank."""
-    same_on_every_rank = True
-
-
-class SkipGuard:
-    """Counts consecutive skipped (non-finite) steps and stops the run when there are too many.
-
-    A single bad batch is skipped and training goes on; a run that keeps producing NaN or inf has diverged, and
-    going on would only burn GPU hours, so it stops and points at the last checkpoint written before the first
-    bad step (checkpoints are only written from finite weights)."""
-
-    def __init__(self, limit: int, ckpt_path: str):
-        self.limit, self.ckpt_path = limit, ckpt_path
-        self.in_a_row, self.first_bad = 0, None
-
-    def update(self, step: int, skipped: bool) -> None:
-        if not skipped:
-            self.in_a_row, self.first_bad = 0, None
-            return
-        self.in_a_row += 1
-        self.first_bad = self.first_bad or step
-        if self.in_a_row >= self.limit:
-            raise NonFiniteTraining(
-                f"steps {self.first_bad}-{step}: the loss or gradient norm was not finite {self.in_a_row} steps in a "
-                f"row (max_skipped_steps {self.limit}), so the run stopped; those steps did not update the weights. "
-                f"Last complete checkpoint: {ckpt.latest_checkpoint(self.ckpt_path)}. Lower learning_rate or "
-                "check the data, then resume with --load_checkpoint")
-
-
-def check_logger_packages(cfg: TrainConfig) -> None:
-    """Asked-for loggers must be importable; said before any heavy work."""
-    import importlib.util
-
-    for key, module, extra in (("use_tensorboard", "tensorboard", "tensorboard"), ("use_wandb", "wandb", "wandb")):
-        if getattr(cfg, key) and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"key {key}: the {module} package is not installed; pip install {extra} "
-                              f"(or drop --{key})")
-
-
-class MetricsLog:
-    """metrics.jsonl on rank 0, mirrored to TensorBoard and W&B when asked. On resume, lines past the resumed step
-    are dropped so the file reads as one run."""
-
-    def __init__(self, path: str, enabled: bool, resume_step: int | None, cfg: TrainConfig):
-        self.path, self.enabled = path, enabled
-        self.tensorboard = self.wandb = None
-        if not enabled:
-            return
-        if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(kept)
-        if cfg.use_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(cfg.use_tensorboard)
-        if cfg.use_wandb:
-            import wandb
-
-            self.wandb = wandb.init(project=cfg.use_wandb, config=cfg.to_dict(), resume="allow")
-
-    def close(self, failed: bool) -> None:
-        """Flushes and ends the mirrors, so a W&B run ends as finished or failed rather than "crashed"."""
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-            self.tensorboard = None
-        if self.wandb is not None:
-            self.wandb.finish(exit_code=1 if failed else 0)
-            self.wandb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        values = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                self.tensorboard.add_scalar(key, value, record["step"])
-            self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log(values, step=record["step"])
-
-
-def _hold_out(table: SampleTable, ratio: float, seed: int) -> tuple[Rows, Rows]:
-    """(train, held out): a seeded share of the table's rows, at least one, set aside for evaluation."""
-    order = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed)).numpy()
-    cut = max(1, int(len(table) * ratio))
-    return Rows(table, order[cut:]), Rows(table, order[:cut])
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: DistEnv, log=print):
         self.cfg, self.env = cfg, env
@@ -190,33 +81,10 @@ class Trainer:
     def _preflight(self) -> None:
         """Every cheap check, on every rank alike, before any model is loaded."""
         cfg, env = self.cfg, self.env
-        for key in ("pretrain", "teacher_model"):
-            path = getattr(cfg, key)
-            if path and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
-                raise ConfigError(f"key {key}: model directory not found: {path}")
-            if path and os.path.isdir(os.path.expanduser(path)):
-                check_model_dir(os.path.expanduser(path), key, cfg.trust_remote_code)
-        for path in cfg.dataset.split(","):
-            check_data_path(path, "dataset")
-        if cfg.eval_dataset:
-            check_data_path(cfg.eval_dataset, "eval_dataset")
+        check_paths(cfg)
         self.accumulation = gradient_accumulation_steps(cfg, env.world_size)
         check_logger_packages(cfg)
-
-        for key, path in (("save_path", cfg.save_path), ("ckpt_path", cfg.resolved_ckpt_path())):
-            if os.path.exists(path) and not os.path.isdir(path):
-                raise ConfigError(f"key {key}: {path} is a file, not a directory; choose a directory path")
-        self.resume_from = None
-        found = ckpt.complete_checkpoints(cfg.resolved_ckpt_path()) if cfg.load_checkpoint else []
-        if found:
-            self.resume_from = found[-1][1]
-            ckpt.check_resumable(self.resume_from, cfg)
-        elif _holds_a_run(cfg.save_path):
-            why = (f"--load_checkpoint found no complete checkpoint in {cfg.resolved_ckpt_path()} to resume, and "
-                   if cfg.load_checkpoint else "")
-            raise ConfigError(f"key save_path: {why}{cfg.save_path} already holds a model or metrics from an earlier "
-                              "run; choose a new save_path" + ("" if cfg.load_checkpoint else
-                                                              ", or pass --load_checkpoint to resume that run"))
+        self.resume_from = checkpoint_to_resume(cfg)
 
         self.tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
         self.pad_id = padding_id(self.tokenizer)
@@ -224,7 +92,9 @@ class Trainer:
         self.vocab_size = self.teacher_setup.vocab_size
         CLOCK.lap("tokenizers")
 
-        self.train_samples, self.eval_samples = self._load_data()
+        data = open_training_data(cfg, env, self.tokenizer, self.log)
+        self.train_samples, self.eval_samples, self.sources = data.train, data.held_out, data.sources
+        self.training_data, self.epoch_order = data.fingerprint, data.order
         if self.resume_from:
             ckpt.check_same_data(self.resume_from, self.training_data, self.log)
         self.teacher_setup.check(self.tokenizer, self.sources)
@@ -246,28 +116,6 @@ class Trainer:
                 f.write(config_to_yaml(cfg))
         if cfg.print_config:
             self.log("resolved config:\n" + config_to_yaml(cfg).rstrip())
-
-    def _load_data(self) -> tuple[SampleTable, list[Sample]]:
-        """The training table (one source, or several under an interleaved `EpochOrder`) and the held-out samples.
-        Each source is tokenized once per node into the cache and read memory-mapped (`tokenized`)."""
-        cfg = self.cfg
-        sources, eval_source = open_sources(cfg, self.tokenizer, self.env.local_rank, all_gather_object, self.log)
-        self.training_data = ckpt.data_fingerprint(sources)
-        self.sources = sources + ([eval_source] if eval_source is not None else [])
-        held_out: list[Sample] = []
-        if eval_source is not None:
-            held_out = [eval_source[i] for i in range(len(eval_source))]
-        elif cfg.eval_holdout_ratio > 0:
-            splits = [_hold_out(source, cfg.eval_holdout_ratio, cfg.seed) for source in sources]
-            sources = [train for train, _ in splits]
-            held_out = [held[i] for _, held in splits for i in range(len(held))]
-            self.log(f"held out {len(held_out)} training samples for evaluation (eval_holdout_ratio)")
-        probs = [float(p) for p in cfg.dataset_probs.split(",")] if cfg.dataset_probs else None
-        self.epoch_order = EpochOrder([len(s) for s in sources], probs, cfg.seed, batch_size=cfg.train_batch_size)
-        if len(sources) > 1:
-            self.log(f"mixing, per epoch of {self.epoch_order.length} samples:\n" +
-                     "\n".join("  " + line for line in self.epoch_order.describe(cfg.dataset.split(","))))
-        return (sources[0] if len(sources) == 1 else Concatenated(sources)), held_out
 
     def collate(self, samples: list[Sample]) -> MicroBatch:
         if self.cfg.packing_samples:
@@ -434,7 +282,7 @@ class Trainer:
             work.sums, [grad_norm, peak_memory(device), summed])
         metrics.update(lr=lr, grad_norm=norm, peak_mem_gb=peak)
         if self.on_policy is not None:
-            metrics.update(_on_policy_metrics(metrics, kl_on, tokens_on, *on, world_size=self.env.world_size))
+            metrics.update(on_policy_metrics(metrics, kl_on, tokens_on, *on, world_size=self.env.world_size))
         finite = math.isfinite(metrics["loss"]) and math.isfinite(norm)  # global values: every rank agrees
         if finite:
             self.optimizer.step()
@@ -483,19 +331,12 @@ class Trainer:
                           "peak_mem_gb": round(result.metrics["peak_mem_gb"], 3)}
                 self.metrics_log.write(record)
                 eta = (time.time() - started) / (done - self.start_step) * (self.total_steps - done)
-                teacher_part = "".join(f"{name} {record[key]:.4f} | " for key, name in _shown_teacher_metrics(record))
-                if "on_policy_share" in record:
-                    teacher_part += (f"on-policy {record['on_policy_share']:.0%}, {record['generated_len']:.1f} "
-                                     f"tokens, {record['gen_tokens_per_sec']:.0f} gen tok/s | ")
-                self.log(f"step {done}/{self.total_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
-                         f"{teacher_part}lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
-                         f"{record['tokens_per_sec']:.0f} tok/s | mem {record['peak_mem_gb']:.2f} GB | eta {eta:.0f}s")
+                self.log(step_line(record, self.total_steps, eta))
                 window_tokens, window_start = 0, time.time()
             if self.eval_samples and cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == self.total_steps):
                 last_eval = self.evaluate()
                 self.metrics_log.write({"step": done, **{k: round(v, 6) for k, v in last_eval.items()}})
-                self.log(f"eval @ {done}: ce {last_eval['eval_ce_loss']:.4f}" + "".join(
-                    f" | {name} {last_eval[key]:.4f}" for key, name in _shown_teacher_metrics(last_eval, "eval_")[:1]))
+                self.log(eval_line(done, last_eval))
                 if best_eval is None or last_eval["eval_loss"] < best_eval["eval_loss"]:
                     best_eval = last_eval
             if cfg.save_steps > 0 and done % cfg.save_steps == 0:
@@ -511,13 +352,7 @@ class Trainer:
             raise save_error
         summary = {"steps": self.total_steps, "seconds": round(time.time() - started, 1), "tokens": seen_tokens,
                    "final_eval": last_eval, "best_eval": best_eval, "model": self.cfg.save_path}
-        evals = ""
-        if last_eval:
-            evals = f"; eval CE final {last_eval['eval_ce_loss']:.4f} (best {best_eval['eval_ce_loss']:.4f})"
-            for key, name in _shown_teacher_metrics(last_eval, "eval_")[:1]:
-                evals += f", eval {name} final {last_eval[key]:.4f} (best {best_eval[key]:.4f})"
-        self.log(f"done: {summary['steps']} steps in {summary['seconds']}s, {seen_tokens} tokens{evals}; "
-                 f"HF model in {self.cfg.save_path}")
+        self.log(done_line(summary))
         return summary
 
     def export(self) -> None:
@@ -527,31 +362,6 @@ class Trainer:
     def close(self, failed: bool) -> None:
         """Ends the metric mirrors (W&B, TensorBoard) as finished or failed."""
         self.metrics_log.close(failed)
-
-
-def peak_memory(device: torch.device) -> torch.Tensor:
-    """The largest peak memory over the ranks, in GB, as a [1] tensor on the device: CUDA allocator peak on GPU, max
-    RSS of the process on CPU. Nothing waits for it; `train_step` reads it with the step's other metrics."""
-    if device.type == "cuda":
-        local = torch.cuda.max_memory_allocated(device)
-    else:
-        import resource
-
-        local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = _host_values([local / 1024**3], device)
-    if dist.is_initialized():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """`peak_memory` read on the host at once: a sync, for the benches, between steps."""
-    return peak_memory(device).item()
-
-
-def _host_values(values: list[float], device: torch.device) -> torch.Tensor:
-    """Numbers the host knows, as a float64 tensor on the device, copied without stalling it (`data.to_device`)."""
-    return to_device(torch.tensor(values, dtype=torch.float64), device)
 
 
 def _generation_config(path: str):
@@ -564,19 +374,6 @@ def _generation_config(path: str):
         return None
 
 
-def _shown_teacher_metrics(record: dict, prefix: str = "") -> list[tuple[str, str]]:
-    """(key, label) of the teacher metrics a log line shows: the KL and the teacher's entropy, under whichever name
-    the teacher source gives them (a cache's are over buckets, or estimates)."""
-    shown = []
-    for base, label in (("kl", "kl"), ("teacher_entropy", "H(teacher)")):
-        for suffix, note in (("", ""), ("_buckets", " (buckets)"), ("_estimate", " (estimate)")):
-            if prefix + base + suffix in record:
-                shown.append((prefix + base + suffix, label + note))
-    return shown
-
-
-def _holds_a_run(save_path: str) -> bool:
-    if not os.path.isdir(save_path):
-        return False
-    names = os.listdir(save_path)
-    return METRICS_FILE in names or "config.json" in names or any(n.endswith(".safetensors") for n in names)
+def _host_values(values: list[float], device: torch.device) -> torch.Tensor:
+    """Numbers the host knows, as a float64 tensor on the device, copied without stalling it (`data.to_device`)."""
+    return to_device(torch.tensor(values, dtype=torch.float64), device)

@@ -23,7 +23,8 @@ from fsdp_kd.cache_teacher import CacheBuilder
 from fsdp_kd.config import TrainConfig, validate
 from fsdp_kd.distributed import all_gather_object, all_reduce_sum, exit_process, run_ranked, seed_everything
 from fsdp_kd.teacher_cache import CacheMeta
-from fsdp_kd.trainer import METRICS_FILE, Trainer
+from fsdp_kd.run_log import METRICS_FILE
+from fsdp_kd.trainer import Trainer
 
 
 def sampled_tokens(trainer: Trainer) -> float:

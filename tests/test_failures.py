@@ -67,7 +67,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tiny, tmp_path):
 
 
 def test_guard_counts_only_consecutive_skips():
-    from fsdp_kd.trainer import NonFiniteTraining, SkipGuard
+    from fsdp_kd.run_log import NonFiniteTraining, SkipGuard
 
     guard = SkipGuard(limit=2, ckpt_path="/nonexistent")
     for step, skipped in ((1, True), (2, False), (3, True), (4, False)):
@@ -114,7 +114,7 @@ def test_metric_mirrors_are_closed_as_finished_or_failed(tmp_path, monkeypatch):
     import types
 
     from fsdp_kd.config import TrainConfig
-    from fsdp_kd.trainer import MetricsLog
+    from fsdp_kd.run_log import MetricsLog
 
     finished = []
 

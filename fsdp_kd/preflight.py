@@ -1,0 +1,102 @@
+"""Everything that can reject a run cheaply, before either model is loaded: paths, the output directory, the
+checkpoint to resume, and the training data (tokenized once, memory-mapped, ordered by epoch).
+
+The trainer calls these in order; each failure is one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import Concatenated, EpochOrder, Rows, SampleTable
+from .distributed import DistEnv, all_gather_object
+from .models import check_model_dir
+from .records import Sample, check_data_path, looks_local
+from .run_log import METRICS_FILE
+from .tokenized import TokenizedDataset, open_sources
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The model directories, data files and output paths exist and are what they should be: one line if not."""
+    for key in ("pretrain", "teacher_model"):
+        path = getattr(cfg, key)
+        if path and looks_local(path) and not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"key {key}: model directory not found: {path}")
+        if path and os.path.isdir(os.path.expanduser(path)):
+            check_model_dir(os.path.expanduser(path), key, cfg.trust_remote_code)
+    for path in cfg.dataset.split(","):
+        check_data_path(path, "dataset")
+    if cfg.eval_dataset:
+        check_data_path(cfg.eval_dataset, "eval_dataset")
+    for key, path in (("save_path", cfg.save_path), ("ckpt_path", cfg.resolved_ckpt_path())):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"key {key}: {path} is a file, not a directory; choose a directory path")
+
+
+def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
+    """The checkpoint `--load_checkpoint` resumes (refused if its settings differ), or None; a save_path that holds an
+    earlier run is refused unless it is being resumed, so no run overwrites another."""
+    found = ckpt.complete_checkpoints(cfg.resolved_ckpt_path()) if cfg.load_checkpoint else []
+    if found:
+        ckpt.check_resumable(found[-1][1], cfg)
+        return found[-1][1]
+    if _holds_a_run(cfg.save_path):
+        why = (f"--load_checkpoint found no complete checkpoint in {cfg.resolved_ckpt_path()} to resume, and "
+               if cfg.load_checkpoint else "")
+        raise ConfigError(f"key save_path: {why}{cfg.save_path} already holds a model or metrics from an earlier "
+                          "run; choose a new save_path" + ("" if cfg.load_checkpoint else
+                                                          ", or pass --load_checkpoint to resume that run"))
+    return None
+
+
+def _holds_a_run(save_path: str) -> bool:
+    if not os.path.isdir(save_path):
+        return False
+    names = os.listdir(save_path)
+    return METRICS_FILE in names or "config.json" in names or any(n.endswith(".safetensors") for n in names)
+
+
+@dataclass
+class TrainingData:
+    """The training table (one source, or several under an interleaved `EpochOrder`), the held-out samples, every
+    tokenized source (for the teacher source's checks), each training source's fingerprint (for resume), the order."""
+    train: SampleTable
+    held_out: list[Sample]
+    sources: list[TokenizedDataset]
+    fingerprint: list[dict]
+    order: EpochOrder
+
+
+def open_training_data(cfg: TrainConfig, env: DistEnv, tokenizer, log=print) -> TrainingData:
+    """Each source is tokenized once per node into the cache and read memory-mapped (`tokenized`); the held-out
+    samples are the eval data set, or a seeded share of the training data (`eval_holdout_ratio`)."""
+    sources, eval_source = open_sources(cfg, tokenizer, env.local_rank, all_gather_object, log)
+    fingerprint = ckpt.data_fingerprint(sources)
+    every_source = sources + ([eval_source] if eval_source is not None else [])
+    held_out: list[Sample] = []
+    if eval_source is not None:
+        held_out = [eval_source[i] for i in range(len(eval_source))]
+    elif cfg.eval_holdout_ratio > 0:
+        splits = [_hold_out(source, cfg.eval_holdout_ratio, cfg.seed) for source in sources]
+        sources = [train for train, _ in splits]
+        held_out = [held[i] for _, held in splits for i in range(len(held))]
+        log(f"held out {len(held_out)} training samples for evaluation (eval_holdout_ratio)")
+    probs = [float(p) for p in cfg.dataset_probs.split(",")] if cfg.dataset_probs else None
+    order = EpochOrder([len(s) for s in sources], probs, cfg.seed, batch_size=cfg.train_batch_size)
+    if len(sources) > 1:
+        log(f"mixing, per epoch of {order.length} samples:\n" +
+            "\n".join("  " + line for line in order.describe(cfg.dataset.split(","))))
+    train = sources[0] if len(sources) == 1 else Concatenated(sources)
+    return TrainingData(train, held_out, every_source, fingerprint, order)
+
+
+def _hold_out(table: SampleTable, ratio: float, seed: int) -> tuple[Rows, Rows]:
+    """(train, held out): a seeded share of the table's rows, at least one, set aside for evaluation."""
+    order = torch.randperm(len(table), generator=torch.Generator().manual_seed(seed)).numpy()
+    cut = max(1, int(len(table) * ratio))
+    return Rows(table, order[cut:]), Rows(table, order[:cut])
