@@ -52,12 +52,15 @@ DEFAULT_CUDA_BUDGET_MB = 4096
 _LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
 
 
-def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: int) -> tuple[int, int]:
+def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: int,
+                  grad_temporary_per_column: int = 0) -> tuple[int, int]:
     """(token rows per block, vocabulary columns per chunk); explicit `token_chunk`/`vocab_chunk` win.
 
     CPU: small blocks keep each chunk in cache. CUDA: launches dominate small blocks, so a block is at least 1024 rows
     (or every token), and the vocabulary is cut into as few equal chunks as the memory budget allows. The budget
-    covers the block's fp32 logit cache of every model (rows × V each) plus the live chunk temporaries.
+    covers the block's fp32 logit cache of every model (rows × V each), the live chunk temporaries, and
+    `grad_temporary_per_column` floats per chunk column: the fp32 [columns × H] product that the weight gradient
+    needs when it cannot accumulate in place (`accumulates_in_place`; pass H then, 0 otherwise).
     """
     if device.type != "cuda":
         rows, cols = CPU_CHUNKS
@@ -65,9 +68,10 @@ def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: in
         budget_floats = spec.chunk_budget_mb * 1024**2 // 4
         rows = max(1, min(spec.token_chunk or CUDA_MIN_ROWS, n_tokens))
         if spec.token_chunk is None:  # shrink the block only when not even a 4096-column chunk fits
-            rows = max(1, min(rows, budget_floats // (n_models * vocab + _LIVE_CHUNK_TEMPORARIES * 4096)))
-        room = budget_floats // rows - n_models * vocab
-        cols = max(4096, room // _LIVE_CHUNK_TEMPORARIES)
+            per_row = n_models * vocab + _LIVE_CHUNK_TEMPORARIES * 4096
+            rows = max(1, min(rows, (budget_floats - grad_temporary_per_column * 4096) // per_row))
+        room = budget_floats - rows * n_models * vocab
+        cols = max(4096, room // (rows * _LIVE_CHUNK_TEMPORARIES + grad_temporary_per_column))
         pieces = -(-vocab // cols)
         cols = -(-vocab // pieces)  # equal chunks: the same kernels for every chunk
     return spec.token_chunk or rows, spec.vocab_chunk or cols
@@ -120,15 +124,50 @@ def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     (`out_dtype`); elsewhere the inputs are widened first, which computes the same exact products and fp32 sums."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         return torch.mm(a, b)
-    if a.is_cuda and _CUDA_OUT_DTYPE.get("ok", True):
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=): widen instead, from now on
-            _CUDA_OUT_DTYPE["ok"] = False
+    if a.is_cuda and fp32_output_products(a.device, a.dtype).mm:
+        return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a.float(), b.float())
 
 
-_CUDA_OUT_DTYPE: dict[str, bool] = {}
+def accumulates_in_place(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `_add_product` adds a product of `dtype` inputs into an fp32 accumulator with no temporary."""
+    return dtype == torch.float32 or (device.type == "cuda" and fp32_output_products(device, dtype).addmm)
+
+
+@dataclass(frozen=True)
+class _Fp32Output:
+    mm: bool  # torch.mm(a, b, out_dtype=float32) works
+    addmm: bool  # torch.addmm(acc, a, b, out_dtype=float32, out=acc) works, accumulating in place
+
+
+_PROBED: dict[tuple[torch.device, torch.dtype], _Fp32Output] = {}
+
+
+def fp32_output_products(device: torch.device, dtype: torch.dtype) -> _Fp32Output:
+    """What this torch and device can do with low-precision inputs and fp32 output, probed once per (device, dtype)
+    on 16×16 inputs and checked against the widened product. The hot path then never catches an exception: a
+    transient out-of-memory error there is raised as what it is, instead of silently switching every later product
+    to the slower widened path. Only "not supported" answers count as no; an out-of-memory error is raised."""
+    key = (device, dtype)
+    if key not in _PROBED:
+        generator = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(16, 16, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
+        expected = a.float() @ b.float()
+
+        def works(product) -> bool:
+            try:
+                return bool(torch.allclose(product(), expected, rtol=1e-3, atol=1e-3))
+            except torch.OutOfMemoryError:
+                raise
+            except (RuntimeError, TypeError, NotImplementedError):  # no such overload, or not on this backend
+                return False
+
+        def accumulate():
+            acc = torch.zeros(16, 16, device=device)
+            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+        _PROBED[key] = _Fp32Output(mm=works(lambda: torch.mm(a, b, out_dtype=torch.float32)), addmm=works(accumulate))
+    return _PROBED[key]
 
 
 # ---------------------------------------------------------------------------------------------------- the passes
@@ -241,8 +280,12 @@ class Gradients:
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b into an fp32 accumulator: in place where it can (`accumulates_in_place`), else through an fp32
+    temporary of out's shape, which `choose_chunks` counts in the budget."""
     if a.dtype == torch.float32 and b.dtype == torch.float32:
         out.addmm_(a, b)
+    elif a.is_cuda and fp32_output_products(a.device, a.dtype).addmm:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
     else:
         out.add_(matmul_fp32(a, b))
 

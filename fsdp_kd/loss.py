@@ -23,8 +23,8 @@ import torch
 
 from .divergences import DIVERGENCES
 from .kernel import (DEFAULT_CUDA_BUDGET_MB, METRIC_NAMES, NO_TEACHER, Gradients, Head, KernelPlan, LiveTargets,
-                     ModelBlock, SparseTargets, Targets, as_head, check_head_rows, choose_chunks, elementwise_functions,
-                     vocab_chunks)
+                     ModelBlock, SparseTargets, Targets, accumulates_in_place, as_head, check_head_rows, choose_chunks,
+                     elementwise_functions, vocab_chunks)
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
     scored by the targets."""
     device, n, spec, targets = h_s.device, h_s.shape[0], job.spec, job.targets
     divergence = DIVERGENCES[spec.effective_divergence]
-    block_rows, cols = choose_chunks(spec, device, n, job.vocab_size, targets.models)
+    temporary = 0 if not with_grad or accumulates_in_place(device, h_s.dtype) else h_s.shape[1]
+    block_rows, cols = choose_chunks(spec, device, n, job.vocab_size, targets.models, temporary)
     sums_fn, grad_fn = elementwise_functions(spec.compile)
     ce_coef, kd_coef = targets.weights(spec)
     plan = KernelPlan(chunks=vocab_chunks(job.vocab_size, cols), ce_coef=ce_coef, kd_coef=kd_coef,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fsdp_kd.divergences import DIVERGENCES
-from fsdp_kd.kernel import Head, SparseTargets, choose_chunks
+from fsdp_kd.kernel import Head, SparseTargets, choose_chunks, fp32_output_products
 from fsdp_kd.loss import LossSpec, distillation_loss
 from fsdp_kd.profiling import profile_launches
 from fsdp_kd.reference import dense_bucketed_loss, dense_distillation_loss
@@ -232,6 +232,41 @@ def test_chunk_shapes_per_device():
     rows, cols = choose_chunks(small, torch.device("cuda"), 8192, 151936, 2)
     assert rows < 1024 and rows * 4 * (2 * 151936 + 8 * cols) <= 512 * 1024**2
     assert choose_chunks(LossSpec(token_chunk=64, vocab_chunk=100), torch.device("cuda"), 8192, 151936, 2) == (64, 100)
+
+
+def test_the_weight_gradients_fp32_temporary_is_counted_in_the_budget():
+    """Where bf16 products cannot accumulate in place, each chunk's weight gradient passes through an fp32
+    [columns × H] temporary (1.1 GB at H = 3584 and a 75k-column chunk); the block shape leaves room for it."""
+    spec, hidden = LossSpec(), 3584
+    rows, cols = choose_chunks(spec, torch.device("cuda"), 8192, 151936, 2, grad_temporary_per_column=hidden)
+    assert rows * 4 * (2 * 151936 + 8 * cols) + 4 * cols * hidden <= spec.chunk_budget_mb * 1024**2
+    assert cols < choose_chunks(spec, torch.device("cuda"), 8192, 151936, 2)[1]
+
+
+def test_fp32_output_support_is_probed_once_and_an_out_of_memory_error_is_not_taken_for_no(monkeypatch):
+    """One transient OOM must not switch every later head product to the widened path: only "unsupported" is a no."""
+    from fsdp_kd import kernel
+
+    probe = (torch.device("cpu"), torch.float16)
+    monkeypatch.setattr(kernel, "_PROBED", {})
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "mm", out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            fp32_output_products(*probe)
+    assert probe not in kernel._PROBED
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("no out_dtype overload on this backend")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "mm", unsupported)
+        m.setattr(torch, "addmm", unsupported)
+        assert fp32_output_products(*probe) == kernel._Fp32Output(mm=False, addmm=False)
+    assert fp32_output_products(*probe) == kernel._Fp32Output(mm=False, addmm=False)  # the answer is kept
 
 
 def test_bf16_products_keep_fp32_statistics():
