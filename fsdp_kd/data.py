@@ -201,7 +201,7 @@ class MicroBatch:
         """[B, T]: which sample of its row each position belongs to, -1 on padding (one sample per row unpacked)."""
         return self.segment_ids if self.segment_ids is not None else self.attention_mask - 1
 
-    def model_inputs(self, attn_implementation: str, dtype: torch.dtype) -> dict:
+    def model_inputs(self, attn_implementation: str, dtype: torch.dtype, sliding_window: bool = False) -> dict:
         """Keyword arguments for the HF base model: samples packed into a row must not see each other, and HF's own
         mask code must not read a device tensor (each read stalls the GPU stream, once per forward). HF takes a 4-D
         mask as it is; given a 2-D mask it reads whether there is padding (`.all()`), given none it reads the
@@ -217,8 +217,17 @@ class MicroBatch:
           forward: flash attention takes no 4-D mask that would skip that.
         - flex attention: no mask, positions restarting at 0 for each sample when packed (HF builds the block mask
           from them, reading them once per forward). Unpacked rows need no mask: their padding is at the end, where
-          causal attention keeps it out of every real position's view."""
+          causal attention keeps it out of every real position's view.
+        - a model with sliding-window layers (`sliding_window`, see `uses_sliding_window`): HF takes a 4-D mask as
+          it is, window included or not, so one mask cannot serve its full and its windowed layers. It gets HF's own
+          path instead: a 2-D padding mask, or for packed rows only the restarting positions (the block-causal and
+          windowed masks are then built by HF, which reads the device once per forward). Correct first; the read
+          is the price."""
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if sliding_window and not attn_implementation.startswith("flash_attention"):
+            if self.padded and self.segment_ids is None:
+                return {**inputs, "attention_mask": self.attention_mask}
+            return inputs
         if attn_implementation.startswith("flash_attention"):
             return {**inputs, "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
                     "max_length_q": self.max_seq_len, "max_length_k": self.max_seq_len}
@@ -238,6 +247,15 @@ class MicroBatch:
         if attn_implementation == "eager":
             mask = torch.zeros(mask.shape, dtype=dtype, device=seg.device).masked_fill(~mask, torch.finfo(dtype).min)
         return mask
+
+
+def uses_sliding_window(config) -> bool:
+    """Whether any layer of the model attends over a sliding window (Mistral, Gemma-2/3, Qwen2 with
+    use_sliding_window): transformers lists layer types where it has them, else a set `sliding_window` means all."""
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return "sliding_attention" in layer_types
+    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True) is not False
 
 
 def _varlen_layout(segments: torch.Tensor) -> tuple[torch.Tensor, int]:

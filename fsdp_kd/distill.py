@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .data import MicroBatch
+from .data import MicroBatch, uses_sliding_window
 from .heads import output_head
 from .kernel import NO_TEACHER, Head, LiveTargets
 from .loss import LossSpec, loss_against
@@ -30,7 +30,8 @@ def hidden_at_targets(lm, batch: MicroBatch) -> torch.Tensor:
 
     The rows are picked with `index_select` on indices computed on the host, so this never syncs the device. No KV
     cache: besides its memory, HF reads packed-sample boundaries off position_ids only when there is none."""
-    inputs = batch.model_inputs(lm.config._attn_implementation, lm.get_input_embeddings().weight.dtype)
+    inputs = batch.model_inputs(lm.config._attn_implementation, lm.get_input_embeddings().weight.dtype,
+                                uses_sliding_window(lm.config))
     hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
     return hidden.flatten(0, 1).index_select(0, batch.target_rows)
 

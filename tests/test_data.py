@@ -296,6 +296,38 @@ def test_varlen_attention_gets_restarting_positions_and_no_mask(attn):
     assert inputs["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]]  # longest sample first
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_sliding_window_model_keeps_its_window_padded_and_packed(attn, tmp_path):
+    """A 4-D mask is taken as it is, so a model with sliding-window layers must not get one: padded and packed
+    batches give each sample's own forward, window included, at sequences longer than the window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from fsdp_kd.data import collate_packed, pack, uses_sliding_window
+    from fsdp_kd.distill import hidden_at_targets
+
+    config = MistralConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, attn_implementation=attn)
+    torch.manual_seed(0)
+    lm = MistralForCausalLM(config).eval()
+    assert uses_sliding_window(lm.config)
+    g = torch.Generator().manual_seed(1)
+    samples = [make_sample(torch.randint(3, 70, (p,), generator=g).tolist(), torch.randint(3, 70, (r,), generator=g).tolist())
+               for p, r in ((3, 9), (2, 5), (4, 6))]
+    with torch.no_grad():
+        alone = torch.cat([hidden_at_targets(lm, collate([s], pad_id=0)) for s in samples])
+        padded = hidden_at_targets(lm, collate(samples, pad_id=0))
+        order = [s for row in pack(samples, 24) for s in row]
+        packed = hidden_at_targets(lm, collate_packed(samples, 24, pad_id=0))
+        packed_alone = torch.cat([hidden_at_targets(lm, collate([s], pad_id=0)) for s in order])
+    assert torch.allclose(padded, alone, atol=1e-5)
+    assert torch.allclose(packed, packed_alone, atol=1e-5)
+    windowless = collate(samples, pad_id=0).model_inputs(attn, torch.float32)  # what a full-attention model gets
+    with torch.no_grad():
+        leaked = lm.model(**windowless).last_hidden_state
+    assert not torch.allclose(leaked.flatten(0, 1).index_select(0, collate(samples, pad_id=0).target_rows), alone,
+                              atol=1e-3)
+
+
 def test_sdpa_and_eager_get_a_block_mask():
     from fsdp_kd.data import collate_packed
 
