@@ -255,7 +255,8 @@ def uses_sliding_window(config) -> bool:
     layer_types = getattr(config, "layer_types", None)
     if layer_types:
         return "sliding_attention" in layer_types
-    return getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True) is not False
+    windowed = getattr(config, "sliding_window", None) is not None
+    return windowed and getattr(config, "use_sliding_window", True) is not False
 
 
 def _varlen_layout(segments: torch.Tensor) -> tuple[torch.Tensor, int]:

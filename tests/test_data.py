@@ -311,8 +311,8 @@ def test_a_sliding_window_model_keeps_its_window_padded_and_packed(attn, tmp_pat
     lm = MistralForCausalLM(config).eval()
     assert uses_sliding_window(lm.config)
     g = torch.Generator().manual_seed(1)
-    samples = [make_sample(torch.randint(3, 70, (p,), generator=g).tolist(), torch.randint(3, 70, (r,), generator=g).tolist())
-               for p, r in ((3, 9), (2, 5), (4, 6))]
+    samples = [make_sample(torch.randint(3, 70, (p,), generator=g).tolist(),
+                           torch.randint(3, 70, (r,), generator=g).tolist()) for p, r in ((3, 9), (2, 5), (4, 6))]
     with torch.no_grad():
         alone = torch.cat([hidden_at_targets(lm, collate([s], pad_id=0)) for s in samples])
         padded = hidden_at_targets(lm, collate(samples, pad_id=0))
