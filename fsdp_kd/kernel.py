@@ -154,19 +154,21 @@ def fp32_output_products(device: torch.device, dtype: torch.dtype) -> _Fp32Outpu
         a, b = (torch.randn(16, 16, generator=generator).to(device=device, dtype=dtype) for _ in range(2))
         expected = a.float() @ b.float()
 
-        def works(product) -> bool:
+        def works(product, want: torch.Tensor) -> bool:
             try:
-                return bool(torch.allclose(product(), expected, rtol=1e-3, atol=1e-3))
+                return bool(torch.allclose(product(), want, rtol=1e-3, atol=1e-3))
             except torch.OutOfMemoryError:
                 raise
             except (RuntimeError, TypeError, NotImplementedError):  # no such overload, or not on this backend
                 return False
 
-        def accumulate():
-            acc = torch.zeros(16, 16, device=device)
-            return torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        def accumulate():  # must add to what the accumulator holds, into that very tensor
+            acc = expected.clone()
+            out = torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return acc if out.data_ptr() == acc.data_ptr() else torch.full_like(acc, math.nan)
 
-        _PROBED[key] = _Fp32Output(mm=works(lambda: torch.mm(a, b, out_dtype=torch.float32)), addmm=works(accumulate))
+        _PROBED[key] = _Fp32Output(mm=works(lambda: torch.mm(a, b, out_dtype=torch.float32), expected),
+                                   addmm=works(accumulate, 2 * expected))
     return _PROBED[key]
 
 
