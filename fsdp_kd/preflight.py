@@ -86,6 +86,11 @@ def open_training_data(cfg: TrainConfig, env: DistEnv, tokenizer, log=print) -> 
         sources = [train for train, _ in splits]
         held_out = [held[i] for _, held in splits for i in range(len(held))]
         log(f"held out {len(held_out)} training samples for evaluation (eval_holdout_ratio)")
+    for path, source in zip(cfg.dataset.split(","), sources):
+        if len(source) == 0:
+            raise ConfigError(f"key dataset: {path} has no training sample left"
+                              + (" after eval_holdout_ratio held some out" if cfg.eval_holdout_ratio > 0 else "")
+                              + "; give it more records, or drop it from dataset")
     probs = [float(p) for p in cfg.dataset_probs.split(",")] if cfg.dataset_probs else None
     order = EpochOrder([len(s) for s in sources], probs, cfg.seed, batch_size=cfg.train_batch_size)
     if len(sources) > 1:

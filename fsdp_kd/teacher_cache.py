@@ -368,6 +368,11 @@ class CacheSetup:
                 f"{self.cfg.teacher_cache}, {meta.bytes / max(meta.tokens, 1):.0f} bytes per token"]
 
 
+class CacheRowsMismatch(RuntimeError):
+    """A micro-batch's cached rows do not fit it: found by one rank in the middle of a step, so that rank says it
+    (a ConfigError is said by rank 0 alone, as every rank finds it alike, which this one is not)."""
+
+
 class CachedTeacher:
     """Teacher targets read from a cache, in place of a live teacher (see `distill.LiveTeacher`).
 
@@ -418,8 +423,8 @@ class CachedTeacher:
         host = self._read(batch.sample_keys) if batch.sample_keys else stored_columns(self.meta, no_rows(self.meta))
         rows = host[self.mode.columns[0].name].shape[0]
         if rows != batch.trainable_tokens:
-            raise ConfigError(f"key teacher_cache: the cache holds {rows} target rows for a micro-batch that has "
-                              f"{batch.trainable_tokens}; it was built from other data")
+            raise CacheRowsMismatch(f"key teacher_cache: the cache holds {rows} target rows for a micro-batch that "
+                                    f"has {batch.trainable_tokens}; it was built from other data")
         loaded = {c.name: c.load(to_device(host[c.name], self.device)) for c in self.mode.columns}
         return CachedTargets(self.mode.targets(loaded, self.meta))
 

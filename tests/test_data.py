@@ -381,3 +381,22 @@ def test_one_rendering_chat_masks_equal_the_prefix_definition(name):
     for messages in conversations:
         for all_turns in (True, False):
             assert chat_token_mask(messages, tok, all_turns, "t") == prefix_chat_token_mask(messages, tok, all_turns)
+
+
+def test_a_source_left_empty_by_the_holdout_is_one_line(tiny, tmp_path):
+    """Mixing divides by each source's size: a source that eval_holdout_ratio empties is refused, not a
+    ZeroDivisionError."""
+    from types import SimpleNamespace
+
+    from fsdp_kd.config import ConfigError
+    from fsdp_kd.demo import write_jsonl
+    from fsdp_kd.preflight import open_training_data
+
+    big, single = tmp_path / "big.jsonl", tmp_path / "single.jsonl"
+    write_jsonl(big, [{"input": "ab:", "output": "CD"}] * 8)
+    write_jsonl(single, [{"input": "ab:", "output": "CD"}])
+    cfg = TrainConfig(pretrain="x", dataset=f"{big},{single}", dataset_probs="0.5,0.5", kd_coef=0.0,
+                      eval_holdout_ratio=0.5, train_batch_size=2, data_cache_dir=str(tmp_path / "tokenized"))
+    tok = load_tokenizer(tiny["tok"], False)
+    with pytest.raises(ConfigError, match=f"{single} has no training sample left after eval_holdout_ratio"):
+        open_training_data(cfg, SimpleNamespace(local_rank=0), tok, log=lambda *a: None)
