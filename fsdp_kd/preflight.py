@@ -38,6 +38,29 @@ def check_paths(cfg: TrainConfig) -> None:
             raise ConfigError(f"key {key}: {path} is a file, not a directory; choose a directory path")
 
 
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+
+
+def check_packing(cfg: TrainConfig) -> None:
+    """Packed samples are kept apart by attention masks and positions; a recurrent layer (Mamba, linear attention)
+    carries its state from one packed sample into the next, and HF takes no sample boundaries for it. So packing is
+    refused for a model that has one."""
+    if not cfg.packing_samples:
+        return
+    from transformers import AutoConfig
+
+    for key in ("pretrain", "teacher_model"):
+        path = getattr(cfg, key)
+        if not path or not os.path.isdir(os.path.expanduser(path)):
+            continue
+        config = AutoConfig.from_pretrained(os.path.expanduser(path), trust_remote_code=cfg.trust_remote_code)
+        settings = config.to_dict()
+        other_layers = set(settings.get("layer_types") or ()) - set(ATTENTION_LAYER_TYPES)
+        if other_layers or any("mamba" in name or "ssm" in name for name in settings):
+            raise ConfigError(f"key packing_samples: {key} ({config.model_type}) has recurrent layers, whose state "
+                              "would carry one packed sample into the next; drop --packing_samples")
+
+
 def checkpoint_to_resume(cfg: TrainConfig) -> str | None:
     """The checkpoint `--load_checkpoint` resumes (refused if its settings differ), or None; a save_path that holds an
     earlier run is refused unless it is being resumed, so no run overwrites another."""

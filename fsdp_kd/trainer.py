@@ -28,7 +28,7 @@ from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
 from .on_policy import GenerationSettings, GenerationStats, OnPolicy, on_policy_metrics, stop_token_ids
 from .heads import verify_head
-from .preflight import check_paths, checkpoint_to_resume, open_training_data
+from .preflight import check_packing, check_paths, checkpoint_to_resume, open_training_data
 from .run_log import (METRICS_FILE, MetricsLog, SkipGuard, check_logger_packages, done_line, eval_line, peak_memory,
                       step_line)
 from .startup import CLOCK
@@ -82,6 +82,7 @@ class Trainer:
         """Every cheap check, on every rank alike, before any model is loaded."""
         cfg, env = self.cfg, self.env
         check_paths(cfg)
+        check_packing(cfg)
         self.accumulation = gradient_accumulation_steps(cfg, env.world_size)
         check_logger_packages(cfg)
         self.resume_from = checkpoint_to_resume(cfg)

@@ -171,3 +171,19 @@ def test_head_description_is_read_from_the_config():
     plain = output_head(build("llama", 0))
     assert plain.bias is None and plain.scale == 1.0 and plain.softcap is None
     assert not math.isnan(plain.scale)
+
+
+def test_packing_is_refused_for_a_model_with_recurrent_layers(tmp_path):
+    """Falcon-H1's Mamba layers carry state across a packed row's samples, which no mask stops."""
+    from fsdp_kd.config import ConfigError, TrainConfig
+    from fsdp_kd.preflight import check_packing
+
+    for family in ("falcon_h1", "llama", "gemma3"):
+        build(family, 0).config.save_pretrained(tmp_path / family)
+    cfg = TrainConfig(pretrain=str(tmp_path / "llama"), teacher_model=str(tmp_path / "falcon_h1"),
+                      dataset="x.jsonl", packing_samples=True)
+    with pytest.raises(ConfigError, match=r"key packing_samples: teacher_model \(falcon_h1\) has recurrent layers"):
+        check_packing(cfg)
+    check_packing(TrainConfig(pretrain=str(tmp_path / "llama"), teacher_model=str(tmp_path / "gemma3"),
+                              dataset="x.jsonl", packing_samples=True))
+    check_packing(TrainConfig(pretrain=str(tmp_path / "falcon_h1"), dataset="x.jsonl", kd_coef=0.0))  # unpacked
