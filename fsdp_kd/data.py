@@ -152,6 +152,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def host_values(values: list[float], device: torch.device) -> torch.Tensor:
+    """Numbers the host knows, as a float64 tensor on the device, copied without stalling it (`to_device`)."""
+    return to_device(torch.tensor(values, dtype=torch.float64), device)
+
+
 @dataclass
 class MicroBatch:
     """One forward's worth of rows. Built on the host; `to(device)` moves it whole.

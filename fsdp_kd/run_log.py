@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import to_device
+from .data import host_values
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -151,7 +151,7 @@ def peak_memory(device: torch.device) -> torch.Tensor:
         import resource
 
         local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = to_device(torch.tensor([local / 1024**3], dtype=torch.float64), device)
+    peak = host_values([local / 1024**3], device)
     if dist.is_initialized():
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return peak

@@ -20,7 +20,7 @@ from transformers import AutoConfig
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_yaml, gradient_accumulation_steps
-from .data import MicroBatch, StepSampler, collate, collate_packed, eval_shards, padding_efficiency, to_device
+from .data import MicroBatch, StepSampler, collate, collate_packed, eval_shards, host_values, padding_efficiency
 from .records import Sample
 from .distill import setup_teacher, student_loss
 from .distributed import DistEnv, all_reduce_sum
@@ -249,7 +249,7 @@ class Trainer:
         if self.on_policy is not None:
             groups, on_policy, generation = self.on_policy.rewrite(self.student, step, groups)
         micro_batches = self._device_batches(groups)
-        local_tokens = _host_values([sum(mb.trainable_tokens for mb in micro_batches)], self.env.device)[0]
+        local_tokens = host_values([sum(mb.trainable_tokens for mb in micro_batches)], self.env.device)[0]
         global_tokens = all_reduce_sum(local_tokens).clamp_min(1.0)
         self.student.train()
         hybrid = self.cfg.sharding_strategy == "hybrid_shard"
@@ -275,7 +275,7 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         device, gen = self.env.device, work.generation
-        counts = _host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
+        counts = host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
                                len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds], device)
         summed = all_reduce_sum(torch.cat([work.on_policy_sums[_SUMMED.index("kl")].reshape(1),
                                            work.on_policy_sums[_SUMMED.index("tokens")].reshape(1), counts]))
@@ -374,7 +374,3 @@ def _generation_config(path: str):
     except OSError:
         return None
 
-
-def _host_values(values: list[float], device: torch.device) -> torch.Tensor:
-    """Numbers the host knows, as a float64 tensor on the device, copied without stalling it (`data.to_device`)."""
-    return to_device(torch.tensor(values, dtype=torch.float64), device)
