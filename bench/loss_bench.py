@@ -15,7 +15,7 @@ Each measurement runs in a fresh subprocess so its peak RSS (ru_maxrss) is its o
 gradient and the hidden states (and their gradient) need; the goal is at most 0.3 GB.
 
     python bench/loss_bench.py --launches           # the launch profile only
-    python bench/loss_bench.py --vs_liger           # Liger's published shape, on CUDA if there is one
+    python bench/loss_bench.py --vs_liger           # Liger's published shape on CUDA; on a CPU, issue 21's shape
 
 The launch profile counts, with the torch profiler, what one training call (forward + backward) of the kernel would
 launch on a GPU, per 1k tokens, for every divergence: kernels, host syncs (`.item()`, `nonzero`) and matrix
@@ -26,7 +26,9 @@ The Liger comparison runs the kernel at the shape of Liger-Kernel's distillation
 (`benchmark_distill_jsd_loss.py`: student H = 2048, teacher H = 4096, V = 128256, 8192 tokens, bf16, JSD β = 0.5
 with CE and JSD weighted 0.5 each), and Liger's own `LigerFusedLinearJSDLoss` when it is installed. Each kernel runs
 in a fresh process: the median of 10 forward + backward calls after 2 warm-ups, and the peak of the CUDA allocator
-over them (inputs and weights included, as Liger measures it), or max RSS on the CPU.
+over them (inputs and weights included, as Liger measures it). Without CUDA it runs `CPU_SHAPE` instead (T = 4096 of
+which 3072 have a label, H = 896, V = 151936, fp32; one call after one warm-up, max RSS), where Liger's shape would
+take hours; install Liger beside torch in a bench-only venv and run this script with that venv's python.
 """
 
 from __future__ import annotations
@@ -166,10 +168,16 @@ class KernelShape:
     jsd_beta: float = 0.5
     kd_coef: float = 0.5  # Liger's weight_soft_loss; its weight_hard_loss (CE) is 1 - kd_coef
     repeats: int = 10
+    trained: int | None = None  # rows with a label (the rest are prompt: ignore_index); None: every row
 
 
 # Liger-Kernel's benchmark_distill_jsd_loss.py: H = 4096 for the teacher, H // 2 for the student, bf16, BT up to 8192
 LIGER_SHAPE = KernelShape(tokens=8192, student_hidden=2048, teacher_hidden=4096, vocab=128256)
+# the CPU comparison (issue 21): a Qwen2.5-0.5B-sized head and a 4k-token micro-batch of which 3/4 are response
+# tokens, fp32; fsdp-kd is handed the trained rows only, as the trainer does, Liger every row with ignore_index
+CPU_SHAPE = KernelShape(tokens=4096, student_hidden=896, teacher_hidden=896, vocab=151936, dtype="fp32", repeats=1,
+                        trained=3072)
+
 KERNELS = {"fsdp_kd": "fsdp_kd.loss.distillation_loss", "liger": "Liger's LigerFusedLinearJSDLoss"}
 
 
@@ -208,6 +216,11 @@ def timed_child(impl: str, shape: KernelShape) -> dict:
         shape.vocab, shape.student_hidden, scale=0.02).requires_grad_()
     h_t, w_t = make(shape.tokens, shape.teacher_hidden), make(shape.vocab, shape.teacher_hidden, scale=0.02)
     labels = torch.randint(0, shape.vocab, (shape.tokens,), device=device)
+    if shape.trained is not None and impl == "liger":
+        labels[shape.trained:] = -100  # Liger's ignore_index
+    elif shape.trained is not None:  # the trainer hands the loss the rows with a label only
+        h_s = h_s.detach()[:shape.trained].requires_grad_()
+        h_t, labels = h_t[:shape.trained], labels[:shape.trained]
     try:
         call = kernel_call(impl, shape, h_s, w_s, h_t, w_t, labels)
     except ImportError:
@@ -218,7 +231,7 @@ def timed_child(impl: str, shape: KernelShape) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    for _ in range(2):  # warm-up: kernel selection, compilation, the allocator's pools
+    for _ in range(2 if device.type == "cuda" else 1):  # warm-up: kernel selection, compilation, allocator pools
         call()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -242,17 +255,24 @@ def timed(impl: str, shape: KernelShape) -> dict:
 
 
 def liger_table() -> None:
-    s = LIGER_SHAPE
-    print(f"T={s.tokens}, student H={s.student_hidden}, teacher H={s.teacher_hidden}, V={s.vocab}, {s.dtype}, "
+    import torch
+
+    s = LIGER_SHAPE if torch.cuda.is_available() else CPU_SHAPE
+    trained = "" if s.trained is None else f" ({s.trained} with a label)"
+    print(f"T={s.tokens}{trained}, student H={s.student_hidden}, teacher H={s.teacher_hidden}, V={s.vocab}, {s.dtype}, "
           f"(1 - {s.kd_coef})·CE + {s.kd_coef}·JSD(β = {s.jsd_beta}); median of {s.repeats} forward + backward "
           "calls")
     print("| kernel | device | time | peak memory |\n|---|---|---|---|")
+    results = {}
     for impl, name in KERNELS.items():
-        r = timed(impl, s)
+        r = results[impl] = timed(impl, s)
         if "missing" in r:
             print(f"| {name} | — | {r['missing']} | — |")
         else:
-            print(f"| {name} | {r['device']} | {r['ms']:.1f} ms | {r['peak_gb']:.2f} GB |")
+            print(f"| {name} | {r['device']} | {r['ms']:.1f} ms | {r['peak_gb']:.2f} GB |", flush=True)
+    if all("ms" in r for r in results.values()):
+        print(f"fsdp-kd / Liger: time {results['fsdp_kd']['ms'] / results['liger']['ms']:.2f}×, "
+              f"peak memory {results['fsdp_kd']['peak_gb'] / results['liger']['peak_gb']:.2f}×")
 
 
 def run_child(kind, args, tokens) -> dict:

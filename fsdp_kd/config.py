@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .divergences import DIVERGENCES
-from .loss import LossSpec
+from .loss import CONVENTIONS, LossSpec
 
 
 class ConfigError(ValueError):
@@ -122,14 +122,20 @@ class TrainConfig:
 
     kd_coef: float = opt(0.4, "loss = (1 - kd_coef) · CE + kd_coef · divergence to the teacher; OpenRLHF's "
                               "default", section="Distillation")
-    kd_loss: str = opt(LossSpec.divergence, "the divergence: forward_kl (KL(teacher ‖ student)), reverse_kl, jsd "
-                                            "or tvd")
+    kd_loss: str = opt(LossSpec.divergence, "the divergence: forward_kl (KL(teacher ‖ student)), reverse_kl, jsd, "
+                                            "tvd, skew_kl or skew_reverse_kl (docs/divergences.md)")
     jsd_beta: float = opt(LossSpec.jsd_beta, "jsd: the mixture weight; 0 is forward_kl, 1 is reverse_kl")
+    skew_alpha: float = opt(LossSpec.skew_alpha, "skew_kl: KL(p ‖ α·p + (1-α)·q); skew_reverse_kl: KL(q ‖ (1-α)·p + "
+                                                 "α·q); 0 is the plain KL (DistiLLM's default 0.1)")
+    kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: fsdp_kd (τ²·D, JSD normalized by "
+                                                       "β(1-β)), trl or liger (their formulas: no τ², JSD unnormalized);"
+                                                       " bring a tool's kd_coef with its convention "
+                                                       "(docs/divergences.md)")
     kd_temperature: float = opt(LossSpec.temperature, "both distributions are softmax(logits / kd_temperature) in "
                                                       "the divergence")
     kd_vocab_chunk: int | None = opt(None, "the loss kernel's vocabulary columns per chunk; none: chosen per device "
-                                           "(8192 on CPU, a few big chunks on CUDA)")
-    kd_token_chunk: int | None = opt(None, "the loss kernel's tokens per block; none: chosen per device (128 on "
+                                           "(1024 on CPU, a few big chunks on CUDA)")
+    kd_token_chunk: int | None = opt(None, "the loss kernel's tokens per block; none: chosen per device (256 on "
                                            "CPU, >= 1024 on CUDA)")
     kd_chunk_budget_mb: int = opt(LossSpec.chunk_budget_mb, "CUDA: the loss kernel's scratch memory per token "
                                                             "block, in MiB")
@@ -195,7 +201,7 @@ RESUME_SENSITIVE_KEYS = (
     "pretrain", "teacher_model", "teacher_cache", "dataset", "dataset_probs", "dataset_split", "input_key", "output_key",
     "input_template", "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode",
     "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size", "seed", "param_dtype",
-    "kd_coef", "kd_loss", "jsd_beta", "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
+    "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "kd_loss_convention", "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p",
 )
 
@@ -354,6 +360,11 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("kd_loss", f"kd_loss must be one of {', '.join(DIVERGENCES)}, got {cfg.kd_loss!r}")
     if not 0 <= cfg.jsd_beta <= 1:
         fail("jsd_beta", f"jsd_beta must be in [0, 1], got {cfg.jsd_beta}")
+    if cfg.kd_loss_convention not in CONVENTIONS:
+        fail("kd_loss_convention", f"kd_loss_convention must be one of {', '.join(CONVENTIONS)}, "
+                                   f"got {cfg.kd_loss_convention!r}")
+    if not 0 <= cfg.skew_alpha < 1:
+        fail("skew_alpha", f"skew_alpha must be in [0, 1), got {cfg.skew_alpha}")
     if cfg.kd_temperature <= 0:
         fail("kd_temperature", f"kd_temperature must be > 0, got {cfg.kd_temperature}")
     if cfg.param_dtype not in ("auto", "bf16", "fp32"):
@@ -431,9 +442,11 @@ def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
 
 
 def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:
-    """Keys that matter for a checkpoint and differ between the saved run and this one."""
+    """Keys that matter for a checkpoint and differ between the saved run and this one. A key the saved run did not
+    have (a checkpoint from before the key existed) ran with that key's default."""
     now = current.to_dict()
-    return [f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in RESUME_SENSITIVE_KEYS if saved.get(k) != now[k]]
+    then = {k: saved.get(k, TrainConfig.__dataclass_fields__[k].default) for k in RESUME_SENSITIVE_KEYS}
+    return [f"{k} ({then[k]!r} -> {now[k]!r})" for k in RESUME_SENSITIVE_KEYS if then[k] != now[k]]
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

@@ -4,11 +4,12 @@ Per block of token rows the logits exist only for that block, and each pass walk
 
   pass 1  logits of both models, chunk by chunk, into the block's cache, with each chunk's log-sum-exp and argmax
           folded into the row's running ones;
-  pass 2  per-row sums over the vocabulary that need the final normalizers: KL, entropies, and whatever the
-          divergence's gradient needs (a divergence whose gradient needs no sums, like forward KL, has them folded
-          into pass 3 instead of paying for a separate sweep);
-  pass 3  the gradient with respect to the student's logits, chunk by chunk, pushed back through the head straight
-          into the gradients of the hidden states and head weight (and bias).
+  pass 2  per-row sums over the vocabulary that need the final normalizers (KL, entropies, the divergence's own) and,
+          when training, w = ∂D/∂log q per token, which takes the spent teacher logits' place in the cache, with its
+          row sum Σw (a divergence whose Σw is a constant, like forward KL's -1, has pass 2 folded into pass 3
+          instead of paying for a separate sweep);
+  pass 3  the gradient with respect to the student's logits, c_ce·softmax + c_kd·τ·(w - q·Σw), chunk by chunk,
+          pushed back through the head straight into the gradients of the hidden states and head weight (and bias).
 
 What makes it fit a GPU:
   - no host syncs: the label's logit and the one-hot term of the CE gradient use the label rows of the head
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from .divergences import Buckets, ChunkTerms, Divergence, xlogy_sum
+from .divergences import Buckets, ChunkTerms, Divergence, row_dot, xlogy_sum
 
 if TYPE_CHECKING:
     from .loss import LossSpec
@@ -46,7 +47,7 @@ METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_ag
 
 
 # ---------------------------------------------------------------------------------------------------- block shape
-CPU_CHUNKS = (128, 8192)  # (token rows, vocabulary columns): the fastest on a 2-core CPU (docs/benchmarks.md)
+CPU_CHUNKS = (256, 1024)  # (token rows, vocabulary columns): the fastest on a 2-core CPU (docs/benchmarks.md)
 CUDA_MIN_ROWS = 1024
 DEFAULT_CUDA_BUDGET_MB = 4096
 _LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
@@ -227,33 +228,45 @@ def chunk_terms(z_s: torch.Tensor, z_t: torch.Tensor, lse_s: torch.Tensor, lse_t
     return ChunkTerms(log_q, log_p, log_q.exp(), log_p.exp())
 
 
-def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_j a[i, j]·b[i, j] per row as one batched product: one kernel and no [rows × cols] temporary, where
-    `(a * b).sum(1)` is two kernels and writes the product out (twice as slow on a CPU, measured)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def chunk_row_sums(t: ChunkTerms, divergence: Divergence, param: float, with_w: bool):
+    """(the vocabulary sums of one chunk, w per token or None): the shared sums, the divergence's own, and with
+    `with_w` its w = ∂D/∂log q with the row sums "w" and "q" (unless the divergence's Σ w is a constant)."""
+    sums, w = divergence.on_chunk(t, param, with_w)
+    sums.update(p_log_p=row_dot(t.p, t.log_p), p_log_q=row_dot(t.p, t.log_q), q_log_q=row_dot(t.q, t.log_q))
+    if w is not None and divergence.w_total is None:
+        sums.update(w=w.sum(1), q=t.q.sum(1))
+    return sums, w
 
 
-def chunk_row_sums(t: ChunkTerms, divergence: Divergence, beta: float) -> dict[str, torch.Tensor]:
-    """The vocabulary sums of one chunk: the shared ones and the divergence's own."""
-    sums = {"p_log_p": row_dot(t.p, t.log_p), "p_log_q": row_dot(t.p, t.log_q), "q_log_q": row_dot(t.q, t.log_q)}
-    sums.update({name: term.sum(1) for name, term in divergence.row_terms(t, beta).items()})
-    return sums
+def sums_of_chunk(z_s, z_t, lse_s, lse_t, inv_tau: float, divergence: Divergence, param: float, with_w: bool):
+    """Pass 2's elementwise work on one chunk: its row sums, and w per token for pass 3 when training."""
+    return chunk_row_sums(chunk_terms(z_s, z_t, lse_s, lse_t, inv_tau), divergence, param, with_w)
 
 
-def sums_of_chunk(z_s, z_t, lse_s, lse_t, inv_tau: float, divergence: Divergence, beta: float):
-    """Pass 2's elementwise work on one chunk."""
-    return chunk_row_sums(chunk_terms(z_s, z_t, lse_s, lse_t, inv_tau), divergence, beta)
+def logit_grad(z_s: torch.Tensor, q: torch.Tensor, lse_raw_s: torch.Tensor, w: torch.Tensor, w_total,
+               inv_tau: float, ce_coef: float, kd_scale: float) -> torch.Tensor:
+    """dL/dz_student over one chunk except the CE's one-hot term: c_ce·softmax(z) + kd_scale·(w - q·Σw), where q is
+    the tempered softmax (consumed), w = ∂D/∂log q, `w_total` = Σw per row ([rows, 1]) or a constant, and kd_scale
+    the KD term's weight times dD/da → dD/dz (`KernelPlan.kd_grad_scale`). At τ = 1 the CE's softmax is q itself:
+    three kernels."""
+    if inv_tau == 1.0:
+        return q.mul_(ce_coef - kd_scale * w_total).add_(w, alpha=kd_scale)
+    probs = torch.exp(z_s - lse_raw_s[:, None])
+    return probs.mul_(ce_coef).add_(w, alpha=kd_scale).sub_(q.mul_(kd_scale * w_total))
 
 
-def logit_grad_of_chunk(z_s, z_t, lse_s, lse_raw_s, lse_t, sums, inv_tau: float, divergence: Divergence,
-                        beta: float, ce_coef: float, kd_coef: float, with_sums: bool):
-    """Pass 3's elementwise work on one chunk: dL/dz_student except the CE's one-hot term,
-    w·softmax(z) + c·τ·dD/da (w the CE's weight, 1-c unless set; a = z/τ, so d(τ²·D)/dz = τ·dD/da), and the chunk's
-    row sums when pass 2 was folded in (`with_sums`; then `sums` is None and the divergence's gradient needs none)."""
-    t = chunk_terms(z_s, z_t, lse_s, lse_t, inv_tau)
-    student_probs = t.q if inv_tau == 1.0 else torch.exp(z_s - lse_raw_s[:, None])
-    grad = torch.add(student_probs * ce_coef, divergence.grad(t, sums, beta), alpha=kd_coef / inv_tau)
-    return grad, (chunk_row_sums(t, divergence, beta) if with_sums else None)
+def logit_grad_of_chunk(z_s, z_t_or_w, lse_s, lse_raw_s, lse_t, w_total, inv_tau: float, divergence: Divergence,
+                        param: float, ce_coef: float, kd_scale: float, folded: bool):
+    """Pass 3's elementwise work on one chunk: (dL/dz_student but the one-hot term, the chunk's row sums or None).
+
+    Folded (the divergence's Σ w is a constant, so pass 2 rode along): from both models' logits, computing the row
+    sums too. Otherwise `z_t_or_w` is the w that pass 2 left in the teacher's slot, and `w_total` its row sums."""
+    if folded:
+        t = chunk_terms(z_s, z_t_or_w, lse_s, lse_t, inv_tau)
+        sums, w = chunk_row_sums(t, divergence, param, with_w=True)
+        return logit_grad(z_s, t.q, lse_raw_s, w, w_total, inv_tau, ce_coef, kd_scale), sums
+    q = ((z_s if inv_tau == 1.0 else z_s * inv_tau) - lse_s[:, None]).exp_()
+    return logit_grad(z_s, q, lse_raw_s, z_t_or_w, w_total, inv_tau, ce_coef, kd_scale), None
 
 
 def _accumulate(total: dict | None, part: dict) -> dict:
@@ -322,15 +335,21 @@ class KernelPlan:
     ce_coef: float
     kd_coef: float
     tau: float
-    beta: float
+    kd_unit: float  # the KD term is kd_unit·D: τ² in fsdp-kd's convention (`loss.CONVENTIONS`)
+    param: float  # the divergence's parameter (JSD's β, the skew's α), 0 when it has none
     divergence: Divergence
-    fold_sums_into_grad: bool  # pass 2 rides along in pass 3 (training with a divergence whose grad needs no sums)
+    fold_sums_into_grad: bool  # pass 2 rides along in pass 3 (training, with a divergence whose Σ w is a constant)
     sums_fn: Callable
     grad_fn: Callable
 
     @property
     def inv_tau(self) -> float:
         return 1.0 / self.tau
+
+    @property
+    def kd_grad_scale(self) -> float:
+        """d(kd_coef·kd_unit·D)/dz per unit of dD/da, a = z/τ: kd_coef·kd_unit/τ (kd_coef·τ at kd_unit = τ²)."""
+        return self.kd_coef * self.kd_unit * self.inv_tau
 
 
 # ---------------------------------------------------------------------------------------------------- targets
@@ -388,20 +407,25 @@ def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBloc
     pass1_logits(teacher, plan.chunks, labels, plan.inv_tau)
     sums = None
     if not plan.fold_sums_into_grad:  # pass 2
-        for z_s, z_t in zip(student.logits, teacher.logits):
-            sums = _accumulate(sums, plan.sums_fn(z_s, z_t, student.lse, teacher.lse, plan.inv_tau, plan.divergence,
-                                                  plan.beta))
+        for k, (z_s, z_t) in enumerate(zip(student.logits, teacher.logits)):
+            part, w = plan.sums_fn(z_s, z_t, student.lse, teacher.lse, plan.inv_tau, plan.divergence, plan.param,
+                                   grads is not None)
+            sums = _accumulate(sums, part)
+            if w is not None:  # the teacher's logits are spent (pass 1 kept its normalizers): its slot keeps w
+                teacher.logits[k] = w
     for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):  # pass 3
-        grad_z, chunk_sums = plan.grad_fn(student.logits[k], teacher.logits[k], student.lse, student.lse_raw,
-                                          teacher.lse, sums, plan.inv_tau, plan.divergence, plan.beta, plan.ce_coef,
-                                          plan.kd_coef,
-                                          plan.fold_sums_into_grad)
+        # Σq is 1 but for the rounding of the log-sum-exp; dividing by it cancels that rounding, which the softmax
+        # term would otherwise multiply by Σw (reverse KL's D, large where the two models disagree)
+        w_total = plan.divergence.w_total if plan.fold_sums_into_grad else (sums["w"] / sums["q"])[:, None]
+        grad_z, part = plan.grad_fn(student.logits[k], teacher.logits[k], student.lse, student.lse_raw, teacher.lse,
+                                    w_total, plan.inv_tau, plan.divergence, plan.param, plan.ce_coef,
+                                    plan.kd_grad_scale, plan.fold_sums_into_grad)
         if plan.fold_sums_into_grad:
-            sums = _accumulate(sums, chunk_sums)
+            sums = _accumulate(sums, part)
         push_back(grads, student, grad_z, student.logits[k], rows, v0, v1)
     if grads is not None:
         push_back_labels(grads, student, labels, rows, plan.ce_coef)
-    kd = plan.divergence.value(sums, plan.beta) * plan.tau**2
+    kd = plan.divergence.value(sums, plan.param) * plan.kd_unit
     per_row = torch.stack([student.lse_raw - student.label_logit, kd, sums["p_log_p"] - sums["p_log_q"],
                            -sums["p_log_p"], -sums["q_log_q"], (student.argmax == teacher.argmax).float(),
                            teacher.lse_raw - teacher.label_logit])
@@ -503,21 +527,19 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     log_p = torch.cat([cached.log_p, cached.log_rest[:, None]], 1)
     log_q = torch.cat([log_q_cached, log_q_rest[:, None]], 1)
     b = Buckets(log_p, log_q, log_p.exp(), log_q.exp())
-    value, w = plan.divergence.on_buckets(b, plan.beta)
-    kd_scale = plan.kd_coef / plan.inv_tau  # d(τ²·D)/dz = τ·dD/da
+    value, w = plan.divergence.on_buckets(b, plan.param)
+    kd_scale = plan.kd_grad_scale
     # Σ_B Q_B is 1 but for the rounding of the student's log-sum-exp; dividing by it cancels that rounding, which the
     # softmax term would otherwise multiply by Σ w (reverse KL's D, large where the two models disagree)
-    minus_total = -w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
+    w_total = w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
     w_rest, w_cached = w[:, -1:], w[:, :-1] * kd_scale
     log_rest = torch.where(log_q_rest > -math.inf, log_q_rest, 0.0)[:, None]  # a row without a rest never reads it
     for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):
         z = student.logits[k]
         log_q = (z if plan.inv_tau == 1.0 else z * plan.inv_tau) - student.lse[:, None]
-        q = log_q.exp()
-        probs = q if plan.inv_tau == 1.0 else torch.exp(z - student.lse_raw[:, None])
         rest_share = _rest_only(log_q, cached.ids, v0, v1).sub_(log_rest).exp_()  # q_v / Q_r, 0 on the cached ids
-        kd_grad = torch.addcmul(q * minus_total, rest_share, w_rest)
-        grad_z = torch.add(probs * plan.ce_coef, kd_grad, alpha=kd_scale)
+        grad_z = logit_grad(z, log_q.exp_(), student.lse_raw, rest_share.mul_(w_rest), w_total, plan.inv_tau,
+                            plan.ce_coef, kd_scale)
         here, local = _in_chunk(cached.ids, v0, v1)
         grad_z.scatter_add_(1, local, torch.where(here, w_cached, 0.0))
         push_back(grads, student, grad_z, z, rows, v0, v1)
@@ -527,7 +549,7 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     teacher_log_p_label = torch.where(is_label.any(1), torch.where(is_label, cached.log_p, -math.inf).amax(1),
                                       cached.log_rest)
     teacher_top = cached.ids.gather(1, cached.log_p.argmax(1, keepdim=True))[:, 0]
-    per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.tau**2,
+    per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q_log_q,
                            (student.argmax == teacher_top).float(), -teacher_log_p_label])
     return per_row.sum(1)

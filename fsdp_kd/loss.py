@@ -18,6 +18,7 @@ only way to make gradients independent of micro-batch split and world size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -28,12 +29,37 @@ from .kernel import (DEFAULT_CUDA_BUDGET_MB, METRIC_NAMES, NO_TEACHER, Gradients
 
 
 @dataclass(frozen=True)
+class Convention:
+    """How a tool scales its KD term: D in the divergence's own units (its definition in `divergences.py`) times
+    `unit(divergence, param, τ)`. Users bringing a kd_coef from another tool pick that tool's convention, so the
+    balance of CE and KD is the one they tuned. docs/divergences.md tabulates the factors."""
+    unit: Callable[[str, float, float], float]
+    describes: str
+
+
+def _reference_scale(divergence: str, param: float, tau: float) -> float:
+    """TRL's and Liger's: no τ², and JSD is β·KL(p‖m) + (1-β)·KL(q‖m) without fsdp-kd's 1/(β(1-β))."""
+    return param * (1 - param) if divergence == "jsd" else 1.0
+
+
+CONVENTIONS: dict[str, Convention] = {
+    "fsdp_kd": Convention(lambda divergence, param, tau: tau * tau,
+                          "τ²·D (Hinton's), JSD normalized by β(1-β) so that it tends to the KLs at its endpoints"),
+    "trl": Convention(_reference_scale, "TRL's generalized_jsd_loss (GKD, GOLD): D of the tempered softmaxes, no τ², "
+                                        "JSD = β·KL(p‖m) + (1-β)·KL(q‖m)"),
+    "liger": Convention(_reference_scale, "Liger-Kernel's LigerFusedLinearJSDLoss: the same as TRL's"),
+}
+
+
+@dataclass(frozen=True)
 class LossSpec:
     kd_coef: float = 0.5
     ce_coef: float | None = None  # the CE term's weight; None: 1 - kd_coef (0 on self-generated text, on-policy)
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
+    skew_alpha: float = 0.1  # skew_kl, skew_reverse_kl: the share α in the mixture of the KL's first argument (DistiLLM)
     temperature: float = 1.0
+    convention: str = "fsdp_kd"  # how the KD term is scaled (CONVENTIONS)
     vocab_chunk: int | None = None  # None: chosen per device (choose_chunks)
     token_chunk: int | None = None
     chunk_budget_mb: int = DEFAULT_CUDA_BUDGET_MB  # CUDA: scratch memory the loss may use for one token block
@@ -44,8 +70,12 @@ class LossSpec:
             raise ValueError(f"kd_loss must be one of {tuple(DIVERGENCES)}, got {self.divergence!r}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}")
         if not 0.0 <= self.kd_coef <= 1.0:
             raise ValueError(f"kd_coef must be in [0, 1], got {self.kd_coef}")
+        if self.convention not in CONVENTIONS:
+            raise ValueError(f"kd_loss_convention must be one of {tuple(CONVENTIONS)}, got {self.convention!r}")
         if self.temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {self.temperature}")
         if (self.vocab_chunk is not None and self.vocab_chunk < 1) or (
@@ -64,6 +94,17 @@ class LossSpec:
         if self.divergence == "jsd" and self.jsd_beta == 1.0:
             return "reverse_kl"
         return self.divergence
+
+    @property
+    def divergence_param(self) -> float:
+        """The value of the divergence's own parameter (JSD's β, the skew's α), 0 when it has none."""
+        name = DIVERGENCES[self.effective_divergence].parameter
+        return 0.0 if name is None else getattr(self, name)
+
+    @property
+    def kd_unit(self) -> float:
+        """The KD term is kd_unit·D in this spec's convention."""
+        return CONVENTIONS[self.convention].unit(self.effective_divergence, self.divergence_param, self.temperature)
 
 
 @dataclass
@@ -88,8 +129,8 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
     sums_fn, grad_fn = elementwise_functions(spec.compile)
     ce_coef, kd_coef = targets.weights(spec)
     plan = KernelPlan(chunks=vocab_chunks(job.vocab_size, cols), ce_coef=ce_coef, kd_coef=kd_coef,
-                      tau=spec.temperature, beta=spec.jsd_beta, divergence=divergence,
-                      fold_sums_into_grad=with_grad and not divergence.grad_needs_sums,
+                      tau=spec.temperature, kd_unit=spec.kd_unit, param=spec.divergence_param, divergence=divergence,
+                      fold_sums_into_grad=with_grad and divergence.w_total is not None,
                       sums_fn=sums_fn, grad_fn=grad_fn)
     s_weight = s_head.weight.to(h_s.dtype)  # the product dtype: one cast per call, if any
     grads = None

@@ -55,8 +55,14 @@ def dense_distillation_loss(student_hidden, student_head, labels, spec: LossSpec
         kd = reverse_kl
     elif divergence == "tvd":
         kd = 0.5 * (p - q).abs().sum(-1)
+    elif divergence == "skew_kl":  # KL(p ‖ αp + (1-α)q)
+        log_m = _log_mix(log_p, log_q, spec.skew_alpha)
+        kd = (p * (log_p - log_m)).sum(-1)
+    elif divergence == "skew_reverse_kl":  # KL(q ‖ (1-α)p + αq)
+        log_m = _log_mix(log_p, log_q, 1 - spec.skew_alpha)
+        kd = (q * (log_q - log_m)).sum(-1)
     else:
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        log_m = _log_mix(log_p, log_q, beta)
         kd = (beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)) / (beta * (1 - beta))
     kd = kd * tau * tau
     loss = ((1 - c) * ce + c * kd).sum()
@@ -99,11 +105,25 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
         kd = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     else:
         occupied = (log_p > -math.inf) | (log_q > -math.inf)  # where m > 0; elsewhere m is never read
-        log_m = torch.logaddexp(torch.where(occupied, log_p, 0.0) + math.log(beta),
-                                torch.where(occupied, log_q, 0.0) + math.log1p(-beta))
-        kd = (beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)) / (beta * (1 - beta))
+        log_p_m, log_q_m = torch.where(occupied, log_p, 0.0), torch.where(occupied, log_q, 0.0)
+        if divergence == "skew_kl":
+            kd = _kl(log_p, _log_mix(log_p_m, log_q_m, spec.skew_alpha))
+        elif divergence == "skew_reverse_kl":
+            kd = _kl(log_q, _log_mix(log_p_m, log_q_m, 1 - spec.skew_alpha))
+        else:
+            log_m = _log_mix(log_p_m, log_q_m, beta)
+            kd = (beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)) / (beta * (1 - beta))
     kd = kd * tau * tau
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
+
+
+def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(weight_p·p + (1 - weight_p)·q), exact at any gap (a weight of 0 drops its side)."""
+    if weight_p == 0:
+        return log_q
+    if weight_p == 1:
+        return log_p
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
 def _kl(log_x: torch.Tensor, log_y: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,21 @@ def test_resume_mismatch_lists_only_keys_that_matter():
     saved = parse_config(REQUIRED).to_dict()
     now = parse_config(REQUIRED + ["--logging_steps", "7", "--eval_steps", "3", "--train_batch_size", "32"])
     assert resume_mismatches(saved, now) == ["train_batch_size (16 -> 32)"]
+    # a checkpoint from before a key existed ran with its default, so it resumes alike, and differs from another value
+    del saved["kd_loss_convention"]
+    assert resume_mismatches(saved, now) == ["train_batch_size (16 -> 32)"]
+    assert resume_mismatches(saved, parse_config(REQUIRED + ["--kd_loss_convention", "trl"])) == [
+        "kd_loss_convention ('fsdp_kd' -> 'trl')"]
+
+
+def test_divergence_keys_name_what_they_accept():
+    with pytest.raises(ConfigError, match=r"--kd_loss_convention: kd_loss_convention must be one of fsdp_kd, trl, "
+                                          r"liger, got 'openrlhf'"):
+        parse_config(REQUIRED + ["--kd_loss_convention", "openrlhf"])
+    with pytest.raises(ConfigError, match=r"--skew_alpha: skew_alpha must be in \[0, 1\), got 1.0"):
+        parse_config(REQUIRED + ["--kd_loss", "skew_kl", "--skew_alpha", "1"])
+    cfg = parse_config(REQUIRED + ["--kd_loss", "skew_reverse_kl", "--skew_alpha", "0.2"])
+    assert (cfg.kd_loss, cfg.skew_alpha, cfg.kd_loss_convention) == ("skew_reverse_kl", 0.2, "fsdp_kd")
 
 
 def test_unknown_attention_implementation_lists_the_accepted_ones():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fsdp_kd.divergences import DIVERGENCES
-from fsdp_kd.kernel import Head, SparseTargets, choose_chunks, fp32_output_products
+from fsdp_kd.kernel import CPU_CHUNKS, Head, SparseTargets, choose_chunks, fp32_output_products
 from fsdp_kd.loss import LossSpec, distillation_loss
 from fsdp_kd.profiling import profile_launches
 from fsdp_kd.reference import dense_bucketed_loss, dense_distillation_loss
@@ -35,14 +35,27 @@ def assert_close(a, b, rtol=1e-5):
     assert float((a.double() - b.double()).abs().max()) <= rtol * scale, (a, b)
 
 
+def spec_with(divergence: str, param: float, **kwargs) -> LossSpec:
+    """A LossSpec whose divergence takes `param` as its own parameter (JSD's β, the skew's α), if it has one."""
+    name = DIVERGENCES[divergence].parameter
+    return LossSpec(divergence=divergence, **({} if name is None else {name: param}), **kwargs)
+
+
+# (divergence, τ, its parameter): every entry, JSD's and the skews' endpoints, and temperatures on both sides of 1
 CASES = [("forward_kl", 1.0, 0.5), ("forward_kl", 2.0, 0.5), ("reverse_kl", 1.0, 0.5), ("reverse_kl", 0.5, 0.5),
          ("jsd", 1.0, 0.5), ("jsd", 3.0, 0.1), ("jsd", 1.0, 0.9), ("jsd", 1.0, 0.0), ("jsd", 1.0, 1.0),
-         ("tvd", 1.0, 0.5), ("tvd", 2.0, 0.5)]
+         ("tvd", 1.0, 0.5), ("tvd", 2.0, 0.5), ("skew_kl", 1.0, 0.1), ("skew_kl", 2.0, 0.5), ("skew_kl", 1.0, 0.0),
+         ("skew_kl", 0.5, 0.9), ("skew_reverse_kl", 1.0, 0.1), ("skew_reverse_kl", 0.5, 0.3),
+         ("skew_reverse_kl", 1.0, 0.0), ("skew_reverse_kl", 2.0, 0.9)]
 
 
-@pytest.mark.parametrize("divergence,tau,beta", CASES)
-def test_matches_dense_reference(divergence, tau, beta):
-    spec = LossSpec(kd_coef=0.7, divergence=divergence, jsd_beta=beta, temperature=tau, vocab_chunk=13, token_chunk=6)
+def test_every_divergence_is_tested_against_the_reference():
+    assert {case[0] for case in CASES} == set(DIVERGENCES)
+
+
+@pytest.mark.parametrize("divergence,tau,param", CASES)
+def test_matches_dense_reference(divergence, tau, param):
+    spec = spec_with(divergence, param, kd_coef=0.7, temperature=tau, vocab_chunk=13, token_chunk=6)
     args = inputs(padded_rows=(5, 11))  # padded head rows beyond the shared vocabulary are ignored
     loss, metrics, grads = run(distillation_loss, spec, *args)
     ref_loss, ref_metrics, ref_grads = run(dense_distillation_loss, spec, *args)
@@ -62,7 +75,7 @@ def test_independent_of_chunk_sizes(vocab_chunk, token_chunk):
         assert_close(g, r)
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+@pytest.mark.parametrize("divergence", list(DIVERGENCES))
 def test_divergence_of_a_distribution_with_itself_is_zero(divergence):
     h_s, w_s, _, _, labels = inputs()
     spec = LossSpec(kd_coef=1.0, divergence=divergence, vocab_chunk=10)
@@ -222,7 +235,7 @@ def test_evaluation_does_no_gradient_work():
 
 def test_chunk_shapes_per_device():
     spec = LossSpec()
-    assert choose_chunks(spec, torch.device("cpu"), 5000, 151936, 2) == (128, 8192)
+    assert choose_chunks(spec, torch.device("cpu"), 5000, 151936, 2) == CPU_CHUNKS == (256, 1024)
     rows, cols = choose_chunks(spec, torch.device("cuda"), 8192, 151936, 2)
     assert rows == 1024 and -(-151936 // cols) <= 3
     # the budget holds the logit caches and the chunk temporaries
@@ -298,7 +311,8 @@ def test_compiled_elementwise_work_equals_eager():
 # ------------------------------------------------------------------------------------- a cached teacher at extremes
 VE = 16  # vocabulary of the extreme-logit tests; identity heads, so the hidden states are the logits
 EXTREME_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9), ("jsd", 0.0),
-                 ("jsd", 1.0), ("tvd", 0.5)]
+                 ("jsd", 1.0), ("tvd", 0.5), ("skew_kl", 0.1), ("skew_kl", 0.0), ("skew_kl", 0.9),
+                 ("skew_reverse_kl", 0.1), ("skew_reverse_kl", 0.0), ("skew_reverse_kl", 0.9)]
 
 
 def extreme_logits():
@@ -334,14 +348,14 @@ def assert_all_close(got, expected, rtol=1e-5):
 
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 2.0, 10.0])
-@pytest.mark.parametrize("divergence,beta", EXTREME_CASES)
-def test_full_vocabulary_cache_equals_the_live_teacher_at_extreme_logits(divergence, beta, tau):
+@pytest.mark.parametrize("divergence,param", EXTREME_CASES)
+def test_full_vocabulary_cache_equals_the_live_teacher_at_extreme_logits(divergence, param, tau):
     """With k = V the bucketed divergence is the live one, so the cached path, kernel and dense reference alike, must
     give the live teacher's loss, divergence and gradient (computed exactly, in fp64) at any logit gap. A bucket
     gradient written as a ratio p/Q times Q is NaN once log p - log Q passes 88 (fp32) and drops the pull to 0 once
     Q underflows: rows 2-3 and 5-6 (at τ = 0.5 a logit gap of 46 is enough)."""
     z_s, z_t, labels = extreme_logits()
-    spec = LossSpec(kd_coef=0.8, divergence=divergence, jsd_beta=beta, temperature=tau, vocab_chunk=5, token_chunk=3)
+    spec = spec_with(divergence, param, kd_coef=0.8, temperature=tau, vocab_chunk=5, token_chunk=3)
     cache = top_k_cache(z_t, tau, VE)
     exact = with_logit_gradient(dense_distillation_loss, z_s.double().requires_grad_(), labels, spec, VE, z_t.double(),
                                 torch.eye(VE, dtype=torch.float64))
@@ -351,8 +365,35 @@ def test_full_vocabulary_cache_equals_the_live_teacher_at_extreme_logits(diverge
 
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 10.0])
-@pytest.mark.parametrize("divergence,beta", EXTREME_CASES)
-def test_a_starved_rest_bucket_keeps_a_finite_pull(divergence, beta, tau):
+@pytest.mark.parametrize("divergence,param", EXTREME_CASES)
+def test_live_teacher_at_extreme_logits_matches_the_exact_loss(divergence, param, tau):
+    """The live kernel at the same logit gaps, against the fp64 dense loss: finite, and equal to 3e-5 of the largest
+    gradient (1e-5 but at τ = 10, where fp32 log-probabilities near 16 carry a rounding of 1e-6 that the gradient's
+    factor τ multiplies; the fp32 dense loss errs by 1e-5 there too). Mixtures' log m is floored at fp32's smallest
+    normal number, which moves only terms below 1e-36."""
+    z_s, z_t, labels = extreme_logits()
+    spec = spec_with(divergence, param, kd_coef=0.8, temperature=tau, vocab_chunk=5, token_chunk=3)
+    exact = with_logit_gradient(dense_distillation_loss, z_s.double().requires_grad_(), labels, spec, VE, z_t.double(),
+                                torch.eye(VE, dtype=torch.float64))
+    live = with_logit_gradient(distillation_loss, z_s.requires_grad_(), labels, spec, VE, z_t, torch.eye(VE))
+    assert_all_close(live, exact, 1e-5 if tau < 10 else 3e-5)
+
+
+@pytest.mark.parametrize("skew,plain", [("skew_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")])
+def test_a_skew_of_zero_is_the_plain_kl(skew, plain):
+    args = inputs()
+    skewed = run(distillation_loss, LossSpec(kd_coef=0.6, divergence=skew, skew_alpha=0.0, vocab_chunk=13), *args)
+    kl = run(distillation_loss, LossSpec(kd_coef=0.6, divergence=plain, vocab_chunk=13), *args)
+    assert_close(skewed[0], kl[0], rtol=1e-6)
+    for g, r in zip(skewed[2], kl[2]):
+        assert_close(g, r, rtol=1e-5)
+    tilted = run(distillation_loss, LossSpec(kd_coef=0.6, divergence=skew, skew_alpha=0.1, vocab_chunk=13), *args)
+    assert float(tilted[0]) < float(kl[0])  # the mixture is closer to the first argument than the student/teacher is
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 10.0])
+@pytest.mark.parametrize("divergence,param", EXTREME_CASES)
+def test_a_starved_rest_bucket_keeps_a_finite_pull(divergence, param, tau):
     """k < V with the student's rest mass underflowing fp32 (at τ ≤ 1) while the teacher's rest holds mass: the last
     row puts every uncached token at -110. The kernel and the dense reference on the buckets equal its exact value
     to 3e-5: the teacher's log-probabilities near -160 (+80 at τ = 0.5) carry an fp32 rounding of 1e-5, which reverse
@@ -362,7 +403,7 @@ def test_a_starved_rest_bucket_keeps_a_finite_pull(divergence, beta, tau):
     cache = top_k_cache(z_t, tau, 4)
     starved = torch.full((VE,), -110.0).scatter(0, cache.ids[-1], 0.0)
     z_s = torch.cat([z_s, starved[None]]).requires_grad_()
-    spec = LossSpec(kd_coef=0.8, divergence=divergence, jsd_beta=beta, temperature=tau, vocab_chunk=5, token_chunk=3)
+    spec = spec_with(divergence, param, kd_coef=0.8, temperature=tau, vocab_chunk=5, token_chunk=3)
     exact = with_logit_gradient(dense_bucketed_loss, z_s.detach().double().requires_grad_(), labels, spec, VE,
                                 top_k_cache(z_t.double(), tau, 4))
     assert_all_close(with_logit_gradient(distillation_loss, z_s, labels, spec, VE, cached_teacher=cache), exact, 3e-5)
@@ -381,3 +422,47 @@ def test_cached_teacher_ce_is_the_teachers_ce_at_the_caches_temperature(tau):
     tempered = -torch.log_softmax(z_t.double() / tau, dim=1).gather(1, labels[:, None]).sum()
     assert math.isclose(float(cached["teacher_ce"]), float(tempered), rel_tol=1e-5)
     assert math.isclose(float(cached["teacher_ce"]), float(live["teacher_ce"]), rel_tol=1e-5) == (tau == 1.0)
+
+
+# ------------------------------------------------------------------------------------- other tools' conventions
+def published_generalized_jsd(z_s, z_t, beta, tau):
+    """TRL's `generalized_jsd_loss` and Liger's `LigerFusedLinearJSDLoss` as their documentation writes them, per
+    token: both softmaxes at z/τ, m = β·p + (1-β)·q, β·KL(p‖m) + (1-β)·KL(q‖m), the plain KLs at β = 0 and 1, no τ²."""
+    log_q, log_p = torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1)
+    if beta == 0:
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if beta == 1:
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), 0)
+    return beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1)
+
+
+@pytest.mark.parametrize("convention", ["trl", "liger"])
+@pytest.mark.parametrize("beta,tau", [(0.5, 1.0), (0.1, 2.0), (0.0, 2.0), (1.0, 0.5), (0.9, 1.0)])
+def test_a_conventions_loss_is_that_tools_formula(convention, beta, tau):
+    """(1 - c)·CE + c·JSD with JSD as the tool writes it (Liger's weight_hard_loss / weight_soft_loss; TRL's GKD is
+    c = 1): the loss, its gradient and the kd metric, summed over tokens."""
+    h_s, w_s, h_t, w_t, labels = inputs()
+    kd_coef = 0.6
+    spec = LossSpec(kd_coef=kd_coef, divergence="jsd", jsd_beta=beta, temperature=tau, convention=convention,
+                    vocab_chunk=13, token_chunk=6)
+    loss, metrics = distillation_loss(h_s, w_s, labels, spec, V, h_t, w_t)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+    z_s, z_t = h_s @ w_s.t(), h_t @ w_t.t()
+    jsd = published_generalized_jsd(z_s, z_t, beta, tau)
+    expected = ((1 - kd_coef) * torch.nn.functional.cross_entropy(z_s, labels, reduction="none") + kd_coef * jsd).sum()
+    assert_close(loss, expected.detach())
+    for g, r in zip(grads, torch.autograd.grad(expected, (h_s, w_s))):
+        assert_close(g, r)
+    assert math.isclose(float(metrics["kd"]), float(jsd.sum()), rel_tol=1e-5)
+
+
+def test_fsdp_kd_convention_is_the_normalized_jsd_times_tau_squared():
+    """fsdp-kd's JSD is the published one divided by β(1-β), times τ² (docs/divergences.md's conversion table)."""
+    h_s, w_s, h_t, w_t, labels = inputs()
+    beta, tau = 0.3, 2.0
+    spec = LossSpec(kd_coef=1.0, divergence="jsd", jsd_beta=beta, temperature=tau, vocab_chunk=13)
+    with torch.no_grad():
+        _, metrics = distillation_loss(h_s, w_s, labels, spec, V, h_t, w_t)
+        published = published_generalized_jsd(h_s @ w_s.t(), h_t @ w_t.t(), beta, tau).sum()
+    assert math.isclose(float(metrics["kd"]), float(published) * tau**2 / (beta * (1 - beta)), rel_tol=1e-5)
