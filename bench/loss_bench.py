@@ -277,20 +277,21 @@ def liger_table() -> None:
 
 def run_child(kind, args, tokens) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--tokens", str(tokens), "--hidden", str(args.hidden),
-           "--vocab", str(args.vocab), "--token_chunk", str(args.token_chunk), "--vocab_chunk", str(args.vocab_chunk)]
+           "--vocab", str(args.vocab)]
+    for flag in ("token_chunk", "vocab_chunk"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag}", str(getattr(args, flag))]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
-    from fsdp_kd.kernel import CPU_CHUNKS
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--token_chunk", type=int, default=CPU_CHUNKS[0])
-    parser.add_argument("--vocab_chunk", type=int, default=CPU_CHUNKS[1])
+    parser.add_argument("--token_chunk", type=int, help="default: chosen per device (kernel.choose_chunks)")
+    parser.add_argument("--vocab_chunk", type=int)
     parser.add_argument("--launches", action="store_true", help="print the launch profile only")
     parser.add_argument("--profile_hidden", type=int, default=64, help="hidden size for the launch profile")
     parser.add_argument("--skip_dense", action="store_true", help="the dense loss needs ~16.5 GB at T=4096")
@@ -312,8 +313,15 @@ def main():
         launch_table(args)
         return
 
-    print(f"H={args.hidden} V={args.vocab} fp32, forward+backward, token_chunk={args.token_chunk} "
-          f"vocab_chunk={args.vocab_chunk}, torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}")
+    import torch
+
+    from fsdp_kd.kernel import choose_chunks
+    from fsdp_kd.loss import LossSpec
+
+    rows, cols = choose_chunks(LossSpec(token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk),
+                               torch.device("cpu"), max(args.tokens), args.vocab, 2)
+    print(f"H={args.hidden} V={args.vocab} fp32, forward+backward, blocks of {rows} tokens × {cols} columns, "
+          f"torch threads={os.environ.get('OMP_NUM_THREADS', 'default')}")
     print("| T | fused time | dense time | matmul floor | fused / floor | fused / dense | eval / fused | "
           "fused peak RSS | fused overhead | dense peak RSS |")
     print("|---|---|---|---|---|---|---|---|---|---|")

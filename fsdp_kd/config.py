@@ -123,8 +123,10 @@ class TrainConfig:
     kd_coef: float = opt(0.4, "loss = (1 - kd_coef) · CE + kd_coef · divergence to the teacher; OpenRLHF's "
                               "default", section="Distillation")
     kd_loss: str = opt(LossSpec.divergence, "the divergence: forward_kl (KL(teacher ‖ student)), reverse_kl, jsd, "
-                                            "tvd, skew_kl or skew_reverse_kl (docs/divergences.md)")
+                                            "tvd, skew_kl, skew_reverse_kl or akl (docs/divergences.md)")
     jsd_beta: float = opt(LossSpec.jsd_beta, "jsd: the mixture weight; 0 is forward_kl, 1 is reverse_kl")
+    akl_mu: float = opt(LossSpec.akl_mu, "akl: the teacher's cumulative probability that bounds the head (Wu et al."
+                                         "'s μ)")
     skew_alpha: float = opt(LossSpec.skew_alpha, "skew_kl: KL(p ‖ α·p + (1-α)·q); skew_reverse_kl: KL(q ‖ (1-α)·p + "
                                                  "α·q); 0 is the plain KL (DistiLLM's default 0.1)")
     kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: fsdp_kd (τ²·D, JSD normalized by "
@@ -201,7 +203,7 @@ RESUME_SENSITIVE_KEYS = (
     "pretrain", "teacher_model", "teacher_cache", "dataset", "dataset_probs", "dataset_split", "input_key", "output_key",
     "input_template", "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode",
     "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size", "seed", "param_dtype",
-    "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "kd_loss_convention", "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
+    "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "kd_loss_convention", "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p",
 )
 
@@ -363,6 +365,8 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.kd_loss_convention not in CONVENTIONS:
         fail("kd_loss_convention", f"kd_loss_convention must be one of {', '.join(CONVENTIONS)}, "
                                    f"got {cfg.kd_loss_convention!r}")
+    if not 0 < cfg.akl_mu < 1:
+        fail("akl_mu", f"akl_mu must be in (0, 1), got {cfg.akl_mu}")
     if not 0 <= cfg.skew_alpha < 1:
         fail("skew_alpha", f"skew_alpha must be in [0, 1), got {cfg.skew_alpha}")
     if cfg.kd_temperature <= 0:

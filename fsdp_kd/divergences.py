@@ -61,12 +61,21 @@ class Divergence:
     has w = 0.
 
     `parameter` names the LossSpec field that is the divergence's parameter (JSD's β, the skew's α), if any.
+
+    A divergence whose w needs the whole row's sums first (AKL's per-row weights) gives `late_w(t, sums, param)` and
+    `late_w_total(sums, param)` instead of w from `on_chunk`; the kernel then recomputes the chunk's terms in pass 3.
+    One that needs the teacher's most likely tokens gives `on_head(b, param)`: the row values it needs from both
+    distributions at the teacher's top `head_tokens` tokens (sorted, most likely first), which join the row sums.
     """
     on_chunk: Callable[[ChunkTerms, float, bool], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
     value: Callable[[dict[str, torch.Tensor], float], torch.Tensor]
     on_buckets: Callable[[Buckets, float], tuple[torch.Tensor, torch.Tensor]]
     w_total: float | None = None
     parameter: str | None = None
+    late_w: Callable[[ChunkTerms, dict[str, torch.Tensor], float], torch.Tensor] | None = None
+    late_w_total: Callable[[dict[str, torch.Tensor], float], torch.Tensor] | None = None
+    on_head: Callable[[Buckets, float], dict[str, torch.Tensor]] | None = None
+    head_tokens: int = 0
 
 
 def xlogy(x: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -163,6 +172,68 @@ def _skew_reverse_kl_on_buckets(b: Buckets, alpha: float):
     return xlogy_sum(b.q, log_q_over_m), where_present(b.log_q, b.q * w)
 
 
+# AKL's head: the teacher's tokens in descending probability while their cumulative mass stays within μ, and always
+# its most likely one (Wu et al. 2024, as their code computes it). It is found among the teacher's top AKL_HEAD_TOKENS
+# tokens, so it is exact wherever those hold more than μ of the teacher's mass, and cut at that many tokens elsewhere.
+AKL_HEAD_TOKENS = 64
+
+
+def akl_head(log_p_sorted: torch.Tensor, mu: float) -> torch.Tensor:
+    """Which of the teacher's tokens, sorted most likely first ([rows, k]), form AKL's head."""
+    head = log_p_sorted.exp().cumsum(1) <= mu
+    head[:, 0] = True
+    return head
+
+
+def _akl_weights(s: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's share g_head / (g_head + g_tail) of the gap Σ|p - q| ([rows]), a constant for the gradient; 0 where
+    the two distributions agree (both KLs are 0 there). Kept in the block's complete row sums once taken, so that
+    pass 3 does not take it again per chunk."""
+    if "akl_share" not in s:
+        tiny = torch.finfo(s["akl_gap"].dtype).tiny
+        s["akl_share"] = (s["akl_head_gap"] / s["akl_gap"].clamp_min(tiny)).clamp_(0, 1)
+    return s["akl_share"]
+
+
+def _akl_on_head(b: Buckets, mu: float):
+    return {"akl_head_gap": torch.where(akl_head(b.log_p, mu), (b.p - b.q).abs(), 0.0).sum(1)}
+
+
+def _akl_chunk(t: ChunkTerms, mu: float, with_w: bool):
+    return {"q_log_p": row_dot(t.q, t.log_p), "akl_gap": (t.q - t.p).abs_().sum(1), "q": t.q.sum(1)}, None
+
+
+def _akl_value(s, mu: float) -> torch.Tensor:
+    head = _akl_weights(s)
+    return head * (s["p_log_p"] - s["p_log_q"]) + (1 - head) * (s["q_log_q"] - s["q_log_p"])
+
+
+def _akl_late_w(t: ChunkTerms, s, mu: float) -> torch.Tensor:
+    """head·(-p) + (1 - head)·q·log(q/p): forward KL's w and reverse KL's, weighted per row."""
+    head = _akl_weights(s)[:, None]
+    return (t.log_q - t.log_p).mul_(t.q).mul_(1 - head).sub_(t.p * head)
+
+
+def _akl_late_w_total(s, mu: float) -> torch.Tensor:
+    head = _akl_weights(s)
+    return (-head + (1 - head) * (s["q_log_q"] - s["q_log_p"])) / s["q"]
+
+
+def _akl_on_buckets(b: Buckets, mu: float):
+    """Over a cached teacher's buckets: the head among the cached tokens (sorted by the teacher), the rest bucket in the
+    tail; exact against the live teacher at k = V."""
+    log_p_cached, order = b.log_p[:, :-1].sort(dim=1, descending=True)
+    in_head = torch.zeros_like(b.p, dtype=torch.bool)
+    in_head[:, :-1] = torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, akl_head(log_p_cached, mu))
+    gap = (b.p - b.q).abs()
+    head = torch.where(in_head, gap, 0.0).sum(1) / gap.sum(1).clamp_min(torch.finfo(gap.dtype).tiny)
+    head = head.clamp(0, 1)[:, None]
+    forward = xlogy(b.p, b.log_p - b.log_q)
+    reverse = xlogy(b.q, b.log_q - b.log_p)
+    value = (head * forward + (1 - head) * reverse).sum(1)
+    return value, (1 - head) * reverse - head * b.p
+
+
 DIVERGENCES: dict[str, Divergence] = {
     # KL(p‖q): mode covering, the classic KD objective
     "forward_kl": Divergence(
@@ -199,4 +270,15 @@ DIVERGENCES: dict[str, Divergence] = {
         value=lambda s, alpha: s["q_log_q_over_m"],
         on_buckets=_skew_reverse_kl_on_buckets,
         parameter="skew_alpha"),
+    # adaptive KL (AKL, Wu et al. 2024): per token, forward KL weighted by the head's share of the gap Σ|p - q| and
+    # reverse KL by the tail's; the head is the teacher's top tokens up to cumulative mass μ (akl_mu)
+    "akl": Divergence(
+        on_chunk=_akl_chunk,
+        value=_akl_value,
+        on_buckets=_akl_on_buckets,
+        parameter="akl_mu",
+        late_w=_akl_late_w,
+        late_w_total=_akl_late_w_total,
+        on_head=_akl_on_head,
+        head_tokens=AKL_HEAD_TOKENS),
 }

@@ -7,7 +7,8 @@ Per block of token rows the logits exist only for that block, and each pass walk
   pass 2  per-row sums over the vocabulary that need the final normalizers (KL, entropies, the divergence's own) and,
           when training, w = ∂D/∂log q per token, which takes the spent teacher logits' place in the cache, with its
           row sum Σw (a divergence whose Σw is a constant, like forward KL's -1, has pass 2 folded into pass 3
-          instead of paying for a separate sweep);
+          instead of paying for a separate sweep; one whose w needs the row's sums first, like AKL's weights, has w
+          recomputed in pass 3: `w_source`);
   pass 3  the gradient with respect to the student's logits, c_ce·softmax + c_kd·τ·(w - q·Σw), chunk by chunk,
           pushed back through the head straight into the gradients of the hidden states and head weight (and bias).
 
@@ -47,7 +48,9 @@ METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_ag
 
 
 # ---------------------------------------------------------------------------------------------------- block shape
-CPU_CHUNKS = (256, 1024)  # (token rows, vocabulary columns): the fastest on a 2-core CPU (docs/benchmarks.md)
+# CPU: 1024-column chunks keep a chunk's temporaries in cache; blocks of up to 256 rows keep the head products at full
+# speed (at 128 rows they ran at half) while the block's logit caches stay within CPU_CACHE_MB (docs/benchmarks.md)
+CPU_MAX_ROWS, CPU_COLUMNS, CPU_CACHE_MB = 256, 1024, 256
 CUDA_MIN_ROWS = 1024
 DEFAULT_CUDA_BUDGET_MB = 4096
 _LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
@@ -57,14 +60,16 @@ def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: in
                   grad_temporary_per_column: int = 0) -> tuple[int, int]:
     """(token rows per block, vocabulary columns per chunk); explicit `token_chunk`/`vocab_chunk` win.
 
-    CPU: small blocks keep each chunk in cache. CUDA: launches dominate small blocks, so a block is at least 1024 rows
-    (or every token), and the vocabulary is cut into as few equal chunks as the memory budget allows. The budget
+    CPU: 1024-column chunks, and as many rows (a multiple of 64, 64 to 256) as keep every model's fp32 logits of the
+    block within CPU_CACHE_MB (192 rows at V = 151936 and two models). CUDA: launches dominate small blocks, so a
+    block is at least 1024 rows (or every token), and the vocabulary is cut into as few equal chunks as the memory budget allows. The budget
     covers the block's fp32 logit cache of every model (rows × V each), the live chunk temporaries, and
     `grad_temporary_per_column` floats per chunk column: the fp32 [columns × H] product that the weight gradient
     needs when it cannot accumulate in place (`accumulates_in_place`; pass H then, 0 otherwise).
     """
     if device.type != "cuda":
-        rows, cols = CPU_CHUNKS
+        fitting = CPU_CACHE_MB * 1024**2 // (4 * n_models * vocab) // 64 * 64
+        rows, cols = max(64, min(CPU_MAX_ROWS, fitting)), CPU_COLUMNS
     else:
         budget_floats = spec.chunk_budget_mb * 1024**2 // 4
         rows = max(1, min(spec.token_chunk or CUDA_MIN_ROWS, n_tokens))
@@ -255,22 +260,44 @@ def logit_grad(z_s: torch.Tensor, q: torch.Tensor, lse_raw_s: torch.Tensor, w: t
     return probs.mul_(ce_coef).add_(w, alpha=kd_scale).sub_(q.mul_(kd_scale * w_total))
 
 
-def logit_grad_of_chunk(z_s, z_t_or_w, lse_s, lse_raw_s, lse_t, w_total, inv_tau: float, divergence: Divergence,
-                        param: float, ce_coef: float, kd_scale: float, folded: bool):
+def w_source(divergence: Divergence, with_grad: bool) -> str:
+    """Where pass 3 finds w: "folded" (Σw is a constant, so pass 2 rides along in pass 3), "stored" (pass 2 left w in
+    the spent teacher logits' slot), "late" (w needs the row sums: recomputed from both models' logits in pass 3)."""
+    if with_grad and divergence.w_total is not None:
+        return "folded"
+    return "late" if divergence.late_w is not None else "stored"
+
+
+def logit_grad_of_chunk(z_s, z_t_or_w, lse_s, lse_raw_s, lse_t, sums, inv_tau: float, divergence: Divergence,
+                        param: float, ce_coef: float, kd_scale: float, source: str):
     """Pass 3's elementwise work on one chunk: (dL/dz_student but the one-hot term, the chunk's row sums or None).
+    `z_t_or_w` is the teacher's logits, or the w that pass 2 left in its slot (`source` "stored")."""
+    if source == "stored":
+        q = ((z_s if inv_tau == 1.0 else z_s * inv_tau) - lse_s[:, None]).exp_()
+        return logit_grad(z_s, q, lse_raw_s, z_t_or_w, sums["w_total"], inv_tau, ce_coef, kd_scale), None
+    t = chunk_terms(z_s, z_t_or_w, lse_s, lse_t, inv_tau)
+    if source == "late":
+        w = divergence.late_w(t, sums, param)
+        return logit_grad(z_s, t.q, lse_raw_s, w, sums["w_total"], inv_tau, ce_coef, kd_scale), None
+    part, w = chunk_row_sums(t, divergence, param, with_w=True)
+    return logit_grad(z_s, t.q, lse_raw_s, w, divergence.w_total, inv_tau, ce_coef, kd_scale), part
 
-    Folded (the divergence's Σ w is a constant, so pass 2 rode along): from both models' logits, computing the row
-    sums too. Otherwise `z_t_or_w` is the w that pass 2 left in the teacher's slot, and `w_total` its row sums."""
-    if folded:
-        t = chunk_terms(z_s, z_t_or_w, lse_s, lse_t, inv_tau)
-        sums, w = chunk_row_sums(t, divergence, param, with_w=True)
-        return logit_grad(z_s, t.q, lse_raw_s, w, w_total, inv_tau, ce_coef, kd_scale), sums
-    q = ((z_s if inv_tau == 1.0 else z_s * inv_tau) - lse_s[:, None]).exp_()
-    return logit_grad(z_s, q, lse_raw_s, z_t_or_w, w_total, inv_tau, ce_coef, kd_scale), None
+
+def add_w_total(sums: dict, divergence: Divergence, param: float, source: str) -> None:
+    """Σw per row ([rows, 1]) into the block's complete row sums, once, for pass 3 ("stored" and "late" w)."""
+    if source == "stored":
+        # Σq is 1 but for the rounding of the log-sum-exp; dividing by it cancels that rounding, which the softmax
+        # term would otherwise multiply by Σw (reverse KL's D, large where the two models disagree)
+        sums["w_total"] = (sums["w"] / sums["q"])[:, None]
+    elif source == "late":
+        sums["w_total"] = divergence.late_w_total(sums, param)[:, None]
 
 
-def _accumulate(total: dict | None, part: dict) -> dict:
-    return part if total is None else {name: total[name] + part[name] for name in part}
+def _accumulate(total: dict, part: dict) -> dict:
+    """Adds a chunk's row sums into the running ones, in place; entries not in `part` are kept."""
+    for name, value in part.items():
+        total[name] = total[name] + value if name in total else value
+    return total
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -338,7 +365,7 @@ class KernelPlan:
     kd_unit: float  # the KD term is kd_unit·D: τ² in fsdp-kd's convention (`loss.CONVENTIONS`)
     param: float  # the divergence's parameter (JSD's β, the skew's α), 0 when it has none
     divergence: Divergence
-    fold_sums_into_grad: bool  # pass 2 rides along in pass 3 (training, with a divergence whose Σ w is a constant)
+    w_source: str  # where pass 3 finds w (`w_source`): "folded", "stored" or "late"
     sums_fn: Callable
     grad_fn: Callable
 
@@ -399,29 +426,40 @@ class LiveTargets(Targets):
         return distillation_block(plan, student, teacher, labels, rows, grads)
 
 
+def head_values(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock) -> dict[str, torch.Tensor]:
+    """The row values a divergence takes from both distributions at the teacher's most likely tokens (`on_head`), to
+    start the block's row sums with; none for most divergences."""
+    divergence = plan.divergence
+    if divergence.on_head is None:
+        return {}
+    z_t, ids = top_tokens(teacher, plan.chunks, divergence.head_tokens)
+    log_p = (z_t if plan.inv_tau == 1.0 else z_t * plan.inv_tau) - teacher.lse[:, None]
+    log_q = log_probs_at(student, plan.chunks, ids, plan.inv_tau)
+    return divergence.on_head(Buckets(log_p, log_q, log_p.exp(), log_q.exp()), plan.param)
+
+
 def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock, labels, rows: slice,
                        grads: Gradients | None) -> torch.Tensor:
     """One token block of both models: passes 1-3. Returns the block's metric sums, ordered as METRIC_NAMES.
     Its logit caches die with it, before the next block allocates its own."""
     pass1_logits(student, plan.chunks, labels, plan.inv_tau)
     pass1_logits(teacher, plan.chunks, labels, plan.inv_tau)
-    sums = None
-    if not plan.fold_sums_into_grad:  # pass 2
+    sums = head_values(plan, student, teacher)
+    if plan.w_source != "folded":  # pass 2
         for k, (z_s, z_t) in enumerate(zip(student.logits, teacher.logits)):
             part, w = plan.sums_fn(z_s, z_t, student.lse, teacher.lse, plan.inv_tau, plan.divergence, plan.param,
-                                   grads is not None)
-            sums = _accumulate(sums, part)
+                                   grads is not None and plan.w_source == "stored")
+            _accumulate(sums, part)
             if w is not None:  # the teacher's logits are spent (pass 1 kept its normalizers): its slot keeps w
                 teacher.logits[k] = w
+    if grads is not None:
+        add_w_total(sums, plan.divergence, plan.param, plan.w_source)
     for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):  # pass 3
-        # Σq is 1 but for the rounding of the log-sum-exp; dividing by it cancels that rounding, which the softmax
-        # term would otherwise multiply by Σw (reverse KL's D, large where the two models disagree)
-        w_total = plan.divergence.w_total if plan.fold_sums_into_grad else (sums["w"] / sums["q"])[:, None]
         grad_z, part = plan.grad_fn(student.logits[k], teacher.logits[k], student.lse, student.lse_raw, teacher.lse,
-                                    w_total, plan.inv_tau, plan.divergence, plan.param, plan.ce_coef,
-                                    plan.kd_grad_scale, plan.fold_sums_into_grad)
-        if plan.fold_sums_into_grad:
-            sums = _accumulate(sums, part)
+                                    sums, plan.inv_tau, plan.divergence, plan.param, plan.ce_coef,
+                                    plan.kd_grad_scale, plan.w_source)
+        if part is not None:
+            _accumulate(sums, part)
         push_back(grads, student, grad_z, student.logits[k], rows, v0, v1)
     if grads is not None:
         push_back_labels(grads, student, labels, rows, plan.ce_coef)
@@ -481,22 +519,43 @@ def mass_on_buckets(model: ModelBlock, chunks, ids: torch.Tensor, inv_tau: float
     the ids (gathered from the chunk that holds each), the log of its mass on all other tokens (a log-sum-exp over
     each chunk with the ids masked out, exact even when that mass is ~0, as it is at k = V), and Σ q·log q over the
     whole vocabulary. Pass 2 of a cached teacher for the student; the cache's builder uses it for the teacher."""
-    a_cached = torch.zeros(ids.shape, device=ids.device)
     lse_rest = torch.full(ids.shape[:1], -math.inf, device=ids.device)
     q_log_q = torch.zeros(ids.shape[:1], device=ids.device)
     for z, (v0, v1) in zip(model.logits, chunks):
-        here, local = _in_chunk(ids, v0, v1)
         a = z if inv_tau == 1.0 else z * inv_tau
-        a_cached = torch.where(here, a.gather(1, local), a_cached)
         lse_rest = torch.logaddexp(lse_rest, torch.logsumexp(_rest_only(a, ids, v0, v1), dim=1))
         log_q = a - model.lse[:, None]
         q_log_q += row_dot(log_q.exp(), log_q)
-    return a_cached - model.lse[:, None], lse_rest - model.lse, q_log_q
+    return log_probs_at(model, chunks, ids, inv_tau), lse_rest - model.lse, q_log_q
+
+
+def log_probs_at(model: ModelBlock, chunks, ids: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """A model's tempered log-probabilities at `ids` [rows, k], gathered from the pass-1 chunk that holds each."""
+    z_at = torch.zeros(ids.shape, device=ids.device)
+    for z, (v0, v1) in zip(model.logits, chunks):
+        here, local = _in_chunk(ids, v0, v1)
+        z_at = torch.where(here, z.gather(1, local), z_at)
+    return (z_at if inv_tau == 1.0 else z_at * inv_tau) - model.lse[:, None]
+
+
+def top_tokens(model: ModelBlock, chunks, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, ids) of each row's k largest pass-1 logits ([rows, k], largest first), merged chunk by chunk."""
+    best = best_ids = None
+    for z, (v0, _) in zip(model.logits, chunks):
+        values, ids = z.topk(min(k, z.shape[1]), dim=1)
+        if v0 == 0:  # the first chunk: nothing to merge with yet
+            best, best_ids = values, ids
+            continue
+        best, order = torch.cat([best, values], 1).topk(min(k, best.shape[1] + values.shape[1]), dim=1)
+        best_ids = torch.cat([best_ids, ids + v0], 1).gather(1, order)
+    return best, best_ids
 
 
 def _in_chunk(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(which ids fall in columns [v0, v1), their column in the chunk, clamped into it where they do not)."""
-    return (ids >= v0) & (ids < v1), (ids - v0).clamp(0, v1 - v0 - 1)
+    local = ids - v0
+    clamped = local.clamp(0, v1 - v0 - 1)
+    return clamped == local, clamped
 
 
 def _rest_only(a: torch.Tensor, ids: torch.Tensor, v0: int, v1: int) -> torch.Tensor:

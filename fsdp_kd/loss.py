@@ -25,7 +25,7 @@ import torch
 from .divergences import DIVERGENCES
 from .kernel import (DEFAULT_CUDA_BUDGET_MB, METRIC_NAMES, NO_TEACHER, Gradients, Head, KernelPlan, LiveTargets,
                      ModelBlock, SparseTargets, Targets, accumulates_in_place, as_head, check_head_rows, choose_chunks,
-                     elementwise_functions, vocab_chunks)
+                     elementwise_functions, vocab_chunks, w_source)
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class LossSpec:
     ce_coef: float | None = None  # the CE term's weight; None: 1 - kd_coef (0 on self-generated text, on-policy)
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
+    akl_mu: float = 0.5  # akl: the teacher's cumulative mass that bounds the head (Wu et al.'s μ)
     skew_alpha: float = 0.1  # skew_kl, skew_reverse_kl: the share α in the mixture of the KL's first argument (DistiLLM)
     temperature: float = 1.0
     convention: str = "fsdp_kd"  # how the KD term is scaled (CONVENTIONS)
@@ -70,6 +71,8 @@ class LossSpec:
             raise ValueError(f"kd_loss must be one of {tuple(DIVERGENCES)}, got {self.divergence!r}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if not 0.0 < self.akl_mu < 1.0:
+            raise ValueError(f"akl_mu must be in (0, 1), got {self.akl_mu}")
         if not 0.0 <= self.skew_alpha < 1.0:
             raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}")
         if not 0.0 <= self.kd_coef <= 1.0:
@@ -130,7 +133,7 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
     ce_coef, kd_coef = targets.weights(spec)
     plan = KernelPlan(chunks=vocab_chunks(job.vocab_size, cols), ce_coef=ce_coef, kd_coef=kd_coef,
                       tau=spec.temperature, kd_unit=spec.kd_unit, param=spec.divergence_param, divergence=divergence,
-                      fold_sums_into_grad=with_grad and divergence.w_total is not None,
+                      w_source=w_source(divergence, with_grad),
                       sums_fn=sums_fn, grad_fn=grad_fn)
     s_weight = s_head.weight.to(h_s.dtype)  # the product dtype: one cast per call, if any
     grads = None

@@ -55,6 +55,8 @@ def dense_distillation_loss(student_hidden, student_head, labels, spec: LossSpec
         kd = reverse_kl
     elif divergence == "tvd":
         kd = 0.5 * (p - q).abs().sum(-1)
+    elif divergence == "akl":
+        kd = _akl(log_p, log_q, torch.ones_like(log_p, dtype=torch.bool), spec.akl_mu)
     elif divergence == "skew_kl":  # KL(p ‖ αp + (1-α)q)
         log_m = _log_mix(log_p, log_q, spec.skew_alpha)
         kd = (p * (log_p - log_m)).sum(-1)
@@ -103,6 +105,10 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
         kd = _kl(log_q, log_p)
     elif divergence == "tvd":
         kd = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    elif divergence == "akl":  # the rest bucket is in the tail
+        rankable = torch.ones_like(log_p, dtype=torch.bool)
+        rankable[:, -1] = False
+        kd = _akl(log_p, log_q, rankable, spec.akl_mu)
     else:
         occupied = (log_p > -math.inf) | (log_q > -math.inf)  # where m > 0; elsewhere m is never read
         log_p_m, log_q_m = torch.where(occupied, log_p, 0.0), torch.where(occupied, log_q, 0.0)
@@ -115,6 +121,19 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
             kd = (beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)) / (beta * (1 - beta))
     kd = kd * tau * tau
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
+
+
+def _akl(log_p: torch.Tensor, log_q: torch.Tensor, rankable: torch.Tensor, mu: float) -> torch.Tensor:
+    """Adaptive KL as Wu et al.'s code computes it: the teacher's tokens (those `rankable`) sorted most likely first,
+    the head those whose cumulative mass is at most μ, and always the first; g_head and g_tail the sums of |p - q|
+    over the head and the rest (no gradient); g_head/(g_head + g_tail)·KL(p‖q) + g_tail/(g_head + g_tail)·KL(q‖p)."""
+    sorted_log_p, order = torch.where(rankable, log_p, -math.inf).sort(dim=-1, descending=True)
+    head_sorted = sorted_log_p.exp().cumsum(-1) <= mu
+    head_sorted[:, 0] = True
+    head = torch.zeros_like(head_sorted).scatter(1, order, head_sorted) & rankable
+    gap = (log_p.exp() - log_q.exp()).abs().detach()
+    share = torch.where(head, gap, 0.0).sum(-1) / gap.sum(-1)
+    return share * _kl(log_p, log_q) + (1 - share) * _kl(log_q, log_p)
 
 
 def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:

@@ -39,7 +39,7 @@ from .config import ConfigError
 from .data import to_device
 from .divergences import DIVERGENCES
 from .kernel import (Head, ModelBlock, SparseTargets, Targets, choose_chunks, mass_on_buckets, pass1_logits,
-                     vocab_chunks)
+                     top_tokens, vocab_chunks)
 from .loss import LossSpec, loss_against
 
 META_FILE = "cache.json"
@@ -54,12 +54,7 @@ def teacher_topk(teacher: ModelBlock, chunks, k: int, inv_tau: float) -> SparseT
     mass on all other tokens (exact: a masked log-sum-exp, not log(1 - Σ), so it is -inf at k = V)."""
     rows = teacher.hidden.shape[0]
     pass1_logits(teacher, chunks, torch.zeros(rows, dtype=torch.long, device=teacher.hidden.device), inv_tau)
-    best = torch.full((rows, 0), -math.inf, device=teacher.hidden.device)
-    best_ids = torch.zeros((rows, 0), dtype=torch.long, device=teacher.hidden.device)
-    for z, (v0, _) in zip(teacher.logits, chunks):
-        values, ids = z.topk(min(k, z.shape[1]), dim=1)
-        best, order = torch.cat([best, values], 1).topk(min(k, best.shape[1] + values.shape[1]), dim=1)
-        best_ids = torch.cat([best_ids, ids + v0], 1).gather(1, order)
+    _, best_ids = top_tokens(teacher, chunks, k)
     log_p, log_rest, _ = mass_on_buckets(teacher, chunks, best_ids, inv_tau)
     return SparseTargets(best_ids, log_p, log_rest)
 

@@ -159,7 +159,7 @@ class Trainer:
         self.teacher_source = self.teacher_setup.open(env.device)
         self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher_source else 0.0, divergence=cfg.kd_loss,
                              jsd_beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, temperature=cfg.kd_temperature,
-                             convention=cfg.kd_loss_convention,
+                             akl_mu=cfg.akl_mu, convention=cfg.kd_loss_convention,
                              vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk,
                              chunk_budget_mb=cfg.kd_chunk_budget_mb, compile=cfg.compile_loss)
         self.on_policy, self.on_policy_spec = None, self.spec

@@ -83,6 +83,8 @@ def test_divergence_keys_name_what_they_accept():
         parse_config(REQUIRED + ["--kd_loss_convention", "openrlhf"])
     with pytest.raises(ConfigError, match=r"--skew_alpha: skew_alpha must be in \[0, 1\), got 1.0"):
         parse_config(REQUIRED + ["--kd_loss", "skew_kl", "--skew_alpha", "1"])
+    with pytest.raises(ConfigError, match=r"--akl_mu: akl_mu must be in \(0, 1\), got 0.0"):
+        parse_config(REQUIRED + ["--kd_loss", "akl", "--akl_mu", "0"])
     cfg = parse_config(REQUIRED + ["--kd_loss", "skew_reverse_kl", "--skew_alpha", "0.2"])
     assert (cfg.kd_loss, cfg.skew_alpha, cfg.kd_loss_convention) == ("skew_reverse_kl", 0.2, "fsdp_kd")
 

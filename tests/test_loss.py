@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fsdp_kd.divergences import DIVERGENCES
-from fsdp_kd.kernel import CPU_CHUNKS, Head, SparseTargets, choose_chunks, fp32_output_products
+from fsdp_kd.kernel import CPU_CACHE_MB, Head, SparseTargets, choose_chunks, fp32_output_products
 from fsdp_kd.loss import LossSpec, distillation_loss
 from fsdp_kd.profiling import profile_launches
 from fsdp_kd.reference import dense_bucketed_loss, dense_distillation_loss
@@ -46,7 +46,8 @@ CASES = [("forward_kl", 1.0, 0.5), ("forward_kl", 2.0, 0.5), ("reverse_kl", 1.0,
          ("jsd", 1.0, 0.5), ("jsd", 3.0, 0.1), ("jsd", 1.0, 0.9), ("jsd", 1.0, 0.0), ("jsd", 1.0, 1.0),
          ("tvd", 1.0, 0.5), ("tvd", 2.0, 0.5), ("skew_kl", 1.0, 0.1), ("skew_kl", 2.0, 0.5), ("skew_kl", 1.0, 0.0),
          ("skew_kl", 0.5, 0.9), ("skew_reverse_kl", 1.0, 0.1), ("skew_reverse_kl", 0.5, 0.3),
-         ("skew_reverse_kl", 1.0, 0.0), ("skew_reverse_kl", 2.0, 0.9)]
+         ("skew_reverse_kl", 1.0, 0.0), ("skew_reverse_kl", 2.0, 0.9), ("akl", 1.0, 0.5), ("akl", 2.0, 0.2),
+         ("akl", 0.5, 0.9)]
 
 
 def test_every_divergence_is_tested_against_the_reference():
@@ -235,7 +236,12 @@ def test_evaluation_does_no_gradient_work():
 
 def test_chunk_shapes_per_device():
     spec = LossSpec()
-    assert choose_chunks(spec, torch.device("cpu"), 5000, 151936, 2) == CPU_CHUNKS == (256, 1024)
+    # CPU: the block's logit caches within CPU_CACHE_MB, in multiples of 64 rows from 64 to 256
+    assert choose_chunks(spec, torch.device("cpu"), 5000, 151936, 2) == (192, 1024)
+    assert 192 * 2 * 151936 * 4 <= CPU_CACHE_MB * 1024**2 < 256 * 2 * 151936 * 4
+    assert choose_chunks(spec, torch.device("cpu"), 5000, 32000, 2) == (256, 1024)
+    assert choose_chunks(spec, torch.device("cpu"), 5000, 262144, 2) == (128, 1024)
+    assert choose_chunks(spec, torch.device("cpu"), 5000, 10**6, 2) == (64, 1024)  # never below 64 rows
     rows, cols = choose_chunks(spec, torch.device("cuda"), 8192, 151936, 2)
     assert rows == 1024 and -(-151936 // cols) <= 3
     # the budget holds the logit caches and the chunk temporaries
@@ -312,7 +318,8 @@ def test_compiled_elementwise_work_equals_eager():
 VE = 16  # vocabulary of the extreme-logit tests; identity heads, so the hidden states are the logits
 EXTREME_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.9), ("jsd", 0.0),
                  ("jsd", 1.0), ("tvd", 0.5), ("skew_kl", 0.1), ("skew_kl", 0.0), ("skew_kl", 0.9),
-                 ("skew_reverse_kl", 0.1), ("skew_reverse_kl", 0.0), ("skew_reverse_kl", 0.9)]
+                 ("skew_reverse_kl", 0.1), ("skew_reverse_kl", 0.0), ("skew_reverse_kl", 0.9), ("akl", 0.5),
+                 ("akl", 0.1)]
 
 
 def extreme_logits():
