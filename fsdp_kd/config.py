@@ -129,16 +129,16 @@ class TrainConfig:
                                          "'s μ)")
     skew_alpha: float = opt(LossSpec.skew_alpha, "skew_kl: KL(p ‖ α·p + (1-α)·q); skew_reverse_kl: KL(q ‖ (1-α)·p + "
                                                  "α·q); 0 is the plain KL (DistiLLM's default 0.1)")
-    kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: fsdp_kd (τ²·D, JSD normalized by "
-                                                       "β(1-β)), trl or liger (their formulas: no τ², JSD unnormalized);"
-                                                       " bring a tool's kd_coef with its convention "
+    kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: fsdp_kd (τ²·D, JSD normalized "
+                                                       "by β(1-β)), trl or liger (their formulas: no τ², JSD "
+                                                       "unnormalized); bring a tool's kd_coef with its convention "
                                                        "(docs/divergences.md)")
     kd_temperature: float = opt(LossSpec.temperature, "both distributions are softmax(logits / kd_temperature) in "
                                                       "the divergence")
     kd_vocab_chunk: int | None = opt(None, "the loss kernel's vocabulary columns per chunk; none: chosen per device "
                                            "(1024 on CPU, a few big chunks on CUDA)")
-    kd_token_chunk: int | None = opt(None, "the loss kernel's tokens per block; none: chosen per device (256 on "
-                                           "CPU, >= 1024 on CUDA)")
+    kd_token_chunk: int | None = opt(None, "the loss kernel's tokens per block; none: chosen per device (on CPU up "
+                                           "to 256, 192 at a 152k vocabulary; >= 1024 on CUDA)")
     kd_chunk_budget_mb: int = opt(LossSpec.chunk_budget_mb, "CUDA: the loss kernel's scratch memory per token "
                                                             "block, in MiB")
     compile_loss: bool = opt(False, "torch.compile the loss kernel's per-chunk elementwise work")
@@ -202,8 +202,9 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attent
 RESUME_SENSITIVE_KEYS = (
     "pretrain", "teacher_model", "teacher_cache", "dataset", "dataset_probs", "dataset_split", "input_key", "output_key",
     "input_template", "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode",
-    "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size", "seed", "param_dtype",
-    "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "kd_loss_convention", "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
+    "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size",
+    "seed", "param_dtype", "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "kd_loss_convention",
+    "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p",
 )
 

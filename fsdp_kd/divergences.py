@@ -77,6 +77,12 @@ class Divergence:
     on_head: Callable[[Buckets, float], dict[str, torch.Tensor]] | None = None
     head_tokens: int = 0
 
+    def __post_init__(self):
+        if (self.late_w is None) != (self.late_w_total is None) or (self.late_w and self.w_total is not None):
+            raise ValueError("a divergence gives late_w with late_w_total, and then no constant w_total")
+        if (self.on_head is None) != (self.head_tokens == 0):
+            raise ValueError("a divergence gives on_head with head_tokens > 0")
+
 
 def xlogy(x: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
     """x·log_ratio, with 0·log(0/·) = 0 (an empty bucket adds nothing, not NaN)."""
@@ -190,9 +196,13 @@ def _akl_weights(s: dict[str, torch.Tensor]) -> torch.Tensor:
     the two distributions agree (both KLs are 0 there). Kept in the block's complete row sums once taken, so that
     pass 3 does not take it again per chunk."""
     if "akl_share" not in s:
-        tiny = torch.finfo(s["akl_gap"].dtype).tiny
-        s["akl_share"] = (s["akl_head_gap"] / s["akl_gap"].clamp_min(tiny)).clamp_(0, 1)
+        s["akl_share"] = _share(s["akl_head_gap"], s["akl_gap"])
     return s["akl_share"]
+
+
+def _share(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """part / whole in [0, 1], 0 where whole is 0."""
+    return (part / whole.clamp_min(torch.finfo(whole.dtype).tiny)).clamp_(0, 1)
 
 
 def _akl_on_head(b: Buckets, mu: float):
@@ -221,13 +231,12 @@ def _akl_late_w_total(s, mu: float) -> torch.Tensor:
 
 def _akl_on_buckets(b: Buckets, mu: float):
     """Over a cached teacher's buckets: the head among the cached tokens (sorted by the teacher), the rest bucket in the
-    tail; exact against the live teacher at k = V."""
+    tail; equal to the live teacher's at k = V wherever the live head is exact (AKL_HEAD_TOKENS)."""
     log_p_cached, order = b.log_p[:, :-1].sort(dim=1, descending=True)
     in_head = torch.zeros_like(b.p, dtype=torch.bool)
     in_head[:, :-1] = torch.zeros_like(order, dtype=torch.bool).scatter_(1, order, akl_head(log_p_cached, mu))
     gap = (b.p - b.q).abs()
-    head = torch.where(in_head, gap, 0.0).sum(1) / gap.sum(1).clamp_min(torch.finfo(gap.dtype).tiny)
-    head = head.clamp(0, 1)[:, None]
+    head = _share(torch.where(in_head, gap, 0.0).sum(1), gap.sum(1))[:, None]
     forward = xlogy(b.p, b.log_p - b.log_q)
     reverse = xlogy(b.q, b.log_q - b.log_p)
     value = (head * forward + (1 - head) * reverse).sum(1)

@@ -9,7 +9,7 @@ Per block of token rows the logits exist only for that block, and each pass walk
           row sum Σw (a divergence whose Σw is a constant, like forward KL's -1, has pass 2 folded into pass 3
           instead of paying for a separate sweep; one whose w needs the row's sums first, like AKL's weights, has w
           recomputed in pass 3: `w_source`);
-  pass 3  the gradient with respect to the student's logits, c_ce·softmax + c_kd·τ·(w - q·Σw), chunk by chunk,
+  pass 3  the gradient with respect to the student's logits, c_ce·softmax + (c_kd·unit/τ)·(w - q·Σw), chunk by chunk,
           pushed back through the head straight into the gradients of the hidden states and head weight (and bias).
 
 What makes it fit a GPU:
@@ -49,7 +49,8 @@ METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_ag
 
 # ---------------------------------------------------------------------------------------------------- block shape
 # CPU: 1024-column chunks keep a chunk's temporaries in cache; blocks of up to 256 rows keep the head products at full
-# speed (at 128 rows they ran at half) while the block's logit caches stay within CPU_CACHE_MB (docs/benchmarks.md)
+# speed (at 128 × 8192 they ran at 26-42 GFLOP/s, at 192-256 × 1024 at 59-64, 2-core EPYC, measured) while the
+# block's logit caches stay within CPU_CACHE_MB
 CPU_MAX_ROWS, CPU_COLUMNS, CPU_CACHE_MB = 256, 1024, 256
 CUDA_MIN_ROWS = 1024
 DEFAULT_CUDA_BUDGET_MB = 4096
@@ -62,10 +63,10 @@ def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: in
 
     CPU: 1024-column chunks, and as many rows (a multiple of 64, 64 to 256) as keep every model's fp32 logits of the
     block within CPU_CACHE_MB (192 rows at V = 151936 and two models). CUDA: launches dominate small blocks, so a
-    block is at least 1024 rows (or every token), and the vocabulary is cut into as few equal chunks as the memory budget allows. The budget
-    covers the block's fp32 logit cache of every model (rows × V each), the live chunk temporaries, and
-    `grad_temporary_per_column` floats per chunk column: the fp32 [columns × H] product that the weight gradient
-    needs when it cannot accumulate in place (`accumulates_in_place`; pass H then, 0 otherwise).
+    block is at least 1024 rows (or every token), and the vocabulary is cut into as few equal chunks as the memory
+    budget allows. The budget covers the block's fp32 logit cache of every model (rows × V each), the live chunk
+    temporaries, and `grad_temporary_per_column` floats per chunk column: the fp32 [columns × H] product that the
+    weight gradient needs when it cannot accumulate in place (`accumulates_in_place`; pass H then, 0 otherwise).
     """
     if device.type != "cuda":
         fitting = CPU_CACHE_MB * 1024**2 // (4 * n_models * vocab) // 64 * 64

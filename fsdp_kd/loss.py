@@ -28,26 +28,21 @@ from .kernel import (DEFAULT_CUDA_BUDGET_MB, METRIC_NAMES, NO_TEACHER, Gradients
                      elementwise_functions, vocab_chunks, w_source)
 
 
-@dataclass(frozen=True)
-class Convention:
-    """How a tool scales its KD term: D in the divergence's own units (its definition in `divergences.py`) times
-    `unit(divergence, param, τ)`. Users bringing a kd_coef from another tool pick that tool's convention, so the
-    balance of CE and KD is the one they tuned. docs/divergences.md tabulates the factors."""
-    unit: Callable[[str, float, float], float]
-    describes: str
-
-
 def _reference_scale(divergence: str, param: float, tau: float) -> float:
     """TRL's and Liger's: no τ², and JSD is β·KL(p‖m) + (1-β)·KL(q‖m) without fsdp-kd's 1/(β(1-β))."""
     return param * (1 - param) if divergence == "jsd" else 1.0
 
 
-CONVENTIONS: dict[str, Convention] = {
-    "fsdp_kd": Convention(lambda divergence, param, tau: tau * tau,
-                          "τ²·D (Hinton's), JSD normalized by β(1-β) so that it tends to the KLs at its endpoints"),
-    "trl": Convention(_reference_scale, "TRL's generalized_jsd_loss (GKD, GOLD): D of the tempered softmaxes, no τ², "
-                                        "JSD = β·KL(p‖m) + (1-β)·KL(q‖m)"),
-    "liger": Convention(_reference_scale, "Liger-Kernel's LigerFusedLinearJSDLoss: the same as TRL's"),
+# How a tool scales its KD term: D in the divergence's own units (its definition in `divergences.py`) times
+# unit(effective divergence, its parameter, τ). Users bringing a kd_coef from another tool pick that tool's convention,
+# so the balance of CE and KD is the one they tuned; docs/divergences.md tabulates the factors.
+CONVENTIONS: dict[str, Callable[[str, float, float], float]] = {
+    # τ²·D (Hinton's), with JSD normalized by β(1-β) so that it tends to the KLs at its endpoints
+    "fsdp_kd": lambda divergence, param, tau: tau * tau,
+    # TRL's generalized_jsd_loss (GKD, GOLD): D of the tempered softmaxes, no τ²
+    "trl": _reference_scale,
+    # Liger-Kernel's LigerFusedLinearJSDLoss: the same formula as TRL's
+    "liger": _reference_scale,
 }
 
 
@@ -58,7 +53,7 @@ class LossSpec:
     divergence: str = "forward_kl"
     jsd_beta: float = 0.5
     akl_mu: float = 0.5  # akl: the teacher's cumulative mass that bounds the head (Wu et al.'s μ)
-    skew_alpha: float = 0.1  # skew_kl, skew_reverse_kl: the share α in the mixture of the KL's first argument (DistiLLM)
+    skew_alpha: float = 0.1  # skew_kl, skew_reverse_kl: α, the share in the mixture of the KL's first argument
     temperature: float = 1.0
     convention: str = "fsdp_kd"  # how the KD term is scaled (CONVENTIONS)
     vocab_chunk: int | None = None  # None: chosen per device (choose_chunks)
@@ -107,7 +102,7 @@ class LossSpec:
     @property
     def kd_unit(self) -> float:
         """The KD term is kd_unit·D in this spec's convention."""
-        return CONVENTIONS[self.convention].unit(self.effective_divergence, self.divergence_param, self.temperature)
+        return CONVENTIONS[self.convention](self.effective_divergence, self.divergence_param, self.temperature)
 
 
 @dataclass

@@ -34,7 +34,9 @@ def dense_logits(hidden: torch.Tensor, head: torch.Tensor | Head, vocab_size: in
 
 def dense_distillation_loss(student_hidden, student_head, labels, spec: LossSpec, vocab_size: int,
                             teacher_hidden=None, teacher_head=None):
-    """Same contract as `loss.distillation_loss`: summed loss and summed metrics."""
+    """Same contract as `loss.distillation_loss`: summed loss and summed metrics, in fsdp-kd's own convention (τ²·D):
+    another tool's convention is checked against that tool's formula, written out in its test."""
+    _only_own_convention(spec)
     z_s = dense_logits(student_hidden, student_head, vocab_size)
     ce = F.cross_entropy(z_s, labels, reduction="none")
     metrics = {"ce": ce.detach().double().sum(), "tokens": torch.tensor(float(labels.numel()), dtype=torch.float64)}
@@ -87,6 +89,7 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
     divergence between the bucketed distributions written out per divergence, autograd for the gradient. All in log
     space, so it stays finite where a probability underflows fp32 and equals the live loss at k = V at any logit
     gap. Returns (summed loss, summed kd·τ²)."""
+    _only_own_convention(spec)
     tau, beta, c = spec.temperature, spec.jsd_beta, spec.kd_coef
     z_s = dense_logits(student_hidden, student_head, vocab_size)
     ce = F.cross_entropy(z_s, labels, reduction="none")
@@ -121,6 +124,11 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
             kd = (beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)) / (beta * (1 - beta))
     kd = kd * tau * tau
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
+
+
+def _only_own_convention(spec: LossSpec) -> None:
+    if spec.convention != "fsdp_kd":
+        raise ValueError(f"the dense reference computes fsdp-kd's convention, not {spec.convention!r}")
 
 
 def _akl(log_p: torch.Tensor, log_q: torch.Tensor, rankable: torch.Tensor, mu: float) -> torch.Tensor:

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from fsdp_kd.divergences import DIVERGENCES
+from fsdp_kd.divergences import AKL_HEAD_TOKENS, DIVERGENCES
 from fsdp_kd.kernel import CPU_CACHE_MB, Head, SparseTargets, choose_chunks, fp32_output_products
 from fsdp_kd.loss import LossSpec, distillation_loss
 from fsdp_kd.profiling import profile_launches
-from fsdp_kd.reference import dense_bucketed_loss, dense_distillation_loss
+from fsdp_kd.reference import _akl, dense_bucketed_loss, dense_distillation_loss
 
 N, HS, HT, V = 29, 12, 20, 97
 
@@ -303,10 +303,12 @@ def test_bf16_products_keep_fp32_statistics():
         assert float((g.float() - r).norm() / r.norm()) < 1e-2
 
 
-def test_compiled_elementwise_work_equals_eager():
-    """JSD at τ = 2 exercises both compiled functions (pass 2's sums and pass 3's gradient) and the temperature."""
+@pytest.mark.parametrize("divergence", ["jsd", "forward_kl", "akl"])
+def test_compiled_elementwise_work_equals_eager(divergence):
+    """At τ = 2, each way pass 3 finds w (stored by pass 2: JSD; folded: forward KL; recomputed late: AKL) through
+    both compiled functions (pass 2's sums and pass 3's gradient)."""
     args = inputs()
-    shape = dict(kd_coef=0.5, divergence="jsd", temperature=2.0, vocab_chunk=16, token_chunk=8)
+    shape = dict(kd_coef=0.5, divergence=divergence, temperature=2.0, vocab_chunk=16, token_chunk=8)
     eager = run(distillation_loss, LossSpec(**shape), *args)
     compiled = run(distillation_loss, LossSpec(**shape, compile=True), *args)
     assert_close(compiled[0], eager[0], rtol=1e-6)
@@ -384,6 +386,26 @@ def test_live_teacher_at_extreme_logits_matches_the_exact_loss(divergence, param
                                 torch.eye(VE, dtype=torch.float64))
     live = with_logit_gradient(distillation_loss, z_s.requires_grad_(), labels, spec, VE, z_t, torch.eye(VE))
     assert_all_close(live, exact, 1e-5 if tau < 10 else 3e-5)
+
+
+def test_akl_head_is_cut_at_its_candidate_tokens_on_a_flat_teacher():
+    """A teacher too flat for its top AKL_HEAD_TOKENS to reach μ: the head is those tokens (the documented cut), and
+    the loss, kd and gradient are the authors' formula with the head restricted to them."""
+    vocab, rows = 3 * AKL_HEAD_TOKENS, 5
+    g = torch.Generator().manual_seed(3)
+    z_s, z_t = torch.randn(rows, vocab, generator=g), 0.05 * torch.randn(rows, vocab, generator=g)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    spec = LossSpec(kd_coef=0.7, divergence="akl", akl_mu=0.5, vocab_chunk=50, token_chunk=3)
+    log_p = torch.log_softmax(z_t.double(), 1)
+    top = torch.zeros_like(log_p, dtype=torch.bool).scatter(1, log_p.topk(AKL_HEAD_TOKENS, 1).indices, True)
+    assert float(torch.where(top, log_p.exp(), 0.0).sum(1).max()) < 0.5  # the cut is active on every row
+    zd = z_s.double().requires_grad_()
+    kd = _akl(log_p, torch.log_softmax(zd, 1), top, 0.5)
+    expected = (0.3 * torch.nn.functional.cross_entropy(zd, labels, reduction="none") + 0.7 * kd).sum()
+    loss, metrics = distillation_loss(z_s.requires_grad_(), torch.eye(vocab), labels, spec, vocab, z_t, torch.eye(vocab))
+    assert_close(loss.detach(), expected.detach())
+    assert math.isclose(float(metrics["kd"]), float(kd.sum()), rel_tol=1e-5)
+    assert_close(torch.autograd.grad(loss, z_s)[0], torch.autograd.grad(expected, zd)[0])
 
 
 @pytest.mark.parametrize("skew,plain", [("skew_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")])

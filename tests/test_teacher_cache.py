@@ -12,6 +12,7 @@ from fsdp_kd.loss import LossSpec, distillation_loss
 from fsdp_kd.profiling import profile_launches
 from fsdp_kd.reference import dense_bucketed_loss, dense_logits
 from fsdp_kd.teacher_cache import decode_ids, encode_ids, id_bytes, teacher_samples, teacher_topk
+from test_loss import spec_with
 
 N, HS, HT, V = 23, 12, 20, 97
 CHUNKS = [(0, 40), (40, 80), (80, 97)]
@@ -52,13 +53,14 @@ def test_topk_is_the_teachers_top_k_and_its_rest():
     assert_close(everything.log_p.exp().sum(1), torch.ones(N))
 
 
-@pytest.mark.parametrize("divergence,tau,beta", [("forward_kl", 1.0, 0.5), ("forward_kl", 2.0, 0.5),
-                                                 ("reverse_kl", 1.0, 0.5), ("jsd", 1.5, 0.3), ("jsd", 1.0, 0.0),
-                                                 ("tvd", 1.0, 0.5)])
-def test_bucketed_loss_matches_the_dense_reference(divergence, tau, beta):
+@pytest.mark.parametrize("divergence,tau,param", [("forward_kl", 1.0, 0.5), ("forward_kl", 2.0, 0.5),
+                                                  ("reverse_kl", 1.0, 0.5), ("jsd", 1.5, 0.3), ("jsd", 1.0, 0.0),
+                                                  ("tvd", 1.0, 0.5), ("skew_kl", 1.0, 0.1), ("skew_reverse_kl", 2.0, 0.1),
+                                                  ("akl", 1.0, 0.5), ("akl", 0.5, 0.3)])
+def test_bucketed_loss_matches_the_dense_reference(divergence, tau, param):
     h_s, w_s, h_t, w_t, labels = inputs()
     cached = topk_of(h_t, w_t, 5, tau)
-    spec = LossSpec(kd_coef=0.6, divergence=divergence, jsd_beta=beta, temperature=tau, vocab_chunk=13, token_chunk=6)
+    spec = spec_with(divergence, param, kd_coef=0.6, temperature=tau, vocab_chunk=13, token_chunk=6)
     loss, metrics = distillation_loss(h_s, w_s, labels, spec, V, cached_teacher=cached)
     grads = torch.autograd.grad(loss, (h_s, w_s))
     ref_loss, ref_kd = dense_bucketed_loss(h_s, w_s, labels, spec, V, cached)
