@@ -154,7 +154,7 @@ def _skew_kl_chunk(t: ChunkTerms, alpha: float, with_w: bool):
 
 def _skew_kl_on_buckets(b: Buckets, alpha: float):
     log_m = bucket_log_mixture(b, alpha)
-    q_over_m = where_present(b.log_q, (b.log_q - torch.where(b.log_q > -math.inf, log_m, 0.0)).exp())
+    q_over_m = where_present(b.log_q, (b.log_q - log_m).exp())  # an empty bucket's -inf - -inf is not kept
     return xlogy_sum(b.p, b.log_p - log_m), (alpha - 1) * b.p * q_over_m
 
 
