@@ -123,12 +123,15 @@ class TrainConfig:
     kd_coef: float = opt(0.4, "loss = (1 - kd_coef) · CE + kd_coef · divergence to the teacher; OpenRLHF's "
                               "default", section="Distillation")
     kd_loss: str = opt(LossSpec.divergence, "the divergence: forward_kl (KL(teacher ‖ student)), reverse_kl, jsd, "
-                                            "tvd, skew_kl, skew_reverse_kl or akl (docs/divergences.md)")
+                                            "tvd, skew_kl, skew_reverse_kl, akl or reverse_kl_student_topk "
+                                            "(docs/divergences.md)")
     jsd_beta: float = opt(LossSpec.jsd_beta, "jsd: the mixture weight; 0 is forward_kl, 1 is reverse_kl")
     akl_mu: float = opt(LossSpec.akl_mu, "akl: the teacher's cumulative probability that bounds the head (Wu et al."
                                          "'s μ)")
     skew_alpha: float = opt(LossSpec.skew_alpha, "skew_kl: KL(p ‖ α·p + (1-α)·q); skew_reverse_kl: KL(q ‖ (1-α)·p + "
                                                  "α·q); 0 is the plain KL (DistiLLM's default 0.1)")
+    student_topk: int = opt(LossSpec.student_topk, "reverse_kl_student_topk: the student's most likely tokens "
+                                                    "that each get a bucket; the rest of the vocabulary is one")
     kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: fsdp_kd (τ²·D, JSD normalized "
                                                        "by β(1-β)), trl or liger (their formulas: no τ², JSD "
                                                        "unnormalized); bring a tool's kd_coef with its convention "
@@ -203,7 +206,7 @@ RESUME_SENSITIVE_KEYS = (
     "pretrain", "teacher_model", "teacher_cache", "dataset", "dataset_probs", "dataset_split", "input_key", "output_key",
     "input_template", "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode",
     "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size",
-    "seed", "param_dtype", "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "kd_loss_convention",
+    "seed", "param_dtype", "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "student_topk", "kd_loss_convention",
     "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p",
 )
@@ -370,6 +373,8 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("akl_mu", f"akl_mu must be in (0, 1), got {cfg.akl_mu}")
     if not 0 <= cfg.skew_alpha < 1:
         fail("skew_alpha", f"skew_alpha must be in [0, 1), got {cfg.skew_alpha}")
+    if cfg.student_topk < 1:
+        fail("student_topk", f"student_topk must be >= 1, got {cfg.student_topk}")
     if cfg.kd_temperature <= 0:
         fail("kd_temperature", f"kd_temperature must be > 0, got {cfg.kd_temperature}")
     if cfg.param_dtype not in ("auto", "bf16", "fp32"):
@@ -433,6 +438,15 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("cache_log_p_dtype", f"cache_log_p_dtype must be float16, bfloat16 or float32, got {cfg.cache_log_p_dtype!r}")
     if cfg.input_template is not None and cfg.input_template.count("{}") != 1:
         fail("input_template", f"input_template must contain exactly one '{{}}' for the prompt, got {cfg.input_template!r}")
+
+
+def loss_spec(cfg: TrainConfig, **overrides) -> LossSpec:
+    """The loss's settings as the config gives them (`overrides` win, e.g. kd_coef 0 without a teacher)."""
+    return LossSpec(**{**dict(kd_coef=cfg.kd_coef, divergence=cfg.kd_loss, jsd_beta=cfg.jsd_beta,
+                              skew_alpha=cfg.skew_alpha, akl_mu=cfg.akl_mu, student_topk=cfg.student_topk,
+                              temperature=cfg.kd_temperature, convention=cfg.kd_loss_convention,
+                              vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk,
+                              chunk_budget_mb=cfg.kd_chunk_budget_mb, compile=cfg.compile_loss), **overrides})
 
 
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:

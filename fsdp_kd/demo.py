@@ -175,6 +175,69 @@ def _plot_students(runs: dict, out_dir: str) -> str:
     return f"{os.path.basename(path):<22} training curves of the KD and CE-only students"
 
 
+def prepare_task(out: str, seed: int, train_samples: int, env, stages: Stages) -> dict[str, str]:
+    """The task's data, the tokenizer and both initial models under `out` (rank 0 writes, every rank waits).
+    Returns their paths."""
+    paths = {k: os.path.join(out, k) for k in ("tokenizer", "teacher_init", "student_init", "data")}
+    with stages.run("task, tokenizer and initial models", "setup"):
+        if env.is_main:
+            os.makedirs(paths["data"], exist_ok=True)
+            tok = build_char_tokenizer(paths["tokenizer"])
+            for name, hidden, layers, offset in (("teacher_init", 192, 4, 1), ("student_init", 64, 2, 2)):
+                build_tiny_model(paths[name], len(tok), hidden, layers, seed=seed + offset)
+                tok.save_pretrained(paths[name])
+            for name, records in zip(("train", "eval", "eval_mode"), translation_task(seed, train_samples, 200)):
+                write_jsonl(os.path.join(paths["data"], f"{name}.jsonl"), records)
+        torch.distributed.barrier()
+    return paths
+
+
+def base_config(out: str, paths: dict[str, str], world_size: int, seed: int):
+    """The settings every demo training shares: the data, batch 64, AdamW at 1e-3, fp32, an evaluation every 100
+    steps, and a loss kernel sized for the tiny vocabulary."""
+    from .config import TrainConfig
+
+    return TrainConfig(dataset=os.path.join(paths["data"], "train.jsonl"),
+                       eval_dataset=os.path.join(paths["data"], "eval.jsonl"), max_len=32,
+                       micro_train_batch_size=max(1, 64 // world_size), train_batch_size=64,
+                       learning_rate=1e-3, lr_warmup_ratio=0.05, adam_betas=(0.9, 0.98), max_epochs=100,
+                       logging_steps=100, eval_steps=100, param_dtype="fp32", kd_vocab_chunk=64,
+                       kd_token_chunk=512, data_cache_dir=os.path.join(out, "tokenized"),
+                       seed=TrainConfig.seed + seed)
+
+
+def train_stage(name: str, cfg, env, stages: Stages) -> dict:
+    """One training as a stage of the recipe; returns the trainer's summary."""
+    from .config import validate
+    from .distributed import seed_everything
+    from .trainer import Trainer
+
+    validate(cfg)
+    with stages.run(name, os.path.basename(cfg.save_path)) as stage:
+        seed_everything(cfg.seed, env.rank)
+        summary = Trainer(cfg, env).train(on_step=stage.update)
+        stage.result = f"eval CE {summary['final_eval']['eval_ce_loss']:.4f}"
+    return summary
+
+
+def score_model(cfg, teacher_dir: str, paths: dict[str, str], out: str, env, k: int) -> dict:
+    """One trained model on the demo's common footing: eval CE and KL to the live teacher from one evaluation pass,
+    and on rank 0 `scores_against_teacher` of its exported model (the other ranks wait at the next collective)."""
+    from .distributed import seed_everything
+    from .trainer import Trainer
+
+    mode_records, eval_records = ([json.loads(line) for line in open(os.path.join(paths["data"], f"{part}.jsonl"))]
+                                  for part in ("eval_mode", "eval"))
+    probe = dataclasses.replace(cfg, pretrain=cfg.save_path, teacher_model=teacher_dir, teacher_cache=None,
+                                on_policy_ratio=0.0, kd_coef=0.5, kd_loss="forward_kl", kd_temperature=1.0,
+                                save_path=os.path.join(out, "scoring", os.path.basename(cfg.save_path)))
+    seed_everything(cfg.seed, env.rank)
+    result = Trainer(probe, env).evaluate()
+    if env.is_main:
+        result["scores"] = scores_against_teacher(cfg.save_path, teacher_dir, mode_records, eval_records, k)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from .usage import asks_for_help, parser_sections, print_help, render
 
@@ -197,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .cache_teacher import CacheBuilder
-    from .config import TrainConfig, validate
-    from .distributed import init_distributed, seed_everything, teardown
-    from .trainer import Trainer
+    from .distributed import init_distributed, teardown
 
     if os.path.exists(os.path.join(args.out, "table.md")):
         print(f"error: {args.out} already holds a finished demo; pass --out NEW_DIR", file=sys.stderr)
@@ -211,36 +272,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fsdp-kd demo: a 192-wide, 4-layer teacher distilled into a 64-wide, 2-layer student on a toy "
               f"translation task ({env.world_size} ranks, {env.device.type}); each stage's log is in "
               f"{stages.log_dir}", flush=True)
-    paths = {k: os.path.join(args.out, k) for k in ("tokenizer", "teacher_init", "student_init", "data")}
-    with stages.run("task, tokenizer and initial models", "setup"):
-        if env.is_main:
-            os.makedirs(paths["data"], exist_ok=True)
-            tok = build_char_tokenizer(paths["tokenizer"])
-            for name, hidden, layers, seed in (("teacher_init", 192, 4, 1), ("student_init", 64, 2, 2)):
-                build_tiny_model(paths[name], len(tok), hidden, layers, seed=args.seed + seed)
-                tok.save_pretrained(paths[name])
-            for name, records in zip(("train", "eval", "eval_mode"),
-                                     translation_task(args.seed, args.train_samples, 200)):
-                write_jsonl(os.path.join(paths["data"], f"{name}.jsonl"), records)
-        torch.distributed.barrier()
-
-    base = TrainConfig(dataset=os.path.join(paths["data"], "train.jsonl"),
-                       eval_dataset=os.path.join(paths["data"], "eval.jsonl"), max_len=32,
-                       micro_train_batch_size=max(1, 64 // env.world_size), train_batch_size=64,
-                       learning_rate=1e-3, lr_warmup_ratio=0.05, adam_betas=(0.9, 0.98), max_epochs=100,
-                       logging_steps=100, eval_steps=100, param_dtype="fp32", kd_vocab_chunk=64,
-                       kd_token_chunk=512, data_cache_dir=os.path.join(args.out, "tokenized"),
-                       seed=TrainConfig.seed + args.seed)
+    paths = prepare_task(args.out, args.seed, args.train_samples, env, stages)
+    base = base_config(args.out, paths, env.world_size, args.seed)
+    teacher_dir = os.path.join(args.out, "teacher")
     runs = {
         "teacher": dataclasses.replace(base, pretrain=paths["teacher_init"], kd_coef=0.0,
-                                       max_steps=args.teacher_steps, save_path=os.path.join(args.out, "teacher")),
-        "KD student": dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.9,
+                                       max_steps=args.teacher_steps, save_path=teacher_dir),
+        "KD student": dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.9, teacher_model=teacher_dir,
                                           max_steps=args.student_steps, save_path=os.path.join(args.out, "kd_student")),
         CACHED: dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.9, max_steps=args.student_steps,
                                     teacher_cache=os.path.join(args.out, "teacher_cache"), cache_k=8,
                                     save_path=os.path.join(args.out, "kd_cache_student")),
         ON_POLICY: dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.9, max_steps=args.student_steps,
-                                       on_policy_ratio=0.5, generate_max_new_tokens=8,
+                                       on_policy_ratio=0.5, generate_max_new_tokens=8, teacher_model=teacher_dir,
                                        save_path=os.path.join(args.out, "kd_on_policy_student")),
         "CE-only student": dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.0,
                                                max_steps=args.student_steps,
@@ -249,30 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     try:
         for name, cfg in runs.items():
-            if name in ("KD student", ON_POLICY):
-                cfg = dataclasses.replace(cfg, teacher_model=runs["teacher"].save_path)
             if name == CACHED:  # run the teacher once over the data, then train with no teacher loaded
                 with stages.run(f"teacher cache (top-k, k = {cfg.cache_k})", "teacher_cache"):
-                    CacheBuilder(dataclasses.replace(cfg, teacher_model=runs["teacher"].save_path), env).run()
-            validate(cfg)
-            with stages.run(name, os.path.basename(cfg.save_path)) as stage:
-                seed_everything(cfg.seed, env.rank)
-                summary = Trainer(cfg, env).train(on_step=stage.update)
-                stage.result = f"eval CE {summary['final_eval']['eval_ce_loss']:.4f}"
-        # Score every model on the same footing: eval CE and KL to the teacher from one evaluation pass each, then
-        # the exported HF models as users load them (rank 0; the others wait at the next collective).
-        mode_records, eval_records = ([json.loads(line) for line in open(os.path.join(paths["data"], f"{part}.jsonl"))]
-                                      for part in ("eval_mode", "eval"))
+                    CacheBuilder(dataclasses.replace(cfg, teacher_model=teacher_dir), env).run()
+            train_stage(name, cfg, env, stages)
         with stages.run("scoring every model", "scoring") as stage:
             for i, (name, cfg) in enumerate(runs.items()):
-                probe = dataclasses.replace(cfg, pretrain=cfg.save_path, teacher_model=runs["teacher"].save_path,
-                                            teacher_cache=None, on_policy_ratio=0.0, kd_coef=0.5,
-                                            save_path=os.path.join(args.out, "scoring", name.replace(" ", "_")))
-                seed_everything(cfg.seed, env.rank)
-                results[name] = Trainer(probe, env).evaluate()
-                if env.is_main:
-                    results[name]["scores"] = scores_against_teacher(cfg.save_path, runs["teacher"].save_path,
-                                                                     mode_records, eval_records, runs[CACHED].cache_k)
+                results[name] = score_model(cfg, teacher_dir, paths, args.out, env, runs[CACHED].cache_k)
                 stage.update(i + 1, len(runs))
     finally:
         teardown()

@@ -66,10 +66,16 @@ class Divergence:
     `late_w_total(sums, param)` instead of w from `on_chunk`; the kernel then recomputes the chunk's terms in pass 3.
     One that needs the teacher's most likely tokens gives `on_head(b, param)`: the row values it needs from both
     distributions at the teacher's top `head_tokens` tokens (sorted, most likely first), which join the row sums.
+
+    A divergence defined over buckets of the *student's* most likely tokens (`student_buckets`: its top `param`
+    tokens and one bucket for the rest) has no whole-vocabulary form: with a live teacher the kernel forms those
+    buckets from both models' logits and takes `on_buckets`. A cached teacher knows only its own top tokens, so it
+    cannot serve it.
     """
-    on_chunk: Callable[[ChunkTerms, float, bool], tuple[dict[str, torch.Tensor], torch.Tensor | None]]
-    value: Callable[[dict[str, torch.Tensor], float], torch.Tensor]
     on_buckets: Callable[[Buckets, float], tuple[torch.Tensor, torch.Tensor]]
+    on_chunk: Callable[[ChunkTerms, float, bool], tuple[dict[str, torch.Tensor], torch.Tensor | None]] | None = None
+    value: Callable[[dict[str, torch.Tensor], float], torch.Tensor] | None = None
+    student_buckets: bool = False
     w_total: float | None = None
     parameter: str | None = None
     late_w: Callable[[ChunkTerms, dict[str, torch.Tensor], float], torch.Tensor] | None = None
@@ -82,6 +88,10 @@ class Divergence:
             raise ValueError("a divergence gives late_w with late_w_total, and then no constant w_total")
         if (self.on_head is None) != (self.head_tokens == 0):
             raise ValueError("a divergence gives on_head with head_tokens > 0")
+        if (self.on_chunk is None or self.value is None) != self.student_buckets:
+            raise ValueError("a divergence gives on_chunk and value, unless it is taken over the student's buckets")
+        if self.student_buckets and self.parameter is None:
+            raise ValueError("a divergence over the student's buckets names the parameter that counts them")
 
 
 def xlogy(x: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
@@ -124,6 +134,11 @@ def _forward_kl_chunk(t: ChunkTerms, param: float, with_w: bool):
 
 def _reverse_kl_chunk(t: ChunkTerms, param: float, with_w: bool):
     return {"q_log_p": row_dot(t.q, t.log_p)}, (t.q * (t.log_q - t.log_p) if with_w else None)
+
+
+def _reverse_kl_on_buckets(b: Buckets, param: float):
+    w = xlogy(b.q, b.log_q - b.log_p)  # the terms of D are their own w
+    return w.sum(1), w
 
 
 def _jsd_chunk(t: ChunkTerms, beta: float, with_w: bool):
@@ -254,7 +269,7 @@ DIVERGENCES: dict[str, Divergence] = {
     "reverse_kl": Divergence(
         on_chunk=_reverse_kl_chunk,
         value=lambda s, param: s["q_log_q"] - s["q_log_p"],
-        on_buckets=lambda b, param: (xlogy_sum(b.q, b.log_q - b.log_p), xlogy(b.q, b.log_q - b.log_p))),
+        on_buckets=_reverse_kl_on_buckets),
     # [β·KL(p‖m) + (1-β)·KL(q‖m)] / (β(1-β)), m = β·p + (1-β)·q: forward KL as β→0, reverse KL as β→1 (the
     # endpoints are those KLs); see docs/divergences.md for TRL's and Liger's scaling
     "jsd": Divergence(
@@ -290,4 +305,12 @@ DIVERGENCES: dict[str, Divergence] = {
         late_w_total=_akl_late_w_total,
         on_head=_akl_on_head,
         head_tokens=AKL_HEAD_TOKENS),
+    # reverse KL between the bucketed distributions over the student's top k tokens (student_topk) plus one bucket
+    # for the rest of the vocabulary: the form on-policy recipes use when the teacher only scores the student's
+    # candidates (verl's reverse_kl_student_topk), with the rest bucket that keeps it a true KL, so the student
+    # cannot lower it by moving mass out of its top k (without it, the truncated sum was seen to collapse)
+    "reverse_kl_student_topk": Divergence(
+        on_buckets=_reverse_kl_on_buckets,
+        parameter="student_topk",
+        student_buckets=True),
 }

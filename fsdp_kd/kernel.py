@@ -57,7 +57,7 @@ DEFAULT_CUDA_BUDGET_MB = 4096
 _LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
 
 
-def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: int,
+def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: float,
                   grad_temporary_per_column: int = 0) -> tuple[int, int]:
     """(token rows per block, vocabulary columns per chunk); explicit `token_chunk`/`vocab_chunk` win.
 
@@ -69,16 +69,16 @@ def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: in
     weight gradient needs when it cannot accumulate in place (`accumulates_in_place`; pass H then, 0 otherwise).
     """
     if device.type != "cuda":
-        fitting = CPU_CACHE_MB * 1024**2 // (4 * n_models * vocab) // 64 * 64
+        fitting = int(CPU_CACHE_MB * 1024**2 // (4 * n_models * vocab)) // 64 * 64
         rows, cols = max(64, min(CPU_MAX_ROWS, fitting)), CPU_COLUMNS
     else:
         budget_floats = spec.chunk_budget_mb * 1024**2 // 4
         rows = max(1, min(spec.token_chunk or CUDA_MIN_ROWS, n_tokens))
         if spec.token_chunk is None:  # shrink the block only when not even a 4096-column chunk fits
             per_row = n_models * vocab + _LIVE_CHUNK_TEMPORARIES * 4096
-            rows = max(1, min(rows, (budget_floats - grad_temporary_per_column * 4096) // per_row))
+            rows = max(1, min(rows, int((budget_floats - grad_temporary_per_column * 4096) // per_row)))
         room = budget_floats - rows * n_models * vocab
-        cols = max(4096, room // (rows * _LIVE_CHUNK_TEMPORARIES + grad_temporary_per_column))
+        cols = max(4096, int(room // (rows * _LIVE_CHUNK_TEMPORARIES + grad_temporary_per_column)))
         pieces = -(-vocab // cols)
         cols = -(-vocab // pieces)  # equal chunks: the same kernels for every chunk
     return spec.token_chunk or rows, spec.vocab_chunk or cols
@@ -201,7 +201,7 @@ def logsumexp_given_max(z: torch.Tensor, z_max: torch.Tensor, inv_tau: float) ->
     shifted = z - z_max[:, None]
     if inv_tau != 1.0:
         shifted.mul_(inv_tau)
-    return shifted.exp_().sum(dim=1).log_().add_(z_max * inv_tau)
+    return shifted.exp_().sum(dim=1).log_().add_(z_max if inv_tau == 1.0 else z_max * inv_tau)
 
 
 def pass1_logits(model: ModelBlock, chunks, labels: torch.Tensor, inv_tau: float) -> None:
@@ -394,6 +394,9 @@ class Targets(ABC):
     def check_vocab(self, vocab_size: int) -> None:
         """Raises ValueError when the targets do not reach over the shared vocabulary."""
 
+    def check_divergence(self, name: str, divergence: Divergence) -> None:
+        """Raises ValueError when these targets cannot give what the divergence is taken over."""
+
     @abstractmethod
     def block(self, plan: KernelPlan, student: ModelBlock, labels: torch.Tensor, rows: slice,
               grads: Gradients | None) -> torch.Tensor:
@@ -424,7 +427,8 @@ class LiveTargets(Targets):
 
     def block(self, plan, student, labels, rows, grads):
         teacher = ModelBlock(self.head, self.weight, self.head.bias, self.hidden[rows])
-        return distillation_block(plan, student, teacher, labels, rows, grads)
+        block = student_bucket_block if plan.divergence.student_buckets else distillation_block
+        return block(plan, student, teacher, labels, rows, grads)
 
 
 def head_values(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock) -> dict[str, torch.Tensor]:
@@ -508,6 +512,12 @@ class SparseTargets(Targets):
     log_p: torch.Tensor
     log_rest: torch.Tensor
 
+    def check_divergence(self, name: str, divergence: Divergence) -> None:
+        if divergence.student_buckets:
+            raise ValueError(f"{name} needs the teacher's probability at the student's most likely tokens, which a "
+                             "cached teacher has only where they are among its own cached ones; train it with a "
+                             "live teacher")
+
     def __getitem__(self, rows: slice) -> SparseTargets:
         return SparseTargets(self.ids[rows], self.log_p[rows], self.log_rest[rows])
 
@@ -515,27 +525,92 @@ class SparseTargets(Targets):
         return bucket_block(plan, student, self[rows], labels, rows, grads)
 
 
-def mass_on_buckets(model: ModelBlock, chunks, ids: torch.Tensor, inv_tau: float):
-    """A model's tempered distribution over the buckets `ids` [rows, k] + the rest, from its pass-1 logits: log q at
-    the ids (gathered from the chunk that holds each), the log of its mass on all other tokens (a log-sum-exp over
-    each chunk with the ids masked out, exact even when that mass is ~0, as it is at k = V), and Σ q·log q over the
-    whole vocabulary. Pass 2 of a cached teacher for the student; the cache's builder uses it for the teacher."""
-    lse_rest = torch.full(ids.shape[:1], -math.inf, device=ids.device)
-    q_log_q = torch.zeros(ids.shape[:1], device=ids.device)
-    for z, (v0, v1) in zip(model.logits, chunks):
-        a = z if inv_tau == 1.0 else z * inv_tau
-        lse_rest = torch.logaddexp(lse_rest, torch.logsumexp(_rest_only(a, ids, v0, v1), dim=1))
-        log_q = a - model.lse[:, None]
-        q_log_q += row_dot(log_q.exp(), log_q)
-    return log_probs_at(model, chunks, ids, inv_tau), lse_rest - model.lse, q_log_q
+@dataclass
+class IdPlace:
+    """Where a block's bucket ids [rows, k] fall in one vocabulary chunk of `columns` columns: found once per block
+    and chunk, for every sweep that needs them."""
+    here: torch.Tensor  # [rows, k] whether the id is in this chunk
+    local: torch.Tensor  # [rows, k] its column in the chunk, clamped into it where it is not
+    slot: torch.Tensor  # [rows, k] its column where it is here, else `columns` (the spare column of `mask`)
+    columns: int
+
+    _mask: torch.Tensor | None = None
+
+    def mask(self) -> torch.Tensor:
+        """[rows, columns] bool: the chunk's columns that hold one of the ids; made once (a quarter of the chunk's
+        fp32 logits in size), for every sweep of the block."""
+        if self._mask is None:
+            hit = torch.zeros(self.here.shape[0], self.columns + 1, dtype=torch.bool, device=self.here.device)
+            self._mask = hit.scatter_(1, self.slot, True)[:, :-1]
+        return self._mask
+
+
+def id_places(ids: torch.Tensor, chunks) -> list[IdPlace]:
+    places = []
+    for v0, v1 in chunks:
+        local = ids - v0
+        clamped = local.clamp(0, v1 - v0 - 1)
+        here = clamped == local
+        places.append(IdPlace(here, clamped, torch.where(here, clamped, v1 - v0), v1 - v0))
+    return places
+
+
+@dataclass
+class BucketMass:
+    """A model's tempered distribution over buckets: the tokens `ids` [rows, k] and one bucket for the rest."""
+    log_at: torch.Tensor  # [rows, k] log q at the ids
+    log_rest: torch.Tensor  # [rows] the log of its mass on every other token (-inf when there is none)
+    x_log_x: torch.Tensor  # [rows] Σ q·log q over the whole vocabulary
+
+
+def mass_on_buckets(models: tuple[ModelBlock, ...], places: list[IdPlace], inv_tau: float,
+                    known_at: tuple[torch.Tensor | None, ...] | None = None) -> tuple[list[BucketMass], torch.Tensor]:
+    """Each model's `BucketMass` from its pass-1 logits, in one sweep of the chunks for all the models: the
+    log-probabilities at the ids gathered from the chunk that holds each (unless `known_at` gives a model's logits
+    there, as `top_tokens` does), the rest as a log-sum-exp over each chunk with the ids masked out (exact even when
+    that mass is ~0, as it is at k = V), and with two models (q, p) also Σ p·log q over the whole vocabulary (else
+    0). Pass 2 of a cached teacher for the student, and of a divergence over the student's buckets for both models;
+    the cache's builder uses it for the teacher."""
+    n, n_ids = len(models), places[0].here.shape[1]
+    z_at = list(known_at or [None] * n)
+    gather = [z is None for z in z_at]
+    lse_rest, x_log_x, p_log_q = [None] * n, [None] * n, 0.0
+    for k, place in enumerate(places):
+        hit = place.mask()
+        log_x = []
+        for i, model in enumerate(models):
+            z = model.logits[k]
+            log_x.append((z if inv_tau == 1.0 else z * inv_tau) - model.lse[:, None])
+            x = log_x[i].exp()
+            x_log_x[i] = row_dot(x, log_x[i]) if k == 0 else x_log_x[i] + row_dot(x, log_x[i])
+            if n == 2 and i == 1:
+                p_log_q = p_log_q + row_dot(x, log_x[0])
+            if gather[i]:  # ids outside the first chunk hold junk until their own chunk overwrites it
+                at = z.gather(1, place.local)
+                z_at[i] = at if k == 0 else torch.where(place.here, at, z_at[i])
+        for i in range(n):  # the rest's log-probability; log x is spent
+            chunk_rest = _logsumexp_rows(log_x[i].masked_fill_(hit, -math.inf), may_be_empty=len(hit[0]) <= n_ids)
+            lse_rest[i] = chunk_rest if k == 0 else torch.logaddexp(lse_rest[i], chunk_rest)
+    masses = [BucketMass((z_at[i] if inv_tau == 1.0 else z_at[i] * inv_tau) - model.lse[:, None],
+                         lse_rest[i], x_log_x[i]) for i, model in enumerate(models)]
+    return masses, p_log_q
+
+
+def _logsumexp_rows(a: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
+    """log Σ exp per row of finite values or -inf: `torch.logsumexp` without its guards against +inf and NaN, which
+    cost four kernels more per call. A row of -inf only (possible where the masked ids can cover a whole chunk row,
+    `may_be_empty`, known from the shapes) gives -inf."""
+    row_max = a.amax(dim=1)
+    if may_be_empty:
+        row_max.clamp_min_(torch.finfo(a.dtype).min)  # then exp(-inf - min) sums to 0, and log 0 = -inf
+    return (a - row_max[:, None]).exp_().sum(dim=1).log_().add_(row_max)
 
 
 def log_probs_at(model: ModelBlock, chunks, ids: torch.Tensor, inv_tau: float) -> torch.Tensor:
     """A model's tempered log-probabilities at `ids` [rows, k], gathered from the pass-1 chunk that holds each."""
     z_at = torch.zeros(ids.shape, device=ids.device)
-    for z, (v0, v1) in zip(model.logits, chunks):
-        here, local = _in_chunk(ids, v0, v1)
-        z_at = torch.where(here, z.gather(1, local), z_at)
+    for z, place in zip(model.logits, id_places(ids, chunks)):
+        z_at = torch.where(place.here, z.gather(1, place.local), z_at)
     return (z_at if inv_tau == 1.0 else z_at * inv_tau) - model.lse[:, None]
 
 
@@ -552,64 +627,79 @@ def top_tokens(model: ModelBlock, chunks, k: int) -> tuple[torch.Tensor, torch.T
     return best, best_ids
 
 
-def _in_chunk(ids: torch.Tensor, v0: int, v1: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(which ids fall in columns [v0, v1), their column in the chunk, clamped into it where they do not)."""
-    local = ids - v0
-    clamped = local.clamp(0, v1 - v0 - 1)
-    return clamped == local, clamped
-
-
-def _rest_only(a: torch.Tensor, ids: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
-    """A chunk's tempered logits or log-probabilities (columns [v0, v1)) with the cached ids' columns at -inf: the
-    rest bucket's tokens."""
-    here, local = _in_chunk(ids, v0, v1)
-    hit = torch.zeros(a.shape[0], v1 - v0 + 1, dtype=torch.bool, device=a.device)
-    hit.scatter_(1, torch.where(here, local, v1 - v0), True)  # the extra last column takes the misses
-    return a.masked_fill(hit[:, :-1], -math.inf)
-
-
 def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, labels, rows: slice,
                  grads: Gradients | None) -> torch.Tensor:
     """One token block against a cached teacher: D between the bucketed distributions, the k cached tokens plus one
     bucket for the rest (the student's rest is 1 - Σ_k q). Returns the block's metric sums, ordered as METRIC_NAMES.
-
-    With w = ∂D/∂log Q per bucket (`Divergence.on_buckets`; w_r the rest's) and Q_r the student's rest mass, the
-    gradient with respect to the tempered logits is
-        dD/da_v = -q_v·Σ_B w_B  +  [v in the rest]·(q_v / Q_r)·w_r  +  [v cached]·w_v,
-    two dense terms (the softmax, and the rest's own softmax q_v / Q_r = exp(log q_v - log Q_r) ≤ 1, each times a
-    per-row constant) and a sparse term scattered into the chunk that holds each cached id. Every
-    factor is bounded, so the gradient is finite and keeps its pull at any logit gap: a token the student has all but
-    ruled out (q_v = 0 in fp32) still gets -w_v = p_v under forward KL. Only the student's head is multiplied: the
-    teacher side is [rows, k] numbers read from disk."""
+    Only the student's head is multiplied: the teacher side is [rows, k] numbers read from disk."""
     pass1_logits(student, plan.chunks, labels, plan.inv_tau)
-    log_q_cached, log_q_rest, q_log_q = mass_on_buckets(student, plan.chunks, cached.ids, plan.inv_tau)
-    log_q_cached = log_q_cached.masked_fill(cached.log_p == -math.inf, -math.inf)  # empty slots are no bucket
-    log_p = torch.cat([cached.log_p, cached.log_rest[:, None]], 1)
-    log_q = torch.cat([log_q_cached, log_q_rest[:, None]], 1)
-    b = Buckets(log_p, log_q, log_p.exp(), log_q.exp())
-    value, w = plan.divergence.on_buckets(b, plan.param)
-    kd_scale = plan.kd_grad_scale
-    # Σ_B Q_B is 1 but for the rounding of the student's log-sum-exp; dividing by it cancels that rounding, which the
-    # softmax term would otherwise multiply by Σ w (reverse KL's D, large where the two models disagree)
-    w_total = w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
-    w_rest, w_cached = w[:, -1:], w[:, :-1] * kd_scale
-    log_rest = torch.where(log_q_rest > -math.inf, log_q_rest, 0.0)[:, None]  # a row without a rest never reads it
-    for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):
-        z = student.logits[k]
-        log_q = (z if plan.inv_tau == 1.0 else z * plan.inv_tau) - student.lse[:, None]
-        rest_share = _rest_only(log_q, cached.ids, v0, v1).sub_(log_rest).exp_()  # q_v / Q_r, 0 on the cached ids
-        grad_z = logit_grad(z, log_q.exp_(), student.lse_raw, rest_share.mul_(w_rest), w_total, plan.inv_tau,
-                            plan.ce_coef, kd_scale)
-        here, local = _in_chunk(cached.ids, v0, v1)
-        grad_z.scatter_add_(1, local, torch.where(here, w_cached, 0.0))
-        push_back(grads, student, grad_z, z, rows, v0, v1)
-    if grads is not None:
-        push_back_labels(grads, student, labels, rows, plan.ce_coef)
+    places = id_places(cached.ids, plan.chunks)
+    (q,), _ = mass_on_buckets((student,), places, plan.inv_tau)
+    log_q_cached = q.log_at.masked_fill(cached.log_p == -math.inf, -math.inf)  # empty slots are no bucket
+    b = _buckets(torch.cat([cached.log_p, cached.log_rest[:, None]], 1),
+                 torch.cat([log_q_cached, q.log_rest[:, None]], 1))
+    value = bucket_gradient(plan, student, places, b, labels, rows, grads)
     is_label = cached.ids == labels[:, None]
     teacher_log_p_label = torch.where(is_label.any(1), torch.where(is_label, cached.log_p, -math.inf).amax(1),
                                       cached.log_rest)
     teacher_top = cached.ids.gather(1, cached.log_p.argmax(1, keepdim=True))[:, 0]
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit,
-                           xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q_log_q,
+                           xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q.x_log_x,
                            (student.argmax == teacher_top).float(), -teacher_log_p_label])
+    return per_row.sum(1)
+
+
+def _buckets(log_p: torch.Tensor, log_q: torch.Tensor) -> Buckets:
+    return Buckets(log_p, log_q, log_p.exp(), log_q.exp())
+
+
+def bucket_gradient(plan: KernelPlan, student: ModelBlock, places: list[IdPlace], b: Buckets, labels, rows: slice,
+                    grads: Gradients | None) -> torch.Tensor:
+    """D per row between the bucketed distributions `b` (the tokens of `places` [rows, k], then the rest bucket),
+    and with `grads` its gradient added to them, from the student's pass-1 logits.
+
+    With w = ∂D/∂log Q per bucket (`Divergence.on_buckets`; w_r the rest's) and Q_r the student's rest mass, the
+    gradient with respect to the tempered logits is
+        dD/da_v = -q_v·Σ_B w_B  +  [v in the rest]·(q_v / Q_r)·w_r  +  [v in ids]·w_v,
+    two dense terms (the softmax, and the rest's own softmax q_v / Q_r = exp(log q_v - log Q_r) ≤ 1, each times a
+    per-row constant) and a sparse term scattered into the chunk that holds each id. Every factor is bounded, so the
+    gradient is finite and keeps its pull at any logit gap: a token the student has all but ruled out (q_v = 0 in
+    fp32) still gets -w_v = p_v under forward KL. The ids are constants of the gradient (a choice of buckets)."""
+    value, w = plan.divergence.on_buckets(b, plan.param)
+    kd_scale = plan.kd_grad_scale
+    # Σ_B Q_B is 1 but for the rounding of the student's log-sum-exp; dividing by it cancels that rounding, which the
+    # softmax term would otherwise multiply by Σ w (reverse KL's D, large where the two models disagree)
+    w_total = w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
+    w_rest, w_ids = w[:, -1:], w[:, :-1] * kd_scale
+    log_q_rest = b.log_q[:, -1:]
+    log_rest = torch.where(log_q_rest > -math.inf, log_q_rest, 0.0)  # a row without a rest never reads it
+    for k, (v0, v1) in enumerate(plan.chunks if grads is not None else ()):
+        z, place = student.logits[k], places[k]
+        log_q = (z if plan.inv_tau == 1.0 else z * plan.inv_tau) - student.lse[:, None]
+        q = log_q.exp()
+        rest_share = log_q.masked_fill_(place.mask(), -math.inf).sub_(log_rest).exp_()  # q_v / Q_r, 0 on the ids
+        grad_z = logit_grad(z, q, student.lse_raw, rest_share.mul_(w_rest), w_total, plan.inv_tau, plan.ce_coef,
+                            kd_scale)
+        grad_z.scatter_add_(1, place.local, w_ids * place.here)  # each id once, in the chunk that holds it
+        push_back(grads, student, grad_z, z, rows, v0, v1)
+    if grads is not None:
+        push_back_labels(grads, student, labels, rows, plan.ce_coef)
+    return value
+
+
+def student_bucket_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock, labels, rows: slice,
+                         grads: Gradients | None) -> torch.Tensor:
+    """One token block of both models for a divergence over the student's buckets (`Divergence.student_buckets`):
+    the student's top k tokens (k = the divergence's parameter) and the rest, with both models' mass on each taken
+    from their pass-1 logits. The metrics other than kd are the whole-vocabulary ones, as for `distillation_block`."""
+    pass1_logits(student, plan.chunks, labels, plan.inv_tau)
+    pass1_logits(teacher, plan.chunks, labels, plan.inv_tau)
+    top, ids = top_tokens(student, plan.chunks, int(plan.param))
+    places = id_places(ids, plan.chunks)
+    (q, p), p_log_q = mass_on_buckets((student, teacher), places, plan.inv_tau, known_at=(top, None))
+    b = _buckets(torch.cat([p.log_at, p.log_rest[:, None]], 1), torch.cat([q.log_at, q.log_rest[:, None]], 1))
+    value = bucket_gradient(plan, student, places, b, labels, rows, grads)
+    per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit, p.x_log_x - p_log_q,
+                           -p.x_log_x, -q.x_log_x, (student.argmax == teacher.argmax).float(),
+                           teacher.lse_raw - teacher.label_logit])
     return per_row.sum(1)

@@ -54,6 +54,7 @@ class LossSpec:
     jsd_beta: float = 0.5
     akl_mu: float = 0.5  # akl: the teacher's cumulative mass that bounds the head (Wu et al.'s μ)
     skew_alpha: float = 0.1  # skew_kl, skew_reverse_kl: α, the share in the mixture of the KL's first argument
+    student_topk: int = 64  # reverse_kl_student_topk: the student's tokens that get a bucket of their own
     temperature: float = 1.0
     convention: str = "fsdp_kd"  # how the KD term is scaled (CONVENTIONS)
     vocab_chunk: int | None = None  # None: chosen per device (choose_chunks)
@@ -70,6 +71,8 @@ class LossSpec:
             raise ValueError(f"akl_mu must be in (0, 1), got {self.akl_mu}")
         if not 0.0 <= self.skew_alpha < 1.0:
             raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}")
+        if self.student_topk < 1:
+            raise ValueError(f"student_topk must be >= 1, got {self.student_topk}")
         if not 0.0 <= self.kd_coef <= 1.0:
             raise ValueError(f"kd_coef must be in [0, 1], got {self.kd_coef}")
         if self.convention not in CONVENTIONS:
@@ -86,10 +89,13 @@ class LossSpec:
 
     @property
     def effective_divergence(self) -> str:
-        """JSD at its endpoints is computed as the KL it equals there, not as 0/0."""
-        if self.divergence == "jsd" and self.jsd_beta == 0.0:
+        """JSD at its endpoints, and a skew of 0, are computed as the KL they equal there (JSD's not as 0/0), which
+        also lets a cache mode that allows only that KL train them."""
+        if (self.divergence == "jsd" and self.jsd_beta == 0.0) or (self.divergence == "skew_kl"
+                                                                   and self.skew_alpha == 0.0):
             return "forward_kl"
-        if self.divergence == "jsd" and self.jsd_beta == 1.0:
+        if (self.divergence == "jsd" and self.jsd_beta == 1.0) or (self.divergence == "skew_reverse_kl"
+                                                                   and self.skew_alpha == 0.0):
             return "reverse_kl"
         return self.divergence
 
@@ -123,7 +129,9 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
     device, n, spec, targets = h_s.device, h_s.shape[0], job.spec, job.targets
     divergence = DIVERGENCES[spec.effective_divergence]
     temporary = 0 if not with_grad or accumulates_in_place(device, h_s.dtype) else h_s.shape[1]
-    block_rows, cols = choose_chunks(spec, device, n, job.vocab_size, targets.models, temporary)
+    # a divergence over the student's buckets keeps a byte per logit more for the block: its id masks
+    cached = targets.models + (0.25 if divergence.student_buckets else 0.0)
+    block_rows, cols = choose_chunks(spec, device, n, job.vocab_size, cached, temporary)
     sums_fn, grad_fn = elementwise_functions(spec.compile)
     ce_coef, kd_coef = targets.weights(spec)
     plan = KernelPlan(chunks=vocab_chunks(job.vocab_size, cols), ce_coef=ce_coef, kd_coef=kd_coef,
@@ -178,6 +186,7 @@ def loss_against(student_hidden: torch.Tensor, student_head: torch.Tensor | Head
     s_head = as_head(student_head)
     check_head_rows(s_head, vocab_size)
     targets.check_vocab(vocab_size)
+    targets.check_divergence(spec.effective_divergence, DIVERGENCES[spec.effective_divergence])
     job = LossJob(labels, s_head, spec, vocab_size, targets)
     trainable = [student_hidden, s_head.weight] + ([] if s_head.bias is None else [s_head.bias])
     if torch.is_grad_enabled() and any(t.requires_grad for t in trainable):

@@ -59,6 +59,9 @@ def dense_distillation_loss(student_hidden, student_head, labels, spec: LossSpec
         kd = 0.5 * (p - q).abs().sum(-1)
     elif divergence == "akl":
         kd = _akl(log_p, log_q, torch.ones_like(log_p, dtype=torch.bool), spec.akl_mu)
+    elif divergence == "reverse_kl_student_topk":  # KL(Q‖P) over the student's top k tokens and the rest
+        top = z_s.detach().topk(min(spec.student_topk, vocab_size), dim=-1).indices
+        kd = _kl(_bucketed(log_q, top), _bucketed(log_p, top))
     elif divergence == "skew_kl":  # KL(p ‖ αp + (1-α)q)
         log_m = _log_mix(log_p, log_q, spec.skew_alpha)
         kd = (p * (log_p - log_m)).sum(-1)
@@ -124,6 +127,15 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
             kd = (beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)) / (beta * (1 - beta))
     kd = kd * tau * tau
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
+
+
+def _bucketed(log_x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log x at `ids`, then the log of its mass on every other token (-inf when there is none)."""
+    if ids.shape[1] == log_x.shape[1]:  # no rest (a log-sum-exp over nothing would have a NaN gradient)
+        rest = torch.full_like(log_x[:, :1], -math.inf)
+    else:
+        rest = torch.logsumexp(log_x.scatter(1, ids, -math.inf), dim=-1, keepdim=True)
+    return torch.cat([log_x.gather(1, ids), rest], 1)
 
 
 def _only_own_convention(spec: LossSpec) -> None:

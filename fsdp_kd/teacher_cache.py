@@ -35,10 +35,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, loss_spec
 from .data import to_device
 from .divergences import DIVERGENCES
-from .kernel import (Head, ModelBlock, SparseTargets, Targets, choose_chunks, mass_on_buckets, pass1_logits,
+from .kernel import (Head, ModelBlock, SparseTargets, Targets, choose_chunks, id_places, mass_on_buckets, pass1_logits,
                      top_tokens, vocab_chunks)
 from .loss import LossSpec, loss_against
 
@@ -55,8 +55,8 @@ def teacher_topk(teacher: ModelBlock, chunks, k: int, inv_tau: float) -> SparseT
     rows = teacher.hidden.shape[0]
     pass1_logits(teacher, chunks, torch.zeros(rows, dtype=torch.long, device=teacher.hidden.device), inv_tau)
     _, best_ids = top_tokens(teacher, chunks, k)
-    log_p, log_rest, _ = mass_on_buckets(teacher, chunks, best_ids, inv_tau)
-    return SparseTargets(best_ids, log_p, log_rest)
+    (p,), _ = mass_on_buckets((teacher,), id_places(best_ids, chunks), inv_tau)
+    return SparseTargets(best_ids, p.log_at, p.log_rest)
 
 
 def teacher_samples(teacher: ModelBlock, chunks, n: int, inv_tau: float,
@@ -254,7 +254,10 @@ CACHE_MODES: dict[str, CacheMode] = {
         "topk", "cache_k", slots=min, build_rows=_topk_rows,
         columns=(IDS, _log_p_column("log_p", per_slot=True), _log_p_column("log_rest", per_slot=False)),
         targets=lambda columns, meta: SparseTargets(columns["ids"], columns["log_p"], columns["log_rest"]),
-        metric_names=_topk_metric_names),
+        metric_names=_topk_metric_names,
+        divergences=tuple(name for name, d in DIVERGENCES.items() if not d.student_buckets),
+        lacks="the teacher's probability at the student's most likely tokens, which a top-k cache has only where "
+              "they are among the teacher's k"),
     # n draws as distinct ids with counts: p̂ is unbiased, but 0 off the draws
     "sampled": CacheMode(
         "sampled", "cache_n", slots=lambda n, vocab_size: n, build_rows=teacher_samples, columns=(IDS, COUNTS),
@@ -333,7 +336,7 @@ def check_cache_fits(meta: CacheMeta, directory: str, cfg, tokenizer, sources, d
     if divergence not in mode.divergences:
         others = [m.name for m in CACHE_MODES.values() if divergence in m.divergences]
         raise ConfigError(f"key kd_loss: {divergence} needs {mode.lacks}; use {' or '.join(mode.divergences)}"
-                          + (f", or a {' or '.join(others)} cache" if others else ""))
+                          + (f", or a {' or '.join(others)} cache" if others else ", or a live teacher"))
 
 
 class CacheSetup:
@@ -348,8 +351,7 @@ class CacheSetup:
 
     def check(self, tokenizer, sources) -> None:
         cfg = self.cfg
-        check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources,
-                         LossSpec(divergence=cfg.kd_loss, jsd_beta=cfg.jsd_beta).effective_divergence)
+        check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources, loss_spec(cfg).effective_divergence)
 
     def load_model(self, env, dtype) -> None:
         return None

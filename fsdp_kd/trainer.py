@@ -19,7 +19,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, config_to_yaml, gradient_accumulation_steps
+from .config import TrainConfig, config_to_yaml, gradient_accumulation_steps, loss_spec
 from .data import MicroBatch, StepSampler, collate, collate_packed, eval_shards, host_values, padding_efficiency
 from .records import Sample
 from .distill import setup_teacher, student_loss
@@ -157,11 +157,7 @@ class Trainer:
                 root.reshard_everything()
         CLOCK.lap("head probes")
         self.teacher_source = self.teacher_setup.open(env.device)
-        self.spec = LossSpec(kd_coef=cfg.kd_coef if self.teacher_source else 0.0, divergence=cfg.kd_loss,
-                             jsd_beta=cfg.jsd_beta, skew_alpha=cfg.skew_alpha, temperature=cfg.kd_temperature,
-                             akl_mu=cfg.akl_mu, convention=cfg.kd_loss_convention,
-                             vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk,
-                             chunk_budget_mb=cfg.kd_chunk_budget_mb, compile=cfg.compile_loss)
+        self.spec = loss_spec(cfg, **({} if self.teacher_source else {"kd_coef": 0.0}))
         self.on_policy, self.on_policy_spec = None, self.spec
         if cfg.on_policy_ratio > 0:
             settings = GenerationSettings(cfg.generate_max_new_tokens, cfg.generate_temperature, cfg.generate_top_p,

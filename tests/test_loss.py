@@ -47,7 +47,8 @@ CASES = [("forward_kl", 1.0, 0.5), ("forward_kl", 2.0, 0.5), ("reverse_kl", 1.0,
          ("tvd", 1.0, 0.5), ("tvd", 2.0, 0.5), ("skew_kl", 1.0, 0.1), ("skew_kl", 2.0, 0.5), ("skew_kl", 1.0, 0.0),
          ("skew_kl", 0.5, 0.9), ("skew_reverse_kl", 1.0, 0.1), ("skew_reverse_kl", 0.5, 0.3),
          ("skew_reverse_kl", 1.0, 0.0), ("skew_reverse_kl", 2.0, 0.9), ("akl", 1.0, 0.5), ("akl", 2.0, 0.2),
-         ("akl", 0.5, 0.9)]
+         ("akl", 0.5, 0.9), ("reverse_kl_student_topk", 1.0, 5), ("reverse_kl_student_topk", 2.0, 1),
+         ("reverse_kl_student_topk", 0.5, 40)]
 
 
 def test_every_divergence_is_tested_against_the_reference():
@@ -322,6 +323,9 @@ EXTREME_CASES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd",
                  ("jsd", 1.0), ("tvd", 0.5), ("skew_kl", 0.1), ("skew_kl", 0.0), ("skew_kl", 0.9),
                  ("skew_reverse_kl", 0.1), ("skew_reverse_kl", 0.0), ("skew_reverse_kl", 0.9), ("akl", 0.5),
                  ("akl", 0.1)]
+# divergences over the student's buckets have no cached form; their live kernel is tested at the same extremes
+LIVE_EXTREME_CASES = EXTREME_CASES + [("reverse_kl_student_topk", 3), ("reverse_kl_student_topk", 1),
+                                      ("reverse_kl_student_topk", VE)]
 
 
 def extreme_logits():
@@ -374,7 +378,7 @@ def test_full_vocabulary_cache_equals_the_live_teacher_at_extreme_logits(diverge
 
 
 @pytest.mark.parametrize("tau", [0.5, 1.0, 10.0])
-@pytest.mark.parametrize("divergence,param", EXTREME_CASES)
+@pytest.mark.parametrize("divergence,param", LIVE_EXTREME_CASES)
 def test_live_teacher_at_extreme_logits_matches_the_exact_loss(divergence, param, tau):
     """The live kernel at the same logit gaps, against the fp64 dense loss: finite, and equal to 3e-5 of the largest
     gradient (1e-5 but at τ = 10, where fp32 log-probabilities near 16 carry a rounding of 1e-6 that the gradient's
@@ -406,6 +410,31 @@ def test_akl_head_is_cut_at_its_candidate_tokens_on_a_flat_teacher():
     assert_close(loss.detach(), expected.detach())
     assert math.isclose(float(metrics["kd"]), float(kd.sum()), rel_tol=1e-5)
     assert_close(torch.autograd.grad(loss, z_s)[0], torch.autograd.grad(expected, zd)[0])
+
+
+def test_student_top_k_reverse_kl_is_a_lower_bound_of_reverse_kl_and_equals_it_at_k_equal_to_v():
+    """Merging tokens into buckets cannot raise a KL (the data-processing inequality), so the student cannot lower it
+    by moving mass out of its top k; with every token its own bucket it is reverse KL, value and gradients."""
+    args = inputs(3)
+    full = run(distillation_loss, LossSpec(kd_coef=1.0, divergence="reverse_kl", vocab_chunk=13), *args)
+    for k in (1, 4, 20):
+        top = run(distillation_loss, LossSpec(kd_coef=1.0, divergence="reverse_kl_student_topk", student_topk=k,
+                                              vocab_chunk=13), *args)
+        assert 0 < float(top[0]) < float(full[0])
+        assert float(top[1]["kl"]) == pytest.approx(float(full[1]["kl"]), rel=1e-6)  # the metric is the full KL
+    whole = run(distillation_loss, LossSpec(kd_coef=1.0, divergence="reverse_kl_student_topk", student_topk=V + 3,
+                                            vocab_chunk=13, token_chunk=7), *args)
+    assert_close(whole[0], full[0], rtol=1e-6)
+    for g, r in zip(whole[2], full[2]):
+        assert_close(g, r, rtol=1e-5)
+
+
+def test_a_cached_teacher_refuses_a_divergence_over_the_students_buckets():
+    h_s, w_s, h_t, w_t, labels = inputs()
+    cached = SparseTargets(torch.zeros(N, 2, dtype=torch.long), torch.zeros(N, 2), torch.zeros(N))
+    spec = LossSpec(kd_coef=0.5, divergence="reverse_kl_student_topk")
+    with pytest.raises(ValueError, match="student's most likely tokens.*live teacher"):
+        distillation_loss(h_s, w_s, labels, spec, V, cached_teacher=cached)
 
 
 @pytest.mark.parametrize("skew,plain", [("skew_kl", "forward_kl"), ("skew_reverse_kl", "reverse_kl")])
