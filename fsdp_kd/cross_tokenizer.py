@@ -1,0 +1,188 @@
+"""Two tokenizers over the same text: what each token spells in bytes, which tokens of the two vocabularies are the
+same string, and which runs of tokens on each side cover the same bytes of a sample.
+
+Cross-tokenizer distillation (issue 23) compares a teacher and a student that cut the text differently. Everything
+here is string work done once: per tokenizer (`TokenBytes`, the id map `shared_vocabulary`) and per sample
+(`align`), so that training only reads integers.
+
+- A token's bytes follow its tokenizer's own decoder: byte-level BPE (GPT-2, Qwen, SmolLM) spells bytes in its
+  printable byte alphabet ("Ġ" is a space); SentencePiece-style vocabularies (Llama, Phi-3) write a space as "▁" and
+  unknown bytes as "<0xHH>" tokens; a special or added token spells its own content. Two tokens are the same string
+  when they spell the same bytes, whatever each vocabulary's notation.
+- An alignment cuts a sample where both tokenizations have a token boundary at the same byte. Each group between two
+  such cuts holds one or more consecutive tokens on each side, covering the same bytes (`Alignment`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+SPACE_MARK = "\u2581"  # SentencePiece's "▁"
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's printable stand-in for each byte (`bytes_to_unicode`), inverted: character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """What every id of a tokenizer spells, in bytes, under that tokenizer's decoder; `regular[i]` is False for a
+    special or added token and for a byte-fallback token ("<0xHH>"), which spell bytes that a regular token of the
+    vocabulary may spell too."""
+    spelled: tuple[bytes, ...]
+    regular: tuple[bool, ...]
+    kind: str  # "byte_level" or "sentencepiece": how the vocabulary writes bytes
+    prefix_space: bool  # the tokenizer puts a space before the text (SentencePiece's dummy prefix)
+    normalizer_forms: tuple[str, ...] = ()  # the Unicode normal forms its normalizer applies (Qwen's NFC)
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenBytes:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())  # ~1 s for a 150k vocabulary: read it once
+        kind = "byte_level" if "ByteLevel" in json.dumps(spec.get("decoder")) else "sentencepiece"
+        prefix_space = _adds_prefix_space(spec)
+        normalizer = json.dumps(spec.get("normalizer"))
+        forms = tuple(form for form in ("NFKC", "NFKD", "NFC", "NFD") if f'"type": "{form}"' in normalizer)
+        added = {token.content for token in tokenizer.added_tokens_decoder.values()}
+        alphabet = _byte_level_alphabet()
+        spelled, regular = [], []
+        for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
+            token = token or ""
+            if token in added:
+                spelled.append(token.encode())
+                regular.append(False)
+            elif kind == "byte_level":
+                spelled.append(bytes(alphabet[c] for c in token) if all(c in alphabet for c in token)
+                               else token.encode())
+                regular.append(True)
+            elif (fallback := _BYTE_FALLBACK.match(token)) is not None:
+                spelled.append(bytes([int(fallback.group(1), 16)]))
+                regular.append(False)
+            else:
+                spelled.append(token.replace(SPACE_MARK, " ").encode())
+                regular.append(True)
+        return cls(tuple(spelled), tuple(regular), kind, prefix_space, forms)
+
+    def __len__(self) -> int:
+        return len(self.spelled)
+
+
+def _adds_prefix_space(spec: dict) -> bool:
+    """Whether the pre-tokenizer puts a "▁" before the text (Metaspace with prepend_scheme "first"/"always", or the
+    older add_prefix_space), as Llama and Phi-3 do; byte-level BPE here never does (its add_prefix_space is off in
+    every tokenizer we read, and then a leading space is part of the text)."""
+    text = json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("normalizer"))
+    if '"Metaspace"' in text:
+        return '"prepend_scheme": "never"' not in text and '"add_prefix_space": false' not in text
+    return '"Prepend"' in text and SPACE_MARK in text
+
+
+# ---------------------------------------------------------------------------------------------------- the id map
+@dataclass(frozen=True)
+class SharedVocabulary:
+    """The tokens both vocabularies spell identically: `student_ids[j]` and `teacher_ids[j]` are the same string.
+    Each string appears once; among several ids of one vocabulary spelling it, the regular one is kept."""
+    student_ids: np.ndarray
+    teacher_ids: np.ndarray
+    student_size: int
+    teacher_size: int
+
+    def describe(self) -> str:
+        share = len(self.student_ids) / max(self.student_size, 1)
+        return (f"{len(self.student_ids)} tokens map exactly between the vocabularies ({share:.1%} of the student's "
+                f"{self.student_size}, {len(self.teacher_ids) / max(self.teacher_size, 1):.1%} of the teacher's "
+                f"{self.teacher_size})")
+
+
+def shared_vocabulary(student: TokenBytes, teacher: TokenBytes) -> SharedVocabulary:
+    """The id map between two vocabularies by the bytes each token spells (`TokenBytes`)."""
+    def by_spelling(vocab: TokenBytes) -> dict[bytes, int]:
+        index: dict[bytes, int] = {}
+        for i, (spelled, regular) in enumerate(zip(vocab.spelled, vocab.regular)):
+            if spelled and (spelled not in index or (regular and not vocab.regular[index[spelled]])):
+                index[spelled] = i
+        return index
+
+    s_index, t_index = by_spelling(student), by_spelling(teacher)
+    pairs = sorted((s_index[b], t_index[b]) for b in s_index.keys() & t_index.keys())
+    s_ids, t_ids = (np.array(ids, dtype=np.int64) for ids in zip(*pairs)) if pairs else (np.zeros(0, np.int64),) * 2
+    return SharedVocabulary(s_ids, t_ids, len(student), len(teacher))
+
+
+# ---------------------------------------------------------------------------------------------------- alignment
+@dataclass(frozen=True)
+class Alignment:
+    """One sample's groups: group g holds student tokens [student_ends[g-1], student_ends[g]) and teacher tokens
+    [teacher_ends[g-1], teacher_ends[g]) (from 0 for g = 0), which spell the same bytes. A group has at least one
+    token on each side, but for a side's tokens that spell nothing (a lone dummy-prefix "▁"), which join the group
+    after them."""
+    student_ends: np.ndarray
+    teacher_ends: np.ndarray
+
+    @property
+    def groups(self) -> int:
+        return len(self.student_ends)
+
+    def one_to_one(self) -> np.ndarray:
+        """[groups] bool: the groups of exactly one token on each side."""
+        s = np.diff(self.student_ends, prepend=0)
+        t = np.diff(self.teacher_ends, prepend=0)
+        return (s == 1) & (t == 1)
+
+
+class AlignmentError(ValueError):
+    """A tokenizer's tokens do not spell the text (its normalizer changed it), so bytes cannot be matched."""
+
+
+def byte_ends(ids: list[int], vocab: TokenBytes, text: bytes) -> np.ndarray:
+    """The byte offset in `text` where each token ends; the dummy prefix space, if the tokenizer added one, is not
+    part of the text. Raises AlignmentError when the tokens do not spell the text."""
+    lengths = np.fromiter((len(vocab.spelled[i]) for i in ids), dtype=np.int64, count=len(ids))
+    spelled = b"".join(vocab.spelled[i] for i in ids)
+    skip = 0
+    if spelled != text and vocab.prefix_space and spelled == b" " + text:
+        skip = 1
+    elif spelled != text:
+        at = next((i for i, (a, b) in enumerate(zip(spelled, text)) if a != b), min(len(spelled), len(text)))
+        raise AlignmentError(f"the tokens spell {spelled[max(0, at - 20):at + 20]!r} where the text has "
+                             f"{text[max(0, at - 20):at + 20]!r} (byte {at})")
+    return np.maximum(np.cumsum(lengths) - skip, 0)
+
+
+def align(student_ids: list[int], teacher_ids: list[int], student: TokenBytes, teacher: TokenBytes,
+          text: str) -> Alignment:
+    """Groups of consecutive tokens that cover the same bytes of `text`, which both id lists tokenize (without
+    special tokens added around it): cut wherever both sides end a token at the same byte."""
+    data = text.encode()
+    s_ends, t_ends = byte_ends(student_ids, student, data), byte_ends(teacher_ids, teacher, data)
+    cuts = np.intersect1d(s_ends, t_ends)
+    cuts = cuts[cuts > 0]  # a token that spells nothing at the start joins the first group
+    # a token belongs to the first cut at or after its end; a group's last token is the last one that does
+    s_group, t_group = np.searchsorted(cuts, s_ends), np.searchsorted(cuts, t_ends)
+    return Alignment(np.searchsorted(s_group, np.arange(len(cuts)), side="right"),
+                     np.searchsorted(t_group, np.arange(len(cuts)), side="right"))
+
+
+def normalized(text: str, *vocabularies: TokenBytes) -> str:
+    """`text` under the tokenizers' Unicode normalizers (NFC, NFKC), applied before both tokenize it, so that their
+    tokens spell the same bytes; a tokenizer without one leaves it as is."""
+    for vocab in vocabularies:
+        for form in vocab.normalizer_forms:
+            text = unicodedata.normalize(form, text)
+    return text

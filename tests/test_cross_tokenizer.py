@@ -1,0 +1,131 @@
+"""Two tokenizers over the same text (`fsdp_kd/cross_tokenizer.py`): token bytes, the id map and the alignment, on
+the real tokenizers (Qwen2.5, Phi-3, SmolLM) and real SFT text (GSM8K, ShareGPT), and on hand-made edge cases."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from assets import real_asset
+from fsdp_kd.cross_tokenizer import (Alignment, AlignmentError, TokenBytes, align, byte_ends, normalized,
+                                     shared_vocabulary)
+
+TOKENIZERS = ("tok_qwen2.5_instruct", "tok_phi3_mini_instruct", "tok_smollm_360m_instruct")
+EDGE_TEXTS = ["", " ", "x", "  leading spaces", "trailing  ", "Hello  world,\n naïve 日本 😀 x\t\ttabs",
+              "<|im_start|>user\nhi<|im_end|>", "a\u0301 e\u0301 (combining accents)", "ﬁ ligature ①"]
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    from transformers import AutoTokenizer
+
+    loaded = {name: AutoTokenizer.from_pretrained(real_asset(name)) for name in TOKENIZERS}
+    return {name: (tok, TokenBytes.of(tok)) for name, tok in loaded.items()}
+
+
+@pytest.fixture(scope="module")
+def texts():
+    gsm8k = [json.loads(line) for line in itertools.islice(open(real_asset("gsm8k/train.jsonl")), 150)]
+    sharegpt = json.load(open(real_asset("fastchat/dummy_conversation.json")))[:60]
+    return ([f"Question: {r['question']}\nAnswer: {r['answer']}" for r in gsm8k]
+            + [turn["value"] for conv in sharegpt for turn in conv["conversations"]] + EDGE_TEXTS)
+
+
+def spell(vocab: TokenBytes, ids) -> bytes:
+    return b"".join(vocab.spelled[i] for i in ids)
+
+
+def test_every_tokenization_spells_its_text(tokenizers, texts):
+    """Token bytes follow each tokenizer's own decoder: the tokens of a text spell exactly its bytes (after the
+    dummy prefix space a SentencePiece tokenizer puts first), so byte offsets are exact."""
+    for name, (tok, vocab) in tokenizers.items():
+        for text in texts:
+            text = normalized(text, vocab)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            ends = byte_ends(ids, vocab, text.encode())
+            assert len(ends) == len(ids) and (len(ids) == 0 or ends[-1] == len(text.encode())), (name, text)
+            assert np.all(np.diff(ends) >= 0)
+            spelled = spell(vocab, ids)
+            assert spelled == text.encode() or (vocab.prefix_space and spelled == b" " + text.encode())
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(TOKENIZERS, 2)))
+def test_every_group_covers_the_same_bytes_on_both_sides(tokenizers, texts, pair):
+    (s_tok, s_vocab), (t_tok, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
+    groups = one_to_one = 0
+    for text in texts:
+        text = normalized(text, s_vocab, t_vocab)
+        s_ids = s_tok(text, add_special_tokens=False)["input_ids"]
+        t_ids = t_tok(text, add_special_tokens=False)["input_ids"]
+        al = align(s_ids, t_ids, s_vocab, t_vocab, text)
+        s_byte_ends, t_byte_ends = byte_ends(s_ids, s_vocab, text.encode()), byte_ends(t_ids, t_vocab, text.encode())
+        assert al.student_ends[-1:].tolist() == ([len(s_ids)] if s_ids else [])
+        assert al.teacher_ends[-1:].tolist() == ([len(t_ids)] if t_ids else [])
+        s_start = t_start = 0
+        covered = b""
+        for s_end, t_end in zip(al.student_ends, al.teacher_ends):
+            assert s_end > s_start or t_end > t_start
+            s_bytes, t_bytes = byte_span(s_byte_ends, s_start, s_end), byte_span(t_byte_ends, t_start, t_end)
+            assert s_bytes == t_bytes and s_bytes[0] == len(covered), (text, s_bytes, t_bytes)
+            covered = text.encode()[:s_bytes[1]]
+            s_start, t_start = s_end, t_end
+        assert covered == text.encode()
+        groups += al.groups
+        one_to_one += int(al.one_to_one().sum())
+    assert groups > 5000
+    print(f"{pair}: {groups} groups, {one_to_one / groups:.1%} one token on each side")
+
+
+def byte_span(ends, start, end) -> tuple[int, int]:
+    """The bytes that tokens [start, end) cover, from every token's end byte: (first byte, end byte)."""
+    return (int(ends[start - 1]) if start else 0), int(ends[end - 1])
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(TOKENIZERS, 2)))
+def test_the_id_map_joins_every_string_both_vocabularies_spell(tokenizers, pair):
+    """Each pair spells the same bytes, each byte string is mapped once, and no string that both vocabularies hold
+    as a regular token is left out."""
+    (_, s_vocab), (_, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
+    shared = shared_vocabulary(s_vocab, t_vocab)
+    for s, t in zip(shared.student_ids, shared.teacher_ids):
+        assert s_vocab.spelled[s] == t_vocab.spelled[t]
+    assert len(set(shared.student_ids.tolist())) == len(shared.student_ids)
+    assert len(set(shared.teacher_ids.tolist())) == len(shared.teacher_ids)
+    s_regular = {b for b, r in zip(s_vocab.spelled, s_vocab.regular) if r and b}
+    t_regular = {b for b, r in zip(t_vocab.spelled, t_vocab.regular) if r and b}
+    mapped = {s_vocab.spelled[s] for s in shared.student_ids}
+    assert s_regular & t_regular <= mapped
+    assert len(shared.student_ids) > 10000  # these vocabularies share most common English pieces
+    print(shared.describe())
+
+
+def test_a_vocabulary_with_itself_maps_every_regular_token_to_itself(tokenizers):
+    _, vocab = tokenizers["tok_smollm_360m_instruct"]
+    shared = shared_vocabulary(vocab, vocab)
+    assert np.array_equal(shared.student_ids, shared.teacher_ids)
+    assert len(shared.student_ids) == len(set(vocab.spelled) - {b""})
+
+
+def test_the_same_tokenizer_gives_one_group_per_token(tokenizers, texts):
+    tok, vocab = tokenizers["tok_qwen2.5_instruct"]
+    for text in texts[:50]:
+        text = normalized(text, vocab)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        al = align(ids, ids, vocab, vocab, text)
+        assert al.student_ends.tolist() == list(range(1, len(ids) + 1)) == al.teacher_ends.tolist()
+
+
+def test_groups_from_hand_made_byte_lengths():
+    """Student "ab|c|de", teacher "a|bcd|e": the only common inner cut is none, so one group; with "ab|cde" against
+    "a|b|cde" the cut after "ab" is shared."""
+    vocab = TokenBytes((b"ab", b"c", b"de", b"a", b"bcd", b"e", b"b", b"cde"), (True,) * 8, "byte_level", False)
+    assert _ends(align([0, 1, 2], [3, 4, 5], vocab, vocab, "abcde")) == ([3], [3])
+    assert _ends(align([0, 7], [3, 6, 7], vocab, vocab, "abcde")) == ([1, 2], [2, 3])
+    assert _ends(align([], [], vocab, vocab, "")) == ([], [])
+    with pytest.raises(AlignmentError, match="byte 2"):
+        align([0, 1], [3, 4], vocab, vocab, "abXd")
+
+
+def _ends(al: Alignment) -> tuple[list[int], list[int]]:
+    return al.student_ends.tolist(), al.teacher_ends.tolist()
