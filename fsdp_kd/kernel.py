@@ -589,14 +589,14 @@ def mass_on_buckets(models: tuple[ModelBlock, ...], places: list[IdPlace], inv_t
                 at = z.gather(1, place.local)
                 z_at[i] = at if k == 0 else torch.where(place.here, at, z_at[i])
         for i in range(n):  # the rest's log-probability; log x is spent
-            chunk_rest = _logsumexp_rows(log_x[i].masked_fill_(hit, -math.inf), may_be_empty=len(hit[0]) <= n_ids)
+            chunk_rest = logsumexp_rows(log_x[i].masked_fill_(hit, -math.inf), may_be_empty=len(hit[0]) <= n_ids)
             lse_rest[i] = chunk_rest if k == 0 else torch.logaddexp(lse_rest[i], chunk_rest)
     masses = [BucketMass((z_at[i] if inv_tau == 1.0 else z_at[i] * inv_tau) - model.lse[:, None],
                          lse_rest[i], x_log_x[i]) for i, model in enumerate(models)]
     return masses, p_log_q
 
 
-def _logsumexp_rows(a: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
+def logsumexp_rows(a: torch.Tensor, may_be_empty: bool) -> torch.Tensor:
     """log Σ exp per row of finite values or -inf: `torch.logsumexp` without its guards against +inf and NaN, which
     cost four kernels more per call. A row of -inf only (possible where the masked ids can cover a whole chunk row,
     `may_be_empty`, known from the shapes) gives -inf."""
@@ -636,7 +636,7 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     places = id_places(cached.ids, plan.chunks)
     (q,), _ = mass_on_buckets((student,), places, plan.inv_tau)
     log_q_cached = q.log_at.masked_fill(cached.log_p == -math.inf, -math.inf)  # empty slots are no bucket
-    b = _buckets(torch.cat([cached.log_p, cached.log_rest[:, None]], 1),
+    b = buckets_from_logs(torch.cat([cached.log_p, cached.log_rest[:, None]], 1),
                  torch.cat([log_q_cached, q.log_rest[:, None]], 1))
     value = bucket_gradient(plan, student, places, b, labels, rows, grads)
     is_label = cached.ids == labels[:, None]
@@ -649,7 +649,7 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     return per_row.sum(1)
 
 
-def _buckets(log_p: torch.Tensor, log_q: torch.Tensor) -> Buckets:
+def buckets_from_logs(log_p: torch.Tensor, log_q: torch.Tensor) -> Buckets:
     return Buckets(log_p, log_q, log_p.exp(), log_q.exp())
 
 
@@ -697,7 +697,8 @@ def student_bucket_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBl
     top, ids = top_tokens(student, plan.chunks, int(plan.param))
     places = id_places(ids, plan.chunks)
     (q, p), p_log_q = mass_on_buckets((student, teacher), places, plan.inv_tau, known_at=(top, None))
-    b = _buckets(torch.cat([p.log_at, p.log_rest[:, None]], 1), torch.cat([q.log_at, q.log_rest[:, None]], 1))
+    b = buckets_from_logs(torch.cat([p.log_at, p.log_rest[:, None]], 1),
+                          torch.cat([q.log_at, q.log_rest[:, None]], 1))
     value = bucket_gradient(plan, student, places, b, labels, rows, grads)
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit, p.x_log_x - p_log_q,
                            -p.x_log_x, -q.x_log_x, (student.argmax == teacher.argmax).float(),

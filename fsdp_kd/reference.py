@@ -93,7 +93,7 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
     space, so it stays finite where a probability underflows fp32 and equals the live loss at k = V at any logit
     gap. Returns (summed loss, summed kd·τ²)."""
     _only_own_convention(spec)
-    tau, beta, c = spec.temperature, spec.jsd_beta, spec.kd_coef
+    tau, c = spec.temperature, spec.kd_coef
     z_s = dense_logits(student_hidden, student_head, vocab_size)
     ce = F.cross_entropy(z_s, labels, reduction="none")
     log_q_all = F.log_softmax(z_s / tau, dim=-1)
@@ -104,7 +104,14 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
     rest_lse = torch.logsumexp(torch.where(has_rest, log_q_all.masked_fill(in_bucket, -math.inf), 0.0), dim=1)
     log_q = torch.cat([log_q_cached, torch.where(has_rest, rest_lse[:, None], -math.inf)], 1)
     log_p = torch.cat([cached.log_p, cached.log_rest[:, None]], 1)
-    divergence = spec.effective_divergence
+    kd = _bucket_divergence(log_p, log_q, spec) * tau * tau
+    return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
+
+
+def _bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+    """D between bucketed distributions [rows, B] given as log-probabilities, the last bucket the rest (-inf where a
+    bucket is empty), written out per divergence."""
+    beta, divergence = spec.jsd_beta, spec.effective_divergence
     if divergence == "forward_kl":
         kd = _kl(log_p, log_q)
     elif divergence == "reverse_kl":
@@ -125,8 +132,38 @@ def dense_bucketed_loss(student_hidden, student_head, labels, spec: LossSpec, vo
         else:
             log_m = _log_mix(log_p_m, log_q_m, beta)
             kd = (beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)) / (beta * (1 - beta))
-    kd = kd * tau * tau
+    return kd
+
+
+def dense_cross_vocab_loss(student_hidden, student_head, labels, spec: LossSpec, student_vocab: int, teacher_hidden,
+                           teacher_head, teacher_vocab: int, student_ids, teacher_ids, uld_weight: float,
+                           uld_topk: int):
+    """`cross_vocab.CrossVocabTargets`'s loss the obvious way: both full log-softmaxes, the shared tokens as buckets
+    and a rest bucket per side, the divergence between them, plus uld_weight times ULD over each side's uld_topk most
+    likely tokens without a counterpart (sorted), autograd for the gradient. Returns (summed loss, summed kd)."""
+    _only_own_convention(spec)
+    tau, c = spec.temperature, spec.kd_coef
+    z_s = dense_logits(student_hidden, student_head, student_vocab)
+    ce = F.cross_entropy(z_s, labels, reduction="none")
+    log_q_all = F.log_softmax(z_s / tau, dim=-1)
+    log_p_all = F.log_softmax(dense_logits(teacher_hidden, teacher_head, teacher_vocab) / tau, dim=-1)
+    log_q, q_unshared = _shared_and_rest(log_q_all, student_ids)
+    log_p, p_unshared = _shared_and_rest(log_p_all, teacher_ids)
+    k = min(uld_topk, max(q_unshared.shape[1], p_unshared.shape[1]))
+    p_sorted, q_sorted = (F.pad(x.topk(min(k, x.shape[1]), dim=-1).values.exp(), (0, k - min(k, x.shape[1])))
+                          for x in (p_unshared, q_unshared))
+    kd = (_bucket_divergence(log_p, log_q, spec) + uld_weight * (p_sorted - q_sorted).abs().sum(-1)) * tau * tau
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
+
+
+def _shared_and_rest(log_x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log x at the shared `ids` then the log of the rest's mass, log x at every other token)."""
+    unshared = torch.ones(log_x.shape[1], dtype=torch.bool)
+    unshared[ids] = False
+    others = log_x[:, unshared]
+    rest = (torch.logsumexp(others, dim=-1, keepdim=True) if others.shape[1] else
+            torch.full_like(log_x[:, :1], -math.inf))
+    return torch.cat([log_x[:, ids], rest], 1), others
 
 
 def _bucketed(log_x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,201 @@
+"""A teacher with another vocabulary, as one more `kernel.Targets` entry: the loss at positions where the two
+tokenizations align one token to one token (`cross_tokenizer.align`).
+
+At such a position the teacher's p is over its vocabulary V_t and the student's q over V_s. The two are compared in
+two parts (docs/cross_tokenizer.md has the formulas with every term defined):
+
+  exact part  the tokens that spell the same bytes in both vocabularies (`cross_tokenizer.shared_vocabulary`, m
+              pairs) are buckets of their own, and every other token of a side falls in that side's rest bucket:
+              P_j = p(t_j), Q_j = q(s_j), P_r = 1 - Σ_j P_j, Q_r = 1 - Σ_j Q_j. The run's divergence D(P‖Q) is taken
+              between these (m + 1)-bucket distributions (`Divergence.on_buckets`), exactly as for a cached teacher;
+  ULD part    the tokens without a counterpart have no common index, so they are compared by rank (Boizard et al.
+              2024): ULD = Σ_{i<k} |p̃_(i) - q̃_(i)| over each side's k most likely such tokens, sorted (`uld_topk`;
+              the full sort is the same sum with k = V, and the tail beyond k is left out).
+
+KD = D(P‖Q) + uld_weight·ULD. With the same tokenizer on both sides every token is shared, both rest buckets and
+the ULD part are empty, and the loss is today's live KD (tested to fp32 rounding).
+
+Everything is chunked as for a live teacher: each model's logits exist one token block at a time, over its own
+vocabulary's chunks. The shared columns are the same for every row, so a chunk's shared columns are a fixed index
+list (`SharedColumns`), found once per block shape on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .divergences import row_dot, xlogy_sum
+from .kernel import (Gradients, Head, IdPlace, KernelPlan, ModelBlock, Targets, buckets_from_logs, check_head_rows,
+                     id_places, logit_grad, logsumexp_rows, pass1_logits, push_back, push_back_labels, vocab_chunks)
+
+
+@dataclass
+class SharedColumns:
+    """One vocabulary chunk of one side: which of its columns are shared tokens (`local`, as indices into the chunk)
+    and which bucket each is (`bucket`), and the same as a column mask."""
+    local: torch.Tensor  # [m_c] long
+    bucket: torch.Tensor  # [m_c] long
+    mask: torch.Tensor  # [columns] bool
+    all_shared: bool  # every column of the chunk is shared: its rest is empty
+
+
+@dataclass
+class VocabMap:
+    """The shared vocabulary on a device: `student_ids[j]` and `teacher_ids[j]` spell the same bytes."""
+    student_ids: torch.Tensor
+    teacher_ids: torch.Tensor
+    student_size: int
+    teacher_size: int
+    student_to_teacher: torch.Tensor = field(init=False)  # [student_size] the teacher's id, or -1
+    _columns: dict = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        self.student_to_teacher = torch.full((self.student_size,), -1, dtype=torch.long,
+                                             device=self.student_ids.device)
+        self.student_to_teacher[self.student_ids] = self.teacher_ids
+
+    @property
+    def shared(self) -> int:
+        return len(self.student_ids)
+
+    def columns(self, side: str, chunks) -> list[SharedColumns]:
+        """Per chunk of `side`'s vocabulary, its shared columns; found on the host once per chunk layout."""
+        key = (side, tuple(chunks))
+        if key not in self._columns:
+            ids = (self.student_ids if side == "student" else self.teacher_ids).cpu().numpy()
+            device = self.student_ids.device
+            per_chunk = []
+            for v0, v1 in chunks:
+                buckets = np.flatnonzero((ids >= v0) & (ids < v1))
+                local = torch.from_numpy(ids[buckets] - v0).to(device)
+                mask = torch.zeros(v1 - v0, dtype=torch.bool, device=device)
+                mask[local] = True
+                per_chunk.append(SharedColumns(local, torch.from_numpy(buckets).to(device), mask,
+                                               len(buckets) == v1 - v0))
+            self._columns[key] = per_chunk
+        return self._columns[key]
+
+
+@dataclass
+class SideMass:
+    """One side's tempered distribution at a block's rows: over the shared buckets, its rest, its entropy term, and
+    its k most likely tokens without a counterpart (sorted, with their ids)."""
+    log_shared: torch.Tensor  # [rows, m]
+    log_rest: torch.Tensor  # [rows]
+    x_log_x: torch.Tensor  # [rows]
+    top_log: torch.Tensor  # [rows, k] most likely first; -inf where the side has fewer such tokens
+    top_ids: torch.Tensor  # [rows, k]
+
+
+def side_mass(model: ModelBlock, chunks, columns: list[SharedColumns], shared: int, k: int,
+              inv_tau: float) -> SideMass:
+    """`SideMass` from a model's pass-1 logits, in one sweep of its chunks."""
+    rows = model.lse.shape[0]
+    log_shared = torch.empty(rows, shared, device=model.lse.device)
+    x_log_x = lse_rest = top_log = top_ids = None
+    for z, (v0, v1), cols in zip(model.logits, chunks, columns):
+        log_x = (z if inv_tau == 1.0 else z * inv_tau) - model.lse[:, None]
+        term = row_dot(log_x.exp(), log_x)
+        x_log_x = term if x_log_x is None else x_log_x + term
+        log_shared.index_copy_(1, cols.bucket, log_x.index_select(1, cols.local))
+        log_x.masked_fill_(cols.mask, -math.inf)  # now only the tokens without a counterpart
+        chunk_rest = logsumexp_rows(log_x, may_be_empty=cols.all_shared)
+        lse_rest = chunk_rest if lse_rest is None else torch.logaddexp(lse_rest, chunk_rest)
+        values, ids = log_x.topk(min(k, v1 - v0), dim=1)
+        if top_log is None:
+            top_log, top_ids = values, ids + v0
+        else:
+            top_log, order = torch.cat([top_log, values], 1).topk(min(k, top_log.shape[1] + values.shape[1]), 1)
+            top_ids = torch.cat([top_ids, ids + v0], 1).gather(1, order)
+    return SideMass(log_shared, lse_rest, x_log_x, top_log, top_ids)
+
+
+def uld(p: SideMass, q: SideMass) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ULD per row, w = ∂ULD/∂log q at the student's ranked tokens): Σ_i |p̃_(i) - q̃_(i)| over ranks, the shorter
+    side padded with zeros; w_i = q̃_(i)·sign(q̃_(i) - p̃_(i)), the ranking a constant of the gradient."""
+    k = max(p.top_log.shape[1], q.top_log.shape[1])
+    p_sorted = torch.nn.functional.pad(p.top_log.exp(), (0, k - p.top_log.shape[1]))
+    q_sorted = torch.nn.functional.pad(q.top_log.exp(), (0, k - q.top_log.shape[1]))
+    gap = q_sorted - p_sorted
+    return gap.abs().sum(1), (q_sorted * gap.sign())[:, :q.top_log.shape[1]]
+
+
+def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock, targets: CrossVocabTargets,
+                      labels, teacher_labels, rows: slice, grads: Gradients | None) -> torch.Tensor:
+    """One token block against a teacher of another vocabulary; returns the block's metric sums (METRIC_NAMES).
+
+    With w the exact part's ∂D/∂log Q per bucket and u the ULD part's ∂ULD/∂log q at the student's ranked tokens,
+    the gradient with respect to the student's tempered logits is
+        -q_v·(Σ_B w_B + λ·Σ_i u_i) + [v shared]·w_B(v) + [v not shared]·(q_v / Q_r)·w_r + λ·[v ranked]·u_v,
+    each factor bounded, as in `kernel.bucket_gradient`."""
+    vmap, inv_tau = targets.vocab_map, plan.inv_tau
+    t_chunks = vocab_chunks(vmap.teacher_size, plan.chunks[0][1] - plan.chunks[0][0])
+    pass1_logits(student, plan.chunks, labels, inv_tau)
+    pass1_logits(teacher, t_chunks, teacher_labels, inv_tau)
+    s_cols, t_cols = vmap.columns("student", plan.chunks), vmap.columns("teacher", t_chunks)
+    q = side_mass(student, plan.chunks, s_cols, vmap.shared, targets.uld_topk, inv_tau)
+    p = side_mass(teacher, t_chunks, t_cols, vmap.shared, targets.uld_topk, inv_tau)
+    b = buckets_from_logs(torch.cat([p.log_shared, p.log_rest[:, None]], 1),
+                          torch.cat([q.log_shared, q.log_rest[:, None]], 1))
+    value, w = plan.divergence.on_buckets(b, plan.param)
+    uld_value, u = uld(p, q)
+    lam, kd_scale = targets.uld_weight, plan.kd_grad_scale
+    if grads is not None:
+        w_total = (w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)) + lam * u.sum(1, keepdim=True)
+        w_rest, w_shared = w[:, -1:], w[:, :-1] * kd_scale
+        log_rest = torch.where(b.log_q[:, -1:] > -math.inf, b.log_q[:, -1:], 0.0)  # no rest: never read
+        u_places: list[IdPlace] = id_places(q.top_ids, plan.chunks)
+        u = u * (lam * kd_scale)
+        for k, (v0, v1) in enumerate(plan.chunks):
+            z, cols = student.logits[k], s_cols[k]
+            log_q = (z if inv_tau == 1.0 else z * inv_tau) - student.lse[:, None]
+            q_chunk = log_q.exp()
+            rest_share = log_q.masked_fill_(cols.mask, -math.inf).sub_(log_rest).exp_()  # q_v / Q_r off the shared
+            grad_z = logit_grad(z, q_chunk, student.lse_raw, rest_share.mul_(w_rest), w_total, inv_tau,
+                                plan.ce_coef, kd_scale)
+            grad_z.index_add_(1, cols.local, w_shared.index_select(1, cols.bucket))
+            grad_z.scatter_add_(1, u_places[k].local, u * u_places[k].here)
+            push_back(grads, student, grad_z, z, rows, v0, v1)
+        push_back_labels(grads, student, labels, rows, plan.ce_coef)
+    top1 = vmap.student_to_teacher[student.argmax] == teacher.argmax
+    per_row = torch.stack([student.lse_raw - student.label_logit, (value + lam * uld_value) * plan.kd_unit,
+                           xlogy_sum(b.p, b.log_p - b.log_q), -p.x_log_x, -q.x_log_x, top1.float(),
+                           teacher.lse_raw - teacher.label_logit])
+    return per_row.sum(1)
+
+
+@dataclass
+class CrossVocabTargets(Targets):
+    """A teacher of another vocabulary, run on its own tokens: its final hidden states at the positions aligned one
+    to one with the call's rows [N, hidden_t], its next token there (`labels`, for its CE metric), its head, and the
+    vocabularies' shared tokens. `uld_weight` (λ) weighs the ULD part over each side's `uld_topk` most likely tokens
+    without a counterpart."""
+    hidden: torch.Tensor
+    head: Head
+    labels: torch.Tensor
+    vocab_map: VocabMap
+    uld_weight: float = 1.0
+    uld_topk: int = 64
+    weight: torch.Tensor = field(init=False)
+    models = 2
+
+    def __post_init__(self):
+        self.weight = self.head.weight.to(self.hidden.dtype)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if vocab_size != self.vocab_map.student_size:
+            raise ValueError(f"the vocabulary map is for a student vocabulary of {self.vocab_map.student_size}, "
+                             f"not {vocab_size}")
+        check_head_rows(self.head, self.vocab_map.teacher_size)
+
+    def check_divergence(self, name, divergence) -> None:
+        if divergence.student_buckets:
+            raise ValueError(f"{name} is not defined across vocabularies; use a divergence over buckets")
+
+    def block(self, plan, student, labels, rows, grads):
+        teacher = ModelBlock(self.head, self.weight, self.head.bias, self.hidden[rows])
+        return cross_vocab_block(plan, student, teacher, self, labels, self.labels[rows], rows, grads)
