@@ -16,6 +16,14 @@ gradient and the hidden states (and their gradient) need; the goal is at most 0.
 
     python bench/loss_bench.py --launches           # the launch profile only
     python bench/loss_bench.py --vs_liger           # Liger's published shape on CUDA; on a CPU, issue 21's shape
+    python bench/loss_bench.py --cross_tokenizer    # a Qwen2.5-vocabulary teacher into a SmolLM-vocabulary student
+
+The cross-tokenizer comparison (issue 23) times one training call (forward + backward, fp32, T = 4096, H = 896,
+forward KL) of `cross_vocab.CrossVocabTargets`, a teacher head of Qwen2.5's 151936 rows against a student head of
+SmolLM's 49152, with the two real tokenizers' shared vocabulary (`cross_tokenizer.shared_vocabulary`, from
+../shared/realdata) and ULD over each side's top 64 unshared tokens, against same-tokenizer KD at V = 151936 (the
+teacher's vocabulary on both sides) and at V = 49152 (the student's). Each in a fresh process: the second of two
+calls, and the process's peak RSS.
 
 The launch profile counts, with the torch profiler, what one training call (forward + backward) of the kernel would
 launch on a GPU, per 1k tokens, for every divergence: kernels, host syncs (`.item()`, `nonzero`) and matrix
@@ -254,6 +262,70 @@ def timed(impl: str, shape: KernelShape) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cross_child(kind: str, tokens: int, hidden: int) -> dict:
+    """One training call of same-tokenizer KD at V = `kind` ("151936", "49152") or of the cross-vocabulary loss
+    ("cross"), timed on its second call, with the process's peak RSS."""
+    import torch
+
+    from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap
+    from fsdp_kd.kernel import Head, LiveTargets
+    from fsdp_kd.loss import LossSpec, loss_against
+
+    torch.manual_seed(0)
+    s_vocab, t_vocab = (49152, 151936) if kind == "cross" else (int(kind), int(kind))
+    h_s = torch.randn(tokens, hidden).requires_grad_()
+    w_s = (torch.randn(s_vocab, hidden) * 0.02).requires_grad_()
+    h_t, w_t = torch.randn(tokens, hidden), torch.randn(t_vocab, hidden) * 0.02
+    labels = torch.randint(0, s_vocab, (tokens,))
+    if kind == "cross":
+        s_ids, t_ids = real_shared_vocabulary()
+        targets = CrossVocabTargets(h_t, Head(w_t), torch.randint(0, t_vocab, (tokens,)),
+                                    VocabMap(s_ids, t_ids, s_vocab, t_vocab), uld_weight=1.0, uld_topk=64)
+    else:
+        targets = LiveTargets(h_t, Head(w_t))
+    spec = LossSpec(kd_coef=0.5)
+    for _ in range(2):  # the first call also pays for page faults
+        h_s.grad = w_s.grad = None
+        start = time.perf_counter()
+        loss, _ = loss_against(h_s, w_s, labels, spec, s_vocab, targets)
+        loss.backward()
+        seconds = time.perf_counter() - start
+    return {"kind": kind, "seconds": seconds, "peak_gb": _rss_bytes() / GB}
+
+
+def real_shared_vocabulary():
+    """SmolLM's and Qwen2.5's shared tokens (student ids, teacher ids), from the real tokenizers."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from fsdp_kd.cross_tokenizer import TokenBytes, shared_vocabulary
+    from realdata import realdata
+
+    student, teacher = (TokenBytes.of(AutoTokenizer.from_pretrained(realdata(name)))
+                        for name in ("tok_smollm_360m_instruct", "tok_qwen2.5_instruct"))
+    shared = shared_vocabulary(student, teacher)
+    return torch.from_numpy(shared.student_ids), torch.from_numpy(shared.teacher_ids)
+
+
+def cross_tokenizer_table(args) -> None:
+    tokens = 4096
+    print(f"T={tokens}, H={args.hidden}, fp32, forward KL, kd_coef 0.5, forward + backward; cross: SmolLM student "
+          "(V = 49152) against a Qwen2.5 teacher (V = 151936), ULD over each side's top 64 unshared tokens")
+    print("| loss | time | peak RSS |\n|---|---|---|")
+    results = {}
+    for kind, name in (("151936", "same tokenizer, V = 151936"), ("49152", "same tokenizer, V = 49152"),
+                       ("cross", "cross-tokenizer, 49152 / 151936")):
+        cmd = [sys.executable, __file__, "--cross_child", kind, "--hidden", str(args.hidden)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"loss_bench cross {kind} failed:\n{out.stderr[-3000:]}")
+        r = results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {name} | {r['seconds']:.1f} s | {r['peak_gb']:.2f} GB |", flush=True)
+    for kind in ("151936", "49152"):
+        print(f"cross / same at V = {kind}: time {results['cross']['seconds'] / results[kind]['seconds']:.2f}×, "
+              f"peak RSS {results['cross']['peak_gb'] / results[kind]['peak_gb']:.2f}×")
+
+
 def liger_table() -> None:
     import torch
 
@@ -296,6 +368,9 @@ def main():
     parser.add_argument("--profile_hidden", type=int, default=64, help="hidden size for the launch profile")
     parser.add_argument("--skip_dense", action="store_true", help="the dense loss needs ~16.5 GB at T=4096")
     parser.add_argument("--vs_liger", action="store_true", help="Liger's published shape, against Liger's kernel")
+    parser.add_argument("--cross_tokenizer", action="store_true",
+                        help="the cross-tokenizer loss against same-tokenizer KD (T = 4096)")
+    parser.add_argument("--cross_child", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--timed_child", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
@@ -305,6 +380,12 @@ def main():
         return
     if args.vs_liger:
         liger_table()
+        return
+    if args.cross_child:
+        print(json.dumps(cross_child(args.cross_child, 4096, args.hidden)))
+        return
+    if args.cross_tokenizer:
+        cross_tokenizer_table(args)
         return
     if args.child:
         print(json.dumps(child(args.child, args.tokens[0], args.hidden, args.vocab, args.token_chunk, args.vocab_chunk)))

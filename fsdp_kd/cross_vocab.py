@@ -181,10 +181,16 @@ class CrossVocabTargets(Targets):
     uld_weight: float = 1.0
     uld_topk: int = 64
     weight: torch.Tensor = field(init=False)
-    models = 2
 
     def __post_init__(self):
         self.weight = self.head.weight.to(self.hidden.dtype)
+
+    @property
+    def models(self) -> float:
+        """What a token block keeps, in the student's logits' worth (which `choose_chunks` sizes blocks by): its own
+        logits, the teacher's over its vocabulary, and about four [rows × shared] bucket tensors."""
+        vmap = self.vocab_map
+        return 1 + (vmap.teacher_size + 4 * vmap.shared) / vmap.student_size
 
     def check_vocab(self, vocab_size: int) -> None:
         if vocab_size != self.vocab_map.student_size:
