@@ -262,9 +262,11 @@ def timed(impl: str, shape: KernelShape) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cross_child(kind: str, tokens: int, hidden: int) -> dict:
+def cross_child(kind: str, tokens: int, hidden: int, shared_ids: str) -> dict:
     """One training call of same-tokenizer KD at V = `kind` ("151936", "49152") or of the cross-vocabulary loss
-    ("cross"), timed on its second call, with the process's peak RSS."""
+    ("cross", with the shared ids saved by the parent at `shared_ids`, so that loading the tokenizers does not count
+    in this process's peak), timed on its second call, with the process's peak RSS."""
+    import numpy as np
     import torch
 
     from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap
@@ -278,7 +280,7 @@ def cross_child(kind: str, tokens: int, hidden: int) -> dict:
     h_t, w_t = torch.randn(tokens, hidden), torch.randn(t_vocab, hidden) * 0.02
     labels = torch.randint(0, s_vocab, (tokens,))
     if kind == "cross":
-        s_ids, t_ids = real_shared_vocabulary()
+        s_ids, t_ids = torch.from_numpy(np.load(shared_ids))
         targets = CrossVocabTargets(h_t, Head(w_t), torch.randint(0, t_vocab, (tokens,)),
                                     VocabMap(s_ids, t_ids, s_vocab, t_vocab), uld_weight=1.0, uld_topk=64)
     else:
@@ -294,8 +296,8 @@ def cross_child(kind: str, tokens: int, hidden: int) -> dict:
 
 
 def real_shared_vocabulary():
-    """SmolLM's and Qwen2.5's shared tokens (student ids, teacher ids), from the real tokenizers."""
-    import torch
+    """SmolLM's and Qwen2.5's shared tokens, [2, m]: student ids, teacher ids, from the real tokenizers."""
+    import numpy as np
     from transformers import AutoTokenizer
 
     from fsdp_kd.cross_tokenizer import TokenBytes, shared_vocabulary
@@ -304,18 +306,24 @@ def real_shared_vocabulary():
     student, teacher = (TokenBytes.of(AutoTokenizer.from_pretrained(realdata(name)))
                         for name in ("tok_smollm_360m_instruct", "tok_qwen2.5_instruct"))
     shared = shared_vocabulary(student, teacher)
-    return torch.from_numpy(shared.student_ids), torch.from_numpy(shared.teacher_ids)
+    return np.stack([shared.student_ids, shared.teacher_ids])
 
 
 def cross_tokenizer_table(args) -> None:
+    import tempfile
+
+    import numpy as np
+
     tokens = 4096
+    shared_ids = os.path.join(tempfile.mkdtemp(), "shared_ids.npy")
+    np.save(shared_ids, real_shared_vocabulary())
     print(f"T={tokens}, H={args.hidden}, fp32, forward KL, kd_coef 0.5, forward + backward; cross: SmolLM student "
           "(V = 49152) against a Qwen2.5 teacher (V = 151936), ULD over each side's top 64 unshared tokens")
     print("| loss | time | peak RSS |\n|---|---|---|")
     results = {}
     for kind, name in (("151936", "same tokenizer, V = 151936"), ("49152", "same tokenizer, V = 49152"),
                        ("cross", "cross-tokenizer, 49152 / 151936")):
-        cmd = [sys.executable, __file__, "--cross_child", kind, "--hidden", str(args.hidden)]
+        cmd = [sys.executable, __file__, "--cross_child", kind, "--hidden", str(args.hidden), "--shared_ids", shared_ids]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"loss_bench cross {kind} failed:\n{out.stderr[-3000:]}")
@@ -374,6 +382,7 @@ def main():
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--timed_child", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--shared_ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.timed_child:
         print(json.dumps(timed_child(args.timed_child, KernelShape(**json.loads(args.shape)))))
@@ -382,7 +391,7 @@ def main():
         liger_table()
         return
     if args.cross_child:
-        print(json.dumps(cross_child(args.cross_child, 4096, args.hidden)))
+        print(json.dumps(cross_child(args.cross_child, 4096, args.hidden, args.shared_ids)))
         return
     if args.cross_tokenizer:
         cross_tokenizer_table(args)

@@ -87,7 +87,8 @@ def _adds_prefix_space(spec: dict) -> bool:
     """Whether the pre-tokenizer puts a "▁" before the text (Metaspace with prepend_scheme "first"/"always", or the
     older add_prefix_space), as Llama and Phi-3 do; byte-level BPE here never does (its add_prefix_space is off in
     every tokenizer we read, and then a leading space is part of the text)."""
-    text = json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("normalizer"))
+    text = json.dumps(spec.get("pre_tokenizer"), ensure_ascii=False) + json.dumps(spec.get("normalizer"),
+                                                                                  ensure_ascii=False)
     if '"Metaspace"' in text:
         return '"prepend_scheme": "never"' not in text and '"add_prefix_space": false' not in text
     return '"Prepend"' in text and SPACE_MARK in text

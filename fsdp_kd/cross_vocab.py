@@ -30,7 +30,7 @@ import torch
 
 from .divergences import row_dot, xlogy_sum
 from .kernel import (Gradients, Head, IdPlace, KernelPlan, ModelBlock, Targets, buckets_from_logs, check_head_rows,
-                     id_places, logit_grad, logsumexp_rows, pass1_logits, push_back, push_back_labels, vocab_chunks)
+                     id_places, logit_grad, logsumexp_rows, merge_top, pass1_logits, push_back, push_back_labels, vocab_chunks)
 
 
 @dataclass
@@ -67,6 +67,9 @@ class VocabMap:
         key = (side, tuple(chunks))
         if key not in self._columns:
             ids = (self.student_ids if side == "student" else self.teacher_ids).cpu().numpy()
+            size = self.student_size if side == "student" else self.teacher_size
+            if len(np.unique(ids)) != len(ids) or (len(ids) and not 0 <= ids.min() <= ids.max() < size):
+                raise ValueError(f"the {side}'s shared ids must be distinct ids below {size}")
             device = self.student_ids.device
             per_chunk = []
             for v0, v1 in chunks:
@@ -106,11 +109,7 @@ def side_mass(model: ModelBlock, chunks, columns: list[SharedColumns], shared: i
         chunk_rest = logsumexp_rows(log_x, may_be_empty=cols.all_shared)
         lse_rest = chunk_rest if lse_rest is None else torch.logaddexp(lse_rest, chunk_rest)
         values, ids = log_x.topk(min(k, v1 - v0), dim=1)
-        if top_log is None:
-            top_log, top_ids = values, ids + v0
-        else:
-            top_log, order = torch.cat([top_log, values], 1).topk(min(k, top_log.shape[1] + values.shape[1]), 1)
-            top_ids = torch.cat([top_ids, ids + v0], 1).gather(1, order)
+        top_log, top_ids = merge_top(top_log, top_ids, values, ids + v0, k)
     return SideMass(log_shared, lse_rest, x_log_x, top_log, top_ids)
 
 
@@ -188,9 +187,11 @@ class CrossVocabTargets(Targets):
     @property
     def models(self) -> float:
         """What a token block keeps, in the student's logits' worth (which `choose_chunks` sizes blocks by): its own
-        logits, the teacher's over its vocabulary, and about four [rows × shared] bucket tensors."""
+        logits, the teacher's over its vocabulary, and the [rows × shared] bucket tensors alive at the peak (both
+        sides' log-probabilities, the bucketed log and linear copies, the divergence's temporaries and w: about
+        nine)."""
         vmap = self.vocab_map
-        return 1 + (vmap.teacher_size + 4 * vmap.shared) / vmap.student_size
+        return 1 + (vmap.teacher_size + 9 * vmap.shared) / vmap.student_size
 
     def check_vocab(self, vocab_size: int) -> None:
         if vocab_size != self.vocab_map.student_size:
@@ -200,7 +201,8 @@ class CrossVocabTargets(Targets):
 
     def check_divergence(self, name, divergence) -> None:
         if divergence.student_buckets:
-            raise ValueError(f"{name} is not defined across vocabularies; use a divergence over buckets")
+            raise ValueError(f"{name} takes its buckets from the student's own top tokens, which have no counterpart "
+                             "in another vocabulary; use one of the whole-vocabulary divergences (forward_kl, ...)")
 
     def block(self, plan, student, labels, rows, grads):
         teacher = ModelBlock(self.head, self.weight, self.head.bias, self.hidden[rows])

@@ -2,7 +2,8 @@
 
 Each divergence is one entry of `DIVERGENCES`, and everything the kernel needs of it is in that entry: over the whole
 vocabulary (a live teacher) its row sums and per-token w from one chunk of both distributions, and its value from the
-row sums; over buckets (a cached teacher) its value and w per bucket. The kernel (`kernel.py`) never names a
+row sums; over buckets (a cached teacher's tokens, the student's top tokens, the tokens two vocabularies share, each
+with a rest bucket) its value and w per bucket. The kernel (`kernel.py`) never names a
 divergence, so a new one is a new entry here, checked against the dense reference in `reference.py`.
 
 Every gradient is given as w = ∂D/∂log q (per token or per bucket), from which the kernel takes the gradient with
@@ -32,8 +33,9 @@ class ChunkTerms:
 
 @dataclass
 class Buckets:
-    """Both tempered distributions over the buckets of a cached teacher ([rows, B]): the cached tokens, then one
-    bucket for the rest of the vocabulary. Empty buckets hold p = 0 (log p = -inf), likewise q."""
+    """Both tempered distributions over buckets ([rows, B]): some tokens (a cached teacher's, the student's top ones,
+    two vocabularies' shared ones), then one bucket for the rest of the vocabulary. Empty buckets hold p = 0
+    (log p = -inf), likewise q."""
     log_p: torch.Tensor
     log_q: torch.Tensor
     p: torch.Tensor
@@ -57,10 +59,11 @@ class Divergence:
     per token; `value(sums, param)` is D per row from the vocabulary sums. `w_total` is Σ_v w_v when it is a
     constant (forward KL: -1), which spares the kernel a sweep for it.
 
-    Over buckets (a cached teacher): `on_buckets(b, param)` is (D per row, w per bucket); an empty bucket (p = Q = 0)
-    has w = 0.
+    Over buckets (`Buckets`): `on_buckets(b, param)` is (D per row, w per bucket); an empty bucket (p = Q = 0) has
+    w = 0.
 
-    `parameter` names the LossSpec field that is the divergence's parameter (JSD's β, the skew's α), if any.
+    `parameter` names the LossSpec field that is the divergence's parameter (JSD's β, the skew's α, the student's k),
+    if any.
 
     A divergence whose w needs the whole row's sums first (AKL's per-row weights) gives `late_w(t, sums, param)` and
     `late_w_total(sums, param)` instead of w from `on_chunk`; the kernel then recomputes the chunk's terms in pass 3.

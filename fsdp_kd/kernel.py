@@ -24,9 +24,12 @@ What makes it fit a GPU:
 
 Each model's head is a `Head`: weight, optional bias, logit scale and soft-cap, so the kernel reproduces the model's
 own logits. What the student is scored against is a `Targets` entry, which picks its block function: `LiveTargets`
-(a teacher's hidden states and head: `distillation_block`), `SparseTargets` (a cached distribution over a few ids
-and a rest bucket: `bucket_block`), `NO_TEACHER` (CE only: `student_block`). Another form of teacher output is one
-more `Targets` subclass with its block function; the divergences it can take come from `divergences.py`.
+(a teacher's hidden states and head: `distillation_block`, or `student_bucket_block` for a divergence taken over the
+student's top tokens), `SparseTargets` (a cached distribution over a few ids and a rest bucket: `bucket_block`),
+`NO_TEACHER` (CE only: `student_block`); `cross_vocab.CrossVocabTargets` is a teacher of another vocabulary. Another
+form of teacher output is one more `Targets` subclass with its block function; the divergences it can take come from
+`divergences.py`. Bucketed distributions (a cached teacher's ids, the student's top tokens, the shared tokens of two
+vocabularies) all take their gradient from `bucket_gradient`.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ CPU_MAX_ROWS, CPU_COLUMNS, CPU_CACHE_MB = 256, 1024, 256
 CUDA_MIN_ROWS = 1024
 DEFAULT_CUDA_BUDGET_MB = 4096
 _LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
+ID_MASKS = 0.25  # a block that places bucket ids keeps a bool per logit (`IdPlace.mask`): a quarter of fp32 logits
 
 
 def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: float,
@@ -511,6 +515,7 @@ class SparseTargets(Targets):
     ids: torch.Tensor
     log_p: torch.Tensor
     log_rest: torch.Tensor
+    models = 1 + ID_MASKS  # the student's logits and the ids' masks
 
     def check_divergence(self, name: str, divergence: Divergence) -> None:
         if divergence.student_buckets:
@@ -589,7 +594,7 @@ def mass_on_buckets(models: tuple[ModelBlock, ...], places: list[IdPlace], inv_t
                 at = z.gather(1, place.local)
                 z_at[i] = at if k == 0 else torch.where(place.here, at, z_at[i])
         for i in range(n):  # the rest's log-probability; log x is spent
-            chunk_rest = logsumexp_rows(log_x[i].masked_fill_(hit, -math.inf), may_be_empty=len(hit[0]) <= n_ids)
+            chunk_rest = logsumexp_rows(log_x[i].masked_fill_(hit, -math.inf), may_be_empty=hit.shape[1] <= n_ids)
             lse_rest[i] = chunk_rest if k == 0 else torch.logaddexp(lse_rest[i], chunk_rest)
     masses = [BucketMass((z_at[i] if inv_tau == 1.0 else z_at[i] * inv_tau) - model.lse[:, None],
                          lse_rest[i], x_log_x[i]) for i, model in enumerate(models)]
@@ -619,18 +624,24 @@ def top_tokens(model: ModelBlock, chunks, k: int) -> tuple[torch.Tensor, torch.T
     best = best_ids = None
     for z, (v0, _) in zip(model.logits, chunks):
         values, ids = z.topk(min(k, z.shape[1]), dim=1)
-        if v0 == 0:  # the first chunk: nothing to merge with yet
-            best, best_ids = values, ids
-            continue
-        best, order = torch.cat([best, values], 1).topk(min(k, best.shape[1] + values.shape[1]), dim=1)
-        best_ids = torch.cat([best_ids, ids + v0], 1).gather(1, order)
+        best, best_ids = merge_top(best, best_ids, values, ids if v0 == 0 else ids + v0, k)
     return best, best_ids
+
+
+def merge_top(best: torch.Tensor | None, best_ids: torch.Tensor | None, values: torch.Tensor, ids: torch.Tensor,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of the running candidates and a chunk's ([rows, ·] values and their ids), largest first."""
+    if best is None:
+        return values, ids
+    best, order = torch.cat([best, values], 1).topk(min(k, best.shape[1] + values.shape[1]), dim=1)
+    return best, torch.cat([best_ids, ids], 1).gather(1, order)
 
 
 def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, labels, rows: slice,
                  grads: Gradients | None) -> torch.Tensor:
     """One token block against a cached teacher: D between the bucketed distributions, the k cached tokens plus one
-    bucket for the rest (the student's rest is 1 - Σ_k q). Returns the block's metric sums, ordered as METRIC_NAMES.
+    bucket for the rest (the student's rest is its mass off the cached ids, a masked log-sum-exp). Returns the
+    block's metric sums, ordered as METRIC_NAMES.
     Only the student's head is multiplied: the teacher side is [rows, k] numbers read from disk."""
     pass1_logits(student, plan.chunks, labels, plan.inv_tau)
     places = id_places(cached.ids, plan.chunks)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from .divergences import DIVERGENCES
-from .kernel import (DEFAULT_CUDA_BUDGET_MB, METRIC_NAMES, NO_TEACHER, Gradients, Head, KernelPlan, LiveTargets,
+from .kernel import (DEFAULT_CUDA_BUDGET_MB, ID_MASKS, METRIC_NAMES, NO_TEACHER, Gradients, Head, KernelPlan, LiveTargets,
                      ModelBlock, SparseTargets, Targets, accumulates_in_place, as_head, check_head_rows, choose_chunks,
                      elementwise_functions, vocab_chunks, w_source)
 
@@ -89,13 +89,10 @@ class LossSpec:
 
     @property
     def effective_divergence(self) -> str:
-        """JSD at its endpoints, and a skew of 0, are computed as the KL they equal there (JSD's not as 0/0), which
-        also lets a cache mode that allows only that KL train them."""
-        if (self.divergence == "jsd" and self.jsd_beta == 0.0) or (self.divergence == "skew_kl"
-                                                                   and self.skew_alpha == 0.0):
+        """JSD at its endpoints is computed as the KL it equals there, not as 0/0."""
+        if self.divergence == "jsd" and self.jsd_beta == 0.0:
             return "forward_kl"
-        if (self.divergence == "jsd" and self.jsd_beta == 1.0) or (self.divergence == "skew_reverse_kl"
-                                                                   and self.skew_alpha == 0.0):
+        if self.divergence == "jsd" and self.jsd_beta == 1.0:
             return "reverse_kl"
         return self.divergence
 
@@ -129,8 +126,8 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
     device, n, spec, targets = h_s.device, h_s.shape[0], job.spec, job.targets
     divergence = DIVERGENCES[spec.effective_divergence]
     temporary = 0 if not with_grad or accumulates_in_place(device, h_s.dtype) else h_s.shape[1]
-    # a divergence over the student's buckets keeps a byte per logit more for the block: its id masks
-    cached = targets.models + (0.25 if divergence.student_buckets else 0.0)
+    # a divergence over the student's buckets keeps a byte per student logit more for the block: its id masks
+    cached = targets.models + (ID_MASKS if divergence.student_buckets else 0.0)
     block_rows, cols = choose_chunks(spec, device, n, job.vocab_size, cached, temporary)
     sums_fn, grad_fn = elementwise_functions(spec.compile)
     ce_coef, kd_coef = targets.weights(spec)

@@ -38,8 +38,8 @@ import torch
 from .config import ConfigError, loss_spec
 from .data import to_device
 from .divergences import DIVERGENCES
-from .kernel import (Head, ModelBlock, SparseTargets, Targets, choose_chunks, id_places, mass_on_buckets, pass1_logits,
-                     top_tokens, vocab_chunks)
+from .kernel import (ID_MASKS, Head, ModelBlock, SparseTargets, Targets, choose_chunks, id_places, mass_on_buckets,
+                     pass1_logits, top_tokens, vocab_chunks)
 from .loss import LossSpec, loss_against
 
 META_FILE = "cache.json"
@@ -54,8 +54,8 @@ def teacher_topk(teacher: ModelBlock, chunks, k: int, inv_tau: float) -> SparseT
     mass on all other tokens (exact: a masked log-sum-exp, not log(1 - Σ), so it is -inf at k = V)."""
     rows = teacher.hidden.shape[0]
     pass1_logits(teacher, chunks, torch.zeros(rows, dtype=torch.long, device=teacher.hidden.device), inv_tau)
-    _, best_ids = top_tokens(teacher, chunks, k)
-    (p,), _ = mass_on_buckets((teacher,), id_places(best_ids, chunks), inv_tau)
+    top, best_ids = top_tokens(teacher, chunks, k)
+    (p,), _ = mass_on_buckets((teacher,), id_places(best_ids, chunks), inv_tau, known_at=(top,))
     return SparseTargets(best_ids, p.log_at, p.log_rest)
 
 
@@ -101,7 +101,7 @@ def teacher_rows(hidden: torch.Tensor, head: Head, spec: LossSpec, vocab_size: i
     rows): the columns of `mode` (`CACHE_MODES`). Walks token blocks and vocabulary chunks as the loss does
     (`choose_chunks`), so no [tokens × vocabulary] tensor exists."""
     build = CACHE_MODES[mode].build_rows
-    rows, cols = choose_chunks(spec, hidden.device, hidden.shape[0], vocab_size, 1)
+    rows, cols = choose_chunks(spec, hidden.device, hidden.shape[0], vocab_size, 1 + ID_MASKS)  # top-k: masks
     chunks = vocab_chunks(vocab_size, cols)
     weight = head.weight.to(hidden.dtype)
     parts = []

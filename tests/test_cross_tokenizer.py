@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from assets import real_asset
-from fsdp_kd.cross_tokenizer import (Alignment, AlignmentError, TokenBytes, align, byte_ends, normalized,
-                                     shared_vocabulary)
+from fsdp_kd.cross_tokenizer import (Alignment, AlignmentError, TokenBytes, _adds_prefix_space, align, byte_ends,
+                                     normalized, shared_vocabulary)
 
 TOKENIZERS = ("tok_qwen2.5_instruct", "tok_phi3_mini_instruct", "tok_smollm_360m_instruct")
 EDGE_TEXTS = ["", " ", "x", "  leading spaces", "trailing  ", "Hello  world,\n naïve 日本 😀 x\t\ttabs",
@@ -129,3 +129,16 @@ def test_groups_from_hand_made_byte_lengths():
 
 def _ends(al: Alignment) -> tuple[list[int], list[int]]:
     return al.student_ends.tolist(), al.teacher_ends.tolist()
+
+
+@pytest.mark.parametrize("spec,adds", [
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first"}}, True),
+    ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never"}}, False),
+    # a legacy Llama-2 / Mistral tokenizer.json: the normalizer prepends the mark
+    ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                         {"type": "Replace", "pattern": {"String": " "},
+                                                          "content": "\u2581"}]}, "pre_tokenizer": None}, True),
+    ({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False}, "normalizer": None}, False),
+])
+def test_the_dummy_prefix_space_is_read_off_the_tokenizer_spec(spec, adds):
+    assert _adds_prefix_space(spec) is adds

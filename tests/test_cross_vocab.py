@@ -66,10 +66,28 @@ def test_the_same_vocabulary_is_todays_live_kd(divergence):
 
 
 def test_nothing_shared_is_the_rest_buckets_and_uld_alone():
-    """With no shared token each side is one rest bucket holding all its mass, so D is 0 and only ULD teaches."""
+    """With no shared token each side is one rest bucket holding all its mass, so D is 0 and only ULD teaches: the
+    kernel equals the dense reference there too, and without ULD the KD term is 0."""
     h_s, w_s, h_t, w_t, labels, t_labels, _, _ = inputs(2)
     none = torch.zeros(0, dtype=torch.long)
-    spec = LossSpec(kd_coef=1.0, divergence="forward_kl", vocab_chunk=13)
-    with_uld = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, none, none, uld_weight=1.0)[0]
-    without = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, none, none, uld_weight=0.0)[0]
-    assert abs(float(without.detach())) < 1e-5 and float(with_uld.detach()) > 0.1
+    spec = LossSpec(kd_coef=1.0, divergence="forward_kl", vocab_chunk=13, token_chunk=6)
+    loss, metrics = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, none, none, uld_weight=1.0)
+    ref_loss, _ = dense_cross_vocab_loss(h_s, w_s, labels, spec, VS, h_t, w_t, VT, none, none, 1.0, 7)
+    assert_close(loss.detach(), ref_loss.detach())
+    for g, r in zip(torch.autograd.grad(loss, (h_s, w_s)), torch.autograd.grad(ref_loss, (h_s, w_s))):
+        assert_close(g, r)
+    _, without = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, none, none, uld_weight=0.0)
+    assert abs(float(without["kd"])) < 1e-6 and float(metrics["kd"]) > 0.1
+
+
+def test_a_divergence_over_the_students_top_tokens_is_refused():
+    args = inputs()
+    with pytest.raises(ValueError, match="no counterpart in another vocabulary"):
+        kernel_loss(LossSpec(kd_coef=0.5, divergence="reverse_kl_student_topk"), *args)
+
+
+def test_a_map_with_a_repeated_id_is_refused():
+    h_s, w_s, h_t, w_t, labels, t_labels, _, _ = inputs()
+    with pytest.raises(ValueError, match="distinct ids"):
+        kernel_loss(LossSpec(kd_coef=0.5), h_s, w_s, h_t, w_t, labels, t_labels, torch.tensor([3, 3]),
+                    torch.tensor([1, 2]))

@@ -47,6 +47,12 @@ def test_a_cache_of_every_token_trains_exactly_like_the_live_teacher(tiny, tmp_p
     live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
     assert len(live) == 6
     assert_like_live(live, cached)
+    # a divergence over the student's own top tokens needs the teacher there, which a top-k cache does not hold
+    proc = _train_once(tiny, tmp_path / "refused", cache, kd_temperature=2.0, kd_loss="reverse_kl_student_topk")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "key kd_loss: reverse_kl_student_topk needs the teacher's probability at the student's" in lines[0]
+    assert not (tmp_path / "refused").exists()
 
 
 @pytest.fixture(scope="module")
