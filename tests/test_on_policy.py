@@ -127,10 +127,12 @@ def test_ranks_generating_per_token_stay_in_step_without_transformers_guessing(t
     assert longest[0] != longest[1], longest  # one rank ended first and had to keep stepping
 
 
-def test_lambda_one_trains_on_generated_text_with_no_ce_and_logs_generation(tiny, tmp_path):
+@pytest.mark.parametrize("divergence", [{"kd_loss": "reverse_kl"},
+                                        {"kd_loss": "reverse_kl_student_topk", "student_topk": 4}])
+def test_lambda_one_trains_on_generated_text_with_no_ce_and_logs_generation(tiny, tmp_path, divergence):
     torchrun([TRAIN, *train_args(tiny, tmp_path / "out", on_policy_ratio=1.0, generate_max_new_tokens=8,
-                                 kd_loss="reverse_kl", kd_coef=0.5, logging_steps=1, max_steps=2,
-                                 generate_gather_once="false")])
+                                 kd_coef=0.5, logging_steps=1, max_steps=2, generate_gather_once="false",
+                                 **divergence)])
     for m in read_metrics(tmp_path / "out"):
         assert m["on_policy_share"] == 1.0 and 1 <= m["generated_len"] <= 8 and m["gen_tokens_per_sec"] > 0
         assert m["loss"] == pytest.approx(0.5 * m["kd"], rel=1e-5)  # the CE term is off on self-generated text
