@@ -444,7 +444,7 @@ def head_values(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock) -> d
     z_t, ids = top_tokens(teacher, plan.chunks, divergence.head_tokens)
     log_p = (z_t if plan.inv_tau == 1.0 else z_t * plan.inv_tau) - teacher.lse[:, None]
     log_q = log_probs_at(student, plan.chunks, ids, plan.inv_tau)
-    return divergence.on_head(Buckets(log_p, log_q, log_p.exp(), log_q.exp()), plan.param)
+    return divergence.on_head(buckets_from_logs(log_p, log_q), plan.param)
 
 
 def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock, labels, rows: slice,
@@ -536,7 +536,6 @@ class IdPlace:
     and chunk, for every sweep that needs them."""
     here: torch.Tensor  # [rows, k] whether the id is in this chunk
     local: torch.Tensor  # [rows, k] its column in the chunk, clamped into it where it is not
-    slot: torch.Tensor  # [rows, k] its column where it is here, else `columns` (the spare column of `mask`)
     columns: int
 
     _mask: torch.Tensor | None = None
@@ -546,7 +545,8 @@ class IdPlace:
         fp32 logits in size), for every sweep of the block."""
         if self._mask is None:
             hit = torch.zeros(self.here.shape[0], self.columns + 1, dtype=torch.bool, device=self.here.device)
-            self._mask = hit.scatter_(1, self.slot, True)[:, :-1]
+            slot = torch.where(self.here, self.local, self.columns)  # the extra last column takes the misses
+            self._mask = hit.scatter_(1, slot, True)[:, :-1]
         return self._mask
 
 
@@ -556,7 +556,7 @@ def id_places(ids: torch.Tensor, chunks) -> list[IdPlace]:
         local = ids - v0
         clamped = local.clamp(0, v1 - v0 - 1)
         here = clamped == local
-        places.append(IdPlace(here, clamped, torch.where(here, clamped, v1 - v0), v1 - v0))
+        places.append(IdPlace(here, clamped, v1 - v0))
     return places
 
 
@@ -648,7 +648,7 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     (q,), _ = mass_on_buckets((student,), places, plan.inv_tau)
     log_q_cached = q.log_at.masked_fill(cached.log_p == -math.inf, -math.inf)  # empty slots are no bucket
     b = buckets_from_logs(torch.cat([cached.log_p, cached.log_rest[:, None]], 1),
-                 torch.cat([log_q_cached, q.log_rest[:, None]], 1))
+                          torch.cat([log_q_cached, q.log_rest[:, None]], 1))
     value = bucket_gradient(plan, student, places, b, labels, rows, grads)
     is_label = cached.ids == labels[:, None]
     teacher_log_p_label = torch.where(is_label.any(1), torch.where(is_label, cached.log_p, -math.inf).amax(1),

@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 
 from .divergences import DIVERGENCES
-from .kernel import (DEFAULT_CUDA_BUDGET_MB, ID_MASKS, METRIC_NAMES, NO_TEACHER, Gradients, Head, KernelPlan, LiveTargets,
-                     ModelBlock, SparseTargets, Targets, accumulates_in_place, as_head, check_head_rows, choose_chunks,
-                     elementwise_functions, vocab_chunks, w_source)
+from .kernel import (DEFAULT_CUDA_BUDGET_MB, ID_MASKS, METRIC_NAMES, NO_TEACHER, Gradients, Head, KernelPlan,
+                     LiveTargets, ModelBlock, SparseTargets, Targets, accumulates_in_place, as_head, check_head_rows,
+                     choose_chunks, elementwise_functions, vocab_chunks, w_source)
 
 
 def _reference_scale(divergence: str, param: float, tau: float) -> float:
