@@ -146,6 +146,18 @@ class Alignment:
         t = np.diff(self.teacher_ends, prepend=0)
         return (s == 1) & (t == 1)
 
+    def teacher_positions(self, student_length: int) -> np.ndarray:
+        """[student_length]: for each student position p, the teacher position that predicts the same token as p
+        does (p predicts student token p + 1), or -1. Only one-to-one groups give one: student token i alone in its
+        group with teacher token j is predicted by student position i - 1 and teacher position j - 1, after
+        contexts that cover the same bytes (the groups before)."""
+        one = self.one_to_one()
+        i, j = self.student_ends[one] - 1, self.teacher_ends[one] - 1
+        keep = (i >= 1) & (j >= 1)
+        out = np.full(student_length, -1, dtype=np.int64)
+        out[i[keep] - 1] = j[keep] - 1
+        return out
+
 
 class AlignmentError(ValueError):
     """A tokenizer's tokens do not spell the text (its normalizer changed it), so bytes cannot be matched."""
@@ -187,3 +199,51 @@ def normalized(text: str, *vocabularies: TokenBytes) -> str:
         for form in vocab.normalizer_forms:
             text = unicodedata.normalize(form, text)
     return text
+
+
+# ---------------------------------------------------------------------------------------------------- per sample
+@dataclass
+class TeacherTokenization:
+    """The teacher's tokens of each student sample and their alignment, computed when the data is tokenized (the
+    Arrow cache stores them) so that training does no string work.
+
+    The text is what the student's tokens spell (`TokenBytes`), special tokens as their content, so the teacher
+    reads the same rendered sample, chat template included. A sample whose text the teacher's tokens do not spell
+    (its normalizer changed it, or truncation cut a UTF-8 character) gets no teacher tokens: it trains on CE alone,
+    and `columns` says so by returning empty lists."""
+    student: TokenBytes
+    teacher: TokenBytes
+    tokenizer: object  # the teacher's (HF) tokenizer
+
+    def text(self, input_ids: list[int]) -> str | None:
+        data = b"".join(self.student.spelled[i] for i in input_ids)
+        if self.student.prefix_space and data.startswith(b" "):
+            data = data[1:]  # the student's dummy prefix, not part of the text
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def fields(self, input_ids: list[int]) -> dict[str, list[int]]:
+        """The teacher's `records.Sample` fields of a sample with these ids, computed now: for a sample that was
+        not in the tokenized data (an on-policy response, re-tokenized at step time)."""
+        return teacher_fields(*self.columns(input_ids), len(input_ids))
+
+    def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """(teacher ids, student group ends, teacher group ends) of one sample; three empty lists when the two
+        tokenizations cannot be aligned."""
+        text = self.text(input_ids)
+        if text is None:
+            return [], [], []
+        teacher_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        try:
+            groups = align(input_ids, teacher_ids, self.student, self.teacher, text)
+        except AlignmentError:
+            return [], [], []
+        return list(teacher_ids), groups.student_ends.tolist(), groups.teacher_ends.tolist()
+
+
+def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, length: int) -> dict[str, list[int]]:
+    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`) from its stored columns."""
+    groups = Alignment(np.asarray(student_ends, dtype=np.int64), np.asarray(teacher_ends, dtype=np.int64))
+    return {"teacher_ids": list(teacher_ids), "teacher_positions": groups.teacher_positions(length).tolist()}

@@ -179,6 +179,11 @@ class MicroBatch:
     # and the longest of them; computed from the layout if None
     cu_seq_lens: torch.Tensor | None = None
     max_seq_len: int = 0
+    # a teacher with its own tokenizer: the same samples in its tokens, laid out in the same rows, whose target_rows
+    # are, for each of this batch's target rows in order, the teacher position predicting the same token (any real
+    # position where there is none), and `aligned` [N] (1.0 where there is one, else 0.0: CE alone there)
+    teacher: MicroBatch | None = None
+    aligned: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.target_rows is None:
@@ -199,8 +204,12 @@ class MicroBatch:
         return self.real_tokens < self.input_ids.numel()
 
     def to(self, device: torch.device) -> "MicroBatch":
-        return MicroBatch(*(to_device(v, device) if isinstance(v, torch.Tensor) else v
-                            for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
+        def moved(v):
+            if isinstance(v, torch.Tensor):
+                return to_device(v, device)
+            return v.to(device) if isinstance(v, MicroBatch) else v
+
+        return MicroBatch(*(moved(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
     def _segments(self) -> torch.Tensor:
         """[B, T]: which sample of its row each position belongs to, -1 on padding (one sample per row unpacked)."""
@@ -302,8 +311,41 @@ def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool) -> MicroB
             positions[r, offset:offset + n] = torch.arange(n)
             offset += n
     keys = [(s.source, s.row) for row in rows for s in row if s.trainable_tokens]
+    teacher, aligned = _teacher_rows(rows, packed) if rows[0][0].teacher_ids is not None else (None, None)
     return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
-                      sample_keys=keys)
+                      sample_keys=keys, teacher=teacher, aligned=aligned)
+
+
+def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, torch.Tensor]:
+    """The teacher's tokens of the same samples in the same rows (`MicroBatch.teacher`), and `aligned`. Its target
+    rows follow the student's: row by row, sample by sample, position by position, as `MicroBatch` orders them."""
+    width = max(1, max(sum(len(s.teacher_ids) for s in row) for row in rows))
+    ids = torch.zeros((len(rows), width), dtype=torch.long)  # padding: any valid id, masked and never read
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    flat, labels, aligned = [], [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for k, s in enumerate(row):
+            n = len(s.teacher_ids)
+            teacher_ids = np.asarray(s.teacher_ids, dtype=np.int64)
+            ids[r, offset:offset + n] = torch.from_numpy(teacher_ids)
+            mask[r, offset:offset + n] = 1
+            segments[r, offset:offset + n] = k
+            positions[r, offset:offset + n] = torch.arange(n)
+            at = np.asarray(s.teacher_positions, dtype=np.int64)[np.asarray(s.targets) != IGNORE_INDEX]
+            has = at >= 0
+            flat.append(np.where(has, r * width + offset + at, 0))
+            labels.append(np.where(has, teacher_ids[np.where(has, at + 1, 0)] if n else 0, 0))
+            aligned.append(has)
+            offset += n
+    rows_at, label_ids, where = (torch.from_numpy(np.concatenate(a)) for a in (flat, labels, aligned))
+    if not mask.any():
+        mask[:, 0] = 1  # no sample has teacher tokens: one masked-in padding slot keeps every attention row valid
+    teacher = MicroBatch(ids, mask, torch.full_like(ids, IGNORE_INDEX), segments if packed else None,
+                         positions if packed else None, target_rows=rows_at.long(), target_ids=label_ids.long())
+    return teacher, where.float()
 
 
 def padding_efficiency(batches: list[MicroBatch]) -> float:
@@ -314,7 +356,7 @@ def padding_efficiency(batches: list[MicroBatch]) -> float:
 
 def masked_copy(sample: Sample) -> Sample:
     """A stand-in that trains nothing: it keeps a rank's collectives in step when it has run out of real data."""
-    return Sample(sample.input_ids, [IGNORE_INDEX] * len(sample.targets))
+    return dataclasses.replace(sample, targets=[IGNORE_INDEX] * len(sample.targets), source="", row=-1)
 
 
 class StepSampler:

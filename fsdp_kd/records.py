@@ -34,6 +34,10 @@ class Sample:
     # where it was read from: the tokenized source's sample hash and its row there (a teacher cache's key)
     source: str = field(default="", compare=False)
     row: int = field(default=-1, compare=False)
+    # a teacher with its own tokenizer (cross_tokenizer): its tokens of the same text, and for each position of
+    # this sample the teacher position predicting the same token, or -1 (`cross_tokenizer.Alignment`)
+    teacher_ids: list[int] | None = None
+    teacher_positions: list[int] | None = None
 
     @property
     def trainable_tokens(self) -> int:

@@ -15,6 +15,7 @@ second), and a bad row further in fails the build with its own location, or is c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from .config import TrainConfig
+from .cross_tokenizer import teacher_fields
 from .records import (IGNORE_INDEX, LOCAL_SUFFIXES, DataError, DataStats, Sample, looks_local, parse_record,
                       raw_records, record_to_sample)
 
@@ -37,6 +39,9 @@ TOKEN_SETTINGS = ("input_key", "output_key", "input_template", "apply_chat_templ
 NO_TARGET = "with no trainable token left after truncation"
 PROBE_RECORDS = 32  # tried in-process before the parallel build, so a wrong key fails at once
 META_FILE = "fsdp_kd_tokenized.json"
+# a teacher with its own tokenizer (cross_tokenizer): its ids of the sample, and the alignment's groups (each side's
+# token index where each group ends, `cross_tokenizer.Alignment`); empty lists where the sample could not be aligned
+TEACHER_COLUMNS = ("teacher_ids", "student_group_ends", "teacher_group_ends")
 
 
 def cache_root(cfg: TrainConfig) -> str:
@@ -61,15 +66,19 @@ def source_files(path: str) -> list[str]:
     return [path]
 
 
-def cache_key(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer) -> dict:
-    """Everything that changes the tokenized samples of one source."""
+def cache_key(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, teacher=None) -> dict:
+    """Everything that changes the tokenized samples of one source (and, with a teacher of its own tokenizer, its
+    tokens of them)."""
     if looks_local(path):
         source = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files(path)]
     else:
         source = [path, split]  # a hub dataset: its name and split (datasets keeps its own revision cache)
-    return {"format": FORMAT_VERSION, "source": source, "max_samples": max_samples,
-            "tokenizer": tokenizer_fingerprint(tokenizer),
-            "settings": {k: getattr(cfg, k) for k in TOKEN_SETTINGS}}
+    key = {"format": FORMAT_VERSION, "source": source, "max_samples": max_samples,
+           "tokenizer": tokenizer_fingerprint(tokenizer),
+           "settings": {k: getattr(cfg, k) for k in TOKEN_SETTINGS}}
+    if teacher is not None:
+        key["teacher_tokenizer"] = tokenizer_fingerprint(teacher.tokenizer)
+    return key
 
 
 class TokenizedDataset:
@@ -82,6 +91,7 @@ class TokenizedDataset:
         table = _memory_mapped_table(directory)
         self.input_ids, self.spans = table.column("input_ids"), table.column("spans")
         self.lengths = table.column("length").to_numpy()
+        self.teacher = {name: table.column(name) for name in TEACHER_COLUMNS if name in table.column_names}
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -90,6 +100,9 @@ class TokenizedDataset:
         i = int(i)
         sample = sample_from_spans(self.input_ids[i].as_py(), self.spans[i].as_py())
         sample.source, sample.row = self.samples_sha256, int(i)
+        if self.teacher:
+            columns = (self.teacher[name][i].as_py() for name in TEACHER_COLUMNS)
+            sample = dataclasses.replace(sample, **teacher_fields(*columns, len(sample.input_ids)))
         return sample
 
     @property
@@ -134,8 +147,10 @@ def spans_of(sample: Sample) -> list[int]:
     return spans
 
 
-def _tokenize_batch(batch: dict, cfg: TrainConfig, tokenizer) -> dict:
+def _tokenize_batch(batch: dict, cfg: TrainConfig, tokenizer, teacher=None) -> dict:
     out: dict[str, list] = {"input_ids": [], "spans": [], "length": [], "truncated": [], "error": []}
+    if teacher is not None:
+        out.update({name: [] for name in TEACHER_COLUMNS})
     for text, where in zip(batch["record"], batch["where"]):
         sample, cut, error = Sample([], []), False, None
         try:
@@ -149,23 +164,28 @@ def _tokenize_batch(batch: dict, cfg: TrainConfig, tokenizer) -> dict:
         out["length"].append(len(sample.input_ids))
         out["truncated"].append(cut)
         out["error"].append(error)
+        if teacher is not None:
+            for name, values in zip(TEACHER_COLUMNS, teacher.columns(sample.input_ids) if error is None else
+                                    ([], [], [])):
+                out[name].append(values)
     return out
 
 
 def open_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, local_rank: int,
-                   share: Callable[[str | None], list] = lambda error: [error], log=print) -> TokenizedDataset:
+                   share: Callable[[str | None], list] = lambda error: [error], log=print,
+                   teacher=None) -> TokenizedDataset:
     """The source's tokenized table: built by local rank 0 of each node if no run has built it yet, else opened from
     the cache. `share` exchanges each rank's build error (None if none) with every rank, and doubles as the wait
     for the build: every rank fails with the builder's message, rather than waiting on a barrier for a rank that
     has died."""
-    key = cache_key(path, split, max_samples, cfg, tokenizer)
+    key = cache_key(path, split, max_samples, cfg, tokenizer, teacher)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(path.rstrip("/")))[:60]
     directory = os.path.join(cache_root(cfg), f"{name}-{digest}")
     failure, error = None, None
     if not os.path.exists(os.path.join(directory, META_FILE)) and local_rank == 0:
         try:
-            build_tokenized(path, split, max_samples, cfg, tokenizer, key, directory, log)
+            build_tokenized(path, split, max_samples, cfg, tokenizer, key, directory, log, teacher)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, whatever it is
             failure, error = e, str(e) if isinstance(e, DataError) else f"{path}: tokenizing failed: {e!r}"
     errors = [e for e in share(error) if e]
@@ -181,10 +201,11 @@ def open_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainCon
 
 
 def open_sources(cfg: TrainConfig, tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda e: [e],
-                 log=print) -> tuple[list[TokenizedDataset], TokenizedDataset | None]:
-    """A run's training sources (`dataset`, comma-separated) and its eval source (`eval_dataset`, or None)."""
+                 log=print, teacher=None) -> tuple[list[TokenizedDataset], TokenizedDataset | None]:
+    """A run's training sources (`dataset`, comma-separated) and its eval source (`eval_dataset`, or None); with
+    `teacher` (a `cross_tokenizer.TeacherTokenization`), each sample holds the teacher's tokens too."""
     def source(path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
-        table = open_tokenized(path, split, max_samples, cfg, tokenizer, local_rank, share, log)
+        table = open_tokenized(path, split, max_samples, cfg, tokenizer, local_rank, share, log, teacher)
         log(table.stats.summary(f"{what} {path}"))
         return table
 
@@ -194,7 +215,7 @@ def open_sources(cfg: TrainConfig, tokenizer, local_rank: int, share: Callable[[
 
 
 def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, key: dict,
-                    directory: str, log=print) -> None:
+                    directory: str, log=print, teacher=None) -> None:
     """Tokenizes a source into `directory`, atomically: it is written beside it and renamed into place, so a
     killed build leaves nothing that a later run would take for a finished one."""
     import datasets
@@ -212,13 +233,15 @@ def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainCo
         features = datasets.Features({
             "input_ids": datasets.List(datasets.Value("int32")), "spans": datasets.List(datasets.Value("int32")),
             "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
-            "error": datasets.Value("string")})
+            "error": datasets.Value("string"),
+            **({name: datasets.List(datasets.Value("int32")) for name in TEACHER_COLUMNS} if teacher else {})})
         workers = max(1, min(os.cpu_count() or 1, len(raw) // 1000))
         datasets.enable_progress_bars()
         with contextlib.redirect_stderr(sys.stdout):  # progress is output; stderr stays for errors
             tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
                                 num_proc=workers if workers > 1 else None,
-                                fn_kwargs={"cfg": cfg, "tokenizer": tokenizer}, remove_columns=["record", "where"],
+                                fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "teacher": teacher},
+                                remove_columns=["record", "where"],
                                 features=features, desc=f"tokenizing {os.path.basename(path)}",
                                 cache_file_name=os.path.join(work, "map", "tokenized.arrow"))
         datasets.disable_progress_bars()
@@ -283,7 +306,9 @@ def _tally(tokenized, skip_bad_rows: bool) -> tuple[DataStats, np.ndarray]:
 
 
 def _content_hash(directory: str) -> str:
-    """sha256 over the stored ids and spans, in row order."""
+    """sha256 over the stored ids and spans, in row order: the student's samples (a teacher's tokens, where stored,
+    follow from them and the teacher's tokenizer, which the cache's key holds), so a teacher cache built on them
+    fits a run that reads the same samples without them."""
     import datasets
 
     table = datasets.load_from_disk(directory).data

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from assets import real_asset
-from fsdp_kd.cross_tokenizer import (Alignment, AlignmentError, TokenBytes, _adds_prefix_space, align, byte_ends,
-                                     normalized, shared_vocabulary)
+from fsdp_kd.cross_tokenizer import (Alignment, AlignmentError, TeacherTokenization, TokenBytes, _adds_prefix_space,
+                                     align, byte_ends, normalized, shared_vocabulary)
 
 TOKENIZERS = ("tok_qwen2.5_instruct", "tok_phi3_mini_instruct", "tok_smollm_360m_instruct")
 EDGE_TEXTS = ["", " ", "x", "  leading spaces", "trailing  ", "Hello  world,\n naïve 日本 😀 x\t\ttabs",
@@ -142,3 +142,39 @@ def _ends(al: Alignment) -> tuple[list[int], list[int]]:
 ])
 def test_the_dummy_prefix_space_is_read_off_the_tokenizer_spec(spec, adds):
     assert _adds_prefix_space(spec) is adds
+
+
+@pytest.mark.parametrize("pair", list(itertools.permutations(TOKENIZERS, 2)))
+def test_each_aligned_position_predicts_the_same_string_on_both_sides(tokenizers, texts, pair):
+    """What the data stores per sample (`TeacherTokenization.columns`, read back as `teacher_positions`): where
+    student position p has a teacher position, the token it predicts spells the same bytes as the teacher's token
+    there, and both contexts before it spell the same bytes too. The student's ids are its own tokenization of the
+    text, as the data pipeline gives them (special tokens included)."""
+    (s_tok, s_vocab), (t_tok, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
+    retokenize = TeacherTokenization(s_vocab, t_vocab, t_tok)
+    aligned = positions = 0
+    for text in texts:
+        s_ids = s_tok(normalized(text, s_vocab, t_vocab), add_special_tokens=False)["input_ids"]
+        t_ids, s_ends, t_ends = retokenize.columns(s_ids)
+        at = Alignment(np.asarray(s_ends, dtype=np.int64), np.asarray(t_ends, dtype=np.int64)).teacher_positions(
+            len(s_ids))
+        positions += max(len(s_ids) - 1, 0)
+        for p, q in enumerate(at):
+            if q < 0:
+                continue
+            aligned += 1
+            assert spell(s_vocab, s_ids[p + 1:p + 2]) == spell(t_vocab, t_ids[q + 1:q + 2]), (pair, text)
+            s_context, t_context = spell(s_vocab, s_ids[:p + 1]), spell(t_vocab, t_ids[:q + 1])
+            assert s_context.lstrip(b" ") == t_context.lstrip(b" ") or s_context == t_context, (pair, text)
+    print(f"{pair[0]} -> {pair[1]}: {aligned / positions:.1%} of {positions} positions aligned one to one")
+    assert aligned / positions > 0.8  # the tokenizers cut English and code alike most of the time
+
+
+def test_a_sample_the_teacher_cannot_spell_gets_no_teacher_tokens():
+    """A text cut inside a UTF-8 character (truncation) decodes to no text: the sample gets empty columns and
+    trains on CE alone, rather than failing the data build."""
+    vocab = TokenBytes(spelled=(b"a", "é".encode()[:1], "é".encode()[1:]), regular=(True, True, True),
+                       kind="byte_level", prefix_space=False)
+    retokenize = TeacherTokenization(vocab, vocab, tokenizer=None)
+    assert retokenize.text([0, 1]) is None
+    assert retokenize.columns([0, 1]) == ([], [], [])
