@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig, parse_config
 from .data import collate, collate_packed, eval_shards
-from .distill import LiveSetup
+from .distill import TEACHER_SOURCES
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
 from .heads import verify_head
 from .loss import LossSpec
@@ -43,23 +43,25 @@ class CacheBuilder:
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ConfigError(f"key teacher_cache: {self.directory} is a file, not a directory")
         self.tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
-        self.teacher_setup = LiveSetup(cfg, self.tokenizer)
+        self.teacher_setup = TEACHER_SOURCES["cross_tokenizer" if cfg.cross_tokenizer else "live"](cfg, self.tokenizer)
         self.vocab_size = self.teacher_setup.vocab_size
-        train, held_out = open_sources(cfg, self.tokenizer, env.local_rank, all_gather_object, self.log)
+        retokenize = self.teacher_setup.retokenize
+        train, held_out = open_sources(cfg, self.tokenizer, env.local_rank, all_gather_object, self.log, retokenize)
         self.sources = list({s.samples_sha256: s for s in train + ([held_out] if held_out else [])}.values())
         offsets = [0]
         for source in self.sources:
             offsets.append(offsets[-1] + len(source))
         self.offsets = offsets
         self.mode = CACHE_MODES[cfg.cache_mode]
-        slots = self.mode.slots(getattr(cfg, self.mode.slots_key), self.vocab_size)
+        slots = self.mode.slots(getattr(cfg, self.mode.slots_key), self.teacher_setup.teacher_vocab_size)
         self.meta = CacheMeta(
             mode=cfg.cache_mode, slots=slots, temperature=cfg.kd_temperature, vocab_size=self.vocab_size,
             log_p_dtype=cfg.cache_log_p_dtype, tokenizer=tokenizer_fingerprint(self.tokenizer),
             sources=[{"path": s.path, "samples_sha256": s.samples_sha256, "samples": len(s), "offset": o}
                      for s, o in zip(self.sources, offsets)],
             settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=teacher_identity(cfg.teacher_model),
-            samples_per_chunk=cfg.cache_chunk_samples)
+            samples_per_chunk=cfg.cache_chunk_samples,
+            teacher_tokenizer=None if retokenize is None else tokenizer_fingerprint(retokenize.tokenizer))
         self.already_complete = self._adopt_existing()
 
     def _adopt_existing(self) -> bool:
@@ -74,7 +76,8 @@ class CacheBuilder:
             return False
         old = CacheMeta.load(self.directory)
         differ = [k for k in ("mode", "slots", "temperature", "vocab_size", "log_p_dtype", "tokenizer", "sources",
-                              "teacher", "samples_per_chunk") if getattr(old, k) != getattr(self.meta, k)]
+                              "teacher", "samples_per_chunk", "teacher_tokenizer")
+                  if getattr(old, k) != getattr(self.meta, k)]
         if differ:
             raise ConfigError(f"key teacher_cache: {self.directory} holds a cache built with other {', '.join(differ)}; "
                               "choose a new directory (an existing cache is never overwritten)")
@@ -88,7 +91,7 @@ class CacheBuilder:
         started = time.time()
         teacher = self.teacher_setup.load_model(env, resolve_dtype(cfg, env.device))
         with teacher.gathered_head():
-            teacher(verify_head, "teacher", self.vocab_size, env.device)
+            teacher(verify_head, "teacher", self.teacher_setup.teacher_vocab_size, env.device)
         teacher.reshard_everything()
         source = self.teacher_setup.open(env.device)
         spec = LossSpec(temperature=cfg.kd_temperature, vocab_chunk=cfg.kd_vocab_chunk,
@@ -113,8 +116,9 @@ class CacheBuilder:
                          else collate(group, padding_id(self.tokenizer))).to(env.device)
                 targets = source.targets(batch)
                 with targets.head() as head:
-                    cached = teacher_rows(targets.hidden, head, spec, self.vocab_size, cfg.cache_mode,
-                                          self.meta.slots, generator)
+                    cached = teacher_rows(targets.hidden, head, spec, self.teacher_setup.teacher_vocab_size,
+                                          cfg.cache_mode, self.meta.slots, generator)
+                cached = targets.in_loss_vocabulary(cached)
                 lengths = {(s.source, s.row): s.trainable_tokens for s in group}
                 counts = [lengths[key] for key in batch.sample_keys]
                 keys += batch.sample_keys
@@ -185,7 +189,7 @@ def _progress(total: int, initial: int, shown: bool):
 
 # The keys a cache build reads (its --help lists them); train.py's other keys are accepted and ignored, so one config
 # serves both.
-KEYS = ("pretrain", "teacher_model", "trust_remote_code", "attn_implementation", "param_dtype",
+KEYS = ("pretrain", "teacher_model", "cross_tokenizer", "trust_remote_code", "attn_implementation", "param_dtype",
         "teacher_sharding_strategy", "hsdp_shard_size", "teacher_offload", "teacher_resident",
         "dataset", "dataset_split", "eval_dataset", "eval_split", "input_key", "output_key", "input_template",
         "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode", "packing_samples",

@@ -56,7 +56,14 @@ class TrainConfig:
     pretrain: str = opt("", "the student: a local HF model directory or a hub id; its tokenizer tokenizes the data",
                         section="Models")
     teacher_model: str | None = opt(None, "the teacher: a local HF model directory or a hub id with the student's "
-                                          "tokenizer; none trains plain SFT (kd_coef must then be 0)")
+                                          "tokenizer (or its own, with cross_tokenizer); none trains plain SFT "
+                                          "(kd_coef must then be 0)")
+    cross_tokenizer: bool = opt(False, "the teacher has its own tokenizer: align the two tokenizations by bytes and "
+                                       "distil over the tokens both vocabularies spell alike, plus ULD "
+                                       "(docs/cross_tokenizer.md)")
+    uld_weight: float = opt(1.0, "cross_tokenizer: the weight of the ULD part (tokens without a counterpart, by "
+                                 "rank) beside the exact part; 0: the exact part alone")
+    uld_topk: int = opt(64, "cross_tokenizer: each side's most likely tokens without a counterpart that ULD sorts")
     trust_remote_code: bool = opt(False, "let transformers run a model's own .py files (architectures it does not "
                                          "ship); the export copies them")
     attn_implementation: str = opt("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention")
@@ -208,7 +215,7 @@ RESUME_SENSITIVE_KEYS = (
     "packing_samples", "eval_holdout_ratio", "max_len", "max_samples", "micro_train_batch_size", "train_batch_size",
     "seed", "param_dtype", "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "student_topk", "kd_loss_convention",
     "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
-    "generate_max_new_tokens", "generate_temperature", "generate_top_p",
+    "generate_max_new_tokens", "generate_temperature", "generate_top_p", "cross_tokenizer", "uld_weight", "uld_topk",
 )
 
 
@@ -423,6 +430,20 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.on_policy_ratio > 0 and (cfg.teacher_model is None or cfg.teacher_cache is not None):
         fail("on_policy_ratio", "on-policy distillation needs a live teacher (teacher_model, no teacher_cache): a "
                                 "cache cannot grade responses written after it was built")
+    if cfg.cross_tokenizer and cfg.teacher_model is None and cfg.teacher_cache is None:
+        fail("cross_tokenizer", "cross_tokenizer needs the teacher: set teacher_model (or a teacher_cache built "
+                                "with cross_tokenizer)")
+    if cfg.cross_tokenizer and cfg.teacher_cache is not None and (cfg.cache_mode != "topk" or cfg.uld_weight > 0):
+        fail("uld_weight" if cfg.cache_mode == "topk" else "cache_mode",
+             "a teacher cache across tokenizers holds the exact part only, over the teacher's top-k (cache_mode "
+             "topk; ULD needs both models' whole distributions): set cache_mode topk and uld_weight 0, or train "
+             "with the live teacher")
+    if cfg.cross_tokenizer and DIVERGENCES[cfg.kd_loss].student_buckets:
+        fail("kd_loss", f"{cfg.kd_loss} takes its buckets from the student's own top tokens, which have no "
+                        "counterpart in the teacher's vocabulary; choose another kd_loss with cross_tokenizer")
+    if cfg.uld_weight < 0 or cfg.uld_topk < 1:
+        fail("uld_weight" if cfg.uld_weight < 0 else "uld_topk",
+             f"uld_weight must be >= 0 and uld_topk >= 1, got {cfg.uld_weight} and {cfg.uld_topk}")
     if cfg.generate_temperature < 0 or not 0 < cfg.generate_top_p <= 1 or cfg.generate_max_new_tokens < 1:
         fail("generate_temperature" if cfg.generate_temperature < 0 else "generate_top_p"
              if not 0 < cfg.generate_top_p <= 1 else "generate_max_new_tokens",

@@ -51,12 +51,15 @@ class VocabMap:
     student_size: int
     teacher_size: int
     student_to_teacher: torch.Tensor = field(init=False)  # [student_size] the teacher's id, or -1
+    teacher_to_student: torch.Tensor = field(init=False)  # [teacher_size] the student's id, or -1
     _columns: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
-        self.student_to_teacher = torch.full((self.student_size,), -1, dtype=torch.long,
-                                             device=self.student_ids.device)
+        device = self.student_ids.device
+        self.student_to_teacher = torch.full((self.student_size,), -1, dtype=torch.long, device=device)
         self.student_to_teacher[self.student_ids] = self.teacher_ids
+        self.teacher_to_student = torch.full((self.teacher_size,), -1, dtype=torch.long, device=device)
+        self.teacher_to_student[self.teacher_ids] = self.student_ids
 
     @property
     def shared(self) -> int:
@@ -142,6 +145,9 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
                           torch.cat([q.log_shared, q.log_rest[:, None]], 1))
     value, w = plan.divergence.on_buckets(b, plan.param)
     uld_value, u = uld(p, q)
+    aligned = None if targets.aligned is None else targets.aligned[rows][:, None] > 0
+    if aligned is not None:  # a row without an aligned teacher token trains on CE alone: no KD gradient there
+        w, u = w.masked_fill(~aligned, 0.0), u.masked_fill(~aligned, 0.0)
     lam, kd_scale = targets.uld_weight, plan.kd_grad_scale
     if grads is not None:
         w_total = (w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)) + lam * u.sum(1, keepdim=True)
@@ -164,6 +170,8 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     per_row = torch.stack([student.lse_raw - student.label_logit, (value + lam * uld_value) * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -p.x_log_x, -q.x_log_x, top1.float(),
                            teacher.lse_raw - teacher.label_logit])
+    if aligned is not None:  # ... and no KD metrics: those are sums over the aligned rows
+        per_row[1:].masked_fill_(~aligned.T, 0.0)
     return per_row.sum(1)
 
 
@@ -172,13 +180,15 @@ class CrossVocabTargets(Targets):
     """A teacher of another vocabulary, run on its own tokens: its final hidden states at the positions aligned one
     to one with the call's rows [N, hidden_t], its next token there (`labels`, for its CE metric), its head, and the
     vocabularies' shared tokens. `uld_weight` (λ) weighs the ULD part over each side's `uld_topk` most likely tokens
-    without a counterpart."""
+    without a counterpart. A row whose token has no one-to-one counterpart (`aligned` 0) trains on CE alone, and its
+    hidden state and label only need to be a valid teacher row's."""
     hidden: torch.Tensor
     head: Head
     labels: torch.Tensor
     vocab_map: VocabMap
     uld_weight: float = 1.0
     uld_topk: int = 64
+    aligned: torch.Tensor | None = None  # [N] 0.0 where a row has no aligned teacher token (None: every row has)
     weight: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -207,3 +217,24 @@ class CrossVocabTargets(Targets):
     def block(self, plan, student, labels, rows, grads):
         teacher = ModelBlock(self.head, self.weight, self.head.bias, self.hidden[rows])
         return cross_vocab_block(plan, student, teacher, self, labels, self.labels[rows], rows, grads)
+
+
+def topk_in_student_vocabulary(ids: torch.Tensor, log_p: torch.Tensor, log_rest: torch.Tensor,
+                               aligned: torch.Tensor, vocab_map: VocabMap) -> tuple[torch.Tensor, ...]:
+    """A teacher's top-k rows (`teacher_cache.teacher_topk`, in its vocabulary) as a top-k cache of the student's
+    vocabulary stores them: the shared tokens under their student ids, every unshared one folded into the rest
+    bucket, and no distribution at all (every slot and the rest -inf) on a row without an aligned teacher token.
+
+    Trained from, these rows give the exact part of the cross-tokenizer loss over the teacher's top-k: its shared
+    tokens each a bucket, the rest one bucket. A row whose top-k holds no shared token would have the rest alone on
+    both sides, where every divergence is 0; it is stored as no distribution too. An empty slot repeats the row's
+    first non-empty id, as `kernel.SparseTargets` asks."""
+    student_ids = vocab_map.teacher_to_student[ids]
+    unshared = student_ids < 0
+    folded = logsumexp_rows(log_p.masked_fill(~unshared, -math.inf), may_be_empty=True)
+    log_rest = torch.logaddexp(log_rest, folded)
+    log_p = log_p.masked_fill(unshared, -math.inf)
+    has = (log_p > -math.inf).any(1) & (aligned > 0)
+    student_ids = torch.where(unshared, student_ids.gather(1, log_p.argmax(1, keepdim=True)), student_ids)
+    return (student_ids.clamp_min(0), log_p.masked_fill(~has[:, None], -math.inf),
+            log_rest.masked_fill(~has, -math.inf))

@@ -3,8 +3,9 @@ targets come from.
 
 The loss and the training loop never touch a teacher model directly. A run's teacher is a source, one entry of
 `TEACHER_SOURCES`, which the trainer sets up in steps (`TeacherSetup`): `live` runs the sharded teacher on each
-micro-batch (`LiveTeacher`, whose targets are `TeacherTargets`), `cache` reads stored teacher distributions in any
-of the cache's modes (`teacher_cache.CachedTeacher`), and `none` is plain SFT. A source's `targets(batch)` returns
+micro-batch (`LiveTeacher`, whose targets are `TeacherTargets`), `cross_tokenizer` runs a teacher with its own
+tokenizer on its own tokens of each sample (`CrossTokenizerTeacher`), `cache` reads stored teacher distributions in
+any of the cache's modes (`teacher_cache.CachedTeacher`), and `none` is plain SFT. A source's `targets(batch)` returns
 something with `distill(hidden, head, labels, spec, vocab_size)`, which hands the loss a `kernel.Targets`. A teacher
 running on other ranks would be one more entry, whose source's targets are the hidden states or top-k it receives.
 """
@@ -17,11 +18,15 @@ from typing import Callable, Protocol
 
 import torch
 
+from .config import ConfigError
+from .cross_tokenizer import TeacherTokenization, TokenBytes, shared_vocabulary
+from .cross_vocab import CrossVocabTargets, VocabMap, topk_in_student_vocabulary
 from .data import MicroBatch, uses_sliding_window
 from .heads import output_head
 from .kernel import NO_TEACHER, Head, LiveTargets
 from .loss import LossSpec, loss_against
 from .models import ShardedCausalLM, load_sharded, parameter_count, shard_teacher, shared_vocab_size, tokenizer_or_error
+from .records import IGNORE_INDEX
 from .teacher_cache import CacheSetup
 
 
@@ -46,10 +51,14 @@ class TeacherSource(Protocol):
 
 class TeacherSetup(Protocol):
     """The trainer's steps for one kind of teacher source, in its order: `vocab_size` (the vocabulary the loss is
-    taken over, known before the data loads), `check` (against the run's tokenizer and data, before any model
-    loads), `load_model` (the teacher model, for a kind that runs one), `open` (the source; None for no teacher),
-    and `describe` (its lines in the start-up summary)."""
+    taken over, known before the data loads), `retokenize` (for a teacher with its own tokenizer, what adds its
+    tokens to each sample as the data is tokenized; else None), `check` (against the run's tokenizer and data,
+    before any model loads), `load_model` (the teacher model, for a kind that runs one; `teacher_vocab_size` is its
+    head's vocabulary), `open` (the source; None for no teacher), and `describe` (its lines in the start-up
+    summary)."""
     vocab_size: int
+    teacher_vocab_size: int
+    retokenize: TeacherTokenization | None
 
     def check(self, tokenizer, sources) -> None: ...
 
@@ -71,6 +80,10 @@ class TeacherTargets:
         with self.head() as teacher_head:
             return loss_against(hidden, head, labels, spec, vocab_size, LiveTargets(self.hidden, teacher_head))
 
+    def in_loss_vocabulary(self, topk: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The teacher's top-k rows as a cache stores them: its vocabulary is the loss's already."""
+        return topk
+
 
 class LiveTeacher:
     """Targets from the frozen, sharded teacher, computed for each micro-batch without gradients."""
@@ -90,10 +103,12 @@ class LiveTeacher:
 class LiveSetup:
     """A teacher model, sharded (offloaded if asked) and run on every micro-batch; the vocabulary is the one its
     tokenizer shares with the student's."""
+    retokenize = None
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.root = cfg, None
         self.vocab_size = shared_vocab_size(tokenizer, tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg))
+        self.teacher_vocab_size = self.vocab_size
 
     def check(self, tokenizer, sources) -> None:
         pass
@@ -113,9 +128,10 @@ class LiveSetup:
 
 class NoTeacherSetup:
     """Plain SFT: the vocabulary is the student's tokenizer, nothing loads, and there is no source."""
+    retokenize = None
 
     def __init__(self, cfg, tokenizer):
-        self.vocab_size = len(tokenizer)
+        self.vocab_size = self.teacher_vocab_size = len(tokenizer)
 
     def check(self, tokenizer, sources) -> None:
         pass
@@ -130,8 +146,105 @@ class NoTeacherSetup:
         return []
 
 
+@dataclass
+class CrossTokenizerTargets:
+    """What the loss needs from a teacher with its own tokenizer for one micro-batch: its hidden states and next
+    tokens at the positions aligned with the student's target rows, which rows have one (`aligned`), and its head."""
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    aligned: torch.Tensor
+    head: Callable[[], AbstractContextManager[Head]]
+    setup: CrossTokenizerSetup
+
+    def distill(self, hidden: torch.Tensor, head, labels: torch.Tensor, spec: LossSpec, vocab_size: int):
+        with self.head() as teacher_head:
+            targets = CrossVocabTargets(self.hidden, teacher_head, self.labels, self.setup.vocab_map(hidden.device),
+                                        self.setup.cfg.uld_weight, self.setup.cfg.uld_topk, self.aligned)
+            return loss_against(hidden, head, labels, spec, vocab_size, targets)
+
+    def in_loss_vocabulary(self, topk: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The teacher's top-k rows (its vocabulary) as a cache of the student's vocabulary stores them (a micro-batch
+        of masked copies alone has no rows, and `teacher_rows` no columns)."""
+        if not topk:
+            return topk
+        return topk_in_student_vocabulary(*topk, self.aligned, self.setup.vocab_map(self.hidden.device))
+
+
+class CrossTokenizerTeacher:
+    """Targets from a frozen, sharded teacher with its own tokenizer, run on its own tokens of each micro-batch's
+    samples (`MicroBatch.teacher`, laid out at collate time from the stored alignment)."""
+
+    def __init__(self, root, setup: CrossTokenizerSetup):
+        self.root, self.setup = root, setup
+
+    @property
+    def metric_names(self) -> dict[str, str | None]:
+        # over the shared tokens' buckets, at the rows aligned one to one (summed there, per trained token)
+        return {"kl": "kl_shared_buckets", "teacher_entropy": "teacher_entropy_shared_buckets",
+                "student_entropy": "student_entropy_aligned", "top1_agreement": "top1_agreement_aligned",
+                "teacher_ce": "teacher_ce_aligned"}
+
+    @torch.no_grad()
+    def targets(self, batch: MicroBatch) -> CrossTokenizerTargets:
+        return CrossTokenizerTargets(self.root(hidden_at_targets, batch.teacher), batch.teacher.target_ids,
+                                     batch.aligned, self.root.gathered_head, self.setup)
+
+
+class CrossTokenizerSetup:
+    """A teacher with its own tokenizer (`cross_tokenizer: true`), run live on its own tokens: the data's samples get
+    the teacher's tokens and their alignment when they are tokenized (`retokenize`), and the loss compares the two
+    models where the tokenizations align one token to one (`cross_vocab`; docs/cross_tokenizer.md). The loss's
+    vocabulary is the student's tokenizer, the teacher's head is read over its own."""
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.root, self._vocab_map = cfg, None, None
+        teacher_tokenizer = tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg)
+        try:
+            student, teacher = TokenBytes.of(tokenizer), TokenBytes.of(teacher_tokenizer)
+        except (AttributeError, ValueError) as e:
+            raise ConfigError(f"key cross_tokenizer: both tokenizers must be fast (tokenizer.json) to be aligned by "
+                              f"bytes ({e})") from None
+        self.shared = shared_vocabulary(student, teacher)
+        self.retokenize = TeacherTokenization(student, teacher, teacher_tokenizer)
+        self.vocab_size, self.teacher_vocab_size = len(tokenizer), len(teacher_tokenizer)
+        self.aligned_share: float | None = None
+
+    def vocab_map(self, device: torch.device) -> VocabMap:
+        if self._vocab_map is None:  # once per run; its chunk layouts are found once per block shape
+            self._vocab_map = VocabMap(torch.from_numpy(self.shared.student_ids).to(device),
+                                       torch.from_numpy(self.shared.teacher_ids).to(device),
+                                       self.vocab_size, self.teacher_vocab_size)
+        return self._vocab_map
+
+    def check(self, tokenizer, sources, samples: int = 1000) -> None:
+        """Counts, over the first source's first samples, the trained tokens that align one to one."""
+        trained = aligned = 0
+        for i in range(min(samples, len(sources[0]))):
+            sample = sources[0][i]
+            for target, position in zip(sample.targets, sample.teacher_positions):
+                trained += target != IGNORE_INDEX
+                aligned += target != IGNORE_INDEX and position >= 0
+        self.aligned_share = aligned / max(trained, 1)
+
+    def load_model(self, env, dtype: torch.dtype) -> ShardedCausalLM:
+        self.root = load_sharded(self.cfg.teacher_model, self.cfg, env, dtype, shard_teacher, "teacher",
+                                 self.teacher_vocab_size)
+        return self.root
+
+    def open(self, device: torch.device) -> CrossTokenizerTeacher:
+        return CrossTokenizerTeacher(self.root, self)
+
+    def describe(self) -> list[str]:
+        return [f"teacher {parameter_count(self.root) / 1e6:.2f}M params, its own tokenizer: frozen, FSDP2 full "
+                f"shard, CPU offload {'on' if self.cfg.teacher_offload else 'off'}",
+                f"cross-tokenizer: {self.shared.describe()}; {self.aligned_share:.1%} of the trained tokens of the "
+                f"first source's first samples align one to one with a teacher token (the rest train on CE alone); "
+                f"KD = D over the shared tokens + {self.cfg.uld_weight:g}·ULD over {self.cfg.uld_topk} unshared"]
+
+
 TEACHER_SOURCES: dict[str, Callable[..., TeacherSetup]] = {
     "live": LiveSetup,
+    "cross_tokenizer": CrossTokenizerSetup,
     "cache": CacheSetup,  # any of teacher_cache.CACHE_MODES
     "none": NoTeacherSetup,
 }
@@ -139,8 +252,10 @@ TEACHER_SOURCES: dict[str, Callable[..., TeacherSetup]] = {
 
 def setup_teacher(cfg, tokenizer) -> TeacherSetup:
     """The run's teacher source, before anything loads: a cache when one is named (a teacher_model named beside it
-    is not loaded; `teacher_cache.check_cache_fits` says why), else the live teacher_model, else none."""
-    kind = "cache" if cfg.teacher_cache else "live" if cfg.teacher_model else "none"
+    is not loaded; `teacher_cache.check_cache_fits` says why), else the live teacher_model (on its own tokens with
+    cross_tokenizer), else none."""
+    kind = ("cache" if cfg.teacher_cache else ("cross_tokenizer" if cfg.cross_tokenizer else "live")
+            if cfg.teacher_model else "none")
     return TEACHER_SOURCES[kind](cfg, tokenizer)
 
 

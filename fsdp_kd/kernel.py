@@ -510,11 +510,14 @@ def student_block(plan: KernelPlan, student: ModelBlock, labels, rows: slice, gr
 class SparseTargets(Targets):
     """A cached teacher distribution per target row, at the run's temperature: `ids` [N, k] token ids, `log_p`
     [N, k] their log-probabilities (-inf on an empty slot), `log_rest` [N] the log of the mass on every other token
-    (-inf when there is none: a sampled cache, or k = V). No two non-empty slots of a row hold the same id. The
-    divergence is taken between the bucketed distributions (`bucket_block`)."""
+    (-inf when there is none: a sampled cache, or k = V). No two non-empty slots of a row hold the same id, and an
+    empty slot repeats a non-empty slot's id. The divergence is taken between the bucketed distributions
+    (`bucket_block`). `kd_rows` [N] bool, where given, marks the rows that have a teacher distribution at all; the
+    others train on CE alone (a cache across tokenizers: rows with no aligned teacher token)."""
     ids: torch.Tensor
     log_p: torch.Tensor
     log_rest: torch.Tensor
+    kd_rows: torch.Tensor | None = None
     models = 1 + ID_MASKS  # the student's logits and the ids' masks
 
     def check_divergence(self, name: str, divergence: Divergence) -> None:
@@ -524,7 +527,8 @@ class SparseTargets(Targets):
                              "live teacher")
 
     def __getitem__(self, rows: slice) -> SparseTargets:
-        return SparseTargets(self.ids[rows], self.log_p[rows], self.log_rest[rows])
+        return SparseTargets(self.ids[rows], self.log_p[rows], self.log_rest[rows],
+                             None if self.kd_rows is None else self.kd_rows[rows])
 
     def block(self, plan, student, labels, rows, grads):
         return bucket_block(plan, student, self[rows], labels, rows, grads)
@@ -649,7 +653,7 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     log_q_cached = q.log_at.masked_fill(cached.log_p == -math.inf, -math.inf)  # empty slots are no bucket
     b = buckets_from_logs(torch.cat([cached.log_p, cached.log_rest[:, None]], 1),
                           torch.cat([log_q_cached, q.log_rest[:, None]], 1))
-    value = bucket_gradient(plan, student, places, b, labels, rows, grads)
+    value = bucket_gradient(plan, student, places, b, labels, rows, grads, cached.kd_rows)
     is_label = cached.ids == labels[:, None]
     teacher_log_p_label = torch.where(is_label.any(1), torch.where(is_label, cached.log_p, -math.inf).amax(1),
                                       cached.log_rest)
@@ -657,6 +661,8 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q.x_log_x,
                            (student.argmax == teacher_top).float(), -teacher_log_p_label])
+    if cached.kd_rows is not None:  # a row without a teacher has CE alone
+        per_row[1:].masked_fill_(~cached.kd_rows[None], 0.0)
     return per_row.sum(1)
 
 
@@ -665,7 +671,7 @@ def buckets_from_logs(log_p: torch.Tensor, log_q: torch.Tensor) -> Buckets:
 
 
 def bucket_gradient(plan: KernelPlan, student: ModelBlock, places: list[IdPlace], b: Buckets, labels, rows: slice,
-                    grads: Gradients | None) -> torch.Tensor:
+                    grads: Gradients | None, kd_rows: torch.Tensor | None = None) -> torch.Tensor:
     """D per row between the bucketed distributions `b` (the tokens of `places` [rows, k], then the rest bucket),
     and with `grads` its gradient added to them, from the student's pass-1 logits.
 
@@ -675,8 +681,11 @@ def bucket_gradient(plan: KernelPlan, student: ModelBlock, places: list[IdPlace]
     two dense terms (the softmax, and the rest's own softmax q_v / Q_r = exp(log q_v - log Q_r) ≤ 1, each times a
     per-row constant) and a sparse term scattered into the chunk that holds each id. Every factor is bounded, so the
     gradient is finite and keeps its pull at any logit gap: a token the student has all but ruled out (q_v = 0 in
-    fp32) still gets -w_v = p_v under forward KL. The ids are constants of the gradient (a choice of buckets)."""
+    fp32) still gets -w_v = p_v under forward KL. The ids are constants of the gradient (a choice of buckets).
+    Rows outside `kd_rows` (where given) get D = 0 and no KD gradient, whatever their buckets hold."""
     value, w = plan.divergence.on_buckets(b, plan.param)
+    if kd_rows is not None:
+        value, w = value.masked_fill(~kd_rows, 0.0), w.masked_fill(~kd_rows[:, None], 0.0)
     kd_scale = plan.kd_grad_scale
     # Σ_B Q_B is 1 but for the rounding of the student's log-sum-exp; dividing by it cancels that rounding, which the
     # softmax term would otherwise multiply by Σ w (reverse KL's D, large where the two models disagree)

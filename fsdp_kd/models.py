@@ -143,11 +143,12 @@ def shared_vocab_size(student_tok: PreTrainedTokenizerBase, teacher_tok: PreTrai
     student, teacher = _id_to_token(student_tok), _id_to_token(teacher_tok)
     if len(teacher) < len(student):
         raise ConfigError(f"teacher tokenizer has {len(teacher)} tokens, fewer than the student's {len(student)}: "
-                          "the teacher and student must share a tokenizer")
+                          "the teacher and student must share a tokenizer, or set cross_tokenizer: true")
     for idx, (s, t) in enumerate(zip(student, teacher)):
         if s != t:
             raise ConfigError(f"teacher and student tokenizers differ at id {idx}: student {s!r} vs teacher {t!r}; "
-                              "distillation needs one tokenizer (pick a teacher from the student's model family)")
+                              "pick a teacher from the student's model family, or set cross_tokenizer: true to "
+                              "distil across tokenizers (docs/cross_tokenizer.md)")
     return len(student)
 
 

@@ -16,6 +16,7 @@ tokenizer (a padded head's rows) are never sampled.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
@@ -174,8 +175,10 @@ class GenerationStats:
 class OnPolicy:
     """Chooses a step's on-policy micro-batches and replaces their responses with the student's own."""
 
-    def __init__(self, ratio: float, seed: int, settings: GenerationSettings, rank: int, device: torch.device):
+    def __init__(self, ratio: float, seed: int, settings: GenerationSettings, rank: int, device: torch.device,
+                 retokenize=None):
         self.ratio, self.seed, self.settings, self.rank, self.device = ratio, seed, settings, rank, device
+        self.retokenize = retokenize  # a teacher with its own tokenizer: `cross_tokenizer.TeacherTokenization`
 
     def chosen(self, step: int, index: int) -> bool:
         """Whether micro-batch `index` of `step` is on-policy: a draw from (seed, step, index), so every rank agrees
@@ -195,7 +198,10 @@ class OnPolicy:
             prompts = [prompt_of(s) for s in group]
             seed = ((self.seed * 1_000_003 + step) * 1009 + i) * 131 + self.rank
             responses, seconds = generate(root, prompts, self.settings, seed, self.device)
-            out.append([with_response(p, r) for p, r in zip(prompts, responses)])
+            samples = [with_response(p, r) for p, r in zip(prompts, responses)]
+            if self.retokenize is not None:  # host string work, about a millisecond a sample (docs/cross_tokenizer.md)
+                samples = [dataclasses.replace(s, **self.retokenize.fields(s.input_ids)) for s in samples]
+            out.append(samples)
             stats.micro_batches += 1
             stats.sequences += len(group)
             stats.tokens += sum(map(len, responses))
@@ -209,7 +215,7 @@ def on_policy_metrics(metrics: dict, kl_on: float, tokens_on: float, on_batches:
     out = {"on_policy_share": on_batches / max(batches, 1.0),
            "generated_len": generated / max(sequences, 1.0),
            "gen_tokens_per_sec": generated / max(seconds / world_size, 1e-9) if generated else 0.0}
-    kl_key = next((k for k in ("kl", "kl_buckets", "kl_estimate") if k in metrics), None)
+    kl_key = next((k for k in ("kl", "kl_buckets", "kl_estimate", "kl_shared_buckets") if k in metrics), None)
     if kl_key is not None:
         tokens_off = metrics["tokens"] - tokens_on
         if tokens_on:

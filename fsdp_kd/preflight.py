@@ -95,10 +95,11 @@ class TrainingData:
     order: EpochOrder
 
 
-def open_training_data(cfg: TrainConfig, env: DistEnv, tokenizer, log=print) -> TrainingData:
-    """Each source is tokenized once per node into the cache and read memory-mapped (`tokenized`); the held-out
-    samples are the eval data set, or a seeded share of the training data (`eval_holdout_ratio`)."""
-    sources, eval_source = open_sources(cfg, tokenizer, env.local_rank, all_gather_object, log)
+def open_training_data(cfg: TrainConfig, env: DistEnv, tokenizer, log=print, retokenize=None) -> TrainingData:
+    """Each source is tokenized once per node into the cache and read memory-mapped (`tokenized`), with a teacher's
+    own tokens of each sample if `retokenize` gives them; the held-out samples are the eval data set, or a seeded
+    share of the training data (`eval_holdout_ratio`)."""
+    sources, eval_source = open_sources(cfg, tokenizer, env.local_rank, all_gather_object, log, retokenize)
     fingerprint = ckpt.data_fingerprint(sources)
     every_source = sources + ([eval_source] if eval_source is not None else [])
     held_out: list[Sample] = []

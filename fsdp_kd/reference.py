@@ -137,10 +137,11 @@ def _bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, spec: LossSpec)
 
 def dense_cross_vocab_loss(student_hidden, student_head, labels, spec: LossSpec, student_vocab: int, teacher_hidden,
                            teacher_head, teacher_vocab: int, student_ids, teacher_ids, uld_weight: float,
-                           uld_topk: int):
+                           uld_topk: int, aligned=None):
     """`cross_vocab.CrossVocabTargets`'s loss the obvious way: both full log-softmaxes, the shared tokens as buckets
     and a rest bucket per side, the divergence between them, plus uld_weight times ULD over each side's uld_topk most
-    likely tokens without a counterpart (sorted), autograd for the gradient. Returns (summed loss, summed kd)."""
+    likely tokens without a counterpart (sorted), autograd for the gradient; KD only at the rows `aligned` marks (all
+    when None). Returns (summed loss, summed kd)."""
     _only_own_convention(spec)
     tau, c = spec.temperature, spec.kd_coef
     z_s = dense_logits(student_hidden, student_head, student_vocab)
@@ -153,6 +154,8 @@ def dense_cross_vocab_loss(student_hidden, student_head, labels, spec: LossSpec,
     p_sorted, q_sorted = (F.pad(x.topk(min(k, x.shape[1]), dim=-1).values.exp(), (0, k - min(k, x.shape[1])))
                           for x in (p_unshared, q_unshared))
     kd = (_bucket_divergence(log_p, log_q, spec) + uld_weight * (p_sorted - q_sorted).abs().sum(-1)) * tau * tau
+    if aligned is not None:
+        kd = torch.where(aligned > 0, kd, 0.0)
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
 
 

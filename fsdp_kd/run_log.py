@@ -108,7 +108,8 @@ def shown_teacher_metrics(record: dict, prefix: str = "") -> list[tuple[str, str
     the teacher source gives them (a cache's are over buckets, or estimates)."""
     shown = []
     for base, label in (("kl", "kl"), ("teacher_entropy", "H(teacher)")):
-        for suffix, note in (("", ""), ("_buckets", " (buckets)"), ("_estimate", " (estimate)")):
+        for suffix, note in (("", ""), ("_buckets", " (buckets)"), ("_estimate", " (estimate)"),
+                             ("_shared_buckets", " (shared tokens)")):
             if prefix + base + suffix in record:
                 shown.append((prefix + base + suffix, label + note))
     return shown

@@ -153,6 +153,7 @@ class CacheMeta:
     settings: dict  # the tokenization settings (tokenized.TOKEN_SETTINGS)
     teacher: str  # teacher_identity(teacher_model)
     samples_per_chunk: int
+    teacher_tokenizer: str | None = None  # a teacher of its own tokenizer (cross_tokenizer): its fingerprint
     complete: bool = False
     tokens: int = 0
     bytes: int = 0
@@ -240,6 +241,12 @@ def _topk_metric_names(meta: CacheMeta) -> dict[str, str | None]:
     return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": teacher_ce}
 
 
+def _rows_with_teacher(columns: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The rows a top-k cache across tokenizers holds a distribution for (the others have no aligned teacher
+    token: `cross_vocab.topk_in_student_vocabulary`)."""
+    return (columns["log_rest"] > -math.inf) | (columns["log_p"].amax(1) > -math.inf)
+
+
 def _sampled_targets(columns: dict[str, torch.Tensor], meta: CacheMeta) -> SparseTargets:
     """p̂ = counts / n (-inf on the empty slots), with no rest: the draws are all the cache knows."""
     ids = columns["ids"]
@@ -253,7 +260,8 @@ CACHE_MODES: dict[str, CacheMode] = {
     "topk": CacheMode(
         "topk", "cache_k", slots=min, build_rows=_topk_rows,
         columns=(IDS, _log_p_column("log_p", per_slot=True), _log_p_column("log_rest", per_slot=False)),
-        targets=lambda columns, meta: SparseTargets(columns["ids"], columns["log_p"], columns["log_rest"]),
+        targets=lambda columns, meta: SparseTargets(columns["ids"], columns["log_p"], columns["log_rest"],
+                                                    _rows_with_teacher(columns) if meta.teacher_tokenizer else None),
         metric_names=_topk_metric_names,
         divergences=tuple(name for name, d in DIVERGENCES.items() if not d.student_buckets),
         lacks="the teacher's probability at the student's most likely tokens, which a top-k cache has only where "
@@ -343,11 +351,12 @@ class CacheSetup:
     """The trainer's steps for a teacher read from a cache (an entry of `distill.TEACHER_SOURCES`): the cache's
     record gives the vocabulary, the cache must fit the run's data before any model loads, and no teacher model
     loads at all."""
+    retokenize = None
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.directory = cfg, os.path.expanduser(cfg.teacher_cache)
         self.meta = CacheMeta.load(self.directory)
-        self.vocab_size = self.meta.vocab_size
+        self.vocab_size = self.teacher_vocab_size = self.meta.vocab_size
 
     def check(self, tokenizer, sources) -> None:
         cfg = self.cfg

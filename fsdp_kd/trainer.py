@@ -93,7 +93,7 @@ class Trainer:
         self.vocab_size = self.teacher_setup.vocab_size
         CLOCK.lap("tokenizers")
 
-        data = open_training_data(cfg, env, self.tokenizer, self.log)
+        data = open_training_data(cfg, env, self.tokenizer, self.log, self.teacher_setup.retokenize)
         self.train_samples, self.eval_samples, self.sources = data.train, data.held_out, data.sources
         self.training_data, self.epoch_order = data.fingerprint, data.order
         if self.resume_from:
@@ -150,10 +150,11 @@ class Trainer:
                                                      self.vocab_size)
         self.teacher: ShardedCausalLM | None = self.teacher_setup.load_model(env, compute_dtype)
         CLOCK.lap("models")
-        for role, root in (("student", self.student), ("teacher", self.teacher)):
+        for role, root, vocab in (("student", self.student, self.vocab_size),
+                                  ("teacher", self.teacher, self.teacher_setup.teacher_vocab_size)):
             if root is not None:
                 with root.gathered_head():
-                    root(verify_head, role, self.vocab_size, env.device)
+                    root(verify_head, role, vocab, env.device)
                 root.reshard_everything()
         CLOCK.lap("head probes")
         self.teacher_source = self.teacher_setup.open(env.device)
@@ -163,7 +164,8 @@ class Trainer:
             settings = GenerationSettings(cfg.generate_max_new_tokens, cfg.generate_temperature, cfg.generate_top_p,
                                           stop_token_ids(self.tokenizer, _generation_config(cfg.pretrain)),
                                           cfg.max_len, self.pad_id, cfg.generate_gather_once, self.vocab_size)
-            self.on_policy = OnPolicy(cfg.on_policy_ratio, cfg.seed, settings, env.rank, env.device)
+            self.on_policy = OnPolicy(cfg.on_policy_ratio, cfg.seed, settings, env.rank, env.device,
+                                      self.teacher_setup.retokenize)
             self.on_policy_spec = dataclasses.replace(self.spec, ce_coef=None if cfg.on_policy_ce else 0.0)
             self.log(f"on-policy: {cfg.on_policy_ratio:.0%} of micro-batches train on the student's own responses "
                      f"(up to {cfg.generate_max_new_tokens} tokens, temperature {cfg.generate_temperature:g}, top-p "

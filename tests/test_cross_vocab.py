@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap
-from fsdp_kd.kernel import Head, LiveTargets
+from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap, topk_in_student_vocabulary
+from fsdp_kd.kernel import Head, LiveTargets, SparseTargets
 from fsdp_kd.loss import LossSpec, loss_against
 from fsdp_kd.reference import dense_cross_vocab_loss
 from test_loss import assert_close, spec_with
@@ -28,9 +28,9 @@ def inputs(seed=0, vs=VS, vt=VT, shared=40):
     return h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids
 
 
-def kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, uld_weight=0.5, uld_topk=7):
+def kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, uld_weight=0.5, uld_topk=7, aligned=None):
     vmap = VocabMap(s_ids, t_ids, w_s.shape[0], w_t.shape[0])
-    targets = CrossVocabTargets(h_t, Head(w_t), t_labels, vmap, uld_weight, uld_topk)
+    targets = CrossVocabTargets(h_t, Head(w_t), t_labels, vmap, uld_weight, uld_topk, aligned)
     return loss_against(h_s, w_s, labels, spec, w_s.shape[0], targets)
 
 
@@ -48,6 +48,29 @@ def test_matches_the_dense_reference(divergence, tau, param, uld_topk):
     assert math.isclose(float(metrics["kd"]), float(ref_kd), rel_tol=1e-5)
     for g, r in zip(torch.autograd.grad(loss, args[:2]), torch.autograd.grad(ref_loss, args[:2])):
         assert_close(g, r)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "akl"])
+def test_rows_without_an_aligned_token_train_on_ce_alone(divergence):
+    """`aligned` 0 on some rows (a token in a multi-token group): their KD and KD metrics are 0, CE stays, and the
+    gradient equals the dense reference's with KD masked there. The teacher rows given there are extreme, which
+    must not leak through (the kernel masks, it does not multiply)."""
+    h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids = inputs(3)
+    aligned = (torch.arange(N) % 3 != 1).float()
+    h_t = torch.where(aligned[:, None] > 0, h_t, 1e4)
+    spec = LossSpec(kd_coef=0.7, divergence=divergence, temperature=1.0, vocab_chunk=13, token_chunk=6)
+    loss, metrics = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, aligned=aligned)
+    ref_loss, ref_kd = dense_cross_vocab_loss(h_s, w_s, labels, spec, VS, h_t, w_t, VT, s_ids, t_ids, 0.5, 7,
+                                              aligned=aligned)
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+    assert_close(loss.detach(), ref_loss.detach())
+    assert math.isclose(float(metrics["kd"]), float(ref_kd), rel_tol=1e-5)
+    for g, r in zip(torch.autograd.grad(loss, (h_s, w_s)), torch.autograd.grad(ref_loss, (h_s, w_s))):
+        assert_close(g, r)
+    _, only_aligned = kernel_loss(spec, h_s[aligned > 0], w_s, h_t[aligned > 0], w_t, labels[aligned > 0],
+                                  t_labels[aligned > 0], s_ids, t_ids)
+    for name in ("kd", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce"):
+        assert math.isclose(float(metrics[name]), float(only_aligned[name]), rel_tol=1e-5, abs_tol=1e-6), name
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "akl"])
@@ -91,3 +114,41 @@ def test_a_map_with_a_repeated_id_is_refused():
     with pytest.raises(ValueError, match="distinct ids"):
         kernel_loss(LossSpec(kd_coef=0.5), h_s, w_s, h_t, w_t, labels, t_labels, torch.tensor([3, 3]),
                     torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_full_top_k_in_the_students_vocabulary_is_the_exact_part(divergence):
+    """What a cache across tokenizers stores (`topk_in_student_vocabulary`) at k = V_t equals the live cross loss
+    without ULD: the shared tokens each a bucket, everything else the rest, rows without an aligned token CE
+    alone. Loss, gradients and KD metrics."""
+    h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids = inputs(4)
+    aligned = (torch.arange(N) % 4 != 2).float()
+    spec = LossSpec(kd_coef=0.7, divergence=divergence, temperature=1.0, vocab_chunk=13, token_chunk=6)
+    live, live_metrics = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, uld_weight=0.0,
+                                     aligned=aligned)
+    log_p = torch.log_softmax(h_t @ w_t.T, -1)
+    top, ids = log_p.topk(VT, dim=1)
+    vmap = VocabMap(s_ids, t_ids, VS, VT)
+    stored = topk_in_student_vocabulary(ids, top, torch.full((N,), -math.inf), aligned, vmap)
+    assert bool((stored[1][aligned == 0] == -math.inf).all()) and bool((stored[2][aligned == 0] == -math.inf).all())
+    kd_rows = (stored[2] > -math.inf) | (stored[1].amax(1) > -math.inf)
+    assert torch.equal(kd_rows, aligned > 0)
+    cached, metrics = loss_against(h_s, w_s, labels, spec, VS, SparseTargets(*stored, kd_rows=kd_rows))
+    assert_close(cached.detach(), live.detach(), rtol=1e-5)
+    for g, r in zip(torch.autograd.grad(cached, (h_s, w_s)), torch.autograd.grad(live, (h_s, w_s))):
+        assert_close(g, r, rtol=1e-4)
+    for name in ("kd", "kl"):
+        assert math.isclose(float(metrics[name]), float(live_metrics[name]), rel_tol=1e-4), name
+
+
+def test_a_top_k_in_the_students_vocabulary_folds_the_unshared_tokens_into_the_rest():
+    """By hand: teacher ids 0..3 with student ids 5, -, 7, - (1 and 3 unshared); k = 3 keeps ids 2, 1, 0."""
+    vmap = VocabMap(torch.tensor([5, 7]), torch.tensor([0, 2]), 9, 4)
+    log_p = torch.log(torch.tensor([[0.4, 0.3, 0.2], [0.5, 0.3, 0.1]]))
+    ids = torch.tensor([[2, 1, 0], [1, 3, 0]])
+    rest = torch.log(torch.tensor([0.1, 0.1]))
+    out_ids, out_log_p, out_rest = topk_in_student_vocabulary(ids, log_p, rest, torch.tensor([1.0, 0.0]), vmap)
+    assert out_ids[0].tolist() == [7, 7, 5]  # the empty slot repeats a non-empty id
+    assert torch.allclose(out_log_p[0].exp(), torch.tensor([0.4, 0.0, 0.2]))
+    assert math.isclose(float(out_rest[0].exp()), 0.4, rel_tol=1e-6)  # 0.3 unshared + the 0.1 beyond the top-k
+    assert bool((out_log_p[1] == -math.inf).all()) and float(out_rest[1]) == -math.inf  # not aligned: nothing

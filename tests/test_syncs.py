@@ -233,6 +233,9 @@ PATHS = {  # name: (train.py flags over SMALL, what runs); a dataset or teacher_
     "no_teacher": ({"dataset": None, "teacher_model": None, "kd_coef": 0.0}, train_step),
     "offloaded_teacher": ({"dataset": None, "teacher_offload": True}, train_step),
     "cached_teacher": ({"dataset": None, "teacher_model": None, "teacher_cache": None}, train_step),
+    # a teacher run on its own tokens (here the same tokenizer's, which takes the same path as another's)
+    "cross_tokenizer": ({"dataset": None, "cross_tokenizer": True}, train_step),
+    "cross_tokenizer_packed": ({"dataset": None, "cross_tokenizer": True, "packing_samples": True}, train_step),
     "eval": ({"dataset": None, "eval_holdout_ratio": 0.5}, evaluate),
 }
 

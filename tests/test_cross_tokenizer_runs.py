@@ -1,0 +1,151 @@
+"""Training with a teacher of another tokenizer (`cross_tokenizer: true`): the data's stored alignment laid out per
+micro-batch, the run end to end under torchrun, and its refusals. The tokenizers are the demo's character tokenizer
+(the teacher's) and the same characters plus letter pairs (the student's), so no asset is needed."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, read_metrics, torchrun, train_args
+from fsdp_kd.config import ConfigError, parse_config
+from fsdp_kd.cross_tokenizer import TeacherTokenization, TokenBytes
+from fsdp_kd.data import collate, collate_packed
+from fsdp_kd.records import IGNORE_INDEX, Sample
+
+TRAIN = str(REPO / "train.py")
+WORKER = str(REPO / "tests" / "dist_worker.py")
+PAIRS = ("AB", "CD", "EF", "GH", "ab", "cd")
+
+
+@pytest.fixture(scope="module")
+def pair_student(tiny, tmp_path_factory):
+    """A tiny student over the character tokenizer plus `PAIRS` (a tokenizer of its own)."""
+    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model
+
+    path = str(tmp_path_factory.mktemp("pair_student"))
+    tok = build_char_tokenizer(path, pairs=PAIRS)
+    build_tiny_model(path, len(tok), 32, 2, seed=5)
+    return path
+
+
+def _samples(student_tok, teacher_tok, texts, prompt_chars=4):
+    """Samples as the data pipeline builds them: the student's ids, targets after the prompt, and the teacher's
+    columns read back into positions."""
+    retokenize = TeacherTokenization(TokenBytes.of(student_tok), TokenBytes.of(teacher_tok), teacher_tok)
+    out = []
+    for text in texts:
+        ids = student_tok(text)["input_ids"] + [student_tok.eos_token_id]
+        prompt = len(student_tok(text[:prompt_chars])["input_ids"])
+        targets = [IGNORE_INDEX] * (prompt - 1) + ids[prompt:] + [IGNORE_INDEX]
+        out.append(Sample(ids, targets, **retokenize.fields(ids)))
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_teacher_rows_follow_the_students_target_rows(tiny, pair_student, packed):
+    """For each of the student's target rows, in its order, the teacher row predicts a token that spells what the
+    student's target spells (where `aligned`), and sees only its own sample's tokens (its segment), packed or not."""
+    from transformers import AutoTokenizer
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(pair_student), AutoTokenizer.from_pretrained(tiny["tok"])
+    samples = _samples(s_tok, t_tok, ["abcd:ABCDEF", "hgfe:GHA", "abab:CDCDCDAB", "x:Q", "cdcd:EFGHABCDA"])
+    batch = collate_packed(samples, 40, 0) if packed else collate(samples, 0)
+    teacher = batch.teacher
+    assert teacher.target_rows.shape == batch.target_rows.shape == batch.aligned.shape
+    t_flat = teacher.input_ids.flatten()
+    assert 0.3 < float(batch.aligned.mean()) < 1.0  # pairs make some groups two-to-one: CE alone there
+    s_seg, t_seg = batch._segments().flatten(), teacher._segments().flatten()
+    for s_row, t_row, label, t_label, aligned in zip(batch.target_rows, teacher.target_rows, batch.target_ids,
+                                                     teacher.target_ids, batch.aligned):
+        if aligned:
+            assert s_tok.convert_ids_to_tokens(int(label)) == t_tok.convert_ids_to_tokens(int(t_label))
+            assert int(t_flat[t_row + 1]) == int(t_label)
+            assert int(s_seg[s_row]) == int(t_seg[t_row])
+            s_row_start = int(s_row) // batch.input_ids.shape[1]
+            assert s_row_start == int(t_row) // teacher.input_ids.shape[1]  # the same row of the layout
+
+
+def test_the_same_tokenizer_across_the_alignment_is_live_kd(tiny, tmp_path):
+    """cross_tokenizer with the student's own tokenizer: every position aligns and every token is shared, so one
+    step's gradients and loss equal the plain live run's (2 ranks, micro-batch 1, 6 samples per rank)."""
+    flags = dict(train_batch_size=12, micro_train_batch_size=1, kd_coef=0.8, kd_loss="jsd")
+    live = _grads(tiny, tmp_path, "live", **flags)
+    cross = _grads(tiny, tmp_path, "cross", cross_tokenizer="true", **flags)
+    assert cross["metrics"]["loss"] == pytest.approx(live["metrics"]["loss"], rel=1e-5)
+    assert cross["metrics"]["kl_shared_buckets"] == pytest.approx(live["metrics"]["kl"], rel=1e-4)  # the cross path
+    assert live["grads"].keys() == cross["grads"].keys() and live["grads"]
+    for name, g in live["grads"].items():
+        assert float((cross["grads"][name] - g).abs().max()) <= 1e-5 * float(g.abs().max()) + 1e-9, name
+
+
+def _grads(tiny, tmp_path, name, **flags):
+    out = tmp_path / f"{name}.pt"
+    torchrun([WORKER, "grads", str(out), *train_args(tiny, tmp_path / name, **flags)], nproc=2)
+    return torch.load(out, weights_only=True)
+
+
+def test_a_teacher_with_another_tokenizer_teaches_the_student(tiny, pair_student, tmp_path):
+    """The pair-tokenizer student from the character-tokenizer teacher, 2 ranks, packed, with an odd eval set: the
+    start-up line says what maps, the KD term falls, and the metrics are named for what they are."""
+    proc = torchrun([TRAIN, *train_args(tiny, tmp_path / "out", pretrain=pair_student, cross_tokenizer="true",
+                                        kd_coef=1.0, max_steps=10, learning_rate=1e-2, packing_samples="true",
+                                        max_len=64, eval_dataset=tiny["eval"], eval_steps=10)])
+    assert "77 tokens map exactly between the vocabularies" in proc.stdout
+    assert "align one to one with a teacher token" in proc.stdout
+    assert "| kl (shared tokens) " in proc.stdout  # the step lines name the metric for what it is
+    lines = read_metrics(tmp_path / "out")
+    train = [m for m in lines if "loss" in m]
+    assert "kl_shared_buckets" in train[0] and "kl" not in train[0]
+    assert train[-1]["kd"] < 0.7 * train[0]["kd"]
+    assert np.isfinite([m["loss"] for m in train]).all()
+    assert any("eval_kl_shared_buckets" in m for m in lines)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(teacher_cache="/tmp/cache"), "a teacher cache across tokenizers holds the exact part only"),
+    (dict(teacher_cache="/tmp/cache", uld_weight=0, cache_mode="sampled"), "set cache_mode topk"),
+    (dict(kd_loss="reverse_kl_student_topk"), "no counterpart in the teacher's vocabulary"),
+    (dict(uld_topk=0), "uld_topk >= 1"),
+])
+def test_what_cross_tokenizer_refuses_before_anything_loads(flags, message):
+    args = ["--pretrain", "s", "--teacher_model", "t", "--dataset", "d.jsonl", "--cross_tokenizer", "true"]
+    for key, value in flags.items():
+        args += [f"--{key}", str(value)]
+    with pytest.raises(ConfigError, match=message):
+        parse_config(args)
+
+
+def test_on_policy_responses_are_re_tokenized_for_the_teacher(tiny, pair_student, tmp_path):
+    """Every micro-batch on-policy (λ = 1): the student's own responses get the teacher's tokens and alignment at
+    step time, and train against it (the KL on the student's text is logged, and finite)."""
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "out", pretrain=pair_student, cross_tokenizer="true",
+                                 on_policy_ratio=1.0, generate_max_new_tokens=6, max_steps=3, kd_coef=1.0,
+                                 kd_loss="reverse_kl")])
+    train = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert len(train) == 3 and all(m["on_policy_share"] == 1.0 for m in train)
+    assert all(np.isfinite(m["kl_on_policy"]) and m["kl_on_policy"] > 0 for m in train)
+
+
+def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny, pair_student, tmp_path):
+    """cache_teacher with cross_tokenizer stores the teacher's top-k in the student's vocabulary (k = V_t, float32)
+    and no distribution where a token has no aligned counterpart; training from it, with no teacher loaded, logs
+    the live cross-tokenizer run's losses at uld_weight 0, step by step and in the evaluation (2 ranks,
+    micro-batch 1, three eval samples)."""
+    eval_path = tmp_path / "eval3.jsonl"
+    eval_path.write_text("".join(open(tiny["eval"]).readlines()[:3]))
+    common = dict(pretrain=pair_student, cross_tokenizer="true", uld_weight=0.0, train_batch_size=6,
+                  micro_train_batch_size=1, max_steps=3, eval_dataset=str(eval_path), eval_steps=3, kd_coef=0.8,
+                  kd_loss="reverse_kl")
+    cache = tmp_path / "cache"
+    torchrun(["-m", "fsdp_kd.cache_teacher", *train_args(tiny, tmp_path / "unused", teacher_cache=str(cache),
+                                                         cache_k=200, cache_log_p_dtype="float32", **common)])
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "live", **common)])
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "cached", teacher_model=None, teacher_cache=str(cache), **common)])
+    live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
+    assert len(live) == len(cached) == 4
+    for a, b in zip(live, cached):
+        for name in ("loss", "ce", "kd", "eval_loss"):
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (name, a, b)
+        if "kl_shared_buckets" in a:
+            assert b["kl_buckets"] == pytest.approx(a["kl_shared_buckets"], rel=1e-5, abs=1e-6)
