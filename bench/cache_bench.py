@@ -36,7 +36,7 @@ def worker(args) -> None:
 
     from fsdp_kd.config import TrainConfig
     from fsdp_kd.data import MicroBatch
-    from fsdp_kd.distill import LiveTeacher, student_loss
+    from fsdp_kd.distill import LiveTeacher, run_student
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
     from fsdp_kd.models import resolve_dtype, shard_student, shard_teacher
@@ -109,7 +109,7 @@ def worker(args) -> None:
             source = CachedTeacher(directory, CacheMeta.load(directory), env.device)
 
         def step():
-            loss, _ = student(student_loss, batch, spec, args.vocab, source.targets(batch))
+            loss, _ = run_student(student, batch, spec, args.vocab, source.targets(batch))
             (loss / tokens).backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()

@@ -145,7 +145,7 @@ def worker(args) -> None:
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
     from fsdp_kd.models import parameter_count, resolve_dtype, shard_student, shard_teacher
-    from fsdp_kd.distill import LiveTeacher, student_loss
+    from fsdp_kd.distill import LiveTeacher, run_student
     from fsdp_kd.run_log import peak_memory_gb
 
     env = init_distributed()
@@ -191,7 +191,7 @@ def worker(args) -> None:
         if args.impl == "naive":
             loss = student_root(naive_loss, batch, teacher_out)
         else:
-            loss, _ = student_root(student_loss, batch, spec, args.vocab, teacher_out)
+            loss, _ = run_student(student_root, batch, spec, args.vocab, teacher_out)
         (loss / global_tokens).backward()
         torch.nn.utils.clip_grad_norm_(student_root.parameters(), 1.0)
         optimizer.step()
@@ -229,7 +229,7 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
     import torch.distributed as dist
 
     from fsdp_kd.data import collate
-    from fsdp_kd.distill import LiveTeacher, student_loss
+    from fsdp_kd.distill import LiveTeacher, run_student
     from fsdp_kd.distributed import teardown
     from fsdp_kd.on_policy import GenerationSettings, generate, with_response
     from fsdp_kd.run_log import peak_memory_gb
@@ -265,7 +265,7 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
         times["teacher"] += seconds
 
         def student_part():
-            loss, _ = student_root(student_loss, batch, spec, args.vocab, targets)
+            loss, _ = run_student(student_root, batch, spec, args.vocab, targets)
             (loss / batch.trainable_tokens).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

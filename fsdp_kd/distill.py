@@ -12,6 +12,7 @@ running on other ranks would be one more entry, whose source's targets are the h
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -257,6 +258,14 @@ def setup_teacher(cfg, tokenizer) -> TeacherSetup:
     kind = ("cache" if cfg.teacher_cache else ("cross_tokenizer" if cfg.cross_tokenizer else "live")
             if cfg.teacher_model else "none")
     return TEACHER_SOURCES[kind](cfg, tokenizer)
+
+
+def run_student(root: ShardedCausalLM, batch: MicroBatch, spec: LossSpec, vocab_size: int, targets=None):
+    """`student_loss` as the student root's forward. The targets ride in the function, not among the forward's
+    arguments: FSDP casts every floating tensor among those to the compute dtype (`MixedPrecisionPolicy`'s
+    cast_forward_inputs), which under bf16 would round a cache's log-probabilities (or stored hidden states) before
+    the softmax they stand for."""
+    return root(functools.partial(student_loss, targets=targets), batch, spec, vocab_size)
 
 
 def student_loss(lm, batch: MicroBatch, spec: LossSpec, vocab_size: int, targets=None):

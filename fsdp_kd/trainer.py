@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_yaml, gradient_accumulation_steps, loss_spec
 from .data import MicroBatch, StepSampler, collate, collate_packed, eval_shards, host_values, padding_efficiency
 from .records import Sample
-from .distill import setup_teacher, student_loss
+from .distill import run_student, setup_teacher
 from .distributed import DistEnv, all_reduce_sum
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
@@ -209,7 +209,7 @@ class Trainer:
     def _run_micro_batch(self, batch: MicroBatch, spec: LossSpec):
         """(summed loss, summed metrics) of one micro-batch that is already on the device."""
         targets = self.teacher_source.targets(batch) if self.teacher_source else None
-        return self.student(student_loss, batch, spec, self.vocab_size, targets)
+        return run_student(self.student, batch, spec, self.vocab_size, targets)
 
     def _device_batches(self, groups: list[list[Sample]]) -> list[MicroBatch]:
         """Every micro-batch of a step collated on the host and queued for the device at once: on CUDA the copies

@@ -291,3 +291,24 @@ def test_only_parameters_are_offloaded_buffers_stay_on_the_compute_device(tiny):
     assert buffers.keys() == expected.keys() and buffers
     for name, buffer in buffers.items():
         assert buffer.device.type == "cpu" and torch.equal(buffer, expected[name]), name
+
+
+def test_a_caches_targets_reach_the_loss_in_fp32_under_bf16_compute(tiny, uneven, tmp_path, env, cache, monkeypatch):
+    """FSDP casts every floating tensor among the student root's forward arguments to the compute dtype; the
+    teacher's targets ride outside them (`distill.run_student`), so a cache's log-probabilities reach the loss in
+    fp32 under bf16 compute, not rounded to bf16."""
+    import torch
+
+    import fsdp_kd.teacher_cache as teacher_cache
+
+    seen, real = [], teacher_cache.loss_against
+
+    def spy(hidden, head, labels, spec, vocab_size, targets):
+        seen.append((hidden.dtype, targets.log_p.dtype, targets.log_rest.dtype))
+        return real(hidden, head, labels, spec, vocab_size, targets)
+
+    monkeypatch.setattr(teacher_cache, "loss_against", spy)
+    trainer = trainer_for(tiny, tmp_path / "run", env, dataset=uneven, teacher_model=None, teacher_cache=cache,
+                          param_dtype="bf16")
+    trainer.train_step(0)
+    assert seen and all(dtypes == (torch.bfloat16, torch.float32, torch.float32) for dtypes in seen), seen
