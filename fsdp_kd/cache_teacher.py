@@ -1,7 +1,7 @@
 """Run the frozen teacher once over a run's data and store its distributions: `python -m fsdp_kd.cache_teacher`.
 
     torchrun --nproc_per_node N -m fsdp_kd.cache_teacher --config run.yaml --teacher_cache DIR \\
-        [--cache_mode topk --cache_k 64 | --cache_mode sampled --cache_n 32]
+        [--cache_mode topk --cache_k 64 | --cache_mode sampled --cache_n 32 | --cache_mode hidden]
 
 It takes train.py's keys: the same `pretrain` (whose tokenizer tokenizes the data), `teacher_model`, data keys and
 `kd_temperature` as the training run that will read the cache, and the teacher is sharded as in training
@@ -27,7 +27,8 @@ from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_proces
 from .heads import verify_head
 from .loss import LossSpec
 from .models import padding_id, resolve_dtype, tokenizer_or_error
-from .teacher_cache import CACHE_MODES, META_FILE, CacheMeta, part_name, teacher_identity, teacher_rows, write_part
+from .teacher_cache import (CACHE_MODES, META_FILE, CacheMeta, is_part, part_name, save_head, teacher_identity,
+                            teacher_rows, write_part)
 from .tokenized import TOKEN_SETTINGS, open_sources, tokenizer_fingerprint
 
 class CacheBuilder:
@@ -53,7 +54,8 @@ class CacheBuilder:
             offsets.append(offsets[-1] + len(source))
         self.offsets = offsets
         self.mode = CACHE_MODES[cfg.cache_mode]
-        slots = self.mode.slots(getattr(cfg, self.mode.slots_key), self.teacher_setup.teacher_vocab_size)
+        slots = self.mode.slots(getattr(cfg, self.mode.slots_key) if self.mode.slots_key else None,
+                                self.teacher_setup.teacher_vocab_size, _hidden_size(cfg))
         self.meta = CacheMeta(
             mode=cfg.cache_mode, slots=slots, temperature=cfg.kd_temperature, vocab_size=self.vocab_size,
             log_p_dtype=cfg.cache_log_p_dtype, tokenizer=tokenizer_fingerprint(self.tokenizer),
@@ -61,7 +63,8 @@ class CacheBuilder:
                      for s, o in zip(self.sources, offsets)],
             settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=teacher_identity(cfg.teacher_model),
             samples_per_chunk=cfg.cache_chunk_samples,
-            teacher_tokenizer=None if retokenize is None else tokenizer_fingerprint(retokenize.tokenizer))
+            teacher_tokenizer=None if retokenize is None else tokenizer_fingerprint(retokenize.tokenizer),
+            hidden_dtype=cfg.cache_hidden_dtype)
         self.already_complete = self._adopt_existing()
 
     def _adopt_existing(self) -> bool:
@@ -76,7 +79,7 @@ class CacheBuilder:
             return False
         old = CacheMeta.load(self.directory)
         differ = [k for k in ("mode", "slots", "temperature", "vocab_size", "log_p_dtype", "tokenizer", "sources",
-                              "teacher", "samples_per_chunk", "teacher_tokenizer")
+                              "teacher", "samples_per_chunk", "teacher_tokenizer", "hidden_dtype")
                   if getattr(old, k) != getattr(self.meta, k)]
         if differ:
             raise ConfigError(f"key teacher_cache: {self.directory} holds a cache built with other {', '.join(differ)}; "
@@ -92,6 +95,10 @@ class CacheBuilder:
         teacher = self.teacher_setup.load_model(env, resolve_dtype(cfg, env.device))
         with teacher.gathered_head():
             teacher(verify_head, "teacher", self.teacher_setup.teacher_vocab_size, env.device)
+        if self.mode.keeps_head:  # gathered again: the probe's forward resharded it
+            with teacher.gathered_head() as head:
+                if env.is_main:
+                    self.meta.head = save_head(self.directory, head, self.teacher_setup.teacher_vocab_size)
         teacher.reshard_everything()
         source = self.teacher_setup.open(env.device)
         spec = LossSpec(temperature=cfg.kd_temperature, vocab_chunk=cfg.kd_vocab_chunk,
@@ -153,10 +160,18 @@ class CacheBuilder:
         for name in os.listdir(self.directory):
             if name.endswith(".tmp") and self.env.is_main:
                 os.remove(os.path.join(self.directory, name))
-            elif name.startswith("part-") and name.endswith(".safetensors"):
+            elif is_part(name):
                 _, chunk, rank, _, world = name[:-len(".safetensors")].split("-")
                 parts.setdefault((int(chunk), int(world)), set()).add(int(rank[1:]))
         return {chunk for (chunk, world), ranks in parts.items() if len(ranks) == world}
+
+
+def _hidden_size(cfg: TrainConfig) -> int:
+    """The teacher's hidden size, from its config (before the model loads): what a hidden-state cache stores."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.teacher_model, trust_remote_code=cfg.trust_remote_code)
+    return config.get_text_config().hidden_size
 
 
 def _tokens_and_bytes(directory: str) -> tuple[int, int]:
@@ -164,7 +179,7 @@ def _tokens_and_bytes(directory: str) -> tuple[int, int]:
 
     tokens = size = 0
     for name in os.listdir(directory):
-        if name.endswith(".safetensors"):
+        if is_part(name):
             with safe_open(os.path.join(directory, name), framework="pt") as f:
                 tokens += int(f.get_tensor("offsets")[-1])
             size += os.path.getsize(os.path.join(directory, name))
@@ -195,7 +210,8 @@ KEYS = ("pretrain", "teacher_model", "cross_tokenizer", "trust_remote_code", "at
         "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode", "packing_samples",
         "skip_bad_rows", "max_len", "max_samples", "max_eval_samples", "data_cache_dir",
         "micro_train_batch_size", "seed", "kd_temperature", "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb",
-        "teacher_cache", "cache_mode", "cache_k", "cache_n", "cache_log_p_dtype", "cache_chunk_samples",
+        "teacher_cache", "cache_mode", "cache_k", "cache_n", "cache_log_p_dtype", "cache_hidden_dtype",
+        "cache_chunk_samples",
         "dist_timeout_minutes")
 
 

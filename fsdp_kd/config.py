@@ -166,11 +166,13 @@ class TrainConfig:
     teacher_cache: str | None = opt(None, "a directory of the teacher's stored distributions: cache_teacher writes "
                                           "it, training reads it instead of running a teacher", section="Teacher cache")
     cache_mode: str = opt("topk", "topk: cache_k ids with log-probs plus a rest bucket; sampled: cache_n draws as ids "
-                                  "with counts")
+                                  "with counts; hidden: the teacher's final hidden states (exact, 2·H bytes a "
+                                  "token) and its head")
     cache_k: int = opt(64, "topk: the teacher's most likely ids stored per token")
     cache_n: int = opt(32, "sampled: draws from the teacher per token (at most 255)")
     cache_log_p_dtype: str = opt("float16", "topk: the dtype of the stored log-probabilities: float16, bfloat16 or "
                                             "float32")
+    cache_hidden_dtype: str = opt("bfloat16", "hidden: the dtype of the stored hidden states: bfloat16 or float32")
     cache_chunk_samples: int = opt(512, "samples per part file: the most work a killed cache build loses")
 
     save_path: str = opt("output/fsdp_kd_student", "where the run writes the HF model, metrics.jsonl and "
@@ -455,6 +457,8 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.cache_k < 1 or not 1 <= cfg.cache_n <= 255:
         fail("cache_k" if cfg.cache_k < 1 else "cache_n", "cache_k must be >= 1 and cache_n in [1, 255] (counts are "
                                                           f"stored in a byte), got {cfg.cache_k} and {cfg.cache_n}")
+    if cfg.cache_hidden_dtype not in ("bfloat16", "float32"):
+        fail("cache_hidden_dtype", f"cache_hidden_dtype must be bfloat16 or float32, got {cfg.cache_hidden_dtype!r}")
     if cfg.cache_log_p_dtype not in ("float16", "bfloat16", "float32"):
         fail("cache_log_p_dtype", f"cache_log_p_dtype must be float16, bfloat16 or float32, got {cfg.cache_log_p_dtype!r}")
     if cfg.input_template is not None and cfg.input_template.count("{}") != 1:

@@ -5,20 +5,23 @@ one of the modes of `CACHE_MODES`:
   topk     the k most likely ids, their log-probabilities, and the log of the mass on every other token (the
            "rest" bucket); training takes the divergence between the bucketed distributions, exact at k = V;
   sampled  n draws from p, stored as the distinct ids with their counts; p̂ = counts / n is an unbiased estimate
-           of p, so forward KL's gradient q - p̂ is an unbiased estimate of the live one.
+           of p, so forward KL's gradient q - p̂ is an unbiased estimate of the live one;
+  hidden   the teacher's final hidden state itself (bf16 by default, 2·H bytes), and the teacher's output head once
+           for the whole cache: training rebuilds the teacher's exact logits from them (`kernel.LiveTargets`), so
+           every divergence trains as with the live teacher, with no teacher body loaded.
 A mode is one `CacheMode` entry, which says all there is to it: how its rows are built from the teacher's logits, the
-columns a part stores, the targets the loss takes from them, its metric names and the divergences it can train. A
-cache of the teacher's final hidden states would be one more entry, whose targets are `kernel.LiveTargets` (the stored
-states with the teacher's head).
+columns a part stores, the targets the loss takes from them, its metric names and the divergences it can train.
 
 Layout of a cache directory:
   cache.json                what the cache is valid for (tokenizer, the data's sample hashes and settings, teacher,
                             τ, mode, k or n, vocabulary), and whether it is complete
   part-CCCCCC-rRRR-of-WWW.safetensors
                             chunk C of the samples as built by rank R of W: `sample` (the cache's sample index),
-                            `offsets` (each sample's token rows), `ids` (uint8 [tokens, slots, bytes]: the fewest
-                            little-endian bytes that hold the vocabulary), and the mode's other columns: `log_p` +
-                            `log_rest` (topk, 16-bit by default) or `counts` (sampled, uint8)
+                            `offsets` (each sample's token rows), and the mode's columns: `ids` (uint8 [tokens,
+                            slots, bytes]: the fewest little-endian bytes that hold the vocabulary) with `log_p` +
+                            `log_rest` (topk, 16-bit by default) or `counts` (sampled, uint8); or `hidden` (hidden)
+  head.safetensors          hidden mode: the teacher's output head (`weight`, and `bias` if it has one), whose logit
+                            scale and soft-cap cache.json records
 A part is written to a temporary name and renamed, so a killed build keeps its finished parts and loses no more
 than the parts in flight.
 """
@@ -38,11 +41,12 @@ import torch
 from .config import ConfigError, loss_spec
 from .data import to_device
 from .divergences import DIVERGENCES
-from .kernel import (ID_MASKS, Head, ModelBlock, SparseTargets, Targets, choose_chunks, id_places, mass_on_buckets,
-                     pass1_logits, top_tokens, vocab_chunks)
+from .kernel import (ID_MASKS, Head, LiveTargets, ModelBlock, SparseTargets, Targets, choose_chunks, id_places,
+                     mass_on_buckets, pass1_logits, top_tokens, vocab_chunks)
 from .loss import LossSpec, loss_against
 
 META_FILE = "cache.json"
+HEAD_FILE = "head.safetensors"
 FORMAT_VERSION = 1
 LOG_P_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OPEN_PARTS = 128  # parts a reader keeps open, each one memory map: far below vm.max_map_count (65530)
@@ -140,6 +144,11 @@ def part_name(chunk: int, rank: int, world: int) -> str:
     return f"part-{chunk:06d}-r{rank:03d}-of-{world:03d}.safetensors"
 
 
+def is_part(name: str) -> bool:
+    """Whether a file of a cache directory holds rows (not the head a hidden-state cache keeps beside them)."""
+    return name.startswith("part-") and name.endswith(".safetensors")
+
+
 @dataclass
 class CacheMeta:
     """What a cache holds and what it is valid for (cache.json)."""
@@ -154,6 +163,8 @@ class CacheMeta:
     teacher: str  # teacher_identity(teacher_model)
     samples_per_chunk: int
     teacher_tokenizer: str | None = None  # a teacher of its own tokenizer (cross_tokenizer): its fingerprint
+    hidden_dtype: str = "bfloat16"  # hidden mode: the stored hidden states' dtype
+    head: dict | None = None  # hidden mode: the head's logit transforms, {"scale", "softcap"}
     complete: bool = False
     tokens: int = 0
     bytes: int = 0
@@ -212,21 +223,25 @@ class CacheMode:
     """One way of storing the teacher's distribution at a token, whole: what the build stores per token (its
     `columns`, made by `build_rows` from a teacher block's logits at τ), what training sends the loss from them
     (`targets`, any `kernel.Targets`), how the loss's metrics read against it (`metric_names`; None drops one), and
-    the divergences it can train (refused otherwise, saying what the mode `lacks`)."""
+    the divergences it can train (refused otherwise, saying what the mode `lacks`). A mode that `keeps_head` stores the
+    teacher's output head once beside its rows, and its `targets` get it."""
     name: str
-    slots_key: str  # the config key of its slots per token
-    slots: Callable[[int, int], int]  # (that key's value, vocabulary size) -> the slots stored per token
+    slots_key: str | None  # the config key of its slots per token (None: set by the teacher)
+    slots: Callable[[int | None, int, int], int]  # (that key's value, vocabulary, hidden size) -> slots per token
     build_rows: Callable[[ModelBlock, list[tuple[int, int]], int, float, torch.Generator | None],
                          tuple[torch.Tensor, ...]]  # (block, chunks, slots, 1/τ, generator) -> the columns
     columns: tuple[Column, ...]
-    targets: Callable[[dict[str, torch.Tensor], CacheMeta], Targets]  # the columns loaded on the device -> targets
+    # (the columns loaded on the device, the cache's record, the teacher's head if kept) -> targets
+    targets: Callable[[dict[str, torch.Tensor], CacheMeta, Head | None], Targets]
     metric_names: Callable[[CacheMeta], dict[str, str | None]]
     divergences: tuple[str, ...] = tuple(DIVERGENCES)
     lacks: str = ""
+    size_name: str = ""  # what its slots are, e.g. "k"
+    keeps_head: bool = False
 
     def describe(self, slots: int) -> str:
-        """Its size per token as the config names it, e.g. "k = 64"."""
-        return f"{self.slots_key.removeprefix('cache_')} = {slots}"
+        """Its size per token, e.g. "k = 64"."""
+        return f"{self.size_name} = {slots}"
 
 
 def _topk_rows(block: ModelBlock, chunks, k: int, inv_tau: float, generator) -> tuple[torch.Tensor, ...]:
@@ -247,7 +262,7 @@ def _rows_with_teacher(columns: dict[str, torch.Tensor]) -> torch.Tensor:
     return (columns["log_rest"] > -math.inf) | (columns["log_p"].amax(1) > -math.inf)
 
 
-def _sampled_targets(columns: dict[str, torch.Tensor], meta: CacheMeta) -> SparseTargets:
+def _sampled_targets(columns: dict[str, torch.Tensor], meta: CacheMeta, head: None) -> SparseTargets:
     """p̂ = counts / n (-inf on the empty slots), with no rest: the draws are all the cache knows."""
     ids = columns["ids"]
     log_p = torch.log(columns["counts"] / meta.slots)
@@ -258,24 +273,58 @@ CACHE_MODES: dict[str, CacheMode] = {
     # the k most likely ids, their log-probabilities and the rest bucket: exact at k = V, biased (the tail's shape
     # is lost) below it
     "topk": CacheMode(
-        "topk", "cache_k", slots=min, build_rows=_topk_rows,
+        "topk", "cache_k", slots=lambda k, vocab_size, hidden_size: min(k, vocab_size), build_rows=_topk_rows,
         columns=(IDS, _log_p_column("log_p", per_slot=True), _log_p_column("log_rest", per_slot=False)),
-        targets=lambda columns, meta: SparseTargets(columns["ids"], columns["log_p"], columns["log_rest"],
+        targets=lambda columns, meta, head: SparseTargets(columns["ids"], columns["log_p"], columns["log_rest"],
                                                     _rows_with_teacher(columns) if meta.teacher_tokenizer else None),
         metric_names=_topk_metric_names,
         divergences=tuple(name for name, d in DIVERGENCES.items() if not d.student_buckets),
         lacks="the teacher's probability at the student's most likely tokens, which a top-k cache has only where "
-              "they are among the teacher's k"),
+              "they are among the teacher's k", size_name="k"),
     # n draws as distinct ids with counts: p̂ is unbiased, but 0 off the draws
     "sampled": CacheMode(
-        "sampled", "cache_n", slots=lambda n, vocab_size: n, build_rows=teacher_samples, columns=(IDS, COUNTS),
+        "sampled", "cache_n", slots=lambda n, vocab_size, hidden_size: n, build_rows=teacher_samples,
+        columns=(IDS, COUNTS),
         targets=_sampled_targets,
         metric_names=lambda meta: {"kl": "kl_estimate", "teacher_entropy": "teacher_entropy_estimate",
                                    "teacher_ce": None, "kd": "kd_estimate"},
         divergences=("forward_kl",),
         lacks="the teacher's probability of every token the student gives mass to, which a sampled cache does not "
-              "have (p̂ is 0 off its draws)"),
+              "have (p̂ is 0 off its draws)", size_name="n"),
+    # the teacher's final hidden states and, once, its head: the exact logits, every divergence
+    "hidden": CacheMode(
+        "hidden", None, slots=lambda _, vocab_size, hidden_size: hidden_size,
+        build_rows=lambda block, chunks, slots, inv_tau, generator: (block.hidden,),
+        columns=(Column("hidden", True, torch.float32, lambda t, meta: t.to(LOG_P_DTYPES[meta.hidden_dtype]),
+                        lambda t: t),),
+        targets=lambda columns, meta, head: LiveTargets(columns["hidden"].to(head.weight.dtype), head),
+        metric_names=lambda meta: {}, size_name="hidden size", keeps_head=True),
 }
+
+
+def save_head(directory: str, head: Head, vocab_size: int) -> dict:
+    """The teacher's output head over the vocabulary, for a cache that `keeps_head`: its tensors to HEAD_FILE (as the
+    teacher computes, e.g. bf16), its logit transforms returned for cache.json."""
+    from safetensors.torch import save_file
+
+    tensors = {"weight": head.weight[:vocab_size].detach().cpu().contiguous()}
+    if head.bias is not None:
+        tensors["bias"] = head.bias[:vocab_size].detach().cpu().contiguous()
+    tmp = os.path.join(directory, HEAD_FILE + ".tmp")
+    save_file(tensors, tmp)
+    os.replace(tmp, os.path.join(directory, HEAD_FILE))
+    return {"scale": head.scale, "softcap": head.softcap}
+
+
+def load_head(directory: str, meta: CacheMeta, device: torch.device) -> Head:
+    """The head a `keeps_head` cache stored, whole on every rank (V·H values: 1.1 GB in bf16 for a 152k × 3584 head)."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, HEAD_FILE)
+    if not os.path.exists(path) or meta.head is None:
+        raise ConfigError(f"key teacher_cache: {directory} lacks the teacher's head ({HEAD_FILE}); build it again")
+    tensors = load_file(path, device=str(device))
+    return Head(tensors["weight"], tensors.get("bias"), meta.head["scale"], meta.head["softcap"])
 
 
 def no_rows(meta: CacheMeta) -> tuple[torch.Tensor, ...]:
@@ -370,8 +419,9 @@ class CacheSetup:
 
     def describe(self) -> list[str]:
         meta, size = self.meta, CACHE_MODES[self.meta.mode].describe(self.meta.slots)
-        return [f"teacher: no model loaded; its {meta.mode} distributions ({size}) from the cache "
-                f"{self.cfg.teacher_cache}, {meta.bytes / max(meta.tokens, 1):.0f} bytes per token"]
+        head = ", and its output head (whole on every rank)" if CACHE_MODES[meta.mode].keeps_head else ""
+        return [f"teacher: no model loaded; its {meta.mode} rows ({size}) from the cache {self.cfg.teacher_cache}, "
+                f"{meta.bytes / max(meta.tokens, 1):.0f} bytes per token{head}"]
 
 
 class CacheRowsMismatch(RuntimeError):
@@ -397,7 +447,7 @@ class CachedTeacher:
         self.part = np.full(total, -1, dtype=np.int64)
         self.start = np.zeros(total, dtype=np.int64)
         self.end = np.zeros(total, dtype=np.int64)
-        self.files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+        self.files = sorted(f for f in os.listdir(directory) if is_part(f))
         for k, name in enumerate(self.files):
             with safe_open(os.path.join(directory, name), framework="pt") as handle:
                 samples, offsets = handle.get_tensor("sample").numpy(), handle.get_tensor("offsets").numpy()
@@ -408,6 +458,7 @@ class CachedTeacher:
             raise ConfigError(f"key teacher_cache: {directory} lacks {missing} of its {total} samples; finish it by "
                               "running cache_teacher again with the same arguments")
         self._open = functools.lru_cache(maxsize=OPEN_PARTS)(self._open_part)
+        self.head = load_head(directory, meta, device) if self.mode.keeps_head else None
 
     def _open_part(self, k: int):
         from safetensors import safe_open
@@ -432,7 +483,7 @@ class CachedTeacher:
             raise CacheRowsMismatch(f"key teacher_cache: the cache holds {rows} target rows for a micro-batch that "
                                     f"has {batch.trainable_tokens}; it was built from other data")
         loaded = {c.name: c.load(to_device(host[c.name], self.device)) for c in self.mode.columns}
-        return CachedTargets(self.mode.targets(loaded, self.meta))
+        return CachedTargets(self.mode.targets(loaded, self.meta, self.head))
 
     def _read(self, sample_keys: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """The stored columns of these samples' rows, concatenated on the host."""

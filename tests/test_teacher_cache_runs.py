@@ -167,3 +167,37 @@ def test_a_hub_teacher_is_recorded_by_its_id_so_a_build_resumes_from_another_dir
     torchrun(args, cwd=tmp_path / "a")
     assert "already complete" in torchrun(args, cwd=tmp_path / "b").stdout
     assert json.loads((cache / "cache.json").read_text())["teacher"] == "fsdp-kd-tests/tiny-teacher"
+
+
+def test_a_hidden_state_cache_trains_like_the_live_teacher(tiny, tmp_path, uneven):
+    """`cache_mode hidden`: the teacher's final hidden states and its head. In float32 every logged figure equals
+    the live teacher's run (micro-batch 1, uneven eval, JSD at τ = 2) under the live names (the logits are the
+    teacher's own); in bfloat16, the default, to bf16 tolerance, at 2·H bytes per token. Training loads no teacher
+    model, and every divergence is allowed (the student's top-k one included, which no other cache takes)."""
+    common, live = uneven
+    exact, rounded = tmp_path / "exact", tmp_path / "bf16"
+    for cache, dtype in ((exact, "float32"), (rounded, "bfloat16")):
+        torchrun(cache_args(tiny, cache, cache_mode="hidden", cache_hidden_dtype=dtype,
+                            eval_dataset=common["eval_dataset"], kd_temperature=common["kd_temperature"]))
+    meta = json.loads((rounded / "cache.json").read_text())
+    hidden = 64  # the tiny teacher's
+    assert meta["slots"] == hidden and meta["head"] == {"scale": 1.0, "softcap": None}
+    assert 2 * hidden < meta["bytes"] / meta["tokens"] < 2 * hidden + 16  # the rows, and their share of the offsets
+    proc = torchrun([TRAIN, *train_args(tiny, tmp_path / "from_exact", teacher_model=None, teacher_cache=str(exact),
+                                        **common)])
+    assert "loading the teacher" not in proc.stdout and "its hidden rows (hidden size = 64)" in proc.stdout
+    from_exact = read_metrics(tmp_path / "from_exact")
+    assert len(from_exact) == len(live)
+    for a, b in zip(live, from_exact):
+        assert a.keys() - {"tokens_per_sec", "peak_mem_gb"} == b.keys() - {"tokens_per_sec", "peak_mem_gb"}
+        for name in ("loss", "ce", "kd", "kl", "teacher_entropy", "teacher_ce", "eval_loss", "eval_kl"):
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (name, a, b)
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "from_bf16", teacher_model=None, teacher_cache=str(rounded),
+                                 **common)])
+    for a, b in zip(live, read_metrics(tmp_path / "from_bf16")):
+        for name in ("loss", "kd", "kl", "eval_loss"):
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=2e-2, abs=2e-3), (name, a, b)
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "student_topk", teacher_model=None, teacher_cache=str(rounded),
+                                 **{**common, "kd_loss": "reverse_kl_student_topk", "student_topk": 4})])
