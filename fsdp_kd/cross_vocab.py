@@ -33,6 +33,21 @@ from .kernel import (Gradients, Head, IdPlace, KernelPlan, ModelBlock, Targets, 
                      id_places, logit_grad, logsumexp_rows, merge_top, pass1_logits, push_back, push_back_labels, vocab_chunks)
 
 
+# The KD metrics across tokenizers are sums over the rows aligned one to one (per trained token, as every metric),
+# the KL and the teacher's entropy over the shared tokens' buckets: named so, live or cached.
+ALIGNED_METRIC_NAMES = {"kl": "kl_shared_buckets", "teacher_entropy": "teacher_entropy_shared_buckets",
+                        "student_entropy": "student_entropy_aligned", "top1_agreement": "top1_agreement_aligned",
+                        "teacher_ce": "teacher_ce_aligned"}
+
+
+def renormalized_side(shared: int, student_size: int, teacher_size: int) -> str | None:
+    """`VocabMap.renormalized` from the sizes alone."""
+    student_all, teacher_all = shared == student_size, shared == teacher_size
+    if student_all == teacher_all:
+        return None
+    return "teacher" if student_all else "student"
+
+
 @dataclass
 class SharedColumns:
     """One vocabulary chunk of one side: which of its columns are shared tokens (`local`, as indices into the chunk)
@@ -64,6 +79,14 @@ class VocabMap:
     @property
     def shared(self) -> int:
         return len(self.student_ids)
+
+    @property
+    def renormalized(self) -> str | None:
+        """The side compared over the shared tokens alone, renormalized, when the other side's every token is shared:
+        that side has no rest bucket, so mass in the first side's rest would have no counterpart (an infinite
+        forward or reverse KL). "teacher" when the student's vocabulary is all shared (a student a subset of its
+        teacher by spelling), "student" when the teacher's is; None when both or neither are."""
+        return renormalized_side(self.shared, self.student_size, self.teacher_size)
 
     def columns(self, side: str, chunks) -> list[SharedColumns]:
         """Per chunk of `side`'s vocabulary, its shared columns; found on the host once per chunk layout."""
@@ -116,6 +139,16 @@ def side_mass(model: ModelBlock, chunks, columns: list[SharedColumns], shared: i
     return SideMass(log_shared, lse_rest, x_log_x, top_log, top_ids)
 
 
+def _buckets(side: SideMass, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-masses [rows, m + 1] over the shared buckets then the rest, and with `renormalize` log S [rows, 1] =
+    log Σ_shared): as they are, or renormalized over the shared tokens with an empty rest (`VocabMap.renormalized`)."""
+    if not renormalize:
+        return torch.cat([side.log_shared, side.log_rest[:, None]], 1), None
+    log_s = logsumexp_rows(side.log_shared, may_be_empty=False)[:, None]
+    empty = torch.full_like(log_s, -math.inf)
+    return torch.cat([side.log_shared - log_s, empty], 1), log_s
+
+
 def uld(p: SideMass, q: SideMass) -> tuple[torch.Tensor, torch.Tensor]:
     """(ULD per row, w = ∂ULD/∂log q at the student's ranked tokens): Σ_i |p̃_(i) - q̃_(i)| over ranks, the shorter
     side padded with zeros; w_i = q̃_(i)·sign(q̃_(i) - p̃_(i)), the ranking a constant of the gradient."""
@@ -133,7 +166,9 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     With w the exact part's ∂D/∂log Q per bucket and u the ULD part's ∂ULD/∂log q at the student's ranked tokens,
     the gradient with respect to the student's tempered logits is
         -q_v·(Σ_B w_B + λ·Σ_i u_i) + [v shared]·w_B(v) + [v not shared]·(q_v / Q_r)·w_r + λ·[v ranked]·u_v,
-    each factor bounded, as in `kernel.bucket_gradient`."""
+    each factor bounded, as in `kernel.bucket_gradient`. When the student is renormalized over the shared tokens
+    (`VocabMap.renormalized`: Q_j = q_j / S, S = Σ_shared q, no rest), the exact part's softmax term is over the shared
+    tokens alone: -[v shared]·(q_v / S)·Σ_B w_B in place of the first and third terms' w parts."""
     vmap, inv_tau = targets.vocab_map, plan.inv_tau
     t_chunks = vocab_chunks(vmap.teacher_size, plan.chunks[0][1] - plan.chunks[0][0])
     pass1_logits(student, plan.chunks, labels, inv_tau)
@@ -141,27 +176,32 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     s_cols, t_cols = vmap.columns("student", plan.chunks), vmap.columns("teacher", t_chunks)
     q = side_mass(student, plan.chunks, s_cols, vmap.shared, targets.uld_topk, inv_tau)
     p = side_mass(teacher, t_chunks, t_cols, vmap.shared, targets.uld_topk, inv_tau)
-    b = buckets_from_logs(torch.cat([p.log_shared, p.log_rest[:, None]], 1),
-                          torch.cat([q.log_shared, q.log_rest[:, None]], 1))
+    renormalize_q = vmap.renormalized == "student"
+    log_p, _ = _buckets(p, vmap.renormalized == "teacher")
+    log_q, log_s = _buckets(q, renormalize_q)
+    b = buckets_from_logs(log_p, log_q)
     value, w = plan.divergence.on_buckets(b, plan.param)
     uld_value, u = uld(p, q)
     aligned = None if targets.aligned is None else targets.aligned[rows][:, None] > 0
-    if aligned is not None:  # a row without an aligned teacher token trains on CE alone: no KD gradient there
+    if aligned is not None:  # a row without an aligned teacher token gets the CE term alone: no KD gradient there
         w, u = w.masked_fill(~aligned, 0.0), u.masked_fill(~aligned, 0.0)
     lam, kd_scale = targets.uld_weight, plan.kd_grad_scale
     if grads is not None:
-        w_total = (w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)) + lam * u.sum(1, keepdim=True)
+        exact_total = w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
+        w_total = lam * u.sum(1, keepdim=True) + (0.0 if renormalize_q else exact_total)
         w_rest, w_shared = w[:, -1:], w[:, :-1] * kd_scale
         log_rest = torch.where(b.log_q[:, -1:] > -math.inf, b.log_q[:, -1:], 0.0)  # no rest: never read
         u_places: list[IdPlace] = id_places(q.top_ids, plan.chunks)
         u = u * (lam * kd_scale)
         for k, (v0, v1) in enumerate(plan.chunks):
             z, cols = student.logits[k], s_cols[k]
-            log_q = (z if inv_tau == 1.0 else z * inv_tau) - student.lse[:, None]
-            q_chunk = log_q.exp()
-            rest_share = log_q.masked_fill_(cols.mask, -math.inf).sub_(log_rest).exp_()  # q_v / Q_r off the shared
-            grad_z = logit_grad(z, q_chunk, student.lse_raw, rest_share.mul_(w_rest), w_total, inv_tau,
-                                plan.ce_coef, kd_scale)
+            log_q_v = (z if inv_tau == 1.0 else z * inv_tau) - student.lse[:, None]
+            q_chunk = log_q_v.exp()
+            if renormalize_q:  # -(q_v / S)·Σ_B w_B on the shared tokens
+                part = log_q_v.masked_fill_(~cols.mask, -math.inf).sub_(log_s).exp_().mul_(-exact_total)
+            else:  # (q_v / Q_r)·w_r off them
+                part = log_q_v.masked_fill_(cols.mask, -math.inf).sub_(log_rest).exp_().mul_(w_rest)
+            grad_z = logit_grad(z, q_chunk, student.lse_raw, part, w_total, inv_tau, plan.ce_coef, kd_scale)
             grad_z.index_add_(1, cols.local, w_shared.index_select(1, cols.bucket))
             grad_z.scatter_add_(1, u_places[k].local, u * u_places[k].here)
             push_back(grads, student, grad_z, z, rows, v0, v1)
@@ -180,7 +220,7 @@ class CrossVocabTargets(Targets):
     """A teacher of another vocabulary, run on its own tokens: its final hidden states at the positions aligned one
     to one with the call's rows [N, hidden_t], its next token there (`labels`, for its CE metric), its head, and the
     vocabularies' shared tokens. `uld_weight` (λ) weighs the ULD part over each side's `uld_topk` most likely tokens
-    without a counterpart. A row whose token has no one-to-one counterpart (`aligned` 0) trains on CE alone, and its
+    without a counterpart. A row whose token has no one-to-one counterpart (`aligned` 0) gets the CE term alone, and its
     hidden state and label only need to be a valid teacher row's."""
     hidden: torch.Tensor
     head: Head

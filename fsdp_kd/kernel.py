@@ -513,7 +513,7 @@ class SparseTargets(Targets):
     (-inf when there is none: a sampled cache, or k = V). No two non-empty slots of a row hold the same id, and an
     empty slot repeats a non-empty slot's id. The divergence is taken between the bucketed distributions
     (`bucket_block`). `kd_rows` [N] bool, where given, marks the rows that have a teacher distribution at all; the
-    others train on CE alone (a cache across tokenizers: rows with no aligned teacher token)."""
+    others get the CE term alone (a cache across tokenizers: rows with no aligned teacher token)."""
     ids: torch.Tensor
     log_p: torch.Tensor
     log_rest: torch.Tensor
@@ -661,7 +661,7 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q.x_log_x,
                            (student.argmax == teacher_top).float(), -teacher_log_p_label])
-    if cached.kd_rows is not None:  # a row without a teacher has CE alone
+    if cached.kd_rows is not None:  # a row without a teacher has the CE term alone
         per_row[1:].masked_fill_(~cached.kd_rows[None], 0.0)
     return per_row.sum(1)
 
@@ -690,6 +690,8 @@ def bucket_gradient(plan: KernelPlan, student: ModelBlock, places: list[IdPlace]
     # Σ_B Q_B is 1 but for the rounding of the student's log-sum-exp; dividing by it cancels that rounding, which the
     # softmax term would otherwise multiply by Σ w (reverse KL's D, large where the two models disagree)
     w_total = w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
+    if kd_rows is not None:  # a row without a teacher may hold no student mass in its buckets at all: 0/0
+        w_total = torch.where(kd_rows[:, None], w_total, 0.0)
     w_rest, w_ids = w[:, -1:], w[:, :-1] * kd_scale
     log_q_rest = b.log_q[:, -1:]
     log_rest = torch.where(log_q_rest > -math.inf, log_q_rest, 0.0)  # a row without a rest never reads it

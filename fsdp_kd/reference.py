@@ -150,6 +150,10 @@ def dense_cross_vocab_loss(student_hidden, student_head, labels, spec: LossSpec,
     log_p_all = F.log_softmax(dense_logits(teacher_hidden, teacher_head, teacher_vocab) / tau, dim=-1)
     log_q, q_unshared = _shared_and_rest(log_q_all, student_ids)
     log_p, p_unshared = _shared_and_rest(log_p_all, teacher_ids)
+    if q_unshared.shape[1] == 0 and p_unshared.shape[1] > 0:  # the student has no rest: the teacher renormalized
+        log_p = _renormalized(log_p)
+    if p_unshared.shape[1] == 0 and q_unshared.shape[1] > 0:  # the teacher has none: the student renormalized
+        log_q = _renormalized(log_q)
     k = min(uld_topk, max(q_unshared.shape[1], p_unshared.shape[1]))
     p_sorted, q_sorted = (F.pad(x.topk(min(k, x.shape[1]), dim=-1).values.exp(), (0, k - min(k, x.shape[1])))
                           for x in (p_unshared, q_unshared))
@@ -157,6 +161,12 @@ def dense_cross_vocab_loss(student_hidden, student_head, labels, spec: LossSpec,
     if aligned is not None:
         kd = torch.where(aligned > 0, kd, 0.0)
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
+
+
+def _renormalized(log_buckets: torch.Tensor) -> torch.Tensor:
+    """Shared buckets renormalized over themselves, the rest bucket emptied."""
+    shared = torch.log_softmax(log_buckets[:, :-1], dim=-1)
+    return torch.cat([shared, torch.full_like(log_buckets[:, -1:], -math.inf)], 1)
 
 
 def _shared_and_rest(log_x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

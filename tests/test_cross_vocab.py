@@ -152,3 +152,48 @@ def test_a_top_k_in_the_students_vocabulary_folds_the_unshared_tokens_into_the_r
     assert torch.allclose(out_log_p[0].exp(), torch.tensor([0.4, 0.0, 0.2]))
     assert math.isclose(float(out_rest[0].exp()), 0.4, rel_tol=1e-6)  # 0.3 unshared + the 0.1 beyond the top-k
     assert bool((out_log_p[1] == -math.inf).all()) and float(out_rest[1]) == -math.inf  # not aligned: nothing
+
+
+@pytest.mark.parametrize("all_shared", ["student", "teacher"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "akl", "tvd", "skew_reverse_kl"])
+def test_a_vocabulary_that_is_all_shared_renormalizes_the_other_side(all_shared, divergence):
+    """When every token of one side is shared, that side has no rest bucket, and the other side's rest mass would
+    have no counterpart (forward KL infinite when it is the teacher's, reverse KL when it is the student's). The
+    other side is then compared over the shared tokens alone, renormalized: finite for every divergence, and equal
+    to the dense reference in value and gradient, with unaligned rows too."""
+    vs, vt = (40, 83) if all_shared == "student" else (97, 40)
+    h_s, w_s, h_t, w_t, labels, t_labels, _, _ = inputs(5, vs=vs, vt=vt)
+    g = torch.Generator().manual_seed(6)
+    s_ids = torch.randperm(vs, generator=g)[:40]
+    t_ids = torch.randperm(vt, generator=g)[:40]
+    aligned = (torch.arange(N) % 5 != 3).float()
+    spec = LossSpec(kd_coef=0.8, divergence=divergence, temperature=1.5, vocab_chunk=13, token_chunk=6)
+    loss, metrics = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, aligned=aligned)
+    ref_loss, ref_kd = dense_cross_vocab_loss(h_s, w_s, labels, spec, vs, h_t, w_t, vt, s_ids, t_ids, 0.5, 7,
+                                              aligned=aligned)
+    assert torch.isfinite(loss) and torch.isfinite(ref_loss)
+    assert_close(loss.detach(), ref_loss.detach())
+    assert math.isclose(float(metrics["kd"]), float(ref_kd), rel_tol=1e-5)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+    for g_kernel, g_ref in zip(grads, torch.autograd.grad(ref_loss, (h_s, w_s))):
+        assert torch.isfinite(g_kernel).all()
+        assert_close(g_kernel, g_ref)
+
+
+def test_a_cached_row_without_a_teacher_has_a_finite_gradient_when_its_ids_cover_the_student():
+    """A cache across tokenizers keeps the ids of its rows without a teacher; if those cover the student's whole
+    vocabulary, the student has no mass outside them, and the bucket gradient's Σw / ΣQ was 0/0 there."""
+    vs = 6
+    g = torch.Generator().manual_seed(7)
+    h_s = torch.randn(4, 5, generator=g).requires_grad_()
+    w_s = torch.randn(vs, 5, generator=g).requires_grad_()
+    ids = torch.arange(vs).repeat(4, 1)
+    log_p = torch.log_softmax(torch.randn(4, vs, generator=g), -1)
+    kd_rows = torch.tensor([True, False, True, False])
+    log_p[~kd_rows] = -math.inf
+    log_rest = torch.full((4,), -math.inf)
+    spec = LossSpec(kd_coef=0.7, divergence="reverse_kl", vocab_chunk=4)
+    loss, _ = loss_against(h_s, w_s, torch.zeros(4, dtype=torch.long), spec, vs,
+                           SparseTargets(ids, log_p, log_rest, kd_rows=kd_rows))
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(grad).all() for grad in torch.autograd.grad(loss, (h_s, w_s)))
