@@ -23,6 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
+ALIGNMENT_VERSION = 2  # bump when what `TeacherTokenization.columns` stores changes: the tokenized data's key holds it
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
 
@@ -209,20 +210,31 @@ class TeacherTokenization:
 
     The text is what the student's tokens spell (`TokenBytes`), special tokens as their content, so the teacher
     reads the same rendered sample, chat template included. A sample whose text the teacher's tokens do not spell
-    (its normalizer changed it, or truncation cut a UTF-8 character) gets no teacher tokens: it trains on CE alone,
+    (its normalizer changed it, or truncation cut a UTF-8 character) gets no teacher tokens: it gets the CE term alone,
     and `columns` says so by returning empty lists."""
     student: TokenBytes
     teacher: TokenBytes
     tokenizer: object  # the teacher's (HF) tokenizer
 
-    def text(self, input_ids: list[int]) -> str | None:
-        data = b"".join(self.student.spelled[i] for i in input_ids)
-        if self.student.prefix_space and data.startswith(b" "):
+    def text(self, input_ids: list[int]) -> tuple[str, int, int] | None:
+        """(text, a, b): what the student's tokens [a, b) spell, the run without the tokens at either end that hold
+        only part of a UTF-8 character (where truncation cut one); None when no such run decodes."""
+        spelled = [self.student.spelled[i] for i in input_ids]
+        a, b = 0, len(spelled)
+        while a < b and spelled[a][:1] and spelled[a][0] & 0xC0 == 0x80:  # starts inside a character
+            a += 1
+        data = b"".join(spelled[a:b])
+        if a == 0 and self.student.prefix_space and data.startswith(b" "):
             data = data[1:]  # the student's dummy prefix, not part of the text
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            return None
+        for _ in range(4):  # a character is at most 4 bytes: drop the tokens of a cut one at the end
+            if b == a:
+                return None
+            try:
+                return data.decode("utf-8"), a, b
+            except UnicodeDecodeError:
+                b -= 1
+                data = data[:len(data) - len(spelled[b])]
+        return None
 
     def fields(self, input_ids: list[int]) -> dict[str, list[int]]:
         """The teacher's `records.Sample` fields of a sample with these ids, computed now: for a sample that was
@@ -231,16 +243,18 @@ class TeacherTokenization:
 
     def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
         """(teacher ids, student group ends, teacher group ends) of one sample; three empty lists when the two
-        tokenizations cannot be aligned."""
-        text = self.text(input_ids)
-        if text is None:
+        tokenizations cannot be aligned (a normalizer that changes the text). Tokens cut from a character at either
+        end are left out of the groups, so their positions get no teacher."""
+        run = self.text(input_ids)
+        if run is None:
             return [], [], []
+        text, a, b = run
         teacher_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         try:
-            groups = align(input_ids, teacher_ids, self.student, self.teacher, text)
+            groups = align(input_ids[a:b], teacher_ids, self.student, self.teacher, text)
         except AlignmentError:
             return [], [], []
-        return list(teacher_ids), groups.student_ends.tolist(), groups.teacher_ends.tolist()
+        return list(teacher_ids), (groups.student_ends + a).tolist(), groups.teacher_ends.tolist()
 
 
 def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, length: int) -> dict[str, list[int]]:

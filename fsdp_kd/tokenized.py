@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 
 from .config import TrainConfig
-from .cross_tokenizer import teacher_fields
+from .cross_tokenizer import ALIGNMENT_VERSION, teacher_fields
 from .records import (IGNORE_INDEX, LOCAL_SUFFIXES, DataError, DataStats, Sample, looks_local, parse_record,
                       raw_records, record_to_sample)
 
@@ -77,7 +77,7 @@ def cache_key(path: str, split: str, max_samples: int | None, cfg: TrainConfig, 
            "tokenizer": tokenizer_fingerprint(tokenizer),
            "settings": {k: getattr(cfg, k) for k in TOKEN_SETTINGS}}
     if teacher is not None:
-        key["teacher_tokenizer"] = tokenizer_fingerprint(teacher.tokenizer)
+        key["teacher_tokenizer"] = [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION]
     return key
 
 

@@ -170,11 +170,30 @@ def test_each_aligned_position_predicts_the_same_string_on_both_sides(tokenizers
     assert aligned / positions > 0.8  # the tokenizers cut English and code alike most of the time
 
 
-def test_a_sample_the_teacher_cannot_spell_gets_no_teacher_tokens():
-    """A text cut inside a UTF-8 character (truncation) decodes to no text: the sample gets empty columns and
-    trains on CE alone, rather than failing the data build."""
+def test_tokens_cut_inside_a_character_are_left_out_not_the_sample(tokenizers):
+    """Truncation can cut a UTF-8 character at either end of a sample: the tokens holding its part get no teacher,
+    the rest of the sample aligns as usual (it used to lose its whole KD)."""
+    (s_tok, s_vocab), (t_tok, t_vocab) = tokenizers["tok_smollm_360m_instruct"], tokenizers["tok_qwen2.5_instruct"]
+    retokenize = TeacherTokenization(s_vocab, t_vocab, t_tok)
+    ids = s_tok("日本 is Japan, and 日本語 is Japanese 日本", add_special_tokens=False)["input_ids"]
+    whole = retokenize.fields(ids)["teacher_positions"]
+    cut = [k for k in range(1, len(ids)) if spell(s_vocab, ids[:k]).decode("utf-8", errors="replace").endswith("�")]
+    start = [k for k in range(1, len(ids)) if spell(s_vocab, ids[k:]).decode("utf-8", errors="replace")[0] == "�"]
+    assert cut and start  # the tokenizer splits these characters across tokens
+    for ids_cut, offset in ((ids[:cut[-1]], 0), (ids[start[0]:], start[0])):
+        positions = retokenize.fields(ids_cut)["teacher_positions"]
+        assert sum(p >= 0 for p in positions) >= sum(p >= 0 for p in whole) - 6  # only the cut characters lost
+        fields = retokenize.fields(ids_cut)
+        for p, q in enumerate(positions):
+            if q >= 0:
+                assert spell(s_vocab, ids_cut[p + 1:p + 2]) == spell(t_vocab, fields["teacher_ids"][q + 1:q + 2])
+
+
+def test_a_sample_no_run_of_which_decodes_gets_no_teacher_tokens():
+    """A sample of nothing but a cut character decodes to no text: no teacher tokens, CE term alone, no failure."""
     vocab = TokenBytes(spelled=(b"a", "é".encode()[:1], "é".encode()[1:]), regular=(True, True, True),
                        kind="byte_level", prefix_space=False)
     retokenize = TeacherTokenization(vocab, vocab, tokenizer=None)
-    assert retokenize.text([0, 1]) is None
-    assert retokenize.columns([0, 1]) == ([], [], [])
+    assert retokenize.text([1]) is None and retokenize.text([2]) is None
+    assert retokenize.columns([1]) == ([], [], [])
+    assert retokenize.text([0, 1]) == ("a", 0, 1)
