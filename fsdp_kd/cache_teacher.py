@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig, parse_config
 from .data import collate, collate_packed, eval_shards
+from .cross_vocab import renormalized_side
 from .distill import TEACHER_SOURCES
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
 from .heads import verify_head
@@ -47,6 +48,8 @@ class CacheBuilder:
         self.teacher_setup = TEACHER_SOURCES["cross_tokenizer" if cfg.cross_tokenizer else "live"](cfg, self.tokenizer)
         self.vocab_size = self.teacher_setup.vocab_size
         retokenize = self.teacher_setup.retokenize
+        if retokenize is not None:
+            check_cacheable_across(self.teacher_setup.shared)
         train, held_out = open_sources(cfg, self.tokenizer, env.local_rank, all_gather_object, self.log, retokenize)
         self.sources = list({s.samples_sha256: s for s in train + ([held_out] if held_out else [])}.values())
         offsets = [0]
@@ -164,6 +167,18 @@ class CacheBuilder:
                 _, chunk, rank, _, world = name[:-len(".safetensors")].split("-")
                 parts.setdefault((int(chunk), int(world)), set()).add(int(rank[1:]))
         return {chunk for (chunk, world), ranks in parts.items() if len(ranks) == world}
+
+
+def check_cacheable_across(shared) -> None:
+    """A top-k cache across tokenizers keeps each side's rest bucket as it is. Where one vocabulary is all shared its
+    rest is empty, and the live loss renormalizes the other side over the shared tokens (`VocabMap.renormalized`);
+    the cache's student side cannot yet, and reverse KL would be infinite there. Refused before the teacher loads."""
+    side = renormalized_side(len(shared.student_ids), shared.student_size, shared.teacher_size)
+    if side is not None:
+        whole = "student" if side == "teacher" else "teacher"
+        raise ConfigError(f"key cross_tokenizer: every token of the {whole}'s vocabulary is in the other's, a case a "
+                          "teacher cache across tokenizers does not handle yet; train with the live teacher "
+                          "(teacher_model, no teacher_cache)")
 
 
 def _hidden_size(cfg: TrainConfig) -> int:

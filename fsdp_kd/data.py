@@ -180,8 +180,9 @@ class MicroBatch:
     cu_seq_lens: torch.Tensor | None = None
     max_seq_len: int = 0
     # a teacher with its own tokenizer: the same samples in its tokens, laid out in the same rows, whose target_rows
-    # are, for each of this batch's target rows in order, the teacher position predicting the same token (any real
-    # position where there is none), and `aligned` [N] (1.0 where there is one, else 0.0: CE alone there)
+    # are, for each of this batch's target rows in order, the teacher position predicting the same token (flat
+    # position 0 where there is none: a valid index, whose row the loss masks), and `aligned` [N] (1.0 where there is
+    # one, else 0.0: the CE term alone there)
     teacher: MicroBatch | None = None
     aligned: torch.Tensor | None = None
 
@@ -342,7 +343,7 @@ def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, t
             offset += n
     rows_at, label_ids, where = (torch.from_numpy(np.concatenate(a)) for a in (flat, labels, aligned))
     if not mask.any():
-        mask[:, 0] = 1  # no sample has teacher tokens: one masked-in padding slot keeps every attention row valid
+        mask[:, 0] = 1  # no sample has teacher tokens: one real slot, so the forward has a token to attend to
     teacher = MicroBatch(ids, mask, torch.full_like(ids, IGNORE_INDEX), segments if packed else None,
                          positions if packed else None, target_rows=rows_at.long(), target_ids=label_ids.long())
     return teacher, where.float()

@@ -21,7 +21,7 @@ import torch
 
 from .config import ConfigError
 from .cross_tokenizer import TeacherTokenization, TokenBytes, shared_vocabulary
-from .cross_vocab import CrossVocabTargets, VocabMap, topk_in_student_vocabulary
+from .cross_vocab import ALIGNED_METRIC_NAMES, CrossVocabTargets, VocabMap, topk_in_student_vocabulary
 from .data import MicroBatch, uses_sliding_window
 from .heads import output_head
 from .kernel import NO_TEACHER, Head, LiveTargets
@@ -180,10 +180,7 @@ class CrossTokenizerTeacher:
 
     @property
     def metric_names(self) -> dict[str, str | None]:
-        # over the shared tokens' buckets, at the rows aligned one to one (summed there, per trained token)
-        return {"kl": "kl_shared_buckets", "teacher_entropy": "teacher_entropy_shared_buckets",
-                "student_entropy": "student_entropy_aligned", "top1_agreement": "top1_agreement_aligned",
-                "teacher_ce": "teacher_ce_aligned"}
+        return ALIGNED_METRIC_NAMES
 
     @torch.no_grad()
     def targets(self, batch: MicroBatch) -> CrossTokenizerTargets:
@@ -239,7 +236,7 @@ class CrossTokenizerSetup:
         return [f"teacher {parameter_count(self.root) / 1e6:.2f}M params, its own tokenizer: frozen, FSDP2 full "
                 f"shard, CPU offload {'on' if self.cfg.teacher_offload else 'off'}",
                 f"cross-tokenizer: {self.shared.describe()}; {self.aligned_share:.1%} of the trained tokens of the "
-                f"first source's first samples align one to one with a teacher token (the rest train on CE alone); "
+                f"first source's first samples align one to one with a teacher token (the rest get the CE term alone); "
                 f"KD = D over the shared tokens + {self.cfg.uld_weight:g}·ULD over {self.cfg.uld_topk} unshared"]
 
 

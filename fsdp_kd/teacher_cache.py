@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, loss_spec
+from .cross_vocab import ALIGNED_METRIC_NAMES
 from .data import to_device
 from .divergences import DIVERGENCES
 from .kernel import (ID_MASKS, Head, LiveTargets, ModelBlock, SparseTargets, Targets, choose_chunks, id_places,
@@ -252,8 +253,10 @@ def _topk_rows(block: ModelBlock, chunks, k: int, inv_tau: float, generator) -> 
 def _topk_metric_names(meta: CacheMeta) -> dict[str, str | None]:
     """Over buckets. The live teacher_ce is at τ = 1; the cache holds the teacher at kd_temperature only, from which
     τ = 1 cannot be recovered, so a tempered cache's teacher CE says so."""
-    teacher_ce = "teacher_ce_buckets" + ("" if meta.temperature == 1.0 else "_at_kd_temperature")
-    return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": teacher_ce}
+    tempered = "" if meta.temperature == 1.0 else "_at_kd_temperature"
+    if meta.teacher_tokenizer:  # across tokenizers: over the aligned rows, as a live cross-tokenizer run names them
+        return {**ALIGNED_METRIC_NAMES, "teacher_ce": ALIGNED_METRIC_NAMES["teacher_ce"] + tempered}
+    return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": "teacher_ce_buckets" + tempered}
 
 
 def _rows_with_teacher(columns: dict[str, torch.Tensor]) -> torch.Tensor:

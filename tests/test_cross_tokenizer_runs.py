@@ -2,6 +2,10 @@
 micro-batch, the run end to end under torchrun, and its refusals. The tokenizers are the demo's character tokenizer
 (the teacher's) and the same characters plus letter pairs (the student's), so no asset is needed."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +19,7 @@ from fsdp_kd.records import IGNORE_INDEX, Sample
 TRAIN = str(REPO / "train.py")
 WORKER = str(REPO / "tests" / "dist_worker.py")
 PAIRS = ("AB", "CD", "EF", "GH", "ab", "cd")
+TEACHER_PAIRS = ("BC", "DE", "AB", "IJ", "ba")  # AB is both sides' token
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +30,20 @@ def pair_student(tiny, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("pair_student"))
     tok = build_char_tokenizer(path, pairs=PAIRS)
     build_tiny_model(path, len(tok), 32, 2, seed=5)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair_teacher(tmp_path_factory):
+    """A tiny teacher over the characters plus pairs of its own (`TEACHER_PAIRS`), its head sharpened: each side then
+    has tokens the other lacks, so both rest buckets hold mass (the general case, as Qwen against SmolLM)."""
+    from conftest import _sharpen_output_head
+    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model
+
+    path = str(tmp_path_factory.mktemp("pair_teacher"))
+    tok = build_char_tokenizer(path, pairs=TEACHER_PAIRS)
+    build_tiny_model(path, len(tok), 64, 2, seed=6)
+    _sharpen_output_head(path)
     return path
 
 
@@ -53,7 +72,7 @@ def test_the_teacher_rows_follow_the_students_target_rows(tiny, pair_student, pa
     teacher = batch.teacher
     assert teacher.target_rows.shape == batch.target_rows.shape == batch.aligned.shape
     t_flat = teacher.input_ids.flatten()
-    assert 0.3 < float(batch.aligned.mean()) < 1.0  # pairs make some groups two-to-one: CE alone there
+    assert 0.3 < float(batch.aligned.mean()) < 1.0  # pairs make some groups two-to-one: the CE term alone there
     s_seg, t_seg = batch._segments().flatten(), teacher._segments().flatten()
     for s_row, t_row, label, t_label, aligned in zip(batch.target_rows, teacher.target_rows, batch.target_ids,
                                                      teacher.target_ids, batch.aligned):
@@ -95,10 +114,38 @@ def test_a_teacher_with_another_tokenizer_teaches_the_student(tiny, pair_student
     assert "| kl (shared tokens) " in proc.stdout  # the step lines name the metric for what it is
     lines = read_metrics(tmp_path / "out")
     train = [m for m in lines if "loss" in m]
+    assert not any(m.get("skipped") for m in lines)  # every step finite and taken
     assert "kl_shared_buckets" in train[0] and "kl" not in train[0]
     assert train[-1]["kd"] < 0.7 * train[0]["kd"]
     assert np.isfinite([m["loss"] for m in train]).all()
     assert any("eval_kl_shared_buckets" in m for m in lines)
+
+
+def test_a_cache_is_refused_where_one_vocabulary_is_all_shared(tiny, pair_student, tmp_path):
+    """The character teacher's every token is the pair student's too: the live loss renormalizes the student over
+    the shared tokens there, which a cache's bucket loss cannot yet. The build says so in one line, before the
+    teacher loads."""
+    args = train_args(tiny, tmp_path / "unused", pretrain=pair_student, cross_tokenizer="true", uld_weight=0.0,
+                      teacher_cache=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "fsdp_kd.cache_teacher", *args], capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "PYTHONPATH": str(REPO)})
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "every token of the teacher's vocabulary is in the other's" in lines[0]
+    assert "loading the teacher" not in proc.stdout
+
+
+def test_a_student_whose_vocabulary_the_teacher_holds_whole_trains_every_divergence(tiny, pair_student, tmp_path):
+    """The roles swapped: the character student under the pair-tokenizer teacher. Every student token is shared, so
+    the student has no rest bucket and the teacher's pair-token mass would make forward KL infinite; the teacher is
+    renormalized over the shared tokens instead, and every step is taken (forward KL, then AKL)."""
+    for kd_loss in ("forward_kl", "akl"):
+        out = tmp_path / kd_loss
+        torchrun([TRAIN, *train_args(tiny, out, teacher_model=pair_student, cross_tokenizer="true", kd_loss=kd_loss,
+                                     kd_coef=1.0, max_steps=3)])
+        lines = read_metrics(out)
+        assert len(lines) == 3 and not any(m.get("skipped") for m in lines)
+        assert all(np.isfinite(m["loss"]) and m["kd"] > 0 for m in lines)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -122,30 +169,36 @@ def test_on_policy_responses_are_re_tokenized_for_the_teacher(tiny, pair_student
                                  on_policy_ratio=1.0, generate_max_new_tokens=6, max_steps=3, kd_coef=1.0,
                                  kd_loss="reverse_kl")])
     train = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert not any(m.get("skipped") for m in train)  # reverse KL is finite: the student's pair tokens have no
+    # teacher counterpart, so it is compared over the shared tokens, renormalized (`VocabMap.renormalized`)
     assert len(train) == 3 and all(m["on_policy_share"] == 1.0 for m in train)
     assert all(np.isfinite(m["kl_on_policy"]) and m["kl_on_policy"] > 0 for m in train)
 
 
-def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny, pair_student, tmp_path):
-    """cache_teacher with cross_tokenizer stores the teacher's top-k in the student's vocabulary (k = V_t, float32)
-    and no distribution where a token has no aligned counterpart; training from it, with no teacher loaded, logs
-    the live cross-tokenizer run's losses at uld_weight 0, step by step and in the evaluation (2 ranks,
-    micro-batch 1, three eval samples)."""
+def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny, pair_student, pair_teacher,
+                                                                             tmp_path):
+    """cache_teacher with cross_tokenizer stores the teacher's top-k in the student's vocabulary (k = V_t, float32:
+    its unshared pair tokens folded into the rest bucket) and no distribution where a token has no aligned
+    counterpart; training from it, with no teacher loaded, logs the live cross-tokenizer run's losses at uld_weight
+    0, step by step and in the evaluation (2 ranks, micro-batch 1, three eval samples, reverse KL)."""
     eval_path = tmp_path / "eval3.jsonl"
     eval_path.write_text("".join(open(tiny["eval"]).readlines()[:3]))
-    common = dict(pretrain=pair_student, cross_tokenizer="true", uld_weight=0.0, train_batch_size=6,
+    common = dict(pretrain=pair_student, teacher_model=pair_teacher, cross_tokenizer="true", uld_weight=0.0,
+                  train_batch_size=6,
                   micro_train_batch_size=1, max_steps=3, eval_dataset=str(eval_path), eval_steps=3, kd_coef=0.8,
                   kd_loss="reverse_kl")
     cache = tmp_path / "cache"
     torchrun(["-m", "fsdp_kd.cache_teacher", *train_args(tiny, tmp_path / "unused", teacher_cache=str(cache),
                                                          cache_k=200, cache_log_p_dtype="float32", **common)])
     torchrun([TRAIN, *train_args(tiny, tmp_path / "live", **common)])
-    torchrun([TRAIN, *train_args(tiny, tmp_path / "cached", teacher_model=None, teacher_cache=str(cache), **common)])
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "cached", **{**common, "teacher_model": None},
+                                 teacher_cache=str(cache))])
     live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
-    assert len(live) == len(cached) == 4
+    assert len(live) == len(cached) == 4 and not any(m.get("skipped") for m in live + cached)
     for a, b in zip(live, cached):
         for name in ("loss", "ce", "kd", "eval_loss"):
             if name in a:
                 assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (name, a, b)
-        if "kl_shared_buckets" in a:
-            assert b["kl_buckets"] == pytest.approx(a["kl_shared_buckets"], rel=1e-5, abs=1e-6)
+        assert a.keys() - {"tokens_per_sec", "peak_mem_gb"} == b.keys() - {"tokens_per_sec", "peak_mem_gb"}
+        if "kl_shared_buckets" in a:  # the same metrics under the same names
+            assert b["kl_shared_buckets"] == pytest.approx(a["kl_shared_buckets"], rel=1e-5, abs=1e-6)
