@@ -1,4 +1,5 @@
-"""Every divergence on the demo's task, on the same budget: the table in docs/divergences.md.
+"""Every divergence on the demo's task, on the same budget: the table in docs/divergences.md; and, with
+`--cross_tokenizer`, a student with its own tokenizer taught across tokenizers: the table in docs/cross_tokenizer.md.
 
 Per seed it builds the demo's task and teacher (`fsdp_kd.demo`), then trains the demo's student once per divergence
 with a live teacher (off-policy, kd_coef 0.9, τ = 1, each divergence at its default parameter, the same steps as the
@@ -10,6 +11,15 @@ held-out samples (teacher-forced, whole vocabulary, τ = 1), and exact match of 
 
 About 12 minutes per seed on 2 CPU cores. Only the KD students' divergence differs between rows: the scoring is the
 same for all, so the rows compare what each divergence teaches, in the units of the demo's table.
+
+    torchrun --nproc_per_node 2 bench/divergence_demo.py --cross_tokenizer --out /tmp/xtok_demo --seeds 0 1 2
+
+trains four students instead, forward KL where there is a teacher: the character-tokenizer student with CE only and
+with KD, and the same student over the demo's second tokenizer (the characters plus the 24 most frequent letter pairs
+of the responses, `demo.prepare_task`) with CE only and with cross-tokenizer KD (`cross_tokenizer: true`, ULD weight
+1). All four are scored by `demo.aligned_scores`: KL(teacher‖model) per response token where the tokenizations align
+one to one (the full KL for the character students, where every token aligns), the share of such tokens, and exact
+match decoded to text. About 9 minutes per seed.
 """
 
 from __future__ import annotations
@@ -20,11 +30,27 @@ import os
 import statistics
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+CE_ONLY = "CE only"
+CROSS_ROWS = ("char tokenizer, CE only", "char tokenizer, KD", "pair tokenizer, CE only",
+              "pair tokenizer, cross-tokenizer KD")
+
+
+def student_flags(row: str, paths: dict[str, str], teacher_dir: str) -> dict:
+    """A row's student: its initial model and its loss."""
+    teacher = {"kd_coef": 0.9, "teacher_model": teacher_dir}
+    return {CE_ONLY: {"kd_coef": 0.0}, CROSS_ROWS[0]: {"kd_coef": 0.0}, CROSS_ROWS[1]: teacher,
+            CROSS_ROWS[2]: {"pretrain": paths["pair_student_init"], "kd_coef": 0.0},
+            CROSS_ROWS[3]: {"pretrain": paths["pair_student_init"], "cross_tokenizer": True, **teacher},
+            }.get(row, {**teacher, "kd_loss": row})
+
+
 def main() -> int:
-    from fsdp_kd.demo import base_config, prepare_task, score_model, train_stage
+    from fsdp_kd.demo import aligned_scores, base_config, prepare_task, score_model, train_stage
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.divergences import DIVERGENCES
     from fsdp_kd.stages import Stages
@@ -35,10 +61,11 @@ def main() -> int:
     parser.add_argument("--teacher_steps", type=int, default=400)
     parser.add_argument("--student_steps", type=int, default=600)
     parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES))
+    parser.add_argument("--cross_tokenizer", action="store_true", help="the four rows of the cross-tokenizer table")
     args = parser.parse_args()
     env = init_distributed()
-    rows = ["CE only"] + args.divergences
-    scores: dict[str, list[tuple[float, float]]] = {row: [] for row in rows}
+    rows = list(CROSS_ROWS) if args.cross_tokenizer else [CE_ONLY] + args.divergences
+    scores: dict[str, list[tuple[float, ...]]] = {row: [] for row in rows}
     try:
         for seed in args.seeds:
             out = os.path.join(args.out, f"seed{seed}")
@@ -49,25 +76,35 @@ def main() -> int:
             train_stage(f"seed {seed}: teacher", dataclasses.replace(
                 base, pretrain=paths["teacher_init"], kd_coef=0.0, max_steps=args.teacher_steps,
                 save_path=teacher_dir), env, stages)
-            for row in rows:
-                kd = ({"kd_coef": 0.0} if row == "CE only" else
-                      {"kd_coef": 0.9, "kd_loss": row, "teacher_model": teacher_dir})
+            for i, row in enumerate(rows):
                 cfg = dataclasses.replace(base, pretrain=paths["student_init"], max_steps=args.student_steps,
-                                          save_path=os.path.join(out, row.replace(" ", "_")), **kd)
+                                          save_path=os.path.join(out, f"row{i}"))
+                cfg = dataclasses.replace(cfg, **student_flags(row, paths, teacher_dir))
                 train_stage(f"seed {seed}: {row}", cfg, env, stages)
-                result = score_model(cfg, teacher_dir, paths, out, env, k=8)
+                if args.cross_tokenizer:
+                    if env.is_main:  # (KL per aligned token, share aligned, exact match)
+                        scores[row].append(aligned_scores(cfg.save_path, teacher_dir, paths))
+                    torch.distributed.barrier()
+                else:
+                    result = score_model(cfg, teacher_dir, paths, out, env, k=8)
+                    if env.is_main:  # (KL, exact match)
+                        scores[row].append((result["eval_kl"], result["scores"][0]))
                 if env.is_main:
-                    scores[row].append((result["eval_kl"], result["scores"][0]))
-                    print(f"  seed {seed} {row}: KL {result['eval_kl']:.5f}, exact match "
-                          f"{result['scores'][0]:.1%}", flush=True)
+                    print(f"  seed {seed} {row}: {', '.join(f'{v:.4f}' for v in scores[row][-1])}", flush=True)
     finally:
         teardown()
     if env.is_main:
         print(f"\n{args.student_steps} student steps, seeds {args.seeds}; mean ± sd (per seed)")
-        print("| student | KL(teacher‖student) | exact match |\n|---|---|---|")
+        if args.cross_tokenizer:
+            print("| student | KL(teacher‖student) per aligned token | response tokens aligned | exact match |\n"
+                  "|---|---|---|---|")
+        else:
+            print("| student | KL(teacher‖student) | exact match |\n|---|---|---|")
         for row in rows:
-            kl, em = zip(*scores[row])
-            print(f"| {row} | {_mean_sd(kl, '.4f')} ({', '.join(f'{v:.4f}' for v in kl)}) | "
+            kl, *rest = zip(*scores[row])
+            aligned = f" {100 * statistics.mean(rest[0]):.1f}% |" if args.cross_tokenizer else ""
+            em = rest[-1]
+            print(f"| {row} | {_mean_sd(kl, '.4f')} ({', '.join(f'{v:.4f}' for v in kl)}) |{aligned} "
                   f"{_mean_sd([100 * v for v in em], '.1f')}% ({', '.join(f'{100 * v:.1f}' for v in em)}) |")
     return 0
 

@@ -17,10 +17,12 @@ rendering, the teacher's distribution shows all of them with their odds, which i
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
 import random
+import re
 import sys
 
 import torch
@@ -31,15 +33,19 @@ DEMO_CHARS = list("0123456789+=-*() \nABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnop
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
 
 
-def build_char_tokenizer(out_dir: str, extra_chars: str = ""):
-    """A character-level fast tokenizer saved in HF format: ids are stable and every string round-trips."""
+def build_char_tokenizer(out_dir: str, extra_chars: str = "", pairs: tuple[str, ...] = ()):
+    """A character-level fast tokenizer saved in HF format: ids are stable and every string round-trips. `pairs`
+    are tokens of two characters, taken wherever they occur, left to right, before single characters: a second
+    tokenizer of the same text (the cross-tokenizer student), whose ids differ from the first one's after the
+    characters."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = DEMO_CHARS + [c for c in extra_chars if c not in DEMO_CHARS]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars)}
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars + list(pairs))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("".join(f"{re.escape(p)}|" for p in pairs) + "."),
+                                              behavior="isolated")
     core.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     tok.save_pretrained(out_dir)
@@ -65,6 +71,9 @@ TARGET_LETTERS = "ABCDEFGHIJKLMNOP"
 RENDERING_PROBS = (0.5, 0.3, 0.2)
 CACHED = "KD student, top-k cache (k = 8)"
 ON_POLICY = "KD student, on-policy (λ = 0.5)"
+PAIR_CE = "CE-only student, its own tokenizer"
+PAIR_KD = "KD student, its own tokenizer (cross-tokenizer)"
+PAIRS = 24  # letter pairs the second tokenizer adds
 
 
 def rendering_table(rng: random.Random) -> dict[tuple[str, str], list[str]]:
@@ -176,20 +185,82 @@ def _plot_students(runs: dict, out_dir: str) -> str:
 
 
 def prepare_task(out: str, seed: int, train_samples: int, env, stages: Stages) -> dict[str, str]:
-    """The task's data, the tokenizer and both initial models under `out` (rank 0 writes, every rank waits).
-    Returns their paths."""
-    paths = {k: os.path.join(out, k) for k in ("tokenizer", "teacher_init", "student_init", "data")}
-    with stages.run("task, tokenizer and initial models", "setup"):
+    """The task's data, the tokenizer and the initial models under `out` (rank 0 writes, every rank waits): the
+    teacher and the student over the character tokenizer, and the same student over a second tokenizer (the
+    characters and the training responses' `PAIRS` most frequent letter pairs). Returns their paths."""
+    paths = {k: os.path.join(out, k) for k in ("tokenizer", "teacher_init", "student_init", "pair_student_init",
+                                               "data")}
+    with stages.run("task, tokenizers and initial models", "setup"):
         if env.is_main:
             os.makedirs(paths["data"], exist_ok=True)
             tok = build_char_tokenizer(paths["tokenizer"])
             for name, hidden, layers, offset in (("teacher_init", 192, 4, 1), ("student_init", 64, 2, 2)):
                 build_tiny_model(paths[name], len(tok), hidden, layers, seed=seed + offset)
                 tok.save_pretrained(paths[name])
-            for name, records in zip(("train", "eval", "eval_mode"), translation_task(seed, train_samples, 200)):
+            train, *held_out = translation_task(seed, train_samples, 200)
+            for name, records in zip(("train", "eval", "eval_mode"), (train, *held_out)):
                 write_jsonl(os.path.join(paths["data"], f"{name}.jsonl"), records)
+            pair_tok = build_char_tokenizer(paths["pair_student_init"], pairs=frequent_pairs(train, PAIRS))
+            build_tiny_model(paths["pair_student_init"], len(pair_tok), 64, 2, seed=seed + 2)
         torch.distributed.barrier()
     return paths
+
+
+def frequent_pairs(records: list[dict], n: int) -> tuple[str, ...]:
+    """The n most frequent adjacent letter pairs of the responses."""
+    counts = collections.Counter(r["output"][i:i + 2] for r in records for i in range(len(r["output"]) - 1))
+    return tuple(pair for pair, _ in counts.most_common(n))
+
+
+@torch.no_grad()
+def aligned_scores(model_dir: str, teacher_dir: str, paths: dict[str, str]) -> tuple[float, float, float]:
+    """(KL(teacher‖model) per aligned response token, the share of response tokens aligned, exact match) of an
+    exported model whose tokenizer may differ from the teacher's, on the held-out samples.
+
+    At each response position where the two tokenizations align one token to one (`cross_tokenizer.Alignment`), the
+    KL is taken between the teacher's distribution and the model's over the shared tokens plus one bucket for its
+    own others (here its pair tokens: the teacher's vocabulary is all shared, so the teacher's side is whole). With
+    the teacher's own tokenizer every position aligns and this is the full KL. Exact match decodes the greedy answer
+    to text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .cross_tokenizer import TeacherTokenization, TokenBytes, shared_vocabulary
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(teacher_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    s_bytes, t_bytes = TokenBytes.of(s_tok), TokenBytes.of(t_tok)
+    shared = shared_vocabulary(s_bytes, t_bytes)
+    s_ids, t_ids = torch.from_numpy(shared.student_ids), torch.from_numpy(shared.teacher_ids)
+    s_other, t_other = torch.ones(len(s_tok), dtype=torch.bool), torch.ones(len(t_tok), dtype=torch.bool)
+    s_other[s_ids], t_other[t_ids] = False, False
+    retokenize = TeacherTokenization(s_bytes, t_bytes, t_tok)
+    kl = aligned = trained = 0
+    for r in (json.loads(line) for line in open(os.path.join(paths["data"], "eval.jsonl"))):
+        ids = s_tok(r["input"] + r["output"])["input_ids"] + [s_tok.eos_token_id]
+        prompt = len(s_tok(r["input"])["input_ids"])
+        fields = retokenize.fields(ids)
+        teacher_ids, at = fields["teacher_ids"], fields["teacher_positions"]
+        log_q = torch.log_softmax(model(torch.tensor([ids])).logits[0, :, :len(s_tok)].double(), -1)
+        log_p = torch.log_softmax(teacher(torch.tensor([teacher_ids])).logits[0, :, :len(t_tok)].double(), -1)
+        for p in range(prompt - 1, len(ids) - 1):  # the response and its end, as training scores them
+            trained += 1
+            if at[p] < 0:
+                continue
+            aligned += 1
+            q_row, p_row = log_q[p], log_p[at[p]]
+            q_buckets = torch.cat([q_row[s_ids], torch.logsumexp(q_row[s_other], 0, keepdim=True)])
+            p_buckets = torch.cat([p_row[t_ids], torch.logsumexp(p_row[t_other], 0, keepdim=True)])
+            mass = p_buckets.exp()  # an empty bucket (the teacher's rest, here) adds nothing
+            kl += float(torch.where(mass > 0, mass * (p_buckets - q_buckets), 0.0).sum())
+    mode = [json.loads(line) for line in open(os.path.join(paths["data"], "eval_mode.jsonl"))]
+    hits = 0
+    for r in mode:
+        prompt = torch.tensor([s_tok(r["input"])["input_ids"]])
+        out = model.generate(prompt, max_new_tokens=len(r["output"]) + 1, do_sample=False,
+                             pad_token_id=s_tok.pad_token_id, eos_token_id=s_tok.eos_token_id)
+        hits += s_tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True) == r["output"]
+    return kl / max(aligned, 1), aligned / max(trained, 1), hits / len(mode)
 
 
 def base_config(out: str, paths: dict[str, str], world_size: int, seed: int):
@@ -266,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.out} already holds a finished demo; pass --out NEW_DIR", file=sys.stderr)
         return 2
     env = init_distributed()
-    # the task and models, five trainings, the teacher cache and the scoring
-    stages = Stages(8, os.path.join(args.out, "logs"), shown=env.is_main)
+    # the task and models, seven trainings, the teacher cache and the scoring
+    stages = Stages(10, os.path.join(args.out, "logs"), shown=env.is_main)
     if env.is_main:
         print(f"fsdp-kd demo: a 192-wide, 4-layer teacher distilled into a 64-wide, 2-layer student on a toy "
               f"translation task ({env.world_size} ranks, {env.device.type}); each stage's log is in "
@@ -289,7 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         "CE-only student": dataclasses.replace(base, pretrain=paths["student_init"], kd_coef=0.0,
                                                max_steps=args.student_steps,
                                                save_path=os.path.join(args.out, "ce_student")),
+        # the same student over a second tokenizer (letter pairs as tokens): CE only, and taught across tokenizers
+        PAIR_CE: dataclasses.replace(base, pretrain=paths["pair_student_init"], kd_coef=0.0,
+                                     max_steps=args.student_steps, save_path=os.path.join(args.out, "ce_pair_student")),
+        PAIR_KD: dataclasses.replace(base, pretrain=paths["pair_student_init"], kd_coef=0.9, teacher_model=teacher_dir,
+                                     cross_tokenizer=True, max_steps=args.student_steps,
+                                     save_path=os.path.join(args.out, "kd_pair_student")),
     }
+    same_tokenizer = [name for name in runs if name not in (PAIR_CE, PAIR_KD)]
+    across = ["CE-only student", "KD student", PAIR_CE, PAIR_KD]
     results = {}
     try:
         for name, cfg in runs.items():
@@ -298,19 +377,29 @@ def main(argv: list[str] | None = None) -> int:
                     CacheBuilder(dataclasses.replace(cfg, teacher_model=teacher_dir), env).run()
             train_stage(name, cfg, env, stages)
         with stages.run("scoring every model", "scoring") as stage:
-            for i, (name, cfg) in enumerate(runs.items()):
-                results[name] = score_model(cfg, teacher_dir, paths, args.out, env, runs[CACHED].cache_k)
-                stage.update(i + 1, len(runs))
+            for i, name in enumerate(same_tokenizer):
+                results[name] = score_model(runs[name], teacher_dir, paths, args.out, env, runs[CACHED].cache_k)
+                stage.update(i + 1, len(same_tokenizer) + len(across))
+            for i, name in enumerate(across):
+                if env.is_main:
+                    results.setdefault(name, {})["aligned"] = aligned_scores(runs[name].save_path, teacher_dir, paths)
+                stage.update(len(same_tokenizer) + i + 1, len(same_tokenizer) + len(across))
     finally:
         teardown()
     if env.is_main:
         k = runs[CACHED].cache_k
         rows = [f"| model | eval CE | KL(teacher‖model) | KL on the teacher's top-{k} + rest | exact match | "
                 "KL on its own greedy output |", "|---|---|---|---|---|---|"]
-        for name in runs:
+        for name in same_tokenizer:
             acc, own_kl, bucketed_kl = results[name]["scores"]
             rows.append(f"| {name} | {results[name]['eval_ce_loss']:.4f} | {results[name]['eval_kl']:.5f} | "
                         f"{bucketed_kl:.5f} | {acc:.1%} | {own_kl:.5f} |")
+        rows += ["", f"Across tokenizers: the student's own tokenizer adds the {PAIRS} most frequent letter pairs of the "
+                 "responses as tokens", "", "| student | KL(teacher‖student) per aligned token | response tokens "
+                 "aligned one to one | exact match |", "|---|---|---|---|"]
+        for name in across:
+            kl, share, acc = results[name]["aligned"]
+            rows.append(f"| {name} | {kl:.5f} | {share:.1%} | {acc:.1%} |")
         table = "\n".join(rows)
         with open(os.path.join(args.out, "table.md"), "w") as f:
             f.write(table + "\n")
