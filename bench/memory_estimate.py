@@ -90,6 +90,50 @@ def estimate(teacher: Shape, student: Shape, nodes: int, per_node: int, tokens: 
             "teacher_comm": teacher_comm, "pcie": pcie, "host": 2 * t.params / shard * per_node if offload else 0}
 
 
+def split_estimate(teacher: Shape, student: Shape, teacher_gpus: int, student_gpus: int, per_node: int, tokens: int,
+                   args) -> dict:
+    """The teacher on its own ranks (issue 24's `--teacher_ranks`, not built yet): `teacher_gpus` hold the teacher's
+    body full-sharded among themselves, `student_gpus` the student and the teacher's head (sharded like the
+    student), and each teacher GPU runs the forwards of student_gpus / teacher_gpus student ranks and sends each its
+    final hidden states (T·H_t bf16). Per round every student GPU trains one micro-batch. A group inside one node
+    gathers at `intra_gbps`, else at `inter_gbps`; the hidden states cross nodes at `inter_gbps`. Both sides prefetch
+    (communication under compute) and the teacher runs a micro-batch ahead, so a round takes the longest of the
+    student's side, the teacher's side and the transfer."""
+    s, t = student, teacher
+    head_t = t.vocab * t.hidden
+    body_t = t.params - head_t  # what the teacher ranks hold: all but the output head
+    served = student_gpus / teacher_gpus  # student micro-batches each teacher GPU computes per round
+    hidden_bytes = tokens * t.hidden * 2
+    student_mem = {
+        "student state": 16 * s.params / student_gpus,
+        "student gathered": 2 * s.layer_params * 2 + s.vocab_matrices * s.vocab * s.hidden * 2 + s.layer_params * 4,
+        "teacher head": 2 * head_t / student_gpus + 2 * head_t,  # its shard, and gathered for the loss
+        "activations": s.layers * tokens * s.hidden * 2 + tokens * (34 * s.hidden + 4 * s.mlp),
+        "loss kernel": 2 * 128 * s.vocab * 4 + s.vocab * s.hidden * 4 + tokens * (s.hidden + t.hidden) * 4,
+        "received hidden": 2 * hidden_bytes,  # the current micro-batch's and the next one's
+    }
+    teacher_mem = {
+        "teacher shards": 2 * body_t / teacher_gpus,
+        "teacher gathered": 2 * t.layer_params * 2 + t.vocab * t.hidden * 2,  # two layers and the embedding
+        "activations": 2 * tokens * (4 * t.hidden + 2 * t.mlp) * 2,  # one layer, two micro-batches in flight
+        "sent hidden": 2 * hidden_bytes * served,
+    }
+
+    def bandwidth(gpus: int) -> float:
+        return (args.intra_gbps if gpus <= per_node else args.inter_gbps) * GB
+
+    student_compute = (6 * s.params + 2 * head_t) * tokens / (args.tflops * 1e12)  # the head's logits: in the loss
+    student_comm = (2 * 2 * s.params + 4 * s.params + 2 * head_t) / bandwidth(student_gpus)
+    teacher_compute = 2 * body_t * tokens * served / (args.tflops * 1e12)
+    teacher_comm = 2 * body_t * served / bandwidth(teacher_gpus)  # one gather of the body per forward
+    transfer = hidden_bytes * served / (args.inter_gbps * GB)
+    student_side, teacher_side = max(student_compute, student_comm), max(teacher_compute, teacher_comm)
+    round_time = max(student_side, teacher_side, transfer)
+    return {"student": student_mem, "teacher": teacher_mem, "student_side": student_side,
+            "teacher_side": teacher_side, "transfer": transfer, "round": round_time,
+            "per_micro_batch": round_time / student_gpus, "hidden_bytes": hidden_bytes}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[2, 4])
@@ -100,6 +144,8 @@ def main():
     parser.add_argument("--intra_gbps", type=float, default=150, help="all-gather GB/s per GPU inside a node")
     parser.add_argument("--inter_gbps", type=float, default=40, help="all-gather GB/s per GPU across nodes")
     parser.add_argument("--pcie_gbps", type=float, default=25, help="host-to-device GB/s per GPU")
+    parser.add_argument("--splits", default="8:8,12:4,4:12",
+                        help="teacher:student GPUs of the teacher-ranks layouts, on --nodes[0] nodes")
     args = parser.parse_args()
     t, s = LLAMA3_70B, LLAMA3_8B
     print(f"{t.name} ({t.params / 1e9:.1f}B) → {s.name} ({s.params / 1e9:.2f}B), {args.tokens} tokens per "
@@ -119,6 +165,34 @@ def main():
                       f"{'yes' if r['total'] < 0.9 * args.gpu_gb * GB else 'NO'} | {r['compute']:.2f} s | "
                       f"{r['student_comm']:.2f} s | {r['teacher_comm']:.2f} s | {r['pcie']:.2f} s | "
                       f"{r['host'] / GB:.0f} GB |")
+
+    print_splits(t, s, args)
+
+
+def print_splits(t: Shape, s: Shape, args) -> None:
+    """The teacher on its own ranks against co-location, per student micro-batch, on --nodes[0] nodes."""
+    nodes, per_node = args.nodes[0], args.gpus_per_node
+    world = nodes * per_node
+    hidden, logits = args.tokens * t.hidden * 2, args.tokens * t.vocab * 4
+    print(f"\nThe teacher on its own ranks (not built yet: issue 24), {nodes} nodes of {per_node}. Sent per student "
+          f"micro-batch: its final hidden states, {hidden / 1e6:.0f} MB in bf16, against {logits / 1e6:.0f} MB of "
+          f"fp32 logits ({logits / hidden:.0f}×) or {logits / 2 / hidden:.0f}× in bf16.\n")
+    print("| layout | student GPU memory | teacher GPU memory | student side | teacher side | transfer | round | "
+          "per micro-batch (round / student GPUs) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for hybrid in (False, True):
+        r = estimate(t, s, nodes, per_node, args.tokens, hybrid, False, args)
+        step = max(r["compute"], r["student_comm"] + r["teacher_comm"])
+        print(f"| co-located, {'HSDP' if hybrid else 'full shard'} on {world} | {r['total'] / GB:.1f} GB | (same GPUs) "
+              f"| | | | {step:.2f} s | {step / world:.3f} s |")
+    for split in args.splits.split(","):
+        teacher_gpus, student_gpus = (int(x) for x in split.split(":"))
+        if teacher_gpus + student_gpus != world:
+            continue
+        r = split_estimate(t, s, teacher_gpus, student_gpus, per_node, args.tokens, args)
+        print(f"| {teacher_gpus} teacher + {student_gpus} student | {sum(r['student'].values()) / GB:.1f} GB | "
+              f"{sum(r['teacher'].values()) / GB:.1f} GB | {r['student_side']:.2f} s | {r['teacher_side']:.2f} s | "
+              f"{r['transfer'] * 1e3:.1f} ms | {r['round']:.2f} s | {r['per_micro_batch']:.3f} s |")
 
 
 if __name__ == "__main__":
