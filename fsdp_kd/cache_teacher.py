@@ -58,7 +58,8 @@ class CacheBuilder:
         self.offsets = offsets
         self.mode = CACHE_MODES[cfg.cache_mode]
         slots = self.mode.slots(getattr(cfg, self.mode.slots_key) if self.mode.slots_key else None,
-                                self.teacher_setup.teacher_vocab_size, _hidden_size(cfg))
+                                self.teacher_setup.teacher_vocab_size,
+                                _hidden_size(cfg) if self.mode.keeps_head else 0)
         self.meta = CacheMeta(
             mode=cfg.cache_mode, slots=slots, temperature=cfg.kd_temperature, vocab_size=self.vocab_size,
             log_p_dtype=cfg.cache_log_p_dtype, tokenizer=tokenizer_fingerprint(self.tokenizer),
@@ -67,7 +68,7 @@ class CacheBuilder:
             settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=teacher_identity(cfg.teacher_model),
             samples_per_chunk=cfg.cache_chunk_samples,
             teacher_tokenizer=None if retokenize is None else tokenizer_fingerprint(retokenize.tokenizer),
-            hidden_dtype=cfg.cache_hidden_dtype)
+            hidden_dtype=cfg.cache_hidden_dtype if self.mode.keeps_head else CacheMeta.hidden_dtype)
         self.already_complete = self._adopt_existing()
 
     def _adopt_existing(self) -> bool:

@@ -33,9 +33,9 @@ from .kernel import (Gradients, Head, IdPlace, KernelPlan, ModelBlock, Targets, 
                      id_places, logit_grad, logsumexp_rows, merge_top, pass1_logits, push_back, push_back_labels, vocab_chunks)
 
 
-# The KD metrics across tokenizers are sums over the rows aligned one to one (per trained token, as every metric),
-# the KL and the teacher's entropy over the shared tokens' buckets: named so, live or cached.
-ALIGNED_METRIC_NAMES = {"kl": "kl_shared_buckets", "teacher_entropy": "teacher_entropy_shared_buckets",
+# The live KD metrics across tokenizers: sums over the rows aligned one to one (per trained token, as every metric),
+# the KL over the shared tokens' buckets, the entropies over each whole vocabulary, the top-1 through the id map.
+ALIGNED_METRIC_NAMES = {"kl": "kl_shared_buckets", "teacher_entropy": "teacher_entropy_aligned",
                         "student_entropy": "student_entropy_aligned", "top1_agreement": "top1_agreement_aligned",
                         "teacher_ce": "teacher_ce_aligned"}
 

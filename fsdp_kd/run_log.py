@@ -109,7 +109,8 @@ def shown_teacher_metrics(record: dict, prefix: str = "") -> list[tuple[str, str
     shown = []
     for base, label in (("kl", "kl"), ("teacher_entropy", "H(teacher)")):
         for suffix, note in (("", ""), ("_buckets", " (buckets)"), ("_estimate", " (estimate)"),
-                             ("_shared_buckets", " (shared tokens)")):
+                             ("_shared_buckets", " (shared tokens)"), ("_aligned", " (aligned)"),
+                             ("_buckets_aligned", " (buckets, aligned)")):
             if prefix + base + suffix in record:
                 shown.append((prefix + base + suffix, label + note))
     return shown

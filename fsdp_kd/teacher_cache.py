@@ -254,8 +254,11 @@ def _topk_metric_names(meta: CacheMeta) -> dict[str, str | None]:
     """Over buckets. The live teacher_ce is at τ = 1; the cache holds the teacher at kd_temperature only, from which
     τ = 1 cannot be recovered, so a tempered cache's teacher CE says so."""
     tempered = "" if meta.temperature == 1.0 else "_at_kd_temperature"
-    if meta.teacher_tokenizer:  # across tokenizers: over the aligned rows, as a live cross-tokenizer run names them
-        return {**ALIGNED_METRIC_NAMES, "teacher_ce": ALIGNED_METRIC_NAMES["teacher_ce"] + tempered}
+    if meta.teacher_tokenizer:  # across tokenizers: sums over the aligned rows; the KL is the live run's quantity,
+        # the teacher's entropy and CE are over the top-k buckets, the top-1 the cache's most likely shared token
+        return {"kl": ALIGNED_METRIC_NAMES["kl"], "teacher_entropy": "teacher_entropy_buckets_aligned",
+                "student_entropy": ALIGNED_METRIC_NAMES["student_entropy"],
+                "top1_agreement": "top1_agreement_shared_aligned", "teacher_ce": "teacher_ce_buckets_aligned" + tempered}
     return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": "teacher_ce_buckets" + tempered}
 
 
@@ -325,7 +328,8 @@ def load_head(directory: str, meta: CacheMeta, device: torch.device) -> Head:
 
     path = os.path.join(directory, HEAD_FILE)
     if not os.path.exists(path) or meta.head is None:
-        raise ConfigError(f"key teacher_cache: {directory} lacks the teacher's head ({HEAD_FILE}); build it again")
+        raise ConfigError(f"key teacher_cache: {directory} lacks the teacher's head ({HEAD_FILE}); build the cache "
+                          "again into a new directory")
     tensors = load_file(path, device=str(device))
     return Head(tensors["weight"], tensors.get("bias"), meta.head["scale"], meta.head["softcap"])
 
