@@ -295,52 +295,53 @@ def collate_packed(samples: list[Sample], max_len: int, pad_id: int) -> MicroBat
 
 def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool) -> MicroBatch:
     """Each row's samples one after the other, then padding; segments and restarting positions when packed."""
-    width = max(sum(len(s.input_ids) for s in row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    segments = torch.full((len(rows), width), -1, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        offset = 0
-        for k, s in enumerate(row):
-            n = len(s.input_ids)
-            ids[r, offset:offset + n] = torch.tensor(s.input_ids)
-            targets[r, offset:offset + n] = torch.tensor(s.targets)
-            mask[r, offset:offset + n] = 1
-            segments[r, offset:offset + n] = k
-            positions[r, offset:offset + n] = torch.arange(n)
-            offset += n
+    ids, mask, segments, positions, _ = _row_layout([[s.input_ids for s in row] for row in rows], pad_id)
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    targets[mask.bool()] = torch.tensor([t for row in rows for s in row for t in s.targets], dtype=torch.long)
     keys = [(s.source, s.row) for row in rows for s in row if s.trainable_tokens]
     teacher, aligned = _teacher_rows(rows, packed) if rows[0][0].teacher_ids is not None else (None, None)
     return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
                       sample_keys=keys, teacher=teacher, aligned=aligned)
 
 
-def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, torch.Tensor]:
-    """The teacher's tokens of the same samples in the same rows (`MicroBatch.teacher`), and `aligned`. Its target
-    rows follow the student's: row by row, sample by sample, position by position, as `MicroBatch` orders them."""
-    width = max(1, max(sum(len(s.teacher_ids) for s in row) for row in rows))
-    ids = torch.zeros((len(rows), width), dtype=torch.long)  # padding: any valid id, masked and never read
+def _row_layout(rows: list[list[list[int]]], pad_id: int):
+    """(ids, mask, segments, positions) [B, T] of token lists laid one after another in each row, then padding
+    (`pad_id`, masked out; segment -1), and where each list starts in its row."""
+    width = max(1, max(sum(map(len, row)) for row in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     segments = torch.full((len(rows), width), -1, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
-    flat, labels, aligned = [], [], []
+    starts = []
     for r, row in enumerate(rows):
-        offset = 0
-        for k, s in enumerate(row):
-            n = len(s.teacher_ids)
-            teacher_ids = np.asarray(s.teacher_ids, dtype=np.int64)
-            ids[r, offset:offset + n] = torch.from_numpy(teacher_ids)
+        offset, row_starts = 0, []
+        for k, tokens in enumerate(row):
+            n = len(tokens)
+            ids[r, offset:offset + n] = torch.tensor(tokens, dtype=torch.long)
             mask[r, offset:offset + n] = 1
             segments[r, offset:offset + n] = k
             positions[r, offset:offset + n] = torch.arange(n)
+            row_starts.append(offset)
+            offset += n
+        starts.append(row_starts)
+    return ids, mask, segments, positions, starts
+
+
+def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, torch.Tensor]:
+    """The teacher's tokens of the same samples in the same rows (`MicroBatch.teacher`), and `aligned`. Its target
+    rows follow the student's: row by row, sample by sample, position by position, as `MicroBatch` orders them.
+    Padding is id 0: any valid id, masked and never read."""
+    ids, mask, segments, positions, starts = _row_layout([[s.teacher_ids for s in row] for row in rows], 0)
+    width = ids.shape[1]
+    flat, labels, aligned = [], [], []
+    for r, row in enumerate(rows):
+        for s, offset in zip(row, starts[r]):
+            teacher_ids = np.asarray(s.teacher_ids, dtype=np.int64)
             at = np.asarray(s.teacher_positions, dtype=np.int64)[np.asarray(s.targets) != IGNORE_INDEX]
             has = at >= 0
             flat.append(np.where(has, r * width + offset + at, 0))
-            labels.append(np.where(has, teacher_ids[np.where(has, at + 1, 0)] if n else 0, 0))
+            labels.append(np.where(has, teacher_ids[np.where(has, at + 1, 0)] if len(teacher_ids) else 0, 0))
             aligned.append(has)
-            offset += n
     rows_at, label_ids, where = (torch.from_numpy(np.concatenate(a)) for a in (flat, labels, aligned))
     if not mask.any():
         mask[:, 0] = 1  # no sample has teacher tokens: one real slot, so the forward has a token to attend to
