@@ -23,14 +23,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .config import ConfigError, TrainConfig, resume_mismatches
+from .distributed import all_reduce_sum, barrier, side_group, side_size
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAIN_STATE = "train_state.json"
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def complete_checkpoints(ckpt_path: str) -> list[tuple[int, str]]:
@@ -67,10 +63,8 @@ def check_finite(root, what: str) -> None:
     weights, cheap next to writing them."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in root.parameters()]
     ok = torch.stack([torch.isfinite(p).all() for p in local]).all() if local else torch.tensor(True)
-    flag = ok.to(torch.int32).reshape(1)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if not bool(flag.item()):
+    flag = all_reduce_sum((~ok).to(torch.int32).reshape(1))  # ranks with a non-finite shard
+    if bool(flag.item()):
         bad = next((name for name, p in root.named_parameters()
                     if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()), "on another rank")
         raise NonFiniteWeights(f"the student's weights are not finite (first: {bad}); {what} was not written")
@@ -97,7 +91,11 @@ class CheckpointWriter:
         """`data`: `data_fingerprint` of the training sources, recorded in every train state."""
         self.cfg, self.rank, self.data = cfg, rank, data
         self.pending = None  # (future, partial dir, final dir, step)
-        self.group = dist.new_group(backend="gloo") if asynchronous and dist.is_initialized() else None
+        self.group = None
+        if asynchronous and dist.is_initialized():  # this side's ranks only: in a split job the others never save
+            side = side_group()
+            self.group = dist.new_group(None if side is None else dist.get_process_group_ranks(side),
+                                        backend="gloo", use_local_synchronization=True)
         self.asynchronous = asynchronous
 
     def save(self, root, optimizer, step: int) -> str:
@@ -114,7 +112,7 @@ class CheckpointWriter:
                 self.pending = (dcp.async_save(state, checkpoint_id=partial, process_group=self.group), partial,
                                 final, step)
                 return final
-            dcp.save(state, checkpoint_id=partial)
+            dcp.save(state, checkpoint_id=partial, process_group=side_group())
         self._complete(partial, final, step)
         return final
 
@@ -150,16 +148,16 @@ class CheckpointWriter:
             self.finish()
 
     def _complete(self, partial: str, final: str, step: int) -> None:
-        _barrier()
+        barrier()
         if self.rank == 0:
             with open(os.path.join(partial, TRAIN_STATE), "w") as f:
-                json.dump({"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                json.dump({"step": step, "world_size": side_size(),
                            "config": self.cfg.to_dict(), "data": self.data}, f, indent=1)
             os.rename(partial, final)
             for _, old in complete_checkpoints(self.cfg.resolved_ckpt_path())[:-self.cfg.max_ckpt_num]:
                 os.rename(old, old + ".deleting")  # no longer complete before the first file goes
                 shutil.rmtree(old + ".deleting", ignore_errors=True)
-        _barrier()
+        barrier()
 
 
 class CheckpointError(RuntimeError):
@@ -234,7 +232,7 @@ def load_checkpoint(root, optimizer, path: str, rank: int) -> int:
     state = {"model": model_state, "optim": optim_state}
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     try:
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, process_group=side_group())
         rng = torch.load(rng_file, weights_only=True) if os.path.isfile(rng_file) else None
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
         raise DamagedCheckpoint(f"{path}: cannot be read ({_root_cause(e)}); delete it to resume from the "
@@ -256,5 +254,5 @@ def load_model_weights(root, path: str) -> None:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     state = {"model": get_model_state_dict(root)}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, process_group=side_group())
     set_model_state_dict(root, state["model"])

@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg) -> int:
-    """Trains on every rank; a failure on any one rank ends the job at once (see `report_failure`)."""
-    from .distributed import run_ranked, seed_everything
+    """Trains on every rank (on the student ranks, with teacher_ranks: the others serve the teacher,
+    `teacher_ranks.serve`); a failure on any one rank ends the job at once (see `report_failure`)."""
+    from .distributed import run_ranked, seed_everything, split_world
     from .startup import CLOCK
     from .trainer import Trainer
 
@@ -40,6 +41,10 @@ def run_training(cfg) -> int:
 
     def work(env):
         CLOCK.lap("process group")
+        if cfg.teacher_ranks:
+            env = split_world(env, cfg.teacher_ranks)
+            if env.split.is_teacher(env.global_rank):
+                return serve_teacher(cfg, env)
         seed_everything(cfg.seed, env.rank)
         trainer = Trainer(cfg, env)
         try:
@@ -50,6 +55,16 @@ def run_training(cfg) -> int:
         trainer.close(failed=False)
 
     return run_ranked(work, cfg.dist_timeout_minutes)
+
+
+def serve_teacher(cfg, env) -> None:
+    """A teacher rank's run: the teacher_model the student ranks would run, with the student's tokenizer (or, with
+    cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
+    from .distill import model_teacher
+    from .models import tokenizer_or_error
+    from .teacher_ranks import serve
+
+    serve(cfg, model_teacher(cfg, tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)), env)
 
 
 def console_main() -> None:

@@ -80,6 +80,8 @@ class TrainConfig:
                                        "forward: less device memory, slower")
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
                                         "needs its full size free on every device")
+    teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send it "
+                                "the student ranks' hidden states: 0 shares every rank (docs/scale_out.md)")
 
     dataset: str = opt("", "training data: a .jsonl/.json/.parquet/.csv file, a directory of them or a hub dataset; "
                            "several comma-separated are mixed by dataset_probs", section="Data")
@@ -400,6 +402,14 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.teacher_resident and cfg.teacher_offload:
         fail("teacher_resident", "teacher_resident keeps the teacher on the device, teacher_offload keeps it on CPU; "
                                  "choose one")
+    if cfg.teacher_ranks < 0:
+        fail("teacher_ranks", f"teacher_ranks must be >= 0, got {cfg.teacher_ranks}")
+    if cfg.teacher_ranks and (cfg.teacher_model is None or cfg.teacher_cache is not None):
+        fail("teacher_ranks", "teacher_ranks runs the teacher_model on ranks of its own: set teacher_model, and no "
+                              "teacher_cache (a cache needs no teacher ranks)")
+    if cfg.teacher_ranks and "hybrid_shard" in (cfg.sharding_strategy, cfg.teacher_sharding_strategy):
+        fail("teacher_ranks", "teacher_ranks shards each side over its own ranks (full_shard); hybrid_shard is not "
+                              "supported with it yet")
     if cfg.hsdp_shard_size is not None and cfg.hsdp_shard_size < 1:
         fail("hsdp_shard_size", f"hsdp_shard_size must be >= 1, got {cfg.hsdp_shard_size}")
     if cfg.lr_scheduler not in ("cosine_with_min_lr", "constant_with_warmup"):

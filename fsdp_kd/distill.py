@@ -4,10 +4,10 @@ targets come from.
 The loss and the training loop never touch a teacher model directly. A run's teacher is a source, one entry of
 `TEACHER_SOURCES`, which the trainer sets up in steps (`TeacherSetup`): `live` runs the sharded teacher on each
 micro-batch (`LiveTeacher`, whose targets are `TeacherTargets`), `cross_tokenizer` runs a teacher with its own
-tokenizer on its own tokens of each sample (`CrossTokenizerTeacher`), `cache` reads stored teacher distributions in
+tokenizer on its own tokens of each sample (`CrossTokenizerTeacher`), `teacher_ranks` runs either of those on ranks of
+its own and sends its hidden states (`teacher_ranks.RemoteTeacher`), `cache` reads stored teacher distributions in
 any of the cache's modes (`teacher_cache.CachedTeacher`), and `none` is plain SFT. A source's `targets(batch)` returns
-something with `distill(hidden, head, labels, spec, vocab_size)`, which hands the loss a `kernel.Targets`. A teacher
-running on other ranks would be one more entry, whose source's targets are the hidden states or top-k it receives.
+something with `distill(hidden, head, labels, spec, vocab_size)`, which hands the loss a `kernel.Targets`.
 """
 
 from __future__ import annotations
@@ -22,32 +22,29 @@ import torch
 from .config import ConfigError
 from .cross_tokenizer import TeacherTokenization, TokenBytes, shared_vocabulary
 from .cross_vocab import ALIGNED_METRIC_NAMES, CrossVocabTargets, VocabMap, topk_in_student_vocabulary
-from .data import MicroBatch, uses_sliding_window
+from .data import MicroBatch
 from .heads import output_head
 from .kernel import NO_TEACHER, Head, LiveTargets
 from .loss import LossSpec, loss_against
-from .models import ShardedCausalLM, load_sharded, parameter_count, shard_teacher, shared_vocab_size, tokenizer_or_error
+from .models import (ShardedCausalLM, hidden_at_targets, load_sharded, parameter_count, shard_teacher,
+                     shared_vocab_size, tokenizer_or_error)
 from .records import IGNORE_INDEX
 from .teacher_cache import CacheSetup
-
-
-def hidden_at_targets(lm, batch: MicroBatch) -> torch.Tensor:
-    """Final (normed) hidden states at the positions that have a trainable next-token target, [N, hidden].
-
-    The rows are picked with `index_select` on indices computed on the host, so this never syncs the device. No KV
-    cache: besides its memory, HF reads packed-sample boundaries off position_ids only when there is none."""
-    inputs = batch.model_inputs(lm.config._attn_implementation, lm.get_input_embeddings().weight.dtype,
-                                uses_sliding_window(lm.config))
-    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
-    return hidden.flatten(0, 1).index_select(0, batch.target_rows)
+from .teacher_ranks import RemoteSetup
 
 
 class TeacherSource(Protocol):
     """A run's teacher once set up: each micro-batch's targets, and how the loss's metrics read against them (a
-    metric renamed, or dropped as None, where the source gives less than a live teacher)."""
+    metric renamed, or dropped as None, where the source gives less than a live teacher). `begin(batches)` names the
+    micro-batches whose targets are asked for next, in that order (a teacher on other ranks starts on them at once);
+    `close()` ends the source after the last."""
     metric_names: dict[str, str | None]
 
+    def begin(self, batches: list[MicroBatch]) -> None: ...
+
     def targets(self, batch: MicroBatch): ...
+
+    def close(self) -> None: ...
 
 
 class TeacherSetup(Protocol):
@@ -86,19 +83,39 @@ class TeacherTargets:
         return topk
 
 
-class LiveTeacher:
-    """Targets from the frozen, sharded teacher, computed for each micro-batch without gradients."""
+class ModelTeacher:
+    """Targets from a frozen, sharded teacher model, computed for each micro-batch without gradients: its final
+    hidden states at the rows the loss reads (`hidden_at_targets` on `teacher_batch(batch)`), made into the loss's
+    targets with its head (`targets_from`). A teacher on ranks of its own (`teacher_ranks.RemoteTeacher`) runs the
+    same two steps on either side of the wire."""
 
-    def __init__(self, root):
+    def __init__(self, root: ShardedCausalLM | None):
         self.root = root
 
-    @property
-    def metric_names(self) -> dict[str, str | None]:
-        return {}  # the loss's own: a live teacher gives every metric
+    def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
+        return batch
+
+    def targets_from(self, hidden: torch.Tensor, batch: MicroBatch, head: Callable[[], AbstractContextManager[Head]]):
+        raise NotImplementedError
+
+    def begin(self, batches: list[MicroBatch]) -> None:
+        pass
 
     @torch.no_grad()
-    def targets(self, batch: MicroBatch) -> TeacherTargets:
-        return TeacherTargets(self.root(hidden_at_targets, batch), self.root.gathered_head)
+    def targets(self, batch: MicroBatch):
+        return self.targets_from(self.root(hidden_at_targets, self.teacher_batch(batch)), batch,
+                                 self.root.gathered_head)
+
+    def close(self) -> None:
+        pass
+
+
+class LiveTeacher(ModelTeacher):
+    """The teacher with the student's tokenizer, run on the student's own micro-batch."""
+    metric_names: dict[str, str | None] = {}  # the loss's own: a live teacher gives every metric
+
+    def targets_from(self, hidden: torch.Tensor, batch: MicroBatch, head) -> TeacherTargets:
+        return TeacherTargets(hidden, head)
 
 
 class LiveSetup:
@@ -124,7 +141,10 @@ class LiveSetup:
 
     def describe(self) -> list[str]:
         return [f"teacher {parameter_count(self.root) / 1e6:.2f}M params: frozen, FSDP2 full shard, CPU offload "
-                f"{'on' if self.cfg.teacher_offload else 'off'}; shared vocabulary {self.vocab_size}"]
+                f"{'on' if self.cfg.teacher_offload else 'off'}", *self.vocabulary_lines()]
+
+    def vocabulary_lines(self) -> list[str]:
+        return [f"shared vocabulary {self.vocab_size}"]
 
 
 class NoTeacherSetup:
@@ -171,21 +191,20 @@ class CrossTokenizerTargets:
         return topk_in_student_vocabulary(*topk, self.aligned, self.setup.vocab_map(self.hidden.device))
 
 
-class CrossTokenizerTeacher:
-    """Targets from a frozen, sharded teacher with its own tokenizer, run on its own tokens of each micro-batch's
-    samples (`MicroBatch.teacher`, laid out at collate time from the stored alignment)."""
+class CrossTokenizerTeacher(ModelTeacher):
+    """A teacher with its own tokenizer, run on its own tokens of each micro-batch's samples (`MicroBatch.teacher`,
+    laid out at collate time from the stored alignment)."""
+    metric_names = ALIGNED_METRIC_NAMES
 
-    def __init__(self, root, setup: CrossTokenizerSetup):
-        self.root, self.setup = root, setup
+    def __init__(self, root: ShardedCausalLM | None, setup: CrossTokenizerSetup):
+        super().__init__(root)
+        self.setup = setup
 
-    @property
-    def metric_names(self) -> dict[str, str | None]:
-        return ALIGNED_METRIC_NAMES
+    def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
+        return batch.teacher
 
-    @torch.no_grad()
-    def targets(self, batch: MicroBatch) -> CrossTokenizerTargets:
-        return CrossTokenizerTargets(self.root(hidden_at_targets, batch.teacher), batch.teacher.target_ids,
-                                     batch.aligned, self.root.gathered_head, self.setup)
+    def targets_from(self, hidden: torch.Tensor, batch: MicroBatch, head) -> CrossTokenizerTargets:
+        return CrossTokenizerTargets(hidden, batch.teacher.target_ids, batch.aligned, head, self.setup)
 
 
 class CrossTokenizerSetup:
@@ -234,15 +253,24 @@ class CrossTokenizerSetup:
 
     def describe(self) -> list[str]:
         return [f"teacher {parameter_count(self.root) / 1e6:.2f}M params, its own tokenizer: frozen, FSDP2 full "
-                f"shard, CPU offload {'on' if self.cfg.teacher_offload else 'off'}",
-                f"cross-tokenizer: {self.shared.describe()}; {self.aligned_share:.1%} of the trained tokens of the "
+                f"shard, CPU offload {'on' if self.cfg.teacher_offload else 'off'}", *self.vocabulary_lines()]
+
+    def vocabulary_lines(self) -> list[str]:
+        return [f"cross-tokenizer: {self.shared.describe()}; {self.aligned_share:.1%} of the trained tokens of the "
                 f"first source's first samples align one to one with a teacher token (the rest get the CE term alone); "
                 f"KD = D over the shared tokens + {self.cfg.uld_weight:g}·ULD over {self.cfg.uld_topk} unshared"]
+
+
+def model_teacher(cfg, tokenizer) -> LiveSetup | CrossTokenizerSetup:
+    """The teacher_model, with the student's tokenizer or (cross_tokenizer) its own: what runs on this rank, or on
+    the teacher ranks."""
+    return TEACHER_SOURCES["cross_tokenizer" if cfg.cross_tokenizer else "live"](cfg, tokenizer)
 
 
 TEACHER_SOURCES: dict[str, Callable[..., TeacherSetup]] = {
     "live": LiveSetup,
     "cross_tokenizer": CrossTokenizerSetup,
+    "teacher_ranks": lambda cfg, tokenizer: RemoteSetup(cfg, model_teacher(cfg, tokenizer)),
     "cache": CacheSetup,  # any of teacher_cache.CACHE_MODES
     "none": NoTeacherSetup,
 }
@@ -250,11 +278,15 @@ TEACHER_SOURCES: dict[str, Callable[..., TeacherSetup]] = {
 
 def setup_teacher(cfg, tokenizer) -> TeacherSetup:
     """The run's teacher source, before anything loads: a cache when one is named (a teacher_model named beside it
-    is not loaded; `teacher_cache.check_cache_fits` says why), else the live teacher_model (on its own tokens with
-    cross_tokenizer), else none."""
-    kind = ("cache" if cfg.teacher_cache else ("cross_tokenizer" if cfg.cross_tokenizer else "live")
-            if cfg.teacher_model else "none")
-    return TEACHER_SOURCES[kind](cfg, tokenizer)
+    is not loaded; `teacher_cache.check_cache_fits` says why), else the teacher_model (on ranks of its own with
+    teacher_ranks; on its own tokens with cross_tokenizer), else none."""
+    if not cfg.teacher_model and not cfg.teacher_cache:
+        return TEACHER_SOURCES["none"](cfg, tokenizer)
+    if cfg.teacher_cache:
+        return TEACHER_SOURCES["cache"](cfg, tokenizer)
+    if cfg.teacher_ranks:
+        return TEACHER_SOURCES["teacher_ranks"](cfg, tokenizer)
+    return model_teacher(cfg, tokenizer)
 
 
 def run_student(root: ShardedCausalLM, batch: MicroBatch, spec: LossSpec, vocab_size: int, targets=None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import os
 import random
+import socket
 import sys
 import time
 import traceback
@@ -23,11 +24,15 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 @dataclass
 class DistEnv:
+    """Where this process is. In a job split into student and teacher ranks (`split_world`), `rank`, `world_size`
+    and `mesh` are those of this rank's side, and `global_rank` its place in the whole job."""
     rank: int
     local_rank: int
     world_size: int
     device: torch.device
-    mesh: DeviceMesh  # 1-D over every rank
+    mesh: DeviceMesh  # 1-D over every rank of this side
+    global_rank: int = -1  # -1: the same as rank (the job is not split)
+    split: Split | None = None  # how the job is split, if it is
 
     @property
     def is_main(self) -> bool:
@@ -48,6 +53,9 @@ class DistEnv:
 
 
 _MESHES: dict = {}  # one mesh per layout per process: a mesh's process groups are collective to create
+# The ranks this process's collectives run over: its side of a job split by `split_world` (so the student ranks'
+# metrics, checkpoints and data never wait on the teacher ranks, nor these on those), else every rank (None).
+_SIDE_GROUP: dist.ProcessGroup | None = None
 
 
 # How long a rank other than 0 waits, after an error every rank finds alike, before leaving: rank 0 prints it in
@@ -99,8 +107,6 @@ def _quiet_libraries() -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -132,15 +138,16 @@ def report_failure(error: BaseException, rank: int) -> int:
     `exit_process`), torchrun sees a failed worker and stops the others within seconds, and its summary names
     this error as the root cause because it is written to torchrun's error file.
 
-    Bad input (ConfigError) and other errors marked `same_on_every_rank` are raised alike on every rank, so rank 0
-    prints their one line; anything else is printed with the rank it happened on, and its traceback.
+    Bad input (ConfigError) and other errors marked `same_on_every_rank` are raised alike on every rank (of its side,
+    in a split job), so that side's first rank prints their one line; anything else is printed with the (global)
+    rank it happened on, and its traceback.
     """
     from .config import ConfigError
 
     bad_input = isinstance(error, ConfigError)
     if bad_input or getattr(error, "same_on_every_rank", False):
         line = f"error: {error}"
-        if rank == 0:
+        if (rank if _SIDE_GROUP is None else dist.get_rank(_SIDE_GROUP)) == 0:
             print(line, file=sys.stderr, flush=True)
         else:  # let rank 0 say it before torchrun, seeing this rank gone, stops rank 0 mid-sentence
             time.sleep(SAY_IT_ONCE_GRACE_SECONDS)
@@ -170,10 +177,12 @@ def _write_torchrun_error_file(message: str, detail: str) -> None:
 
 def teardown() -> None:
     """A barrier first: gloo aborts the process if a rank tears down while a peer still has work in flight."""
+    global _SIDE_GROUP
     if dist.is_initialized():
         gc.collect()  # drop sharded tensors that still reference the group's work before destroying it
-        dist.barrier()
+        dist.barrier()  # every rank of the job, both sides of a split one
         _MESHES.clear()
+        _SIDE_GROUP = None
         dist.destroy_process_group()
 
 
@@ -189,16 +198,96 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+def side_group() -> dist.ProcessGroup | None:
+    """The group of this rank's side of the job (None: every rank), for collectives that take a `group`."""
+    return _SIDE_GROUP
+
+
+def side_size() -> int:
+    """How many ranks this rank's collectives run over: its side's."""
+    return dist.get_world_size(_SIDE_GROUP) if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Every rank of this side has arrived."""
+    if dist.is_initialized():
+        dist.barrier(group=_SIDE_GROUP)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Summed over this rank's side, in place."""
+    if side_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=_SIDE_GROUP)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if side_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_SIDE_GROUP)
     return tensor
 
 
 def all_gather_object(obj) -> list:
-    """Every rank's `obj` (picklable), in rank order; [obj] without a process group."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    """Every rank's `obj` (picklable) of this rank's side, in rank order; [obj] without a process group."""
+    if side_size() == 1:
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * side_size()
+    dist.all_gather_object(out, obj, group=_SIDE_GROUP)
     return out
+
+
+@dataclass
+class Split:
+    """One torchrun job as two sides: global ranks [0, S) train the student, [S, W) run the teacher. The split
+    follows torchrun's rank order, so with whole nodes per side the teacher gets the last nodes. Teacher rank t
+    serves the student ranks s with s % T == t; the teacher ranks run their forwards together (FSDP over their own
+    mesh), so each serves as many student ranks as the others."""
+    students: list[int]
+    teachers: list[int]
+    hosts: list[str]  # each global rank's host
+    control: dist.ProcessGroup  # gloo over every rank: the small host-side messages that say what comes next
+    # Over every rank, for what the student ranks send the teacher ranks on the device; what comes back uses the
+    # default group. NCCL runs one group's messages between two ranks in order on one stream: in one group, a
+    # student rank's queued sends of its next inputs and a teacher rank's send of hidden states would each wait for
+    # the other.
+    inputs: dist.ProcessGroup
+
+    def is_teacher(self, rank: int) -> bool:
+        return rank in self.teachers
+
+    def teacher_of(self, student: int) -> int:
+        return self.teachers[student % len(self.teachers)]
+
+    def served_by(self, teacher: int) -> list[int]:
+        return [s for s in self.students if self.teacher_of(s) == teacher]
+
+    def describe(self) -> str:
+        def where(ranks):
+            hosts = dict.fromkeys(self.hosts[r] for r in ranks)
+            return f"global ranks {ranks[0]}-{ranks[-1]} on {', '.join(hosts)}"
+
+        return (f"{len(self.students)} student ranks ({where(self.students)}), {len(self.teachers)} teacher ranks "
+                f"({where(self.teachers)}); each teacher rank serves {len(self.students) // len(self.teachers)}")
+
+
+def split_world(env: DistEnv, teacher_ranks: int) -> DistEnv:
+    """Collective over every rank: this rank's side, as its `DistEnv` (with the `split`); its collectives from now on
+    run over its side only (`side_group`). Refuses a split where the teacher ranks could not serve alike."""
+    from .config import ConfigError
+
+    global _SIDE_GROUP
+    students = list(range(env.world_size - teacher_ranks))
+    teachers = list(range(len(students), env.world_size))
+    if not students or len(students) % teacher_ranks:
+        raise ConfigError(f"key teacher_ranks: {teacher_ranks} teacher ranks of {env.world_size} leave "
+                          f"{len(students)} student ranks, which must be a positive multiple of {teacher_ranks} (each "
+                          "teacher rank serves as many student ranks as the others); change teacher_ranks or "
+                          "--nproc_per_node")
+    groups = [dist.new_group(ranks) for ranks in (students, teachers)]  # every rank creates both, in one order
+    control, inputs = dist.new_group(backend="gloo"), dist.new_group()
+    hosts = all_gather_object(socket.gethostname())  # over every rank: the side group is not set yet
+    side = teachers if env.rank >= len(students) else students
+    _SIDE_GROUP = groups[side is teachers]
+    mesh = DeviceMesh.from_group(_SIDE_GROUP, env.device.type, mesh_dim_names=("dp",))
+    split = Split(students, teachers, hosts, control, inputs)
+    return DistEnv(side.index(env.rank), env.local_rank, len(side), env.device, mesh, env.rank, split)

@@ -20,10 +20,10 @@ import shutil
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .config import ConfigError, TrainConfig
+from .distributed import barrier, side_group
 
 MAX_SHARD_BYTES = 4 * 1024**3
 
@@ -94,17 +94,15 @@ def export_hf(state: dict[str, torch.Tensor], model_config, tokenizer, out_dir: 
 
     writer = HuggingFaceStorageWriter(path=out_dir, save_distributed=True, enable_consolidation=True,
                                       fqn_to_index_mapping=_file_assignment(state))
-    dcp.save(state, storage_writer=writer)
-    if dist.is_initialized():
-        dist.barrier()
+    dcp.save(state, storage_writer=writer, process_group=side_group())
+    barrier()
     if rank == 0:
         shutil.rmtree(os.path.join(out_dir, "sharded"), ignore_errors=True)
         shutil.rmtree(os.path.join(out_dir, ".metadata"), ignore_errors=True)
         model_config.save_pretrained(out_dir)
         (generation_config or generation_config_of(None, model_config)).save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
 
 
 

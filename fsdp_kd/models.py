@@ -17,8 +17,10 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import ConfigError, TrainConfig
+from .data import MicroBatch, uses_sliding_window
 from .distributed import DistEnv
-from .heads import output_head
+from .heads import head_config, output_head
+from .kernel import Head
 
 
 class ShardedCausalLM(nn.Module):
@@ -62,6 +64,17 @@ class ShardedCausalLM(nn.Module):
         finally:
             if not self.keep_gathered:
                 self.head_unit.reshard()
+
+
+def hidden_at_targets(lm, batch: MicroBatch) -> torch.Tensor:
+    """Final (normed) hidden states at the positions that have a trainable next-token target, [N, hidden].
+
+    The rows are picked with `index_select` on indices computed on the host, so this never syncs the device. No KV
+    cache: besides its memory, HF reads packed-sample boundaries off position_ids only when there is none."""
+    inputs = batch.model_inputs(lm.config._attn_implementation, lm.get_input_embeddings().weight.dtype,
+                                uses_sliding_window(lm.config))
+    hidden = lm.base_model(**inputs, use_cache=False).last_hidden_state
+    return hidden.flatten(0, 1).index_select(0, batch.target_rows)
 
 
 def decoder_layers(lm: nn.Module) -> nn.ModuleList:
@@ -350,28 +363,74 @@ def _read_own_shards(root: nn.Module, checkpoint: _Checkpoint, dtype: torch.dtyp
     Only parameters are offloaded: a buffer in host memory would be copied to the device at every forward (rotary
     code calls `.to`) or fail in a family whose code does not. Persistent buffers found in the files are read
     whole."""
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
     buffers = dict(root.named_buffers(remove_duplicate=False))
     root.to_empty(device=device)  # moves the buffers too: they are put back below
     for name, buffer in buffers.items():
         owner, _, leaf = name.rpartition(".")
         setattr(root.get_submodule(owner), leaf, buffer)
+    _read_own_slices(dict(root.lm.named_parameters()), checkpoint, dtype)
     with torch.no_grad():
-        for name, param in root.lm.named_parameters():
-            if isinstance(param, DTensor):
-                shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
-                                                                      param.placements)
-                local = param.to_local()
-                if local.numel():
-                    rows = tuple(slice(o, o + n) for o, n in zip(offset, shape))
-                    local.copy_(checkpoint.slice(name)[rows].to(dtype))
-            else:
-                param.copy_(checkpoint.slice(name)[:].to(dtype))
         for name, buffer in root.lm.named_buffers():
             if name in checkpoint:
                 buffer.copy_(checkpoint.slice(name)[:].to(buffer.dtype))
+
+
+@torch.no_grad()
+def _read_own_slices(params: dict[str, nn.Parameter], checkpoint: _Checkpoint, dtype: torch.dtype) -> None:
+    """Fills each (materialized) parameter's local shard from the checkpoint tensor named by its key."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for name, param in params.items():
+        if isinstance(param, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+            local = param.to_local()
+            if local.numel():
+                rows = tuple(slice(o, o + n) for o, n in zip(offset, shape))
+                local.copy_(checkpoint.slice(name)[rows].to(dtype))
+        else:
+            param.copy_(checkpoint.slice(name)[:].to(dtype))
+
+
+class ShardedHead:
+    """A teacher's output head alone, on ranks that do not run its body (the student ranks of a job with
+    teacher_ranks): sharded over their mesh like the student, each rank reading only its rows from the teacher's
+    safetensors, and gathered only while the loss reads it. Its logit transforms (soft-cap, scale) come from the
+    teacher's config, as `output_head` reads them off a whole model."""
+
+    def __init__(self, path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, vocab_size: int):
+        from transformers import AutoConfig
+
+        path = local_model_path(path, env)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        with _parameters_on_meta():  # the whole architecture, to learn which tensors the head is; no memory
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        check_head_covers_vocab(lm, vocab_size, "teacher")
+        self.linear = lm.get_output_embeddings()
+        names = {id(p): name for name, p in lm.named_parameters()}  # a tied head is named as the embedding
+        in_files = {leaf: names[id(p)] for leaf, p in self.linear.named_parameters()}
+        files = _safetensors_index(path)
+        missing = [n for n in in_files.values() if files is None or n not in files]
+        if missing:
+            raise ConfigError(f"key teacher_ranks: the student ranks read the teacher's output head from its "
+                              f"safetensors files, and {path} has no {missing[0]} in them; save the teacher with "
+                              "save_pretrained (safetensors), or train without teacher_ranks")
+        self.linear.requires_grad_(False)
+        fully_shard(self.linear, mesh=env.mesh)
+        self.linear.to_empty(device=env.device)
+        params = dict(self.linear.named_parameters())
+        _read_own_slices({in_files[leaf]: params[leaf] for leaf in params}, _Checkpoint(files), dtype)
+        self.fields = head_config(lm.config)
+        self.hidden_size, self.dtype = self.linear.weight.shape[1], dtype
+
+    @contextmanager
+    def gathered(self):
+        """The head (a loss `Head`), gathered from the shards for this block only."""
+        self.linear.unshard()
+        try:
+            yield Head(self.linear.weight, getattr(self.linear, "bias", None), **self.fields)
+        finally:
+            self.linear.reshard()
 
 
 def check_head_covers_vocab(model: nn.Module, vocab_size: int, role: str) -> None:

@@ -23,11 +23,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import to_device
+from .distributed import side_size
 from .records import IGNORE_INDEX, Sample
 
 
@@ -135,7 +135,7 @@ def must_step_together(settings: GenerationSettings) -> bool:
     rank whose responses have all ended must keep joining them. Gathered once, a forward is local, and a rank that is
     done goes on without a per-token all-reduce. Said explicitly: transformers would guess it from an attribute FSDP
     happens to set."""
-    return not settings.gather_once and dist.is_initialized() and dist.get_world_size() > 1
+    return not settings.gather_once and side_size() > 1
 
 
 class NoPaddedRows(LogitsProcessor):

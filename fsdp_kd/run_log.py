@@ -8,11 +8,11 @@ import json
 import os
 
 import torch
-import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import host_values
+from .distributed import all_reduce_max
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -153,10 +153,7 @@ def peak_memory(device: torch.device) -> torch.Tensor:
         import resource
 
         local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = host_values([local / 1024**3], device)
-    if dist.is_initialized():
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return peak
+    return all_reduce_max(host_values([local / 1024**3], device))
 
 
 def peak_memory_gb(device: torch.device) -> float:

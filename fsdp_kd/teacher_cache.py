@@ -481,6 +481,12 @@ class CachedTeacher:
     def index_of(self, source_sha: str, row: int) -> int:
         return self.source_offset[source_sha] + row
 
+    def begin(self, batches) -> None:
+        pass  # each micro-batch's rows are read when its targets are asked for
+
+    def close(self) -> None:
+        self._open.cache_clear()
+
     def targets(self, batch) -> "CachedTargets":
         """The cached distributions at the batch's target rows, in their order (samples in layout order, each
         sample's targets in position order). A batch of only masked copies has no samples and gets no rows."""

@@ -23,7 +23,7 @@ from .config import TrainConfig, config_to_yaml, gradient_accumulation_steps, lo
 from .data import MicroBatch, StepSampler, collate, collate_packed, eval_shards, host_values, padding_efficiency
 from .records import Sample
 from .distill import run_student, setup_teacher
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, all_reduce_sum, barrier
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
 from .on_policy import GenerationSettings, GenerationStats, OnPolicy, on_policy_metrics, stop_token_ids
@@ -106,8 +106,7 @@ class Trainer:
         self._report_padding()
         CLOCK.lap("data")
 
-        if dist.is_initialized():
-            dist.barrier()  # every rank has checked save_path before rank 0 writes into it
+        barrier()  # every rank has checked save_path before rank 0 writes into it
         if env.is_main:
             os.makedirs(cfg.save_path, exist_ok=True)
             removed = ckpt.remove_partial_checkpoints(cfg.resolved_ckpt_path())
@@ -213,8 +212,12 @@ class Trainer:
 
     def _device_batches(self, groups: list[list[Sample]]) -> list[MicroBatch]:
         """Every micro-batch of a step collated on the host and queued for the device at once: on CUDA the copies
-        are asynchronous, so the next micro-batch's inputs are there before it starts."""
-        return [self.collate(samples).to(self.env.device) for samples in groups]
+        are asynchronous, so the next micro-batch's inputs are there before it starts. The teacher source hears of
+        them all at once too (a teacher on ranks of its own starts on them)."""
+        batches = [self.collate(samples).to(self.env.device) for samples in groups]
+        if self.teacher_source is not None:
+            self.teacher_source.begin(batches)
+        return batches
 
     def _reduce(self, sums: torch.Tensor, extra: list[torch.Tensor] = ()) -> tuple[dict[str, float], list[float]]:
         """Global per-token means of the summed metrics (`sums`, ordered as _SUMMED, on the device), and the values
@@ -360,8 +363,11 @@ class Trainer:
                        source=self.cfg.pretrain, trust_remote_code=self.cfg.trust_remote_code)
 
     def close(self, failed: bool) -> None:
-        """Ends the metric mirrors (W&B, TensorBoard) as finished or failed."""
+        """Ends the metric mirrors (W&B, TensorBoard) as finished or failed, and, after a run that finished, the
+        teacher source (a teacher on ranks of its own then stops; after a failure, torchrun stops it)."""
         self.metrics_log.close(failed)
+        if not failed and self.teacher_source is not None:
+            self.teacher_source.close()
 
 
 def _generation_config(path: str):

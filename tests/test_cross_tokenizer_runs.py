@@ -18,35 +18,6 @@ from fsdp_kd.records import IGNORE_INDEX, Sample
 
 TRAIN = str(REPO / "train.py")
 WORKER = str(REPO / "tests" / "dist_worker.py")
-PAIRS = ("AB", "CD", "EF", "GH", "ab", "cd")
-TEACHER_PAIRS = ("BC", "DE", "AB", "IJ", "ba")  # AB is both sides' token
-
-
-@pytest.fixture(scope="module")
-def pair_student(tiny, tmp_path_factory):
-    """A tiny student over the character tokenizer plus `PAIRS` (a tokenizer of its own)."""
-    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model
-
-    path = str(tmp_path_factory.mktemp("pair_student"))
-    tok = build_char_tokenizer(path, pairs=PAIRS)
-    build_tiny_model(path, len(tok), 32, 2, seed=5)
-    return path
-
-
-@pytest.fixture(scope="module")
-def pair_teacher(tmp_path_factory):
-    """A tiny teacher over the characters plus pairs of its own (`TEACHER_PAIRS`), its head sharpened: each side then
-    has tokens the other lacks, so both rest buckets hold mass (the general case, as Qwen against SmolLM)."""
-    from conftest import _sharpen_output_head
-    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model
-
-    path = str(tmp_path_factory.mktemp("pair_teacher"))
-    tok = build_char_tokenizer(path, pairs=TEACHER_PAIRS)
-    build_tiny_model(path, len(tok), 64, 2, seed=6)
-    _sharpen_output_head(path)
-    return path
-
-
 def _samples(student_tok, teacher_tok, texts, prompt_chars=4):
     """Samples as the data pipeline builds them: the student's ids, targets after the prompt, and the teacher's
     columns read back into positions."""

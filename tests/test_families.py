@@ -98,7 +98,8 @@ def relative(a: float, b: float) -> float:
 def test_kernel_equals_the_models_own_logits(family):
     import torch.nn.functional as F
 
-    from fsdp_kd.distill import TeacherTargets, hidden_at_targets, student_loss
+    from fsdp_kd.distill import TeacherTargets, student_loss
+    from fsdp_kd.models import hidden_at_targets
     from fsdp_kd.heads import output_head
     from fsdp_kd.loss import LossSpec
 

@@ -1,0 +1,197 @@
+"""The teacher on ranks of its own (`teacher_ranks: N`): the last N ranks of the job run the teacher, the others train
+the student, and the teacher's final hidden states at the trained positions go from one to the other.
+
+Per micro-batch a student rank sends its teacher rank the layout of what the teacher runs on (its ids, mask, packing
+and target rows: a few bytes per token), and gets back the teacher's final hidden states at those rows, in the
+teacher's compute dtype (bf16 on GPUs: 2·H bytes per trained token, against 4·V for fp32 logits). The student ranks
+hold the teacher's output head (`models.ShardedHead`, sharded like the student) and compute the exact loss from those
+hidden states in the chunked kernel, as a co-located run does: the same numbers, from a teacher that needs no room on
+the student's devices and whose forward overlaps the student's step.
+
+The wire, per micro-batch, between student rank s and teacher rank `split.teacher_of(s)`, in order:
+  header   int64[8] on the host, over the gloo control group: kind (batch or stop), rows B, width T, target rows N,
+           varlen boundaries C, packed, real tokens, longest sequence
+  layout   int64[2 or 4, B, T] on the device, over the inputs group: ids, mask (and segments, positions when packed)
+  rows     int64[N + C] on the device, over the inputs group: target rows, then the varlen boundaries
+  hidden   [N, H] in the teacher's compute dtype, back to the student over the default group
+Point-to-point messages between two ranks arrive in the order they were sent, so nothing else is needed to match
+them. A student rank sends every micro-batch of a step as the step starts (`RemoteTeacher.begin`); its teacher rank
+runs them as they come, up to `SENDS_AHEAD` micro-batches ahead of the student, and each student rank ends the run
+with a stop. The teacher ranks run their forwards together (FSDP over their own mesh), one micro-batch of each student
+rank they serve in turn; the student ranks all run as many micro-batches as each other, so the teacher ranks do too.
+
+A failure on either side ends the job as any rank's failure does (`distributed.report_failure`): the failing rank
+exits, and torchrun stops the others, who are blocked in a receive.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+import torch.distributed as dist
+
+from .data import MicroBatch
+from .distributed import DistEnv, Split
+from .heads import verify_head
+from .models import ShardedHead, hidden_at_targets, resolve_dtype
+
+SENDS_AHEAD = 2  # micro-batches whose hidden states a teacher rank may have in flight: its lead on the student
+_BATCH, _STOP = 1, 0
+_HEADER = 8
+
+
+def send_layout(batch: MicroBatch, dst: int, split: Split) -> list:
+    """Starts sending what the teacher runs on; returns the sends' (work, tensor) pairs, to be waited on later."""
+    packed = batch.segment_ids is not None
+    header = torch.tensor([_BATCH, *batch.input_ids.shape, batch.target_rows.numel(), batch.cu_seq_lens.numel(),
+                           int(packed), batch.real_tokens, batch.max_seq_len], dtype=torch.long)
+    layout = torch.stack([batch.input_ids, batch.attention_mask]
+                         + ([batch.segment_ids, batch.position_ids] if packed else []))
+    rows = torch.cat([batch.target_rows, batch.cu_seq_lens.long()])
+    return [(dist.isend(header, dst, group=split.control), header),
+            (dist.isend(layout, dst, group=split.inputs), layout), (dist.isend(rows, dst, group=split.inputs), rows)]
+
+
+def send_stop(dst: int, split: Split) -> None:
+    dist.send(torch.tensor([_STOP] + [0] * (_HEADER - 1), dtype=torch.long), dst, group=split.control)
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def receive_layout(src: int, split: Split, device: torch.device) -> tuple[MicroBatch, int] | None:
+    """The next micro-batch a student rank sent, as the teacher runs it, and the bytes it took (None: that student
+    rank is done)."""
+    header = torch.empty(_HEADER, dtype=torch.long)
+    dist.recv(header, src, group=split.control)
+    kind, rows_, width, targets, boundaries, packed, real, longest = header.tolist()
+    if kind == _STOP:
+        return None
+    layout = torch.empty((4 if packed else 2, rows_, width), dtype=torch.long, device=device)
+    rows = torch.empty(targets + boundaries, dtype=torch.long, device=device)
+    dist.recv(layout, src, group=split.inputs)
+    dist.recv(rows, src, group=split.inputs)
+    segments, positions = (layout[2], layout[3]) if packed else (None, None)
+    batch = MicroBatch(layout[0], layout[1], None, segments, positions, target_rows=rows[:targets],
+                       real_tokens=real, cu_seq_lens=rows[targets:].int(), max_seq_len=longest)
+    return batch, nbytes(header, layout, rows)
+
+
+class RemoteTeacher:
+    """A student rank's teacher source when the teacher runs elsewhere: the hidden states its teacher rank sends,
+    made into targets by `kind` (the source a co-located run would use, `distill.LiveTeacher` or
+    `CrossTokenizerTeacher`, whose model is not on this rank) with the teacher's head held here."""
+
+    def __init__(self, kind, head: ShardedHead, split: Split, env: DistEnv):
+        self.kind, self.head, self.split = kind, head, split
+        self.teacher, self.device = split.teacher_of(env.global_rank), env.device
+        self.sends: list = []
+        self.waiting: deque = deque()  # (batch, its teacher batch): sent, hidden states not yet received
+        self.receiving: deque = deque()  # (batch, hidden buffer, receive work): posted, at most SENDS_AHEAD
+
+    @property
+    def metric_names(self) -> dict[str, str | None]:
+        return self.kind.metric_names
+
+    def begin(self, batches: list[MicroBatch]) -> None:
+        for work, _ in self.sends:  # the previous step's: long done, since their hidden states came back
+            work.wait()
+        self.sends = []
+        for batch in batches:
+            teacher_batch = self.kind.teacher_batch(batch)
+            self.sends += send_layout(teacher_batch, self.teacher, self.split)
+            self.waiting.append((batch, teacher_batch))
+        self._post_receives()
+
+    def _post_receives(self) -> None:
+        while self.waiting and len(self.receiving) < SENDS_AHEAD:
+            batch, teacher_batch = self.waiting.popleft()
+            hidden = torch.empty(teacher_batch.target_rows.numel(), self.head.hidden_size, dtype=self.head.dtype,
+                                 device=self.device)
+            self.receiving.append((batch, hidden, dist.irecv(hidden, self.teacher)))
+
+    def targets(self, batch: MicroBatch):
+        expected, hidden, work = self.receiving.popleft()
+        if expected is not batch:
+            raise RuntimeError("teacher_ranks: targets were asked for a micro-batch other than the next one begun")
+        work.wait()
+        self._post_receives()
+        return self.kind.targets_from(hidden, batch, self.head.gathered)
+
+    def close(self) -> None:
+        """Tells the teacher rank that this student rank is done: it returns once all of its student ranks are."""
+        for work, _ in self.sends:
+            work.wait()
+        send_stop(self.teacher, self.split)
+
+
+class RemoteSetup:
+    """`teacher_ranks`: the teacher_model (with the student's tokenizer or its own: `kind`, a `distill.LiveSetup` or
+    `CrossTokenizerSetup`) runs on ranks of its own; this rank holds its head and receives its hidden states."""
+
+    def __init__(self, cfg, kind):
+        self.cfg, self.kind = cfg, kind
+        self.vocab_size, self.teacher_vocab_size = kind.vocab_size, kind.teacher_vocab_size
+        self.retokenize = kind.retokenize
+        self.env = self.head = None
+
+    def check(self, tokenizer, sources) -> None:
+        self.kind.check(tokenizer, sources)
+
+    def load_model(self, env: DistEnv, dtype: torch.dtype) -> None:
+        """The teacher's head, sharded over the student ranks; its body loads on the teacher ranks meanwhile, after
+        every student rank's checks have passed (`serve`)."""
+        dist.barrier(group=env.split.control)
+        self.env = env
+        self.head = ShardedHead(self.cfg.teacher_model, self.cfg, env, dtype, self.teacher_vocab_size)
+        return None
+
+    def open(self, device: torch.device) -> RemoteTeacher:
+        return RemoteTeacher(self.kind.open(device), self.head, self.env.split, self.env)
+
+    def describe(self) -> list[str]:
+        return [f"teacher on ranks of its own: {self.env.split.describe()}; FSDP2 full shard over the teacher "
+                f"ranks, CPU offload {'on' if self.cfg.teacher_offload else 'off'}; hidden states of the trained "
+                f"positions come back in {str(self.head.dtype).removeprefix('torch.')} ({self.head.hidden_size} "
+                f"per token), and the student ranks hold the teacher's head, sharded", *self.kind.vocabulary_lines()]
+
+
+def serve(cfg, kind, env: DistEnv) -> None:
+    """A teacher rank's whole run: wait for the student ranks' checks, load the teacher sharded over the teacher
+    ranks, then run each micro-batch its student ranks send and send back the hidden states, until all of them
+    have said stop."""
+    split = env.split
+    dist.barrier(group=split.control)  # bad input is found by the student ranks before anything loads
+    root = kind.load_model(env, resolve_dtype(cfg, env.device))
+    with root.gathered_head():
+        root(verify_head, "teacher", kind.teacher_vocab_size, env.device)
+    root.reshard_everything()
+    students = split.served_by(env.global_rank)
+    sends: deque = deque()
+    served = tokens = received = sent = 0
+    with torch.no_grad():
+        while True:
+            batches = [receive_layout(s, split, env.device) for s in students]
+            if all(b is None for b in batches):
+                break
+            if any(b is None for b in batches):
+                raise RuntimeError(f"teacher_ranks: student ranks {students} stopped after different numbers of "
+                                   "micro-batches")
+            for student, (batch, wire_bytes) in zip(students, batches):
+                hidden = root(hidden_at_targets, batch)
+                root.reshard_everything()  # a tied head's root would otherwise stay gathered: no loss reads it here
+                sends.append((dist.isend(hidden, student), hidden))
+                served, tokens = served + 1, tokens + hidden.shape[0]
+                received, sent = received + wire_bytes, sent + nbytes(hidden)
+                while len(sends) > SENDS_AHEAD:
+                    sends.popleft()[0].wait()
+    for work, _ in sends:
+        work.wait()
+    if env.is_main:  # its own counts: every teacher rank serves alike
+        logits = 4 * kind.teacher_vocab_size
+        print(f"teacher ranks: served {served} micro-batches per rank; teacher rank {env.rank}: {tokens} trained "
+              f"tokens, {sent / max(tokens, 1):.0f} bytes of hidden states sent per trained token (fp32 logits: "
+              f"{logits}, {logits * tokens / max(sent, 1):.1f}x), {received / max(tokens, 1):.0f} bytes of inputs "
+              "received", flush=True)

@@ -1,0 +1,147 @@
+"""The teacher on ranks of its own (`teacher_ranks`): the same run as co-located, a fault on either side ending the
+job, and the refusals."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, read_metrics, start_torchrun, torchrun, train_args, wait_for
+from fsdp_kd.config import ConfigError, parse_config
+
+TRAIN = str(REPO / "train.py")
+
+
+def _weights(save_path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in glob.glob(os.path.join(save_path, "*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def _odd_eval(tiny, tmp_path, n=7) -> str:
+    """7 held-out samples over 2 student ranks at micro-batch 1: one rank's last micro-batch is a masked copy, with
+    no trained row, so a teacher rank sends back zero hidden states."""
+    path = tmp_path / "eval7.jsonl"
+    with open(tiny["eval"]) as f:
+        path.write_text("".join(f.readlines()[:n]))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["untied", "tied_packed", "cross_tokenizer"])
+def test_teacher_ranks_give_the_co_located_run(tiny, pair_student, pair_teacher, tmp_path, case):
+    """1 teacher rank + 2 student ranks train exactly as 2 co-located ranks: per-step losses and metrics, eval
+    metrics, and the exported weights, to fp32 tolerance. Micro-batch 1 (3 per rank per step), an eval count that
+    does not divide by the ranks; a Llama teacher with an untied head, a Qwen2 teacher with a tied one (its head is
+    the embedding) on packed rows, and a teacher with its own tokenizer. The teacher rank says how many micro-batches
+    it ran, which must be every one of both student ranks'."""
+    overrides = dict(micro_train_batch_size=1, train_batch_size=6, max_steps=3, eval_dataset=_odd_eval(tiny, tmp_path),
+                     eval_steps=2, logging_steps=1)
+    overrides.update({"untied": {}, "tied_packed": dict(teacher_model=tiny["qwen_teacher"], packing_samples="true",
+                                                         max_len=64),
+                      "cross_tokenizer": dict(pretrain=pair_student, teacher_model=pair_teacher,
+                                              cross_tokenizer="true")}[case])
+    co_located, split = tmp_path / "co_located", tmp_path / "split"
+    torchrun([TRAIN, *train_args(tiny, co_located, **overrides)], nproc=2)
+    proc = torchrun([TRAIN, *train_args(tiny, split, teacher_ranks=1, **overrides)], nproc=3)
+
+    assert "1 teacher ranks (global ranks 2-2" in proc.stdout, proc.stdout[-3000:]
+    assert "teacher loaded and sharded over 1 rank(s)" in proc.stdout
+    evals, per_eval = 2, 4  # steps 2 and 3; ceil(7 / 2) micro-batches of 1 on each student rank
+    assert f"teacher ranks: served {2 * (3 * 3 + evals * per_eval)} micro-batches per rank" in proc.stdout
+    ours, theirs = read_metrics(split), read_metrics(co_located)
+    assert [sorted(m) for m in ours] == [sorted(m) for m in theirs]
+    for a, b in zip(ours, theirs):
+        for key in a:
+            if key not in ("tokens_per_sec", "peak_mem_gb", "gen_tokens_per_sec"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+    keys = {k for m in ours for k in m}
+    assert any(k.startswith("eval_kl") for k in keys) and any(k.startswith("kl") for k in keys), keys
+    got, want = _weights(split), _weights(co_located)
+    assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _worker_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker of global rank `rank` (a child of the torchrun process)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+        except OSError:
+            continue
+        if parent == torchrun_pid and f"RANK={rank}".encode() in environ:
+            return int(entry)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {torchrun_pid}")
+
+
+def _long_run(tiny, save_path):
+    return [TRAIN, *train_args(tiny, save_path, teacher_ranks=1, max_steps=100000, max_epochs=10000,
+                               logging_steps=1, teacher_model=tiny["qwen_teacher"])]
+
+
+def test_a_teacher_rank_killed_mid_run_ends_the_job_within_a_minute(tiny, tmp_path):
+    """The teacher rank is killed (SIGKILL, as the OOM killer does) while the student ranks wait for its hidden
+    states: torchrun sees it gone and stops the student ranks, blocked in a receive that will never complete."""
+    save = tmp_path / "run"
+    proc = start_torchrun(_long_run(tiny, save), nproc=3)
+    wait_for(save / "metrics.jsonl", proc, ready=lambda p: os.path.exists(p) and os.path.getsize(p) > 0)
+    os.kill(_worker_pid(proc.pid, 2), signal.SIGKILL)
+    fault_at = time.time()
+    output, _ = proc.communicate(timeout=120)
+    seconds = time.time() - fault_at
+    print(f"teacher rank killed to end of job: {seconds:.1f}s")
+    assert proc.returncode != 0
+    assert seconds < 60, output[-3000:]
+    assert "rank      : 2" in output and "Signal 9 (SIGKILL)" in output, output[-3000:]
+
+
+def test_a_student_rank_failing_ends_the_teacher_ranks_too(tiny, tmp_path):
+    """Rank 0 alone raises mid-run (metrics.jsonl turned into a directory); the teacher rank, blocked in a receive
+    from it, is stopped by torchrun, and the error is said with its rank."""
+    save = tmp_path / "run"
+    proc = start_torchrun(_long_run(tiny, save), nproc=3)
+    metrics = save / "metrics.jsonl"
+    wait_for(metrics, proc, ready=lambda p: os.path.exists(p) and os.path.getsize(p) > 0)
+    os.remove(metrics)
+    os.mkdir(metrics)
+    fault_at = time.time()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - fault_at < 60, output[-3000:]
+    assert "[rank 0] IsADirectoryError" in output
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(teacher_ranks=-1), "teacher_ranks must be >= 0"),
+    (dict(teacher_ranks=1, teacher_model=None, kd_coef=0.0), "set teacher_model"),
+    (dict(teacher_ranks=1, sharding_strategy="hybrid_shard"), "hybrid_shard is not supported"),
+])
+def test_teacher_ranks_refusals(tiny, tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(train_args(tiny, tmp_path / "out", **flags))
+
+
+def test_teacher_ranks_that_leave_no_student_rank_are_one_line_before_anything_loads(tiny, tmp_path):
+    """A plain `python train.py` is a world of one: teacher_ranks 1 would leave no student rank."""
+    save = tmp_path / "out"
+    proc = subprocess.run([sys.executable, TRAIN, *train_args(tiny, save, teacher_ranks=1)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert errors == ["error: key teacher_ranks: 1 teacher ranks of 1 leave 0 student ranks, which must be a positive "
+                      "multiple of 1 (each teacher rank serves as many student ranks as the others); change "
+                      "teacher_ranks or --nproc_per_node"], proc.stderr[-2000:]
+    assert not save.exists()
+
