@@ -57,14 +57,15 @@ def run_training(cfg) -> int:
     return run_ranked(work, cfg.dist_timeout_minutes)
 
 
-def serve_teacher(cfg, env) -> None:
-    """A teacher rank's run: the teacher_model the student ranks would run, with the student's tokenizer (or, with
-    cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
+def serve_teacher(cfg, env) -> dict[str, int]:
+    """A teacher rank's run: after the student ranks' checks, the teacher_model they would run, with the student's
+    tokenizer (or, with cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
     from .distill import model_teacher
     from .models import tokenizer_or_error
-    from .teacher_ranks import serve
+    from .teacher_ranks import serve, students_checked
 
-    serve(cfg, model_teacher(cfg, tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)), env)
+    students_checked(env.split)
+    return serve(cfg, model_teacher(cfg, tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)), env)
 
 
 def console_main() -> None:

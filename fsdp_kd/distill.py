@@ -51,14 +51,14 @@ class TeacherSetup(Protocol):
     """The trainer's steps for one kind of teacher source, in its order: `vocab_size` (the vocabulary the loss is
     taken over, known before the data loads), `retokenize` (for a teacher with its own tokenizer, what adds its
     tokens to each sample as the data is tokenized; else None), `check` (against the run's tokenizer and data,
-    before any model loads), `load_model` (the teacher model, for a kind that runs one; `teacher_vocab_size` is its
+    before any model loads; on this rank's `DistEnv`), `load_model` (the teacher model, for a kind that runs one; `teacher_vocab_size` is its
     head's vocabulary), `open` (the source; None for no teacher), and `describe` (its lines in the start-up
     summary)."""
     vocab_size: int
     teacher_vocab_size: int
     retokenize: TeacherTokenization | None
 
-    def check(self, tokenizer, sources) -> None: ...
+    def check(self, tokenizer, sources, env) -> None: ...
 
     def load_model(self, env, dtype: torch.dtype) -> ShardedCausalLM | None: ...
 
@@ -128,7 +128,7 @@ class LiveSetup:
         self.vocab_size = shared_vocab_size(tokenizer, tokenizer_or_error(cfg.teacher_model, "teacher_model", cfg))
         self.teacher_vocab_size = self.vocab_size
 
-    def check(self, tokenizer, sources) -> None:
+    def check(self, tokenizer, sources, env) -> None:
         pass
 
     def load_model(self, env, dtype: torch.dtype) -> ShardedCausalLM:
@@ -154,7 +154,7 @@ class NoTeacherSetup:
     def __init__(self, cfg, tokenizer):
         self.vocab_size = self.teacher_vocab_size = len(tokenizer)
 
-    def check(self, tokenizer, sources) -> None:
+    def check(self, tokenizer, sources, env) -> None:
         pass
 
     def load_model(self, env, dtype: torch.dtype) -> None:
@@ -233,7 +233,7 @@ class CrossTokenizerSetup:
                                        self.vocab_size, self.teacher_vocab_size)
         return self._vocab_map
 
-    def check(self, tokenizer, sources, samples: int = 1000) -> None:
+    def check(self, tokenizer, sources, env, samples: int = 1000) -> None:
         """Counts, over the first source's first samples, the trained tokens that align one to one."""
         trained = aligned = 0
         for i in range(min(samples, len(sources[0]))):

@@ -414,7 +414,7 @@ class CacheSetup:
         self.meta = CacheMeta.load(self.directory)
         self.vocab_size = self.teacher_vocab_size = self.meta.vocab_size
 
-    def check(self, tokenizer, sources) -> None:
+    def check(self, tokenizer, sources, env) -> None:
         cfg = self.cfg
         check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources, loss_spec(cfg).effective_divergence)
 

@@ -41,6 +41,12 @@ _BATCH, _STOP = 1, 0
 _HEADER = 8
 
 
+def students_checked(split: Split) -> None:
+    """Collective over every rank: the student ranks have checked their input (config, tokenizers, data), so the
+    teacher ranks may start loading. Bad input is then found, and said once, before any heavy work on either side."""
+    dist.barrier(group=split.control)
+
+
 def send_layout(batch: MicroBatch, dst: int, split: Split) -> list:
     """Starts sending what the teacher runs on; returns the sends' (work, tensor) pairs, to be waited on later."""
     packed = batch.segment_ids is not None
@@ -137,13 +143,12 @@ class RemoteSetup:
         self.retokenize = kind.retokenize
         self.env = self.head = None
 
-    def check(self, tokenizer, sources) -> None:
-        self.kind.check(tokenizer, sources)
+    def check(self, tokenizer, sources, env) -> None:
+        self.kind.check(tokenizer, sources, env)
+        students_checked(env.split)
 
     def load_model(self, env: DistEnv, dtype: torch.dtype) -> None:
-        """The teacher's head, sharded over the student ranks; its body loads on the teacher ranks meanwhile, after
-        every student rank's checks have passed (`serve`)."""
-        dist.barrier(group=env.split.control)
+        """The teacher's head, sharded over the student ranks; its body loads on the teacher ranks meanwhile."""
         self.env = env
         self.head = ShardedHead(self.cfg.teacher_model, self.cfg, env, dtype, self.teacher_vocab_size)
         return None
@@ -158,12 +163,12 @@ class RemoteSetup:
                 f"per token), and the student ranks hold the teacher's head, sharded", *self.kind.vocabulary_lines()]
 
 
-def serve(cfg, kind, env: DistEnv) -> None:
-    """A teacher rank's whole run: wait for the student ranks' checks, load the teacher sharded over the teacher
-    ranks, then run each micro-batch its student ranks send and send back the hidden states, until all of them
-    have said stop."""
+def serve(cfg, kind, env: DistEnv) -> dict[str, int]:
+    """A teacher rank's run once the student ranks' checks have passed (`students_checked`): load the teacher
+    sharded over the teacher ranks, then run each micro-batch its student ranks send and send back the hidden
+    states, until all of them have said stop. Returns (and the first teacher rank prints) what it served:
+    micro-batches, trained tokens, bytes received and sent."""
     split = env.split
-    dist.barrier(group=split.control)  # bad input is found by the student ranks before anything loads
     root = kind.load_model(env, resolve_dtype(cfg, env.device))
     with root.gathered_head():
         root(verify_head, "teacher", kind.teacher_vocab_size, env.device)
@@ -195,3 +200,4 @@ def serve(cfg, kind, env: DistEnv) -> None:
               f"tokens, {sent / max(tokens, 1):.0f} bytes of hidden states sent per trained token (fp32 logits: "
               f"{logits}, {logits * tokens / max(sent, 1):.1f}x), {received / max(tokens, 1):.0f} bytes of inputs "
               "received", flush=True)
+    return {"micro_batches": served, "tokens": tokens, "received": received, "sent": sent}
