@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -95,7 +96,8 @@ class CheckpointWriter:
         if asynchronous and dist.is_initialized():  # this side's ranks only: in a split job the others never save
             side = side_group()
             self.group = dist.new_group(None if side is None else dist.get_process_group_ranks(side),
-                                        backend="gloo", use_local_synchronization=True)
+                                        backend="gloo", use_local_synchronization=True,
+                                        timeout=timedelta(minutes=cfg.dist_timeout_minutes))
         self.asynchronous = asynchronous
 
     def save(self, root, optimizer, step: int) -> str:

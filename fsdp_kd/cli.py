@@ -42,7 +42,7 @@ def run_training(cfg) -> int:
     def work(env):
         CLOCK.lap("process group")
         if cfg.teacher_ranks:
-            env = split_world(env, cfg.teacher_ranks)
+            env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
             if env.split.is_teacher(env.global_rank):
                 return serve_teacher(cfg, env)
         seed_everything(cfg.seed, env.rank)

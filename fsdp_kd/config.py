@@ -80,8 +80,8 @@ class TrainConfig:
                                        "forward: less device memory, slower")
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
                                         "needs its full size free on every device")
-    teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send it "
-                                "the student ranks' hidden states: 0 shares every rank (docs/scale_out.md)")
+    teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send the "
+                                "student ranks its hidden states: 0 shares every rank (docs/scale_out.md)")
 
     dataset: str = opt("", "training data: a .jsonl/.json/.parquet/.csv file, a directory of them or a hub dataset; "
                            "several comma-separated are mixed by dataset_probs", section="Data")
@@ -410,6 +410,10 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.teacher_ranks and "hybrid_shard" in (cfg.sharding_strategy, cfg.teacher_sharding_strategy):
         fail("teacher_ranks", "teacher_ranks shards each side over its own ranks (full_shard); hybrid_shard is not "
                               "supported with it yet")
+    if cfg.teacher_ranks and cfg.on_policy_ratio > 0 and not cfg.generate_gather_once:
+        fail("generate_gather_once", "with teacher_ranks, on-policy generation holds the student gathered "
+                                     "(generate_gather_once true): transformers' per-token sync across ranks would "
+                                     "wait for the teacher ranks too")
     if cfg.hsdp_shard_size is not None and cfg.hsdp_shard_size < 1:
         fail("hsdp_shard_size", f"hsdp_shard_size must be >= 1, got {cfg.hsdp_shard_size}")
     if cfg.lr_scheduler not in ("cosine_with_min_lr", "constant_with_warmup"):

@@ -38,6 +38,17 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def first_on_host(self) -> bool:
+        """Whether this rank does its side's once-per-node work on its host (a download): local rank 0, or in a split
+        job the first rank of its side there (teacher ranks that share a node with student ranks have no local rank
+        0)."""
+        if self.split is None:
+            return self.local_rank == 0
+        hosts = self.split.hosts
+        side = self.split.teachers if self.split.is_teacher(self.global_rank) else self.split.students
+        return self.global_rank == next(r for r in side if hosts[r] == hosts[self.global_rank])
+
     def hybrid_mesh(self, shard_size: int | None) -> DeviceMesh:
         """2-D (replicate, shard) mesh for HSDP: shard within a group of `shard_size` ranks (default: one node, from
         torchrun's LOCAL_WORLD_SIZE), replicate across the groups."""
@@ -270,7 +281,7 @@ class Split:
                 f"({where(self.teachers)}); each teacher rank serves {len(self.students) // len(self.teachers)}")
 
 
-def split_world(env: DistEnv, teacher_ranks: int) -> DistEnv:
+def split_world(env: DistEnv, teacher_ranks: int, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
     """Collective over every rank: this rank's side, as its `DistEnv` (with the `split`); its collectives from now on
     run over its side only (`side_group`). Refuses a split where the teacher ranks could not serve alike."""
     from .config import ConfigError
@@ -283,11 +294,12 @@ def split_world(env: DistEnv, teacher_ranks: int) -> DistEnv:
                           f"{len(students)} student ranks, which must be a positive multiple of {teacher_ranks} (each "
                           "teacher rank serves as many student ranks as the others); change teacher_ranks or "
                           "--nproc_per_node")
-    groups = [dist.new_group(ranks) for ranks in (students, teachers)]  # every rank creates both, in one order
-    control, inputs = dist.new_group(backend="gloo"), dist.new_group()
+    timeout = timedelta(minutes=timeout_minutes)  # a group's own default is 30 minutes on gloo, 10 on nccl
+    student_group, teacher_group = (dist.new_group(ranks, timeout=timeout) for ranks in (students, teachers))
+    control, inputs = dist.new_group(backend="gloo", timeout=timeout), dist.new_group(timeout=timeout)
     hosts = all_gather_object(socket.gethostname())  # over every rank: the side group is not set yet
     side = teachers if env.rank >= len(students) else students
-    _SIDE_GROUP = groups[side is teachers]
+    _SIDE_GROUP = teacher_group if side is teachers else student_group
     mesh = DeviceMesh.from_group(_SIDE_GROUP, env.device.type, mesh_dim_names=("dp",))
     split = Split(students, teachers, hosts, control, inputs)
     return DistEnv(side.index(env.rank), env.local_rank, len(side), env.device, mesh, env.rank, split)

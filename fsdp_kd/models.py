@@ -256,6 +256,11 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
     files = _safetensors_index(path)
     checkpoint = _Checkpoint(files) if files is not None else None
     own_shards = checkpoint is not None and _names_match(lm, checkpoint)
+    if not own_shards and env.split is not None:  # the fallback broadcasts from global rank 0, over every rank
+        raise ConfigError(f"key teacher_ranks: each side reads its own shards of its model from safetensors files "
+                          f"whose tensor names are the model's own, and the {role} at {path} has "
+                          + ("no safetensors" if files is None else "names that transformers converts at load time")
+                          + "; save it with save_pretrained (safetensors), or train without teacher_ranks")
     if env.rank == 0:
         how = ("each rank reads its own shards from the safetensors files" if own_shards else
                f"rank 0 reads it and broadcasts to the other {env.world_size - 1} ranks (up to dist_timeout_minutes "
@@ -283,8 +288,8 @@ _NOT_NEEDED = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "ori
 
 
 def local_model_path(path: str, env: DistEnv) -> str:
-    """A local directory for `path`: itself, or, for a hub id, the snapshot in the local HF cache. Local rank 0 of
-    each node downloads it while the other ranks wait (up to dist_timeout_minutes: a big model takes a while), so
+    """A local directory for `path`: itself, or, for a hub id, the snapshot in the local HF cache. The first rank
+    of each node (of its side, in a split job: `DistEnv.first_on_host`) downloads it while the other ranks wait (up to dist_timeout_minutes: a big model takes a while), so
     a node fetches each file once, and every rank can then read its own shards from the safetensors files.
     .bin weights are skipped when the repository has safetensors."""
     if os.path.isdir(os.path.expanduser(path)):
@@ -294,14 +299,14 @@ def local_model_path(path: str, env: DistEnv) -> str:
     from .distributed import all_gather_object
 
     error = None
-    if env.local_rank == 0:
+    if env.first_on_host:
         try:
             try:
                 files = HfApi().list_repo_files(path)
             except Exception:  # noqa: BLE001 - offline, or no listing: fetch what the filter allows
                 files = []
             skip = _NOT_NEEDED + (["*.bin", "*.pt", "*.pth"] if any(f.endswith(".safetensors") for f in files) else [])
-            print(f"downloading {path} from the hub (local rank 0 of each node; the other ranks wait)", flush=True)
+            print(f"downloading {path} from the hub (one rank per node; the others wait)", flush=True)
             snapshot_download(path, ignore_patterns=skip)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it
             error = f"cannot download {path!r} from the hub: {str(e).strip().splitlines()[0] if str(e).strip() else e!r}"
@@ -396,32 +401,39 @@ class ShardedHead:
     """A teacher's output head alone, on ranks that do not run its body (the student ranks of a job with
     teacher_ranks): sharded over their mesh like the student, each rank reading only its rows from the teacher's
     safetensors, and gathered only while the loss reads it. Its logit transforms (soft-cap, scale) come from the
-    teacher's config, as `output_head` reads them off a whole model."""
+    teacher's config, as `output_head` reads them off a whole model.
+
+    Made in two steps: the constructor checks (on the architecture built on the meta device: no memory) that the
+    head covers the vocabulary and that its tensors are in the files, before anything loads; `load` shards and
+    reads it."""
 
     def __init__(self, path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, vocab_size: int):
         from transformers import AutoConfig
 
         path = local_model_path(path, env)
         config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        with _parameters_on_meta():  # the whole architecture, to learn which tensors the head is; no memory
+        with _parameters_on_meta():
             lm = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         check_head_covers_vocab(lm, vocab_size, "teacher")
         self.linear = lm.get_output_embeddings()
         names = {id(p): name for name, p in lm.named_parameters()}  # a tied head is named as the embedding
-        in_files = {leaf: names[id(p)] for leaf, p in self.linear.named_parameters()}
-        files = _safetensors_index(path)
-        missing = [n for n in in_files.values() if files is None or n not in files]
+        self.in_files = {leaf: names[id(p)] for leaf, p in self.linear.named_parameters()}
+        self.files = _safetensors_index(path)
+        missing = [n for n in self.in_files.values() if self.files is None or n not in self.files]
         if missing:
             raise ConfigError(f"key teacher_ranks: the student ranks read the teacher's output head from its "
                               f"safetensors files, and {path} has no {missing[0]} in them; save the teacher with "
                               "save_pretrained (safetensors), or train without teacher_ranks")
+        self.fields = head_config(lm.config)
+        self.hidden_size, self.dtype = self.linear.weight.shape[1], dtype
+
+    def load(self, env: DistEnv) -> "ShardedHead":
         self.linear.requires_grad_(False)
         fully_shard(self.linear, mesh=env.mesh)
         self.linear.to_empty(device=env.device)
         params = dict(self.linear.named_parameters())
-        _read_own_slices({in_files[leaf]: params[leaf] for leaf in params}, _Checkpoint(files), dtype)
-        self.fields = head_config(lm.config)
-        self.hidden_size, self.dtype = self.linear.weight.shape[1], dtype
+        _read_own_slices({self.in_files[leaf]: params[leaf] for leaf in params}, _Checkpoint(self.files), self.dtype)
+        return self
 
     @contextmanager
     def gathered(self):

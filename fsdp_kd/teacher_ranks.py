@@ -36,7 +36,7 @@ from .distributed import DistEnv, Split
 from .heads import verify_head
 from .models import ShardedHead, hidden_at_targets, resolve_dtype
 
-SENDS_AHEAD = 2  # micro-batches whose hidden states a teacher rank may have in flight: its lead on the student
+SENDS_AHEAD = 2  # hidden states a teacher rank may have in flight (to all the student ranks it serves): its lead
 _BATCH, _STOP = 1, 0
 _HEADER = 8
 
@@ -119,7 +119,7 @@ class RemoteTeacher:
             self.receiving.append((batch, hidden, dist.irecv(hidden, self.teacher)))
 
     def targets(self, batch: MicroBatch):
-        expected, hidden, work = self.receiving.popleft()
+        expected, hidden, work = self.receiving.popleft() if self.receiving else (None, None, None)
         if expected is not batch:
             raise RuntimeError("teacher_ranks: targets were asked for a micro-batch other than the next one begun")
         work.wait()
@@ -144,13 +144,17 @@ class RemoteSetup:
         self.env = self.head = None
 
     def check(self, tokenizer, sources, env) -> None:
+        """The last of the student ranks' checks (the trainer runs it last): the teacher's head, then the teacher
+        ranks may start loading."""
         self.kind.check(tokenizer, sources, env)
+        self.env = env
+        self.head = ShardedHead(self.cfg.teacher_model, self.cfg, env, resolve_dtype(self.cfg, env.device),
+                                self.teacher_vocab_size)
         students_checked(env.split)
 
     def load_model(self, env: DistEnv, dtype: torch.dtype) -> None:
         """The teacher's head, sharded over the student ranks; its body loads on the teacher ranks meanwhile."""
-        self.env = env
-        self.head = ShardedHead(self.cfg.teacher_model, self.cfg, env, dtype, self.teacher_vocab_size)
+        self.head.load(env)
         return None
 
     def open(self, device: torch.device) -> RemoteTeacher:
@@ -168,8 +172,8 @@ def serve(cfg, kind, env: DistEnv) -> dict[str, int]:
     sharded over the teacher ranks, then run each micro-batch its student ranks send and send back the hidden
     states, until all of them have said stop. Returns (and the first teacher rank prints) what it served:
     micro-batches, trained tokens, bytes received and sent."""
-    split = env.split
-    root = kind.load_model(env, resolve_dtype(cfg, env.device))
+    split, dtype = env.split, resolve_dtype(cfg, env.device)
+    root = kind.load_model(env, dtype)
     with root.gathered_head():
         root(verify_head, "teacher", kind.teacher_vocab_size, env.device)
     root.reshard_everything()
@@ -185,7 +189,7 @@ def serve(cfg, kind, env: DistEnv) -> dict[str, int]:
                 raise RuntimeError(f"teacher_ranks: student ranks {students} stopped after different numbers of "
                                    "micro-batches")
             for student, (batch, wire_bytes) in zip(students, batches):
-                hidden = root(hidden_at_targets, batch)
+                hidden = root(hidden_at_targets, batch).to(dtype)  # what the student ranks expect, whatever the family
                 root.reshard_everything()  # a tied head's root would otherwise stay gathered: no loss reads it here
                 sends.append((dist.isend(hidden, student), hidden))
                 served, tokens = served + 1, tokens + hidden.shape[0]

@@ -98,13 +98,14 @@ class Trainer:
         self.training_data, self.epoch_order = data.fingerprint, data.order
         if self.resume_from:
             ckpt.check_same_data(self.resume_from, self.training_data, self.log)
-        self.teacher_setup.check(self.tokenizer, self.sources, self.env)
         self.sampler = StepSampler(self.epoch_order, cfg, env.rank, env.world_size, self.accumulation)
         self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self._report_padding()
         CLOCK.lap("data")
+        # last: with teacher_ranks, the teacher ranks start loading once every student rank has passed it
+        self.teacher_setup.check(self.tokenizer, self.sources, self.env)
 
         barrier()  # every rank has checked save_path before rank 0 writes into it
         if env.is_main:

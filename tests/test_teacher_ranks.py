@@ -41,10 +41,11 @@ def test_teacher_ranks_give_the_co_located_run(tiny, pair_student, pair_teacher,
     metrics, and the exported weights, to fp32 tolerance. Micro-batch 1 (3 per rank per step), an eval count that
     does not divide by the ranks; a Llama teacher with an untied head, a Qwen2 teacher with a tied one (its head is
     the embedding) on packed rows, and a teacher with its own tokenizer. The teacher rank says how many micro-batches
-    it ran, which must be every one of both student ranks'."""
+    it ran, which must be every one of both student ranks'. The untied case also writes a checkpoint in the
+    background at step 2 (DCP and its own gloo group over the student ranks alone)."""
     overrides = dict(micro_train_batch_size=1, train_batch_size=6, max_steps=3, eval_dataset=_odd_eval(tiny, tmp_path),
                      eval_steps=2, logging_steps=1)
-    overrides.update({"untied": {}, "tied_packed": dict(teacher_model=tiny["qwen_teacher"], packing_samples="true",
+    overrides.update({"untied": dict(save_steps=2, async_save="true"), "tied_packed": dict(teacher_model=tiny["qwen_teacher"], packing_samples="true",
                                                          max_len=64),
                       "cross_tokenizer": dict(pretrain=pair_student, teacher_model=pair_teacher,
                                               cross_tokenizer="true")}[case])
@@ -66,6 +67,26 @@ def test_teacher_ranks_give_the_co_located_run(tiny, pair_student, pair_teacher,
     assert any(k.startswith("eval_kl") for k in keys) and any(k.startswith("kl") for k in keys), keys
     got, want = _weights(split), _weights(co_located)
     assert got.keys() == want.keys() and got
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    if case == "untied":
+        assert sorted(os.listdir(split / "checkpoints")) == ["step_2"]
+
+
+@pytest.mark.parametrize("teachers, students", [(1, 1), (2, 2)])
+def test_other_splits_give_the_co_located_run(tiny, tmp_path, teachers, students):
+    """1 + 1 ranks against 1 rank alone, and 2 teacher ranks (the teacher FSDP-sharded over them, each serving one
+    student rank) + 2 student ranks against 2 co-located ranks: the same losses and weights."""
+    overrides = dict(micro_train_batch_size=2, train_batch_size=8, max_steps=2, logging_steps=1)
+    co_located, split = tmp_path / "co_located", tmp_path / "split"
+    torchrun([TRAIN, *train_args(tiny, co_located, **overrides)], nproc=students)
+    proc = torchrun([TRAIN, *train_args(tiny, split, teacher_ranks=teachers, **overrides)],
+                    nproc=teachers + students)
+    assert f"teacher loaded and sharded over {teachers} rank(s)" in proc.stdout, proc.stdout[-3000:]
+    assert f"teacher ranks: served {students // teachers * 2 * (8 // (2 * students))} micro-batches per rank" in proc.stdout
+    for a, b in zip(read_metrics(split), read_metrics(co_located), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kl"] == pytest.approx(b["kl"], rel=1e-5)
+    got, want = _weights(split), _weights(co_located)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -127,6 +148,8 @@ def test_a_student_rank_failing_ends_the_teacher_ranks_too(tiny, tmp_path):
     (dict(teacher_ranks=-1), "teacher_ranks must be >= 0"),
     (dict(teacher_ranks=1, teacher_model=None, kd_coef=0.0), "set teacher_model"),
     (dict(teacher_ranks=1, sharding_strategy="hybrid_shard"), "hybrid_shard is not supported"),
+    (dict(teacher_ranks=1, teacher_cache="some_dir"), "no teacher_cache"),
+    (dict(teacher_ranks=1, on_policy_ratio=0.5, generate_gather_once="false"), "generate_gather_once true"),
 ])
 def test_teacher_ranks_refusals(tiny, tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
