@@ -1,6 +1,6 @@
 """The teacher on ranks of its own against co-location, and the hidden-state cache against top-k and live.
 
-    python bench/teacher_ranks_bench.py [--nproc 2 --steps 6 --micro 4 --accumulation 4 --max_len 512]
+    python bench/teacher_ranks_bench.py [--nproc 2 --steps 5 --micro 2 --accumulation 2 --max_len 512]
 
 Real SmolLM tokenizer (vocabulary 49152) and GSM8K from ../shared/realdata; random Llama-shaped models built here
 (student hidden 256 × 4 layers, teacher 512 × 8, the vocabulary's head on both). Every run is train.py's own path
@@ -56,7 +56,7 @@ def worker(argv: list[str]) -> None:
         times.append(time.perf_counter())
         trainer.train(on_step=lambda done, total: times.append(time.perf_counter()))
         trainer.close(failed=False)
-        role = "student" if cfg.teacher_ranks else "co-located"
+        role = "student" if cfg.teacher_ranks else "rank"
     if env.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(env.device)
     else:
@@ -68,14 +68,14 @@ def worker(argv: list[str]) -> None:
     dist.all_gather_object(everyone, {"rank": env.rank, "role": role, "peak_gb": peak / 1024**3, "steps": steps,
                                        "served": served})
     if env.rank == 0:
-        print(json.dumps(everyone), flush=True)
+        print(json.dumps({"ranks": everyone}), flush=True)
     teardown()
 
 
 def run(args, name: str, flags: dict, nproc: int) -> dict:
     """A run's median step time (after the first two steps) and each rank's peak memory."""
     argv = [item for k, v in flags.items() for item in (f"--{k}", str(v))]
-    ranks = run_worker(__file__, nproc, ["--worker", *argv])
+    ranks = run_worker(__file__, nproc, ["--worker", *argv])["ranks"]
     steps = [s for r in ranks for s in r["steps"][2:] if r["role"] != "teacher"]
     result = {"run": name, "step_s": statistics.median(steps),
               "peak_gb": {f"{r['role']} {r['rank']}": round(r["peak_gb"], 3) for r in ranks}}
@@ -102,16 +102,17 @@ def build_models(out: str) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def build_cache(flags: dict, directory: str, nproc: int, mode_flags: dict) -> dict:
-    """cache_teacher over the run's data; returns the cache's meta (its bytes and tokens)."""
+def build_cache(flags: dict, directory: str, nproc: int, mode_flags: dict):
+    """cache_teacher over the run's data; returns the cache's record (its bytes and tokens)."""
+    from fsdp_kd.teacher_cache import CacheMeta
+
     argv = [item for k, v in {**flags, **mode_flags, "teacher_cache": directory}.items() for item in (f"--{k}", str(v))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m",
                           "fsdp_kd.cache_teacher", *argv], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"cache_teacher failed:\n{out.stderr[-3000:]}")
-    with open(os.path.join(directory, "meta.json")) as f:
-        return json.load(f)
+    return CacheMeta.load(directory)
 
 
 def main() -> None:
@@ -119,9 +120,9 @@ def main() -> None:
         return worker(sys.argv[sys.argv.index("--worker") + 1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--accumulation", type=int, default=4, help="per rank, co-located")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--accumulation", type=int, default=2, help="per rank, co-located")
     parser.add_argument("--max_len", type=int, default=512)
     parser.add_argument("--out", default="bench_out/teacher_ranks")
     args = parser.parse_args()
@@ -146,7 +147,7 @@ def main() -> None:
                            | {"save_path": f"{args.out}/cache_run"}, directory, args.nproc, mode_flags)
         result = run(args, f"cache {mode}", {**base, "save_path": f"{args.out}/{mode}", "teacher_cache": directory},
                      args.nproc)
-        result["bytes_per_token"] = meta["bytes"] / max(meta["tokens"], 1)
+        result["bytes_per_token"] = meta.bytes / max(meta.tokens, 1)
         results.append(result)
     live = results[0]["step_s"]
     split = results[1]
