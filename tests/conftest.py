@@ -165,6 +165,21 @@ def wait_for(path, proc, timeout=120, ready=os.path.exists):
         time.sleep(0.01)
 
 
+def has_lines(path) -> bool:
+    return os.path.exists(path) and os.path.getsize(path) > 0
+
+
+def end_after(fault, proc) -> tuple[str, float]:
+    """Runs `fault()` against a running job, then waits for torchrun to end it: (its output, seconds from the fault
+    to the end)."""
+    import time
+
+    fault()
+    fault_at = time.time()
+    output, _ = proc.communicate(timeout=120)
+    return output, time.time() - fault_at
+
+
 def read_metrics(save_path) -> list[dict]:
     with open(Path(save_path) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]

@@ -4,12 +4,11 @@ a full disk during a save is reported and loses nothing."""
 import glob
 import os
 import subprocess
-import time
 
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, start_torchrun, torchrun, train_args, wait_for
+from conftest import REPO, end_after, has_lines, read_metrics, start_torchrun, torchrun, train_args, wait_for
 
 TRAIN = str(REPO / "train.py")
 
@@ -20,10 +19,6 @@ def long_run(tiny, save_path, **overrides):
     return train_args(tiny, save_path, **flags)
 
 
-def has_lines(path) -> bool:
-    return os.path.exists(path) and os.path.getsize(path) > 0
-
-
 def test_one_rank_failing_ends_the_whole_job_within_a_minute(tiny, tmp_path):
     """Rank 0 alone writes metrics.jsonl; turning it into a directory mid-run makes rank 0 alone raise. Rank 1 is
     then blocked in a collective that rank 0 will never join."""
@@ -31,11 +26,7 @@ def test_one_rank_failing_ends_the_whole_job_within_a_minute(tiny, tmp_path):
     proc = start_torchrun([TRAIN, *long_run(tiny, save)])
     metrics = save / "metrics.jsonl"
     wait_for(metrics, proc, ready=has_lines)
-    os.remove(metrics)
-    os.mkdir(metrics)
-    fault_at = time.time()
-    output, _ = proc.communicate(timeout=120)
-    seconds = time.time() - fault_at
+    output, seconds = end_after(lambda: (os.remove(metrics), os.mkdir(metrics)), proc)
     print(f"fault to end of job: {seconds:.1f}s")
     assert proc.returncode != 0
     assert seconds < 60, output[-3000:]
