@@ -65,7 +65,8 @@ def serve_teacher(cfg, env) -> dict[str, int]:
     from .teacher_ranks import serve, students_checked
 
     students_checked(env.split)
-    return serve(cfg, model_teacher(cfg, tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)), env)
+    tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
+    return serve(cfg, model_teacher(cfg, tokenizer), env)
 
 
 def console_main() -> None:

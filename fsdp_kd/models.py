@@ -289,8 +289,8 @@ _NOT_NEEDED = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "ori
 
 def local_model_path(path: str, env: DistEnv) -> str:
     """A local directory for `path`: itself, or, for a hub id, the snapshot in the local HF cache. The first rank
-    of each node (of its side, in a split job: `DistEnv.first_on_host`) downloads it while the other ranks wait (up to dist_timeout_minutes: a big model takes a while), so
-    a node fetches each file once, and every rank can then read its own shards from the safetensors files.
+    of each node (of its side in a split job: `DistEnv.first_on_host`) downloads it while the other ranks wait (up
+    to dist_timeout_minutes: a big model takes a while), so a node fetches each file once, and every rank can then read its own shards from the safetensors files.
     .bin weights are skipped when the repository has safetensors."""
     if os.path.isdir(os.path.expanduser(path)):
         return os.path.expanduser(path)
@@ -419,11 +419,12 @@ class ShardedHead:
         names = {id(p): name for name, p in lm.named_parameters()}  # a tied head is named as the embedding
         self.in_files = {leaf: names[id(p)] for leaf, p in self.linear.named_parameters()}
         self.files = _safetensors_index(path)
-        missing = [n for n in self.in_files.values() if self.files is None or n not in self.files]
-        if missing:
-            raise ConfigError(f"key teacher_ranks: the student ranks read the teacher's output head from its "
-                              f"safetensors files, and {path} has no {missing[0]} in them; save the teacher with "
-                              "save_pretrained (safetensors), or train without teacher_ranks")
+        # the teacher ranks read their shards the same way (`load_sharded`): every tensor under its own name and shape
+        if self.files is None or not _names_match(lm, _Checkpoint(self.files)):
+            raise ConfigError(f"key teacher_ranks: every rank reads its own shards of the teacher from safetensors "
+                              f"files whose tensor names and shapes are the model's own, and {path} has "
+                              + ("no safetensors" if self.files is None else "other names or shapes")
+                              + "; save the teacher with save_pretrained (safetensors), or train without teacher_ranks")
         self.fields = head_config(lm.config)
         self.hidden_size, self.dtype = self.linear.weight.shape[1], dtype
 

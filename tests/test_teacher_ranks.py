@@ -44,8 +44,8 @@ def test_teacher_ranks_give_the_co_located_run(tiny, pair_student, pair_teacher,
     background at step 2 (DCP and its own gloo group over the student ranks alone)."""
     overrides = dict(micro_train_batch_size=1, train_batch_size=6, max_steps=3, eval_dataset=_odd_eval(tiny, tmp_path),
                      eval_steps=2, logging_steps=1)
-    overrides.update({"untied": dict(save_steps=2, async_save="true"), "tied_packed": dict(teacher_model=tiny["qwen_teacher"], packing_samples="true",
-                                                         max_len=64),
+    overrides.update({"untied": dict(save_steps=2, async_save="true"),
+                      "tied_packed": dict(teacher_model=tiny["qwen_teacher"], packing_samples="true", max_len=64),
                       "cross_tokenizer": dict(pretrain=pair_student, teacher_model=pair_teacher,
                                               cross_tokenizer="true")}[case])
     co_located, split = tmp_path / "co_located", tmp_path / "split"
@@ -82,7 +82,8 @@ def test_other_splits_give_the_co_located_run(tiny, tmp_path, teachers, students
     proc = torchrun([TRAIN, *train_args(tiny, split, teacher_ranks=teachers, **overrides)],
                     nproc=teachers + students)
     assert f"teacher loaded and sharded over {teachers} rank(s)" in proc.stdout, proc.stdout[-3000:]
-    assert f"teacher ranks: served {students // teachers * 2 * (8 // (2 * students))} micro-batches per rank" in proc.stdout
+    per_teacher_rank = students // teachers * 2 * (8 // (2 * students))  # 2 steps of 8 samples, micro-batch 2
+    assert f"teacher ranks: served {per_teacher_rank} micro-batches per rank" in proc.stdout
     for a, b in zip(read_metrics(split), read_metrics(co_located), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kl"] == pytest.approx(b["kl"], rel=1e-5)
     got, want = _weights(split), _weights(co_located)
@@ -147,6 +148,29 @@ def test_a_student_rank_failing_ends_the_teacher_ranks_too(tiny, tmp_path):
 def test_teacher_ranks_refusals(tiny, tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(train_args(tiny, tmp_path / "out", **flags))
+
+
+def test_a_teacher_the_ranks_cannot_each_read_is_one_line_before_anything_loads(tiny, tmp_path):
+    """A teacher whose safetensors name a tensor otherwise than its model (here the final norm) would need the
+    load that broadcasts from global rank 0 over every rank: the student ranks refuse it while checking the teacher's
+    head, before the teacher ranks load anything, and it is said once."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "renamed_teacher"
+    shutil.copytree(tiny["teacher"], teacher)
+    weights = load_file(teacher / "model.safetensors")
+    weights["model.final_norm.weight"] = weights.pop("model.norm.weight")
+    save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
+    save = tmp_path / "out"
+    proc = torchrun([TRAIN, *train_args(tiny, save, teacher_model=str(teacher), teacher_ranks=1)], nproc=3,
+                    check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "key teacher_ranks: every rank reads its own shards of the teacher" in errors[0]
+    assert "other names or shapes" in errors[0] and "loading the teacher" not in proc.stdout
+    assert not (save / "model.safetensors.index.json").exists()
 
 
 def test_teacher_ranks_that_leave_no_student_rank_are_one_line_before_anything_loads(tiny, tmp_path):
