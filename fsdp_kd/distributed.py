@@ -273,12 +273,14 @@ class Split:
         return [s for s in self.students if self.teacher_of(s) == teacher]
 
     def describe(self) -> str:
-        def where(ranks):
-            hosts = dict.fromkeys(self.hosts[r] for r in ranks)
-            return f"global ranks {ranks[0]}-{ranks[-1]} on {', '.join(hosts)}"
+        def where(ranks, side):
+            hosts = ", ".join(dict.fromkeys(self.hosts[r] for r in ranks))
+            if len(ranks) == 1:
+                return f"1 {side} rank (global rank {ranks[0]} on {hosts})"
+            return f"{len(ranks)} {side} ranks (global ranks {ranks[0]}-{ranks[-1]} on {hosts})"
 
-        return (f"{len(self.students)} student ranks ({where(self.students)}), {len(self.teachers)} teacher ranks "
-                f"({where(self.teachers)}); each teacher rank serves {len(self.students) // len(self.teachers)}")
+        return (f"{where(self.students, 'student')}, {where(self.teachers, 'teacher')}; each teacher rank serves "
+                f"{len(self.students) // len(self.teachers)}")
 
 
 def split_world(env: DistEnv, teacher_ranks: int, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:

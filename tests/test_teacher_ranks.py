@@ -52,7 +52,8 @@ def test_teacher_ranks_give_the_co_located_run(tiny, pair_student, pair_teacher,
     torchrun([TRAIN, *train_args(tiny, co_located, **overrides)], nproc=2)
     proc = torchrun([TRAIN, *train_args(tiny, split, teacher_ranks=1, **overrides)], nproc=3)
 
-    assert "1 teacher ranks (global ranks 2-2" in proc.stdout, proc.stdout[-3000:]
+    assert "2 student ranks (global ranks 0-1 on " in proc.stdout, proc.stdout[-3000:]
+    assert "1 teacher rank (global rank 2 on " in proc.stdout
     assert "teacher loaded and sharded over 1 rank(s)" in proc.stdout
     evals, per_eval = 2, 4  # steps 2 and 3; ceil(7 / 2) micro-batches of 1 on each student rank
     assert f"teacher ranks: served {2 * (3 * 3 + evals * per_eval)} micro-batches per rank" in proc.stdout
@@ -185,3 +186,20 @@ def test_teacher_ranks_that_leave_no_student_rank_are_one_line_before_anything_l
                       "teacher_ranks or --nproc_per_node"], proc.stderr[-2000:]
     assert not save.exists()
 
+
+
+@pytest.mark.parametrize("rank, hosts, first", [
+    (2, ["a", "a", "a", "a"], True),  # the first teacher rank on a node it shares with the student ranks
+    (3, ["a", "a", "a", "a"], False),
+    (1, ["a", "a", "a", "a"], False),
+    (2, ["a", "a", "b", "b"], True),  # nodes of their own
+    (1, ["a", "b", "b", "b"], True),  # a student rank first on its node, beside the teacher ranks
+])
+def test_each_side_has_one_rank_that_downloads_per_node(rank, hosts, first):
+    """A hub model is downloaded once per node by each side: teacher ranks sharing a node with student ranks have
+    no local rank 0, yet one of them must fetch the teacher's body there."""
+    from fsdp_kd.distributed import DistEnv, Split
+
+    split = Split([0, 1], [2, 3], hosts, None, None)
+    env = DistEnv(0, rank, 2, torch.device("cpu"), None, global_rank=rank, split=split)
+    assert env.first_on_host is first
