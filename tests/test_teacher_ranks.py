@@ -92,6 +92,27 @@ def test_other_splits_give_the_co_located_run(tiny, tmp_path, teachers, students
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_split_run_resumes_exactly(tiny, tmp_path):
+    """A split run's checkpoint (DCP over the student ranks alone) resumes into the same run: after its last
+    checkpoint is deleted, the same command continues from the one before and ends with the same metrics and
+    weights as the run that was not resumed."""
+    import shutil
+
+    save = tmp_path / "run"
+    args = [TRAIN, *train_args(tiny, save, teacher_ranks=1, max_steps=4, save_steps=2, logging_steps=1,
+                               load_checkpoint="true", max_ckpt_num=5)]
+    torchrun(args, nproc=3)
+    metrics, weights = read_metrics(save), _weights(save)
+    shutil.rmtree(save / "checkpoints" / "step_4")
+    resumed = torchrun(args, nproc=3)
+    assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout, resumed.stdout[-3000:]
+    timing = ("tokens_per_sec", "peak_mem_gb")
+    assert [{k: v for k, v in m.items() if k not in timing} for m in read_metrics(save)] == \
+        [{k: v for k, v in m.items() if k not in timing} for m in metrics]
+    again = _weights(save)
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+
+
 def _worker_pid(torchrun_pid: int, rank: int) -> int:
     """The pid of torchrun's worker of global rank `rank` (a child of the torchrun process)."""
     for entry in os.listdir("/proc"):
