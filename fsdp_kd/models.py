@@ -257,10 +257,7 @@ def load_sharded(path: str, cfg: TrainConfig, env: DistEnv, dtype: torch.dtype, 
     checkpoint = _Checkpoint(files) if files is not None else None
     own_shards = checkpoint is not None and _names_match(lm, checkpoint)
     if not own_shards and env.split is not None:  # the fallback broadcasts from global rank 0, over every rank
-        raise ConfigError(f"key teacher_ranks: each side reads its own shards of its model from safetensors files "
-                          f"whose tensor names are the model's own, and the {role} at {path} has "
-                          + ("no safetensors" if files is None else "names that transformers converts at load time")
-                          + "; save it with save_pretrained (safetensors), or train without teacher_ranks")
+        raise split_load_refused(role, path, files)
     if env.rank == 0:
         how = ("each rank reads its own shards from the safetensors files" if own_shards else
                f"rank 0 reads it and broadcasts to the other {env.world_size - 1} ranks (up to dist_timeout_minutes "
@@ -290,8 +287,8 @@ _NOT_NEEDED = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "*.gguf", "ori
 def local_model_path(path: str, env: DistEnv) -> str:
     """A local directory for `path`: itself, or, for a hub id, the snapshot in the local HF cache. The first rank
     of each node (of its side in a split job: `DistEnv.first_on_host`) downloads it while the other ranks wait (up
-    to dist_timeout_minutes: a big model takes a while), so a node fetches each file once, and every rank can then read its own shards from the safetensors files.
-    .bin weights are skipped when the repository has safetensors."""
+    to dist_timeout_minutes: a big model takes a while), so a node fetches each file once, and every rank can then
+    read its own shards from the safetensors files. .bin weights are skipped when the repository has safetensors."""
     if os.path.isdir(os.path.expanduser(path)):
         return os.path.expanduser(path)
     from huggingface_hub import HfApi, snapshot_download
@@ -380,6 +377,15 @@ def _read_own_shards(root: nn.Module, checkpoint: _Checkpoint, dtype: torch.dtyp
                 buffer.copy_(checkpoint.slice(name)[:].to(buffer.dtype))
 
 
+def split_load_refused(role: str, path: str, files: dict[str, str] | None) -> ConfigError:
+    """Why a job split by teacher_ranks cannot load a model: each side must read its own shards (`load_sharded`'s
+    fallback broadcasts from global rank 0 over every rank)."""
+    return ConfigError(f"key teacher_ranks: every rank reads its own shards of the {role} from safetensors files "
+                       f"whose tensor names and shapes are the model's own, and {path} has "
+                       + ("no safetensors" if files is None else "other names or shapes")
+                       + f"; save the {role} with save_pretrained (safetensors), or train without teacher_ranks")
+
+
 @torch.no_grad()
 def _read_own_slices(params: dict[str, nn.Parameter], checkpoint: _Checkpoint, dtype: torch.dtype) -> None:
     """Fills each (materialized) parameter's local shard from the checkpoint tensor named by its key."""
@@ -419,22 +425,18 @@ class ShardedHead:
         names = {id(p): name for name, p in lm.named_parameters()}  # a tied head is named as the embedding
         self.in_files = {leaf: names[id(p)] for leaf, p in self.linear.named_parameters()}
         self.files = _safetensors_index(path)
-        # the teacher ranks read their shards the same way (`load_sharded`): every tensor under its own name and shape
+        # what the teacher ranks' `load_sharded` would refuse, refused here before they start
         if self.files is None or not _names_match(lm, _Checkpoint(self.files)):
-            raise ConfigError(f"key teacher_ranks: every rank reads its own shards of the teacher from safetensors "
-                              f"files whose tensor names and shapes are the model's own, and {path} has "
-                              + ("no safetensors" if self.files is None else "other names or shapes")
-                              + "; save the teacher with save_pretrained (safetensors), or train without teacher_ranks")
+            raise split_load_refused("teacher", path, self.files)
         self.fields = head_config(lm.config)
         self.hidden_size, self.dtype = self.linear.weight.shape[1], dtype
 
-    def load(self, env: DistEnv) -> "ShardedHead":
+    def load(self, env: DistEnv) -> None:
         self.linear.requires_grad_(False)
         fully_shard(self.linear, mesh=env.mesh)
         self.linear.to_empty(device=env.device)
         params = dict(self.linear.named_parameters())
         _read_own_slices({self.in_files[leaf]: params[leaf] for leaf in params}, _Checkpoint(self.files), self.dtype)
-        return self
 
     @contextmanager
     def gathered(self):

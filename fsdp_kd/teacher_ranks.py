@@ -90,9 +90,9 @@ class RemoteTeacher:
     made into targets by `kind` (the source a co-located run would use, `distill.LiveTeacher` or
     `CrossTokenizerTeacher`, whose model is not on this rank) with the teacher's head held here."""
 
-    def __init__(self, kind, head: ShardedHead, split: Split, env: DistEnv):
-        self.kind, self.head, self.split = kind, head, split
-        self.teacher, self.device = split.teacher_of(env.global_rank), env.device
+    def __init__(self, kind, head: ShardedHead, env: DistEnv):
+        self.kind, self.head, self.split = kind, head, env.split
+        self.teacher, self.device = env.split.teacher_of(env.global_rank), env.device
         self.sends: list = []
         self.waiting: deque = deque()  # (batch, its teacher batch): sent, hidden states not yet received
         self.receiving: deque = deque()  # (batch, hidden buffer, receive work): posted, at most SENDS_AHEAD
@@ -101,10 +101,14 @@ class RemoteTeacher:
     def metric_names(self) -> dict[str, str | None]:
         return self.kind.metric_names
 
-    def begin(self, batches: list[MicroBatch]) -> None:
-        for work, _ in self.sends:  # the previous step's: long done, since their hidden states came back
+    def _sent(self) -> None:
+        """Waits for this rank's sends so far (long done once their hidden states are back), and lets them go."""
+        for work, _ in self.sends:
             work.wait()
         self.sends = []
+
+    def begin(self, batches: list[MicroBatch]) -> None:
+        self._sent()
         for batch in batches:
             teacher_batch = self.kind.teacher_batch(batch)
             self.sends += send_layout(teacher_batch, self.teacher, self.split)
@@ -128,8 +132,7 @@ class RemoteTeacher:
 
     def close(self) -> None:
         """Tells the teacher rank that this student rank is done: it returns once all of its student ranks are."""
-        for work, _ in self.sends:
-            work.wait()
+        self._sent()
         send_stop(self.teacher, self.split)
 
 
@@ -158,7 +161,7 @@ class RemoteSetup:
         return None
 
     def open(self, device: torch.device) -> RemoteTeacher:
-        return RemoteTeacher(self.kind.open(device), self.head, self.env.split, self.env)
+        return RemoteTeacher(self.kind.open(device), self.head, self.env)
 
     def describe(self) -> list[str]:
         return [f"teacher on ranks of its own: {self.env.split.describe()}; FSDP2 full shard over the teacher "
