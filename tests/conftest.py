@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -134,23 +135,150 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True, cwd=None):
-    """Runs `torchrun --nproc_per_node nproc ARGS` on gloo; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()), *args]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+def _launch_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True, cwd=None, fresh: bool = False):
+    """Runs `torchrun --nproc_per_node nproc ARGS` on gloo; returns the CompletedProcess.
+
+    What a case host can run (train.py, cache_teacher, export, the test workers) runs on the host of that world size
+    (tests/case_host.py), as torchrun would: the same exit status (0, or 1 when any rank failed) and every rank's
+    output. `fresh=True`, or arguments for torchrun itself, launch a torchrun of its own."""
+    if not fresh and _hostable(args):
+        proc = _host(nproc).run(args, cwd, timeout, _launch_env())
+        proc.returncode = 0 if all(code == 0 for code in proc.codes) else 1
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(_free_port()), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_launch_env(), cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
+def python_run(args: list[str], cwd=None, timeout: int = 180, **extra_env):
+    """`python ARGS` (train.py, `-m fsdp_kd.cache_teacher`, `-m fsdp_kd.export`): a world of one, run on the case host
+    of one rank; its exit status is the process's own (2 for bad input). With `extra_env` it runs as a process of
+    its own: libraries read some variables (HF_HUB_OFFLINE) once, when imported."""
+    if extra_env:
+        return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                              cwd=cwd, env={**_launch_env(), **extra_env})
+    proc = _host(1).run(args, cwd, timeout, _launch_env())
+    proc.returncode = proc.codes[0]
+    return proc
+
+
+_HOSTED_SCRIPTS = ("train.py", "dist_worker.py", "sweep_worker.py")
+_HOSTED_MODULES = ("fsdp_kd.cache_teacher", "fsdp_kd.export")
+
+
+def _hostable(args: list[str]) -> bool:
+    if args[0] == "-m":
+        return args[1] in _HOSTED_MODULES
+    return not args[0].startswith("-") and os.path.basename(args[0]) in _HOSTED_SCRIPTS
+
+
+class CaseHost:
+    """One `torchrun tests/case_host.py` job of `world` ranks, and the cases handed to it in turn."""
+
+    START_TIMEOUT = 180
+
+    def __init__(self, world: int):
+        self.world = world
+        self.inbox = tempfile.mkdtemp(prefix=f"fsdp_kd_host{world}_")
+        self.env = _launch_env()
+        self.cases = 0
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+               "--master_port", str(_free_port()), str(REPO / "tests" / "case_host.py"), self.inbox, str(os.getpid())]
+        self.log = open(os.path.join(self.inbox, "host.log"), "w")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def run(self, argv, cwd, timeout, env) -> subprocess.CompletedProcess:
+        """Case `argv` with the environment `env` (its changes from the host's are applied for the case): a
+        CompletedProcess with every rank's output in rank order and `codes`, each rank's exit status."""
+        import time
+
+        n, self.cases = self.cases, self.cases + 1
+        changes = {k: v for k, v in env.items() if self.env.get(k) != v}
+        changes.update({k: None for k in self.env if k not in env})
+        case = {"argv": [str(a) for a in argv], "cwd": str(cwd) if cwd else None, "env": changes}
+        tmp = os.path.join(self.inbox, f"{n}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(case, f)
+        os.replace(tmp, os.path.join(self.inbox, f"{n}.json"))
+        stems = [os.path.join(self.inbox, f"{n}.rank{r}") for r in range(self.world)]
+        deadline = time.time() + timeout + (self.START_TIMEOUT if n == 0 else 0)
+        problem = None
+        while not all(os.path.exists(stem + ".json") for stem in stems):
+            if self.proc.poll() is not None:
+                problem = f"case host of {self.world} ranks ended (exit {self.proc.returncode})"
+                break
+            if time.time() > deadline:
+                problem = f"case timed out after {timeout}s on the case host of {self.world} ranks"
+                break
+            time.sleep(0.01)
+        out, err = ("".join(_read(stem + suffix) for stem in stems) for suffix in (".out", ".err"))
+        if problem is not None:
+            self.stop(kill=True)
+            err += f"\n{problem}; its log:\n{_read(self.log.name)[-3000:]}"
+            codes = [-9] * self.world
+        else:
+            codes = [json.loads(_read(stem + ".json"))["code"] for stem in stems]
+        proc = subprocess.CompletedProcess(["case", *case["argv"]], 0, out, err)
+        proc.codes = codes
+        return proc
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, kill: bool = False) -> None:
+        import signal
+
+        if self.alive() and not kill:
+            with open(os.path.join(self.inbox, f"{self.cases}.json"), "w") as f:
+                json.dump({"stop": True}, f)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill = True
+        if self.alive():
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+        if not kill:
+            shutil.rmtree(self.inbox, ignore_errors=True)
+
+
+_HOSTS: dict[int, CaseHost] = {}
+
+
+def _host(world: int) -> CaseHost:
+    """The case host of `world` ranks, started on first use and again after one was killed."""
+    if world not in _HOSTS or not _HOSTS[world].alive():
+        _HOSTS[world] = CaseHost(world)
+    return _HOSTS[world]
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def pytest_sessionfinish(session):
+    for host in _HOSTS.values():
+        host.stop()
+
+
 def start_torchrun(args, nproc=2):
     """`torchrun` in the background, stdout and stderr merged, in a session of its own (so it can be killed whole)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), *args]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return subprocess.Popen(cmd, env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
 

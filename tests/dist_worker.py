@@ -186,15 +186,15 @@ MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "
          "generate": generate}
 
 
-def main():
-    mode, out_file, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+def main(argv: list[str]) -> int:
+    mode, out_file, args = argv[0], argv[1], argv[2:]
     env = init_distributed()
     result = MODES[mode](env, args, out_file)
     if env.is_main:
         torch.save(result, out_file)
     teardown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
-    exit_process(0)
+    exit_process(main(sys.argv[1:]))

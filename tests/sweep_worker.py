@@ -103,5 +103,9 @@ def sweep(env, plan_file: str, out_file: str) -> None:
                 json.dump(results, f, indent=1)
 
 
+def main(argv: list[str]) -> int:
+    return run_ranked(lambda env: sweep(env, argv[0], argv[1]))
+
+
 if __name__ == "__main__":
-    exit_process(run_ranked(lambda env: sweep(env, sys.argv[1], sys.argv[2])))
+    exit_process(main(sys.argv[1:]))

@@ -3,13 +3,12 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, start_torchrun, torchrun, train_args, wait_for
+from conftest import REPO, python_run, read_metrics, start_torchrun, torchrun, train_args, wait_for
 
 TRAIN = str(REPO / "train.py")
 TIMING_KEYS = {"tokens_per_sec", "peak_mem_gb", "gen_tokens_per_sec"}  # measurements of the machine, not of the run
@@ -145,9 +144,7 @@ def test_export_command_matches_the_end_of_training_export(tiny, tmp_path, unint
     out = tmp_path / "exported"
     checkpoint = uninterrupted / "checkpoints" / "step_24"
     if nproc == 1:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.run([sys.executable, "-m", "fsdp_kd.export", str(checkpoint), str(out)],
-                              capture_output=True, text=True, env=env, timeout=120)
+        proc = python_run(["-m", "fsdp_kd.export", str(checkpoint), str(out)], timeout=120)
         assert proc.returncode == 0, proc.stderr
     else:
         torchrun(["-m", "fsdp_kd.export", str(checkpoint), str(out)], nproc=2)
@@ -162,8 +159,7 @@ def test_export_command_matches_the_end_of_training_export(tiny, tmp_path, unint
 def test_export_refuses_an_incomplete_checkpoint(tmp_path):
     partial = tmp_path / "step_3.partial"
     partial.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "fsdp_kd.export", str(partial), str(tmp_path / "o")],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = python_run(["-m", "fsdp_kd.export", str(partial), str(tmp_path / "o")])
     assert proc.returncode == 2 and "not a complete checkpoint" in proc.stderr
 
 

@@ -3,18 +3,14 @@
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, torchrun, train_args
+from conftest import REPO, python_run, torchrun, train_args
 
 
 def run_train(args, cwd, **extra_env):
-    env = {**os.environ, "PYTHONPATH": str(REPO), **extra_env}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
-                          timeout=120, env=env, cwd=cwd)
+    return python_run([REPO / "train.py", *args], cwd, timeout=120, **extra_env)
 
 
 def assert_one_line_error(proc, pattern):

@@ -2,15 +2,11 @@
 micro-batch, the run end to end under torchrun, and its refusals. The tokenizers are the demo's character tokenizer
 (the teacher's) and the same characters plus letter pairs (the student's), so no asset is needed."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, torchrun, train_args
+from conftest import REPO, python_run, read_metrics, torchrun, train_args
 from fsdp_kd.config import ConfigError, parse_config
 from fsdp_kd.cross_tokenizer import TeacherTokenization, TokenBytes
 from fsdp_kd.data import collate, collate_packed
@@ -98,8 +94,7 @@ def test_a_cache_is_refused_where_one_vocabulary_is_all_shared(tiny, pair_studen
     teacher loads."""
     args = train_args(tiny, tmp_path / "unused", pretrain=pair_student, cross_tokenizer="true", uld_weight=0.0,
                       teacher_cache=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "fsdp_kd.cache_teacher", *args], capture_output=True, text=True,
-                          timeout=180, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = python_run(["-m", "fsdp_kd.cache_teacher", *args])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "every token of the teacher's vocabulary is in the other's" in lines[0]

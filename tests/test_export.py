@@ -4,15 +4,13 @@ token added), and its remote-code files; with the real Qwen2.5 and Phi-3 tokeniz
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from fsdp_kd.demo import write_jsonl
 
 from assets import real_asset
-from conftest import REPO, qa_records
+from conftest import REPO, python_run, qa_records
 
 # As the instruct models publish them: two stop tokens for Qwen2.5 (<|im_end|>, <|endoftext|>); three for Phi-3,
 # whose end of turn <|end|> is not its EOS.
@@ -60,8 +58,7 @@ def test_export_keeps_generation_config_tokenizer_and_remote_code(tmp_path, toke
             "question", "--output_key", "answer", "--apply_chat_template", "--max_samples", "8", "--max_len", "96",
             "--train_batch_size", "8", "--micro_train_batch_size", "4", "--max_steps", "1", "--kd_coef", "0",
             "--save_path", str(out), "--trust_remote_code"]
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    proc = python_run([REPO / "train.py", *args], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     exported, original = GenerationConfig.from_pretrained(out), GenerationConfig.from_pretrained(student)

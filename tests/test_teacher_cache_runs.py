@@ -5,12 +5,10 @@ data, a killed build resumes, and a cache for other data or another τ is refuse
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, read_metrics, start_torchrun, torchrun, train_args, wait_for
+from conftest import REPO, python_run, read_metrics, start_torchrun, torchrun, train_args, wait_for
 from test_checkpoint import kill_everything
 
 TRAIN = str(REPO / "train.py")
@@ -118,9 +116,8 @@ def test_a_killed_build_keeps_its_finished_parts_and_resumes(tiny, tmp_path):
 
 
 def _train_once(tiny, out, cache, **flags):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     args = train_args(tiny, out, **{"teacher_model": None, "teacher_cache": str(cache), "max_steps": 1, **flags})
-    return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=180, env=env)
+    return python_run([TRAIN, *args])
 
 
 def test_a_sampled_cache_trains_forward_kl_and_one_for_other_tokens_temperature_or_teacher_is_refused(tiny,

@@ -4,13 +4,11 @@ job, and the refusals."""
 import glob
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, end_after, has_lines, read_metrics, start_torchrun, torchrun, train_args, wait_for
+from conftest import REPO, end_after, has_lines, python_run, read_metrics, start_torchrun, torchrun, train_args, wait_for
 from fsdp_kd.config import ConfigError, parse_config
 
 TRAIN = str(REPO / "train.py")
@@ -198,8 +196,7 @@ def test_a_teacher_the_ranks_cannot_each_read_is_one_line_before_anything_loads(
 def test_teacher_ranks_that_leave_no_student_rank_are_one_line_before_anything_loads(tiny, tmp_path):
     """A plain `python train.py` is a world of one: teacher_ranks 1 would leave no student rank."""
     save = tmp_path / "out"
-    proc = subprocess.run([sys.executable, TRAIN, *train_args(tiny, save, teacher_ranks=1)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = python_run([TRAIN, *train_args(tiny, save, teacher_ranks=1)])
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert errors == ["error: key teacher_ranks: 1 teacher ranks of 1 leave 0 student ranks, which must be a positive "
