@@ -3,13 +3,14 @@
     python -m torch.distributed.run --nproc_per_node W tests/case_host.py INBOX PARENT_PID
 
 `conftest.torchrun` hands a host what a test would have launched (train.py, `-m fsdp_kd.cache_teacher`, `-m
-fsdp_kd.export`, tests/dist_worker.py or tests/sweep_worker.py, with its arguments, working directory and
-environment) as INBOX/N.json. Every rank runs case N in-process through the same entry point's `main`, with its file
+fsdp_kd.export`, tests/dist_worker.py or tests/sweep_worker.py, with its arguments and working directory) as
+INBOX/N.json; a case whose environment differs from the host's gets a process of its own instead (libraries read
+some variables once, at import). Every rank runs case N in-process through the same entry point's `main`, with its file
 descriptors 1 and 2 sent to INBOX/N.rank{r}.out and .err (so C++ and library output is caught too, as torchrun's pipes
 would), then writes its exit code to INBOX/N.rank{r}.json.
 
 Between cases the process group stays up; what a run's own teardown would have cleared (the meshes, the side group of
-a split job, the start-up clock, the environment, the working directory) is reset. A case that fails on one rank only
+a split job, the start-up clock, the warnings already shown, the working directory) is reset. A case that fails on one rank only
 can leave the others inside a collective: the test side then times out, kills the host and starts a new one, so such
 tests (a killed rank, torchrun's own summary) still launch torchrun themselves. The host leaves when its parent (the
 pytest process) is gone.
@@ -92,33 +93,20 @@ def _redirected(out_path: str, err_path: str):
 
 
 @contextlib.contextmanager
-def _case_environment(env: dict[str, str | None], cwd: str | None):
-    """The case's environment changes and working directory, undone afterwards."""
-    before = {key: os.environ.get(key) for key in env}
+def _working_directory(cwd: str | None):
     here = os.getcwd()
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    if cwd:
-        os.chdir(cwd)
+    os.chdir(cwd or here)
     try:
         yield
     finally:
         os.chdir(here)
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def run_case(case: dict, out_path: str, err_path: str) -> int:
     startup.CLOCK.__init__()  # each case is a run of its own, with a start-up of its own to report
     warnings.filters[:] = _WARNING_FILTERS
     warnings._filters_mutated()  # a warning an earlier case showed once is shown again, as in a new process
-    with _case_environment(case["env"], case.get("cwd")), _redirected(out_path, err_path):
+    with _working_directory(case["cwd"]), _redirected(out_path, err_path):
         try:
             main, argv = _entry(case["argv"])
             code = main(argv)

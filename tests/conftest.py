@@ -144,9 +144,10 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = 
 
     What a case host can run (train.py, cache_teacher, export, the test workers) runs on the host of that world size
     (tests/case_host.py), as torchrun would: the same exit status (0, or 1 when any rank failed) and every rank's
-    output. `fresh=True`, or arguments for torchrun itself, launch a torchrun of its own."""
-    if not fresh and _hostable(args):
-        proc = _host(nproc).run(args, cwd, timeout, _launch_env())
+    output. `fresh=True`, arguments for torchrun itself, or an environment changed since the hosts started (libraries
+    read some variables, such as HF_HUB_OFFLINE, once at import) launch a torchrun of its own."""
+    if not fresh and _hostable(args) and _launch_env() == _HOST_ENV:
+        proc = _host(nproc).run(args, cwd, timeout)
         proc.returncode = 0 if all(code == 0 for code in proc.codes) else 1
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -159,12 +160,13 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = 
 
 def python_run(args: list[str], cwd=None, timeout: int = 180, **extra_env):
     """`python ARGS` (train.py, `-m fsdp_kd.cache_teacher`, `-m fsdp_kd.export`): a world of one, run on the case host
-    of one rank; its exit status is the process's own (2 for bad input). With `extra_env` it runs as a process of
-    its own: libraries read some variables (HF_HUB_OFFLINE) once, when imported."""
-    if extra_env:
+    of one rank; its exit status is the process's own (2 for bad input). With `extra_env`, or an environment changed
+    since the hosts started, it runs as a process of its own, as `torchrun` does."""
+    env = {**_launch_env(), **extra_env}
+    if env != _HOST_ENV:
         return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                              cwd=cwd, env={**_launch_env(), **extra_env})
-    proc = _host(1).run(args, cwd, timeout, _launch_env())
+                              cwd=cwd, env=env)
+    proc = _host(1).run(args, cwd, timeout)
     proc.returncode = proc.codes[0]
     return proc
 
@@ -187,23 +189,20 @@ class CaseHost:
     def __init__(self, world: int):
         self.world = world
         self.inbox = tempfile.mkdtemp(prefix=f"fsdp_kd_host{world}_")
-        self.env = _launch_env()
         self.cases = 0
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                "--master_port", str(_free_port()), str(REPO / "tests" / "case_host.py"), self.inbox, str(os.getpid())]
         self.log = open(os.path.join(self.inbox, "host.log"), "w")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, env=_HOST_ENV, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
-    def run(self, argv, cwd, timeout, env) -> subprocess.CompletedProcess:
-        """Case `argv` with the environment `env` (its changes from the host's are applied for the case): a
-        CompletedProcess with every rank's output in rank order and `codes`, each rank's exit status."""
+    def run(self, argv, cwd, timeout) -> subprocess.CompletedProcess:
+        """Case `argv` run from `cwd`: a CompletedProcess with every rank's output in rank order and `codes`, each
+        rank's exit status."""
         import time
 
         n, self.cases = self.cases, self.cases + 1
-        changes = {k: v for k, v in env.items() if self.env.get(k) != v}
-        changes.update({k: None for k in self.env if k not in env})
-        case = {"argv": [str(a) for a in argv], "cwd": str(cwd) if cwd else None, "env": changes}
+        case = {"argv": [str(a) for a in argv], "cwd": str(cwd) if cwd else None}
         tmp = os.path.join(self.inbox, f"{n}.tmp")
         with open(tmp, "w") as f:
             json.dump(case, f)
@@ -252,6 +251,7 @@ class CaseHost:
 
 
 _HOSTS: dict[int, CaseHost] = {}
+_HOST_ENV = _launch_env()  # every host's, taken once the data cache variable above is set
 
 
 def _host(world: int) -> CaseHost:
