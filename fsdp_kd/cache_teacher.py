@@ -20,7 +20,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, TrainConfig, parse_config
+from .config import TrainConfig, parse_config
+from .errors import ConfigError
 from .data import collate, collate_packed, eval_shards
 from .cross_vocab import renormalized_side
 from .distill import TEACHER_SOURCES

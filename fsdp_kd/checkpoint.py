@@ -23,7 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .config import ConfigError, TrainConfig, resume_mismatches
+from .config import TrainConfig, resume_mismatches
+from .errors import ConfigError
 from .distributed import all_reduce_sum, barrier, side_group, side_size
 
 STEP_DIR = re.compile(r"^step_(\d+)$")

@@ -18,13 +18,8 @@ from pathlib import Path
 import yaml
 
 from .divergences import DIVERGENCES
+from .errors import ConfigError
 from .loss import CONVENTIONS, LossSpec
-
-
-class ConfigError(ValueError):
-    """A problem with the user's configuration; its message is meant to be printed as is. Every rank finds it
-    alike, so one rank says it."""
-    same_on_every_rank = True
 
 
 # What replaces each DeepSpeed-only OpenRLHF flag here, for users moving their command lines over.
@@ -511,5 +506,5 @@ def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["TrainConfig", "ConfigError", "parse_config", "validate", "gradient_accumulation_steps",
+__all__ = ["TrainConfig", "parse_config", "validate", "gradient_accumulation_steps",
            "resume_mismatches", "config_to_yaml"]

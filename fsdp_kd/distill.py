@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from .config import ConfigError
+from .errors import ConfigError
 from .cross_tokenizer import TeacherTokenization, TokenBytes, shared_vocabulary
 from .cross_vocab import ALIGNED_METRIC_NAMES, CrossVocabTargets, VocabMap, topk_in_student_vocabulary
 from .data import MicroBatch

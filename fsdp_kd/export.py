@@ -22,7 +22,8 @@ import sys
 import torch
 import torch.distributed.checkpoint as dcp
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError
 from .distributed import barrier, side_group
 
 MAX_SHARD_BYTES = 4 * 1024**3

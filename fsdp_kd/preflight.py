@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError
 from .data import Concatenated, EpochOrder, Rows, SampleTable
 from .distributed import DistEnv, all_gather_object
 from .models import check_model_dir

@@ -10,7 +10,8 @@ import os
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
+from .errors import ConfigError
 from .data import host_values
 from .distributed import all_reduce_max
 

@@ -38,7 +38,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ConfigError, loss_spec
+from .config import loss_spec
+from .errors import ConfigError
 from .cross_vocab import ALIGNED_METRIC_NAMES
 from .data import to_device
 from .divergences import DIVERGENCES

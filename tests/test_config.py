@@ -2,7 +2,8 @@
 
 import pytest
 
-from fsdp_kd.config import ConfigError, gradient_accumulation_steps, parse_config, resume_mismatches
+from fsdp_kd.config import gradient_accumulation_steps, parse_config, resume_mismatches
+from fsdp_kd.errors import ConfigError
 
 REQUIRED = ["--pretrain", "s", "--dataset", "d.jsonl", "--teacher_model", "t"]
 

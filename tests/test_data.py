@@ -388,7 +388,7 @@ def test_a_source_left_empty_by_the_holdout_is_one_line(tiny, tmp_path):
     ZeroDivisionError."""
     from types import SimpleNamespace
 
-    from fsdp_kd.config import ConfigError
+    from fsdp_kd.errors import ConfigError
     from fsdp_kd.demo import write_jsonl
     from fsdp_kd.preflight import open_training_data
 

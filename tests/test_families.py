@@ -142,7 +142,7 @@ def test_exports_reproduce_the_trained_models_logits(tmp_path):
 
 def test_a_head_the_kernel_cannot_reproduce_is_refused():
     """A family that transforms its logits in a way no Head describes is refused, with one line."""
-    from fsdp_kd.config import ConfigError
+    from fsdp_kd.errors import ConfigError
     from fsdp_kd.heads import verify_head
 
     model = build("llama", seed=4)
@@ -176,7 +176,8 @@ def test_head_description_is_read_from_the_config():
 
 def test_packing_is_refused_for_a_model_with_recurrent_layers(tmp_path):
     """Falcon-H1's Mamba layers carry state across a packed row's samples, which no mask stops."""
-    from fsdp_kd.config import ConfigError, TrainConfig
+    from fsdp_kd.config import TrainConfig
+    from fsdp_kd.errors import ConfigError
     from fsdp_kd.preflight import check_packing
 
     for family in ("falcon_h1", "llama", "gemma3"):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO, end_after, has_lines, read_metrics, start_torchrun, torchrun, train_args, wait_for
-from fsdp_kd.config import ConfigError, parse_config
+from fsdp_kd.config import parse_config
+from fsdp_kd.errors import ConfigError
 
 TRAIN = str(REPO / "train.py")
 
