@@ -21,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig, parse_config
-from .errors import ConfigError
 from .data import collate, collate_packed, eval_shards
 from .cross_vocab import renormalized_side
 from .distill import TEACHER_SOURCES
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
+from .errors import ConfigError
 from .heads import verify_head
 from .loss import LossSpec
 from .models import padding_id, resolve_dtype, tokenizer_or_error

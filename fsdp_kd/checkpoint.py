@@ -24,8 +24,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .config import TrainConfig, resume_mismatches
-from .errors import ConfigError
 from .distributed import all_reduce_sum, barrier, side_group, side_size
+from .errors import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAIN_STATE = "train_state.json"

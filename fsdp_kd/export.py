@@ -23,8 +23,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from .config import TrainConfig
-from .errors import ConfigError
 from .distributed import barrier, side_group
+from .errors import ConfigError
 
 MAX_SHARD_BYTES = 4 * 1024**3
 

@@ -2,13 +2,13 @@
 
 Why a hand-written kernel: at 8k tokens and a 152k vocabulary, one model's fp32 logits are ~5 GB, and autograd would
 keep the softmax copies and the gradient of that tensor too. Here the logits exist only for one block of token rows
-at a time (the passes over a block are in `kernel.py`, the divergences in `divergences.py`), and this module loops
-over the blocks and presents the result to autograd.
+at a time (the passes over a block are in `kernel.py`, the divergences in `divergences.py`), and this module chooses
+the block shape (`choose_chunks`), loops over the blocks and presents the result to autograd.
 
 The gradient is produced during the forward pass (as Liger-Kernel does), so the logits are computed once: four matrix
 products in all (two forward, two gradient), which is the floor. `backward` only scales the stored gradients.
 
-The teacher comes as `kernel.Targets` (a live teacher's hidden states and head, a cached distribution, or none), which
+The teacher comes as `targets.Targets` (a live teacher's hidden states and head, a cached distribution, or none), which
 scores each token block itself, so the loop here is the same for every kind of teacher.
 
 All returned values are *sums* over the valid tokens; the trainer divides by the global token count, which is the
@@ -22,10 +22,48 @@ from typing import Callable
 
 import torch
 
+from .buckets import ID_MASKS
 from .divergences import DIVERGENCES
-from .kernel import (DEFAULT_CUDA_BUDGET_MB, ID_MASKS, METRIC_NAMES, NO_TEACHER, Gradients, Head, KernelPlan,
-                     LiveTargets, ModelBlock, SparseTargets, Targets, accumulates_in_place, as_head, check_head_rows,
-                     choose_chunks, elementwise_functions, vocab_chunks, w_source)
+from .kernel import (METRIC_NAMES, Gradients, Head, KernelPlan, ModelBlock, accumulates_in_place, as_head,
+                     elementwise_functions, vocab_chunks, w_source)
+from .targets import NO_TEACHER, LiveTargets, SparseTargets, Targets, check_head_rows
+
+
+# ---------------------------------------------------------------------------------------------------- block shape
+# CPU: 1024-column chunks keep a chunk's temporaries in cache; blocks of up to 256 rows keep the head products at full
+# speed (at 128 × 8192 they ran at 26-42 GFLOP/s, at 192-256 × 1024 at 59-64, 2-core EPYC, measured) while the
+# block's logit caches stay within CPU_CACHE_MB
+CPU_MAX_ROWS, CPU_COLUMNS, CPU_CACHE_MB = 256, 1024, 256
+CUDA_MIN_ROWS = 1024
+DEFAULT_CUDA_BUDGET_MB = 4096
+_LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
+
+
+def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: float,
+                  grad_temporary_per_column: int = 0) -> tuple[int, int]:
+    """(token rows per block, vocabulary columns per chunk); explicit `token_chunk`/`vocab_chunk` win.
+
+    CPU: 1024-column chunks, and as many rows (a multiple of 64, 64 to 256) as keep every model's fp32 logits of the
+    block within CPU_CACHE_MB (192 rows at V = 151936 and two models). CUDA: launches dominate small blocks, so a
+    block is at least 1024 rows (or every token), and the vocabulary is cut into as few equal chunks as the memory
+    budget allows. The budget covers the block's fp32 logit cache of every model (rows × V each), the live chunk
+    temporaries, and `grad_temporary_per_column` floats per chunk column: the fp32 [columns × H] product that the
+    weight gradient needs when it cannot accumulate in place (`accumulates_in_place`; pass H then, 0 otherwise).
+    """
+    if device.type != "cuda":
+        fitting = int(CPU_CACHE_MB * 1024**2 // (4 * n_models * vocab)) // 64 * 64
+        rows, cols = max(64, min(CPU_MAX_ROWS, fitting)), CPU_COLUMNS
+    else:
+        budget_floats = spec.chunk_budget_mb * 1024**2 // 4
+        rows = max(1, min(spec.token_chunk or CUDA_MIN_ROWS, n_tokens))
+        if spec.token_chunk is None:  # shrink the block only when not even a 4096-column chunk fits
+            per_row = n_models * vocab + _LIVE_CHUNK_TEMPORARIES * 4096
+            rows = max(1, min(rows, int((budget_floats - grad_temporary_per_column * 4096) // per_row)))
+        room = budget_floats - rows * n_models * vocab
+        cols = max(4096, int(room // (rows * _LIVE_CHUNK_TEMPORARIES + grad_temporary_per_column)))
+        pieces = -(-vocab // cols)
+        cols = -(-vocab // pieces)  # equal chunks: the same kernels for every chunk
+    return spec.token_chunk or rows, spec.vocab_chunk or cols
 
 
 def _reference_scale(divergence: str, param: float, tau: float) -> float:
@@ -130,7 +168,7 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
     cached = targets.models + (ID_MASKS if divergence.student_buckets else 0.0)
     block_rows, cols = choose_chunks(spec, device, n, job.vocab_size, cached, temporary)
     sums_fn, grad_fn = elementwise_functions(spec.compile)
-    ce_coef, kd_coef = targets.weights(spec)
+    ce_coef, kd_coef = targets.weights(spec.ce_weight, spec.kd_coef)
     plan = KernelPlan(chunks=vocab_chunks(job.vocab_size, cols), ce_coef=ce_coef, kd_coef=kd_coef,
                       tau=spec.temperature, kd_unit=spec.kd_unit, param=spec.divergence_param, divergence=divergence,
                       w_source=w_source(divergence, with_grad),

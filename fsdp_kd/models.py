@@ -17,9 +17,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .config import TrainConfig
-from .errors import ConfigError
 from .data import MicroBatch, uses_sliding_window
 from .distributed import DistEnv
+from .errors import ConfigError
 from .heads import head_config, output_head
 from .kernel import Head
 

@@ -13,9 +13,9 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .errors import ConfigError
 from .data import Concatenated, EpochOrder, Rows, SampleTable
 from .distributed import DistEnv, all_gather_object
+from .errors import ConfigError
 from .models import check_model_dir
 from .records import Sample, check_data_path, looks_local
 from .run_log import METRICS_FILE

@@ -11,9 +11,9 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .errors import ConfigError
 from .data import host_values
 from .distributed import all_reduce_max
+from .errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 

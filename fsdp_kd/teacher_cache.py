@@ -38,14 +38,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .buckets import ID_MASKS, id_places, mass_on_buckets, top_tokens
 from .config import loss_spec
-from .errors import ConfigError
 from .cross_vocab import ALIGNED_METRIC_NAMES
 from .data import to_device
 from .divergences import DIVERGENCES
-from .kernel import (ID_MASKS, Head, LiveTargets, ModelBlock, SparseTargets, Targets, choose_chunks, id_places,
-                     mass_on_buckets, pass1_logits, top_tokens, vocab_chunks)
-from .loss import LossSpec, loss_against
+from .errors import ConfigError
+from .kernel import Head, ModelBlock, pass1_logits, vocab_chunks
+from .loss import LossSpec, choose_chunks, loss_against
+from .targets import LiveTargets, SparseTargets, Targets
 
 META_FILE = "cache.json"
 HEAD_FILE = "head.safetensors"
