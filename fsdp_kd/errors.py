@@ -15,3 +15,16 @@ class ConfigError(ValueError):
     def __init__(self, message: str, key: str | None = None):
         super().__init__(message)
         self.key = key
+
+
+def require(ok: bool, key: str, rule: str, value) -> None:
+    """Raises "`key` must be `rule`, got `value`" about `key` unless `ok`: a field's own rule, checked by its owner."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value}", key)
+
+
+def require_choice(key: str, value: str, choices) -> None:
+    """Raises "`key` must be one of ..., got ..." about `key` unless `value` is one of `choices` (names, or a table
+    whose keys are the names)."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}", key)

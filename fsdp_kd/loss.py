@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 
 from .buckets import ID_MASKS
-from .divergences import DIVERGENCES
+from .divergences import DIVERGENCES, effective_divergence
+from .errors import require, require_choice
 from .kernel import (METRIC_NAMES, Gradients, Head, KernelPlan, ModelBlock, accumulates_in_place, as_head,
                      elementwise_functions, vocab_chunks, w_source)
 from .targets import NO_TEACHER, LiveTargets, SparseTargets, Targets, check_head_rows
@@ -86,6 +87,8 @@ CONVENTIONS: dict[str, Callable[[str, float, float], float]] = {
 
 @dataclass(frozen=True)
 class LossSpec:
+    """The loss's settings. Each field's rule is checked here, in the name of the config key it comes from
+    (`config.loss_spec`), so a bad value is refused alike from a config and from code."""
     kd_coef: float = 0.5
     ce_coef: float | None = None  # the CE term's weight; None: 1 - kd_coef (0 on self-generated text, on-policy)
     divergence: str = "forward_kl"
@@ -101,25 +104,17 @@ class LossSpec:
     compile: bool = False  # torch.compile the per-chunk elementwise work
 
     def __post_init__(self):
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"kd_loss must be one of {tuple(DIVERGENCES)}, got {self.divergence!r}")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
-        if not 0.0 < self.akl_mu < 1.0:
-            raise ValueError(f"akl_mu must be in (0, 1), got {self.akl_mu}")
-        if not 0.0 <= self.skew_alpha < 1.0:
-            raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}")
-        if self.student_topk < 1:
-            raise ValueError(f"student_topk must be >= 1, got {self.student_topk}")
-        if not 0.0 <= self.kd_coef <= 1.0:
-            raise ValueError(f"kd_coef must be in [0, 1], got {self.kd_coef}")
-        if self.convention not in CONVENTIONS:
-            raise ValueError(f"kd_loss_convention must be one of {tuple(CONVENTIONS)}, got {self.convention!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"kd_temperature must be > 0, got {self.temperature}")
-        if (self.vocab_chunk is not None and self.vocab_chunk < 1) or (
-                self.token_chunk is not None and self.token_chunk < 1) or self.chunk_budget_mb < 1:
-            raise ValueError("kd_vocab_chunk, kd_token_chunk and kd_chunk_budget_mb must be >= 1")
+        require(0 <= self.kd_coef <= 1, "kd_coef", "in [0, 1]", self.kd_coef)
+        require_choice("kd_loss", self.divergence, DIVERGENCES)
+        require(0 <= self.jsd_beta <= 1, "jsd_beta", "in [0, 1]", self.jsd_beta)
+        require_choice("kd_loss_convention", self.convention, CONVENTIONS)
+        require(0 < self.akl_mu < 1, "akl_mu", "in (0, 1)", self.akl_mu)
+        require(0 <= self.skew_alpha < 1, "skew_alpha", "in [0, 1)", self.skew_alpha)
+        require(self.student_topk >= 1, "student_topk", ">= 1", self.student_topk)
+        require(self.temperature > 0, "kd_temperature", "> 0", self.temperature)
+        for key, value in (("kd_vocab_chunk", self.vocab_chunk), ("kd_token_chunk", self.token_chunk),
+                           ("kd_chunk_budget_mb", self.chunk_budget_mb)):
+            require(value is None or value >= 1, key, ">= 1", value)
 
     @property
     def ce_weight(self) -> float:
@@ -127,12 +122,7 @@ class LossSpec:
 
     @property
     def effective_divergence(self) -> str:
-        """JSD at its endpoints is computed as the KL it equals there, not as 0/0."""
-        if self.divergence == "jsd" and self.jsd_beta == 0.0:
-            return "forward_kl"
-        if self.divergence == "jsd" and self.jsd_beta == 1.0:
-            return "reverse_kl"
-        return self.divergence
+        return effective_divergence(self.divergence, self.jsd_beta)
 
     @property
     def divergence_param(self) -> float:

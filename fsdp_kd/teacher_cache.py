@@ -39,10 +39,9 @@ import numpy as np
 import torch
 
 from .buckets import ID_MASKS, id_places, mass_on_buckets, top_tokens
-from .config import loss_spec
 from .cross_vocab import ALIGNED_METRIC_NAMES
 from .data import to_device
-from .divergences import DIVERGENCES
+from .divergences import DIVERGENCES, effective_divergence
 from .errors import ConfigError
 from .kernel import Head, ModelBlock, pass1_logits, vocab_chunks
 from .loss import LossSpec, choose_chunks, loss_against
@@ -418,7 +417,8 @@ class CacheSetup:
 
     def check(self, tokenizer, sources, env) -> None:
         cfg = self.cfg
-        check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources, loss_spec(cfg).effective_divergence)
+        check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources,
+                         effective_divergence(cfg.kd_loss, cfg.jsd_beta))
 
     def load_model(self, env, dtype) -> None:
         return None

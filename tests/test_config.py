@@ -70,11 +70,11 @@ def test_batch_sizes_must_divide():
 def test_resume_mismatch_lists_only_keys_that_matter():
     saved = parse_config(REQUIRED).to_dict()
     now = parse_config(REQUIRED + ["--logging_steps", "7", "--eval_steps", "3", "--train_batch_size", "32"])
-    assert resume_mismatches(saved, now) == ["train_batch_size (16 -> 32)"]
+    assert resume_mismatches(saved, now.to_dict()) == ["train_batch_size (16 -> 32)"]
     # a checkpoint from before a key existed ran with its default, so it resumes alike, and differs from another value
     del saved["kd_loss_convention"]
-    assert resume_mismatches(saved, now) == ["train_batch_size (16 -> 32)"]
-    assert resume_mismatches(saved, parse_config(REQUIRED + ["--kd_loss_convention", "trl"])) == [
+    assert resume_mismatches(saved, now.to_dict()) == ["train_batch_size (16 -> 32)"]
+    assert resume_mismatches(saved, parse_config(REQUIRED + ["--kd_loss_convention", "trl"]).to_dict()) == [
         "kd_loss_convention ('fsdp_kd' -> 'trl')"]
 
 
