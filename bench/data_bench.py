@@ -70,7 +70,8 @@ def child(args) -> None:
         table = open_tokenized(args.data, "train", None, token_settings(cfg), cfg.data_cache_dir, tok, local_rank=0,
                                log=lambda *a: None)
     order = EpochOrder([len(table)], None, cfg.seed, batch_size=cfg.train_batch_size)
-    sampler = StepSampler(order, cfg.micro_train_batch_size, 0, 1, accumulation=cfg.train_batch_size // cfg.micro_train_batch_size)
+    sampler = StepSampler(order, cfg.micro_train_batch_size, 0, 1,
+                          accumulation=cfg.train_batch_size // cfg.micro_train_batch_size)
     batches = [collate([table[i] for i in idx], padding_id(tok)) for idx in sampler.indices(0, 0)]
     print(json.dumps({"seconds": time.perf_counter() - started, "rss": current_rss(), "anon": anonymous_rss(),
                       "samples": len(table), "tokens": int(sum(b.real_tokens for b in batches))}))

@@ -157,10 +157,11 @@ class TrainConfig:
                                                  "α·q); 0 is the plain KL (DistiLLM's default 0.1)")
     student_topk: int = opt(LossSpec.student_topk, "reverse_kl_student_topk: the student's most likely tokens "
                                                     "that each get a bucket; the rest of the vocabulary is one")
-    kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: {choices}; fsdp_kd's is τ²·D with "
-                                                       "JSD normalized by β(1-β), trl's and liger's are their formulas "
-                                                       "(no τ², JSD unnormalized); bring a tool's kd_coef with its "
-                                                       "convention (docs/divergences.md)", choices=CONVENTIONS)
+    kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: {choices}; fsdp_kd's is τ²·D "
+                                                       "with JSD normalized by β(1-β), trl's and liger's are their "
+                                                       "formulas (no τ², JSD unnormalized); bring a tool's kd_coef "
+                                                       "with its convention (docs/divergences.md)",
+                                  choices=CONVENTIONS)
     kd_temperature: float = opt(LossSpec.temperature, "both distributions are softmax(logits / kd_temperature) in "
                                                       "the divergence")
     kd_vocab_chunk: int | None = opt(None, "the loss kernel's vocabulary columns per chunk; none: chosen per device "

@@ -2,8 +2,9 @@
 
 import pytest
 
-from fsdp_kd.config import gradient_accumulation_steps, parse_config, resume_mismatches
+from fsdp_kd.config import FIELDS, TrainConfig, gradient_accumulation_steps, parse_config, resume_mismatches
 from fsdp_kd.errors import ConfigError
+from fsdp_kd.loss import LossSpec
 
 REQUIRED = ["--pretrain", "s", "--dataset", "d.jsonl", "--teacher_model", "t"]
 
@@ -103,3 +104,23 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes(b"pretrain: s\n\xff\xfe: x\n")
     with pytest.raises(ConfigError, match=r"run\.yaml: not UTF-8 text .* re-save the config as UTF-8"):
         parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("key", [name for name, f in FIELDS.items() if "choices" in f.metadata])
+def test_a_keys_choices_are_one_list_for_help_and_validation(key):
+    """`--help` and validation both read the choices that `opt` was given; a value outside them is refused."""
+    choices = FIELDS[key].metadata["choices"]
+    assert getattr(TrainConfig, key) in choices
+    assert f"{', '.join(choices[:-1])} or {choices[-1]}" in FIELDS[key].metadata["help"]
+    with pytest.raises(ConfigError, match=rf"command line --{key}: {key} must be one of {', '.join(choices)}, "
+                                          "got 'nonesuch'"):
+        parse_config(REQUIRED + [f"--{key}", "nonesuch"])
+
+
+def test_the_loss_checks_its_own_fields_and_the_config_says_where(tmp_path):
+    with pytest.raises(ConfigError, match=r"^kd_temperature must be > 0, got 0.0$") as refused:
+        LossSpec(temperature=0.0)
+    assert refused.value.key == "kd_temperature"
+    path = write(tmp_path, "pretrain: s\ndataset: d.jsonl\nteacher_model: t\nkd_token_chunk: 0\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4: kd_token_chunk must be >= 1, got 0$"):
+        parse_config(["--config", path])

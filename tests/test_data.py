@@ -47,8 +47,8 @@ def load_samples(path, cfg, tok, tmp_path, max_samples=None):
 def test_chat_template_mask_covers_exactly_the_assistant_turn(name, end_of_turn):
     tok = load_tokenizer(str(real_asset(name)), trust_remote_code=False)
     response = "The answer is 42."
-    prompt_ids, response_ids = tokenize_pair("What is 6*7?", response, token_settings(_cfg(apply_chat_template=True)), tok,
-                                             "t")
+    settings = token_settings(_cfg(apply_chat_template=True))
+    prompt_ids, response_ids = tokenize_pair("What is 6*7?", response, settings, tok, "t")
     trained = tok.decode(response_ids)
     assert trained.startswith(response)
     assert end_of_turn in trained  # the end-of-turn token is trained, even where it differs from EOS (Phi-3)
