@@ -21,7 +21,7 @@ import yaml
 from .data import ATTENTION_IMPLEMENTATIONS
 from .divergences import DIVERGENCES
 from .dtypes import PARAM_DTYPES
-from .errors import ConfigError, require_choice
+from .errors import ConfigError, require, require_choice
 from .loss import CONVENTIONS, LossSpec
 from .records import TokenSettings
 from .teacher_cache import CACHE_MODES, LOG_P_DTYPES
@@ -43,16 +43,20 @@ DEEPSPEED_REPLACEMENTS = {
 }
 
 
-def opt(default, help: str, section: str | None = None, choices: Collection[str] | None = None):
+def opt(default, help: str, section: str | None = None, choices: Collection[str] | None = None,
+        must_be: str | None = None):
     """A TrainConfig field: its default and the one line `--help` prints for it (tests/test_help.py fails on a field
     without one). `section` starts a group of `--help`: this field and the ones after it, up to the next section.
     `choices`, where given, are the only values the key takes (the names of a table, taken from where the table
-    lives): `{choices}` in the help lists them, and `validate` refuses any other value."""
+    lives): `{choices}` in the help lists them, and `validate` refuses any other value. `must_be` is a number's
+    range, as the refusal says it: ">= 1", "> 0", "in [0, 1)" (none passes)."""
     metadata = {"help": help.format(choices=_listed(choices)) if choices else help}
     if section:
         metadata["section"] = section
     if choices:
         metadata["choices"] = tuple(choices)
+    if must_be:
+        metadata["must_be"] = must_be
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -60,6 +64,16 @@ def _listed(names: Collection[str]) -> str:
     """'a, b or c'."""
     *others, last = names
     return f"{', '.join(others)} or {last}" if others else last
+
+
+def _within(value: float, must_be: str) -> bool:
+    """Whether a number is in a range written as `opt`'s `must_be`."""
+    if must_be.startswith(">"):
+        relation, bound = must_be.split()
+        return value >= float(bound) if relation == ">=" else value > float(bound)
+    low, high = (float(end) for end in must_be[4:-1].split(", "))
+    return (low <= value if must_be[3] == "[" else low < value) and (value <= high if must_be[-1] == "]" else
+                                                                      value < high)
 
 
 @dataclass
@@ -89,7 +103,7 @@ class TrainConfig:
     sharding_strategy: str = opt("full_shard", "the student's sharding: {choices}, that is ZeRO-3, HSDP or ZeRO-2",
                                  choices=("full_shard", "hybrid_shard", "shard_grad_op"))
     hsdp_shard_size: int | None = opt(None, "hybrid_shard: ranks per shard group (replicated across groups); none: "
-                                            "the ranks per node")
+                                            "the ranks per node", must_be=">= 1")
     teacher_sharding_strategy: str = opt("full_shard", "the teacher's sharding: {choices}",
                                          choices=("full_shard", "hybrid_shard"))
     teacher_offload: bool = opt(False, "keep the teacher's shards in CPU memory, moved to the device for each "
@@ -97,7 +111,8 @@ class TrainConfig:
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
                                         "needs its full size free on every device")
     teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send the "
-                                "student ranks its hidden states: 0 shares every rank (docs/scale_out.md)")
+                                "student ranks its hidden states: 0 shares every rank (docs/scale_out.md)",
+                             must_be=">= 0")
 
     dataset: str = opt("", "training data: a .jsonl/.json/.parquet/.csv file, a directory of them or a hub dataset; "
                            "several comma-separated are mixed by dataset_probs", section="Data")
@@ -106,7 +121,8 @@ class TrainConfig:
     dataset_split: str = opt("train", "the split of a hub dataset to train on")
     eval_dataset: str | None = opt(None, "held-out data, in the layouts dataset takes; none: see eval_holdout_ratio")
     eval_split: str = opt("test", "the split of a hub eval_dataset")
-    eval_holdout_ratio: float = opt(0.0, "without eval_dataset: hold out this fraction of the training data for eval")
+    eval_holdout_ratio: float = opt(0.0, "without eval_dataset: hold out this fraction of the training data for eval",
+                                    must_be="in [0, 1)")
     input_key: str = opt("input", "the record key of the prompt (or of a conversation)")
     output_key: str = opt("output", "the record key of the response")
     input_template: str | None = opt(None, "a format string with one {} for the prompt, e.g. \"User: {}\\nAssistant: "
@@ -121,30 +137,33 @@ class TrainConfig:
                                        "attention mask")
     skip_bad_rows: bool = opt(False, "drop and count records that cannot be read or tokenized instead of stopping "
                                      "the run")
-    max_len: int = opt(2048, "the most tokens of a sample, prompt and response together; longer samples are cut")
+    max_len: int = opt(2048, "the most tokens of a sample, prompt and response together; longer samples are cut",
+                       must_be=">= 1")
     max_samples: int | None = opt(None, "read at most this many records of each training source; none: all")
     max_eval_samples: int | None = opt(None, "read at most this many records of eval_dataset; none: all")
     data_cache_dir: str | None = opt(None, "where tokenized data is cached; none: $FSDP_KD_DATA_CACHE or "
                                            "~/.cache/fsdp_kd/tokenized")
 
-    micro_train_batch_size: int = opt(1, "samples per rank per forward/backward", section="Optimization")
+    micro_train_batch_size: int = opt(1, "samples per rank per forward/backward", section="Optimization",
+                                      must_be=">= 1")
     train_batch_size: int = opt(16, "samples per optimizer step over all ranks: micro_train_batch_size × "
-                                    "accumulation steps × world size")
-    max_epochs: int = opt(1, "passes over the training data")
-    max_steps: int | None = opt(None, "stop after this many optimizer steps; none: max_epochs decides")
+                                    "accumulation steps × world size", must_be=">= 1")
+    max_epochs: int = opt(1, "passes over the training data", must_be=">= 1")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps; none: max_epochs decides", must_be=">= 1")
     learning_rate: float = opt(5e-6, "the peak learning rate of AdamW")
-    lr_warmup_ratio: float = opt(0.03, "the fraction of the steps spent in linear warmup from 0")
+    lr_warmup_ratio: float = opt(0.03, "the fraction of the steps spent in linear warmup from 0", must_be="in [0, 1)")
     lr_scheduler: str = opt("cosine_with_min_lr", "after warmup: {choices}; cosine_with_min_lr goes down to "
                                                   "min_lr_ratio × learning_rate along a cosine",
                             choices=("cosine_with_min_lr", "constant_with_warmup"))
-    min_lr_ratio: float = opt(0.1, "the cosine schedule's final learning rate, as a fraction of learning_rate")
+    min_lr_ratio: float = opt(0.1, "the cosine schedule's final learning rate, as a fraction of learning_rate",
+                              must_be="in [0, 1]")
     adam_betas: tuple[float, float] = opt((0.9, 0.95), "AdamW's beta1 and beta2")
     l2: float = opt(0.0, "AdamW weight decay")
     max_norm: float = opt(1.0, "clip gradients to this global norm")
     seed: int = opt(42, "seeds the data order and hold-out, and each rank's draws (dropout, on-policy sampling, a "
                         "sampled cache)")
     max_skipped_steps: int = opt(5, "consecutive steps with a non-finite loss or gradient norm (each skipped, no "
-                                    "update) before the run stops")
+                                    "update) before the run stops", must_be=">= 1")
 
     kd_coef: float = opt(0.4, "loss = (1 - kd_coef) · CE + kd_coef · divergence to the teacher; OpenRLHF's "
                               "default", section="Distillation")
@@ -173,7 +192,8 @@ class TrainConfig:
     compile_loss: bool = opt(False, "torch.compile the loss kernel's per-chunk elementwise work")
 
     on_policy_ratio: float = opt(0.0, "GKD's λ: the share of micro-batches whose responses the student writes "
-                                      "itself (reverse_kl is the usual kd_loss then)", section="On-policy distillation")
+                                      "itself (reverse_kl is the usual kd_loss then)", section="On-policy distillation",
+                                must_be="in [0, 1]")
     on_policy_ce: bool = opt(False, "keep the CE term on self-generated text (it reinforces the student's own "
                                     "samples)")
     generate_max_new_tokens: int = opt(256, "on-policy: the longest response the student writes, in tokens")
@@ -193,7 +213,8 @@ class TrainConfig:
                                  choices=LOG_P_DTYPES)
     cache_hidden_dtype: str = opt("bfloat16", "hidden: the dtype of the stored hidden states: {choices}",
                                   choices=("bfloat16", "float32"))
-    cache_chunk_samples: int = opt(512, "samples per part file: the most work a killed cache build loses")
+    cache_chunk_samples: int = opt(512, "samples per part file: the most work a killed cache build loses",
+                                   must_be=">= 1")
 
     save_path: str = opt("output/fsdp_kd_student", "where the run writes the HF model, metrics.jsonl and "
                                                    "train_config.yaml; must not hold an earlier run", section="Outputs")
@@ -201,17 +222,17 @@ class TrainConfig:
     save_steps: int = opt(-1, "save a checkpoint every this many steps; -1: never (the final model is exported "
                               "anyway)")
     eval_steps: int = opt(-1, "evaluate every this many steps and after the last; -1: never")
-    logging_steps: int = opt(1, "log metrics every this many steps (and after the last)")
+    logging_steps: int = opt(1, "log metrics every this many steps (and after the last)", must_be=">= 1")
     print_config: bool = opt(False, "print the resolved config at start (it is always written to "
                                     "<save_path>/train_config.yaml)")
-    max_ckpt_num: int = opt(3, "keep this many newest checkpoints; older ones are deleted")
+    max_ckpt_num: int = opt(3, "keep this many newest checkpoints; older ones are deleted", must_be=">= 1")
     load_checkpoint: bool = opt(False, "resume from the newest complete checkpoint in ckpt_path")
     async_save: bool = opt(False, "write checkpoints in the background while training goes on")
     use_tensorboard: str | None = opt(None, "mirror metrics to TensorBoard in this log directory (needs the "
                                             "tensorboard package)")
     use_wandb: str | None = opt(None, "mirror metrics to this W&B project (needs the wandb package)")
     dist_timeout_minutes: float = opt(60.0, "the process group's timeout: long enough for rank 0 to load a large "
-                                            "model")
+                                            "model", must_be="> 0")
 
     def resolved_ckpt_path(self) -> str:
         return self.ckpt_path or os.path.join(self.save_path, "checkpoints")
@@ -371,9 +392,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
-    """The checks that need no I/O: each key's choices (`opt`), the loss's fields (their rules are `LossSpec`'s), and
-    the rules of this module's own keys and of several keys together. `where` maps keys to their source for the
-    message."""
+    """The checks that need no I/O: each key's own rule (its `opt` choices or range, or for the loss's keys
+    `LossSpec`'s), said with where the key was set, and the rules of several keys together. `where` maps keys to
+    their source for the message."""
     where = where or {}
 
     def fail(key, message):
@@ -394,14 +415,15 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("kd_coef", f"kd_coef is {cfg.kd_coef} but no teacher_model or teacher_cache is set; set kd_coef 0 for "
                         "plain SFT")
     for key, field in FIELDS.items():
+        value = getattr(cfg, key)
         if "choices" in field.metadata:
-            owned(require_choice, key, getattr(cfg, key), field.metadata["choices"])
+            owned(require_choice, key, value, field.metadata["choices"])
+        if "must_be" in field.metadata and value is not None:
+            owned(require, _within(value, field.metadata["must_be"]), key, field.metadata["must_be"], value)
     owned(loss_spec, cfg)
     if cfg.teacher_resident and cfg.teacher_offload:
         fail("teacher_resident", "teacher_resident keeps the teacher on the device, teacher_offload keeps it on CPU; "
                                  "choose one")
-    if cfg.teacher_ranks < 0:
-        fail("teacher_ranks", f"teacher_ranks must be >= 0, got {cfg.teacher_ranks}")
     if cfg.teacher_ranks and (cfg.teacher_model is None or cfg.teacher_cache is not None):
         fail("teacher_ranks", "teacher_ranks runs the teacher_model on ranks of its own: set teacher_model, and no "
                               "teacher_cache (a cache needs no teacher ranks)")
@@ -412,22 +434,6 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("generate_gather_once", "with teacher_ranks, on-policy generation holds the student gathered "
                                      "(generate_gather_once true): transformers' per-token sync across ranks would "
                                      "wait for the teacher ranks too")
-    if cfg.hsdp_shard_size is not None and cfg.hsdp_shard_size < 1:
-        fail("hsdp_shard_size", f"hsdp_shard_size must be >= 1, got {cfg.hsdp_shard_size}")
-    for key in ("micro_train_batch_size", "train_batch_size", "max_epochs", "max_len", "logging_steps", "max_ckpt_num",
-                "max_skipped_steps", "cache_chunk_samples"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            fail(key, f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        fail("max_steps", f"max_steps must be >= 1, got {cfg.max_steps}")
-    if cfg.dist_timeout_minutes <= 0:
-        fail("dist_timeout_minutes", f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
-    if not 0 <= cfg.lr_warmup_ratio < 1:
-        fail("lr_warmup_ratio", f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        fail("min_lr_ratio", f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    if not 0 <= cfg.eval_holdout_ratio < 1:
-        fail("eval_holdout_ratio", f"eval_holdout_ratio must be in [0, 1), got {cfg.eval_holdout_ratio}")
     if cfg.dataset_probs is not None:
         try:
             probs = [float(p) for p in cfg.dataset_probs.split(",")]
@@ -436,8 +442,6 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         if len(probs) != len(cfg.dataset.split(",")) or min(probs) < 0 or sum(probs) <= 0:
             fail("dataset_probs", f"dataset_probs needs one non-negative weight per dataset "
                                   f"({len(cfg.dataset.split(','))}), got {cfg.dataset_probs!r}")
-    if not 0 <= cfg.on_policy_ratio <= 1:
-        fail("on_policy_ratio", f"on_policy_ratio must be in [0, 1], got {cfg.on_policy_ratio}")
     if cfg.on_policy_ratio > 0 and (cfg.teacher_model is None or cfg.teacher_cache is not None):
         fail("on_policy_ratio", "on-policy distillation needs a live teacher (teacher_model, no teacher_cache): a "
                                 "cache cannot grade responses written after it was built")

@@ -1,5 +1,7 @@
 """YAML + flags parsing and the one-line errors that point at the file, line and key."""
 
+import re
+
 import pytest
 
 from fsdp_kd.config import FIELDS, TrainConfig, gradient_accumulation_steps, parse_config, resume_mismatches
@@ -124,3 +126,12 @@ def test_the_loss_checks_its_own_fields_and_the_config_says_where(tmp_path):
     path = write(tmp_path, "pretrain: s\ndataset: d.jsonl\nteacher_model: t\nkd_token_chunk: 0\n")
     with pytest.raises(ConfigError, match=r"run\.yaml:4: kd_token_chunk must be >= 1, got 0$"):
         parse_config(["--config", path])
+
+
+@pytest.mark.parametrize("key", [name for name, f in FIELDS.items() if "must_be" in f.metadata])
+def test_a_keys_range_is_checked_where_the_key_is_declared(key):
+    rule = FIELDS[key].metadata["must_be"]
+    outside = {">= 1": "0", "> 0": "0", ">= 0": "-1", "in [0, 1)": "1", "in [0, 1]": "2"}[rule]
+    with pytest.raises(ConfigError, match=rf"command line --{key}: {key} must be {re.escape(rule)}, "
+                                          rf"got {outside}(\.0)?$"):
+        parse_config(REQUIRED + [f"--{key}", outside])
