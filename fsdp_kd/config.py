@@ -392,9 +392,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
-    """The checks that need no I/O: each key's own rule (its `opt` choices or range, or for the loss's keys
-    `LossSpec`'s), said with where the key was set, and the rules of several keys together. `where` maps keys to
-    their source for the message."""
+    """The checks that need no I/O: each key's own rule (its `opt` choices or range, or the rule of the spec that
+    takes the key: `LossSpec`, `TokenSettings`), said with where the key was set, and the rules of several keys
+    together. `where` maps keys to their source for the message."""
     where = where or {}
 
     def fail(key, message):
@@ -421,6 +421,7 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         if "must_be" in field.metadata and value is not None:
             owned(require, _within(value, field.metadata["must_be"]), key, field.metadata["must_be"], value)
     owned(loss_spec, cfg)
+    owned(token_settings, cfg)
     if cfg.teacher_resident and cfg.teacher_offload:
         fail("teacher_resident", "teacher_resident keeps the teacher on the device, teacher_offload keeps it on CPU; "
                                  "choose one")
@@ -466,8 +467,6 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.cache_k < 1 or not 1 <= cfg.cache_n <= 255:
         fail("cache_k" if cfg.cache_k < 1 else "cache_n", "cache_k must be >= 1 and cache_n in [1, 255] (counts are "
                                                           f"stored in a byte), got {cfg.cache_k} and {cfg.cache_n}")
-    if cfg.input_template is not None and cfg.input_template.count("{}") != 1:
-        fail("input_template", f"input_template must contain exactly one '{{}}' for the prompt, got {cfg.input_template!r}")
 
 
 # ------------------------------------------------------------------------------ what the parts below the trainer take

@@ -39,6 +39,11 @@ class TokenSettings:
     max_len: int
     skip_bad_rows: bool  # a bad record is dropped and counted instead of stopping the run (`tokenized`)
 
+    def __post_init__(self):
+        if self.input_template is not None and self.input_template.count("{}") != 1:
+            raise ConfigError(f"input_template must contain exactly one '{{}}' for the prompt, got "
+                              f"{self.input_template!r}", "input_template")
+
 
 @dataclass
 class Sample:
