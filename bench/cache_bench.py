@@ -41,14 +41,15 @@ def worker(args) -> None:
     from fsdp_kd.distill import LiveTeacher, run_student
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
-    from fsdp_kd.models import resolve_dtype, shard_student, shard_teacher
+    from fsdp_kd.dtypes import resolve_dtype
+    from fsdp_kd.models import shard_student, shard_teacher
     from fsdp_kd.records import IGNORE_INDEX
     from fsdp_kd.teacher_cache import CachedTeacher, CacheMeta, part_name, save_head, teacher_rows, write_part
     from fsdp_kd.run_log import peak_memory_gb
 
     env = init_distributed()
     cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.5, teacher_model="-", param_dtype=args.param_dtype)
-    dtype = resolve_dtype(cfg, env.device)
+    dtype = resolve_dtype(cfg.param_dtype, env.device)
     spec = LossSpec(kd_coef=0.5)
     g = torch.Generator().manual_seed(env.rank)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)

@@ -58,9 +58,11 @@ def worker(args) -> None:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return elapsed.item(), result
 
-    sync_writer = ckpt.CheckpointWriter(cfg, env.rank, asynchronous=False, data=[])
+    sync_writer = ckpt.CheckpointWriter(cfg.resolved_ckpt_path(), cfg.max_ckpt_num, cfg.to_dict(), env.rank,
+                                        asynchronous=False, data=[], timeout_minutes=cfg.dist_timeout_minutes)
     save_s, path = timed(lambda: sync_writer.save(root, optimizer, 1))
-    async_writer = ckpt.CheckpointWriter(cfg, env.rank, asynchronous=True, data=[])
+    async_writer = ckpt.CheckpointWriter(cfg.resolved_ckpt_path(), cfg.max_ckpt_num, cfg.to_dict(), env.rank,
+                                         asynchronous=True, data=[], timeout_minutes=cfg.dist_timeout_minutes)
     stall_s, _ = timed(lambda: async_writer.save(root, optimizer, 2))
     finish_s, _ = timed(async_writer.finish)
     resume_s, _ = timed(lambda: ckpt.load_checkpoint(root, optimizer, path, env.rank))

@@ -56,6 +56,7 @@ def write_repeated(source: str, size: int, path: str) -> None:
 def child(args) -> None:
     """One start, in this fresh process; prints a JSON line of what it measured."""
     started = time.perf_counter()
+    from fsdp_kd.config import token_settings
     from fsdp_kd.data import EpochOrder, StepSampler, collate
     from fsdp_kd.models import load_tokenizer, padding_id
     from fsdp_kd.records import read_records, record_to_sample
@@ -64,11 +65,13 @@ def child(args) -> None:
     cfg = config(args.source, args.cache)
     tok = load_tokenizer(TOKENIZER, False)
     if args.child == "in_memory":
-        table = [record_to_sample(r, cfg, tok, w)[0] for r, w in read_records(args.data)]
+        table = [record_to_sample(r, token_settings(cfg), tok, w)[0] for r, w in read_records(args.data)]
     else:
-        table = open_tokenized(args.data, "train", None, cfg, tok, local_rank=0, log=lambda *a: None)
+        table = open_tokenized(args.data, "train", None, token_settings(cfg), cfg.data_cache_dir, tok, local_rank=0,
+                               log=lambda *a: None)
     order = EpochOrder([len(table)], None, cfg.seed, batch_size=cfg.train_batch_size)
-    sampler = StepSampler(order, cfg, 0, 1, accumulation=cfg.train_batch_size // cfg.micro_train_batch_size)
+    sampler = StepSampler(order, cfg.micro_train_batch_size, 0, 1,
+                          accumulation=cfg.train_batch_size // cfg.micro_train_batch_size)
     batches = [collate([table[i] for i in idx], padding_id(tok)) for idx in sampler.indices(0, 0)]
     print(json.dumps({"seconds": time.perf_counter() - started, "rss": current_rss(), "anon": anonymous_rss(),
                       "samples": len(table), "tokens": int(sum(b.real_tokens for b in batches))}))

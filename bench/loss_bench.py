@@ -134,7 +134,7 @@ def launch_table(args) -> None:
     import torch
 
     from fsdp_kd.divergences import DIVERGENCES
-    from fsdp_kd.kernel import choose_chunks
+    from fsdp_kd.loss import choose_chunks
     from fsdp_kd.loss import LossSpec, distillation_loss
     from fsdp_kd.profiling import profile_launches
 
@@ -270,7 +270,8 @@ def cross_child(kind: str, tokens: int, hidden: int, shared_ids: str) -> dict:
     import torch
 
     from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap
-    from fsdp_kd.kernel import Head, LiveTargets
+    from fsdp_kd.kernel import Head
+    from fsdp_kd.targets import LiveTargets
     from fsdp_kd.loss import LossSpec, loss_against
 
     torch.manual_seed(0)
@@ -405,7 +406,7 @@ def main():
 
     import torch
 
-    from fsdp_kd.kernel import choose_chunks
+    from fsdp_kd.loss import choose_chunks
     from fsdp_kd.loss import LossSpec
 
     rows, cols = choose_chunks(LossSpec(token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk),

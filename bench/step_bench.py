@@ -144,7 +144,8 @@ def worker(args) -> None:
     from fsdp_kd.records import IGNORE_INDEX
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
-    from fsdp_kd.models import parameter_count, resolve_dtype, shard_student, shard_teacher
+    from fsdp_kd.dtypes import resolve_dtype
+    from fsdp_kd.models import parameter_count, shard_student, shard_teacher
     from fsdp_kd.distill import LiveTeacher, run_student
     from fsdp_kd.run_log import peak_memory_gb
 
@@ -156,7 +157,7 @@ def worker(args) -> None:
     n_student, n_teacher = parameter_count(student), parameter_count(teacher)
     cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.5, teacher_model="-", param_dtype=args.param_dtype,
                       teacher_offload=args.teacher_offload, gradient_checkpointing=args.gradient_checkpointing)
-    dtype = resolve_dtype(cfg, env.device)
+    dtype = resolve_dtype(cfg.param_dtype, env.device)
     student_root, teacher_root = shard_student(student, cfg, env), shard_teacher(teacher.to(dtype), cfg, env)
     optimizer = torch.optim.AdamW(student_root.parameters(), lr=1e-5)
     spec = LossSpec(kd_coef=0.5)

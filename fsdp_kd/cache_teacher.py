@@ -20,14 +20,16 @@ import time
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError, TrainConfig, parse_config
+from .config import TrainConfig, data_sources, parse_config
 from .data import collate, collate_packed, eval_shards
 from .cross_vocab import renormalized_side
 from .distill import TEACHER_SOURCES
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
+from .dtypes import resolve_dtype
+from .errors import ConfigError
 from .heads import verify_head
 from .loss import LossSpec
-from .models import padding_id, resolve_dtype, tokenizer_or_error
+from .models import padding_id, tokenizer_or_error
 from .teacher_cache import (CACHE_MODES, META_FILE, CacheMeta, is_part, part_name, save_head, teacher_identity,
                             teacher_rows, write_part)
 from .tokenized import TOKEN_SETTINGS, open_sources, tokenizer_fingerprint
@@ -50,7 +52,8 @@ class CacheBuilder:
         retokenize = self.teacher_setup.retokenize
         if retokenize is not None:
             check_cacheable_across(self.teacher_setup.shared)
-        train, held_out = open_sources(cfg, self.tokenizer, env.local_rank, all_gather_object, self.log, retokenize)
+        train, held_out = open_sources(data_sources(cfg), self.tokenizer, env.local_rank, all_gather_object, self.log,
+                                       retokenize)
         self.sources = list({s.samples_sha256: s for s in train + ([held_out] if held_out else [])}.values())
         offsets = [0]
         for source in self.sources:
@@ -96,7 +99,7 @@ class CacheBuilder:
             self.log(f"teacher cache {self.directory} is already complete; nothing to do")
             return
         started = time.time()
-        teacher = self.teacher_setup.load_model(env, resolve_dtype(cfg, env.device))
+        teacher = self.teacher_setup.load_model(env, resolve_dtype(cfg.param_dtype, env.device))
         with teacher.gathered_head():
             teacher(verify_head, "teacher", self.teacher_setup.teacher_vocab_size, env.device)
         if self.mode.keeps_head:  # gathered again: the probe's forward resharded it

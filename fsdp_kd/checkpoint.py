@@ -23,8 +23,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from .config import ConfigError, TrainConfig, resume_mismatches
+from .config import resume_mismatches
 from .distributed import all_reduce_sum, barrier, side_group, side_size
+from .errors import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAIN_STATE = "train_state.json"
@@ -88,21 +89,25 @@ class CheckpointWriter:
     save is in flight leaves only a `.partial` directory, which is never loaded.
     """
 
-    def __init__(self, cfg: TrainConfig, rank: int, asynchronous: bool, data: list[dict]):
-        """`data`: `data_fingerprint` of the training sources, recorded in every train state."""
-        self.cfg, self.rank, self.data = cfg, rank, data
+    def __init__(self, directory: str, keep: int, run_config: dict, rank: int, asynchronous: bool, data: list[dict],
+                 timeout_minutes: float):
+        """Checkpoints go to `directory` (ckpt_path), the newest `keep` (max_ckpt_num) kept. Every train state records
+        `run_config` (the config as a dict) and `data` (`data_fingerprint` of the training sources). A background
+        save's group times out after `timeout_minutes` (dist_timeout_minutes)."""
+        self.directory, self.keep, self.run_config = directory, keep, run_config
+        self.rank, self.data = rank, data
         self.pending = None  # (future, partial dir, final dir, step)
         self.group = None
         if asynchronous and dist.is_initialized():  # this side's ranks only: in a split job the others never save
             side = side_group()
             self.group = dist.new_group(None if side is None else dist.get_process_group_ranks(side),
                                         backend="gloo", use_local_synchronization=True,
-                                        timeout=timedelta(minutes=cfg.dist_timeout_minutes))
+                                        timeout=timedelta(minutes=timeout_minutes))
         self.asynchronous = asynchronous
 
     def save(self, root, optimizer, step: int) -> str:
         self.finish()
-        final = os.path.join(self.cfg.resolved_ckpt_path(), f"step_{step}")
+        final = os.path.join(self.directory, f"step_{step}")
         check_finite(root, f"checkpoint {final}")
         partial = final + ".partial"
         model_state, optim_state = get_state_dict(root, optimizer)
@@ -126,7 +131,7 @@ class CheckpointWriter:
         try:
             yield
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            directory = self.cfg.resolved_ckpt_path()
+            directory = self.directory
             try:
                 free = f"{shutil.disk_usage(directory).free / 1024**2:.1f} MiB free there"
             except OSError:
@@ -154,9 +159,9 @@ class CheckpointWriter:
         if self.rank == 0:
             with open(os.path.join(partial, TRAIN_STATE), "w") as f:
                 json.dump({"step": step, "world_size": side_size(),
-                           "config": self.cfg.to_dict(), "data": self.data}, f, indent=1)
+                           "config": self.run_config, "data": self.data}, f, indent=1)
             os.rename(partial, final)
-            for _, old in complete_checkpoints(self.cfg.resolved_ckpt_path())[:-self.cfg.max_ckpt_num]:
+            for _, old in complete_checkpoints(self.directory)[:-self.keep]:
                 os.rename(old, old + ".deleting")  # no longer complete before the first file goes
                 shutil.rmtree(old + ".deleting", ignore_errors=True)
         barrier()
@@ -194,10 +199,11 @@ def read_train_state(path: str) -> dict:
                           "the checkpoint before it") from None
 
 
-def check_resumable(path: str, cfg: TrainConfig) -> dict:
-    """Refuses a checkpoint whose run differs in something that changes what training means."""
+def check_resumable(path: str, run_config: dict) -> dict:
+    """Refuses a checkpoint whose run differs from this one (`run_config`, the config as a dict) in something that
+    changes what training means."""
     state = read_train_state(path)
-    mismatched = resume_mismatches(state["config"], cfg)
+    mismatched = resume_mismatches(state["config"], run_config)
     if mismatched:
         raise ConfigError(f"{path}: cannot resume, the config differs in {', '.join(mismatched)}; "
                           "restore those keys or use a new ckpt_path")

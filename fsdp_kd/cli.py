@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .config import ConfigError, parse_config
+from .config import parse_config
+from .errors import ConfigError
 from .usage import KEYS_NOTE, asks_for_help, key_sections, print_help, render
 
 USAGE = "torchrun --nproc_per_node N train.py [--config FILE.yaml] [--key value ...]"

@@ -12,19 +12,20 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from .data import ATTENTION_IMPLEMENTATIONS
 from .divergences import DIVERGENCES
+from .dtypes import PARAM_DTYPES
+from .errors import ConfigError, require, require_choice
 from .loss import CONVENTIONS, LossSpec
-
-
-class ConfigError(ValueError):
-    """A problem with the user's configuration; its message is meant to be printed as is. Every rank finds it
-    alike, so one rank says it."""
-    same_on_every_rank = True
+from .records import TokenSettings
+from .teacher_cache import CACHE_MODES, LOG_P_DTYPES
+from .tokenized import DataSources
 
 
 # What replaces each DeepSpeed-only OpenRLHF flag here, for users moving their command lines over.
@@ -42,10 +43,37 @@ DEEPSPEED_REPLACEMENTS = {
 }
 
 
-def opt(default, help: str, section: str | None = None):
+def opt(default, help: str, section: str | None = None, choices: Collection[str] | None = None,
+        must_be: str | None = None):
     """A TrainConfig field: its default and the one line `--help` prints for it (tests/test_help.py fails on a field
-    without one). `section` starts a group of `--help`: this field and the ones after it, up to the next section."""
-    return dataclasses.field(default=default, metadata={"help": help, **({"section": section} if section else {})})
+    without one). `section` starts a group of `--help`: this field and the ones after it, up to the next section.
+    `choices`, where given, are the only values the key takes (the names of a table, taken from where the table
+    lives): `{choices}` in the help lists them, and `validate` refuses any other value. `must_be` is a number's
+    range, as the refusal says it: ">= 1", "> 0", "in [0, 1)" (none passes)."""
+    metadata = {"help": help.format(choices=_listed(choices)) if choices else help}
+    if section:
+        metadata["section"] = section
+    if choices:
+        metadata["choices"] = tuple(choices)
+    if must_be:
+        metadata["must_be"] = must_be
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _listed(names: Collection[str]) -> str:
+    """'a, b or c'."""
+    *others, last = names
+    return f"{', '.join(others)} or {last}" if others else last
+
+
+def _within(value: float, must_be: str) -> bool:
+    """Whether a number is in a range written as `opt`'s `must_be`."""
+    if must_be.startswith(">"):
+        relation, bound = must_be.split()
+        return value >= float(bound) if relation == ">=" else value > float(bound)
+    low, high = (float(end) for end in must_be[4:-1].split(", "))
+    return (low <= value if must_be[3] == "[" else low < value) and (value <= high if must_be[-1] == "]" else
+                                                                      value < high)
 
 
 @dataclass
@@ -66,22 +94,25 @@ class TrainConfig:
     uld_topk: int = opt(64, "cross_tokenizer: each side's most likely tokens without a counterpart that ULD sorts")
     trust_remote_code: bool = opt(False, "let transformers run a model's own .py files (architectures it does not "
                                          "ship); the export copies them")
-    attn_implementation: str = opt("sdpa", "sdpa, eager, flash_attention_2, flash_attention_3 or flex_attention")
-    param_dtype: str = opt("auto", "compute dtype: auto, bf16 or fp32; auto is bf16 on CUDA and fp32 on CPU (the "
-                                   "student's master weights stay fp32)")
+    attn_implementation: str = opt("sdpa", "the models' attention implementation: {choices}",
+                                   choices=ATTENTION_IMPLEMENTATIONS)
+    param_dtype: str = opt("auto", "compute dtype: {choices}; auto is bf16 on CUDA and fp32 on CPU (the student's "
+                                   "master weights stay fp32)", choices=PARAM_DTYPES)
     gradient_checkpointing: bool = opt(False, "recompute the student's layer activations in the backward: less "
                                               "memory, more compute")
-    sharding_strategy: str = opt("full_shard", "the student's sharding: full_shard (ZeRO-3), hybrid_shard (HSDP) or "
-                                               "shard_grad_op (ZeRO-2)")
+    sharding_strategy: str = opt("full_shard", "the student's sharding: {choices}, that is ZeRO-3, HSDP or ZeRO-2",
+                                 choices=("full_shard", "hybrid_shard", "shard_grad_op"))
     hsdp_shard_size: int | None = opt(None, "hybrid_shard: ranks per shard group (replicated across groups); none: "
-                                            "the ranks per node")
-    teacher_sharding_strategy: str = opt("full_shard", "the teacher's sharding: full_shard or hybrid_shard")
+                                            "the ranks per node", must_be=">= 1")
+    teacher_sharding_strategy: str = opt("full_shard", "the teacher's sharding: {choices}",
+                                         choices=("full_shard", "hybrid_shard"))
     teacher_offload: bool = opt(False, "keep the teacher's shards in CPU memory, moved to the device for each "
                                        "forward: less device memory, slower")
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
                                         "needs its full size free on every device")
     teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send the "
-                                "student ranks its hidden states: 0 shares every rank (docs/scale_out.md)")
+                                "student ranks its hidden states: 0 shares every rank (docs/scale_out.md)",
+                             must_be=">= 0")
 
     dataset: str = opt("", "training data: a .jsonl/.json/.parquet/.csv file, a directory of them or a hub dataset; "
                            "several comma-separated are mixed by dataset_probs", section="Data")
@@ -90,7 +121,8 @@ class TrainConfig:
     dataset_split: str = opt("train", "the split of a hub dataset to train on")
     eval_dataset: str | None = opt(None, "held-out data, in the layouts dataset takes; none: see eval_holdout_ratio")
     eval_split: str = opt("test", "the split of a hub eval_dataset")
-    eval_holdout_ratio: float = opt(0.0, "without eval_dataset: hold out this fraction of the training data for eval")
+    eval_holdout_ratio: float = opt(0.0, "without eval_dataset: hold out this fraction of the training data for eval",
+                                    must_be="in [0, 1)")
     input_key: str = opt("input", "the record key of the prompt (or of a conversation)")
     output_key: str = opt("output", "the record key of the response")
     input_template: str | None = opt(None, "a format string with one {} for the prompt, e.g. \"User: {}\\nAssistant: "
@@ -105,35 +137,38 @@ class TrainConfig:
                                        "attention mask")
     skip_bad_rows: bool = opt(False, "drop and count records that cannot be read or tokenized instead of stopping "
                                      "the run")
-    max_len: int = opt(2048, "the most tokens of a sample, prompt and response together; longer samples are cut")
+    max_len: int = opt(2048, "the most tokens of a sample, prompt and response together; longer samples are cut",
+                       must_be=">= 1")
     max_samples: int | None = opt(None, "read at most this many records of each training source; none: all")
     max_eval_samples: int | None = opt(None, "read at most this many records of eval_dataset; none: all")
     data_cache_dir: str | None = opt(None, "where tokenized data is cached; none: $FSDP_KD_DATA_CACHE or "
                                            "~/.cache/fsdp_kd/tokenized")
 
-    micro_train_batch_size: int = opt(1, "samples per rank per forward/backward", section="Optimization")
+    micro_train_batch_size: int = opt(1, "samples per rank per forward/backward", section="Optimization",
+                                      must_be=">= 1")
     train_batch_size: int = opt(16, "samples per optimizer step over all ranks: micro_train_batch_size × "
-                                    "accumulation steps × world size")
-    max_epochs: int = opt(1, "passes over the training data")
-    max_steps: int | None = opt(None, "stop after this many optimizer steps; none: max_epochs decides")
+                                    "accumulation steps × world size", must_be=">= 1")
+    max_epochs: int = opt(1, "passes over the training data", must_be=">= 1")
+    max_steps: int | None = opt(None, "stop after this many optimizer steps; none: max_epochs decides", must_be=">= 1")
     learning_rate: float = opt(5e-6, "the peak learning rate of AdamW")
-    lr_warmup_ratio: float = opt(0.03, "the fraction of the steps spent in linear warmup from 0")
-    lr_scheduler: str = opt("cosine_with_min_lr", "after warmup: cosine_with_min_lr (cosine down to min_lr_ratio × "
-                                                  "learning_rate) or constant_with_warmup")
-    min_lr_ratio: float = opt(0.1, "the cosine schedule's final learning rate, as a fraction of learning_rate")
+    lr_warmup_ratio: float = opt(0.03, "the fraction of the steps spent in linear warmup from 0", must_be="in [0, 1)")
+    lr_scheduler: str = opt("cosine_with_min_lr", "after warmup: {choices}; cosine_with_min_lr goes down to "
+                                                  "min_lr_ratio × learning_rate along a cosine",
+                            choices=("cosine_with_min_lr", "constant_with_warmup"))
+    min_lr_ratio: float = opt(0.1, "the cosine schedule's final learning rate, as a fraction of learning_rate",
+                              must_be="in [0, 1]")
     adam_betas: tuple[float, float] = opt((0.9, 0.95), "AdamW's beta1 and beta2")
     l2: float = opt(0.0, "AdamW weight decay")
     max_norm: float = opt(1.0, "clip gradients to this global norm")
     seed: int = opt(42, "seeds the data order and hold-out, and each rank's draws (dropout, on-policy sampling, a "
                         "sampled cache)")
     max_skipped_steps: int = opt(5, "consecutive steps with a non-finite loss or gradient norm (each skipped, no "
-                                    "update) before the run stops")
+                                    "update) before the run stops", must_be=">= 1")
 
     kd_coef: float = opt(0.4, "loss = (1 - kd_coef) · CE + kd_coef · divergence to the teacher; OpenRLHF's "
                               "default", section="Distillation")
-    kd_loss: str = opt(LossSpec.divergence, "the divergence: forward_kl (KL(teacher ‖ student)), reverse_kl, jsd, "
-                                            "tvd, skew_kl, skew_reverse_kl, akl or reverse_kl_student_topk "
-                                            "(docs/divergences.md)")
+    kd_loss: str = opt(LossSpec.divergence, "the divergence: {choices}; forward_kl is KL(teacher ‖ student) "
+                                            "(docs/divergences.md)", choices=DIVERGENCES)
     jsd_beta: float = opt(LossSpec.jsd_beta, "jsd: the mixture weight; 0 is forward_kl, 1 is reverse_kl")
     akl_mu: float = opt(LossSpec.akl_mu, "akl: the teacher's cumulative probability that bounds the head (Wu et al."
                                          "'s μ)")
@@ -141,10 +176,11 @@ class TrainConfig:
                                                  "α·q); 0 is the plain KL (DistiLLM's default 0.1)")
     student_topk: int = opt(LossSpec.student_topk, "reverse_kl_student_topk: the student's most likely tokens "
                                                     "that each get a bucket; the rest of the vocabulary is one")
-    kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: fsdp_kd (τ²·D, JSD normalized "
-                                                       "by β(1-β)), trl or liger (their formulas: no τ², JSD "
-                                                       "unnormalized); bring a tool's kd_coef with its convention "
-                                                       "(docs/divergences.md)")
+    kd_loss_convention: str = opt(LossSpec.convention, "how the KD term is scaled: {choices}; fsdp_kd's is τ²·D "
+                                                       "with JSD normalized by β(1-β), trl's and liger's are their "
+                                                       "formulas (no τ², JSD unnormalized); bring a tool's kd_coef "
+                                                       "with its convention (docs/divergences.md)",
+                                  choices=CONVENTIONS)
     kd_temperature: float = opt(LossSpec.temperature, "both distributions are softmax(logits / kd_temperature) in "
                                                       "the divergence")
     kd_vocab_chunk: int | None = opt(None, "the loss kernel's vocabulary columns per chunk; none: chosen per device "
@@ -156,7 +192,8 @@ class TrainConfig:
     compile_loss: bool = opt(False, "torch.compile the loss kernel's per-chunk elementwise work")
 
     on_policy_ratio: float = opt(0.0, "GKD's λ: the share of micro-batches whose responses the student writes "
-                                      "itself (reverse_kl is the usual kd_loss then)", section="On-policy distillation")
+                                      "itself (reverse_kl is the usual kd_loss then)", section="On-policy distillation",
+                                must_be="in [0, 1]")
     on_policy_ce: bool = opt(False, "keep the CE term on self-generated text (it reinforces the student's own "
                                     "samples)")
     generate_max_new_tokens: int = opt(256, "on-policy: the longest response the student writes, in tokens")
@@ -167,15 +204,17 @@ class TrainConfig:
 
     teacher_cache: str | None = opt(None, "a directory of the teacher's stored distributions: cache_teacher writes "
                                           "it, training reads it instead of running a teacher", section="Teacher cache")
-    cache_mode: str = opt("topk", "topk: cache_k ids with log-probs plus a rest bucket; sampled: cache_n draws as ids "
-                                  "with counts; hidden: the teacher's final hidden states (exact, 2·H bytes a "
-                                  "token) and its head")
+    cache_mode: str = opt("topk", "{choices}: topk stores cache_k ids with log-probs plus a rest bucket, sampled "
+                                  "cache_n draws as ids with counts, hidden the teacher's final hidden states (exact, "
+                                  "2·H bytes a token) and its head", choices=CACHE_MODES)
     cache_k: int = opt(64, "topk: the teacher's most likely ids stored per token")
     cache_n: int = opt(32, "sampled: draws from the teacher per token (at most 255)")
-    cache_log_p_dtype: str = opt("float16", "topk: the dtype of the stored log-probabilities: float16, bfloat16 or "
-                                            "float32")
-    cache_hidden_dtype: str = opt("bfloat16", "hidden: the dtype of the stored hidden states: bfloat16 or float32")
-    cache_chunk_samples: int = opt(512, "samples per part file: the most work a killed cache build loses")
+    cache_log_p_dtype: str = opt("float16", "topk: the dtype of the stored log-probabilities: {choices}",
+                                 choices=LOG_P_DTYPES)
+    cache_hidden_dtype: str = opt("bfloat16", "hidden: the dtype of the stored hidden states: {choices}",
+                                  choices=("bfloat16", "float32"))
+    cache_chunk_samples: int = opt(512, "samples per part file: the most work a killed cache build loses",
+                                   must_be=">= 1")
 
     save_path: str = opt("output/fsdp_kd_student", "where the run writes the HF model, metrics.jsonl and "
                                                    "train_config.yaml; must not hold an earlier run", section="Outputs")
@@ -183,17 +222,17 @@ class TrainConfig:
     save_steps: int = opt(-1, "save a checkpoint every this many steps; -1: never (the final model is exported "
                               "anyway)")
     eval_steps: int = opt(-1, "evaluate every this many steps and after the last; -1: never")
-    logging_steps: int = opt(1, "log metrics every this many steps (and after the last)")
+    logging_steps: int = opt(1, "log metrics every this many steps (and after the last)", must_be=">= 1")
     print_config: bool = opt(False, "print the resolved config at start (it is always written to "
                                     "<save_path>/train_config.yaml)")
-    max_ckpt_num: int = opt(3, "keep this many newest checkpoints; older ones are deleted")
+    max_ckpt_num: int = opt(3, "keep this many newest checkpoints; older ones are deleted", must_be=">= 1")
     load_checkpoint: bool = opt(False, "resume from the newest complete checkpoint in ckpt_path")
     async_save: bool = opt(False, "write checkpoints in the background while training goes on")
     use_tensorboard: str | None = opt(None, "mirror metrics to TensorBoard in this log directory (needs the "
                                             "tensorboard package)")
     use_wandb: str | None = opt(None, "mirror metrics to this W&B project (needs the wandb package)")
     dist_timeout_minutes: float = opt(60.0, "the process group's timeout: long enough for rank 0 to load a large "
-                                            "model")
+                                            "model", must_be="> 0")
 
     def resolved_ckpt_path(self) -> str:
         return self.ckpt_path or os.path.join(self.save_path, "checkpoints")
@@ -206,11 +245,6 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
-
-SHARDING_STRATEGIES = ("full_shard", "hybrid_shard", "shard_grad_op")
-# Attention implementations whose packed rows are isolated: sdpa and eager get a block-diagonal mask; the others get
-# restarting position_ids and no mask (HF's varlen path). See data.MicroBatch.model_inputs.
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 # Keys that change what a checkpoint means; a resume with any of these changed is refused.
 RESUME_SENSITIVE_KEYS = (
@@ -358,11 +392,20 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
-    """Cross-field checks that need no I/O. `where` maps keys to their source for the message."""
+    """The checks that need no I/O: each key's own rule (its `opt` choices or range, or the rule of the spec that
+    takes the key: `LossSpec`, `TokenSettings`), said with where the key was set, and the rules of several keys
+    together. `where` maps keys to their source for the message."""
     where = where or {}
 
     def fail(key, message):
         raise ConfigError(f"{where.get(key, f'key {key}')}: {message}")
+
+    def owned(check, *args):
+        """A rule whose owner names the key it refuses: said with where that key was set."""
+        try:
+            check(*args)
+        except ConfigError as e:
+            fail(e.key, str(e))
 
     if not cfg.pretrain:
         fail("pretrain", "no student model: set pretrain to an HF model directory or hub id")
@@ -371,39 +414,17 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.teacher_model is None and cfg.teacher_cache is None and cfg.kd_coef > 0:
         fail("kd_coef", f"kd_coef is {cfg.kd_coef} but no teacher_model or teacher_cache is set; set kd_coef 0 for "
                         "plain SFT")
-    if not 0 <= cfg.kd_coef <= 1:
-        fail("kd_coef", f"kd_coef must be in [0, 1], got {cfg.kd_coef}")
-    if cfg.kd_loss not in DIVERGENCES:
-        fail("kd_loss", f"kd_loss must be one of {', '.join(DIVERGENCES)}, got {cfg.kd_loss!r}")
-    if not 0 <= cfg.jsd_beta <= 1:
-        fail("jsd_beta", f"jsd_beta must be in [0, 1], got {cfg.jsd_beta}")
-    if cfg.kd_loss_convention not in CONVENTIONS:
-        fail("kd_loss_convention", f"kd_loss_convention must be one of {', '.join(CONVENTIONS)}, "
-                                   f"got {cfg.kd_loss_convention!r}")
-    if not 0 < cfg.akl_mu < 1:
-        fail("akl_mu", f"akl_mu must be in (0, 1), got {cfg.akl_mu}")
-    if not 0 <= cfg.skew_alpha < 1:
-        fail("skew_alpha", f"skew_alpha must be in [0, 1), got {cfg.skew_alpha}")
-    if cfg.student_topk < 1:
-        fail("student_topk", f"student_topk must be >= 1, got {cfg.student_topk}")
-    if cfg.kd_temperature <= 0:
-        fail("kd_temperature", f"kd_temperature must be > 0, got {cfg.kd_temperature}")
-    if cfg.param_dtype not in ("auto", "bf16", "fp32"):
-        fail("param_dtype", f"param_dtype must be auto, bf16 or fp32, got {cfg.param_dtype!r}")
-    if cfg.sharding_strategy not in SHARDING_STRATEGIES:
-        fail("sharding_strategy", f"sharding_strategy must be one of {', '.join(SHARDING_STRATEGIES)}, "
-                                  f"got {cfg.sharding_strategy!r}")
-    if cfg.teacher_sharding_strategy not in ("full_shard", "hybrid_shard"):
-        fail("teacher_sharding_strategy", "teacher_sharding_strategy must be full_shard or hybrid_shard, "
-                                          f"got {cfg.teacher_sharding_strategy!r}")
-    if cfg.attn_implementation not in ATTENTION_IMPLEMENTATIONS:
-        fail("attn_implementation", f"attn_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
-                                    f"got {cfg.attn_implementation!r}")
+    for key, field in FIELDS.items():
+        value = getattr(cfg, key)
+        if "choices" in field.metadata:
+            owned(require_choice, key, value, field.metadata["choices"])
+        if "must_be" in field.metadata and value is not None:
+            owned(require, _within(value, field.metadata["must_be"]), key, field.metadata["must_be"], value)
+    owned(loss_spec, cfg)
+    owned(token_settings, cfg)
     if cfg.teacher_resident and cfg.teacher_offload:
         fail("teacher_resident", "teacher_resident keeps the teacher on the device, teacher_offload keeps it on CPU; "
                                  "choose one")
-    if cfg.teacher_ranks < 0:
-        fail("teacher_ranks", f"teacher_ranks must be >= 0, got {cfg.teacher_ranks}")
     if cfg.teacher_ranks and (cfg.teacher_model is None or cfg.teacher_cache is not None):
         fail("teacher_ranks", "teacher_ranks runs the teacher_model on ranks of its own: set teacher_model, and no "
                               "teacher_cache (a cache needs no teacher ranks)")
@@ -414,25 +435,6 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("generate_gather_once", "with teacher_ranks, on-policy generation holds the student gathered "
                                      "(generate_gather_once true): transformers' per-token sync across ranks would "
                                      "wait for the teacher ranks too")
-    if cfg.hsdp_shard_size is not None and cfg.hsdp_shard_size < 1:
-        fail("hsdp_shard_size", f"hsdp_shard_size must be >= 1, got {cfg.hsdp_shard_size}")
-    if cfg.lr_scheduler not in ("cosine_with_min_lr", "constant_with_warmup"):
-        fail("lr_scheduler", f"lr_scheduler must be cosine_with_min_lr or constant_with_warmup, got {cfg.lr_scheduler!r}")
-    for key in ("micro_train_batch_size", "train_batch_size", "max_epochs", "max_len", "logging_steps",
-                "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb", "max_ckpt_num", "max_skipped_steps",
-                "cache_chunk_samples"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            fail(key, f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        fail("max_steps", f"max_steps must be >= 1, got {cfg.max_steps}")
-    if cfg.dist_timeout_minutes <= 0:
-        fail("dist_timeout_minutes", f"dist_timeout_minutes must be > 0, got {cfg.dist_timeout_minutes}")
-    if not 0 <= cfg.lr_warmup_ratio < 1:
-        fail("lr_warmup_ratio", f"lr_warmup_ratio must be in [0, 1), got {cfg.lr_warmup_ratio}")
-    if not 0 <= cfg.min_lr_ratio <= 1:
-        fail("min_lr_ratio", f"min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    if not 0 <= cfg.eval_holdout_ratio < 1:
-        fail("eval_holdout_ratio", f"eval_holdout_ratio must be in [0, 1), got {cfg.eval_holdout_ratio}")
     if cfg.dataset_probs is not None:
         try:
             probs = [float(p) for p in cfg.dataset_probs.split(",")]
@@ -441,8 +443,6 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         if len(probs) != len(cfg.dataset.split(",")) or min(probs) < 0 or sum(probs) <= 0:
             fail("dataset_probs", f"dataset_probs needs one non-negative weight per dataset "
                                   f"({len(cfg.dataset.split(','))}), got {cfg.dataset_probs!r}")
-    if not 0 <= cfg.on_policy_ratio <= 1:
-        fail("on_policy_ratio", f"on_policy_ratio must be in [0, 1], got {cfg.on_policy_ratio}")
     if cfg.on_policy_ratio > 0 and (cfg.teacher_model is None or cfg.teacher_cache is not None):
         fail("on_policy_ratio", "on-policy distillation needs a live teacher (teacher_model, no teacher_cache): a "
                                 "cache cannot grade responses written after it was built")
@@ -464,21 +464,12 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("generate_temperature" if cfg.generate_temperature < 0 else "generate_top_p"
              if not 0 < cfg.generate_top_p <= 1 else "generate_max_new_tokens",
              "generate_temperature must be >= 0, generate_top_p in (0, 1], generate_max_new_tokens >= 1")
-    from .teacher_cache import CACHE_MODES  # not at the top: teacher_cache imports this module
-
-    if cfg.cache_mode not in CACHE_MODES:
-        fail("cache_mode", f"cache_mode must be {' or '.join(CACHE_MODES)}, got {cfg.cache_mode!r}")
     if cfg.cache_k < 1 or not 1 <= cfg.cache_n <= 255:
         fail("cache_k" if cfg.cache_k < 1 else "cache_n", "cache_k must be >= 1 and cache_n in [1, 255] (counts are "
                                                           f"stored in a byte), got {cfg.cache_k} and {cfg.cache_n}")
-    if cfg.cache_hidden_dtype not in ("bfloat16", "float32"):
-        fail("cache_hidden_dtype", f"cache_hidden_dtype must be bfloat16 or float32, got {cfg.cache_hidden_dtype!r}")
-    if cfg.cache_log_p_dtype not in ("float16", "bfloat16", "float32"):
-        fail("cache_log_p_dtype", f"cache_log_p_dtype must be float16, bfloat16 or float32, got {cfg.cache_log_p_dtype!r}")
-    if cfg.input_template is not None and cfg.input_template.count("{}") != 1:
-        fail("input_template", f"input_template must contain exactly one '{{}}' for the prompt, got {cfg.input_template!r}")
 
 
+# ------------------------------------------------------------------------------ what the parts below the trainer take
 def loss_spec(cfg: TrainConfig, **overrides) -> LossSpec:
     """The loss's settings as the config gives them (`overrides` win, e.g. kd_coef 0 without a teacher)."""
     return LossSpec(**{**dict(kd_coef=cfg.kd_coef, divergence=cfg.kd_loss, jsd_beta=cfg.jsd_beta,
@@ -486,6 +477,15 @@ def loss_spec(cfg: TrainConfig, **overrides) -> LossSpec:
                               temperature=cfg.kd_temperature, convention=cfg.kd_loss_convention,
                               vocab_chunk=cfg.kd_vocab_chunk, token_chunk=cfg.kd_token_chunk,
                               chunk_budget_mb=cfg.kd_chunk_budget_mb, compile=cfg.compile_loss), **overrides})
+
+
+def token_settings(cfg: TrainConfig) -> TokenSettings:
+    return TokenSettings(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(TokenSettings)})
+
+
+def data_sources(cfg: TrainConfig) -> DataSources:
+    return DataSources(tuple(cfg.dataset.split(",")), cfg.dataset_split, cfg.max_samples, cfg.eval_dataset,
+                       cfg.eval_split, cfg.max_eval_samples, cfg.data_cache_dir, token_settings(cfg))
 
 
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -499,10 +499,9 @@ def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.train_batch_size // per_step
 
 
-def resume_mismatches(saved: dict, current: TrainConfig) -> list[str]:
-    """Keys that matter for a checkpoint and differ between the saved run and this one. A key the saved run did not
-    have (a checkpoint from before the key existed) ran with that key's default."""
-    now = current.to_dict()
+def resume_mismatches(saved: dict, now: dict) -> list[str]:
+    """Keys that matter for a checkpoint and differ between the saved run's config and this one's (`to_dict`). A key
+    the saved run did not have (a checkpoint from before the key existed) ran with that key's default."""
     then = {k: saved.get(k, TrainConfig.__dataclass_fields__[k].default) for k in RESUME_SENSITIVE_KEYS}
     return [f"{k} ({then[k]!r} -> {now[k]!r})" for k in RESUME_SENSITIVE_KEYS if then[k] != now[k]]
 
@@ -511,5 +510,5 @@ def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-__all__ = ["TrainConfig", "ConfigError", "parse_config", "validate", "gradient_accumulation_steps",
-           "resume_mismatches", "config_to_yaml"]
+__all__ = ["TrainConfig", "parse_config", "validate", "loss_spec", "token_settings", "data_sources",
+           "gradient_accumulation_steps", "resume_mismatches", "config_to_yaml"]

@@ -1,4 +1,4 @@
-"""A teacher with another vocabulary, as one more `kernel.Targets` entry: the loss at positions where the two
+"""A teacher with another vocabulary, as one more `targets.Targets` entry: the loss at positions where the two
 tokenizations align one token to one token (`cross_tokenizer.align`).
 
 At such a position the teacher's p is over its vocabulary V_t and the student's q over V_s. The two are compared in
@@ -29,8 +29,10 @@ import numpy as np
 import torch
 
 from .divergences import row_dot, xlogy_sum
-from .kernel import (Gradients, Head, IdPlace, KernelPlan, ModelBlock, Targets, buckets_from_logs, check_head_rows,
-                     id_places, logit_grad, logsumexp_rows, merge_top, pass1_logits, push_back, push_back_labels, vocab_chunks)
+from .buckets import IdPlace, buckets_from_logs, id_places, logsumexp_rows, merge_top
+from .kernel import (Gradients, Head, KernelPlan, ModelBlock, logit_grad, pass1_logits, push_back, push_back_labels,
+                     vocab_chunks)
+from .targets import Targets, check_head_rows
 
 
 # The live KD metrics across tokenizers: sums over the rows aligned one to one (per trained token, as every metric),
@@ -166,7 +168,7 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     With w the exact part's ∂D/∂log Q per bucket and u the ULD part's ∂ULD/∂log q at the student's ranked tokens,
     the gradient with respect to the student's tempered logits is
         -q_v·(Σ_B w_B + λ·Σ_i u_i) + [v shared]·w_B(v) + [v not shared]·(q_v / Q_r)·w_r + λ·[v ranked]·u_v,
-    each factor bounded, as in `kernel.bucket_gradient`. When the student is renormalized over the shared tokens
+    each factor bounded, as in `buckets.bucket_gradient`. When the student is renormalized over the shared tokens
     (`VocabMap.renormalized`: Q_j = q_j / S, S = Σ_shared q, no rest), the exact part's softmax term is over the shared
     tokens alone: -[v shared]·(q_v / S)·Σ_B w_B in place of the first and third terms' w parts."""
     vmap, inv_tau = targets.vocab_map, plan.inv_tau
@@ -268,7 +270,7 @@ def topk_in_student_vocabulary(ids: torch.Tensor, log_p: torch.Tensor, log_rest:
     Trained from, these rows give the exact part of the cross-tokenizer loss over the teacher's top-k: its shared
     tokens each a bucket, the rest one bucket. A row whose top-k holds no shared token would have the rest alone on
     both sides, where every divergence is 0; it is stored as no distribution too. An empty slot repeats the row's
-    first non-empty id, as `kernel.SparseTargets` asks."""
+    first non-empty id, as `targets.SparseTargets` asks."""
     student_ids = vocab_map.teacher_to_student[ids]
     unshared = student_ids < 0
     folded = logsumexp_rows(log_p.masked_fill(~unshared, -math.inf), may_be_empty=True)

@@ -15,7 +15,6 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from .config import TrainConfig
 from .records import IGNORE_INDEX, DataError, Sample
 
 
@@ -155,6 +154,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def host_values(values: list[float], device: torch.device) -> torch.Tensor:
     """Numbers the host knows, as a float64 tensor on the device, copied without stalling it (`to_device`)."""
     return to_device(torch.tensor(values, dtype=torch.float64), device)
+
+
+# The attention implementations a run may use, each keeping packed samples apart (`MicroBatch.model_inputs`): sdpa
+# and eager get a block-diagonal mask; the others get restarting position_ids and no mask (HF's varlen path).
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
 @dataclass
@@ -369,21 +373,21 @@ class StepSampler:
     the same samples. The order holds whole global batches only (`EpochOrder`), so every rank takes the same steps.
     """
 
-    def __init__(self, order: EpochOrder, cfg: TrainConfig, rank: int, world_size: int, accumulation: int):
-        if order.batch_size != cfg.train_batch_size:
+    def __init__(self, order: EpochOrder, micro_batch_size: int, rank: int, world_size: int, accumulation: int):
+        if order.batch_size != micro_batch_size * accumulation * world_size:
             raise ValueError(f"the epoch order is cut into batches of {order.batch_size}, the steps take "
-                             f"train_batch_size {cfg.train_batch_size}")
-        self.order, self.cfg, self.rank, self.world, self.accumulation = order, cfg, rank, world_size, accumulation
-        self.steps_per_epoch = order.length // cfg.train_batch_size
+                             f"{micro_batch_size} × {accumulation} accumulation × {world_size} ranks")
+        self.order, self.micro_batch_size, self.rank, self.accumulation = order, micro_batch_size, rank, accumulation
+        self.steps_per_epoch = order.length // order.batch_size
         if self.steps_per_epoch == 0:
             raise DataError(f"dataset: {order.held} usable samples is fewer than train_batch_size "
-                            f"{cfg.train_batch_size}; lower train_batch_size or add data")
+                            f"{order.batch_size}; lower train_batch_size or add data")
 
     def indices(self, epoch: int, step_in_epoch: int) -> list[list[int]]:
-        per_rank = self.cfg.micro_train_batch_size * self.accumulation
-        start = step_in_epoch * self.cfg.train_batch_size + self.rank * per_rank
+        per_rank = self.micro_batch_size * self.accumulation
+        start = step_in_epoch * self.order.batch_size + self.rank * per_rank
         mine = self.order(epoch)[start:start + per_rank].tolist()
-        mbs = self.cfg.micro_train_batch_size
+        mbs = self.micro_batch_size
         return [mine[i:i + mbs] for i in range(0, per_rank, mbs)]
 
 

@@ -19,16 +19,17 @@ from typing import Callable, Protocol
 
 import torch
 
-from .config import ConfigError
 from .cross_tokenizer import TeacherTokenization, TokenBytes, shared_vocabulary
 from .cross_vocab import ALIGNED_METRIC_NAMES, CrossVocabTargets, VocabMap, topk_in_student_vocabulary
 from .data import MicroBatch
+from .errors import ConfigError
 from .heads import output_head
-from .kernel import NO_TEACHER, Head, LiveTargets
+from .kernel import Head
 from .loss import LossSpec, loss_against
 from .models import (ShardedCausalLM, hidden_at_targets, load_sharded, parameter_count, shard_teacher,
                      shared_vocab_size, tokenizer_or_error)
 from .records import IGNORE_INDEX
+from .targets import NO_TEACHER, LiveTargets
 from .teacher_cache import CacheSetup
 from .teacher_ranks import RemoteSetup
 

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .errors import ConfigError
+
 
 @dataclass
 class DistEnv:
@@ -153,8 +155,6 @@ def report_failure(error: BaseException, rank: int) -> int:
     in a split job), so that side's first rank prints their one line; anything else is printed with the (global)
     rank it happened on, and its traceback.
     """
-    from .config import ConfigError
-
     bad_input = isinstance(error, ConfigError)
     if bad_input or getattr(error, "same_on_every_rank", False):
         line = f"error: {error}"
@@ -286,8 +286,6 @@ class Split:
 def split_world(env: DistEnv, teacher_ranks: int, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
     """Collective over every rank: this rank's side, as its `DistEnv` (with the `split`); its collectives from now on
     run over its side only (`side_group`). Refuses a split where the teacher ranks could not serve alike."""
-    from .config import ConfigError
-
     global _SIDE_GROUP
     students = list(range(env.world_size - teacher_ranks))
     teachers = list(range(len(students), env.world_size))

@@ -130,6 +130,15 @@ def where_present(log_x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(log_x > -math.inf, values, 0.0)
 
 
+def effective_divergence(name: str, jsd_beta: float) -> str:
+    """The entry a divergence is computed with: JSD at its endpoints is the KL it equals there, not 0/0."""
+    if name == "jsd" and jsd_beta == 0.0:
+        return "forward_kl"
+    if name == "jsd" and jsd_beta == 1.0:
+        return "reverse_kl"
+    return name
+
+
 # ------------------------------------------------------------------------------------------------ the entries
 def _forward_kl_chunk(t: ChunkTerms, param: float, with_w: bool):
     return {}, (-t.p if with_w else None)

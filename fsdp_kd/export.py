@@ -22,8 +22,9 @@ import sys
 import torch
 import torch.distributed.checkpoint as dcp
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .distributed import barrier, side_group
+from .errors import ConfigError
 
 MAX_SHARD_BYTES = 4 * 1024**3
 

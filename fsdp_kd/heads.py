@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .errors import ConfigError
 from .kernel import Head, matmul_fp32
 
 ANY_FAMILY = "*"

@@ -2,13 +2,13 @@
 
 Why a hand-written kernel: at 8k tokens and a 152k vocabulary, one model's fp32 logits are ~5 GB, and autograd would
 keep the softmax copies and the gradient of that tensor too. Here the logits exist only for one block of token rows
-at a time (the passes over a block are in `kernel.py`, the divergences in `divergences.py`), and this module loops
-over the blocks and presents the result to autograd.
+at a time (the passes over a block are in `kernel.py`, the divergences in `divergences.py`), and this module chooses
+the block shape (`choose_chunks`), loops over the blocks and presents the result to autograd.
 
 The gradient is produced during the forward pass (as Liger-Kernel does), so the logits are computed once: four matrix
 products in all (two forward, two gradient), which is the floor. `backward` only scales the stored gradients.
 
-The teacher comes as `kernel.Targets` (a live teacher's hidden states and head, a cached distribution, or none), which
+The teacher comes as `targets.Targets` (a live teacher's hidden states and head, a cached distribution, or none), which
 scores each token block itself, so the loop here is the same for every kind of teacher.
 
 All returned values are *sums* over the valid tokens; the trainer divides by the global token count, which is the
@@ -22,10 +22,49 @@ from typing import Callable
 
 import torch
 
-from .divergences import DIVERGENCES
-from .kernel import (DEFAULT_CUDA_BUDGET_MB, ID_MASKS, METRIC_NAMES, NO_TEACHER, Gradients, Head, KernelPlan,
-                     LiveTargets, ModelBlock, SparseTargets, Targets, accumulates_in_place, as_head, check_head_rows,
-                     choose_chunks, elementwise_functions, vocab_chunks, w_source)
+from .buckets import ID_MASKS
+from .divergences import DIVERGENCES, effective_divergence
+from .errors import require, require_choice
+from .kernel import (METRIC_NAMES, Gradients, Head, KernelPlan, ModelBlock, accumulates_in_place, as_head,
+                     elementwise_functions, vocab_chunks, w_source)
+from .targets import NO_TEACHER, LiveTargets, SparseTargets, Targets, check_head_rows
+
+
+# ---------------------------------------------------------------------------------------------------- block shape
+# CPU: 1024-column chunks keep a chunk's temporaries in cache; blocks of up to 256 rows keep the head products at full
+# speed (at 128 × 8192 they ran at 26-42 GFLOP/s, at 192-256 × 1024 at 59-64, 2-core EPYC, measured) while the
+# block's logit caches stay within CPU_CACHE_MB
+CPU_MAX_ROWS, CPU_COLUMNS, CPU_CACHE_MB = 256, 1024, 256
+CUDA_MIN_ROWS = 1024
+DEFAULT_CUDA_BUDGET_MB = 4096
+_LIVE_CHUNK_TEMPORARIES = 8  # fp32 [rows × chunk] tensors alive at once in pass 3 (log q, log p, q, p, grad, ...)
+
+
+def choose_chunks(spec: LossSpec, device: torch.device, n_tokens: int, vocab: int, n_models: float,
+                  grad_temporary_per_column: int = 0) -> tuple[int, int]:
+    """(token rows per block, vocabulary columns per chunk); explicit `token_chunk`/`vocab_chunk` win.
+
+    CPU: 1024-column chunks, and as many rows (a multiple of 64, 64 to 256) as keep every model's fp32 logits of the
+    block within CPU_CACHE_MB (192 rows at V = 151936 and two models). CUDA: launches dominate small blocks, so a
+    block is at least 1024 rows (or every token), and the vocabulary is cut into as few equal chunks as the memory
+    budget allows. The budget covers the block's fp32 logit cache of every model (rows × V each), the live chunk
+    temporaries, and `grad_temporary_per_column` floats per chunk column: the fp32 [columns × H] product that the
+    weight gradient needs when it cannot accumulate in place (`accumulates_in_place`; pass H then, 0 otherwise).
+    """
+    if device.type != "cuda":
+        fitting = int(CPU_CACHE_MB * 1024**2 // (4 * n_models * vocab)) // 64 * 64
+        rows, cols = max(64, min(CPU_MAX_ROWS, fitting)), CPU_COLUMNS
+    else:
+        budget_floats = spec.chunk_budget_mb * 1024**2 // 4
+        rows = max(1, min(spec.token_chunk or CUDA_MIN_ROWS, n_tokens))
+        if spec.token_chunk is None:  # shrink the block only when not even a 4096-column chunk fits
+            per_row = n_models * vocab + _LIVE_CHUNK_TEMPORARIES * 4096
+            rows = max(1, min(rows, int((budget_floats - grad_temporary_per_column * 4096) // per_row)))
+        room = budget_floats - rows * n_models * vocab
+        cols = max(4096, int(room // (rows * _LIVE_CHUNK_TEMPORARIES + grad_temporary_per_column)))
+        pieces = -(-vocab // cols)
+        cols = -(-vocab // pieces)  # equal chunks: the same kernels for every chunk
+    return spec.token_chunk or rows, spec.vocab_chunk or cols
 
 
 def _reference_scale(divergence: str, param: float, tau: float) -> float:
@@ -48,6 +87,8 @@ CONVENTIONS: dict[str, Callable[[str, float, float], float]] = {
 
 @dataclass(frozen=True)
 class LossSpec:
+    """The loss's settings. Each field's rule is checked here, in the name of the config key it comes from
+    (`config.loss_spec`), so a bad value is refused alike from a config and from code."""
     kd_coef: float = 0.5
     ce_coef: float | None = None  # the CE term's weight; None: 1 - kd_coef (0 on self-generated text, on-policy)
     divergence: str = "forward_kl"
@@ -63,25 +104,17 @@ class LossSpec:
     compile: bool = False  # torch.compile the per-chunk elementwise work
 
     def __post_init__(self):
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"kd_loss must be one of {tuple(DIVERGENCES)}, got {self.divergence!r}")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
-        if not 0.0 < self.akl_mu < 1.0:
-            raise ValueError(f"akl_mu must be in (0, 1), got {self.akl_mu}")
-        if not 0.0 <= self.skew_alpha < 1.0:
-            raise ValueError(f"skew_alpha must be in [0, 1), got {self.skew_alpha}")
-        if self.student_topk < 1:
-            raise ValueError(f"student_topk must be >= 1, got {self.student_topk}")
-        if not 0.0 <= self.kd_coef <= 1.0:
-            raise ValueError(f"kd_coef must be in [0, 1], got {self.kd_coef}")
-        if self.convention not in CONVENTIONS:
-            raise ValueError(f"kd_loss_convention must be one of {tuple(CONVENTIONS)}, got {self.convention!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"kd_temperature must be > 0, got {self.temperature}")
-        if (self.vocab_chunk is not None and self.vocab_chunk < 1) or (
-                self.token_chunk is not None and self.token_chunk < 1) or self.chunk_budget_mb < 1:
-            raise ValueError("kd_vocab_chunk, kd_token_chunk and kd_chunk_budget_mb must be >= 1")
+        require(0 <= self.kd_coef <= 1, "kd_coef", "in [0, 1]", self.kd_coef)
+        require_choice("kd_loss", self.divergence, DIVERGENCES)
+        require(0 <= self.jsd_beta <= 1, "jsd_beta", "in [0, 1]", self.jsd_beta)
+        require_choice("kd_loss_convention", self.convention, CONVENTIONS)
+        require(0 < self.akl_mu < 1, "akl_mu", "in (0, 1)", self.akl_mu)
+        require(0 <= self.skew_alpha < 1, "skew_alpha", "in [0, 1)", self.skew_alpha)
+        require(self.student_topk >= 1, "student_topk", ">= 1", self.student_topk)
+        require(self.temperature > 0, "kd_temperature", "> 0", self.temperature)
+        for key, value in (("kd_vocab_chunk", self.vocab_chunk), ("kd_token_chunk", self.token_chunk),
+                           ("kd_chunk_budget_mb", self.chunk_budget_mb)):
+            require(value is None or value >= 1, key, ">= 1", value)
 
     @property
     def ce_weight(self) -> float:
@@ -89,12 +122,7 @@ class LossSpec:
 
     @property
     def effective_divergence(self) -> str:
-        """JSD at its endpoints is computed as the KL it equals there, not as 0/0."""
-        if self.divergence == "jsd" and self.jsd_beta == 0.0:
-            return "forward_kl"
-        if self.divergence == "jsd" and self.jsd_beta == 1.0:
-            return "reverse_kl"
-        return self.divergence
+        return effective_divergence(self.divergence, self.jsd_beta)
 
     @property
     def divergence_param(self) -> float:
@@ -130,7 +158,7 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
     cached = targets.models + (ID_MASKS if divergence.student_buckets else 0.0)
     block_rows, cols = choose_chunks(spec, device, n, job.vocab_size, cached, temporary)
     sums_fn, grad_fn = elementwise_functions(spec.compile)
-    ce_coef, kd_coef = targets.weights(spec)
+    ce_coef, kd_coef = targets.weights(spec.ce_weight, spec.kd_coef)
     plan = KernelPlan(chunks=vocab_chunks(job.vocab_size, cols), ce_coef=ce_coef, kd_coef=kd_coef,
                       tau=spec.temperature, kd_unit=spec.kd_unit, param=spec.divergence_param, divergence=divergence,
                       w_source=w_source(divergence, with_grad),

@@ -16,9 +16,11 @@ from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import MicroBatch, uses_sliding_window
 from .distributed import DistEnv
+from .dtypes import resolve_dtype
+from .errors import ConfigError
 from .heads import head_config, output_head
 from .kernel import Head
 
@@ -85,12 +87,6 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
             return layers
     raise ConfigError(f"cannot find the decoder layers of {type(lm).__name__}; "
                       "expected base_model.layers (Llama, Qwen2, Mistral, Phi-3, SmolLM and most others)")
-
-
-def resolve_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    if cfg.param_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.param_dtype]
 
 
 def load_tokenizer(path: str, trust_remote_code: bool, chat_template: str | None = None) -> PreTrainedTokenizerBase:
@@ -486,7 +482,7 @@ def shard_student(lm: nn.Module, cfg: TrainConfig, env: DistEnv) -> ShardedCausa
     gathered from forward to backward; hybrid_shard: HSDP, full shard within a group, replicas across groups.
     FSDP's reduction sums rather than averages: the loss is already divided by the global token count, so
     averaging over ranks would divide twice."""
-    compute_dtype = resolve_dtype(cfg, env.device)
+    compute_dtype = resolve_dtype(cfg.param_dtype, env.device)
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mesh = env.hybrid_mesh(cfg.hsdp_shard_size) if cfg.sharding_strategy == "hybrid_shard" else env.mesh

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import ConfigError, TrainConfig
+from .errors import ConfigError
 
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -25,6 +25,24 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 class DataError(ConfigError):
     """Bad data, reported as 'file:line: key ...: what is wrong'."""
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """The keys that decide which sample each record gives (a tokenized cache's key records them all)."""
+    input_key: str
+    output_key: str
+    input_template: str | None
+    apply_chat_template: bool
+    multiturn: bool
+    pretrain_mode: bool
+    max_len: int
+    skip_bad_rows: bool  # a bad record is dropped and counted instead of stopping the run (`tokenized`)
+
+    def __post_init__(self):
+        if self.input_template is not None and self.input_template.count("{}") != 1:
+            raise ConfigError(f"input_template must contain exactly one '{{}}' for the prompt, got "
+                              f"{self.input_template!r}", "input_template")
 
 
 @dataclass
@@ -223,14 +241,15 @@ def _shared_prefix(a: str, b: str, known: int) -> int:
     return n
 
 
-def tokenize_pair(prompt: str, response: str, cfg: TrainConfig, tokenizer, where: str) -> tuple[list[int], list[int]]:
+def tokenize_pair(prompt: str, response: str, settings: TokenSettings, tokenizer,
+                  where: str) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) exactly as the model will see them, concatenated."""
-    if cfg.apply_chat_template:
+    if settings.apply_chat_template:
         ids, trainable = chat_token_mask([{"role": "user", "content": prompt},
                                           {"role": "assistant", "content": response}], tokenizer, False, where)
         split = trainable.index(True)
         return ids[:split], ids[split:]
-    text = cfg.input_template.format(prompt) if cfg.input_template else prompt
+    text = settings.input_template.format(prompt) if settings.input_template else prompt
     prompt_ids = tokenizer(text, add_special_tokens=True)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
@@ -280,74 +299,75 @@ def make_sample(prompt_ids: list[int], response_ids: list[int]) -> Sample:
 
 
 # ------------------------------------------------------------------------------------------------ record layouts
-# Each layout is one function: (record, cfg, tokenizer, where) -> (sample, truncated?), or None when the record does
-# not have its shape. `RECORD_LAYOUTS` tries them in order; a new format is one more entry.
-Layout = Callable[[object, TrainConfig, object, str], "tuple[Sample, bool] | None"]
+# Each layout is one function: (record, settings, tokenizer, where) -> (sample, truncated?), or None when the record
+# does not have its shape. `RECORD_LAYOUTS` tries them in order; a new format is one more entry.
+Layout = Callable[[object, TokenSettings, object, str], "tuple[Sample, bool] | None"]
 CONVERSATION_KEYS = ("messages", "conversations")
 
 
-def pretrain_text(record, cfg: TrainConfig, tokenizer, where: str):
+def pretrain_text(record, settings: TokenSettings, tokenizer, where: str):
     """With `pretrain_mode`: plain text under `input_key` (plus `output_key` if present), every token trained."""
-    if not cfg.pretrain_mode:
+    if not settings.pretrain_mode:
         return None
-    text = _field(record, cfg.input_key, where)
-    if cfg.output_key in record:
-        text += _field(record, cfg.output_key, where)
+    text = _field(record, settings.input_key, where)
+    if settings.output_key in record:
+        text += _field(record, settings.output_key, where)
     ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    return sample_from_mask(ids[:cfg.max_len], [True] * min(len(ids), cfg.max_len)), len(ids) > cfg.max_len
+    kept = min(len(ids), settings.max_len)
+    return sample_from_mask(ids[:kept], [True] * kept), len(ids) > settings.max_len
 
 
-def conversation(record, cfg: TrainConfig, tokenizer, where: str):
+def conversation(record, settings: TokenSettings, tokenizer, where: str):
     """A conversation list (OpenAI messages or ShareGPT conversations) under `input_key`, or, recognized by its
     shape, under `messages` or `conversations` when the record has no `input_key` (as LLaMA-Factory does). Needs
     the chat template."""
     if not isinstance(record, dict):
         return None
-    keys = (cfg.input_key,) if cfg.input_key in record else (cfg.input_key, *CONVERSATION_KEYS)
+    keys = (settings.input_key,) if settings.input_key in record else (settings.input_key, *CONVERSATION_KEYS)
     key = next((k for k in keys if isinstance(record.get(k), list)), None)
     if key is None:
         return None
-    if not cfg.apply_chat_template:
+    if not settings.apply_chat_template:
         raise DataError(f"{where}: key '{key}' holds a conversation; set apply_chat_template")
     messages = _conversation(record[key], key, where)
-    ids, trainable = chat_token_mask(messages, tokenizer, cfg.multiturn, where)
-    ids, trainable, cut = truncate_conversation(ids, trainable, cfg.max_len)
+    ids, trainable = chat_token_mask(messages, tokenizer, settings.multiturn, where)
+    ids, trainable, cut = truncate_conversation(ids, trainable, settings.max_len)
     return sample_from_mask(ids, trainable), cut
 
 
-def alpaca(record, cfg: TrainConfig, tokenizer, where: str):
+def alpaca(record, settings: TokenSettings, tokenizer, where: str):
     """`instruction` + optional `input` → `output`; recognized when `input_key` is left at `input` or set to
     `instruction`."""
-    if not (isinstance(record, dict) and "instruction" in record and cfg.input_key in ("input", "instruction")):
+    if not (isinstance(record, dict) and "instruction" in record and settings.input_key in ("input", "instruction")):
         return None
     prompt = _field(record, "instruction", where)
     extra = record.get("input") or ""
     if not isinstance(extra, str):
         raise DataError(f"{where}: key 'input' must be a string, got {type(extra).__name__}")
-    return _prompt_response(f"{prompt}\n\n{extra}" if extra.strip() else prompt, record, cfg, tokenizer, where)
+    return _prompt_response(f"{prompt}\n\n{extra}" if extra.strip() else prompt, record, settings, tokenizer, where)
 
 
-def prompt_response(record, cfg: TrainConfig, tokenizer, where: str):
+def prompt_response(record, settings: TokenSettings, tokenizer, where: str):
     """A prompt under `input_key` and its response under `output_key`: the layout every record is tried as last."""
-    return _prompt_response(_field(record, cfg.input_key, where), record, cfg, tokenizer, where)
+    return _prompt_response(_field(record, settings.input_key, where), record, settings, tokenizer, where)
 
 
-def _prompt_response(prompt: str, record, cfg: TrainConfig, tokenizer, where: str) -> tuple[Sample, bool]:
-    response = _field(record, cfg.output_key, where)
+def _prompt_response(prompt: str, record, settings: TokenSettings, tokenizer, where: str) -> tuple[Sample, bool]:
+    response = _field(record, settings.output_key, where)
     if not response.strip():
-        raise DataError(f"{where}: key '{cfg.output_key}' is empty; a response is needed to train on")
-    prompt_ids, response_ids = tokenize_pair(prompt, response, cfg, tokenizer, where)
-    prompt_ids, response_ids, cut = truncate(prompt_ids, response_ids, cfg.max_len)
+        raise DataError(f"{where}: key '{settings.output_key}' is empty; a response is needed to train on")
+    prompt_ids, response_ids = tokenize_pair(prompt, response, settings, tokenizer, where)
+    prompt_ids, response_ids, cut = truncate(prompt_ids, response_ids, settings.max_len)
     return make_sample(prompt_ids, response_ids), cut
 
 
 RECORD_LAYOUTS: tuple[Layout, ...] = (pretrain_text, conversation, alpaca, prompt_response)
 
 
-def record_to_sample(record: object, cfg: TrainConfig, tokenizer, where: str) -> tuple[Sample, bool]:
+def record_to_sample(record: object, settings: TokenSettings, tokenizer, where: str) -> tuple[Sample, bool]:
     """One record in any supported layout → (sample, truncated?). Raises DataError naming where and which key."""
     for layout in RECORD_LAYOUTS:
-        made = layout(record, cfg, tokenizer, where)
+        made = layout(record, settings, tokenizer, where)
         if made is not None:
             return made
     raise AssertionError("prompt_response accepts every record")

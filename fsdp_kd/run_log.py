@@ -10,9 +10,9 @@ import os
 import torch
 
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig
 from .data import host_values
 from .distributed import all_reduce_max
+from .errors import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -47,21 +47,23 @@ class SkipGuard:
                 "check the data, then resume with --load_checkpoint")
 
 
-def check_logger_packages(cfg: TrainConfig) -> None:
+def check_logger_packages(use_tensorboard: str | None, use_wandb: str | None) -> None:
     """Asked-for loggers must be importable; said before any heavy work."""
     import importlib.util
 
-    for key, module, extra in (("use_tensorboard", "tensorboard", "tensorboard"), ("use_wandb", "wandb", "wandb")):
-        if getattr(cfg, key) and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"key {key}: the {module} package is not installed; pip install {extra} "
+    for key, asked, module in (("use_tensorboard", use_tensorboard, "tensorboard"), ("use_wandb", use_wandb, "wandb")):
+        if asked and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"key {key}: the {module} package is not installed; pip install {module} "
                               f"(or drop --{key})")
 
 
 class MetricsLog:
     """metrics.jsonl on rank 0, mirrored to TensorBoard and W&B when asked. On resume, lines past the resumed step
-    are dropped so the file reads as one run."""
+    are dropped so the file reads as one run. `use_tensorboard` is a log directory, `use_wandb` a project (which
+    records `run_config`, the config as a dict), as the keys of those names give them."""
 
-    def __init__(self, path: str, enabled: bool, resume_step: int | None, cfg: TrainConfig):
+    def __init__(self, path: str, enabled: bool, resume_step: int | None, use_tensorboard: str | None = None,
+                 use_wandb: str | None = None, run_config: dict | None = None):
         self.path, self.enabled = path, enabled
         self.tensorboard = self.wandb = None
         if not enabled:
@@ -71,14 +73,14 @@ class MetricsLog:
                 kept = [line for line in f if json.loads(line).get("step", 0) <= resume_step]
             with open(path, "w") as f:
                 f.writelines(kept)
-        if cfg.use_tensorboard:
+        if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(cfg.use_tensorboard)
-        if cfg.use_wandb:
+            self.tensorboard = SummaryWriter(use_tensorboard)
+        if use_wandb:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.use_wandb, config=cfg.to_dict(), resume="allow")
+            self.wandb = wandb.init(project=use_wandb, config=run_config, resume="allow")
 
     def close(self, failed: bool) -> None:
         """Flushes and ends the mirrors, so a W&B run ends as finished or failed rather than "crashed"."""

@@ -38,13 +38,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ConfigError, loss_spec
+from .buckets import ID_MASKS, id_places, mass_on_buckets, top_tokens
 from .cross_vocab import ALIGNED_METRIC_NAMES
 from .data import to_device
-from .divergences import DIVERGENCES
-from .kernel import (ID_MASKS, Head, LiveTargets, ModelBlock, SparseTargets, Targets, choose_chunks, id_places,
-                     mass_on_buckets, pass1_logits, top_tokens, vocab_chunks)
-from .loss import LossSpec, loss_against
+from .divergences import DIVERGENCES, effective_divergence
+from .errors import ConfigError
+from .kernel import Head, ModelBlock, pass1_logits, vocab_chunks
+from .loss import LossSpec, choose_chunks, loss_against
+from .targets import LiveTargets, SparseTargets, Targets
 
 META_FILE = "cache.json"
 HEAD_FILE = "head.safetensors"
@@ -416,7 +417,8 @@ class CacheSetup:
 
     def check(self, tokenizer, sources, env) -> None:
         cfg = self.cfg
-        check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources, loss_spec(cfg).effective_divergence)
+        check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources,
+                         effective_divergence(cfg.kd_loss, cfg.jsd_beta))
 
     def load_model(self, env, dtype) -> None:
         return None

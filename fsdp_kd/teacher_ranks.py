@@ -33,8 +33,9 @@ import torch.distributed as dist
 
 from .data import MicroBatch
 from .distributed import DistEnv, Split
+from .dtypes import resolve_dtype
 from .heads import verify_head
-from .models import ShardedHead, hidden_at_targets, resolve_dtype
+from .models import ShardedHead, hidden_at_targets
 
 SENDS_AHEAD = 2  # hidden states a teacher rank may have in flight (to all the student ranks it serves): its lead
 _BATCH, _STOP = 1, 0
@@ -151,7 +152,7 @@ class RemoteSetup:
         ranks may start loading."""
         self.kind.check(tokenizer, sources, env)
         self.env = env
-        self.head = ShardedHead(self.cfg.teacher_model, self.cfg, env, resolve_dtype(self.cfg, env.device),
+        self.head = ShardedHead(self.cfg.teacher_model, self.cfg, env, resolve_dtype(self.cfg.param_dtype, env.device),
                                 self.teacher_vocab_size)
         students_checked(env.split)
 
@@ -175,7 +176,7 @@ def serve(cfg, kind, env: DistEnv) -> dict[str, int]:
     sharded over the teacher ranks, then run each micro-batch its student ranks send and send back the hidden
     states, until all of them have said stop. Returns (and the first teacher rank prints) what it served:
     micro-batches, trained tokens, bytes received and sent."""
-    split, dtype = env.split, resolve_dtype(cfg, env.device)
+    split, dtype = env.split, resolve_dtype(cfg.param_dtype, env.device)
     root = kind.load_model(env, dtype)
     with root.gathered_head():
         root(verify_head, "teacher", kind.teacher_vocab_size, env.device)

@@ -27,15 +27,13 @@ from typing import Callable
 
 import numpy as np
 
-from .config import TrainConfig
 from .cross_tokenizer import ALIGNMENT_VERSION, teacher_fields
-from .records import (IGNORE_INDEX, LOCAL_SUFFIXES, DataError, DataStats, Sample, looks_local, parse_record,
-                      raw_records, record_to_sample)
+from .records import (IGNORE_INDEX, LOCAL_SUFFIXES, DataError, DataStats, Sample, TokenSettings, looks_local,
+                      parse_record, raw_records, record_to_sample)
 
 FORMAT_VERSION = 2  # bump when the stored columns or the tokenization rules change (2: conversations cut from the left)
 DEFAULT_CACHE = "~/.cache/fsdp_kd/tokenized"
-TOKEN_SETTINGS = ("input_key", "output_key", "input_template", "apply_chat_template", "multiturn", "pretrain_mode",
-                  "max_len", "skip_bad_rows")
+TOKEN_SETTINGS = tuple(f.name for f in dataclasses.fields(TokenSettings))  # the config keys a cache's key records
 NO_TARGET = "with no trainable token left after truncation"
 PROBE_RECORDS = 32  # tried in-process before the parallel build, so a wrong key fails at once
 META_FILE = "fsdp_kd_tokenized.json"
@@ -44,8 +42,21 @@ META_FILE = "fsdp_kd_tokenized.json"
 TEACHER_COLUMNS = ("teacher_ids", "student_group_ends", "teacher_group_ends")
 
 
-def cache_root(cfg: TrainConfig) -> str:
-    return os.path.expanduser(cfg.data_cache_dir or os.environ.get("FSDP_KD_DATA_CACHE") or DEFAULT_CACHE)
+@dataclasses.dataclass(frozen=True)
+class DataSources:
+    """A run's training and eval sources and how their records become samples: what `open_sources` opens."""
+    train_paths: tuple[str, ...]  # `dataset`, split at its commas
+    train_split: str
+    max_samples: int | None  # per training source
+    eval_path: str | None
+    eval_split: str
+    max_eval_samples: int | None
+    cache_dir: str | None  # `data_cache_dir`; none: `cache_root`'s default
+    settings: TokenSettings
+
+
+def cache_root(cache_dir: str | None) -> str:
+    return os.path.expanduser(cache_dir or os.environ.get("FSDP_KD_DATA_CACHE") or DEFAULT_CACHE)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -66,7 +77,8 @@ def source_files(path: str) -> list[str]:
     return [path]
 
 
-def cache_key(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, teacher=None) -> dict:
+def cache_key(path: str, split: str, max_samples: int | None, settings: TokenSettings, tokenizer,
+              teacher=None) -> dict:
     """Everything that changes the tokenized samples of one source (and, with a teacher of its own tokenizer, its
     tokens of them)."""
     if looks_local(path):
@@ -75,7 +87,7 @@ def cache_key(path: str, split: str, max_samples: int | None, cfg: TrainConfig, 
         source = [path, split]  # a hub dataset: its name and split (datasets keeps its own revision cache)
     key = {"format": FORMAT_VERSION, "source": source, "max_samples": max_samples,
            "tokenizer": tokenizer_fingerprint(tokenizer),
-           "settings": {k: getattr(cfg, k) for k in TOKEN_SETTINGS}}
+           "settings": dataclasses.asdict(settings)}
     if teacher is not None:
         key["teacher_tokenizer"] = [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION]
     return key
@@ -147,14 +159,14 @@ def spans_of(sample: Sample) -> list[int]:
     return spans
 
 
-def _tokenize_batch(batch: dict, cfg: TrainConfig, tokenizer, teacher=None) -> dict:
+def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=None) -> dict:
     out: dict[str, list] = {"input_ids": [], "spans": [], "length": [], "truncated": [], "error": []}
     if teacher is not None:
         out.update({name: [] for name in TEACHER_COLUMNS})
     for text, where in zip(batch["record"], batch["where"]):
         sample, cut, error = Sample([], []), False, None
         try:
-            sample, cut = record_to_sample(parse_record(text, where), cfg, tokenizer, where)
+            sample, cut = record_to_sample(parse_record(text, where), settings, tokenizer, where)
             if sample.trainable_tokens == 0:
                 error = NO_TARGET
         except DataError as e:
@@ -171,21 +183,21 @@ def _tokenize_batch(batch: dict, cfg: TrainConfig, tokenizer, teacher=None) -> d
     return out
 
 
-def open_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, local_rank: int,
-                   share: Callable[[str | None], list] = lambda error: [error], log=print,
+def open_tokenized(path: str, split: str, max_samples: int | None, settings: TokenSettings, cache_dir: str | None,
+                   tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda error: [error], log=print,
                    teacher=None) -> TokenizedDataset:
     """The source's tokenized table: built by local rank 0 of each node if no run has built it yet, else opened from
     the cache. `share` exchanges each rank's build error (None if none) with every rank, and doubles as the wait
     for the build: every rank fails with the builder's message, rather than waiting on a barrier for a rank that
     has died."""
-    key = cache_key(path, split, max_samples, cfg, tokenizer, teacher)
+    key = cache_key(path, split, max_samples, settings, tokenizer, teacher)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(path.rstrip("/")))[:60]
-    directory = os.path.join(cache_root(cfg), f"{name}-{digest}")
+    directory = os.path.join(cache_root(cache_dir), f"{name}-{digest}")
     failure, error = None, None
     if not os.path.exists(os.path.join(directory, META_FILE)) and local_rank == 0:
         try:
-            build_tokenized(path, split, max_samples, cfg, tokenizer, key, directory, log, teacher)
+            build_tokenized(path, split, max_samples, settings, tokenizer, key, directory, log, teacher)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, whatever it is
             failure, error = e, str(e) if isinstance(e, DataError) else f"{path}: tokenizing failed: {e!r}"
     errors = [e for e in share(error) if e]
@@ -200,28 +212,30 @@ def open_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainCon
     return TokenizedDataset(directory, path)
 
 
-def open_sources(cfg: TrainConfig, tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda e: [e],
+def open_sources(sources: DataSources, tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda e: [e],
                  log=print, teacher=None) -> tuple[list[TokenizedDataset], TokenizedDataset | None]:
-    """A run's training sources (`dataset`, comma-separated) and its eval source (`eval_dataset`, or None); with
-    `teacher` (a `cross_tokenizer.TeacherTokenization`), each sample holds the teacher's tokens too."""
+    """A run's training sources and its eval source (or None); with `teacher` (a
+    `cross_tokenizer.TeacherTokenization`), each sample holds the teacher's tokens too."""
     def source(path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
-        table = open_tokenized(path, split, max_samples, cfg, tokenizer, local_rank, share, log, teacher)
+        table = open_tokenized(path, split, max_samples, sources.settings, sources.cache_dir, tokenizer, local_rank,
+                               share, log, teacher)
         log(table.stats.summary(f"{what} {path}"))
         return table
 
-    train = [source(path, cfg.dataset_split, cfg.max_samples, "train data") for path in cfg.dataset.split(",")]
-    held_out = source(cfg.eval_dataset, cfg.eval_split, cfg.max_eval_samples, "eval data") if cfg.eval_dataset else None
+    train = [source(path, sources.train_split, sources.max_samples, "train data") for path in sources.train_paths]
+    held_out = (source(sources.eval_path, sources.eval_split, sources.max_eval_samples, "eval data")
+                if sources.eval_path else None)
     return train, held_out
 
 
-def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainConfig, tokenizer, key: dict,
+def build_tokenized(path: str, split: str, max_samples: int | None, settings: TokenSettings, tokenizer, key: dict,
                     directory: str, log=print, teacher=None) -> None:
     """Tokenizes a source into `directory`, atomically: it is written beside it and renamed into place, so a
     killed build leaves nothing that a later run would take for a finished one."""
     import datasets
 
     started = time.perf_counter()
-    _probe(path, split, cfg, tokenizer)
+    _probe(path, split, settings, tokenizer)
     work = f"{directory}.building-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     datasets.disable_progress_bars()  # one bar, for the tokenizing; reading and saving are quick
@@ -240,12 +254,12 @@ def build_tokenized(path: str, split: str, max_samples: int | None, cfg: TrainCo
         with contextlib.redirect_stderr(sys.stdout):  # progress is output; stderr stays for errors
             tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
                                 num_proc=workers if workers > 1 else None,
-                                fn_kwargs={"cfg": cfg, "tokenizer": tokenizer, "teacher": teacher},
+                                fn_kwargs={"settings": settings, "tokenizer": tokenizer, "teacher": teacher},
                                 remove_columns=["record", "where"],
                                 features=features, desc=f"tokenizing {os.path.basename(path)}",
                                 cache_file_name=os.path.join(work, "map", "tokenized.arrow"))
         datasets.disable_progress_bars()
-        stats, kept = _tally(tokenized, cfg.skip_bad_rows)
+        stats, kept = _tally(tokenized, settings.skip_bad_rows)
         if len(kept) == 0:
             raise DataError(f"{path}: no usable samples ({stats.summary('dataset')})")
         table = tokenized.select(kept).remove_columns(["error", "truncated"])
@@ -274,15 +288,15 @@ def _limited_records(path: str, split: str, limit: int | None):
         yield {"record": text, "where": where}
 
 
-def _probe(path: str, split: str, cfg: TrainConfig, tokenizer) -> None:
+def _probe(path: str, split: str, settings: TokenSettings, tokenizer) -> None:
     """The first records, in this process: a wrong key or layout fails in a second, not after the whole build (and
     an empty source fails here, where `datasets` would only say that a split holds no data)."""
     n = 0
     for n, (text, where) in enumerate(raw_records(path, split), 1):
         if n > PROBE_RECORDS:
             return
-        if not cfg.skip_bad_rows:
-            record_to_sample(parse_record(text, where), cfg, tokenizer, where)
+        if not settings.skip_bad_rows:
+            record_to_sample(parse_record(text, where), settings, tokenizer, where)
     if n == 0:
         raise DataError(f"{path}: no usable samples (no records)")
 

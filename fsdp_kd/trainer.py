@@ -24,15 +24,16 @@ from .data import MicroBatch, StepSampler, collate, collate_packed, eval_shards,
 from .records import Sample
 from .distill import run_student, setup_teacher
 from .distributed import DistEnv, all_reduce_sum, barrier
+from .dtypes import resolve_dtype
 from .export import export_student
 from .loss import METRIC_NAMES, LossSpec
 from .on_policy import GenerationSettings, GenerationStats, OnPolicy, on_policy_metrics, stop_token_ids
 from .heads import verify_head
-from .preflight import check_packing, check_paths, checkpoint_to_resume, open_training_data
+from .preflight import check_packing, check_paths, checkpoint_to_resume, data_spec, open_training_data, run_paths
 from .run_log import (METRICS_FILE, MetricsLog, SkipGuard, check_logger_packages, done_line, eval_line, peak_memory,
                       step_line)
 from .startup import CLOCK
-from .models import (ShardedCausalLM, load_sharded, padding_id, parameter_count, resolve_dtype, shard_student,
+from .models import (ShardedCausalLM, load_sharded, padding_id, parameter_count, shard_student,
                      tokenizer_or_error)
 
 CONFIG_FILE = "train_config.yaml"
@@ -81,11 +82,11 @@ class Trainer:
     def _preflight(self) -> None:
         """Every cheap check, on every rank alike, before any model is loaded."""
         cfg, env = self.cfg, self.env
-        check_paths(cfg)
-        check_packing(cfg)
+        check_paths(run_paths(cfg))
+        check_packing(run_paths(cfg), cfg.packing_samples)
         self.accumulation = gradient_accumulation_steps(cfg, env.world_size)
-        check_logger_packages(cfg)
-        self.resume_from = checkpoint_to_resume(cfg)
+        check_logger_packages(cfg.use_tensorboard, cfg.use_wandb)
+        self.resume_from = checkpoint_to_resume(run_paths(cfg), cfg.load_checkpoint, cfg.to_dict())
 
         self.tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
         self.pad_id = padding_id(self.tokenizer)
@@ -93,12 +94,13 @@ class Trainer:
         self.vocab_size = self.teacher_setup.vocab_size
         CLOCK.lap("tokenizers")
 
-        data = open_training_data(cfg, env, self.tokenizer, self.log, self.teacher_setup.retokenize)
+        data = open_training_data(data_spec(cfg), env, self.tokenizer, self.log, self.teacher_setup.retokenize)
         self.train_samples, self.eval_samples, self.sources = data.train, data.held_out, data.sources
         self.training_data, self.epoch_order = data.fingerprint, data.order
         if self.resume_from:
             ckpt.check_same_data(self.resume_from, self.training_data, self.log)
-        self.sampler = StepSampler(self.epoch_order, cfg, env.rank, env.world_size, self.accumulation)
+        self.sampler = StepSampler(self.epoch_order, cfg.micro_train_batch_size, env.rank, env.world_size,
+                                   self.accumulation)
         self.total_steps = self.sampler.steps_per_epoch * cfg.max_epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -143,7 +145,7 @@ class Trainer:
 
     def _load_models(self) -> None:
         cfg, env = self.cfg, self.env
-        compute_dtype = resolve_dtype(cfg, env.device)
+        compute_dtype = resolve_dtype(cfg.param_dtype, env.device)
         self.export_config = AutoConfig.from_pretrained(cfg.pretrain, trust_remote_code=cfg.trust_remote_code)
         # fp32 master weights for the student; the frozen teacher only ever computes, in the compute dtype
         self.student: ShardedCausalLM = load_sharded(cfg.pretrain, cfg, env, torch.float32, shard_student, "student",
@@ -182,9 +184,11 @@ class Trainer:
             else:
                 self.log(f"load_checkpoint: no complete checkpoint in {cfg.resolved_ckpt_path()} and no earlier "
                          "outputs in save_path; starting fresh")
-        self.checkpoints = ckpt.CheckpointWriter(cfg, env.rank, cfg.async_save, self.training_data)
+        self.checkpoints = ckpt.CheckpointWriter(cfg.resolved_ckpt_path(), cfg.max_ckpt_num, cfg.to_dict(), env.rank,
+                                                 cfg.async_save, self.training_data, cfg.dist_timeout_minutes)
         self.metrics_log = MetricsLog(os.path.join(cfg.save_path, METRICS_FILE), env.is_main,
-                                      self.start_step if cfg.load_checkpoint else None, cfg)
+                                      self.start_step if cfg.load_checkpoint else None, cfg.use_tensorboard,
+                                      cfg.use_wandb, cfg.to_dict())
         self._print_summary(compute_dtype)
 
     def _print_summary(self, compute_dtype) -> None:

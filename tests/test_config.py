@@ -1,8 +1,12 @@
 """YAML + flags parsing and the one-line errors that point at the file, line and key."""
 
+import re
+
 import pytest
 
-from fsdp_kd.config import ConfigError, gradient_accumulation_steps, parse_config, resume_mismatches
+from fsdp_kd.config import FIELDS, TrainConfig, gradient_accumulation_steps, parse_config, resume_mismatches
+from fsdp_kd.errors import ConfigError
+from fsdp_kd.loss import LossSpec
 
 REQUIRED = ["--pretrain", "s", "--dataset", "d.jsonl", "--teacher_model", "t"]
 
@@ -69,11 +73,11 @@ def test_batch_sizes_must_divide():
 def test_resume_mismatch_lists_only_keys_that_matter():
     saved = parse_config(REQUIRED).to_dict()
     now = parse_config(REQUIRED + ["--logging_steps", "7", "--eval_steps", "3", "--train_batch_size", "32"])
-    assert resume_mismatches(saved, now) == ["train_batch_size (16 -> 32)"]
+    assert resume_mismatches(saved, now.to_dict()) == ["train_batch_size (16 -> 32)"]
     # a checkpoint from before a key existed ran with its default, so it resumes alike, and differs from another value
     del saved["kd_loss_convention"]
-    assert resume_mismatches(saved, now) == ["train_batch_size (16 -> 32)"]
-    assert resume_mismatches(saved, parse_config(REQUIRED + ["--kd_loss_convention", "trl"])) == [
+    assert resume_mismatches(saved, now.to_dict()) == ["train_batch_size (16 -> 32)"]
+    assert resume_mismatches(saved, parse_config(REQUIRED + ["--kd_loss_convention", "trl"]).to_dict()) == [
         "kd_loss_convention ('fsdp_kd' -> 'trl')"]
 
 
@@ -102,3 +106,32 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path):
     path.write_bytes(b"pretrain: s\n\xff\xfe: x\n")
     with pytest.raises(ConfigError, match=r"run\.yaml: not UTF-8 text .* re-save the config as UTF-8"):
         parse_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("key", [name for name, f in FIELDS.items() if "choices" in f.metadata])
+def test_a_keys_choices_are_one_list_for_help_and_validation(key):
+    """`--help` and validation both read the choices that `opt` was given; a value outside them is refused."""
+    choices = FIELDS[key].metadata["choices"]
+    assert getattr(TrainConfig, key) in choices
+    assert f"{', '.join(choices[:-1])} or {choices[-1]}" in FIELDS[key].metadata["help"]
+    with pytest.raises(ConfigError, match=rf"command line --{key}: {key} must be one of {', '.join(choices)}, "
+                                          "got 'nonesuch'"):
+        parse_config(REQUIRED + [f"--{key}", "nonesuch"])
+
+
+def test_the_loss_checks_its_own_fields_and_the_config_says_where(tmp_path):
+    with pytest.raises(ConfigError, match=r"^kd_temperature must be > 0, got 0.0$") as refused:
+        LossSpec(temperature=0.0)
+    assert refused.value.key == "kd_temperature"
+    path = write(tmp_path, "pretrain: s\ndataset: d.jsonl\nteacher_model: t\nkd_token_chunk: 0\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml:4: kd_token_chunk must be >= 1, got 0$"):
+        parse_config(["--config", path])
+
+
+@pytest.mark.parametrize("key", [name for name, f in FIELDS.items() if "must_be" in f.metadata])
+def test_a_keys_range_is_checked_where_the_key_is_declared(key):
+    rule = FIELDS[key].metadata["must_be"]
+    outside = {">= 1": "0", "> 0": "0", ">= 0": "-1", "in [0, 1)": "1", "in [0, 1]": "2"}[rule]
+    with pytest.raises(ConfigError, match=rf"command line --{key}: {key} must be {re.escape(rule)}, "
+                                          rf"got {outside}(\.0)?$"):
+        parse_config(REQUIRED + [f"--{key}", outside])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO, python_run, read_metrics, torchrun, train_args
-from fsdp_kd.config import ConfigError, parse_config
+from fsdp_kd.config import parse_config
+from fsdp_kd.errors import ConfigError
 from fsdp_kd.cross_tokenizer import TeacherTokenization, TokenBytes
 from fsdp_kd.data import collate, collate_packed
 from fsdp_kd.records import IGNORE_INDEX, Sample

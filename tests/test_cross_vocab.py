@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap, topk_in_student_vocabulary
-from fsdp_kd.kernel import Head, LiveTargets, SparseTargets
+from fsdp_kd.kernel import Head
+from fsdp_kd.targets import LiveTargets, SparseTargets
 from fsdp_kd.loss import LossSpec, loss_against
 from fsdp_kd.reference import dense_cross_vocab_loss
 from test_loss import assert_close, spec_with

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fsdp_kd.config import TrainConfig
+from fsdp_kd.config import TrainConfig, token_settings
 from fsdp_kd.data import EpochOrder, StepSampler, collate, eval_shards
 from fsdp_kd.models import load_tokenizer
 from fsdp_kd.records import IGNORE_INDEX, DataError, make_sample, record_to_sample, tokenize_pair, truncate
@@ -36,7 +36,8 @@ def _cfg(**kw):
 def load_samples(path, cfg, tok, tmp_path, max_samples=None):
     """(samples, stats) of a source through the real path: tokenized into a cache under tmp_path, read back."""
     cfg.data_cache_dir = str(tmp_path / "tokenized")
-    table = open_tokenized(str(path), "train", max_samples, cfg, tok, local_rank=0, log=lambda *a: None)
+    table = open_tokenized(str(path), "train", max_samples, token_settings(cfg), cfg.data_cache_dir, tok, local_rank=0,
+                           log=lambda *a: None)
     return [table[i] for i in range(len(table))], table.stats
 
 
@@ -46,7 +47,8 @@ def load_samples(path, cfg, tok, tmp_path, max_samples=None):
 def test_chat_template_mask_covers_exactly_the_assistant_turn(name, end_of_turn):
     tok = load_tokenizer(str(real_asset(name)), trust_remote_code=False)
     response = "The answer is 42."
-    prompt_ids, response_ids = tokenize_pair("What is 6*7?", response, _cfg(apply_chat_template=True), tok, "t")
+    settings = token_settings(_cfg(apply_chat_template=True))
+    prompt_ids, response_ids = tokenize_pair("What is 6*7?", response, settings, tok, "t")
     trained = tok.decode(response_ids)
     assert trained.startswith(response)
     assert end_of_turn in trained  # the end-of-turn token is trained, even where it differs from EOS (Phi-3)
@@ -58,18 +60,18 @@ def test_chat_template_mask_covers_exactly_the_assistant_turn(name, end_of_turn)
 
 def test_input_template_and_eos(tiny):
     tok = load_tokenizer(tiny["tok"], False)
-    prompt_ids, response_ids = tokenize_pair("ab", "CD", _cfg(input_template="Q: {}\nA: "), tok, "t")
+    prompt_ids, response_ids = tokenize_pair("ab", "CD", token_settings(_cfg(input_template="Q: {}\nA: ")), tok, "t")
     assert tok.decode(prompt_ids) == "Q: ab\nA: " and response_ids[-1] == tok.eos_token_id
 
 
 def test_sampler_ranks_are_disjoint_and_cover_the_global_batch():
     cfg = _cfg(train_batch_size=8, micro_train_batch_size=2)
     order = EpochOrder([40], None, cfg.seed, batch_size=cfg.train_batch_size)
-    ranks = [StepSampler(order, cfg, r, 2, accumulation=2) for r in range(2)]
+    ranks = [StepSampler(order, cfg.micro_train_batch_size, r, 2, accumulation=2) for r in range(2)]
     for step in range(ranks[0].steps_per_epoch):
         parts = [sum(s.indices(0, step), []) for s in ranks]
         assert not set(parts[0]) & set(parts[1])
-        single = sum(StepSampler(order, cfg, 0, 1, accumulation=4).indices(0, step), [])
+        single = sum(StepSampler(order, cfg.micro_train_batch_size, 0, 1, accumulation=4).indices(0, step), [])
         assert parts[0] + parts[1] == single  # same samples whatever the split
     assert ranks[0].indices(0, 0) == ranks[0].indices(0, 0)
     assert ranks[0].indices(0, 0) != ranks[0].indices(1, 0)
@@ -133,7 +135,7 @@ def _trained_text(tok, sample):
 def test_multiturn_masks_cover_each_assistant_turn_and_nothing_else(name, end_of_turn, multiturn):
     tok = load_tokenizer(str(real_asset(name)), False)
     cfg = _cfg(apply_chat_template=True, multiturn=multiturn, input_key="messages")
-    sample, cut = record_to_sample({"messages": CONVERSATION}, cfg, tok, "t")
+    sample, cut = record_to_sample({"messages": CONVERSATION}, token_settings(cfg), tok, "t")
     spans = _trained_text(tok, sample)
     expected = ["Hello! How can I help?", "It is 4."] if multiturn else ["It is 4."]
     assert len(spans) == len(expected) and not cut
@@ -152,19 +154,19 @@ def test_a_long_conversation_is_cut_from_its_start_and_keeps_its_final_turn(chat
              ("and how much more than one day", "two more apples than one day so the answer is nine")]
     messages = [{"role": r, "content": c} for q, a in turns for r, c in (("user", q), ("assistant", a))]
     cfg = _cfg(apply_chat_template=True, multiturn=multiturn, input_key="messages")
-    whole, cut = record_to_sample({"messages": messages}, cfg, tok, "t")
+    whole, cut = record_to_sample({"messages": messages}, token_settings(cfg), tok, "t")
     assert not cut
     first_trained = next(i for i, t in enumerate(whole.targets) if t != IGNORE_INDEX)
     assert first_trained > 10  # the first user turn is more than 10 tokens
     cfg.max_len = len(whole.input_ids) - 10
-    sample, cut = record_to_sample({"messages": messages}, cfg, tok, "t")
+    sample, cut = record_to_sample({"messages": messages}, token_settings(cfg), tok, "t")
     spans = _trained_text(tok, sample)
     assert cut and sample.input_ids == whole.input_ids[10:]  # the earliest tokens went
     assert spans[-1].startswith(turns[-1][1] + "<|im_end|>")
     assert spans == (_trained_text(tok, whole) if multiturn else [spans[-1]])
     # a final turn longer than max_len keeps its start, after at least half of max_len of what precedes it
     cfg.max_len = 8
-    sample, cut = record_to_sample({"messages": messages}, cfg, tok, "t")
+    sample, cut = record_to_sample({"messages": messages}, token_settings(cfg), tok, "t")
     assert cut and len(sample.input_ids) == 8 and sample.targets[3:7] == sample.input_ids[4:8]
     assert _trained_text(tok, whole)[-1].startswith(_trained_text(tok, sample)[0])
 
@@ -175,7 +177,7 @@ def test_sharegpt_layout_from_real_data_trains_every_gpt_turn():
     tok = load_tokenizer(str(real_asset("tok_qwen2.5_instruct")), False)
     cfg = _cfg(apply_chat_template=True, multiturn=True, input_key="conversations", max_len=4096)
     for record, where in list(read_records(str(real_asset("fastchat/dummy_conversation.json"))))[:20]:
-        sample, _ = record_to_sample(record, cfg, tok, where)
+        sample, _ = record_to_sample(record, token_settings(cfg), tok, where)
         gpt_turns = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
         spans = _trained_text(tok, sample)
         assert len(spans) == len(gpt_turns), where
@@ -190,7 +192,7 @@ def test_alpaca_layout_from_real_data(tmp_path):
     cfg = _cfg(apply_chat_template=True)
     records = list(read_records(str(real_asset("llamafactory/alpaca_en_demo.json"))))
     with_input = next((r, w) for r, w in records if r["input"].strip())
-    sample, _ = record_to_sample(with_input[0], cfg, tok, with_input[1])
+    sample, _ = record_to_sample(with_input[0], token_settings(cfg), tok, with_input[1])
     prompt_text = tok.decode([t for t, y in zip(sample.input_ids, [IGNORE_INDEX] + sample.targets[:-1])
                               if y == IGNORE_INDEX])
     assert with_input[0]["instruction"][:30] in prompt_text and with_input[0]["input"][:30] in prompt_text
@@ -198,7 +200,8 @@ def test_alpaca_layout_from_real_data(tmp_path):
 
 
 def test_pretrain_mode_trains_every_token(tiny):
-    sample, _ = record_to_sample({"input": "abcdef"}, _cfg(pretrain_mode=True), load_tokenizer(tiny["tok"], False), "t")
+    sample, _ = record_to_sample({"input": "abcdef"}, token_settings(_cfg(pretrain_mode=True)),
+                                 load_tokenizer(tiny["tok"], False), "t")
     assert sample.trainable_tokens == len(sample.input_ids) - 1
 
 
@@ -243,7 +246,7 @@ def test_mixing_trains_every_draw_so_each_pass_covers_its_source_once():
     cfg = _cfg(train_batch_size=6, micro_train_batch_size=2)
     sizes = [7, 13]
     order = EpochOrder(sizes, [0.3, 0.7], seed=3, batch_size=6)
-    sampler = StepSampler(order, cfg, 0, 1, accumulation=3)
+    sampler = StepSampler(order, cfg.micro_train_batch_size, 0, 1, accumulation=3)
     trained = [[], []]
     for epoch in range(12):
         for step in range(sampler.steps_per_epoch):
@@ -388,9 +391,9 @@ def test_a_source_left_empty_by_the_holdout_is_one_line(tiny, tmp_path):
     ZeroDivisionError."""
     from types import SimpleNamespace
 
-    from fsdp_kd.config import ConfigError
     from fsdp_kd.demo import write_jsonl
-    from fsdp_kd.preflight import open_training_data
+    from fsdp_kd.errors import ConfigError
+    from fsdp_kd.preflight import data_spec, open_training_data
 
     big, single = tmp_path / "big.jsonl", tmp_path / "single.jsonl"
     write_jsonl(big, [{"input": "ab:", "output": "CD"}] * 8)
@@ -399,4 +402,4 @@ def test_a_source_left_empty_by_the_holdout_is_one_line(tiny, tmp_path):
                       eval_holdout_ratio=0.5, train_batch_size=2, data_cache_dir=str(tmp_path / "tokenized"))
     tok = load_tokenizer(tiny["tok"], False)
     with pytest.raises(ConfigError, match=f"{single} has no training sample left after eval_holdout_ratio"):
-        open_training_data(cfg, SimpleNamespace(local_rank=0), tok, log=lambda *a: None)
+        open_training_data(data_spec(cfg), SimpleNamespace(local_rank=0), tok, log=lambda *a: None)

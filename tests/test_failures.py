@@ -118,8 +118,8 @@ def test_metric_mirrors_are_closed_as_finished_or_failed(tmp_path, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: Run()))
     for failed in (False, True):
-        log = MetricsLog(str(tmp_path / f"metrics_{failed}.jsonl"), True, None,
-                         TrainConfig(pretrain="s", dataset="d", use_wandb="project"))
+        log = MetricsLog(str(tmp_path / f"metrics_{failed}.jsonl"), True, None, use_wandb="project",
+                         run_config=TrainConfig(pretrain="s", dataset="d", use_wandb="project").to_dict())
         log.write({"step": 1, "loss": 1.0})
         log.close(failed)
         log.close(failed)  # a second close is harmless

@@ -142,7 +142,7 @@ def test_exports_reproduce_the_trained_models_logits(tmp_path):
 
 def test_a_head_the_kernel_cannot_reproduce_is_refused():
     """A family that transforms its logits in a way no Head describes is refused, with one line."""
-    from fsdp_kd.config import ConfigError
+    from fsdp_kd.errors import ConfigError
     from fsdp_kd.heads import verify_head
 
     model = build("llama", seed=4)
@@ -176,15 +176,17 @@ def test_head_description_is_read_from_the_config():
 
 def test_packing_is_refused_for_a_model_with_recurrent_layers(tmp_path):
     """Falcon-H1's Mamba layers carry state across a packed row's samples, which no mask stops."""
-    from fsdp_kd.config import ConfigError, TrainConfig
-    from fsdp_kd.preflight import check_packing
+    from fsdp_kd.config import TrainConfig
+    from fsdp_kd.errors import ConfigError
+    from fsdp_kd.preflight import check_packing, run_paths
 
     for family in ("falcon_h1", "llama", "gemma3"):
         build(family, 0).config.save_pretrained(tmp_path / family)
     cfg = TrainConfig(pretrain=str(tmp_path / "llama"), teacher_model=str(tmp_path / "falcon_h1"),
                       dataset="x.jsonl", packing_samples=True)
     with pytest.raises(ConfigError, match=r"key packing_samples: teacher_model \(falcon_h1\) has recurrent layers"):
-        check_packing(cfg)
-    check_packing(TrainConfig(pretrain=str(tmp_path / "llama"), teacher_model=str(tmp_path / "gemma3"),
-                              dataset="x.jsonl", packing_samples=True))
-    check_packing(TrainConfig(pretrain=str(tmp_path / "falcon_h1"), dataset="x.jsonl", kd_coef=0.0))  # unpacked
+        check_packing(run_paths(cfg), cfg.packing_samples)
+    check_packing(run_paths(TrainConfig(pretrain=str(tmp_path / "llama"), teacher_model=str(tmp_path / "gemma3"),
+                                        dataset="x.jsonl")), packing_samples=True)
+    check_packing(run_paths(TrainConfig(pretrain=str(tmp_path / "falcon_h1"), dataset="x.jsonl", kd_coef=0.0)),
+                  packing_samples=False)  # unpacked

@@ -4,7 +4,7 @@ refused."""
 import pytest
 import torch
 
-from fsdp_kd.config import ConfigError
+from fsdp_kd.errors import ConfigError
 from fsdp_kd.demo import build_char_tokenizer
 from fsdp_kd.models import load_tokenizer, shared_vocab_size
 

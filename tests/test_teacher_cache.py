@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fsdp_kd.divergences import DIVERGENCES
-from fsdp_kd.kernel import Head, ModelBlock, SparseTargets
+from fsdp_kd.kernel import Head, ModelBlock
+from fsdp_kd.targets import SparseTargets
 from fsdp_kd.loss import LossSpec, distillation_loss
 from fsdp_kd.profiling import profile_launches
 from fsdp_kd.reference import dense_bucketed_loss, dense_logits

@@ -8,8 +8,10 @@ import signal
 import pytest
 import torch
 
-from conftest import REPO, end_after, has_lines, python_run, read_metrics, start_torchrun, torchrun, train_args, wait_for
-from fsdp_kd.config import ConfigError, parse_config
+from conftest import (REPO, end_after, has_lines, python_run, read_metrics, start_torchrun, torchrun, train_args,
+                      wait_for)
+from fsdp_kd.config import parse_config
+from fsdp_kd.errors import ConfigError
 
 TRAIN = str(REPO / "train.py")
 

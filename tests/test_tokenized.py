@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from fsdp_kd.config import TrainConfig
+from fsdp_kd.config import TrainConfig, token_settings
 from fsdp_kd.demo import write_jsonl
 from fsdp_kd.models import load_tokenizer
 from fsdp_kd.records import DataError, read_records, record_to_sample
@@ -22,7 +22,8 @@ def _cfg(tmp_path, **kw):
 
 
 def _open(path, cfg, tok, max_samples=None):
-    return open_tokenized(str(path), "train", max_samples, cfg, tok, local_rank=0, log=lambda *a: None)
+    return open_tokenized(str(path), "train", max_samples, token_settings(cfg), cfg.data_cache_dir, tok, local_rank=0,
+                          log=lambda *a: None)
 
 
 def test_cached_samples_equal_the_records_and_a_second_open_reuses_them(tmp_path):
@@ -35,7 +36,7 @@ def test_cached_samples_equal_the_records_and_a_second_open_reuses_them(tmp_path
     records = list(read_records(str(gsm8k)))[:3000]
     assert len(table) == 3000 and table.stats.truncated > 0
     for i, (record, where) in enumerate(records):
-        assert table[i] == record_to_sample(record, cfg, tok, where)[0], where
+        assert table[i] == record_to_sample(record, token_settings(cfg), tok, where)[0], where
     assert [int(n) for n in table.lengths[:5]] == [len(table[i].input_ids) for i in range(5)]
     again = _open(gsm8k, cfg, tok, max_samples=3000)
     assert again.directory == table.directory and again.meta == table.meta
@@ -81,7 +82,7 @@ def test_conversations_are_found_by_their_shape(tmp_path, chat_bpe_tok):
     records = list(read_records(str(path)))
     assert len(table) == len(records) == 20
     for i, (record, where) in enumerate(records):
-        assert table[i] == record_to_sample(record, named, tok, where)[0]
+        assert table[i] == record_to_sample(record, token_settings(named), tok, where)[0]
 
 
 def test_spans_round_trip():
@@ -103,7 +104,7 @@ def test_micro_batches_from_the_cache_equal_those_from_the_records(tmp_path, pac
     write_jsonl(str(data), qa_records(24))
     cfg = _cfg(tmp_path, input_key="question", output_key="answer", apply_chat_template=True, max_len=128)
     table = _open(data, cfg, tok)
-    direct = [record_to_sample(r, cfg, tok, w)[0] for r, w in read_records(str(data))]
+    direct = [record_to_sample(r, token_settings(cfg), tok, w)[0] for r, w in read_records(str(data))]
     assert table.stats.truncated > 0 and len({len(s.input_ids) for s in direct}) > 12  # cut and uneven lengths
     pad = tok.pad_token_id
     for start in range(0, 24, 6):
