@@ -101,7 +101,9 @@ def test_nothing_shared_is_the_rest_buckets_and_uld_alone():
     for g, r in zip(torch.autograd.grad(loss, (h_s, w_s)), torch.autograd.grad(ref_loss, (h_s, w_s))):
         assert_close(g, r)
     _, without = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, none, none, uld_weight=0.0)
-    assert abs(float(without["kd"])) < 1e-6 and float(metrics["kd"]) > 0.1
+    # 0 up to float32 rounding: each token's rest bucket is log Z - log Z of its whole vocabulary, a few ulps of
+    # |log Z| ~ 4 (about 5e-7 each), summed over the tokens (1.4e-6 on this CPU's kernels)
+    assert abs(float(without["kd"])) < 1e-6 * N and float(metrics["kd"]) > 0.1
 
 
 def test_a_divergence_over_the_students_top_tokens_is_refused():
