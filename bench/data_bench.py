@@ -89,7 +89,7 @@ def chat_mask_cost(turns: int, repeats: int = 5) -> tuple[float, float]:
     """µs per token of (one-rendering mask, prefix definition) for a GSM8K conversation of `turns` exchanges."""
     from fsdp_kd.models import load_tokenizer
     from fsdp_kd.records import chat_token_mask, read_records
-    from fsdp_kd.reference import prefix_chat_token_mask
+    from fsdp_kd.testing.reference import prefix_chat_token_mask
 
     tok = load_tokenizer(TOKENIZER, False)
     records = [r for r, _ in read_records(realdata(SOURCES["gsm8k"][0]))]

@@ -18,7 +18,8 @@ The models are Llama-shaped by default (heads of 64, as many KV heads, MLP 8/3 o
 flags give real ones, e.g. Qwen2.5-0.5B: `--arch qwen2 --student_hidden 896 --student_layers 24 --student_heads 14
 --student_kv_heads 2 --student_intermediate 4864 --tied --vocab 151936`. `--sync_check` ends the run with one more
 step, at steady state, under `torch.cuda.set_sync_debug_mode("error")` on CUDA (or, on the CPU build, under
-`fsdp_kd.profiling.SyncDetector` with its own warm-up step) and reports what it saw (bench/gpu_check.py uses it).
+`fsdp_kd.testing.profiling.SyncDetector` with its own warm-up step) and reports what it saw (bench/gpu_check.py uses
+it).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def steady_state_syncs(step, device) -> str:
             torch.cuda.set_sync_debug_mode("default")
         return "none"
     try:
-        from fsdp_kd.profiling import SyncDetector
+        from fsdp_kd.testing.profiling import SyncDetector
     except ImportError:
         return "not applicable on CPU"
     with SyncDetector() as syncs:

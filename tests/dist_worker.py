@@ -23,7 +23,7 @@ from fsdp_kd.config import parse_config
 from fsdp_kd.data import collate
 from fsdp_kd.models import hidden_at_targets
 from fsdp_kd.distributed import exit_process, init_distributed, seed_everything, teardown
-from fsdp_kd.reference import dense_distillation_loss
+from fsdp_kd.testing.reference import dense_distillation_loss
 from fsdp_kd.trainer import Trainer
 
 

@@ -370,7 +370,7 @@ def test_one_rendering_chat_masks_equal_the_prefix_definition(name):
     """Real multi-turn data (ShareGPT chats, tool calls with function/observation turns, a system prompt) under
     three real chat templates, every assistant turn and the last only."""
     from fsdp_kd.records import _conversation, chat_token_mask, read_records
-    from fsdp_kd.reference import prefix_chat_token_mask
+    from fsdp_kd.testing.reference import prefix_chat_token_mask
 
     tok = load_tokenizer(str(real_asset(name)), False)
     conversations = []

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import train_args
-from fsdp_kd.profiling import SyncDetector
+from fsdp_kd.testing.profiling import SyncDetector
 
 SMALL = dict(max_len=32, max_samples=16, train_batch_size=4, micro_train_batch_size=2, max_steps=4)  # 2 micro-batches
 

@@ -9,8 +9,8 @@ import torch
 from fsdp_kd.divergences import DIVERGENCES
 from fsdp_kd.kernel import Head, ModelBlock, SparseTargets
 from fsdp_kd.loss import LossSpec, distillation_loss
-from fsdp_kd.profiling import profile_launches
-from fsdp_kd.reference import dense_bucketed_loss, dense_logits
+from fsdp_kd.testing.profiling import profile_launches
+from fsdp_kd.testing.reference import dense_bucketed_loss, dense_logits
 from fsdp_kd.teacher_cache import decode_ids, encode_ids, id_bytes, teacher_samples, teacher_topk
 from test_loss import spec_with
 

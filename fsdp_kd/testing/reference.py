@@ -14,8 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kernel import Head, SparseTargets, as_head
-from .loss import LossSpec
+from ..kernel import Head, SparseTargets, as_head
+from ..loss import LossSpec
 
 
 def dense_logits(hidden: torch.Tensor, head: torch.Tensor | Head, vocab_size: int) -> torch.Tensor:
