@@ -145,8 +145,9 @@ def worker(args) -> None:
     from fsdp_kd.records import IGNORE_INDEX
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
-    from fsdp_kd.models import parameter_count, resolve_dtype, shard_student, shard_teacher
-    from fsdp_kd.distill import LiveTeacher, run_student
+    from fsdp_kd.distill import run_student
+    from fsdp_kd.sharding import StudentSharding, TeacherSharding, parameter_count, resolve_dtype
+    from fsdp_kd.teacher_model import LiveTeacher
     from fsdp_kd.run_log import peak_memory_gb
 
     env = init_distributed()
@@ -157,8 +158,9 @@ def worker(args) -> None:
     n_student, n_teacher = parameter_count(student), parameter_count(teacher)
     cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.5, teacher_model="-", param_dtype=args.param_dtype,
                       teacher_offload=args.teacher_offload, gradient_checkpointing=args.gradient_checkpointing)
-    dtype = resolve_dtype(cfg, env.device)
-    student_root, teacher_root = shard_student(student, cfg, env), shard_teacher(teacher.to(dtype), cfg, env)
+    dtype = resolve_dtype(cfg.param_dtype, env.device)
+    student_root = StudentSharding.of(cfg).shard(student, env)
+    teacher_root = TeacherSharding.of(cfg).shard(teacher.to(dtype), env)
     optimizer = torch.optim.AdamW(student_root.parameters(), lr=1e-5)
     spec = LossSpec(kd_coef=0.5)
     dist.barrier()
@@ -188,7 +190,7 @@ def worker(args) -> None:
             if args.impl == "naive":
                 teacher_out = teacher_root(lambda lm, b: lm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, batch)
             else:
-                teacher_out = LiveTeacher(teacher_root).targets(batch)
+                teacher_out = LiveTeacher(None, args.vocab, teacher_root).targets(batch)
         if args.impl == "naive":
             loss = student_root(naive_loss, batch, teacher_out)
         else:
@@ -230,10 +232,11 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
     import torch.distributed as dist
 
     from fsdp_kd.data import collate
-    from fsdp_kd.distill import LiveTeacher, run_student
+    from fsdp_kd.distill import run_student
     from fsdp_kd.distributed import teardown
     from fsdp_kd.on_policy import GenerationSettings, generate, with_response
     from fsdp_kd.run_log import peak_memory_gb
+    from fsdp_kd.teacher_model import LiveTeacher
 
     # the last id as the only stop token: a random model almost never samples it, so every response is full length
     settings = GenerationSettings(args.gen_tokens, 1.0, 1.0, (args.vocab - 1,), args.seq + args.gen_tokens, 0)
@@ -262,7 +265,7 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
         generated += sum(map(len, responses)) * env.world_size
         batch = collate([with_response(p, r) for p, r in zip(prompts, responses)], 0).to(env.device)
         with torch.no_grad():
-            targets, seconds = synced(lambda: LiveTeacher(teacher_root).targets(batch))
+            targets, seconds = synced(lambda: LiveTeacher(None, args.vocab, teacher_root).targets(batch))
         times["teacher"] += seconds
 
         def student_part():

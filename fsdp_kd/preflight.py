@@ -15,7 +15,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import Concatenated, EpochOrder, Rows, SampleTable
 from .distributed import DistEnv, all_gather_object
-from .models import check_model_dir
+from .loading import check_model_dir
 from .records import Sample, check_data_path, looks_local
 from .run_log import METRICS_FILE
 from .tokenized import TokenizedDataset, open_sources

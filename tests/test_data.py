@@ -7,7 +7,7 @@ import torch
 
 from fsdp_kd.config import TrainConfig
 from fsdp_kd.data import EpochOrder, StepSampler, collate, eval_shards
-from fsdp_kd.models import load_tokenizer
+from fsdp_kd.tokenizer_compat import load_tokenizer
 from fsdp_kd.records import IGNORE_INDEX, DataError, make_sample, record_to_sample, tokenize_pair, truncate
 from fsdp_kd.tokenized import open_tokenized
 
@@ -265,7 +265,7 @@ def test_packed_logits_equal_unpacked_logits(tiny, attn):
     from transformers import AutoModelForCausalLM
 
     from fsdp_kd.data import collate_packed, pack
-    from fsdp_kd.models import hidden_at_targets
+    from fsdp_kd.distill import hidden_at_targets
 
     lm = AutoModelForCausalLM.from_pretrained(tiny["student"], attn_implementation=attn).eval()
     g = torch.Generator().manual_seed(0)
@@ -303,7 +303,7 @@ def test_a_sliding_window_model_keeps_its_window_padded_and_packed(attn, tmp_pat
     from transformers import MistralConfig, MistralForCausalLM
 
     from fsdp_kd.data import collate_packed, pack, uses_sliding_window
-    from fsdp_kd.models import hidden_at_targets
+    from fsdp_kd.distill import hidden_at_targets
 
     config = MistralConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4, attn_implementation=attn)
