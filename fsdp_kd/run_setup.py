@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, config_to_yaml, gradient_accumulation_steps, loss_spec
@@ -39,7 +39,7 @@ CONFIG_FILE = "train_config.yaml"
 class Preflight:
     """What the cheap checks leave for the models and the loop: the student's tokenizer, the teacher (checked, not
     loaded), the data, the step counts, and the checkpoint to resume with the training data's fingerprint."""
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     teacher: Teacher
     data: RunData
     accumulation: int
@@ -158,9 +158,11 @@ def _summary(cfg: TrainConfig, env: DistEnv, ready: Preflight, student: ShardedC
     """The start-up summary's lines: where it runs, the student, the teacher (its own lines), the batch, the loss."""
     seq_tokens = float(ready.data.train.lengths.mean())
     return [
-        f"world size {env.world_size} on {env.device.type} ({dist.get_backend() if dist.is_initialized() else 'single'})",
-        f"student {parameter_count(student) / 1e6:.2f}M params: FSDP2 full shard, compute {compute_dtype}, "
-        f"fp32 master weights and gradient reduction, activation checkpointing {'on' if cfg.gradient_checkpointing else 'off'}",
+        f"world size {env.world_size} on {env.device.type} "
+        f"({dist.get_backend() if dist.is_initialized() else 'single'})",
+        f"student {parameter_count(student) / 1e6:.2f}M params: FSDP2 full shard, compute {compute_dtype}, fp32 "
+        "master weights and gradient reduction, activation checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}",
         *ready.teacher.describe(),
         f"batch: {cfg.train_batch_size} sequences/step (~{cfg.train_batch_size * seq_tokens:.0f} tokens) = "
         f"{cfg.micro_train_batch_size} micro × {ready.accumulation} accumulation × {env.world_size} ranks",

@@ -70,6 +70,10 @@ class StepWork:
 
 
 class Trainer:
+    """One run on this rank: set up by `run_setup` (the checks, the data and the teacher, then the models), then
+    `train` takes the steps from `start_step` to `total_steps`, evaluating, checkpointing and logging as the config
+    asks, and exports the student."""
+
     def __init__(self, cfg: TrainConfig, env: DistEnv, log=print):
         self.cfg, self.env = cfg, env
         self.log = log if env.is_main else (lambda *a, **k: None)

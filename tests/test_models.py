@@ -94,10 +94,12 @@ def test_every_sharding_strategy_the_config_takes_is_an_entry_of_the_table():
 
 
 @pytest.mark.parametrize("keys, kind", [
-    ({}, "none"), ({"teacher_model": "t"}, "live"), ({"teacher_model": "t", "cross_tokenizer": True}, "cross_tokenizer"),
+    ({}, "none"), ({"teacher_model": "t"}, "live"),
+    ({"teacher_model": "t", "cross_tokenizer": True}, "cross_tokenizer"),
     ({"teacher_model": "t", "teacher_ranks": 1}, "teacher_ranks"),
     ({"teacher_model": "t", "teacher_ranks": 1, "cross_tokenizer": True}, "teacher_ranks"),
-    ({"teacher_cache": "c"}, "cache"), ({"teacher_model": "t", "teacher_cache": "c", "cross_tokenizer": True}, "cache")])
+    ({"teacher_cache": "c"}, "cache"),
+    ({"teacher_model": "t", "teacher_cache": "c", "cross_tokenizer": True}, "cache")])
 def test_a_config_names_one_teacher_kind(keys, kind):
     from fsdp_kd.config import TrainConfig
     from fsdp_kd.teacher import TEACHERS, teacher_kind
