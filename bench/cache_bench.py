@@ -38,13 +38,15 @@ def worker(args) -> None:
 
     from fsdp_kd.config import TrainConfig
     from fsdp_kd.data import MicroBatch
-    from fsdp_kd.distill import LiveTeacher, run_student
+    from fsdp_kd.distill import run_student
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
-    from fsdp_kd.dtypes import resolve_dtype
-    from fsdp_kd.models import shard_student, shard_teacher
     from fsdp_kd.records import IGNORE_INDEX
-    from fsdp_kd.teacher_cache import CachedTeacher, CacheMeta, part_name, save_head, teacher_rows, write_part
+    from fsdp_kd.dtypes import resolve_dtype
+    from fsdp_kd.sharding import StudentSharding, TeacherSharding
+    from fsdp_kd.teacher_cache import (CachedTeacher, CacheMeta, CacheRun, part_name, save_head, teacher_rows,
+                                       write_part)
+    from fsdp_kd.teacher_model import LiveTeacher
     from fsdp_kd.run_log import peak_memory_gb
 
     env = init_distributed()
@@ -78,11 +80,11 @@ def worker(args) -> None:
     result = {}
     if args.impl in ("build", "live"):
         torch.manual_seed(0)
-        teacher = shard_teacher(LlamaForCausalLM(model_config(args.teacher_hidden, args.teacher_layers,
-                                                              args.vocab)).to(dtype), cfg, env)
-        source = LiveTeacher(teacher)
+        teacher = TeacherSharding.of(cfg).shard(LlamaForCausalLM(model_config(args.teacher_hidden, args.teacher_layers,
+                                                                              args.vocab)).to(dtype), env)
+        source = LiveTeacher(None, args.vocab, teacher)
     if args.impl == "build":
-        result["forward_tokens_per_sec"] = tokens / timed(lambda: source.targets(batch))
+        result["forward_tokens_per_sec"] = tokens / timed(lambda: source.hidden(batch))
         for mode, slots in SETTINGS:
             slots = slots or args.teacher_hidden
             directory = os.path.join(args.workdir, f"{mode}_{slots}")
@@ -94,9 +96,9 @@ def worker(args) -> None:
                     head_info = save_head(directory, head, args.vocab)
 
             def build():
-                hidden = source.targets(batch)
-                with hidden.head() as head:
-                    rows = teacher_rows(hidden.hidden, head, spec, args.vocab, mode, slots, rng)
+                hidden = source.hidden(batch)
+                with teacher.gathered_head() as head:
+                    rows = teacher_rows(hidden, head, spec, args.vocab, mode, slots, rng)
                 return write_part(directory, part_name(0, env.rank, env.world_size), [k[1] for k in keys],
                                   [tuple(c[b * (args.seq - 1):(b + 1) * (args.seq - 1)] for c in rows)
                                    for b in range(args.batch)], meta(mode, slots, head_info))
@@ -110,13 +112,14 @@ def worker(args) -> None:
                 meta(mode, slots, head_info).save(directory)
     else:
         torch.manual_seed(1)
-        student = shard_student(LlamaForCausalLM(model_config(args.student_hidden, args.student_layers, args.vocab)),
-                                cfg, env)
+        student = StudentSharding.of(cfg).shard(
+            LlamaForCausalLM(model_config(args.student_hidden, args.student_layers, args.vocab)), env)
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
         if args.impl in ("cached", "hidden"):
             name = f"topk_{args.k}" if args.impl == "cached" else f"hidden_{args.teacher_hidden}"
             directory = os.path.join(args.workdir, name)
-            source = CachedTeacher(directory, CacheMeta.load(directory), env.device)
+            source = CachedTeacher(CacheRun(directory, None, "-", 1.0, spec.divergence, {}), CacheMeta.load(directory))
+            source.load(env, dtype)
 
         def step():
             loss, _ = run_student(student, batch, spec, args.vocab, source.targets(batch))

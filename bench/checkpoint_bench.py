@@ -36,7 +36,7 @@ def worker(args) -> None:
     from fsdp_kd.demo import build_char_tokenizer
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.export import export_student
-    from fsdp_kd.models import parameter_count, shard_student
+    from fsdp_kd.sharding import StudentSharding, parameter_count
 
     env = init_distributed()
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def worker(args) -> None:
     params = parameter_count(lm)
     cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.0, param_dtype="fp32", save_path=args.out,
                       max_ckpt_num=10)
-    root = shard_student(lm, cfg, env)
+    root = StudentSharding.of(cfg).shard(lm, env)
     optimizer = torch.optim.AdamW(root.parameters(), lr=1e-5)
     root(lambda m, x: m(input_ids=x).logits.mean(), torch.randint(0, args.vocab, (1, 32))).backward()
     optimizer.step()

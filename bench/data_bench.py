@@ -58,7 +58,7 @@ def child(args) -> None:
     started = time.perf_counter()
     from fsdp_kd.config import token_settings
     from fsdp_kd.data import EpochOrder, StepSampler, collate
-    from fsdp_kd.models import load_tokenizer, padding_id
+    from fsdp_kd.tokenizer_compat import load_tokenizer, padding_id
     from fsdp_kd.records import read_records, record_to_sample
     from fsdp_kd.tokenized import open_tokenized
 
@@ -90,9 +90,9 @@ def run_child(mode: str, data: str, args) -> dict:
 
 def chat_mask_cost(turns: int, repeats: int = 5) -> tuple[float, float]:
     """µs per token of (one-rendering mask, prefix definition) for a GSM8K conversation of `turns` exchanges."""
-    from fsdp_kd.models import load_tokenizer
+    from fsdp_kd.tokenizer_compat import load_tokenizer
     from fsdp_kd.records import chat_token_mask, read_records
-    from fsdp_kd.reference import prefix_chat_token_mask
+    from fsdp_kd.testing.reference import prefix_chat_token_mask
 
     tok = load_tokenizer(TOKENIZER, False)
     records = [r for r, _ in read_records(realdata(SOURCES["gsm8k"][0]))]

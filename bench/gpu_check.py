@@ -7,7 +7,7 @@ Checks (each row of the table names its number):
   1  no host sync: one steady-state training step (the step bench's fsdp_kd step: batch to the device, teacher
      targets, the student's fused loss, backward, clipping, AdamW) under `torch.cuda.set_sync_debug_mode("error")`,
      after a warm-up step and the timed steps; any refusal fails the check. On the CPU the repo's sync detector
-     (`fsdp_kd.profiling.SyncDetector`) infers the syncs instead, when it is there.
+     (`fsdp_kd.testing.profiling.SyncDetector`) infers the syncs instead, when it is there.
   2  MFU of a Qwen2.5-0.5B-shaped student distilled from a Qwen2.5-1.5B-shaped teacher, bf16, 8192 tokens per
      micro-batch (2 × 4096), activation checkpointing on; model FLOPs over the measured bf16 matmul rate.
   3  the fused loss alone at Liger-Kernel's benchmark shape (bench/loss_bench.py --vs_liger), and Liger's

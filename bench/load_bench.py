@@ -1,4 +1,4 @@
-"""Host memory each rank needs to load a model into FSDP2 shards with `models.load_sharded`.
+"""Host memory each rank needs to load a model into FSDP2 shards with `loading.load_sharded`.
 
     python bench/load_bench.py [--nproc 2] [--hidden 640 --layers 12 --vocab 32000]
 
@@ -64,7 +64,8 @@ def worker(args) -> None:
 
     from fsdp_kd.config import TrainConfig
     from fsdp_kd.distributed import init_distributed, teardown
-    from fsdp_kd.models import load_causal_lm, load_sharded, parameter_count, shard_student
+    from fsdp_kd.loading import LoadSpec, load_causal_lm, load_sharded
+    from fsdp_kd.sharding import StudentSharding, parameter_count
 
     env = init_distributed()
     cfg = TrainConfig(pretrain=args.model, dataset="-", kd_coef=0.0, param_dtype="fp32")
@@ -73,9 +74,9 @@ def worker(args) -> None:
     before, before_anon, started = current_rss(), anonymous_rss(), time.time()
     sampler = PeakSampler()
     if args.every_rank:  # the baseline: each rank reads the whole checkpoint, then shards it
-        root = shard_student(load_causal_lm(args.model, cfg, torch.float32), cfg, env)
+        root = StudentSharding.of(cfg).shard(load_causal_lm(args.model, LoadSpec.of(cfg), torch.float32), env)
     else:
-        root = load_sharded(args.model, cfg, env, torch.float32, shard_student, "student")
+        root = load_sharded(args.model, LoadSpec.of(cfg), env, torch.float32, StudentSharding.of(cfg), "student")
     dist.barrier()
     seconds = time.time() - started
     rise = torch.tensor([float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before),

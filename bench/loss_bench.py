@@ -136,7 +136,7 @@ def launch_table(args) -> None:
     from fsdp_kd.divergences import DIVERGENCES
     from fsdp_kd.loss import choose_chunks
     from fsdp_kd.loss import LossSpec, distillation_loss
-    from fsdp_kd.profiling import profile_launches
+    from fsdp_kd.testing.profiling import profile_launches
 
     tokens = args.tokens[0]
     g = torch.Generator().manual_seed(0)

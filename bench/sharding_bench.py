@@ -35,13 +35,14 @@ def worker(args) -> None:
     from bench.step_bench import model_config
     from fsdp_kd.config import TrainConfig
     from fsdp_kd.distributed import init_distributed, teardown
-    from fsdp_kd.models import shard_student, shard_teacher
+    from fsdp_kd.sharding import StudentSharding, TeacherSharding
 
     env = init_distributed()
     torch.manual_seed(0)
     cfg = TrainConfig(pretrain="-", dataset="-", teacher_model="-", param_dtype="fp32", teacher_offload=args.offload)
-    student = shard_student(LlamaForCausalLM(model_config(args.hidden, args.layers, args.vocab)), cfg, env)
-    teacher = shard_teacher(LlamaForCausalLM(model_config(args.hidden * 2, args.layers, args.vocab)), cfg, env)
+    student = StudentSharding.of(cfg).shard(LlamaForCausalLM(model_config(args.hidden, args.layers, args.vocab)), env)
+    teacher = TeacherSharding.of(cfg).shard(LlamaForCausalLM(model_config(args.hidden * 2, args.layers, args.vocab)),
+                                            env)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
     ids = torch.randint(0, args.vocab, (1, 64))
     student(lambda lm, x: lm(input_ids=x).logits.float().mean(), ids).backward()

@@ -18,7 +18,8 @@ The models are Llama-shaped by default (heads of 64, as many KV heads, MLP 8/3 o
 flags give real ones, e.g. Qwen2.5-0.5B: `--arch qwen2 --student_hidden 896 --student_layers 24 --student_heads 14
 --student_kv_heads 2 --student_intermediate 4864 --tied --vocab 151936`. `--sync_check` ends the run with one more
 step, at steady state, under `torch.cuda.set_sync_debug_mode("error")` on CUDA (or, on the CPU build, under
-`fsdp_kd.profiling.SyncDetector` with its own warm-up step) and reports what it saw (bench/gpu_check.py uses it).
+`fsdp_kd.testing.profiling.SyncDetector` with its own warm-up step) and reports what it saw (bench/gpu_check.py uses
+it).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def steady_state_syncs(step, device) -> str:
             torch.cuda.set_sync_debug_mode("default")
         return "none"
     try:
-        from fsdp_kd.profiling import SyncDetector
+        from fsdp_kd.testing.profiling import SyncDetector
     except ImportError:
         return "not applicable on CPU"
     with SyncDetector() as syncs:
@@ -144,9 +145,10 @@ def worker(args) -> None:
     from fsdp_kd.records import IGNORE_INDEX
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.loss import LossSpec
+    from fsdp_kd.distill import run_student
+    from fsdp_kd.sharding import StudentSharding, TeacherSharding, parameter_count
     from fsdp_kd.dtypes import resolve_dtype
-    from fsdp_kd.models import parameter_count, shard_student, shard_teacher
-    from fsdp_kd.distill import LiveTeacher, run_student
+    from fsdp_kd.teacher_model import LiveTeacher
     from fsdp_kd.run_log import peak_memory_gb
 
     env = init_distributed()
@@ -158,7 +160,8 @@ def worker(args) -> None:
     cfg = TrainConfig(pretrain="-", dataset="-", kd_coef=0.5, teacher_model="-", param_dtype=args.param_dtype,
                       teacher_offload=args.teacher_offload, gradient_checkpointing=args.gradient_checkpointing)
     dtype = resolve_dtype(cfg.param_dtype, env.device)
-    student_root, teacher_root = shard_student(student, cfg, env), shard_teacher(teacher.to(dtype), cfg, env)
+    student_root = StudentSharding.of(cfg).shard(student, env)
+    teacher_root = TeacherSharding.of(cfg).shard(teacher.to(dtype), env)
     optimizer = torch.optim.AdamW(student_root.parameters(), lr=1e-5)
     spec = LossSpec(kd_coef=0.5)
     dist.barrier()
@@ -188,7 +191,7 @@ def worker(args) -> None:
             if args.impl == "naive":
                 teacher_out = teacher_root(lambda lm, b: lm(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, batch)
             else:
-                teacher_out = LiveTeacher(teacher_root).targets(batch)
+                teacher_out = LiveTeacher(None, args.vocab, teacher_root).targets(batch)
         if args.impl == "naive":
             loss = student_root(naive_loss, batch, teacher_out)
         else:
@@ -230,10 +233,11 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
     import torch.distributed as dist
 
     from fsdp_kd.data import collate
-    from fsdp_kd.distill import LiveTeacher, run_student
+    from fsdp_kd.distill import run_student
     from fsdp_kd.distributed import teardown
     from fsdp_kd.on_policy import GenerationSettings, generate, with_response
     from fsdp_kd.run_log import peak_memory_gb
+    from fsdp_kd.teacher_model import LiveTeacher
 
     # the last id as the only stop token: a random model almost never samples it, so every response is full length
     settings = GenerationSettings(args.gen_tokens, 1.0, 1.0, (args.vocab - 1,), args.seq + args.gen_tokens, 0)
@@ -262,7 +266,7 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
         generated += sum(map(len, responses)) * env.world_size
         batch = collate([with_response(p, r) for p, r in zip(prompts, responses)], 0).to(env.device)
         with torch.no_grad():
-            targets, seconds = synced(lambda: LiveTeacher(teacher_root).targets(batch))
+            targets, seconds = synced(lambda: LiveTeacher(None, args.vocab, teacher_root).targets(batch))
         times["teacher"] += seconds
 
         def student_part():

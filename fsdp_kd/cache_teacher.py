@@ -21,18 +21,17 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig, data_sources, parse_config
+from .errors import ConfigError
 from .data import collate, collate_packed, eval_shards
 from .cross_vocab import renormalized_side
-from .distill import TEACHER_SOURCES
-from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
 from .dtypes import resolve_dtype
-from .errors import ConfigError
-from .heads import verify_head
+from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
 from .loss import LossSpec
-from .models import padding_id, tokenizer_or_error
 from .teacher_cache import (CACHE_MODES, META_FILE, CacheMeta, is_part, part_name, save_head, teacher_identity,
                             teacher_rows, write_part)
+from .teacher_model import model_teacher
 from .tokenized import TOKEN_SETTINGS, open_sources, tokenizer_fingerprint
+from .tokenizer_compat import padding_id, student_tokenizer
 
 class CacheBuilder:
     """Checks everything cheap (keys, tokenizers, data, an existing cache) before the teacher loads; then builds."""
@@ -46,14 +45,14 @@ class CacheBuilder:
         self.directory = os.path.expanduser(cfg.teacher_cache)
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise ConfigError(f"key teacher_cache: {self.directory} is a file, not a directory")
-        self.tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
-        self.teacher_setup = TEACHER_SOURCES["cross_tokenizer" if cfg.cross_tokenizer else "live"](cfg, self.tokenizer)
-        self.vocab_size = self.teacher_setup.vocab_size
-        retokenize = self.teacher_setup.retokenize
+        self.tokenizer = student_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template,
+                                           cfg.apply_chat_template)
+        self.teacher = model_teacher(cfg, self.tokenizer)
+        self.vocab_size = self.teacher.vocab_size
+        retokenize = self.teacher.retokenize
         if retokenize is not None:
-            check_cacheable_across(self.teacher_setup.shared)
-        train, held_out = open_sources(data_sources(cfg), self.tokenizer, env.local_rank, all_gather_object, self.log,
-                                       retokenize)
+            check_cacheable_across(self.teacher.shared)
+        train, held_out = open_sources(data_sources(cfg), self.tokenizer, env.local_rank, all_gather_object, self.log, retokenize)
         self.sources = list({s.samples_sha256: s for s in train + ([held_out] if held_out else [])}.values())
         offsets = [0]
         for source in self.sources:
@@ -61,8 +60,8 @@ class CacheBuilder:
         self.offsets = offsets
         self.mode = CACHE_MODES[cfg.cache_mode]
         slots = self.mode.slots(getattr(cfg, self.mode.slots_key) if self.mode.slots_key else None,
-                                self.teacher_setup.teacher_vocab_size,
-                                _hidden_size(cfg) if self.mode.keeps_head else 0)
+                                self.teacher.teacher_vocab_size,
+                                _hidden_size(cfg.teacher_model, cfg.trust_remote_code) if self.mode.keeps_head else 0)
         self.meta = CacheMeta(
             mode=cfg.cache_mode, slots=slots, temperature=cfg.kd_temperature, vocab_size=self.vocab_size,
             log_p_dtype=cfg.cache_log_p_dtype, tokenizer=tokenizer_fingerprint(self.tokenizer),
@@ -99,15 +98,13 @@ class CacheBuilder:
             self.log(f"teacher cache {self.directory} is already complete; nothing to do")
             return
         started = time.time()
-        teacher = self.teacher_setup.load_model(env, resolve_dtype(cfg.param_dtype, env.device))
-        with teacher.gathered_head():
-            teacher(verify_head, "teacher", self.teacher_setup.teacher_vocab_size, env.device)
-        if self.mode.keeps_head:  # gathered again: the probe's forward resharded it
-            with teacher.gathered_head() as head:
+        teacher = self.teacher
+        teacher.load(env, resolve_dtype(cfg.param_dtype, env.device))
+        teacher.verify(env.device)
+        if self.mode.keeps_head:
+            with teacher.root.gathered_head() as head:
                 if env.is_main:
-                    self.meta.head = save_head(self.directory, head, self.teacher_setup.teacher_vocab_size)
-        teacher.reshard_everything()
-        source = self.teacher_setup.open(env.device)
+                    self.meta.head = save_head(self.directory, head, teacher.teacher_vocab_size)
         spec = LossSpec(temperature=cfg.kd_temperature, vocab_chunk=cfg.kd_vocab_chunk,
                         token_chunk=cfg.kd_token_chunk, chunk_budget_mb=cfg.kd_chunk_budget_mb)
         total = self.offsets[-1]
@@ -128,11 +125,11 @@ class CacheBuilder:
             for group in eval_shards(samples, cfg.micro_train_batch_size, env.rank, env.world_size):
                 batch = (collate_packed(group, cfg.max_len, padding_id(self.tokenizer)) if cfg.packing_samples
                          else collate(group, padding_id(self.tokenizer))).to(env.device)
-                targets = source.targets(batch)
-                with targets.head() as head:
-                    cached = teacher_rows(targets.hidden, head, spec, self.teacher_setup.teacher_vocab_size,
-                                          cfg.cache_mode, self.meta.slots, generator)
-                cached = targets.in_loss_vocabulary(cached)
+                hidden = teacher.hidden(batch)
+                with teacher.root.gathered_head() as head:
+                    cached = teacher_rows(hidden, head, spec, teacher.teacher_vocab_size, cfg.cache_mode,
+                                          self.meta.slots, generator)
+                cached = teacher.in_loss_vocabulary(cached, batch)
                 lengths = {(s.source, s.row): s.trainable_tokens for s in group}
                 counts = [lengths[key] for key in batch.sample_keys]
                 keys += batch.sample_keys
@@ -185,11 +182,11 @@ def check_cacheable_across(shared) -> None:
                           "(teacher_model, no teacher_cache)")
 
 
-def _hidden_size(cfg: TrainConfig) -> int:
+def _hidden_size(teacher_model: str, trust_remote_code: bool) -> int:
     """The teacher's hidden size, from its config (before the model loads): what a hidden-state cache stores."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(cfg.teacher_model, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(teacher_model, trust_remote_code=trust_remote_code)
     return config.get_text_config().hidden_size
 
 

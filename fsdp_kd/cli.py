@@ -61,13 +61,15 @@ def run_training(cfg) -> int:
 def serve_teacher(cfg, env) -> dict[str, int]:
     """A teacher rank's run: after the student ranks' checks, the teacher_model they would run, with the student's
     tokenizer (or, with cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
-    from .distill import model_teacher
-    from .models import tokenizer_or_error
+    from .sharding import resolve_dtype
+    from .teacher_model import model_teacher
     from .teacher_ranks import serve, students_checked
+    from .tokenizer_compat import student_tokenizer
 
     students_checked(env.split)
-    tokenizer = tokenizer_or_error(cfg.pretrain, "pretrain", cfg, cfg.tokenizer_chat_template)
-    return serve(cfg, model_teacher(cfg, tokenizer), env)
+    tokenizer = student_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template,
+                                  cfg.apply_chat_template)
+    return serve(model_teacher(cfg, tokenizer), env, resolve_dtype(cfg.param_dtype, env.device))
 
 
 def console_main() -> None:

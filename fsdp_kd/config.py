@@ -24,6 +24,8 @@ from .dtypes import PARAM_DTYPES
 from .errors import ConfigError, require, require_choice
 from .loss import CONVENTIONS, LossSpec
 from .records import TokenSettings
+from .schedule import LR_SCHEDULES
+from .sharding import STRATEGIES, TEACHER_STRATEGIES
 from .teacher_cache import CACHE_MODES, LOG_P_DTYPES
 from .tokenized import DataSources
 
@@ -100,12 +102,12 @@ class TrainConfig:
                                    "master weights stay fp32)", choices=PARAM_DTYPES)
     gradient_checkpointing: bool = opt(False, "recompute the student's layer activations in the backward: less "
                                               "memory, more compute")
-    sharding_strategy: str = opt("full_shard", "the student's sharding: {choices}, that is ZeRO-3, HSDP or ZeRO-2",
-                                 choices=("full_shard", "hybrid_shard", "shard_grad_op"))
+    sharding_strategy: str = opt("full_shard", "the student's sharding: {choices}, that is ZeRO-3, ZeRO-2 or HSDP",
+                                 choices=STRATEGIES)
     hsdp_shard_size: int | None = opt(None, "hybrid_shard: ranks per shard group (replicated across groups); none: "
                                             "the ranks per node", must_be=">= 1")
     teacher_sharding_strategy: str = opt("full_shard", "the teacher's sharding: {choices}",
-                                         choices=("full_shard", "hybrid_shard"))
+                                         choices=TEACHER_STRATEGIES)
     teacher_offload: bool = opt(False, "keep the teacher's shards in CPU memory, moved to the device for each "
                                        "forward: less device memory, slower")
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
@@ -154,7 +156,7 @@ class TrainConfig:
     lr_warmup_ratio: float = opt(0.03, "the fraction of the steps spent in linear warmup from 0", must_be="in [0, 1)")
     lr_scheduler: str = opt("cosine_with_min_lr", "after warmup: {choices}; cosine_with_min_lr goes down to "
                                                   "min_lr_ratio × learning_rate along a cosine",
-                            choices=("cosine_with_min_lr", "constant_with_warmup"))
+                            choices=LR_SCHEDULES)
     min_lr_ratio: float = opt(0.1, "the cosine schedule's final learning rate, as a fraction of learning_rate",
                               must_be="in [0, 1]")
     adam_betas: tuple[float, float] = opt((0.9, 0.95), "AdamW's beta1 and beta2")

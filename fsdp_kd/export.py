@@ -139,11 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from .distributed import run_ranked
-    from .models import load_sharded, load_tokenizer, shard_student
+    from .loading import LoadSpec, load_sharded
+    from .sharding import StudentSharding
+    from .tokenizer_compat import load_tokenizer
 
     def work(env):
         model_config = AutoConfig.from_pretrained(cfg.pretrain, trust_remote_code=cfg.trust_remote_code)
-        root = load_sharded(cfg.pretrain, cfg, env, torch.float32, shard_student, "student")
+        root = load_sharded(cfg.pretrain, LoadSpec.of(cfg), env, torch.float32, StudentSharding.of(cfg), "student")
         ckpt.load_model_weights(root, args.checkpoint)
         tokenizer = load_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template)
         export_student(root, model_config, tokenizer, args.out_dir, env.rank, source=cfg.pretrain,

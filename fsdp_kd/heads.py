@@ -74,3 +74,11 @@ def verify_head(lm: nn.Module, role: str, vocab_size: int, device: torch.device 
             f"does not reproduce (relative difference {difference:.2g} on a probe): its forward applies something after "
             "the output head beyond a bias, a logit scale and a soft-cap, so this family is not supported yet")
     return difference
+
+
+def probe_head(root, role: str, vocab_size: int, device: torch.device) -> None:
+    """`verify_head` on a sharded model (a `sharding.ShardedCausalLM`): run inside its forward with the head
+    gathered, then every unit resharded."""
+    with root.gathered_head():
+        root(verify_head, role, vocab_size, device)
+    root.reshard_everything()

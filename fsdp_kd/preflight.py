@@ -17,7 +17,7 @@ from .config import TrainConfig, data_sources
 from .data import Concatenated, EpochOrder, Rows, SampleTable
 from .distributed import DistEnv, all_gather_object
 from .errors import ConfigError
-from .models import check_model_dir
+from .loading import check_model_dir
 from .records import Sample, check_data_path, looks_local
 from .run_log import METRICS_FILE
 from .tokenized import DataSources, TokenizedDataset, open_sources

@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +45,7 @@ from .data import to_device
 from .divergences import DIVERGENCES, effective_divergence
 from .errors import ConfigError
 from .kernel import Head, ModelBlock, pass1_logits, vocab_chunks
-from .loss import LossSpec, choose_chunks, loss_against
+from .loss import LossSpec, choose_chunks
 from .targets import LiveTargets, SparseTargets, Targets
 
 META_FILE = "cache.json"
@@ -135,7 +136,7 @@ def decode_ids(packed: torch.Tensor) -> torch.Tensor:
 
 
 def teacher_identity(teacher_model: str) -> str:
-    """How a cache records its teacher: a local directory (the same test as `models.local_model_path`) by its
+    """How a cache records its teacher: a local directory (the same test as `loading.local_model_path`) by its
     absolute path, a hub id as the id, so that a build resumed, or a run started, from another directory names the
     same teacher the same way."""
     local = os.path.expanduser(teacher_model)
@@ -365,72 +366,61 @@ def write_part(directory: str, name: str, samples: list[int], rows: list[tuple[t
 
 
 # ------------------------------------------------------------------------------------------------ the training side
-def check_cache_fits(meta: CacheMeta, directory: str, cfg, tokenizer, sources, divergence: str) -> None:
+@dataclass(frozen=True)
+class CacheRun:
+    """What a training run that reads a cache must match (`check_cache_fits`), as its config gives it."""
+    directory: str  # teacher_cache, as the config names it
+    teacher_model: str | None
+    pretrain: str
+    temperature: float
+    divergence: str  # the kd_loss the run trains (`LossSpec.effective_divergence`)
+    token_settings: dict  # {key: value} of the tokenization settings, in `tokenized.TOKEN_SETTINGS` order
+
+    @classmethod
+    def of(cls, cfg) -> CacheRun:
+        from .tokenized import TOKEN_SETTINGS
+
+        return cls(cfg.teacher_cache, cfg.teacher_model, cfg.pretrain, cfg.kd_temperature,
+                   effective_divergence(cfg.kd_loss, cfg.jsd_beta), {k: getattr(cfg, k) for k in TOKEN_SETTINGS})
+
+
+def check_cache_fits(meta: CacheMeta, run: CacheRun, tokenizer, sources) -> None:
     """A training run reads a cache only if it was built for this run's tokens and temperature, and from the run's
     teacher_model when it names one: each mismatch is one line that names what differs.
 
     A run that names both a teacher and a cache trains from the cache and loads no teacher; the teacher must be the
     one the cache was built with, or the run would silently distil another model than the one its config names.
     Naming it is not refused, since the build and the run usually share one config (`--config run.yaml`)."""
-    from .tokenized import TOKEN_SETTINGS, tokenizer_fingerprint
+    from .tokenized import tokenizer_fingerprint
 
-    where = f"key teacher_cache: {directory}"
+    where = f"key teacher_cache: {run.directory}"
     if not meta.complete:
         raise ConfigError(f"{where} is incomplete (its build was interrupted); finish it by running cache_teacher "
                           "again with the same arguments")
-    if cfg.teacher_model and teacher_identity(cfg.teacher_model) != meta.teacher:
-        raise ConfigError(f"key teacher_model: {cfg.teacher_model} is not the teacher the cache {directory} was built "
-                          f"with ({meta.teacher}); drop teacher_model to train from the cache, or build a cache with "
-                          "this teacher")
+    if run.teacher_model and teacher_identity(run.teacher_model) != meta.teacher:
+        raise ConfigError(f"key teacher_model: {run.teacher_model} is not the teacher the cache {run.directory} was "
+                          f"built with ({meta.teacher}); drop teacher_model to train from the cache, or build a cache "
+                          "with this teacher")
     if meta.tokenizer != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"{where} was built with another tokenizer or chat template than this run's pretrain "
-                          f"{cfg.pretrain}; build a cache with this run's pretrain")
-    if meta.temperature != cfg.kd_temperature:
+                          f"{run.pretrain}; build a cache with this run's pretrain")
+    if meta.temperature != run.temperature:
         raise ConfigError(f"{where} holds the teacher at kd_temperature {meta.temperature:g}, this run has "
-                          f"{cfg.kd_temperature:g}; set kd_temperature {meta.temperature:g} or build a cache at "
-                          f"{cfg.kd_temperature:g}")
+                          f"{run.temperature:g}; set kd_temperature {meta.temperature:g} or build a cache at "
+                          f"{run.temperature:g}")
     cached = {s["samples_sha256"] for s in meta.sources}
     for source in sources:
         if source.samples_sha256 not in cached:
-            changed = [f"{k} {meta.settings.get(k)!r} then, {getattr(cfg, k)!r} now" for k in TOKEN_SETTINGS
-                       if meta.settings.get(k) != getattr(cfg, k)]
+            changed = [f"{k} {meta.settings.get(k)!r} then, {value!r} now" for k, value in run.token_settings.items()
+                       if meta.settings.get(k) != value]
             why = "; ".join(changed) if changed else "its files changed, or they are other files"
             raise ConfigError(f"{where} does not hold this run's data: {source.path} tokenizes to samples that the "
                               f"cache was not built from ({why}); build a cache for this data")
     mode = CACHE_MODES[meta.mode]
-    if divergence not in mode.divergences:
-        others = [m.name for m in CACHE_MODES.values() if divergence in m.divergences]
-        raise ConfigError(f"key kd_loss: {divergence} needs {mode.lacks}; use {' or '.join(mode.divergences)}"
+    if run.divergence not in mode.divergences:
+        others = [m.name for m in CACHE_MODES.values() if run.divergence in m.divergences]
+        raise ConfigError(f"key kd_loss: {run.divergence} needs {mode.lacks}; use {' or '.join(mode.divergences)}"
                           + (f", or a {' or '.join(others)} cache" if others else ", or a live teacher"))
-
-
-class CacheSetup:
-    """The trainer's steps for a teacher read from a cache (an entry of `distill.TEACHER_SOURCES`): the cache's
-    record gives the vocabulary, the cache must fit the run's data before any model loads, and no teacher model
-    loads at all."""
-    retokenize = None
-
-    def __init__(self, cfg, tokenizer):
-        self.cfg, self.directory = cfg, os.path.expanduser(cfg.teacher_cache)
-        self.meta = CacheMeta.load(self.directory)
-        self.vocab_size = self.teacher_vocab_size = self.meta.vocab_size
-
-    def check(self, tokenizer, sources, env) -> None:
-        cfg = self.cfg
-        check_cache_fits(self.meta, cfg.teacher_cache, cfg, tokenizer, sources,
-                         effective_divergence(cfg.kd_loss, cfg.jsd_beta))
-
-    def load_model(self, env, dtype) -> None:
-        return None
-
-    def open(self, device: torch.device) -> CachedTeacher:
-        return CachedTeacher(self.directory, self.meta, device)
-
-    def describe(self) -> list[str]:
-        meta, size = self.meta, CACHE_MODES[self.meta.mode].describe(self.meta.slots)
-        head = ", and its output head (whole on every rank)" if CACHE_MODES[meta.mode].keeps_head else ""
-        return [f"teacher: no model loaded; its {meta.mode} rows ({size}) from the cache {self.cfg.teacher_cache}, "
-                f"{meta.bytes / max(meta.tokens, 1):.0f} bytes per token{head}"]
 
 
 class CacheRowsMismatch(RuntimeError):
@@ -439,18 +429,35 @@ class CacheRowsMismatch(RuntimeError):
 
 
 class CachedTeacher:
-    """Teacher targets read from a cache, in place of a live teacher (see `distill.LiveTeacher`).
+    """The teacher read from a cache (the `cache` kind of `teacher.TEACHERS`), in place of a live one: the cache's
+    record gives the vocabulary, the cache must fit the run's data and kd_loss before any model loads (`check`), and
+    no teacher model loads at all. Its mode (`CACHE_MODES`) says what the rows become for the loss.
 
-    Opening reads every part's small `sample` and `offsets` tensors into an index (sample → part and rows) and closes
+    Loading reads every part's small `sample` and `offsets` tensors into an index (sample → part and rows) and closes
     the part again; a micro-batch then reads only its own samples' rows, memory-mapped, and moves them to the device
     in one copy per tensor. A build writes a part per chunk per rank (10⁵ of them at 64 ranks, above Linux's default
     vm.max_map_count of 65530), so at most `OPEN_PARTS` parts stay open (mapped) at once, the most recently read."""
+    retokenize = None
+    distills = True
 
-    def __init__(self, directory: str, meta: CacheMeta, device: torch.device):
+    def __init__(self, run: CacheRun, meta: CacheMeta):
+        self.run, self.directory, self.meta = run, os.path.expanduser(run.directory), meta
+        self.mode = CACHE_MODES[meta.mode]
+        self.vocab_size = self.teacher_vocab_size = meta.vocab_size
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> CachedTeacher:
+        run = CacheRun.of(cfg)
+        return cls(run, CacheMeta.load(os.path.expanduser(run.directory)))
+
+    def check(self, tokenizer, sources, env) -> None:
+        check_cache_fits(self.meta, self.run, tokenizer, sources)
+
+    def load(self, env, dtype) -> None:
+        """The index of the cache's rows, and the head a `keeps_head` mode stored."""
         from safetensors import safe_open
 
-        self.directory, self.meta, self.device = directory, meta, device
-        self.mode = CACHE_MODES[meta.mode]
+        directory, meta, self.device = self.directory, self.meta, env.device
         self.source_offset = {s["samples_sha256"]: s["offset"] for s in meta.sources}
         total = meta.num_samples
         self.part = np.full(total, -1, dtype=np.int64)
@@ -467,7 +474,16 @@ class CachedTeacher:
             raise ConfigError(f"key teacher_cache: {directory} lacks {missing} of its {total} samples; finish it by "
                               "running cache_teacher again with the same arguments")
         self._open = functools.lru_cache(maxsize=OPEN_PARTS)(self._open_part)
-        self.head = load_head(directory, meta, device) if self.mode.keeps_head else None
+        self.head = load_head(directory, meta, self.device) if self.mode.keeps_head else None
+
+    def verify(self, device: torch.device) -> None:
+        pass  # no model: a kept head was the probed teacher's
+
+    def describe(self) -> list[str]:
+        meta, size = self.meta, self.mode.describe(self.meta.slots)
+        head = ", and its output head (whole on every rank)" if self.mode.keeps_head else ""
+        return [f"teacher: no model loaded; its {meta.mode} rows ({size}) from the cache {self.run.directory}, "
+                f"{meta.bytes / max(meta.tokens, 1):.0f} bytes per token{head}"]
 
     def _open_part(self, k: int):
         from safetensors import safe_open
@@ -489,7 +505,7 @@ class CachedTeacher:
     def close(self) -> None:
         self._open.cache_clear()
 
-    def targets(self, batch) -> "CachedTargets":
+    def targets(self, batch) -> AbstractContextManager[Targets]:
         """The cached distributions at the batch's target rows, in their order (samples in layout order, each
         sample's targets in position order). A batch of only masked copies has no samples and gets no rows."""
         host = self._read(batch.sample_keys) if batch.sample_keys else stored_columns(self.meta, no_rows(self.meta))
@@ -498,7 +514,7 @@ class CachedTeacher:
             raise CacheRowsMismatch(f"key teacher_cache: the cache holds {rows} target rows for a micro-batch that "
                                     f"has {batch.trainable_tokens}; it was built from other data")
         loaded = {c.name: c.load(to_device(host[c.name], self.device)) for c in self.mode.columns}
-        return CachedTargets(self.mode.targets(loaded, self.meta, self.head))
+        return nullcontext(self.mode.targets(loaded, self.meta, self.head))
 
     def _read(self, sample_keys: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         """The stored columns of these samples' rows, concatenated on the host."""
@@ -509,13 +525,3 @@ class CachedTeacher:
             for column in self.mode.columns:
                 pieces.setdefault(column.name, []).append(handle.get_slice(column.name)[start:end])
         return {name: torch.cat(parts) for name, parts in pieces.items()}
-
-
-@dataclass
-class CachedTargets:
-    """A micro-batch's cached teacher distributions, as its cache mode hands them to the loss."""
-    sparse: Targets
-
-    def distill(self, hidden: torch.Tensor, head, labels: torch.Tensor, spec, vocab_size: int):
-        return loss_against(hidden, head, labels, spec, vocab_size, self.sparse)
-

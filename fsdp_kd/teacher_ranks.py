@@ -4,7 +4,7 @@ the student, and the teacher's final hidden states at the trained positions go f
 Per micro-batch a student rank sends its teacher rank the layout of what the teacher runs on (its ids, mask, packing
 and target rows: a few bytes per token), and gets back the teacher's final hidden states at those rows, in the
 teacher's compute dtype (bf16 on GPUs: 2·H bytes per trained token, against 4·V for fp32 logits). The student ranks
-hold the teacher's output head (`models.ShardedHead`, sharded like the student) and compute the exact loss from those
+hold the teacher's output head (`ShardedHead`, sharded like the student) and compute the exact loss from those
 hidden states in the chunked kernel, as a co-located run does: the same numbers, from a teacher that needs no room on
 the student's devices and whose forward overlaps the student's step.
 
@@ -27,15 +27,22 @@ exits, and torchrun stops the others, who are blocked in a receive.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM
 
 from .data import MicroBatch
+from .distill import hidden_at_targets
 from .distributed import DistEnv, Split
 from .dtypes import resolve_dtype
-from .heads import verify_head
-from .models import ShardedHead, hidden_at_targets
+from .heads import head_config
+from .kernel import Head
+from .loading import (Checkpoint, check_head_covers_vocab, local_model_path, names_match, parameters_on_meta,
+                      read_own_slices, safetensors_index, split_load_refused)
+from .teacher_model import ModelTeacher, model_teacher
 
 SENDS_AHEAD = 2  # hidden states a teacher rank may have in flight (to all the student ranks it serves): its lead
 _BATCH, _STOP = 1, 0
@@ -86,21 +93,96 @@ def receive_layout(src: int, split: Split, device: torch.device) -> tuple[MicroB
     return batch, nbytes(header, layout, rows)
 
 
-class RemoteTeacher:
-    """A student rank's teacher source when the teacher runs elsewhere: the hidden states its teacher rank sends,
-    made into targets by `kind` (the source a co-located run would use, `distill.LiveTeacher` or
-    `CrossTokenizerTeacher`, whose model is not on this rank) with the teacher's head held here."""
+class ShardedHead:
+    """A teacher's output head alone, on ranks that do not run its body (the student ranks): sharded over their mesh
+    like the student, each rank reading only its rows from the teacher's safetensors, and gathered only while the
+    loss reads it. Its logit transforms (soft-cap, scale) come from the teacher's config, as `heads.output_head`
+    reads them off a whole model.
 
-    def __init__(self, kind, head: ShardedHead, env: DistEnv):
-        self.kind, self.head, self.split = kind, head, env.split
-        self.teacher, self.device = env.split.teacher_of(env.global_rank), env.device
+    Made in two steps: the constructor checks (on the architecture built on the meta device: no memory) that the
+    head covers the vocabulary and that its tensors are in the files, before anything loads; `load` shards and
+    reads it."""
+
+    def __init__(self, path: str, trust_remote_code: bool, env: DistEnv, dtype: torch.dtype, vocab_size: int):
+        from transformers import AutoConfig
+
+        path = local_model_path(path, env)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with parameters_on_meta():
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        check_head_covers_vocab(lm, vocab_size, "teacher")
+        self.linear = lm.get_output_embeddings()
+        names = {id(p): name for name, p in lm.named_parameters()}  # a tied head is named as the embedding
+        self.in_files = {leaf: names[id(p)] for leaf, p in self.linear.named_parameters()}
+        self.files = safetensors_index(path)
+        # what the teacher ranks' `load_sharded` would refuse, refused here before they start
+        if self.files is None or not names_match(lm, Checkpoint(self.files)):
+            raise split_load_refused("teacher", path, self.files)
+        self.fields = head_config(lm.config)
+        self.hidden_size, self.dtype = self.linear.weight.shape[1], dtype
+
+    def load(self, env: DistEnv) -> None:
+        self.linear.requires_grad_(False)
+        fully_shard(self.linear, mesh=env.mesh)
+        self.linear.to_empty(device=env.device)
+        params = dict(self.linear.named_parameters())
+        read_own_slices({self.in_files[leaf]: params[leaf] for leaf in params}, Checkpoint(self.files), self.dtype)
+
+    @contextmanager
+    def gathered(self):
+        """The head (a loss `Head`), gathered from the shards for this block only."""
+        self.linear.unshard()
+        try:
+            yield Head(self.linear.weight, getattr(self.linear, "bias", None), **self.fields)
+        finally:
+            self.linear.reshard()
+
+
+class RemoteTeacher:
+    """`teacher_ranks`: the teacher_model runs on ranks of its own, as `model` (the kind a co-located run would use,
+    `teacher_model.LiveTeacher` or `CrossTokenizerTeacher`, whose model is not on this rank); this student rank holds
+    its head, sends it each micro-batch's layout and makes the targets from the hidden states that come back."""
+    distills = True
+
+    def __init__(self, model: ModelTeacher, param_dtype: str):
+        self.model, self.param_dtype = model, param_dtype
+        self.vocab_size, self.teacher_vocab_size = model.vocab_size, model.teacher_vocab_size
+        self.retokenize = model.retokenize
+        self.env = self.head = self.teacher = None  # set by `check`: this rank's place, the head, its teacher rank
         self.sends: list = []
         self.waiting: deque = deque()  # (batch, its teacher batch): sent, hidden states not yet received
         self.receiving: deque = deque()  # (batch, hidden buffer, receive work): posted, at most SENDS_AHEAD
 
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> RemoteTeacher:
+        return cls(model_teacher(cfg, tokenizer), cfg.param_dtype)
+
     @property
     def metric_names(self) -> dict[str, str | None]:
-        return self.kind.metric_names
+        return self.model.metric_names
+
+    def check(self, tokenizer, sources, env: DistEnv) -> None:
+        """The last of the student ranks' checks (the trainer runs it last): the teacher's head, then the teacher
+        ranks may start loading."""
+        self.model.check(tokenizer, sources, env)
+        self.env, self.teacher, spec = env, env.split.teacher_of(env.global_rank), self.model.spec
+        self.head = ShardedHead(spec.path, spec.load.trust_remote_code, env,
+                                resolve_dtype(self.param_dtype, env.device), self.teacher_vocab_size)
+        students_checked(env.split)
+
+    def load(self, env: DistEnv, dtype: torch.dtype) -> None:
+        """The teacher's head, sharded over the student ranks; its body loads on the teacher ranks meanwhile."""
+        self.head.load(env)
+
+    def verify(self, device: torch.device) -> None:
+        pass  # the teacher ranks verify the head on the whole model (`serve`)
+
+    def describe(self) -> list[str]:
+        return [f"teacher on ranks of its own: {self.env.split.describe()}; FSDP2 full shard over the teacher "
+                f"ranks, CPU offload {'on' if self.model.spec.sharding.offload else 'off'}; hidden states of the "
+                f"trained positions come back in {str(self.head.dtype).removeprefix('torch.')} "
+                f"({self.head.hidden_size} per token), and the student ranks hold the teacher's head, sharded",
+                *self.model.vocabulary_lines()]
 
     def _sent(self) -> None:
         """Waits for this rank's sends so far (long done once their hidden states are back), and lets them go."""
@@ -111,8 +193,8 @@ class RemoteTeacher:
     def begin(self, batches: list[MicroBatch]) -> None:
         self._sent()
         for batch in batches:
-            teacher_batch = self.kind.teacher_batch(batch)
-            self.sends += send_layout(teacher_batch, self.teacher, self.split)
+            teacher_batch = self.model.teacher_batch(batch)
+            self.sends += send_layout(teacher_batch, self.teacher, self.env.split)
             self.waiting.append((batch, teacher_batch))
         self._post_receives()
 
@@ -120,7 +202,7 @@ class RemoteTeacher:
         while self.waiting and len(self.receiving) < SENDS_AHEAD:
             batch, teacher_batch = self.waiting.popleft()
             hidden = torch.empty(teacher_batch.target_rows.numel(), self.head.hidden_size, dtype=self.head.dtype,
-                                 device=self.device)
+                                 device=self.env.device)
             self.receiving.append((batch, hidden, dist.irecv(hidden, self.teacher)))
 
     def targets(self, batch: MicroBatch):
@@ -129,58 +211,23 @@ class RemoteTeacher:
             raise RuntimeError("teacher_ranks: targets were asked for a micro-batch other than the next one begun")
         work.wait()
         self._post_receives()
-        return self.kind.targets_from(hidden, batch, self.head.gathered)
+        return self.model.targets_from(hidden, batch, self.head.gathered)
 
     def close(self) -> None:
         """Tells the teacher rank that this student rank is done: it returns once all of its student ranks are."""
         self._sent()
-        send_stop(self.teacher, self.split)
+        send_stop(self.teacher, self.env.split)
 
 
-class RemoteSetup:
-    """`teacher_ranks`: the teacher_model (with the student's tokenizer or its own: `kind`, a `distill.LiveSetup` or
-    `CrossTokenizerSetup`) runs on ranks of its own; this rank holds its head and receives its hidden states."""
-
-    def __init__(self, cfg, kind):
-        self.cfg, self.kind = cfg, kind
-        self.vocab_size, self.teacher_vocab_size = kind.vocab_size, kind.teacher_vocab_size
-        self.retokenize = kind.retokenize
-        self.env = self.head = None
-
-    def check(self, tokenizer, sources, env) -> None:
-        """The last of the student ranks' checks (the trainer runs it last): the teacher's head, then the teacher
-        ranks may start loading."""
-        self.kind.check(tokenizer, sources, env)
-        self.env = env
-        self.head = ShardedHead(self.cfg.teacher_model, self.cfg, env, resolve_dtype(self.cfg.param_dtype, env.device),
-                                self.teacher_vocab_size)
-        students_checked(env.split)
-
-    def load_model(self, env: DistEnv, dtype: torch.dtype) -> None:
-        """The teacher's head, sharded over the student ranks; its body loads on the teacher ranks meanwhile."""
-        self.head.load(env)
-        return None
-
-    def open(self, device: torch.device) -> RemoteTeacher:
-        return RemoteTeacher(self.kind.open(device), self.head, self.env)
-
-    def describe(self) -> list[str]:
-        return [f"teacher on ranks of its own: {self.env.split.describe()}; FSDP2 full shard over the teacher "
-                f"ranks, CPU offload {'on' if self.cfg.teacher_offload else 'off'}; hidden states of the trained "
-                f"positions come back in {str(self.head.dtype).removeprefix('torch.')} ({self.head.hidden_size} "
-                f"per token), and the student ranks hold the teacher's head, sharded", *self.kind.vocabulary_lines()]
-
-
-def serve(cfg, kind, env: DistEnv) -> dict[str, int]:
+def serve(model: ModelTeacher, env: DistEnv, dtype: torch.dtype) -> dict[str, int]:
     """A teacher rank's run once the student ranks' checks have passed (`students_checked`): load the teacher
-    sharded over the teacher ranks, then run each micro-batch its student ranks send and send back the hidden
-    states, until all of them have said stop. Returns (and the first teacher rank prints) what it served:
-    micro-batches, trained tokens, bytes received and sent."""
-    split, dtype = env.split, resolve_dtype(cfg.param_dtype, env.device)
-    root = kind.load_model(env, dtype)
-    with root.gathered_head():
-        root(verify_head, "teacher", kind.teacher_vocab_size, env.device)
-    root.reshard_everything()
+    (`model`, in the compute `dtype`) sharded over the teacher ranks, then run each micro-batch its student ranks
+    send and send back the hidden states, until all of them have said stop. Returns (and the first teacher rank
+    prints) what it served: micro-batches, trained tokens, bytes received and sent."""
+    split = env.split
+    model.load(env, dtype)
+    model.verify(env.device)
+    root = model.root
     students = split.served_by(env.global_rank)
     sends: deque = deque()
     served = tokens = received = sent = 0
@@ -203,7 +250,7 @@ def serve(cfg, kind, env: DistEnv) -> dict[str, int]:
     for work, _ in sends:
         work.wait()
     if env.is_main:  # its own counts: every teacher rank serves alike
-        logits = 4 * kind.teacher_vocab_size
+        logits = 4 * model.teacher_vocab_size
         print(f"teacher ranks: served {served} micro-batches per rank; teacher rank {env.rank}: {tokens} trained "
               f"tokens, {sent / max(tokens, 1):.0f} bytes of hidden states sent per trained token (fp32 logits: "
               f"{logits}, {logits * tokens / max(sent, 1):.1f}x), {received / max(tokens, 1):.0f} bytes of inputs "

@@ -21,9 +21,9 @@ import torch
 
 from fsdp_kd.config import parse_config
 from fsdp_kd.data import collate
-from fsdp_kd.models import hidden_at_targets
+from fsdp_kd.distill import hidden_at_targets
 from fsdp_kd.distributed import exit_process, init_distributed, seed_everything, teardown
-from fsdp_kd.reference import dense_distillation_loss
+from fsdp_kd.testing.reference import dense_distillation_loss
 from fsdp_kd.trainer import Trainer
 
 
@@ -45,21 +45,21 @@ def grads(env, flags, out_file):
 
 def dense_loss(lm, batch, spec, vocab_size, targets):
     hidden = hidden_at_targets(lm, batch)
-    with targets.head() as teacher_head:
+    with targets as teacher:
         return dense_distillation_loss(hidden, lm.get_output_embeddings().weight, batch.target_ids, spec,
-                                       vocab_size, targets.hidden, teacher_head.weight)
+                                       vocab_size, teacher.hidden, teacher.head.weight)
 
 
 def dense(env, flags, out_file):
     trainer = trainer_from(flags, env)
-    batch = collate([trainer.train_samples[i] for i in range(env.rank * 4, env.rank * 4 + 4)], trainer.pad_id)
+    batch = collate([trainer.data.train[i] for i in range(env.rank * 4, env.rank * 4 + 4)], trainer.data.pad_id)
     result = {}
     for name, fn in (("kernel", None), ("dense", dense_loss)):
         trainer.optimizer.zero_grad(set_to_none=True)
         if fn is None:
             loss, _ = trainer._run_micro_batch(batch, trainer.spec)
         else:
-            targets = trainer.teacher_source.targets(batch)
+            targets = trainer.teacher.targets(batch)
             loss, _ = trainer.student(fn, batch, trainer.spec, trainer.vocab_size, targets)
         loss.backward()
         total = loss.detach().clone()
@@ -79,14 +79,14 @@ def gathers(env, flags, out_file):
         return all_gather(fsdp_params, *args, **kwargs)
 
     param_group.foreach_all_gather = counting
-    batch = collate([trainer.train_samples[i] for i in range(2)], trainer.pad_id).to(env.device)
+    batch = collate([trainer.data.train[i] for i in range(2)], trainer.data.pad_id).to(env.device)
     per_micro_batch = []
     for _ in range(2):
         gathered.clear()
-        with trainer.teacher_source.targets(batch).head():
+        with trainer.teacher.targets(batch):
             pass
         per_micro_batch.append(sum(gathered))
-    return {"gathered": per_micro_batch, "parameters": sum(p.numel() for p in trainer.teacher.parameters())}
+    return {"gathered": per_micro_batch, "parameters": sum(p.numel() for p in trainer.teacher.root.parameters())}
 
 
 def logits(env, flags, out_file):
@@ -105,8 +105,9 @@ def families(env, pairs, out_file):
     from fsdp_kd.demo import build_char_tokenizer
     from fsdp_kd.distill import student_loss
     from fsdp_kd.export import export_student
+    from fsdp_kd.loading import LoadSpec, load_sharded
     from fsdp_kd.loss import LossSpec
-    from fsdp_kd.models import load_sharded, shard_student
+    from fsdp_kd.sharding import StudentSharding
     from test_families import V, batch_of
 
     work = os.path.dirname(out_file)
@@ -114,9 +115,9 @@ def families(env, pairs, out_file):
     errors = {}
     for family, path in (pair.split("=", 1) for pair in pairs):
         cfg = TrainConfig(pretrain=path, dataset="-", kd_coef=0.0, param_dtype="fp32", attn_implementation="eager")
-        root = load_sharded(path, cfg, env, torch.float32, shard_student, "student", V)
+        root = load_sharded(path, LoadSpec.of(cfg), env, torch.float32, StudentSharding.of(cfg), "student", V)
         optimizer = torch.optim.AdamW(root.parameters(), lr=1e-2)
-        loss, _ = root(student_loss, batch_of(env.rank), LossSpec(kd_coef=0.0), V, None)
+        loss, _ = root(student_loss, batch_of(env.rank), LossSpec(kd_coef=0.0), V)
         loss.backward()
         optimizer.step()
         ids = batch_of(0).input_ids
@@ -137,14 +138,15 @@ def load(env, pairs, out_file):
     from transformers import AutoModelForCausalLM
 
     from fsdp_kd.config import TrainConfig
-    from fsdp_kd.models import load_sharded, shard_student, shard_teacher
+    from fsdp_kd.loading import LoadSpec, load_sharded
+    from fsdp_kd.sharding import StudentSharding, TeacherSharding
 
     differences = {}
     for name, path in (pair.split("=", 1) for pair in pairs):
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
-        for role, shard, offload in (("student", shard_student, False), ("teacher", shard_teacher, True)):
+        for role, sharding, offload in (("student", StudentSharding, False), ("teacher", TeacherSharding, True)):
             cfg = TrainConfig(pretrain=path, dataset="-", kd_coef=0.0, param_dtype="fp32", teacher_offload=offload)
-            root = load_sharded(path, cfg, env, torch.float32, shard, role)
+            root = load_sharded(path, LoadSpec.of(cfg), env, torch.float32, sharding.of(cfg), role)
             loaded = {n: p.full_tensor() for n, p in root.lm.named_parameters()}
             differences[f"{name} as {role}"] = max(float((loaded[n] - reference[n]).abs().max()) for n in loaded)
     return differences
@@ -158,7 +160,7 @@ def generate(env, flags, out_file):
 
     trainer = trainer_from(flags, env)
     settings = trainer.on_policy.settings
-    prompts = [prompt_of(trainer.train_samples[i]) for i in range(env.rank * 5, env.rank * 5 + 5)]
+    prompts = [prompt_of(trainer.data.train[i]) for i in range(env.rank * 5, env.rank * 5 + 5)]
     seed = 1234 + env.rank
     once, _ = fsdp_generate(trainer.student, prompts, settings, seed, env.device)
     per_token, _ = fsdp_generate(trainer.student, prompts, dataclasses.replace(settings, gather_once=False), seed,
@@ -174,7 +176,7 @@ def generate(env, flags, out_file):
     for row in out[:, width:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in settings.stop_ids), len(row))
         reference.append(row[:cut])
-    step_groups, flags_, stats = trainer.on_policy.rewrite(trainer.student, 0, [[trainer.train_samples[i]]
+    step_groups, flags_, stats = trainer.on_policy.rewrite(trainer.student, 0, [[trainer.data.train[i]]
                                                                                for i in range(4)])
     return all_gather_object({"once": once, "per_token": per_token, "reference": reference,
                               "stop_ids": list(settings.stop_ids), "max_new_tokens": settings.max_new_tokens,

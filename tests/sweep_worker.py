@@ -33,9 +33,9 @@ def sampled_tokens(trainer: Trainer) -> float:
     tbs = trainer.cfg.train_batch_size
     total = 0
     for step in range(trainer.total_steps):
-        epoch, index = divmod(step, trainer.sampler.steps_per_epoch)
-        for i in trainer.epoch_order(epoch)[index * tbs:(index + 1) * tbs].tolist():
-            total += trainer.train_samples[i].trainable_tokens
+        epoch, index = divmod(step, trainer.data.sampler.steps_per_epoch)
+        for i in trainer.data.order(epoch)[index * tbs:(index + 1) * tbs].tolist():
+            total += trainer.data.train[i].trainable_tokens
     return float(total)
 
 
@@ -77,7 +77,7 @@ def run_case(env, plan: dict, case: dict) -> dict:
         counter = TrainedByPolicy(trainer.on_policy.rewrite)
         trainer.on_policy.rewrite = counter
     result.update(eval_before=trainer.evaluate(),
-                  eval_tokens_expected=float(sum(s.trainable_tokens for s in trainer.eval_samples)),
+                  eval_tokens_expected=float(sum(s.trainable_tokens for s in trainer.data.held_out)),
                   train_tokens_expected=sampled_tokens(trainer),
                   train_samples_expected=trainer.total_steps * cfg.train_batch_size)
     summary = trainer.train()

@@ -10,7 +10,7 @@ from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap, topk_in_student_voc
 from fsdp_kd.kernel import Head
 from fsdp_kd.targets import LiveTargets, SparseTargets
 from fsdp_kd.loss import LossSpec, loss_against
-from fsdp_kd.reference import dense_cross_vocab_loss
+from fsdp_kd.testing.reference import dense_cross_vocab_loss
 from test_loss import assert_close, spec_with
 
 N, HS, HT, VS, VT = 23, 12, 20, 97, 83

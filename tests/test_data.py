@@ -7,7 +7,7 @@ import torch
 
 from fsdp_kd.config import TrainConfig, token_settings
 from fsdp_kd.data import EpochOrder, StepSampler, collate, eval_shards
-from fsdp_kd.models import load_tokenizer
+from fsdp_kd.tokenizer_compat import load_tokenizer
 from fsdp_kd.records import IGNORE_INDEX, DataError, make_sample, record_to_sample, tokenize_pair, truncate
 from fsdp_kd.tokenized import open_tokenized
 
@@ -268,7 +268,7 @@ def test_packed_logits_equal_unpacked_logits(tiny, attn):
     from transformers import AutoModelForCausalLM
 
     from fsdp_kd.data import collate_packed, pack
-    from fsdp_kd.models import hidden_at_targets
+    from fsdp_kd.distill import hidden_at_targets
 
     lm = AutoModelForCausalLM.from_pretrained(tiny["student"], attn_implementation=attn).eval()
     g = torch.Generator().manual_seed(0)
@@ -306,7 +306,7 @@ def test_a_sliding_window_model_keeps_its_window_padded_and_packed(attn, tmp_pat
     from transformers import MistralConfig, MistralForCausalLM
 
     from fsdp_kd.data import collate_packed, pack, uses_sliding_window
-    from fsdp_kd.models import hidden_at_targets
+    from fsdp_kd.distill import hidden_at_targets
 
     config = MistralConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4, attn_implementation=attn)
@@ -373,7 +373,7 @@ def test_one_rendering_chat_masks_equal_the_prefix_definition(name):
     """Real multi-turn data (ShareGPT chats, tool calls with function/observation turns, a system prompt) under
     three real chat templates, every assistant turn and the last only."""
     from fsdp_kd.records import _conversation, chat_token_mask, read_records
-    from fsdp_kd.reference import prefix_chat_token_mask
+    from fsdp_kd.testing.reference import prefix_chat_token_mask
 
     tok = load_tokenizer(str(real_asset(name)), False)
     conversations = []

@@ -98,16 +98,16 @@ def relative(a: float, b: float) -> float:
 def test_kernel_equals_the_models_own_logits(family):
     import torch.nn.functional as F
 
-    from fsdp_kd.distill import TeacherTargets, student_loss
-    from fsdp_kd.models import hidden_at_targets
+    from fsdp_kd.distill import hidden_at_targets, student_loss
     from fsdp_kd.heads import output_head
+    from fsdp_kd.targets import LiveTargets
     from fsdp_kd.loss import LossSpec
 
     student, teacher = build(family, seed=1, hidden=32), build(family, seed=2, hidden=48, head_scale=12.0)
     batch = batch_of()
     spec = LossSpec(kd_coef=0.5, token_chunk=5, vocab_chunk=16)
     with torch.no_grad():
-        targets = TeacherTargets(hidden_at_targets(teacher, batch), lambda: nullcontext(output_head(teacher)))
+        targets = nullcontext(LiveTargets(hidden_at_targets(teacher, batch), output_head(teacher)))
         _, metrics = student_loss(student, batch, spec, V, targets)
         rows = batch.target_rows
         z_s = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.flatten(0, 1)[rows]

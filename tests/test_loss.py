@@ -8,9 +8,9 @@ import torch
 from fsdp_kd.divergences import AKL_HEAD_TOKENS, DIVERGENCES
 from fsdp_kd.kernel import Head, fp32_output_products
 from fsdp_kd.loss import CPU_CACHE_MB, LossSpec, choose_chunks, distillation_loss
-from fsdp_kd.profiling import profile_launches
-from fsdp_kd.reference import _akl, dense_bucketed_loss, dense_distillation_loss
 from fsdp_kd.targets import SparseTargets
+from fsdp_kd.testing.profiling import profile_launches
+from fsdp_kd.testing.reference import _akl, dense_bucketed_loss, dense_distillation_loss
 
 N, HS, HT, V = 29, 12, 20, 97
 

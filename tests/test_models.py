@@ -1,12 +1,12 @@
-"""Loading into shards, and teacher/student tokenizer agreement: padded rows are fine, a different tokenizer is
-refused."""
+"""Loading into shards, teacher/student tokenizer agreement (padded rows are fine, a different tokenizer is
+refused), and the table that picks a teacher kind."""
 
 import pytest
 import torch
 
 from fsdp_kd.errors import ConfigError
 from fsdp_kd.demo import build_char_tokenizer
-from fsdp_kd.models import load_tokenizer, shared_vocab_size
+from fsdp_kd.tokenizer_compat import load_tokenizer, shared_vocab_size
 
 from assets import real_asset
 from conftest import REPO, torchrun
@@ -84,3 +84,30 @@ def test_a_hub_id_is_fetched_once_per_node_and_read_shard_by_shard(tiny, tmp_pat
     assert "loading the student from" in out.stdout and "each rank reads its own shards" in out.stdout
     assert out.stdout.count("downloading fsdpkd/tiny-student from the hub") == 1
     assert len(read_metrics(tmp_path / "out")) == 1
+
+
+@pytest.mark.parametrize("keys, kind", [
+    ({}, "none"), ({"teacher_model": "t"}, "live"),
+    ({"teacher_model": "t", "cross_tokenizer": True}, "cross_tokenizer"),
+    ({"teacher_model": "t", "teacher_ranks": 1}, "teacher_ranks"),
+    ({"teacher_model": "t", "teacher_ranks": 1, "cross_tokenizer": True}, "teacher_ranks"),
+    ({"teacher_cache": "c"}, "cache"),
+    ({"teacher_model": "t", "teacher_cache": "c", "cross_tokenizer": True}, "cache")])
+def test_a_config_names_one_teacher_kind(keys, kind):
+    from fsdp_kd.config import TrainConfig
+    from fsdp_kd.teacher import TEACHERS, teacher_kind
+
+    assert teacher_kind(TrainConfig(pretrain="s", dataset="d", **keys)) == kind and kind in TEACHERS
+
+
+def test_every_teacher_kind_answers_what_a_run_asks():
+    import inspect
+
+    from fsdp_kd.teacher import TEACHERS, Teacher
+
+    asked = [name for name, member in vars(Teacher).items() if inspect.isfunction(member) or
+             isinstance(member, classmethod)]
+    assert {"from_config", "check", "load", "verify", "describe", "begin", "targets", "close"} <= set(asked)
+    for name, kind in TEACHERS.items():
+        assert all(callable(getattr(kind, method, None)) for method in asked), name
+        assert isinstance(kind.distills, bool) and hasattr(kind, "metric_names"), name

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from fsdp_kd.models import load_tokenizer
+from fsdp_kd.tokenizer_compat import load_tokenizer
 from fsdp_kd.on_policy import prompt_of, stop_token_ids, with_response
 from fsdp_kd.records import IGNORE_INDEX, make_sample
 

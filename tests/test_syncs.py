@@ -3,8 +3,8 @@
 The step tests build the real Trainer on the tiny models in this process (a world of one), run a warm-up step, and
 run the next one under `profiling.SyncDetector`, which infers on the CPU build where each tensor would live on a
 GPU and counts host-to-device copies, device-to-host reads and data-dependent shapes, each with where it happened.
-One transfer per step is allowed: the step's metrics reaching the host in `Trainer._reduce`, after the last
-micro-batch.
+One transfer per step is allowed: the step's metrics reaching the host in `step_metrics.reduce_sums`, after the
+last micro-batch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import train_args
-from fsdp_kd.profiling import SyncDetector
+from fsdp_kd.testing.profiling import SyncDetector
 
 SMALL = dict(max_len=32, max_samples=16, train_batch_size=4, micro_train_batch_size=2, max_steps=4)  # 2 micro-batches
 
@@ -216,7 +216,7 @@ def evaluate(trainer, step):
 
 def metrics_read(sync) -> bool:
     """The step's one allowed transfer: its metrics reaching the host, after the last micro-batch."""
-    return sync.kind == "device_to_host" and sync.where.endswith(" _reduce")
+    return sync.kind == "device_to_host" and sync.where.endswith(" reduce_sums")
 
 
 def assert_only_the_metrics_read(syncs: SyncDetector, also=lambda sync: False) -> None:
@@ -264,7 +264,7 @@ def test_a_micro_batch_without_padding_or_packing_reads_once_per_forward_to_keep
     """The one deliberate sync: rows of equal length get no mask, so sdpa runs its flash kernel with is_causal,
     and HF reads the position ids once per forward (student and teacher) to learn there is no packing."""
     trainer = trainer_for(tiny, tmp_path / "run", env)  # the translation task: its samples are all alike
-    micro_batches = [trainer.collate(samples) for samples in trainer._step_samples(1)]
+    micro_batches = [trainer.data.collate(samples) for samples in trainer.data.step_samples(1)]
     assert not any(batch.padded for batch in micro_batches)
     syncs = steady_state_syncs(trainer, train_step)
     forwards = [e for e in syncs.events if e.op == "_local_scalar_dense" and
@@ -279,13 +279,14 @@ def test_only_parameters_are_offloaded_buffers_stay_on_the_compute_device(tiny):
     the compute device. Here the parameters go to the meta device, so a buffer that followed them would show."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from fsdp_kd.models import ShardedCausalLM, _Checkpoint, _parameters_on_meta, _read_own_shards, _safetensors_index
+    from fsdp_kd.loading import Checkpoint, _read_own_shards, parameters_on_meta, safetensors_index
+    from fsdp_kd.sharding import ShardedCausalLM
 
     config = AutoConfig.from_pretrained(tiny["teacher"])
-    with _parameters_on_meta():
+    with parameters_on_meta():
         root = ShardedCausalLM(AutoModelForCausalLM.from_config(config))
     expected = {name: b.clone() for name, b in AutoModelForCausalLM.from_config(config).named_buffers()}
-    _read_own_shards(root, _Checkpoint(_safetensors_index(tiny["teacher"])), torch.float32, torch.device("meta"))
+    _read_own_shards(root, Checkpoint(safetensors_index(tiny["teacher"])), torch.float32, torch.device("meta"))
     assert {p.device.type for p in root.parameters()} == {"meta"}
     buffers = dict(root.lm.named_buffers())
     assert buffers.keys() == expected.keys() and buffers
@@ -299,15 +300,15 @@ def test_a_caches_targets_reach_the_loss_in_fp32_under_bf16_compute(tiny, uneven
     fp32 under bf16 compute, not rounded to bf16."""
     import torch
 
-    import fsdp_kd.teacher_cache as teacher_cache
+    import fsdp_kd.distill as distill
 
-    seen, real = [], teacher_cache.loss_against
+    seen, real = [], distill.loss_against
 
     def spy(hidden, head, labels, spec, vocab_size, targets):
         seen.append((hidden.dtype, targets.log_p.dtype, targets.log_rest.dtype))
         return real(hidden, head, labels, spec, vocab_size, targets)
 
-    monkeypatch.setattr(teacher_cache, "loss_against", spy)
+    monkeypatch.setattr(distill, "loss_against", spy)
     trainer = trainer_for(tiny, tmp_path / "run", env, dataset=uneven, teacher_model=None, teacher_cache=cache,
                           param_dtype="bf16")
     trainer.train_step(0)

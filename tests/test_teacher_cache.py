@@ -10,8 +10,8 @@ from fsdp_kd.divergences import DIVERGENCES
 from fsdp_kd.kernel import Head, ModelBlock
 from fsdp_kd.targets import SparseTargets
 from fsdp_kd.loss import LossSpec, distillation_loss
-from fsdp_kd.profiling import profile_launches
-from fsdp_kd.reference import dense_bucketed_loss, dense_logits
+from fsdp_kd.testing.profiling import profile_launches
+from fsdp_kd.testing.reference import dense_bucketed_loss, dense_logits
 from fsdp_kd.teacher_cache import decode_ids, encode_ids, id_bytes, teacher_samples, teacher_topk
 from test_loss import spec_with
 
@@ -216,6 +216,17 @@ def _write_cache(directory, parts: list[list[int]], mode="topk", slots=3, seed=0
     return meta, written
 
 
+def _reader(directory, meta):
+    """A `CachedTeacher` of the cache written in `directory`, loaded on the CPU."""
+    import types
+
+    from fsdp_kd.teacher_cache import CachedTeacher, CacheRun
+
+    teacher = CachedTeacher(CacheRun(str(directory), None, "pretrain", meta.temperature, "forward_kl", {}), meta)
+    teacher.load(types.SimpleNamespace(device=torch.device("cpu")), torch.float32)
+    return teacher
+
+
 class _Batch:
     """What `CachedTeacher.targets` reads off a micro-batch."""
 
@@ -228,13 +239,12 @@ class _Batch:
 def test_a_part_of_no_samples_and_a_micro_batch_of_only_masked_copies(tmp_path, mode):
     """A rank with no real sample in a chunk writes a part of no samples; a rank whose micro-batch holds only masked
     copies (no sample keys) gets targets of no rows, shaped like any other, which the loss takes."""
-    from fsdp_kd.teacher_cache import CachedTeacher
-
     meta, written = _write_cache(tmp_path, [[0, 1], [], [2], []], mode=mode)
-    teacher = CachedTeacher(str(tmp_path), meta, torch.device("cpu"))
-    full = teacher.targets(_Batch([2, 0], written)).sparse
-    assert torch.equal(full.ids, torch.cat([written[2][0], written[0][0]]))
-    empty = teacher.targets(_Batch([], written)).sparse
+    teacher = _reader(tmp_path, meta)
+    with teacher.targets(_Batch([2, 0], written)) as full:
+        assert torch.equal(full.ids, torch.cat([written[2][0], written[0][0]]))
+    with teacher.targets(_Batch([], written)) as empty:
+        pass
     assert empty.ids.shape == (0, meta.slots) and empty.log_p.shape == (0, meta.slots) and empty.log_rest.shape == (0,)
     h_s, w_s, *_ = inputs()
     spec = LossSpec(kd_coef=0.5, divergence="forward_kl", vocab_chunk=40, token_chunk=N)
@@ -250,16 +260,17 @@ def _maps_of(directory) -> int:
 def test_reading_a_cache_of_many_parts_keeps_few_of_them_mapped(tmp_path):
     """A part per chunk per rank reaches ~10⁵ at 64 ranks, above Linux's default vm.max_map_count (65530): the
     reader maps a bounded number of parts at once, whatever the cache holds, and reads every sample right."""
-    from fsdp_kd.teacher_cache import OPEN_PARTS, CachedTeacher
+    from fsdp_kd.teacher_cache import OPEN_PARTS
 
     parts = [[c] for c in range(3 * OPEN_PARTS)]
     meta, written = _write_cache(tmp_path, parts)
-    teacher = CachedTeacher(str(tmp_path), meta, torch.device("cpu"))
+    teacher = _reader(tmp_path, meta)
     order = torch.randperm(len(parts), generator=torch.Generator().manual_seed(0)).tolist()
     most = 0
     for start in range(0, len(order), 4):
         samples = order[start:start + 4]
-        got = teacher.targets(_Batch(samples, written)).sparse
+        with teacher.targets(_Batch(samples, written)) as got:
+            pass
         most = max(most, _maps_of(tmp_path))
         for column, name in ((got.ids, 0), (got.log_p, 1), (got.log_rest, 2)):
             assert torch.equal(column, torch.cat([written[i][name] for i in samples]))
@@ -272,9 +283,7 @@ def test_a_tempered_caches_teacher_ce_says_so(tmp_path):
     only their total), so at τ ≠ 1 its teacher CE is logged under a name that says which temperature it is at."""
     import dataclasses
 
-    from fsdp_kd.teacher_cache import CachedTeacher
-
     meta, _ = _write_cache(tmp_path, [[0]])
     for temperature, name in ((1.0, "teacher_ce_buckets"), (2.0, "teacher_ce_buckets_at_kd_temperature")):
-        cached = CachedTeacher(str(tmp_path), dataclasses.replace(meta, temperature=temperature), torch.device("cpu"))
+        cached = _reader(tmp_path, dataclasses.replace(meta, temperature=temperature))
         assert cached.metric_names["teacher_ce"] == name

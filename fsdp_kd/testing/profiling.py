@@ -314,7 +314,7 @@ def _boolean_index(name: str, args) -> bool:
 
 
 _SKIPPED = (os.path.dirname(torch.__file__) + os.sep, os.path.abspath(__file__), contextlib.__file__)
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep  # fsdp_kd/, not testing/
 _REPO = os.path.dirname(_PACKAGE.rstrip(os.sep)) + os.sep
 
 

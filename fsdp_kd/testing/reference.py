@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kernel import Head, as_head
-from .loss import LossSpec
-from .targets import SparseTargets
+from ..kernel import Head, as_head
+from ..loss import LossSpec
+from ..targets import SparseTargets
 
 
 def dense_logits(hidden: torch.Tensor, head: torch.Tensor | Head, vocab_size: int) -> torch.Tensor:
