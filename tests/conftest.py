@@ -139,6 +139,18 @@ def _launch_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+# Set in this process by pytest (the test in progress) and by torch (where inductor caches), not by a test
+_PROCESS_LOCAL = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
+
+
+def _hosts_env_holds(env: dict[str, str]) -> bool:
+    """Whether a case with `env` may run on a host: its environment is the hosts'."""
+    def kept(e):
+        return {k: v for k, v in e.items() if k not in _PROCESS_LOCAL}
+
+    return kept(env) == kept(_HOST_ENV)
+
+
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True, cwd=None, fresh: bool = False):
     """Runs `torchrun --nproc_per_node nproc ARGS` on gloo; returns the CompletedProcess.
 
@@ -146,10 +158,11 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = 
     (tests/case_host.py), as torchrun would: the same exit status (0, or 1 when any rank failed) and every rank's
     output. `fresh=True`, arguments for torchrun itself, or an environment changed since the hosts started (libraries
     read some variables, such as HF_HUB_OFFLINE, once at import) launch a torchrun of its own."""
-    if not fresh and _hostable(args) and _launch_env() == _HOST_ENV:
+    if not fresh and _hostable(args) and _hosts_env_holds(_launch_env()):
         proc = _host(nproc).run(args, cwd, timeout)
         proc.returncode = 0 if all(code == 0 for code in proc.codes) else 1
     else:
+        LAUNCHES["own"] += 1
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_launch_env(), cwd=cwd)
@@ -163,7 +176,8 @@ def python_run(args: list[str], cwd=None, timeout: int = 180, **extra_env):
     of one rank; its exit status is the process's own (2 for bad input). With `extra_env`, or an environment changed
     since the hosts started, it runs as a process of its own, as `torchrun` does."""
     env = {**_launch_env(), **extra_env}
-    if env != _HOST_ENV:
+    if not _hosts_env_holds(env):
+        LAUNCHES["own"] += 1
         return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                               cwd=cwd, env=env)
     proc = _host(1).run(args, cwd, timeout)
@@ -202,6 +216,7 @@ class CaseHost:
         import time
 
         n, self.cases = self.cases, self.cases + 1
+        LAUNCHES["hosted"] += 1
         case = {"argv": [str(a) for a in argv], "cwd": str(cwd) if cwd else None}
         tmp = os.path.join(self.inbox, f"{n}.tmp")
         with open(tmp, "w") as f:
@@ -251,6 +266,7 @@ class CaseHost:
 
 
 _HOSTS: dict[int, CaseHost] = {}
+LAUNCHES = {"hosted": 0, "own": 0, "hosts": 0}  # for the summary line: what ran where
 _HOST_ENV = _launch_env()  # every host's, taken once the data cache variable above is set
 
 
@@ -258,6 +274,7 @@ def _host(world: int) -> CaseHost:
     """The case host of `world` ranks, started on first use and again after one was killed."""
     if world not in _HOSTS or not _HOSTS[world].alive():
         _HOSTS[world] = CaseHost(world)
+        LAUNCHES["hosts"] += 1
     return _HOSTS[world]
 
 
@@ -328,7 +345,11 @@ def train_args(tiny, save_path, **overrides) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter):
-    """One line when tests were skipped for missing real assets (`assets.real_asset`): how many and which."""
+    """A line of what ran where (on case hosts, or in processes of their own), and one when tests were skipped for
+    missing real assets (`assets.real_asset`): how many and which."""
+    if LAUNCHES["hosted"] or LAUNCHES["own"]:
+        terminalreporter.write_line(f"{LAUNCHES['hosted']} runs on {LAUNCHES['hosts']} case hosts, "
+                                    f"{LAUNCHES['own']} in processes of their own")
     reasons = [report.longrepr[2] for report in terminalreporter.stats.get("skipped", [])
                if isinstance(report.longrepr, tuple)]
     names = [m.group(1) for m in (re.search(rf"{SKIP_PREFIX}(\S+):", r) for r in reasons) if m]
