@@ -371,7 +371,7 @@ def main():
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--token_chunk", type=int, help="default: chosen per device (kernel.choose_chunks)")
+    parser.add_argument("--token_chunk", type=int, help="default: chosen per device (loss.choose_chunks)")
     parser.add_argument("--vocab_chunk", type=int)
     parser.add_argument("--launches", action="store_true", help="print the launch profile only")
     parser.add_argument("--profile_hidden", type=int, default=64, help="hidden size for the launch profile")

@@ -52,7 +52,8 @@ class CacheBuilder:
         retokenize = self.teacher.retokenize
         if retokenize is not None:
             check_cacheable_across(self.teacher.shared)
-        train, held_out = open_sources(data_sources(cfg), self.tokenizer, env.local_rank, all_gather_object, self.log, retokenize)
+        train, held_out = open_sources(data_sources(cfg), self.tokenizer, env.local_rank, all_gather_object, self.log,
+                                       retokenize)
         self.sources = list({s.samples_sha256: s for s in train + ([held_out] if held_out else [])}.values())
         offsets = [0]
         for source in self.sources:

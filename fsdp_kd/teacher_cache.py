@@ -7,7 +7,7 @@ one of the modes of `CACHE_MODES`:
   sampled  n draws from p, stored as the distinct ids with their counts; p̂ = counts / n is an unbiased estimate
            of p, so forward KL's gradient q - p̂ is an unbiased estimate of the live one;
   hidden   the teacher's final hidden state itself (bf16 by default, 2·H bytes), and the teacher's output head once
-           for the whole cache: training rebuilds the teacher's exact logits from them (`kernel.LiveTargets`), so
+           for the whole cache: training rebuilds the teacher's exact logits from them (`targets.LiveTargets`), so
            every divergence trains as with the live teacher, with no teacher body loaded.
 A mode is one `CacheMode` entry, which says all there is to it: how its rows are built from the teacher's logits, the
 columns a part stores, the targets the loss takes from them, its metric names and the divergences it can train.
@@ -225,7 +225,7 @@ COUNTS = Column("counts", True, torch.long, lambda t, meta: t.to(torch.uint8), t
 class CacheMode:
     """One way of storing the teacher's distribution at a token, whole: what the build stores per token (its
     `columns`, made by `build_rows` from a teacher block's logits at τ), what training sends the loss from them
-    (`targets`, any `kernel.Targets`), how the loss's metrics read against it (`metric_names`; None drops one), and
+    (`targets`, any `targets.Targets`), how the loss's metrics read against it (`metric_names`; None drops one), and
     the divergences it can train (refused otherwise, saying what the mode `lacks`). A mode that `keeps_head` stores the
     teacher's output head once beside its rows, and its `targets` get it."""
     name: str

@@ -10,10 +10,10 @@ descriptors 1 and 2 sent to INBOX/N.rank{r}.out and .err (so C++ and library out
 would), then writes its exit code to INBOX/N.rank{r}.json.
 
 Between cases the process group stays up; what a run's own teardown would have cleared (the meshes, the side group of
-a split job, the start-up clock, the warnings already shown, the working directory) is reset. A case that fails on one rank only
-can leave the others inside a collective: the test side then times out, kills the host and starts a new one, so such
-tests (a killed rank, torchrun's own summary) still launch torchrun themselves. The host leaves when its parent (the
-pytest process) is gone.
+a split job, the start-up clock, the warnings already shown, the working directory) is reset. A case that fails on one
+rank only can leave the others inside a collective: the test side then times out, kills the host and starts a new one,
+so such tests (a killed rank, torchrun's own summary) still launch torchrun themselves. The host leaves when its parent
+(the pytest process) is gone.
 """
 
 from __future__ import annotations
