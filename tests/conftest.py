@@ -293,6 +293,7 @@ def pytest_sessionfinish(session):
 
 def start_torchrun(args, nproc=2):
     """`torchrun` in the background, stdout and stderr merged, in a session of its own (so it can be killed whole)."""
+    LAUNCHES["own"] += 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()), *args]
     return subprocess.Popen(cmd, env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
