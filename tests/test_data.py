@@ -389,7 +389,7 @@ def test_a_source_left_empty_by_the_holdout_is_one_line(tiny, tmp_path):
     from types import SimpleNamespace
 
     from fsdp_kd.config import ConfigError
-    from fsdp_kd.demo import write_jsonl
+    from fsdp_kd.testing.tiny import write_jsonl
     from fsdp_kd.preflight import open_training_data
 
     big, single = tmp_path / "big.jsonl", tmp_path / "single.jsonl"

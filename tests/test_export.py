@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fsdp_kd.demo import write_jsonl
+from fsdp_kd.testing.tiny import write_jsonl
 
 from assets import real_asset
 from conftest import REPO, qa_records

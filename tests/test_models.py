@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fsdp_kd.config import ConfigError
-from fsdp_kd.demo import build_char_tokenizer
 from fsdp_kd.models import load_tokenizer, shared_vocab_size
+from fsdp_kd.testing.tiny import build_char_tokenizer
 
 from assets import real_asset
 from conftest import REPO, torchrun
