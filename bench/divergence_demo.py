@@ -50,10 +50,12 @@ def student_flags(row: str, paths: dict[str, str], teacher_dir: str) -> dict:
 
 
 def main() -> int:
-    from fsdp_kd.demo import aligned_scores, base_config, prepare_task, score_model, train_stage
+    from fsdp_kd.demo import (aligned_scores, base_config, prepare_task, scores_against_teacher, teacher_eval,
+                              train_stage)
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.divergences import DIVERGENCES
     from fsdp_kd.stages import Stages
+    from fsdp_kd.testing.tiny import read_jsonl
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -86,9 +88,12 @@ def main() -> int:
                         scores[row].append(aligned_scores(cfg.save_path, teacher_dir, paths))
                     torch.distributed.barrier()
                 else:
-                    result = score_model(cfg, teacher_dir, paths, out, env, k=8)
+                    kl = teacher_eval(cfg, teacher_dir, out, env)["eval_kl"]
                     if env.is_main:  # (KL, exact match)
-                        scores[row].append((result["eval_kl"], result["scores"][0]))
+                        mode_records, eval_records = (read_jsonl(os.path.join(paths["data"], f"{part}.jsonl"))
+                                                      for part in ("eval_mode", "eval"))
+                        exact = scores_against_teacher(cfg.save_path, teacher_dir, mode_records, eval_records)[0]
+                        scores[row].append((kl, exact))
                 if env.is_main:
                     print(f"  seed {seed} {row}: {', '.join(f'{v:.4f}' for v in scores[row][-1])}", flush=True)
     finally:

@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
+import functools
 import os
 import sys
 
 import torch
 
 from .stages import Stages
-from .testing.tiny import build_char_tokenizer, build_tiny_model, translation_task, write_jsonl
+from .testing.tiny import build_char_tokenizer, build_tiny_model, read_jsonl, translation_task, write_jsonl
 
 CACHED = "KD student, top-k cache (k = 8)"
 ON_POLICY = "KD student, on-policy (λ = 0.5)"
@@ -57,11 +57,7 @@ def scores_against_teacher(model_dir: str, teacher_dir: str, mode_records: list[
         return torch.log_softmax(lm(ids).logits.double(), -1)
 
     hits, own_kl, own_tokens = 0, 0.0, 0
-    for group in _same_length(mode_records, lambda r: (len(tok(r["input"])["input_ids"]), len(r["output"]))):
-        prompts = torch.tensor([tok(r["input"])["input_ids"] for r in group])
-        out = model.generate(prompts, max_new_tokens=len(group[0]["output"]) + 1, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        start = prompts.shape[1]
+    for group, start, out in _greedy(model, tok, mode_records):
         log_q_all, log_p_all = log_probs(model, out), log_probs(teacher, out)
         for i, r in enumerate(group):
             generated = out[i, start:].tolist()
@@ -83,7 +79,17 @@ def scores_against_teacher(model_dir: str, teacher_dir: str, mode_records: list[
     return hits / len(mode_records), own_kl / max(own_tokens, 1), bucketed_kl / max(tokens, 1)
 
 
-def _same_length(records: list[dict], length) -> list[list[dict]]:
+def _greedy(model, tok, records: list[dict]):
+    """Per batch of records whose prompts and answers have one length: (the batch, the prompt length, the greedy
+    output ids), with room for one token more than the expected answer has characters (its end)."""
+    for group in _same_length(records, lambda r: (len(tok(r["input"])["input_ids"]), len(r["output"]))):
+        prompts = torch.tensor([tok(r["input"])["input_ids"] for r in group])
+        yield group, prompts.shape[1], model.generate(prompts, max_new_tokens=len(group[0]["output"]) + 1,
+                                                      do_sample=False, pad_token_id=tok.pad_token_id,
+                                                      eos_token_id=tok.eos_token_id)
+
+
+def _same_length(records: list, length) -> list[list]:
     """The records grouped by `length(record)`, so each group runs as one batch with no padding."""
     groups: dict = {}
     for r in records:
@@ -159,31 +165,29 @@ def aligned_scores(model_dir: str, teacher_dir: str, paths: dict[str, str]) -> t
     s_other, t_other = torch.ones(len(s_tok), dtype=torch.bool), torch.ones(len(t_tok), dtype=torch.bool)
     s_other[s_ids], t_other[t_ids] = False, False
     retokenize = TeacherTokenization(s_bytes, t_bytes, t_tok)
-    kl = aligned = trained = 0
-    for r in (json.loads(line) for line in open(os.path.join(paths["data"], "eval.jsonl"))):
+    samples = []  # (student ids, prompt length, teacher ids, teacher position of each student position)
+    for r in read_jsonl(os.path.join(paths["data"], "eval.jsonl")):
         ids = s_tok(r["input"] + r["output"])["input_ids"] + [s_tok.eos_token_id]
-        prompt = len(s_tok(r["input"])["input_ids"])
         fields = retokenize.fields(ids)
-        teacher_ids, at = fields["teacher_ids"], fields["teacher_positions"]
-        log_q = torch.log_softmax(model(torch.tensor([ids])).logits[0, :, :len(s_tok)].double(), -1)
-        log_p = torch.log_softmax(teacher(torch.tensor([teacher_ids])).logits[0, :, :len(t_tok)].double(), -1)
-        for p in range(prompt - 1, len(ids) - 1):  # the response and its end, as training scores them
-            trained += 1
-            if at[p] < 0:
-                continue
-            aligned += 1
-            q_row, p_row = log_q[p], log_p[at[p]]
-            q_buckets = torch.cat([q_row[s_ids], torch.logsumexp(q_row[s_other], 0, keepdim=True)])
-            p_buckets = torch.cat([p_row[t_ids], torch.logsumexp(p_row[t_other], 0, keepdim=True)])
+        samples.append((ids, len(s_tok(r["input"])["input_ids"]), fields["teacher_ids"],
+                        torch.tensor(fields["teacher_positions"])))
+    kl = aligned = trained = 0
+    for group in _same_length(samples, lambda sample: (len(sample[0]), len(sample[2]))):
+        log_q = torch.log_softmax(model(torch.tensor([g[0] for g in group])).logits[..., :len(s_tok)].double(), -1)
+        log_p = torch.log_softmax(teacher(torch.tensor([g[2] for g in group])).logits[..., :len(t_tok)].double(), -1)
+        for i, (ids, prompt, _, at) in enumerate(group):
+            rows = torch.arange(prompt - 1, len(ids) - 1)  # the response and its end, as training scores them
+            trained += len(rows)
+            rows = rows[at[rows] >= 0]
+            aligned += len(rows)
+            q_rows, p_rows = log_q[i, rows], log_p[i, at[rows]]
+            q_buckets = torch.cat([q_rows[:, s_ids], torch.logsumexp(q_rows[:, s_other], -1, keepdim=True)], -1)
+            p_buckets = torch.cat([p_rows[:, t_ids], torch.logsumexp(p_rows[:, t_other], -1, keepdim=True)], -1)
             mass = p_buckets.exp()  # an empty bucket (the teacher's rest, here) adds nothing
             kl += float(torch.where(mass > 0, mass * (p_buckets - q_buckets), 0.0).sum())
-    mode = [json.loads(line) for line in open(os.path.join(paths["data"], "eval_mode.jsonl"))]
-    hits = 0
-    for r in mode:
-        prompt = torch.tensor([s_tok(r["input"])["input_ids"]])
-        out = model.generate(prompt, max_new_tokens=len(r["output"]) + 1, do_sample=False,
-                             pad_token_id=s_tok.pad_token_id, eos_token_id=s_tok.eos_token_id)
-        hits += s_tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True) == r["output"]
+    mode = read_jsonl(os.path.join(paths["data"], "eval_mode.jsonl"))
+    hits = sum(s_tok.decode(row[start:], skip_special_tokens=True) == r["output"]
+               for group, start, out in _greedy(model, s_tok, mode) for r, row in zip(group, out))
     return kl / max(aligned, 1), aligned / max(trained, 1), hits / len(mode)
 
 
@@ -215,22 +219,30 @@ def train_stage(name: str, cfg, env, stages: Stages) -> dict:
     return summary
 
 
-def score_model(cfg, teacher_dir: str, paths: dict[str, str], out: str, env, k: int) -> dict:
-    """One trained model on the demo's common footing: eval CE and KL to the live teacher from one evaluation pass,
-    and on rank 0 `scores_against_teacher` of its exported model (the other ranks wait at the next collective)."""
+def teacher_eval(cfg, teacher_dir: str, out: str, env) -> dict:
+    """Eval CE and KL to the live teacher of a trained model, from one evaluation pass of the trainer (every rank
+    takes part): the demo's common footing for every model, whatever it trained on."""
     from .distributed import seed_everything
     from .trainer import Trainer
 
-    mode_records, eval_records = ([json.loads(line) for line in open(os.path.join(paths["data"], f"{part}.jsonl"))]
-                                  for part in ("eval_mode", "eval"))
     probe = dataclasses.replace(cfg, pretrain=cfg.save_path, teacher_model=teacher_dir, teacher_cache=None,
                                 on_policy_ratio=0.0, kd_coef=0.5, kd_loss="forward_kl", kd_temperature=1.0,
                                 save_path=os.path.join(out, "scoring", os.path.basename(cfg.save_path)))
     seed_everything(cfg.seed, env.rank)
-    result = Trainer(probe, env).evaluate()
-    if env.is_main:
-        result["scores"] = scores_against_teacher(cfg.save_path, teacher_dir, mode_records, eval_records, k)
-    return result
+    return Trainer(probe, env).evaluate()
+
+
+def spread_over_ranks(jobs: dict, env, on_done) -> dict:
+    """{key: job()} for jobs that each run on one rank (round robin over the ranks), gathered on every rank;
+    `on_done(done, total)` as this rank passes each job."""
+    from .distributed import all_gather_object
+
+    mine = {}
+    for i, (key, job) in enumerate(jobs.items()):
+        if i % env.world_size == env.rank:
+            mine[key] = job()
+        on_done(i + 1, len(jobs))
+    return {key: value for part in all_gather_object(mine) for key, value in part.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,13 +313,17 @@ def main(argv: list[str] | None = None) -> int:
                     CacheBuilder(dataclasses.replace(cfg, teacher_model=teacher_dir), env).run()
             train_stage(name, cfg, env, stages)
         with stages.run("scoring every model", "scoring") as stage:
-            for i, name in enumerate(same_tokenizer):
-                results[name] = score_model(runs[name], teacher_dir, paths, args.out, env, runs[CACHED].cache_k)
-                stage.update(i + 1, len(same_tokenizer) + len(across))
-            for i, name in enumerate(across):
-                if env.is_main:
-                    results.setdefault(name, {})["aligned"] = aligned_scores(runs[name].save_path, teacher_dir, paths)
-                stage.update(len(same_tokenizer) + i + 1, len(same_tokenizer) + len(across))
+            for name in same_tokenizer:
+                results[name] = teacher_eval(runs[name], teacher_dir, args.out, env)
+            mode_records, eval_records = (read_jsonl(os.path.join(paths["data"], f"{part}.jsonl"))
+                                          for part in ("eval_mode", "eval"))
+            jobs = {(name, "scores"): functools.partial(scores_against_teacher, runs[name].save_path, teacher_dir,
+                                                        mode_records, eval_records, runs[CACHED].cache_k)
+                    for name in same_tokenizer}
+            jobs.update({(name, "aligned"): functools.partial(aligned_scores, runs[name].save_path, teacher_dir, paths)
+                         for name in across})
+            for (name, kind), value in spread_over_ranks(jobs, env, stage.update).items():
+                results.setdefault(name, {})[kind] = value
     finally:
         teardown()
     if env.is_main:

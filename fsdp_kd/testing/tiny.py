@@ -85,6 +85,12 @@ def translation_task(seed: int, n_train: int, n_eval: int, word_len: int = 6):
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
+    """One JSON record per line."""
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
