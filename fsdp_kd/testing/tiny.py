@@ -37,15 +37,17 @@ def build_char_tokenizer(out_dir: str, extra_chars: str = "", pairs: tuple[str, 
 
 
 def build_tiny_model(out_dir: str, vocab_size: int, hidden: int, layers: int, family: str = "llama",
-                     seed: int = 0, tie: bool = False, heads: int = 4) -> None:
-    """A randomly initialized Llama- or Qwen2-shaped model saved with save_pretrained."""
+                     seed: int = 0, tie: bool = False, heads: int = 4, init_std: float = 0.02) -> None:
+    """A randomly initialized Llama- or Qwen2-shaped model saved with save_pretrained; `init_std` is the standard
+    deviation of its initial weights (0.02, the transformers default, leaves models this small on a plateau of
+    their loss for their first hundred or so steps on the demo's task; 0.05 does not)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     cls, config_cls = (LlamaForCausalLM, LlamaConfig) if family == "llama" else (Qwen2ForCausalLM, Qwen2Config)
     config = config_cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3,
                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
                         max_position_embeddings=256, tie_word_embeddings=tie, pad_token_id=0, eos_token_id=1,
-                        bos_token_id=None)
+                        bos_token_id=None, initializer_range=init_std)
     torch.manual_seed(seed)
     cls(config).save_pretrained(out_dir)
 
