@@ -33,7 +33,7 @@ def worker(args) -> None:
     from bench.step_bench import model_config
     from fsdp_kd import checkpoint as ckpt
     from fsdp_kd.config import TrainConfig
-    from fsdp_kd.demo import build_char_tokenizer
+    from fsdp_kd.testing.tiny import build_char_tokenizer
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.export import export_student
     from fsdp_kd.sharding import StudentSharding, parameter_count

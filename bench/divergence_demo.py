@@ -9,8 +9,8 @@ held-out samples (teacher-forced, whole vocabulary, τ = 1), and exact match of 
 
     torchrun --nproc_per_node 2 bench/divergence_demo.py --out /tmp/div_demo --seeds 0 1 2
 
-About 12 minutes per seed on 2 CPU cores. Only the KD students' divergence differs between rows: the scoring is the
-same for all, so the rows compare what each divergence teaches, in the units of the demo's table.
+Only the KD students' divergence differs between rows: the scoring is the same for all, so the rows compare what
+each divergence teaches, in the units of the demo's table.
 
     torchrun --nproc_per_node 2 bench/divergence_demo.py --cross_tokenizer --out /tmp/xtok_demo --seeds 0 1 2
 
@@ -19,7 +19,7 @@ with KD, and the same student over the demo's second tokenizer (the characters p
 of the responses, `demo.prepare_task`) with CE only and with cross-tokenizer KD (`cross_tokenizer: true`, ULD weight
 1). All four are scored by `demo.aligned_scores`: KL(teacher‖model) per response token where the tokenizations align
 one to one (the full KL for the character students, where every token aligns), the share of such tokens, and exact
-match decoded to text. About 9 minutes per seed.
+match decoded to text.
 """
 
 from __future__ import annotations
@@ -50,16 +50,18 @@ def student_flags(row: str, paths: dict[str, str], teacher_dir: str) -> dict:
 
 
 def main() -> int:
-    from fsdp_kd.demo import aligned_scores, base_config, prepare_task, score_model, train_stage
+    from fsdp_kd.demo import (STUDENT_STEPS, TEACHER_STEPS, aligned_scores, base_config, prepare_task,
+                              scores_against_teacher, teacher_eval, train_stage)
     from fsdp_kd.distributed import init_distributed, teardown
     from fsdp_kd.divergences import DIVERGENCES
     from fsdp_kd.stages import Stages
+    from fsdp_kd.testing.tiny import read_jsonl
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--teacher_steps", type=int, default=400)
-    parser.add_argument("--student_steps", type=int, default=600)
+    parser.add_argument("--teacher_steps", type=int, default=TEACHER_STEPS)
+    parser.add_argument("--student_steps", type=int, default=STUDENT_STEPS)
     parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES))
     parser.add_argument("--cross_tokenizer", action="store_true", help="the four rows of the cross-tokenizer table")
     args = parser.parse_args()
@@ -86,9 +88,12 @@ def main() -> int:
                         scores[row].append(aligned_scores(cfg.save_path, teacher_dir, paths))
                     torch.distributed.barrier()
                 else:
-                    result = score_model(cfg, teacher_dir, paths, out, env, k=8)
+                    kl = teacher_eval(cfg, teacher_dir, out, env)["eval_kl"]
                     if env.is_main:  # (KL, exact match)
-                        scores[row].append((result["eval_kl"], result["scores"][0]))
+                        mode_records, eval_records = (read_jsonl(os.path.join(paths["data"], f"{part}.jsonl"))
+                                                      for part in ("eval_mode", "eval"))
+                        exact = scores_against_teacher(cfg.save_path, teacher_dir, mode_records, eval_records)[0]
+                        scores[row].append((kl, exact))
                 if env.is_main:
                     print(f"  seed {seed} {row}: {', '.join(f'{v:.4f}' for v in scores[row][-1])}", flush=True)
     finally:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fsdp_kd.demo import RENDERING_PROBS, SOURCE_LETTERS, rendering_table  # noqa: E402
+from fsdp_kd.testing.tiny import RENDERING_PROBS, SOURCE_LETTERS, rendering_table  # noqa: E402
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from transformers import AutoTokenizer  # noqa: E402
 
 from bench.realdata import realdata  # noqa: E402
-from fsdp_kd.demo import build_tiny_model  # noqa: E402
+from fsdp_kd.testing.tiny import build_tiny_model  # noqa: E402
 
 
 def main():

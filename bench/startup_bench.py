@@ -29,7 +29,7 @@ FIRST_STEP_MARKER = "first step finished"  # what the TRL worker prints; fsdp-kd
 
 def build_job(out: str) -> dict[str, str]:
     """The demo's tokenizer, models and task, written once under `out`."""
-    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model, translation_task, write_jsonl
+    from fsdp_kd.testing.tiny import build_char_tokenizer, build_tiny_model, translation_task, write_jsonl
 
     paths = {name: os.path.join(out, name) for name in ("teacher", "student")}
     paths["data"] = os.path.join(out, "train.jsonl")

@@ -90,7 +90,7 @@ def run(args, name: str, flags: dict, nproc: int) -> dict:
 def build_models(out: str) -> tuple[str, str]:
     from transformers import AutoTokenizer
 
-    from fsdp_kd.demo import build_tiny_model
+    from fsdp_kd.testing.tiny import build_tiny_model
 
     tok = AutoTokenizer.from_pretrained(realdata("tok_smollm_360m_instruct"))
     paths = []

@@ -19,56 +19,15 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
+import functools
 import os
-import random
-import re
 import sys
 
 import torch
 
 from .stages import Stages
+from .testing.tiny import build_char_tokenizer, build_tiny_model, read_jsonl, translation_task, write_jsonl
 
-DEMO_CHARS = list("0123456789+=-*() \nABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.,:?")
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>"]
-
-
-def build_char_tokenizer(out_dir: str, extra_chars: str = "", pairs: tuple[str, ...] = ()):
-    """A character-level fast tokenizer saved in HF format: ids are stable and every string round-trips. `pairs`
-    are tokens of two characters, taken wherever they occur, left to right, before single characters: a second
-    tokenizer of the same text (the cross-tokenizer student), whose ids differ from the first one's after the
-    characters."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = DEMO_CHARS + [c for c in extra_chars if c not in DEMO_CHARS]
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + chars + list(pairs))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("".join(f"{re.escape(p)}|" for p in pairs) + "."),
-                                              behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    tok.save_pretrained(out_dir)
-    return tok
-
-
-def build_tiny_model(out_dir: str, vocab_size: int, hidden: int, layers: int, family: str = "llama",
-                     seed: int = 0, tie: bool = False, heads: int = 4) -> None:
-    """A randomly initialized Llama- or Qwen2-shaped model saved with save_pretrained."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    cls, config_cls = (LlamaForCausalLM, LlamaConfig) if family == "llama" else (Qwen2ForCausalLM, Qwen2Config)
-    config = config_cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3,
-                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-                        max_position_embeddings=256, tie_word_embeddings=tie, pad_token_id=0, eos_token_id=1,
-                        bos_token_id=None)
-    torch.manual_seed(seed)
-    cls(config).save_pretrained(out_dir)
-
-
-SOURCE_LETTERS = "abcdefgh"
-TARGET_LETTERS = "ABCDEFGHIJKLMNOP"
-RENDERING_PROBS = (0.5, 0.3, 0.2)
 CACHED = "KD student, top-k cache (k = 8)"
 ON_POLICY = "KD student, on-policy (λ = 0.5)"
 PAIR_CE = "CE-only student, its own tokenizer"
@@ -76,39 +35,11 @@ PAIR_KD = "KD student, its own tokenizer (cross-tokenizer)"
 PAIRS = 24  # letter pairs the second tokenizer adds
 
 
-def rendering_table(rng: random.Random) -> dict[tuple[str, str], list[str]]:
-    """(previous source letter or " ", source letter) -> its three target renderings, most likely first."""
-    return {(prev, cur): rng.sample(TARGET_LETTERS, len(RENDERING_PROBS))
-            for prev in " " + SOURCE_LETTERS for cur in SOURCE_LETTERS}
-
-
-def translation_task(seed: int, n_train: int, n_eval: int, word_len: int = 6):
-    """A toy translation with ambiguous renderings: each source letter, in the context of the letter before it,
-    is rendered as one of three target letters with probabilities 0.5 / 0.3 / 0.2.
-
-    Responses are *samples*, so a hard label reveals one rendering; a teacher that has fit the data knows all three
-    and their odds. That is the information distillation can pass on and CE cannot.
-    Returns (train, eval, eval_mode): eval responses are sampled like the training data (eval CE and KL read
-    them); eval_mode holds the same prompts with the most likely rendering (exact match scores against it).
-    """
-    rng = random.Random(seed)
-    table = rendering_table(rng)
-
-    def render(word: str, sampled: bool) -> str:
-        contexts = [table[(prev, cur)] for prev, cur in zip(" " + word, word)]
-        return "".join(rng.choices(c, RENDERING_PROBS)[0] if sampled else c[0] for c in contexts)
-
-    words = ["".join(rng.choice(SOURCE_LETTERS) for _ in range(word_len)) for _ in range(n_train + n_eval)]
-    train = [{"input": f"{w}:", "output": render(w, True)} for w in words[:n_train]]
-    held_out = words[n_train:]
-    return (train, [{"input": f"{w}:", "output": render(w, True)} for w in held_out],
-            [{"input": f"{w}:", "output": render(w, False)} for w in held_out])
-
-
-def write_jsonl(path: str, records: list[dict]) -> None:
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+TEACHER, STUDENT = (160, 3), (64, 2)  # (width, layers): 0.95M and 0.11M parameters
+# the standard deviation of every demo model's initial weights: transformers' default, 0.02, leaves models this small
+# on a plateau of the loss for their first hundred or so steps
+INIT_STD = 0.05
+TEACHER_STEPS, STUDENT_STEPS = 200, 250
 
 
 @torch.no_grad()
@@ -133,11 +64,7 @@ def scores_against_teacher(model_dir: str, teacher_dir: str, mode_records: list[
         return torch.log_softmax(lm(ids).logits.double(), -1)
 
     hits, own_kl, own_tokens = 0, 0.0, 0
-    for group in _same_length(mode_records, lambda r: (len(tok(r["input"])["input_ids"]), len(r["output"]))):
-        prompts = torch.tensor([tok(r["input"])["input_ids"] for r in group])
-        out = model.generate(prompts, max_new_tokens=len(group[0]["output"]) + 1, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        start = prompts.shape[1]
+    for group, start, out in _greedy(model, tok, mode_records):
         log_q_all, log_p_all = log_probs(model, out), log_probs(teacher, out)
         for i, r in enumerate(group):
             generated = out[i, start:].tolist()
@@ -159,7 +86,17 @@ def scores_against_teacher(model_dir: str, teacher_dir: str, mode_records: list[
     return hits / len(mode_records), own_kl / max(own_tokens, 1), bucketed_kl / max(tokens, 1)
 
 
-def _same_length(records: list[dict], length) -> list[list[dict]]:
+def _greedy(model, tok, records: list[dict]):
+    """Per batch of records whose prompts and answers have one length: (the batch, the prompt length, the greedy
+    output ids), with room for one token more than the expected answer has characters (its end)."""
+    for group in _same_length(records, lambda r: (len(tok(r["input"])["input_ids"]), len(r["output"]))):
+        prompts = torch.tensor([tok(r["input"])["input_ids"] for r in group])
+        yield group, prompts.shape[1], model.generate(prompts, max_new_tokens=len(group[0]["output"]) + 1,
+                                                      do_sample=False, pad_token_id=tok.pad_token_id,
+                                                      eos_token_id=tok.eos_token_id)
+
+
+def _same_length(records: list, length) -> list[list]:
     """The records grouped by `length(record)`, so each group runs as one batch with no padding."""
     groups: dict = {}
     for r in records:
@@ -194,14 +131,14 @@ def prepare_task(out: str, seed: int, train_samples: int, env, stages: Stages) -
         if env.is_main:
             os.makedirs(paths["data"], exist_ok=True)
             tok = build_char_tokenizer(paths["tokenizer"])
-            for name, hidden, layers, offset in (("teacher_init", 192, 4, 1), ("student_init", 64, 2, 2)):
-                build_tiny_model(paths[name], len(tok), hidden, layers, seed=seed + offset)
+            for name, (hidden, layers), offset in (("teacher_init", TEACHER, 1), ("student_init", STUDENT, 2)):
+                build_tiny_model(paths[name], len(tok), hidden, layers, seed=seed + offset, init_std=INIT_STD)
                 tok.save_pretrained(paths[name])
             train, *held_out = translation_task(seed, train_samples, 200)
             for name, records in zip(("train", "eval", "eval_mode"), (train, *held_out)):
                 write_jsonl(os.path.join(paths["data"], f"{name}.jsonl"), records)
             pair_tok = build_char_tokenizer(paths["pair_student_init"], pairs=frequent_pairs(train, PAIRS))
-            build_tiny_model(paths["pair_student_init"], len(pair_tok), 64, 2, seed=seed + 2)
+            build_tiny_model(paths["pair_student_init"], len(pair_tok), *STUDENT, seed=seed + 2, init_std=INIT_STD)
         torch.distributed.barrier()
     return paths
 
@@ -235,44 +172,42 @@ def aligned_scores(model_dir: str, teacher_dir: str, paths: dict[str, str]) -> t
     s_other, t_other = torch.ones(len(s_tok), dtype=torch.bool), torch.ones(len(t_tok), dtype=torch.bool)
     s_other[s_ids], t_other[t_ids] = False, False
     retokenize = TeacherTokenization(s_bytes, t_bytes, t_tok)
-    kl = aligned = trained = 0
-    for r in (json.loads(line) for line in open(os.path.join(paths["data"], "eval.jsonl"))):
+    samples = []  # (student ids, prompt length, teacher ids, teacher position of each student position)
+    for r in read_jsonl(os.path.join(paths["data"], "eval.jsonl")):
         ids = s_tok(r["input"] + r["output"])["input_ids"] + [s_tok.eos_token_id]
-        prompt = len(s_tok(r["input"])["input_ids"])
         fields = retokenize.fields(ids)
-        teacher_ids, at = fields["teacher_ids"], fields["teacher_positions"]
-        log_q = torch.log_softmax(model(torch.tensor([ids])).logits[0, :, :len(s_tok)].double(), -1)
-        log_p = torch.log_softmax(teacher(torch.tensor([teacher_ids])).logits[0, :, :len(t_tok)].double(), -1)
-        for p in range(prompt - 1, len(ids) - 1):  # the response and its end, as training scores them
-            trained += 1
-            if at[p] < 0:
-                continue
-            aligned += 1
-            q_row, p_row = log_q[p], log_p[at[p]]
-            q_buckets = torch.cat([q_row[s_ids], torch.logsumexp(q_row[s_other], 0, keepdim=True)])
-            p_buckets = torch.cat([p_row[t_ids], torch.logsumexp(p_row[t_other], 0, keepdim=True)])
+        samples.append((ids, len(s_tok(r["input"])["input_ids"]), fields["teacher_ids"],
+                        torch.tensor(fields["teacher_positions"])))
+    kl = aligned = trained = 0
+    for group in _same_length(samples, lambda sample: (len(sample[0]), len(sample[2]))):
+        log_q = torch.log_softmax(model(torch.tensor([g[0] for g in group])).logits[..., :len(s_tok)].double(), -1)
+        log_p = torch.log_softmax(teacher(torch.tensor([g[2] for g in group])).logits[..., :len(t_tok)].double(), -1)
+        for i, (ids, prompt, _, at) in enumerate(group):
+            rows = torch.arange(prompt - 1, len(ids) - 1)  # the response and its end, as training scores them
+            trained += len(rows)
+            rows = rows[at[rows] >= 0]
+            aligned += len(rows)
+            q_rows, p_rows = log_q[i, rows], log_p[i, at[rows]]
+            q_buckets = torch.cat([q_rows[:, s_ids], torch.logsumexp(q_rows[:, s_other], -1, keepdim=True)], -1)
+            p_buckets = torch.cat([p_rows[:, t_ids], torch.logsumexp(p_rows[:, t_other], -1, keepdim=True)], -1)
             mass = p_buckets.exp()  # an empty bucket (the teacher's rest, here) adds nothing
             kl += float(torch.where(mass > 0, mass * (p_buckets - q_buckets), 0.0).sum())
-    mode = [json.loads(line) for line in open(os.path.join(paths["data"], "eval_mode.jsonl"))]
-    hits = 0
-    for r in mode:
-        prompt = torch.tensor([s_tok(r["input"])["input_ids"]])
-        out = model.generate(prompt, max_new_tokens=len(r["output"]) + 1, do_sample=False,
-                             pad_token_id=s_tok.pad_token_id, eos_token_id=s_tok.eos_token_id)
-        hits += s_tok.decode(out[0, prompt.shape[1]:], skip_special_tokens=True) == r["output"]
+    mode = read_jsonl(os.path.join(paths["data"], "eval_mode.jsonl"))
+    hits = sum(s_tok.decode(row[start:], skip_special_tokens=True) == r["output"]
+               for group, start, out in _greedy(model, s_tok, mode) for r, row in zip(group, out))
     return kl / max(aligned, 1), aligned / max(trained, 1), hits / len(mode)
 
 
 def base_config(out: str, paths: dict[str, str], world_size: int, seed: int):
-    """The settings every demo training shares: the data, batch 64, AdamW at 1e-3, fp32, an evaluation every 100
-    steps, and a loss kernel sized for the tiny vocabulary."""
+    """The settings every demo training shares: the data, batch 64, AdamW at 3e-3, fp32, a log line and an
+    evaluation every 40 steps, and a loss kernel sized for the tiny vocabulary."""
     from .config import TrainConfig
 
     return TrainConfig(dataset=os.path.join(paths["data"], "train.jsonl"),
                        eval_dataset=os.path.join(paths["data"], "eval.jsonl"), max_len=32,
                        micro_train_batch_size=max(1, 64 // world_size), train_batch_size=64,
-                       learning_rate=1e-3, lr_warmup_ratio=0.05, adam_betas=(0.9, 0.98), max_epochs=100,
-                       logging_steps=100, eval_steps=100, param_dtype="fp32", kd_vocab_chunk=64,
+                       learning_rate=3e-3, lr_warmup_ratio=0.05, adam_betas=(0.9, 0.98), max_epochs=100,
+                       logging_steps=40, eval_steps=40, param_dtype="fp32", kd_vocab_chunk=64,
                        kd_token_chunk=512, data_cache_dir=os.path.join(out, "tokenized"),
                        seed=TrainConfig.seed + seed)
 
@@ -291,22 +226,30 @@ def train_stage(name: str, cfg, env, stages: Stages) -> dict:
     return summary
 
 
-def score_model(cfg, teacher_dir: str, paths: dict[str, str], out: str, env, k: int) -> dict:
-    """One trained model on the demo's common footing: eval CE and KL to the live teacher from one evaluation pass,
-    and on rank 0 `scores_against_teacher` of its exported model (the other ranks wait at the next collective)."""
+def teacher_eval(cfg, teacher_dir: str, out: str, env) -> dict:
+    """Eval CE and KL to the live teacher of a trained model, from one evaluation pass of the trainer (every rank
+    takes part): the demo's common footing for every model, whatever it trained on."""
     from .distributed import seed_everything
     from .trainer import Trainer
 
-    mode_records, eval_records = ([json.loads(line) for line in open(os.path.join(paths["data"], f"{part}.jsonl"))]
-                                  for part in ("eval_mode", "eval"))
     probe = dataclasses.replace(cfg, pretrain=cfg.save_path, teacher_model=teacher_dir, teacher_cache=None,
                                 on_policy_ratio=0.0, kd_coef=0.5, kd_loss="forward_kl", kd_temperature=1.0,
                                 save_path=os.path.join(out, "scoring", os.path.basename(cfg.save_path)))
     seed_everything(cfg.seed, env.rank)
-    result = Trainer(probe, env).evaluate()
-    if env.is_main:
-        result["scores"] = scores_against_teacher(cfg.save_path, teacher_dir, mode_records, eval_records, k)
-    return result
+    return Trainer(probe, env).evaluate()
+
+
+def spread_over_ranks(jobs: dict, env, on_done) -> dict:
+    """{key: job()} for jobs that each run on one rank (round robin over the ranks), gathered on every rank;
+    `on_done(done, total)` as this rank passes each job."""
+    from .distributed import all_gather_object
+
+    mine = {}
+    for i, (key, job) in enumerate(jobs.items()):
+        if i % env.world_size == env.rank:
+            mine[key] = job()
+        on_done(i + 1, len(jobs))
+    return {key: value for part in all_gather_object(mine) for key, value in part.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fsdp_kd.demo", add_help=False)
     parser.add_argument("--out", default="demo_out", help="the working directory: data, models, the table and the "
                                                           "curves (must not hold a finished demo)")
-    parser.add_argument("--teacher_steps", type=int, default=400, help="optimizer steps that train the teacher")
-    parser.add_argument("--student_steps", type=int, default=600,
+    parser.add_argument("--teacher_steps", type=int, default=TEACHER_STEPS,
+                        help="optimizer steps that train the teacher")
+    parser.add_argument("--student_steps", type=int, default=STUDENT_STEPS,
                         help="optimizer steps that train each student (live KD, cached, on-policy, CE-only)")
     parser.add_argument("--train_samples", type=int, default=4000, help="training samples of the toy translation task")
     parser.add_argument("--seed", type=int, default=0,
@@ -325,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if asks_for_help(argv):
         return print_help(render(
             "torchrun --nproc_per_node 2 -m fsdp_kd.demo [--out DIR] [--seed S] [--option value ...]",
-            "Runs the built-in demo: trains a teacher on a toy translation task, distils it into a 16x smaller student "
+            "Runs the built-in demo: trains a teacher on a toy translation task, distils it into a 9x smaller student "
             "three ways (live teacher, top-k cache, on-policy) and compares them with a CE-only student in a table.",
             parser_sections(parser, "Options")))
     args = parser.parse_args(argv)
@@ -340,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     # the task and models, seven trainings, the teacher cache and the scoring
     stages = Stages(10, os.path.join(args.out, "logs"), shown=env.is_main)
     if env.is_main:
-        print(f"fsdp-kd demo: a 192-wide, 4-layer teacher distilled into a 64-wide, 2-layer student on a toy "
-              f"translation task ({env.world_size} ranks, {env.device.type}); each stage's log is in "
-              f"{stages.log_dir}", flush=True)
+        print("fsdp-kd demo: a {}-wide, {}-layer teacher distilled into a {}-wide, {}-layer student on a toy "
+              "translation task ({} ranks, {}); each stage's log is in {}".format(
+                  *TEACHER, *STUDENT, env.world_size, env.device.type, stages.log_dir), flush=True)
     paths = prepare_task(args.out, args.seed, args.train_samples, env, stages)
     base = base_config(args.out, paths, env.world_size, args.seed)
     teacher_dir = os.path.join(args.out, "teacher")
@@ -377,13 +321,17 @@ def main(argv: list[str] | None = None) -> int:
                     CacheBuilder(dataclasses.replace(cfg, teacher_model=teacher_dir), env).run()
             train_stage(name, cfg, env, stages)
         with stages.run("scoring every model", "scoring") as stage:
-            for i, name in enumerate(same_tokenizer):
-                results[name] = score_model(runs[name], teacher_dir, paths, args.out, env, runs[CACHED].cache_k)
-                stage.update(i + 1, len(same_tokenizer) + len(across))
-            for i, name in enumerate(across):
-                if env.is_main:
-                    results.setdefault(name, {})["aligned"] = aligned_scores(runs[name].save_path, teacher_dir, paths)
-                stage.update(len(same_tokenizer) + i + 1, len(same_tokenizer) + len(across))
+            for name in same_tokenizer:
+                results[name] = teacher_eval(runs[name], teacher_dir, args.out, env)
+            mode_records, eval_records = (read_jsonl(os.path.join(paths["data"], f"{part}.jsonl"))
+                                          for part in ("eval_mode", "eval"))
+            jobs = {(name, "scores"): functools.partial(scores_against_teacher, runs[name].save_path, teacher_dir,
+                                                        mode_records, eval_records, runs[CACHED].cache_k)
+                    for name in same_tokenizer}
+            jobs.update({(name, "aligned"): functools.partial(aligned_scores, runs[name].save_path, teacher_dir, paths)
+                         for name in across})
+            for (name, kind), value in spread_over_ranks(jobs, env, stage.update).items():
+                results.setdefault(name, {})[kind] = value
     finally:
         teardown()
     if env.is_main:

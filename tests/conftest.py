@@ -30,7 +30,7 @@ os.environ.setdefault("FSDP_KD_DATA_CACHE", tempfile.mkdtemp(prefix="fsdp_kd_tok
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """{'tok', 'teacher', 'student', 'qwen_teacher', 'qwen_student', 'train', 'eval'} paths."""
-    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model, translation_task, write_jsonl
+    from fsdp_kd.testing.tiny import build_char_tokenizer, build_tiny_model, translation_task, write_jsonl
 
     root = tmp_path_factory.mktemp("tiny")
     paths = {"tok": str(root / "tok")}
@@ -58,7 +58,7 @@ TEACHER_PAIRS = ("BC", "DE", "AB", "IJ", "ba")  # AB is both sides' token
 @pytest.fixture(scope="session")
 def pair_student(tiny, tmp_path_factory):
     """A tiny student over the character tokenizer plus `PAIRS` (a tokenizer of its own)."""
-    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model
+    from fsdp_kd.testing.tiny import build_char_tokenizer, build_tiny_model
 
     path = str(tmp_path_factory.mktemp("pair_student"))
     tok = build_char_tokenizer(path, pairs=PAIRS)
@@ -70,7 +70,7 @@ def pair_student(tiny, tmp_path_factory):
 def pair_teacher(tmp_path_factory):
     """A tiny teacher over the characters plus pairs of its own (`TEACHER_PAIRS`), its head sharpened: each side then
     has tokens the other lacks, so both rest buckets hold mass (the general case, as Qwen against SmolLM)."""
-    from fsdp_kd.demo import build_char_tokenizer, build_tiny_model
+    from fsdp_kd.testing.tiny import build_char_tokenizer, build_tiny_model
 
     path = str(tmp_path_factory.mktemp("pair_teacher"))
     tok = build_char_tokenizer(path, pairs=TEACHER_PAIRS)

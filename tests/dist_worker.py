@@ -102,7 +102,7 @@ def families(env, pairs, out_file):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fsdp_kd.config import TrainConfig
-    from fsdp_kd.demo import build_char_tokenizer
+    from fsdp_kd.testing.tiny import build_char_tokenizer
     from fsdp_kd.distill import student_loss
     from fsdp_kd.export import export_student
     from fsdp_kd.loading import LoadSpec, load_sharded

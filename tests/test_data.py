@@ -391,9 +391,9 @@ def test_a_source_left_empty_by_the_holdout_is_one_line(tiny, tmp_path):
     ZeroDivisionError."""
     from types import SimpleNamespace
 
-    from fsdp_kd.demo import write_jsonl
     from fsdp_kd.errors import ConfigError
     from fsdp_kd.preflight import data_spec, open_training_data
+    from fsdp_kd.testing.tiny import write_jsonl
 
     big, single = tmp_path / "big.jsonl", tmp_path / "single.jsonl"
     write_jsonl(big, [{"input": "ab:", "output": "CD"}] * 8)

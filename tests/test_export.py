@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from fsdp_kd.demo import write_jsonl
+from fsdp_kd.testing.tiny import write_jsonl
 
 from assets import real_asset
 from conftest import REPO, python_run, qa_records

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fsdp_kd.errors import ConfigError
-from fsdp_kd.demo import build_char_tokenizer
+from fsdp_kd.testing.tiny import build_char_tokenizer
 from fsdp_kd.tokenizer_compat import load_tokenizer, shared_vocab_size
 
 from assets import real_asset

@@ -166,7 +166,7 @@ def env():
 @pytest.fixture(scope="module")
 def uneven(tmp_path_factory) -> str:
     """Records of 16 lengths, so every micro-batch has padding (the tiny translation task's samples are all alike)."""
-    from fsdp_kd.demo import SOURCE_LETTERS, TARGET_LETTERS, write_jsonl
+    from fsdp_kd.testing.tiny import SOURCE_LETTERS, TARGET_LETTERS, write_jsonl
 
     rng = random.Random(0)
     path = str(tmp_path_factory.mktemp("uneven") / "train.jsonl")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from fsdp_kd.config import TrainConfig, token_settings
-from fsdp_kd.demo import write_jsonl
 from fsdp_kd.tokenizer_compat import load_tokenizer
 from fsdp_kd.records import DataError, read_records, record_to_sample
+from fsdp_kd.testing.tiny import write_jsonl
 from fsdp_kd.tokenized import open_tokenized, sample_from_spans, spans_of
 
 from assets import real_asset
