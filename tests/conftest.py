@@ -145,11 +145,13 @@ _PROCESS_LOCAL = ("PYTEST_", "TORCHINDUCTOR_", "_TORCHINDUCTOR_")
 
 
 def _hosts_env_holds(env: dict[str, str]) -> bool:
-    """Whether a case with `env` may run on a host: its environment is the hosts'."""
-    def kept(e):
-        return {k: v for k, v in e.items() if not k.startswith(_PROCESS_LOCAL)}
-
-    return kept(env) == kept(_HOST_ENV)
+    """Whether a case with `env` may run on a host: its environment is the hosts'. The variables that differ are
+    noted for the summary, so a variable set by accident, which would send every later case to a process of its
+    own, shows."""
+    differ = {k for k in env.keys() ^ _HOST_ENV.keys() | {k for k in env if env[k] != _HOST_ENV.get(k)}
+              if not k.startswith(_PROCESS_LOCAL)}
+    LAUNCHES["for_variables"].update(differ)
+    return not differ
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = True, cwd=None, fresh: bool = False):
@@ -267,7 +269,7 @@ class CaseHost:
 
 
 _HOSTS: dict[int, CaseHost] = {}
-LAUNCHES = {"hosted": 0, "own": 0, "hosts": 0}  # for the summary line: what ran where
+LAUNCHES = {"hosted": 0, "own": 0, "hosts": 0, "for_variables": set()}  # for the summary line: what ran where
 _HOST_ENV = _launch_env()  # every host's, taken once the data cache variable above is set
 
 
@@ -350,8 +352,10 @@ def pytest_terminal_summary(terminalreporter):
     """A line of what ran where (on case hosts, or in processes of their own), and one when tests were skipped for
     missing real assets (`assets.real_asset`): how many and which."""
     if LAUNCHES["hosted"] or LAUNCHES["own"]:
+        changed = sorted(LAUNCHES["for_variables"])
         terminalreporter.write_line(f"{LAUNCHES['hosted']} runs on {LAUNCHES['hosts']} case hosts, "
-                                    f"{LAUNCHES['own']} in processes of their own")
+                                    f"{LAUNCHES['own']} in processes of their own"
+                                    + (f" (some for the environment variables {', '.join(changed)})" if changed else ""))
     reasons = [report.longrepr[2] for report in terminalreporter.stats.get("skipped", [])
                if isinstance(report.longrepr, tuple)]
     names = [m.group(1) for m in (re.search(rf"{SKIP_PREFIX}(\S+):", r) for r in reasons) if m]
