@@ -61,7 +61,7 @@ def run_training(cfg) -> int:
 def serve_teacher(cfg, env) -> dict[str, int]:
     """A teacher rank's run: after the student ranks' checks, the teacher_model they would run, with the student's
     tokenizer (or, with cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
-    from .sharding import resolve_dtype
+    from .dtypes import resolve_dtype
     from .teacher_model import model_teacher
     from .teacher_ranks import serve, students_checked
     from .tokenizer_compat import student_tokenizer

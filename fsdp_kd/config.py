@@ -26,7 +26,7 @@ from .loss import CONVENTIONS, LossSpec
 from .records import TokenSettings
 from .schedule import LR_SCHEDULES
 from .sharding import STRATEGIES, TEACHER_STRATEGIES
-from .teacher_cache import CACHE_MODES, LOG_P_DTYPES
+from .teacher_cache import CACHE_MODES, HIDDEN_DTYPES, LOG_P_DTYPES
 from .tokenized import DataSources
 
 
@@ -214,7 +214,7 @@ class TrainConfig:
     cache_log_p_dtype: str = opt("float16", "topk: the dtype of the stored log-probabilities: {choices}",
                                  choices=LOG_P_DTYPES)
     cache_hidden_dtype: str = opt("bfloat16", "hidden: the dtype of the stored hidden states: {choices}",
-                                  choices=("bfloat16", "float32"))
+                                  choices=HIDDEN_DTYPES)
     cache_chunk_samples: int = opt(512, "samples per part file: the most work a killed cache build loses",
                                    must_be=">= 1")
 

@@ -52,6 +52,7 @@ META_FILE = "cache.json"
 HEAD_FILE = "head.safetensors"
 FORMAT_VERSION = 1
 LOG_P_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+HIDDEN_DTYPES = ("bfloat16", "float32")  # of LOG_P_DTYPES, those a hidden cache takes: float16 has not bf16's range
 OPEN_PARTS = 128  # parts a reader keeps open, each one memory map: far below vm.max_map_count (65530)
 
 

@@ -174,12 +174,13 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 240, check: bool = 
     return proc
 
 
-def python_run(args: list[str], cwd=None, timeout: int = 180, **extra_env):
+def python_run(args: list[str], cwd=None, timeout: int = 180, fresh: bool = False, **extra_env):
     """`python ARGS` (train.py, `-m fsdp_kd.cache_teacher`, `-m fsdp_kd.export`): a world of one, run on the case host
-    of one rank; its exit status is the process's own (2 for bad input). With `extra_env`, or an environment changed
-    since the hosts started, it runs as a process of its own, as `torchrun` does."""
+    of one rank; its exit status is the process's own (2 for bad input). `fresh=True` (what a plain process does
+    itself: its own process group, import-time warnings, its exit), `extra_env`, or an environment changed since the
+    hosts started run it as a process of its own, as `torchrun` does."""
     env = {**_launch_env(), **extra_env}
-    if not _hosts_env_holds(env):
+    if fresh or not _hosts_env_holds(env):
         LAUNCHES["own"] += 1
         return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
                               cwd=cwd, env=env)
@@ -213,36 +214,45 @@ class CaseHost:
         self.proc = subprocess.Popen(cmd, env=_HOST_ENV, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
+    # After a rank fails, how long the others get to finish before the host is stopped, as torchrun stops the rest
+    # of a job within seconds of a failed worker (a rank can be blocked in a collective the failed one never joins)
+    FAILED_RANK_GRACE = 5.0
+
     def run(self, argv, cwd, timeout) -> subprocess.CompletedProcess:
-        """Case `argv` run from `cwd`: a CompletedProcess with every rank's output in rank order and `codes`, each
-        rank's exit status."""
+        """Case `argv` run from `cwd` (default: this process's working directory): a CompletedProcess with every
+        rank's output in rank order and `codes`, each rank's exit status (-15 for a rank stopped after another
+        failed). Raises TimeoutExpired, as subprocess.run does, when the case runs past `timeout`."""
         import time
 
         n, self.cases = self.cases, self.cases + 1
         LAUNCHES["hosted"] += 1
-        case = {"argv": [str(a) for a in argv], "cwd": str(cwd) if cwd else None}
+        case = {"argv": [str(a) for a in argv], "cwd": str(cwd or os.getcwd())}
         tmp = os.path.join(self.inbox, f"{n}.tmp")
         with open(tmp, "w") as f:
             json.dump(case, f)
         os.replace(tmp, os.path.join(self.inbox, f"{n}.json"))
         stems = [os.path.join(self.inbox, f"{n}.rank{r}") for r in range(self.world)]
         deadline = time.time() + timeout + (self.START_TIMEOUT if n == 0 else 0)
-        problem = None
-        while not all(os.path.exists(stem + ".json") for stem in stems):
-            if self.proc.poll() is not None:
-                problem = f"case host of {self.world} ranks ended (exit {self.proc.returncode})"
+        codes: list[int | None] = [None] * self.world
+        while None in codes:
+            for r, stem in enumerate(stems):
+                if codes[r] is None and os.path.exists(stem + ".json"):
+                    codes[r] = json.loads(_read(stem + ".json"))["code"]
+            if None not in codes:
                 break
-            if time.time() > deadline:
-                problem = f"case timed out after {timeout}s on the case host of {self.world} ranks"
+            if any(codes) and time.time() > deadline:
                 break
+            if any(codes) and deadline > time.time() + self.FAILED_RANK_GRACE:
+                deadline = time.time() + self.FAILED_RANK_GRACE  # a rank failed: the rest are stopped shortly
+            if self.proc.poll() is not None or time.time() > deadline:
+                output = "".join(_read(stem + ".out") + _read(stem + ".err") for stem in stems)
+                self.stop(kill=True)
+                raise subprocess.TimeoutExpired(["case", *case["argv"]], timeout, output + _read(self.log.name))
             time.sleep(0.01)
         out, err = ("".join(_read(stem + suffix) for stem in stems) for suffix in (".out", ".err"))
-        if problem is not None:
+        if None in codes:  # the ranks left in a collective are stopped, with the host
             self.stop(kill=True)
-            err += f"\n{problem}; its log:\n{_read(self.log.name)[-3000:]}"
-            codes = [-9] * self.world
-        else:
-            codes = [json.loads(_read(stem + ".json"))["code"] for stem in stems]
+            codes = [-15 if code is None else code for code in codes]
         proc = subprocess.CompletedProcess(["case", *case["argv"]], 0, out, err)
         proc.codes = codes
         return proc

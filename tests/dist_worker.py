@@ -81,11 +81,14 @@ def gathers(env, flags, out_file):
     param_group.foreach_all_gather = counting
     batch = collate([trainer.data.train[i] for i in range(2)], trainer.data.pad_id).to(env.device)
     per_micro_batch = []
-    for _ in range(2):
-        gathered.clear()
-        with trainer.teacher.targets(batch):
-            pass
-        per_micro_batch.append(sum(gathered))
+    try:
+        for _ in range(2):
+            gathered.clear()
+            with trainer.teacher.targets(batch):
+                pass
+            per_micro_batch.append(sum(gathered))
+    finally:
+        param_group.foreach_all_gather = all_gather  # a case host runs later cases in this process
     return {"gathered": per_micro_batch, "parameters": sum(p.numel() for p in trainer.teacher.root.parameters())}
 
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import REPO, python_run, torchrun, train_args
 
 
-def run_train(args, cwd, **extra_env):
-    return python_run([REPO / "train.py", *args], cwd, timeout=120, **extra_env)
+def run_train(args, cwd, fresh=False, **extra_env):
+    return python_run([REPO / "train.py", *args], cwd, timeout=120, fresh=fresh, **extra_env)
 
 
 def assert_one_line_error(proc, pattern):
@@ -33,7 +33,8 @@ def mismatched_teacher(tiny, tmp_path, chat_bpe_tok):
 
 
 def test_missing_model_path(tiny, tmp_path):
-    proc = run_train(train_args(tiny, tmp_path / "out", pretrain=str(tmp_path / "nope")), tmp_path)
+    """A process of its own: nothing imported or warned before the one line."""
+    proc = run_train(train_args(tiny, tmp_path / "out", pretrain=str(tmp_path / "nope")), tmp_path, fresh=True)
     assert_one_line_error(proc, r"key pretrain: model directory not found: .*nope")
     assert not (tmp_path / "out").exists()
 
@@ -76,7 +77,8 @@ def test_earlier_outputs_are_never_overwritten(tiny, tmp_path):
 
 
 def test_a_plain_single_process_run_works(tiny, tmp_path):
-    proc = run_train(train_args(tiny, tmp_path / "out", max_steps=2, train_batch_size=8), tmp_path)
+    """A process of its own: a world of one made without torchrun, and its own exit."""
+    proc = run_train(train_args(tiny, tmp_path / "out", max_steps=2, train_batch_size=8), tmp_path, fresh=True)
     assert proc.returncode == 0, proc.stderr
     assert "step 2/2" in proc.stdout and (tmp_path / "out" / "config.json").is_file()
 
