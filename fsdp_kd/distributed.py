@@ -186,14 +186,19 @@ def _write_torchrun_error_file(message: str, detail: str) -> None:
         pass  # the error was printed; the file only improves torchrun's summary
 
 
+def forget_side() -> None:
+    """Drops this process's meshes and its side group (`split_world`): they belong to the run that ended."""
+    global _SIDE_GROUP
+    _MESHES.clear()
+    _SIDE_GROUP = None
+
+
 def teardown() -> None:
     """A barrier first: gloo aborts the process if a rank tears down while a peer still has work in flight."""
-    global _SIDE_GROUP
     if dist.is_initialized():
         gc.collect()  # drop sharded tensors that still reference the group's work before destroying it
         dist.barrier()  # every rank of the job, both sides of a split one
-        _MESHES.clear()
-        _SIDE_GROUP = None
+        forget_side()
         dist.destroy_process_group()
 
 

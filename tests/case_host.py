@@ -36,19 +36,12 @@ POLL_SECONDS = 0.02
 _WARNING_FILTERS = list(warnings.filters)
 
 
-def _reset_side() -> None:
-    """What `distributed.teardown` clears, without destroying the process group the next case runs on."""
-    gc.collect()
-    distributed._MESHES.clear()
-    distributed._SIDE_GROUP = None
-
-
 def _teardown_between_cases() -> None:
-    """Stands in for `distributed.teardown` inside the host: the same barrier, the group kept."""
-    if dist.is_initialized():
-        gc.collect()
-        dist.barrier()
-    _reset_side()
+    """Stands in for `distributed.teardown` inside the host: the same barrier, the process group kept for the next
+    case."""
+    gc.collect()
+    dist.barrier()
+    distributed.forget_side()
 
 
 def _entry(argv: list[str]):
@@ -113,7 +106,8 @@ def run_case(case: dict, out_path: str, err_path: str) -> int:
         except BaseException as error:  # noqa: BLE001 - a case's crash is its result, not the host's end
             code = distributed.report_failure(error, dist.get_rank())
         finally:
-            _reset_side()
+            gc.collect()  # the case's sharded models, before the next case loads its own
+            distributed.forget_side()
     return int(code or 0)
 
 
