@@ -221,7 +221,8 @@ class CaseHost:
     def run(self, argv, cwd, timeout) -> subprocess.CompletedProcess:
         """Case `argv` run from `cwd` (default: this process's working directory): a CompletedProcess with every
         rank's output in rank order and `codes`, each rank's exit status (-15 for a rank stopped after another
-        failed). Raises TimeoutExpired, as subprocess.run does, when the case runs past `timeout`."""
+        failed, or lost with its host). Raises TimeoutExpired, as subprocess.run does, when the case runs past
+        `timeout`."""
         import time
 
         n, self.cases = self.cases, self.cases + 1
@@ -234,23 +235,25 @@ class CaseHost:
         stems = [os.path.join(self.inbox, f"{n}.rank{r}") for r in range(self.world)]
         deadline = time.time() + timeout + (self.START_TIMEOUT if n == 0 else 0)
         codes: list[int | None] = [None] * self.world
+        stop_at = None  # once a rank has failed, when the ranks still running are stopped
         while None in codes:
             for r, stem in enumerate(stems):
                 if codes[r] is None and os.path.exists(stem + ".json"):
                     codes[r] = json.loads(_read(stem + ".json"))["code"]
-            if None not in codes:
+            if stop_at is None and any(codes):
+                stop_at = time.time() + self.FAILED_RANK_GRACE
+            if None not in codes or self.proc.poll() is not None or (stop_at and time.time() > stop_at):
                 break
-            if any(codes) and time.time() > deadline:
-                break
-            if any(codes) and deadline > time.time() + self.FAILED_RANK_GRACE:
-                deadline = time.time() + self.FAILED_RANK_GRACE  # a rank failed: the rest are stopped shortly
-            if self.proc.poll() is not None or time.time() > deadline:
+            if time.time() > deadline:
                 output = "".join(_read(stem + ".out") + _read(stem + ".err") for stem in stems)
                 self.stop(kill=True)
                 raise subprocess.TimeoutExpired(["case", *case["argv"]], timeout, output + _read(self.log.name))
             time.sleep(0.01)
         out, err = ("".join(_read(stem + suffix) for stem in stems) for suffix in (".out", ".err"))
-        if None in codes:  # the ranks left in a collective are stopped, with the host
+        if None in codes:  # ranks left in a collective after another failed, or a host that died: stopped with it
+            if self.proc.poll() is not None:
+                err += f"\ncase host of {self.world} ranks ended (exit {self.proc.returncode}); its log:\n" \
+                       f"{_read(self.log.name)[-3000:]}"
             self.stop(kill=True)
             codes = [-15 if code is None else code for code in codes]
         proc = subprocess.CompletedProcess(["case", *case["argv"]], 0, out, err)
