@@ -129,9 +129,9 @@ def main(argv: list[str]) -> int:
               "without the context, before → after |")
         print("|---|---|---|---|---|")
         for name, b, a, em_b, em_a in rows:
-            print(f"| {name} | {b:.4f} | {a:.4f} | {a / b:.2f} | {em_b:.1%} → {em_a:.1%} |")
-        print(f"\nself-distillation: KL after / before = {', '.join(f'{a / b:.2f} ({n.split()[0]})' for n, b, a, *_ in rows)}"
-              f" (goal <= 0.5)")
+            print(f"| {name} | {b:.4f} | {a:.4f} | {a / b:.4f} | {em_b:.1%} → {em_a:.1%} |")
+        ratios = ", ".join(f"{a / b:.4f} ({name.split()[0]})" for name, b, a, *_ in rows)
+        print(f"\nself-distillation: KL after / before = {ratios} (goal <= 0.5)")
     teardown()
     return 0
 
