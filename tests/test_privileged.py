@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, python_run, read_metrics, torchrun, train_args
+from conftest import CHAR_CHAT, REPO, python_run, read_metrics, torchrun, train_args
 from fsdp_kd.config import parse_config
 from fsdp_kd.cross_tokenizer import teacher_fields
 from fsdp_kd.errors import ConfigError
@@ -20,9 +20,6 @@ from fsdp_kd.records import IGNORE_INDEX, DataError, Sample, TokenSettings, reco
 
 TRAIN = str(REPO / "train.py")
 WORKER = str(REPO / "tests" / "dist_worker.py")
-# ChatML's shape in characters the character tokenizer has (its <|...|> would be unknown tokens)
-CHAR_CHAT = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
-             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
 NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
              "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
 SYSTEM = "You translate."
