@@ -14,7 +14,8 @@ max_len is matched where its tokens are. They are stored as a cross-tokenizer te
 of the alignment, `cross_tokenizer.Alignment`): one group per trained token, one token on each side, and one group
 for the prompt (the two prompts, of different lengths) before each span. The data layer, the collate and the loss
 then read them as they read any teacher's own token rows (`MicroBatch.teacher`). The teacher keeps its whole prompt,
-context included: its rows may be longer than max_len by the context.
+context included: its rows may be longer than max_len (by the context, and in a conversation cut from the left by the
+turns the cut dropped).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .cross_tokenizer import teacher_fields
 from .errors import ConfigError
 from .records import (IGNORE_INDEX, SHAREGPT_ROLES, DataError, Sample, TokenSettings, _field, alpaca_prompt,
                       conversation_key, record_to_sample)
+from .tokenized import spans_of
 
 CONTEXT_SEPARATOR = "\n\n"
 RENDERING_VERSION = 1  # bump when the teacher's rendering changes: the tokenized data's key holds it
@@ -139,8 +141,13 @@ def _context_text(record, key: str | None, where: str) -> str:
 def _conversation_with(turns: list, extra: str, system: str | None, key: str, where: str) -> list:
     """A conversation's turns with the context at the start of the first user turn and the system prompt first."""
     turns = [dict(turn) if isinstance(turn, dict) else turn for turn in turns]
-    role = lambda turn: turn.get("role", SHAREGPT_ROLES.get(turn.get("from"))) if isinstance(turn, dict) else None
-    text = lambda turn: "content" if "role" in turn else "value"
+
+    def role(turn) -> str | None:  # OpenAI's role/content or ShareGPT's from/value, as `records` reads them
+        return turn.get("role", SHAREGPT_ROLES.get(turn.get("from"))) if isinstance(turn, dict) else None
+
+    def text(turn) -> str:
+        return "content" if "role" in turn else "value"
+
     if extra:
         user = next((turn for turn in turns if role(turn) == "user"), None)
         if user is None or not isinstance(user.get(text(user)), str):
@@ -155,19 +162,13 @@ def _conversation_with(turns: list, extra: str, system: str | None, key: str, wh
     return turns
 
 
-def _spans(targets: list[int]) -> list[tuple[int, int]]:
-    """[start, end) of each run of trained positions."""
-    trained = np.concatenate([[False], np.asarray(targets) != IGNORE_INDEX, [False]])
-    edges = np.flatnonzero(np.diff(trained.astype(np.int8)))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
-
-
 def matched_positions(student: Sample, teacher: Sample, where: str) -> tuple[np.ndarray, np.ndarray]:
     """(student positions, teacher positions) that predict the same response token, one to one, for every trained
     position of the student. The spans are matched from the last one back: the last is matched from its start (a
     cut response keeps its start), the ones before it from their ends (a conversation cut from the left keeps the
     later turns whole). The tokens must agree, else the teacher's rendering changed the response: refused."""
-    s_spans, t_spans = _spans(student.targets), _spans(teacher.targets)
+    s_flat, t_flat = spans_of(student), spans_of(teacher)
+    s_spans, t_spans = list(zip(s_flat[::2], s_flat[1::2])), list(zip(t_flat[::2], t_flat[1::2]))
     s_pos, t_pos = [], []
     for k, ((s0, s1), (t0, t1)) in enumerate(zip(reversed(s_spans), reversed(t_spans))):
         n = s1 - s0
