@@ -408,10 +408,11 @@ def check_cache_fits(meta: CacheMeta, run: CacheRun, tokenizer, sources) -> None
                           f"built with ({meta.teacher}); drop teacher_model to train from the cache, or build a cache "
                           "with this teacher")
     if run.teacher_context is not None and run.teacher_context != meta.teacher_context:
+        built = meta.teacher_context[2:] if meta.teacher_context else "no context"
         raise ConfigError(f"key teacher_context_key: the cache {run.directory} was built with the teacher reading "
-                          f"{meta.teacher_context or 'no context'}, this run names {run.teacher_context[2:]}; drop "
-                          "teacher_context_key and teacher_system_prompt to train from the cache, or build a cache "
-                          "with this context")
+                          f"{built} (teacher_context_key, teacher_system_prompt), this run names "
+                          f"{run.teacher_context[2:]}; drop both keys to train from the cache, or build a cache with "
+                          "this context")
     if meta.tokenizer != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"{where} was built with another tokenizer or chat template than this run's pretrain "
                           f"{run.pretrain}; build a cache with this run's pretrain")
