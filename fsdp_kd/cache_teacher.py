@@ -49,8 +49,8 @@ class CacheBuilder:
                                            cfg.apply_chat_template)
         self.teacher = model_teacher(cfg, self.tokenizer)
         self.vocab_size = self.teacher.vocab_size
-        retokenize = self.teacher.retokenize
-        if retokenize is not None:
+        retokenize, across = self.teacher.retokenize, self.teacher.across_tokenizers
+        if across:
             check_cacheable_across(self.teacher.shared)
         train, held_out = open_sources(data_sources(cfg), self.tokenizer, env.local_rank, all_gather_object, self.log,
                                        retokenize)
@@ -70,7 +70,8 @@ class CacheBuilder:
                      for s, o in zip(self.sources, offsets)],
             settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=teacher_identity(cfg.teacher_model),
             samples_per_chunk=cfg.cache_chunk_samples,
-            teacher_tokenizer=None if retokenize is None else tokenizer_fingerprint(retokenize.tokenizer),
+            teacher_tokenizer=tokenizer_fingerprint(retokenize.tokenizer) if across else None,
+            teacher_context=list(retokenize.rendering) if retokenize is not None and retokenize.rendering else None,
             hidden_dtype=cfg.cache_hidden_dtype if self.mode.keeps_head else CacheMeta.hidden_dtype)
         self.already_complete = self._adopt_existing()
 
@@ -86,7 +87,7 @@ class CacheBuilder:
             return False
         old = CacheMeta.load(self.directory)
         differ = [k for k in ("mode", "slots", "temperature", "vocab_size", "log_p_dtype", "tokenizer", "sources",
-                              "teacher", "samples_per_chunk", "teacher_tokenizer", "hidden_dtype")
+                              "teacher", "samples_per_chunk", "teacher_tokenizer", "hidden_dtype", "teacher_context")
                   if getattr(old, k) != getattr(self.meta, k)]
         if differ:
             raise ConfigError(f"key teacher_cache: {self.directory} holds a cache built with other {', '.join(differ)}; "
@@ -222,6 +223,7 @@ def _progress(total: int, initial: int, shown: bool):
 # The keys a cache build reads (its --help lists them); train.py's other keys are accepted and ignored, so one config
 # serves both.
 KEYS = ("pretrain", "teacher_model", "cross_tokenizer", "trust_remote_code", "attn_implementation", "param_dtype",
+        "teacher_context_key", "teacher_system_prompt",
         "teacher_sharding_strategy", "hsdp_shard_size", "teacher_offload", "teacher_resident",
         "dataset", "dataset_split", "eval_dataset", "eval_split", "input_key", "output_key", "input_template",
         "apply_chat_template", "tokenizer_chat_template", "multiturn", "pretrain_mode", "packing_samples",

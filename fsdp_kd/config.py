@@ -78,6 +78,9 @@ def _within(value: float, must_be: str) -> bool:
                                                                       value < high)
 
 
+SELF_TEACHER = "self"  # teacher_model: self
+
+
 @dataclass
 class TrainConfig:
     """Every key of train.py and cache_teacher. A new key is one line in its group: `name: type = opt(default,
@@ -86,8 +89,15 @@ class TrainConfig:
     pretrain: str = opt("", "the student: a local HF model directory or a hub id; its tokenizer tokenizes the data",
                         section="Models")
     teacher_model: str | None = opt(None, "the teacher: a local HF model directory or a hub id with the student's "
-                                          "tokenizer (or its own, with cross_tokenizer); none trains plain SFT "
-                                          "(kd_coef must then be 0)")
+                                          "tokenizer (or its own, with cross_tokenizer); self: a frozen copy of the "
+                                          "student's initial weights (pretrain); none trains plain SFT (kd_coef must "
+                                          "then be 0)")
+    teacher_context_key: str | None = opt(None, "self-distillation with privileged context: a record field the "
+                                                "teacher reads before the prompt (in the first user turn with a chat "
+                                                "template) and the student never sees (docs/on_policy.md)")
+    teacher_system_prompt: str | None = opt(None, "self-distillation with privileged context: a system turn only "
+                                                  "the teacher gets (needs apply_chat_template and a template with a "
+                                                  "system role)")
     cross_tokenizer: bool = opt(False, "the teacher has its own tokenizer: align the two tokenizations by bytes and "
                                        "distil over the tokens both vocabularies spell alike, plus ULD "
                                        "(docs/cross_tokenizer.md)")
@@ -236,6 +246,10 @@ class TrainConfig:
     dist_timeout_minutes: float = opt(60.0, "the process group's timeout: long enough for rank 0 to load a large "
                                             "model", must_be="> 0")
 
+    def __post_init__(self):
+        if self.teacher_model == SELF_TEACHER:  # the student's initial weights, loaded again as a frozen teacher
+            self.teacher_model = self.pretrain
+
     def resolved_ckpt_path(self) -> str:
         return self.ckpt_path or os.path.join(self.save_path, "checkpoints")
 
@@ -256,6 +270,7 @@ RESUME_SENSITIVE_KEYS = (
     "seed", "param_dtype", "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "student_topk", "kd_loss_convention",
     "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p", "cross_tokenizer", "uld_weight", "uld_topk",
+    "teacher_context_key", "teacher_system_prompt",
 )
 
 
@@ -459,6 +474,18 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.cross_tokenizer and DIVERGENCES[cfg.kd_loss].student_buckets:
         fail("kd_loss", f"{cfg.kd_loss} takes its buckets from the student's own top tokens, which have no "
                         "counterpart in the teacher's vocabulary; choose another kd_loss with cross_tokenizer")
+    context = next((k for k in ("teacher_context_key", "teacher_system_prompt") if getattr(cfg, k) is not None), None)
+    if context and cfg.teacher_model is None and cfg.teacher_cache is None:
+        fail(context, f"{context} is what the teacher reads: set teacher_model (self: the student's initial weights)")
+    if context and cfg.cross_tokenizer:
+        fail(context, f"{context} with cross_tokenizer is not supported yet: privileged context needs a teacher "
+                      "with the student's tokenizer (or teacher_model self)")
+    if context and cfg.pretrain_mode:
+        fail(context, f"{context} goes before a prompt, and pretrain_mode has none: drop one of them")
+    if cfg.teacher_system_prompt is not None and not cfg.apply_chat_template:
+        fail("teacher_system_prompt", "teacher_system_prompt is a chat template's system turn: set "
+                                      "apply_chat_template, or put the text in a record field named by "
+                                      "teacher_context_key")
     if cfg.uld_weight < 0 or cfg.uld_topk < 1:
         fail("uld_weight" if cfg.uld_weight < 0 else "uld_topk",
              f"uld_weight must be >= 0 and uld_topk >= 1, got {cfg.uld_weight} and {cfg.uld_topk}")

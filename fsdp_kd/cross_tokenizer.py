@@ -20,6 +20,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 
@@ -215,6 +216,7 @@ class TeacherTokenization:
     student: TokenBytes
     teacher: TokenBytes
     tokenizer: object  # the teacher's (HF) tokenizer
+    rendering: ClassVar[tuple] = ()  # what the teacher reads besides the sample's text: nothing (`privileged` adds)
 
     def text(self, input_ids: list[int]) -> tuple[str, int, int] | None:
         """(text, a, b): what the student's tokens [a, b) spell, the run without the tokens at either end that hold
@@ -240,6 +242,14 @@ class TeacherTokenization:
         """The teacher's `records.Sample` fields of a sample with these ids, computed now: for a sample that was
         not in the tokenized data (an on-policy response, re-tokenized at step time)."""
         return teacher_fields(*self.columns(input_ids), len(input_ids))
+
+    def record_columns(self, record, sample, settings, where: str) -> tuple[list[int], list[int], list[int]]:
+        """`columns` of a sample as the data is tokenized: the teacher reads the sample's text alone."""
+        return self.columns(sample.input_ids)
+
+    def rewritten(self, original, sample) -> dict[str, list[int]]:
+        """`fields` of `sample`, `original` with a new response (on-policy): its text alone again."""
+        return self.fields(sample.input_ids)
 
     def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
         """(teacher ids, student group ends, teacher group ends) of one sample; three empty lists when the two

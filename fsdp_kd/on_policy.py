@@ -178,7 +178,7 @@ class OnPolicy:
     def __init__(self, ratio: float, seed: int, settings: GenerationSettings, rank: int, device: torch.device,
                  retokenize=None):
         self.ratio, self.seed, self.settings, self.rank, self.device = ratio, seed, settings, rank, device
-        self.retokenize = retokenize  # a teacher with its own tokenizer: `cross_tokenizer.TeacherTokenization`
+        self.retokenize = retokenize  # a teacher's own token rows (`cross_tokenizer.TeacherTokenization`, `privileged`)
 
     def chosen(self, step: int, index: int) -> bool:
         """Whether micro-batch `index` of `step` is on-policy: a draw from (seed, step, index), so every rank agrees
@@ -200,7 +200,8 @@ class OnPolicy:
             responses, seconds = generate(root, prompts, self.settings, seed, self.device)
             samples = [with_response(p, r) for p, r in zip(prompts, responses)]
             if self.retokenize is not None:  # host string work, about a millisecond a sample (docs/cross_tokenizer.md)
-                samples = [dataclasses.replace(s, **self.retokenize.fields(s.input_ids)) for s in samples]
+                samples = [dataclasses.replace(s, **self.retokenize.rewritten(old, s))
+                           for old, s in zip(group, samples)]
             out.append(samples)
             stats.micro_batches += 1
             stats.sequences += len(group)

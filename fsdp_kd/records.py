@@ -321,10 +321,7 @@ def conversation(record, settings: TokenSettings, tokenizer, where: str):
     """A conversation list (OpenAI messages or ShareGPT conversations) under `input_key`, or, recognized by its
     shape, under `messages` or `conversations` when the record has no `input_key` (as LLaMA-Factory does). Needs
     the chat template."""
-    if not isinstance(record, dict):
-        return None
-    keys = (settings.input_key,) if settings.input_key in record else (settings.input_key, *CONVERSATION_KEYS)
-    key = next((k for k in keys if isinstance(record.get(k), list)), None)
+    key = conversation_key(record, settings)
     if key is None:
         return None
     if not settings.apply_chat_template:
@@ -335,16 +332,31 @@ def conversation(record, settings: TokenSettings, tokenizer, where: str):
     return sample_from_mask(ids, trainable), cut
 
 
+def conversation_key(record, settings: TokenSettings) -> str | None:
+    """The key of a record's conversation list, as `conversation` finds it; None for a record of another layout."""
+    if not isinstance(record, dict):
+        return None
+    keys = (settings.input_key,) if settings.input_key in record else (settings.input_key, *CONVERSATION_KEYS)
+    return next((k for k in keys if isinstance(record.get(k), list)), None)
+
+
 def alpaca(record, settings: TokenSettings, tokenizer, where: str):
     """`instruction` + optional `input` → `output`; recognized when `input_key` is left at `input` or set to
     `instruction`."""
+    prompt = alpaca_prompt(record, settings, where)
+    return None if prompt is None else _prompt_response(prompt, record, settings, tokenizer, where)
+
+
+def alpaca_prompt(record, settings: TokenSettings, where: str) -> str | None:
+    """An Alpaca record's prompt (`instruction`, then `input` after a blank line when there is one); None for a
+    record of another layout."""
     if not (isinstance(record, dict) and "instruction" in record and settings.input_key in ("input", "instruction")):
         return None
     prompt = _field(record, "instruction", where)
     extra = record.get("input") or ""
     if not isinstance(extra, str):
         raise DataError(f"{where}: key 'input' must be a string, got {type(extra).__name__}")
-    return _prompt_response(f"{prompt}\n\n{extra}" if extra.strip() else prompt, record, settings, tokenizer, where)
+    return f"{prompt}\n\n{extra}" if extra.strip() else prompt
 
 
 def prompt_response(record, settings: TokenSettings, tokenizer, where: str):

@@ -1,7 +1,8 @@
 """A run's teacher: what the run asks of it (`Teacher`), one class per kind, chosen by one lookup in `TEACHERS`.
 
 The kinds: `live` runs the sharded teacher_model on each micro-batch, `cross_tokenizer` runs a teacher with its own
-tokenizer on its own tokens of each sample (both `teacher_model`), `teacher_ranks` runs either of those on ranks of
+tokenizer on its own tokens of each sample, `privileged` runs one on its own rendering of each sample with context the
+student does not see (all three `teacher_model`), `teacher_ranks` runs either of those on ranks of
 its own and sends its hidden states (`teacher_ranks.RemoteTeacher`), `cache` reads stored teacher distributions in any
 of the cache's modes, top-k, sampled or hidden states (`teacher_cache.CachedTeacher`, each mode one entry of
 `CACHE_MODES`), and `none` is plain SFT. The loss and the training loop never ask which kind they have.
@@ -18,6 +19,7 @@ from .cross_tokenizer import TeacherTokenization
 from .data import MicroBatch
 from .distill import PLAIN_CE
 from .kernel import METRIC_NAMES
+from .privileged import TeacherContext
 from .targets import Targets
 from .teacher_cache import CachedTeacher
 from .teacher_model import MODEL_TEACHERS, model_kind
@@ -99,7 +101,7 @@ class NoTeacher:
 
 
 TEACHERS: dict[str, type[Teacher]] = {
-    **MODEL_TEACHERS,  # live, cross_tokenizer
+    **MODEL_TEACHERS,  # live, cross_tokenizer, privileged
     "teacher_ranks": RemoteTeacher,
     "cache": CachedTeacher,  # any of teacher_cache.CACHE_MODES
     "none": NoTeacher,
@@ -109,12 +111,13 @@ TEACHERS: dict[str, type[Teacher]] = {
 def teacher_kind(cfg) -> str:
     """The `TEACHERS` entry a config names: a cache when one is named (a teacher_model named beside it is not
     loaded; `teacher_cache.check_cache_fits` says why), else the teacher_model (on ranks of its own with
-    teacher_ranks; with its own tokenizer with cross_tokenizer), else none."""
+    teacher_ranks; with its own tokenizer with cross_tokenizer; with context of its own with teacher_context_key or
+    teacher_system_prompt), else none."""
     if cfg.teacher_cache:
         return "cache"
     if not cfg.teacher_model:
         return "none"
-    return "teacher_ranks" if cfg.teacher_ranks else model_kind(cfg.cross_tokenizer)
+    return "teacher_ranks" if cfg.teacher_ranks else model_kind(cfg.cross_tokenizer, bool(TeacherContext.of(cfg)))
 
 
 def open_teacher(cfg, tokenizer) -> Teacher:

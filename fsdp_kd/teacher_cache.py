@@ -167,6 +167,7 @@ class CacheMeta:
     teacher: str  # teacher_identity(teacher_model)
     samples_per_chunk: int
     teacher_tokenizer: str | None = None  # a teacher of its own tokenizer (cross_tokenizer): its fingerprint
+    teacher_context: list | None = None  # privileged context the teacher read (`PrivilegedTokenization.rendering`)
     hidden_dtype: str = "bfloat16"  # hidden mode: the stored hidden states' dtype
     head: dict | None = None  # hidden mode: the head's logit transforms, {"scale", "softcap"}
     complete: bool = False
@@ -376,13 +377,17 @@ class CacheRun:
     temperature: float
     divergence: str  # the kd_loss the run trains (`LossSpec.effective_divergence`)
     token_settings: dict  # {key: value} of the tokenization settings, in `tokenized.TOKEN_SETTINGS` order
+    teacher_context: list | None = None  # the privileged context the run names (`TeacherContext.rendering`), if any
 
     @classmethod
     def of(cls, cfg) -> CacheRun:
+        from .privileged import TeacherContext
         from .tokenized import TOKEN_SETTINGS
 
+        context = TeacherContext.of(cfg)
         return cls(cfg.teacher_cache, cfg.teacher_model, cfg.pretrain, cfg.kd_temperature,
-                   effective_divergence(cfg.kd_loss, cfg.jsd_beta), {k: getattr(cfg, k) for k in TOKEN_SETTINGS})
+                   effective_divergence(cfg.kd_loss, cfg.jsd_beta), {k: getattr(cfg, k) for k in TOKEN_SETTINGS},
+                   list(context.rendering) if context else None)
 
 
 def check_cache_fits(meta: CacheMeta, run: CacheRun, tokenizer, sources) -> None:
@@ -402,6 +407,12 @@ def check_cache_fits(meta: CacheMeta, run: CacheRun, tokenizer, sources) -> None
         raise ConfigError(f"key teacher_model: {run.teacher_model} is not the teacher the cache {run.directory} was "
                           f"built with ({meta.teacher}); drop teacher_model to train from the cache, or build a cache "
                           "with this teacher")
+    if run.teacher_context is not None and run.teacher_context != meta.teacher_context:
+        built = meta.teacher_context[2:] if meta.teacher_context else "no context"
+        raise ConfigError(f"key teacher_context_key: the cache {run.directory} was built with the teacher reading "
+                          f"{built} (teacher_context_key, teacher_system_prompt), this run names "
+                          f"{run.teacher_context[2:]}; drop both keys to train from the cache, or build a cache with "
+                          "this context")
     if meta.tokenizer != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"{where} was built with another tokenizer or chat template than this run's pretrain "
                           f"{run.pretrain}; build a cache with this run's pretrain")

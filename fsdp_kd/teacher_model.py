@@ -1,5 +1,6 @@
-"""The teacher kinds that run a teacher model: `live` (the student's tokenizer, on the student's own micro-batch) and
-`cross_tokenizer` (its own tokenizer, on its own tokens of each sample). Both load the frozen teacher_model sharded
+"""The teacher kinds that run a teacher model: `live` (the student's tokenizer, on the student's own micro-batch),
+`cross_tokenizer` (its own tokenizer, on its own tokens of each sample) and `privileged` (the student's tokenizer, on
+its own rendering of each sample with context the student does not see). Both load the frozen teacher_model sharded
 (`ModelSpec`) and make each micro-batch's targets in two steps, its final hidden states at the rows the loss reads
 (`hidden`) and the loss's targets from those and its head (`targets_from`): the teacher on ranks of its own
 (`teacher_ranks.RemoteTeacher`) runs the same two steps on either side of the wire, and the cache build
@@ -21,6 +22,7 @@ from .distill import hidden_at_targets
 from .heads import probe_head
 from .targets import LiveTargets
 from .loading import LoadSpec, load_sharded
+from .privileged import PrivilegedTokenization, TeacherContext
 from .records import IGNORE_INDEX
 from .sharding import ShardedCausalLM, TeacherSharding, parameter_count
 from .tokenizer_compat import shared_vocab_size, tokenizer_or_error
@@ -100,6 +102,7 @@ class LiveTeacher(ModelTeacher):
     metric_names: dict[str, str | None] = {}  # the loss's own: a live teacher gives every metric
     own_tokenizer = ""
     retokenize = None
+    across_tokenizers = False  # a teacher cache records no teacher tokenizer of its own
 
     def __init__(self, spec: ModelSpec | None, vocab_size: int, root: ShardedCausalLM | None = None):
         super().__init__(spec, root)
@@ -131,6 +134,7 @@ class CrossTokenizerTeacher(ModelTeacher):
     tokenizer, the teacher's head is read over its own."""
     metric_names = ALIGNED_METRIC_NAMES
     own_tokenizer = ", its own tokenizer"
+    across_tokenizers = True
 
     def __init__(self, spec: ModelSpec, tokenizer, uld_weight: float, uld_topk: int):
         super().__init__(spec, None)
@@ -191,15 +195,41 @@ class CrossTokenizerTeacher(ModelTeacher):
         return topk_in_student_vocabulary(*topk, batch.aligned, self.vocab_map(topk[0].device))
 
 
-MODEL_TEACHERS = {"live": LiveTeacher, "cross_tokenizer": CrossTokenizerTeacher}
+class PrivilegedTeacher(LiveTeacher):
+    """The teacher with the student's tokenizer, reading each sample with context the student does not see
+    (`teacher_context_key`, `teacher_system_prompt`; `privileged`): its own token rows of each sample, stored with the
+    data as a teacher of another tokenizer's are (`retokenize`) and laid out in each micro-batch (`MicroBatch.teacher`),
+    whose response tokens are the student's one to one. So every trained position has the teacher's distribution
+    over the whole vocabulary, and the loss is the live teacher's."""
+
+    def __init__(self, spec: ModelSpec | None, vocab_size: int, retokenize: PrivilegedTokenization,
+                 root: ShardedCausalLM | None = None):
+        super().__init__(spec, vocab_size, root)
+        self.retokenize = retokenize
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> PrivilegedTeacher:
+        context = TeacherContext.of(cfg)
+        context.check_template(tokenizer, cfg.pretrain)
+        spec = ModelSpec.of(cfg)
+        return cls(spec, shared_vocab_size(tokenizer, spec.tokenizer()), PrivilegedTokenization(context, tokenizer))
+
+    def vocabulary_lines(self) -> list[str]:
+        return [*super().vocabulary_lines(), self.retokenize.context.describe()]
+
+    def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
+        return batch.teacher
 
 
-def model_kind(cross_tokenizer: bool) -> str:
+MODEL_TEACHERS = {"live": LiveTeacher, "cross_tokenizer": CrossTokenizerTeacher, "privileged": PrivilegedTeacher}
+
+
+def model_kind(cross_tokenizer: bool, privileged: bool) -> str:
     """Which `MODEL_TEACHERS` entry runs the teacher_model: with the student's tokenizer, or (cross_tokenizer) its
-    own."""
-    return "cross_tokenizer" if cross_tokenizer else "live"
+    own, or (privileged) the student's, on its own rendering of each sample with context."""
+    return "cross_tokenizer" if cross_tokenizer else "privileged" if privileged else "live"
 
 
 def model_teacher(cfg, tokenizer) -> LiveTeacher | CrossTokenizerTeacher:
     """The teacher_model as this rank, the teacher ranks or a cache build runs it."""
-    return MODEL_TEACHERS[model_kind(cfg.cross_tokenizer)].from_config(cfg, tokenizer)
+    return MODEL_TEACHERS[model_kind(cfg.cross_tokenizer, bool(TeacherContext.of(cfg)))].from_config(cfg, tokenizer)

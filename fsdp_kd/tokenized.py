@@ -89,7 +89,7 @@ def cache_key(path: str, split: str, max_samples: int | None, settings: TokenSet
            "tokenizer": tokenizer_fingerprint(tokenizer),
            "settings": dataclasses.asdict(settings)}
     if teacher is not None:
-        key["teacher_tokenizer"] = [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION]
+        key["teacher_tokenizer"] = [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION, *teacher.rendering]
     return key
 
 
@@ -164,11 +164,14 @@ def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=Non
     if teacher is not None:
         out.update({name: [] for name in TEACHER_COLUMNS})
     for text, where in zip(batch["record"], batch["where"]):
-        sample, cut, error = Sample([], []), False, None
+        sample, cut, error, columns = Sample([], []), False, None, ([], [], [])
         try:
-            sample, cut = record_to_sample(parse_record(text, where), settings, tokenizer, where)
+            record = parse_record(text, where)
+            sample, cut = record_to_sample(record, settings, tokenizer, where)
             if sample.trainable_tokens == 0:
                 error = NO_TARGET
+            elif teacher is not None:
+                columns = teacher.record_columns(record, sample, settings, where)
         except DataError as e:
             error = str(e)
         out["input_ids"].append(sample.input_ids)
@@ -177,8 +180,7 @@ def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=Non
         out["truncated"].append(cut)
         out["error"].append(error)
         if teacher is not None:
-            for name, values in zip(TEACHER_COLUMNS, teacher.columns(sample.input_ids) if error is None else
-                                    ([], [], [])):
+            for name, values in zip(TEACHER_COLUMNS, columns if error is None else ([], [], [])):
                 out[name].append(values)
     return out
 

@@ -79,6 +79,9 @@ def pair_teacher(tmp_path_factory):
     return path
 
 
+# ChatML's shape in characters the character tokenizer has (its <|...|> would be unknown tokens)
+CHAR_CHAT = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 

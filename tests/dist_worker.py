@@ -11,6 +11,8 @@ MODE load     each model loaded into shards (as student, and as an offloaded tea
               from_pretrained: the largest difference of any tensor                            ARGS: NAME=DIR ...
 MODE generate every rank's on-policy responses to its prompts (gathered once, and re-gathered per token), and a
               single-process HF generate of the same weights with the same seed                ARGS: train.py flags
+MODE teacher_logits  the teacher's logits at the trained rows of the first samples, and of their on-policy
+              rewrites                                                                         ARGS: train.py flags
 """
 
 import dataclasses
@@ -187,8 +189,25 @@ def generate(env, flags, out_file):
                               "flags": flags_})
 
 
+def teacher_logits(env, flags, out_file):
+    """The teacher's logits at each trained row of a packed micro-batch of the first four samples, and of the same
+    prompts with the student's own responses (`on_policy_ratio` 1)."""
+    from fsdp_kd.data import collate_packed
+
+    trainer = trainer_from(flags, env)
+    samples = [trainer.data.train[i] for i in range(4)]
+    groups, _, _ = trainer.on_policy.rewrite(trainer.student, 0, [samples])
+    out = {}
+    for name, group in (("data", samples), ("on_policy", groups[0])):
+        batch = collate_packed(group, 4 * trainer.cfg.max_len, trainer.data.pad_id).to(env.device)
+        with trainer.teacher.targets(batch) as targets:
+            logits = targets.hidden.float() @ targets.head.weight.float().T  # a plain head: the tiny Llama's
+        out[name] = {"logits": logits, "samples": [(s.input_ids, s.targets) for s in group]}
+    return out
+
+
 MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "families": families, "load": load,
-         "generate": generate}
+         "generate": generate, "teacher_logits": teacher_logits}
 
 
 def main(argv: list[str]) -> int:

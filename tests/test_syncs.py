@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_args
+from conftest import CHAR_CHAT, train_args
 from fsdp_kd.testing.profiling import SyncDetector
 
 SMALL = dict(max_len=32, max_samples=16, train_batch_size=4, micro_train_batch_size=2, max_steps=4)  # 2 micro-batches
@@ -236,6 +236,10 @@ PATHS = {  # name: (train.py flags over SMALL, what runs); a dataset or teacher_
     # a teacher run on its own tokens (here the same tokenizer's, which takes the same path as another's)
     "cross_tokenizer": ({"dataset": None, "cross_tokenizer": True}, train_step),
     "cross_tokenizer_packed": ({"dataset": None, "cross_tokenizer": True, "packing_samples": True}, train_step),
+    # the student's initial weights reading a system prompt of their own: the teacher on its own rows (privileged;
+    # max_len 64 keeps the rendered samples whole, so that every micro-batch still has padding)
+    "privileged": ({"dataset": None, "teacher_model": "self", "teacher_system_prompt": "Translate.",
+                    "apply_chat_template": True, "tokenizer_chat_template": CHAR_CHAT, "max_len": 64}, train_step),
     "eval": ({"dataset": None, "eval_holdout_ratio": 0.5}, evaluate),
 }
 

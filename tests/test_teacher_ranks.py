@@ -8,8 +8,8 @@ import signal
 import pytest
 import torch
 
-from conftest import (REPO, end_after, has_lines, python_run, read_metrics, start_torchrun, torchrun, train_args,
-                      wait_for)
+from conftest import (CHAR_CHAT, REPO, end_after, has_lines, python_run, read_metrics, start_torchrun, torchrun,
+                      train_args, wait_for)
 from fsdp_kd.config import parse_config
 from fsdp_kd.errors import ConfigError
 
@@ -34,12 +34,13 @@ def _odd_eval(tiny, tmp_path, n=7) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("case", ["untied", "tied_packed", "cross_tokenizer"])
+@pytest.mark.parametrize("case", ["untied", "tied_packed", "cross_tokenizer", "privileged"])
 def test_teacher_ranks_give_the_co_located_run(tiny, pair_student, pair_teacher, tmp_path, case):
     """1 teacher rank + 2 student ranks train exactly as 2 co-located ranks: per-step losses and metrics, eval
     metrics, and the exported weights, to fp32 tolerance. Micro-batch 1 (3 per rank per step), an eval count that
     does not divide by the ranks; a Llama teacher with an untied head, a Qwen2 teacher with a tied one (its head is
-    the embedding) on packed rows, and a teacher with its own tokenizer. The teacher rank says how many micro-batches
+    the embedding) on packed rows, a teacher with its own tokenizer, and the student's initial weights reading a
+    system prompt the student does not (`teacher_model: self`, privileged context). The teacher rank says how many micro-batches
     it ran, which must be every one of both student ranks'. The untied case also writes a checkpoint in the
     background at step 2 (DCP and its own gloo group over the student ranks alone)."""
     overrides = dict(micro_train_batch_size=1, train_batch_size=6, max_steps=3, eval_dataset=_odd_eval(tiny, tmp_path),
@@ -47,7 +48,9 @@ def test_teacher_ranks_give_the_co_located_run(tiny, pair_student, pair_teacher,
     overrides.update({"untied": dict(save_steps=2, async_save="true"),
                       "tied_packed": dict(teacher_model=tiny["qwen_teacher"], packing_samples="true", max_len=64),
                       "cross_tokenizer": dict(pretrain=pair_student, teacher_model=pair_teacher,
-                                              cross_tokenizer="true")}[case])
+                                              cross_tokenizer="true"),
+                      "privileged": dict(teacher_model="self", teacher_system_prompt="Translate.",
+                                         apply_chat_template="true", tokenizer_chat_template=CHAR_CHAT)}[case])
     co_located, split = tmp_path / "co_located", tmp_path / "split"
     torchrun([TRAIN, *train_args(tiny, co_located, **overrides)], nproc=2)
     proc = torchrun([TRAIN, *train_args(tiny, split, teacher_ranks=1, **overrides)], nproc=3)
