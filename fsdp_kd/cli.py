@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_training(cfg)
 
 
-def run_training(cfg) -> int:
+def run_training(cfg, on_step=None) -> int:
     """Trains on every rank (on the student ranks, with teacher_ranks: the others serve the teacher,
-    `teacher_ranks.serve`); a failure on any one rank ends the job at once (see `report_failure`)."""
+    `teacher_ranks.serve`); a failure on any one rank ends the job at once (see `report_failure`). A stop signal
+    (`preemption`) ends it after a step, saved, with `PREEMPTED_EXIT_CODE`; a teacher rank serves on until the student
+    ranks stop. `on_step(done, total)` runs after each step (`Trainer.train`)."""
     from .distributed import run_ranked, seed_everything, split_world
+    from .preemption import Preempted, StopSignals
     from .startup import CLOCK
     from .trainer import Trainer
 
@@ -42,18 +45,22 @@ def run_training(cfg) -> int:
 
     def work(env):
         CLOCK.lap("process group")
-        if cfg.teacher_ranks:
-            env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
-            if env.split.is_teacher(env.global_rank):
-                return serve_teacher(cfg, env)
-        seed_everything(cfg.seed, env.rank)
-        trainer = Trainer(cfg, env)
-        try:
-            trainer.train()
-        except BaseException:
-            trainer.close(failed=True)
-            raise
-        trainer.close(failed=False)
+        with StopSignals(cfg.preempt_signal, cfg.preempt_grace_s).installed() as stop:
+            if cfg.teacher_ranks:
+                env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
+                if env.split.is_teacher(env.global_rank):
+                    return serve_teacher(cfg, env)
+            seed_everything(cfg.seed, env.rank)
+            trainer = Trainer(cfg, env, stop=stop)
+            try:
+                trainer.train(on_step)
+            except Preempted:
+                trainer.close(failed=False)  # saved: a teacher on ranks of its own is told to stop as after a run
+                raise
+            except BaseException:
+                trainer.close(failed=True)
+                raise
+            trainer.close(failed=False)
 
     return run_ranked(work, cfg.dist_timeout_minutes)
 

@@ -214,7 +214,12 @@ class RemoteTeacher:
         return self.model.targets_from(hidden, batch, self.head.gathered)
 
     def close(self) -> None:
-        """Tells the teacher rank that this student rank is done: it returns once all of its student ranks are."""
+        """Tells the teacher rank that this student rank is done: it returns once all of its student ranks are. The
+        hidden states of a step stopped midway (`preemption`) are received first: the teacher rank sends them."""
+        self._post_receives()
+        while self.receiving:
+            self.receiving.popleft()[2].wait()
+            self._post_receives()
         self._sent()
         send_stop(self.teacher, self.env.split)
 
