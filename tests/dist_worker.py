@@ -11,10 +11,14 @@ MODE load     each model loaded into shards (as student, and as an offloaded tea
               from_pretrained: the largest difference of any tensor                            ARGS: NAME=DIR ...
 MODE generate every rank's on-policy responses to its prompts (gathered once, and re-gathered per token), and a
               single-process HF generate of the same weights with the same seed                ARGS: train.py flags
+MODE preempt  train.py's run whole (its exit code), with a signal raised in one rank's own process at a chosen
+              point, as a scheduler's would arrive: "step:N" after step N, "save:N" as step N's save begins, "chunk:N"
+              after a cache build's chunk N (the flags are then cache_teacher's)    ARGS: WHEN SIGNAL RANK flags
 """
 
 import dataclasses
 import os
+import signal
 import sys
 
 import torch
@@ -187,12 +191,45 @@ def generate(env, flags, out_file):
                               "flags": flags_})
 
 
+def preempt(args, out_file) -> int:
+    import fsdp_kd.cache_teacher as cache_teacher
+    from fsdp_kd.checkpoint import CheckpointWriter
+    from fsdp_kd.cli import run_training
+
+    (kind, at), name, rank, flags = args[0].split(":"), args[1], int(args[2]), args[3:]
+
+    def fire(when: int) -> None:
+        if when == int(at) and int(os.environ["RANK"]) == rank:
+            signal.raise_signal(signal.Signals[name])
+
+    if kind == "step":
+        return run_training(parse_config(flags), on_step=lambda done, total: fire(done))
+    owner, attribute = (CheckpointWriter, "save") if kind == "save" else (cache_teacher, "write_part")
+    original = getattr(owner, attribute)
+
+    def firing(*a, **k):
+        if kind == "save":
+            fire(a[3])  # (writer, root, optimizer, step)
+            return original(*a, **k)
+        written = original(*a, **k)
+        fire(int(a[1].split("-")[1]))  # the part's name: part-CHUNK-...
+        return written
+
+    setattr(owner, attribute, firing)
+    try:
+        return run_training(parse_config(flags)) if kind == "save" else cache_teacher.main(flags)
+    finally:
+        setattr(owner, attribute, original)  # a case host runs later cases in this process
+
+
 MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "families": families, "load": load,
          "generate": generate}
 
 
 def main(argv: list[str]) -> int:
     mode, out_file, args = argv[0], argv[1], argv[2:]
+    if mode == "preempt":  # a whole run: its own process group handling and exit code
+        return preempt(args, out_file)
     env = init_distributed()
     result = MODES[mode](env, args, out_file)
     if env.is_main:
