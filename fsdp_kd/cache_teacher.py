@@ -40,7 +40,7 @@ class CacheBuilder:
 
     def __init__(self, cfg: TrainConfig, env: DistEnv, stop: StopSignals | None = None):
         self.cfg, self.env = cfg, env
-        self.stop = stop or StopSignals(cfg.preempt_signal, cfg.preempt_grace_s)
+        self.stop = stop or StopSignals(cfg.preempt_signal)
         self.log = print if env.is_main else (lambda *a, **k: None)
         for key in ("teacher_cache", "teacher_model"):
             if not getattr(cfg, key):
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_failure(e, int(os.environ.get("RANK", "0")))
 
     def work(env):
-        with StopSignals(cfg.preempt_signal, cfg.preempt_grace_s).installed() as stop:
+        with StopSignals(cfg.preempt_signal).installed() as stop:
             CacheBuilder(cfg, env, stop).run()
 
     return run_ranked(work, cfg.dist_timeout_minutes)

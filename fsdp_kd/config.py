@@ -232,8 +232,8 @@ class TrainConfig:
     load_checkpoint: bool = opt(False, "resume from the newest complete checkpoint in ckpt_path")
     async_save: bool = opt(False, "write checkpoints in the background while training goes on")
     preempt_signal: str = opt("SIGTERM", "a signal that, like SIGTERM, stops the run after the current step with a "
-                                         "checkpoint of it and exit code 75 (docs/training.md, Preemption): {choices}",
-                              choices=PREEMPT_SIGNALS)
+                                         "checkpoint of it (a cache build: after its chunk) and exit code 75 "
+                                         "(docs/training.md, Preemption): {choices}", choices=PREEMPT_SIGNALS)
     preempt_grace_s: float = opt(60.0, "seconds between the stop signal and the SIGKILL that follows: a step plus a "
                                        "save measured longer than this stops at the next micro-batch instead, "
                                        "unsaved", must_be="> 0")
