@@ -35,7 +35,7 @@ def run_training(cfg, on_step=None) -> int:
     """Trains on every rank (on the student ranks, with teacher_ranks: the others serve the teacher,
     `teacher_ranks.serve`); a failure on any one rank ends the job at once (see `report_failure`). A stop signal
     (`preemption`) ends it after a step, saved, with `PREEMPTED_EXIT_CODE`; a teacher rank serves on until the student
-    ranks stop. `on_step(done, total)` runs after each step (`Trainer.train`)."""
+    ranks stop, and then exits with that code too if it got one. `on_step(done, total)` runs after each step (`Trainer.train`)."""
     from .distributed import run_ranked, seed_everything, split_world
     from .preemption import Preempted, StopSignals
     from .startup import CLOCK
@@ -49,7 +49,10 @@ def run_training(cfg, on_step=None) -> int:
             if cfg.teacher_ranks:
                 env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
                 if env.split.is_teacher(env.global_rank):
-                    return serve_teacher(cfg, env)
+                    serve_teacher(cfg, env)
+                    if stop.received:  # it served on until the student ranks, signalled too, saved and stopped
+                        raise Preempted("a teacher rank stopped with the student ranks")
+                    return
             seed_everything(cfg.seed, env.rank)
             trainer = Trainer(cfg, env, stop=stop)
             try:

@@ -13,7 +13,8 @@ MODE generate every rank's on-policy responses to its prompts (gathered once, an
               single-process HF generate of the same weights with the same seed                ARGS: train.py flags
 MODE preempt  train.py's run whole (its exit code), with a signal raised in one rank's own process at a chosen
               point, as a scheduler's would arrive: "step:N" after step N, "save:N" as step N's save begins, "chunk:N"
-              after a cache build's chunk N (the flags are then cache_teacher's)    ARGS: WHEN SIGNAL RANK flags
+              after a cache build's chunk N (the flags are then cache_teacher's); RANK -1: every rank
+                                                                                    ARGS: WHEN SIGNAL RANK flags
 """
 
 import dataclasses
@@ -199,7 +200,7 @@ def preempt(args, out_file) -> int:
     (kind, at), name, rank, flags = args[0].split(":"), args[1], int(args[2]), args[3:]
 
     def fire(when: int) -> None:
-        if when == int(at) and int(os.environ["RANK"]) == rank:
+        if when == int(at) and rank in (-1, int(os.environ["RANK"])):  # -1: every rank, as torchrun forwards it
             signal.raise_signal(signal.Signals[name])
 
     if kind == "step":

@@ -111,6 +111,24 @@ def test_a_step_longer_than_the_grace_period_stops_at_a_micro_batch_unsaved(tiny
     assert_resumes_like(save, reference, args, 4)
 
 
+@pytest.mark.parametrize("grace", ["60", "0.001"])
+def test_with_teacher_ranks_the_student_ranks_save_and_every_rank_stops(tiny, tmp_path, grace):
+    """The signal on every rank, as torchrun forwards it: the teacher rank serves until the student ranks have
+    stopped. With the short grace period the step in progress is dropped midway, and the hidden states the teacher
+    rank had computed for the rest of it are received before the student ranks say stop."""
+    save = tmp_path / "run"
+    args = resume_args(tiny, save, teacher_ranks=1, preempt_grace_s=grace)
+    proc = torchrun([WORKER, "preempt", str(tmp_path / "unused"), "step:3", "SIGTERM", "-1", *args], nproc=3,
+                    check=False)
+    assert proc.codes == [PREEMPTED] * 3, proc.stderr[-3000:]
+    if grace == "60":
+        assert "preempted at step 4/24 (SIGTERM here)" in proc.stdout
+        assert complete(save) == ["step_4"]
+    else:
+        assert "preempted during step 4/24 (SIGTERM here)" in proc.stdout
+        assert not (save / "checkpoints").exists() or complete(save) == []
+
+
 def test_a_cache_build_stops_at_a_chunk_boundary_and_resumes(tiny, tmp_path):
     cache, uninterrupted = tmp_path / "cache", tmp_path / "reference"
     torchrun(cache_args(tiny, uninterrupted, cache_chunk_samples=64))
