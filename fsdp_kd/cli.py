@@ -49,8 +49,7 @@ def run_training(cfg, on_step=None) -> int:
             if cfg.teacher_ranks:
                 env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
                 if env.split.is_teacher(env.global_rank):
-                    serve_teacher(cfg, env)
-                    if stop.received:  # it served on until the student ranks, signalled too, saved and stopped
+                    if serve_teacher(cfg, env, stop)["preempted"]:  # the student ranks stopped on a signal
                         raise Preempted("a teacher rank stopped with the student ranks")
                     return
             seed_everything(cfg.seed, env.rank)
@@ -58,7 +57,7 @@ def run_training(cfg, on_step=None) -> int:
             try:
                 trainer.train(on_step)
             except Preempted:
-                trainer.close(failed=False)  # saved: a teacher on ranks of its own is told to stop as after a run
+                trainer.close(failed=False, preempted=True)  # saved: teacher ranks are told to stop, preempted
                 raise
             except BaseException:
                 trainer.close(failed=True)
@@ -68,7 +67,7 @@ def run_training(cfg, on_step=None) -> int:
     return run_ranked(work, cfg.dist_timeout_minutes)
 
 
-def serve_teacher(cfg, env) -> dict[str, int]:
+def serve_teacher(cfg, env, stop) -> dict[str, int]:
     """A teacher rank's run: after the student ranks' checks, the teacher_model they would run, with the student's
     tokenizer (or, with cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
     from .dtypes import resolve_dtype
@@ -79,7 +78,7 @@ def serve_teacher(cfg, env) -> dict[str, int]:
     students_checked(env.split)
     tokenizer = student_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template,
                                   cfg.apply_chat_template)
-    return serve(model_teacher(cfg, tokenizer), env, resolve_dtype(cfg.param_dtype, env.device))
+    return serve(model_teacher(cfg, tokenizer), env, resolve_dtype(cfg.param_dtype, env.device), stop)
 
 
 def console_main() -> None:

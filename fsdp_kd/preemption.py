@@ -81,6 +81,12 @@ class StopSignals:
         return self.grace_s - (time.monotonic() - self.at if self.received else 0.0)
 
 
+def no_signal(device: torch.device) -> torch.Tensor:
+    """What a teacher in this process says of stop signals on ranks of its own (`Teacher.signalled`): none, as a [1]
+    device tensor (a fill, not a copy) that the step's counts take in."""
+    return torch.zeros(1, dtype=torch.float64, device=device)
+
+
 class MidStepCheck:
     """For runs whose step and save outlast the grace period: at each micro-batch boundary the ranks agree, over a
     Gloo group made for it (collective, so made at a step boundary every rank agrees on), whether one of them must

@@ -136,8 +136,9 @@ class Trainer:
                                len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, self.stop.flag,
                                self.step_seconds + self.save_seconds], device)
         totals = all_reduce_sum(torch.cat([work.on_policy_sums[SUMMED.index("kl")].reshape(1),
-                                           work.on_policy_sums[SUMMED.index("tokens")].reshape(1), counts]))
-        metrics, (norm, peak, kl_on, tokens_on, real_tokens, *on, stops, seconds) = self._reduce(
+                                           work.on_policy_sums[SUMMED.index("tokens")].reshape(1), counts,
+                                           self.teacher.signalled(device)]))
+        metrics, (norm, peak, kl_on, tokens_on, real_tokens, *on, stops, seconds, teacher_stops) = self._reduce(
             work.sums, [grad_norm, peak_memory(device), totals])
         metrics.update(lr=lr, grad_norm=norm, peak_mem_gb=peak)
         if self.on_policy is not None:
@@ -149,7 +150,7 @@ class Trainer:
         if self.mid_step is None and seconds / self.env.world_size > self.stop.grace_s:  # agreed: reduced values
             self.mid_step = MidStepCheck(self.cfg.dist_timeout_minutes)
         self.step_seconds = time.monotonic() - started
-        return StepResult(metrics, int(real_tokens), skipped=not finite, stop=stops > 0)
+        return StepResult(metrics, int(real_tokens), skipped=not finite, stop=stops + teacher_stops > 0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -233,9 +234,9 @@ class Trainer:
         export_student(self.student, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank,
                        source=self.cfg.pretrain, trust_remote_code=self.cfg.trust_remote_code)
 
-    def close(self, failed: bool) -> None:
-        """Ends the metric mirrors (W&B, TensorBoard) as finished or failed, and, after a run that finished, the
-        teacher (a teacher on ranks of its own then stops; after a failure, torchrun stops it)."""
+    def close(self, failed: bool, preempted: bool = False) -> None:
+        """Ends the metric mirrors (W&B, TensorBoard) as finished or failed, and, after a run that finished or was
+        `preempted`, the teacher (a teacher on ranks of its own then stops; after a failure, torchrun stops it)."""
         self.metrics_log.close(failed)
         if not failed:
-            self.teacher.close()
+            self.teacher.close(preempted)

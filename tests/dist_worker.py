@@ -12,8 +12,9 @@ MODE load     each model loaded into shards (as student, and as an offloaded tea
 MODE generate every rank's on-policy responses to its prompts (gathered once, and re-gathered per token), and a
               single-process HF generate of the same weights with the same seed                ARGS: train.py flags
 MODE preempt  train.py's run whole (its exit code), with a signal raised in one rank's own process at a chosen
-              point, as a scheduler's would arrive: "step:N" after step N, "save:N" as step N's save begins, "chunk:N"
-              after a cache build's chunk N (the flags are then cache_teacher's); RANK -1: every rank
+              point, as a scheduler's would arrive: "step:N" after step N, "save:N" as step N's save begins, "serve:N"
+              after a teacher rank's Nth micro-batch received, "chunk:N" after a cache build's chunk N (the flags are
+              then cache_teacher's); RANK -1: every rank
                                                                                     ARGS: WHEN SIGNAL RANK flags
 """
 
@@ -194,6 +195,7 @@ def generate(env, flags, out_file):
 
 def preempt(args, out_file) -> int:
     import fsdp_kd.cache_teacher as cache_teacher
+    import fsdp_kd.teacher_ranks as teacher_ranks
     from fsdp_kd.checkpoint import CheckpointWriter
     from fsdp_kd.cli import run_training
 
@@ -205,20 +207,22 @@ def preempt(args, out_file) -> int:
 
     if kind == "step":
         return run_training(parse_config(flags), on_step=lambda done, total: fire(done))
-    owner, attribute = (CheckpointWriter, "save") if kind == "save" else (cache_teacher, "write_part")
-    original = getattr(owner, attribute)
+    owner, attribute = {"save": (CheckpointWriter, "save"), "chunk": (cache_teacher, "write_part"),
+                        "serve": (teacher_ranks, "receive_layout")}[kind]
+    original, received = getattr(owner, attribute), []
 
     def firing(*a, **k):
         if kind == "save":
             fire(a[3])  # (writer, root, optimizer, step)
             return original(*a, **k)
-        written = original(*a, **k)
-        fire(int(a[1].split("-")[1]))  # the part's name: part-CHUNK-...
-        return written
+        out = original(*a, **k)
+        received.append(out)
+        fire(int(a[1].split("-")[1]) if kind == "chunk" else len(received))  # a part's name: part-CHUNK-...
+        return out
 
     setattr(owner, attribute, firing)
     try:
-        return run_training(parse_config(flags)) if kind == "save" else cache_teacher.main(flags)
+        return cache_teacher.main(flags) if kind == "chunk" else run_training(parse_config(flags))
     finally:
         setattr(owner, attribute, original)  # a case host runs later cases in this process
 

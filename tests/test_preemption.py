@@ -113,8 +113,8 @@ def test_a_step_longer_than_the_grace_period_stops_at_a_micro_batch_unsaved(tiny
 
 @pytest.mark.parametrize("grace", ["60", "0.001"])
 def test_with_teacher_ranks_the_student_ranks_save_and_every_rank_stops(tiny, tmp_path, grace):
-    """The signal on every rank, as torchrun forwards it: the teacher rank serves until the student ranks have
-    stopped. With the short grace period the step in progress is dropped midway, and the hidden states the teacher
+    """The signal on both student ranks: the teacher rank serves until they have stopped, then stops with their exit
+    code (told by their last message). With the short grace period the step in progress is dropped midway, and the hidden states the teacher
     rank had computed for the rest of it are received before the student ranks say stop."""
     save = tmp_path / "run"
     args = resume_args(tiny, save, teacher_ranks=1, preempt_grace_s=grace)
@@ -127,6 +127,19 @@ def test_with_teacher_ranks_the_student_ranks_save_and_every_rank_stops(tiny, tm
     else:
         assert "preempted during step 4/24 (SIGTERM here)" in proc.stdout
         assert not (save / "checkpoints").exists() or complete(save) == []
+
+
+def test_a_signal_on_the_teacher_rank_alone_stops_the_student_ranks_with_a_checkpoint(tiny, tmp_path):
+    """The teacher rank (global rank 2) gets the signal as step 2's micro-batches reach it (its 5th receive: two
+    student ranks, two micro-batches a step); its flag rides back with their hidden states, so the student ranks stop
+    after step 2 and save it, and the teacher rank stops when they say stop."""
+    save = tmp_path / "run"
+    args = resume_args(tiny, save, teacher_ranks=1)
+    proc = torchrun([WORKER, "preempt", str(tmp_path / "unused"), "serve:5", "SIGTERM", "2", *args], nproc=3,
+                    check=False)
+    assert proc.codes == [PREEMPTED] * 3, proc.stderr[-3000:]
+    assert "preempted at step 2/24 (a stop signal on another rank)" in proc.stdout
+    assert complete(save) == ["step_2"]
 
 
 def test_a_cache_build_stops_at_a_chunk_boundary_and_resumes(tiny, tmp_path):
