@@ -6,8 +6,9 @@ Two pairs of models: the demo's (teacher 160 wide × 3 layers, student 64 × 2, 
 largest the tests use (bench/make_tiny_models.py's 128 × 4 teacher and 64 × 2 student, over the real Qwen2.5
 tokenizer's 151k vocabulary; skipped with a line where that tokenizer is missing). Each run is the scheduler's case:
 SIGTERM to torchrun itself, which forwards it to the ranks; they finish the step in progress, save it and exit. It
-prints, per pair, the seconds from the signal to torchrun's exit, the save's own seconds (from the run's line), and the
-training throughput (from metrics.jsonl) for scale. Every run also checks that a complete checkpoint was left.
+prints, per pair, the seconds from the signal to torchrun's exit and to the line saying the checkpoint is complete (the
+step in progress finished, then the save), the save's own seconds (from that line), and the training throughput (from
+metrics.jsonl) for scale. Every run also checks that a complete checkpoint was left.
 """
 
 import argparse
@@ -71,13 +72,18 @@ def preempt_once(teacher: str, student: str, data: str, save: str) -> dict[str, 
         time.sleep(0.01)
     signalled = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
-    output, _ = proc.communicate(timeout=600)
+    output, saved_at = "", float("nan")
+    for line in proc.stdout:  # read as it comes: when the line saying the checkpoint is complete arrives
+        output += line
+        if "preempted at step" in line:
+            saved_at = time.monotonic() - signalled
+    proc.wait(timeout=600)
     to_exit = time.monotonic() - signalled
     said = re.search(r"preempted at step (\d+)/\d+ .*checkpoint (\S+) is complete \(([\d.]+)s to save\)", output)
     if said is None or not os.path.isfile(os.path.join(said.group(2), "train_state.json")):
         sys.exit(f"no complete preemption checkpoint:\n{output[-3000:]}")
     lines = [json.loads(line) for line in open(metrics)]
-    return {"to_exit": to_exit, "save": float(said.group(3)), "step": int(said.group(1)),
+    return {"to_exit": to_exit, "to_saved": saved_at, "save": float(said.group(3)), "step": int(said.group(1)),
             "tokens_per_sec": statistics.mean(line["tokens_per_sec"] for line in lines[1:])}
 
 
@@ -95,8 +101,9 @@ def main():
             save = os.path.join(args.out, f"run_{name}_{i}_{os.getpid()}")
             runs.append(preempt_once(teacher, student, data, save))
         exits = ", ".join(f"{r['to_exit']:.2f}" for r in runs)
-        print(f"{name}: SIGTERM to exit {statistics.median(r['to_exit'] for r in runs):.2f}s (runs: {exits}), of "
-              f"which the save {statistics.median(r['save'] for r in runs):.2f}s; stopped at steps "
+        print(f"{name}: SIGTERM to exit {statistics.median(r['to_exit'] for r in runs):.2f}s (runs: {exits}); to the "
+              f"line saying the checkpoint is complete {statistics.median(r['to_saved'] for r in runs):.2f}s, of which "
+              f"the save {statistics.median(r['save'] for r in runs):.2f}s; stopped at steps "
               f"{[r['step'] for r in runs]}; training at {statistics.median(r['tokens_per_sec'] for r in runs):.0f} "
               "tokens/s", flush=True)
 

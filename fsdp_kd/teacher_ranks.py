@@ -216,7 +216,7 @@ class RemoteTeacher:
             raise RuntimeError("teacher_ranks: targets were asked for a micro-batch other than the next one begun")
         work.wait()
         self._post_receives()
-        self.flags.append(hidden[-1, :1])
+        self.flags.append(hidden[-1, :1].clone())  # not a view: the step would otherwise hold every buffer
         return self.model.targets_from(hidden[:-1], batch, self.head.gathered)
 
     def signalled(self, device: torch.device) -> torch.Tensor:
