@@ -258,12 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
     except ConfigError as e:
         return report_failure(e, int(os.environ.get("RANK", "0")))
-
-    def work(env):
-        with StopSignals(cfg.preempt_signal).installed() as stop:
-            CacheBuilder(cfg, env, stop).run()
-
-    return run_ranked(work, cfg.dist_timeout_minutes)
+    stop = StopSignals(cfg.preempt_signal)
+    with stop.installed():
+        return run_ranked(lambda env: CacheBuilder(cfg, env, stop).run(), cfg.dist_timeout_minutes)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def run_training(cfg, on_step=None) -> int:
     """Trains on every rank (on the student ranks, with teacher_ranks: the others serve the teacher,
     `teacher_ranks.serve`); a failure on any one rank ends the job at once (see `report_failure`). A stop signal
     (`preemption`) ends it after a step, saved, with `PREEMPTED_EXIT_CODE`; a teacher rank serves on until the student
-    ranks stop, and then exits with that code too if it got one. `on_step(done, total)` runs after each step (`Trainer.train`)."""
+    ranks stop, then exits with that code too. `on_step(done, total)` runs after each step (`Trainer.train`)."""
     from .distributed import run_ranked, seed_everything, split_world
     from .preemption import Preempted, StopSignals
     from .startup import CLOCK
@@ -43,28 +43,30 @@ def run_training(cfg, on_step=None) -> int:
 
     CLOCK.lap("imports")
 
+    stop = StopSignals(cfg.preempt_signal, cfg.preempt_grace_s)
+
     def work(env):
         CLOCK.lap("process group")
-        with StopSignals(cfg.preempt_signal, cfg.preempt_grace_s).installed() as stop:
-            if cfg.teacher_ranks:
-                env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
-                if env.split.is_teacher(env.global_rank):
-                    if serve_teacher(cfg, env, stop)["preempted"]:  # the student ranks stopped on a signal
-                        raise Preempted("a teacher rank stopped with the student ranks")
-                    return
-            seed_everything(cfg.seed, env.rank)
-            trainer = Trainer(cfg, env, stop=stop)
-            try:
-                trainer.train(on_step)
-            except Preempted:
-                trainer.close(failed=False, preempted=True)  # saved: teacher ranks are told to stop, preempted
-                raise
-            except BaseException:
-                trainer.close(failed=True)
-                raise
-            trainer.close(failed=False)
+        if cfg.teacher_ranks:
+            env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
+            if env.split.is_teacher(env.global_rank):
+                if serve_teacher(cfg, env, stop)["preempted"]:  # the student ranks stopped on a signal
+                    raise Preempted("a teacher rank stopped with the student ranks")
+                return
+        seed_everything(cfg.seed, env.rank)
+        trainer = Trainer(cfg, env, stop=stop)
+        try:
+            trainer.train(on_step)
+        except Preempted:
+            trainer.close(failed=False, preempted=True)  # saved: teacher ranks are told to stop, preempted
+            raise
+        except BaseException:
+            trainer.close(failed=True)
+            raise
+        trainer.close(failed=False)
 
-    return run_ranked(work, cfg.dist_timeout_minutes)
+    with stop.installed():  # until the teardown is over: a second SIGTERM then must not kill a rank that saved
+        return run_ranked(work, cfg.dist_timeout_minutes)
 
 
 def serve_teacher(cfg, env, stop) -> dict[str, int]:
