@@ -7,7 +7,8 @@ It takes train.py's keys: the same `pretrain` (whose tokenizer tokenizes the dat
 `kd_temperature` as the training run that will read the cache, and the teacher is sharded as in training
 (`teacher_offload` included). Every sample of every training source and of `eval_dataset` is cached, so the run may
 hold out or mix them as it likes. Work goes in chunks of samples; each rank writes its share of a chunk as one part
-file, so a killed build, started again with the same arguments, keeps its finished chunks. See `teacher_cache` for
+file, so a killed build, started again with the same arguments, keeps its finished chunks; a stop signal (SIGTERM,
+or `preempt_signal`) ends it at the next chunk boundary with exit code 75, as it does training (`preemption`). See `teacher_cache` for
 the format and docs/teacher_cache.md for when to cache.
 """
 
@@ -22,11 +23,12 @@ import torch.distributed as dist
 
 from .config import TrainConfig, data_sources, parse_config
 from .errors import ConfigError
-from .data import collate, collate_packed, eval_shards
+from .data import collate, collate_packed, eval_shards, host_values
 from .cross_vocab import renormalized_side
 from .dtypes import resolve_dtype
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
 from .loss import LossSpec
+from .preemption import Preempted, StopSignals
 from .teacher_cache import (CACHE_MODES, META_FILE, CacheMeta, is_part, part_name, save_head, teacher_identity,
                             teacher_rows, write_part)
 from .teacher_model import model_teacher
@@ -36,8 +38,9 @@ from .tokenizer_compat import padding_id, student_tokenizer
 class CacheBuilder:
     """Checks everything cheap (keys, tokenizers, data, an existing cache) before the teacher loads; then builds."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, stop: StopSignals | None = None):
         self.cfg, self.env = cfg, env
+        self.stop = stop or StopSignals(cfg.preempt_signal)
         self.log = print if env.is_main else (lambda *a, **k: None)
         for key in ("teacher_cache", "teacher_model"):
             if not getattr(cfg, key):
@@ -120,6 +123,12 @@ class CacheBuilder:
         for chunk in chunks:
             if chunk in done:
                 continue
+            if all_reduce_sum(host_values([self.stop.flag], env.device)).item():  # once a chunk: a sync is cheap here
+                progress.close()
+                self.log(f"cache build stopped on a stop signal ({self.stop.received or 'on another rank'}) before "
+                         f"chunk {chunk + 1} of {len(chunks)}; the finished chunks are kept: run the same command to "
+                         "go on from them")
+                raise Preempted(f"cache build stopped before chunk {chunk}")
             positions = range(chunk * self.meta.samples_per_chunk, min((chunk + 1) * self.meta.samples_per_chunk, total))
             samples = [self._sample(i) for i in positions]
             generator = torch.Generator(env.device).manual_seed(cfg.seed * 1_000_003 + chunk * env.world_size + env.rank)
@@ -231,7 +240,7 @@ KEYS = ("pretrain", "teacher_model", "cross_tokenizer", "trust_remote_code", "at
         "micro_train_batch_size", "seed", "kd_temperature", "kd_vocab_chunk", "kd_token_chunk", "kd_chunk_budget_mb",
         "teacher_cache", "cache_mode", "cache_k", "cache_n", "cache_log_p_dtype", "cache_hidden_dtype",
         "cache_chunk_samples",
-        "dist_timeout_minutes")
+        "dist_timeout_minutes", "preempt_signal")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv)
     except ConfigError as e:
         return report_failure(e, int(os.environ.get("RANK", "0")))
-    return run_ranked(lambda env: CacheBuilder(cfg, env).run(), cfg.dist_timeout_minutes)
+    stop = StopSignals(cfg.preempt_signal)
+    with stop.installed():
+        return run_ranked(lambda env: CacheBuilder(cfg, env, stop).run(), cfg.dist_timeout_minutes)
 
 
 if __name__ == "__main__":

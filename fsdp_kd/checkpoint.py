@@ -105,7 +105,8 @@ class CheckpointWriter:
                                         timeout=timedelta(minutes=timeout_minutes))
         self.asynchronous = asynchronous
 
-    def save(self, root, optimizer, step: int) -> str:
+    def save(self, root, optimizer, step: int, synchronous: bool = False) -> str:
+        """Writes `step_N` (in the background with `async_save`, unless `synchronous`), after any save in flight."""
         self.finish()
         final = os.path.join(self.directory, f"step_{step}")
         check_finite(root, f"checkpoint {final}")
@@ -115,7 +116,7 @@ class CheckpointWriter:
         with self._explained(final):
             os.makedirs(partial, exist_ok=True)
             torch.save(_rng_state(), os.path.join(partial, f"rng_rank{self.rank}.pt"))
-            if self.asynchronous:
+            if self.asynchronous and not synchronous:
                 self.pending = (dcp.async_save(state, checkpoint_id=partial, process_group=self.group), partial,
                                 final, step)
                 return final

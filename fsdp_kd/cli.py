@@ -31,34 +31,45 @@ def main(argv: list[str] | None = None) -> int:
     return run_training(cfg)
 
 
-def run_training(cfg) -> int:
+def run_training(cfg, on_step=None) -> int:
     """Trains on every rank (on the student ranks, with teacher_ranks: the others serve the teacher,
-    `teacher_ranks.serve`); a failure on any one rank ends the job at once (see `report_failure`)."""
+    `teacher_ranks.serve`); a failure on any one rank ends the job at once (see `report_failure`). A stop signal
+    (`preemption`) ends it after a step, saved, with `PREEMPTED_EXIT_CODE`; a teacher rank serves on until the student
+    ranks stop, then exits with that code too. `on_step(done, total)` runs after each step (`Trainer.train`)."""
     from .distributed import run_ranked, seed_everything, split_world
+    from .preemption import Preempted, StopSignals
     from .startup import CLOCK
     from .trainer import Trainer
 
     CLOCK.lap("imports")
+
+    stop = StopSignals(cfg.preempt_signal, cfg.preempt_grace_s)
 
     def work(env):
         CLOCK.lap("process group")
         if cfg.teacher_ranks:
             env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
             if env.split.is_teacher(env.global_rank):
-                return serve_teacher(cfg, env)
+                if serve_teacher(cfg, env, stop)["preempted"]:  # the student ranks stopped on a signal
+                    raise Preempted("a teacher rank stopped with the student ranks")
+                return
         seed_everything(cfg.seed, env.rank)
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, stop=stop)
         try:
-            trainer.train()
+            trainer.train(on_step)
+        except Preempted:
+            trainer.close(failed=False, preempted=True)  # saved: teacher ranks are told to stop, preempted
+            raise
         except BaseException:
             trainer.close(failed=True)
             raise
         trainer.close(failed=False)
 
-    return run_ranked(work, cfg.dist_timeout_minutes)
+    with stop.installed():  # until the teardown is over: a second SIGTERM then must not kill a rank that saved
+        return run_ranked(work, cfg.dist_timeout_minutes)
 
 
-def serve_teacher(cfg, env) -> dict[str, int]:
+def serve_teacher(cfg, env, stop) -> dict[str, int]:
     """A teacher rank's run: after the student ranks' checks, the teacher_model they would run, with the student's
     tokenizer (or, with cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
     from .dtypes import resolve_dtype
@@ -69,7 +80,7 @@ def serve_teacher(cfg, env) -> dict[str, int]:
     students_checked(env.split)
     tokenizer = student_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template,
                                   cfg.apply_chat_template)
-    return serve(model_teacher(cfg, tokenizer), env, resolve_dtype(cfg.param_dtype, env.device))
+    return serve(model_teacher(cfg, tokenizer), env, resolve_dtype(cfg.param_dtype, env.device), stop)
 
 
 def console_main() -> None:

@@ -23,6 +23,7 @@ from .divergences import DIVERGENCES
 from .dtypes import PARAM_DTYPES
 from .errors import ConfigError, require, require_choice
 from .loss import CONVENTIONS, LossSpec
+from .preemption import PREEMPT_SIGNALS
 from .records import TokenSettings
 from .schedule import LR_SCHEDULES
 from .sharding import STRATEGIES, TEACHER_STRATEGIES
@@ -240,6 +241,12 @@ class TrainConfig:
     max_ckpt_num: int = opt(3, "keep this many newest checkpoints; older ones are deleted", must_be=">= 1")
     load_checkpoint: bool = opt(False, "resume from the newest complete checkpoint in ckpt_path")
     async_save: bool = opt(False, "write checkpoints in the background while training goes on")
+    preempt_signal: str = opt("SIGTERM", "a signal that, like SIGTERM, stops the run after the current step with a "
+                                         "checkpoint of it (a cache build: after its chunk) and exit code 75 "
+                                         "(docs/training.md, Preemption): {choices}", choices=PREEMPT_SIGNALS)
+    preempt_grace_s: float = opt(60.0, "seconds between the stop signal and the SIGKILL that follows: a step plus a "
+                                       "save measured longer than this stops at the next micro-batch instead, "
+                                       "unsaved", must_be="> 0")
     use_tensorboard: str | None = opt(None, "mirror metrics to TensorBoard in this log directory (needs the "
                                             "tensorboard package)")
     use_wandb: str | None = opt(None, "mirror metrics to this W&B project (needs the wandb package)")

@@ -132,12 +132,16 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def run_ranked(work: Callable[[DistEnv], None], timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> int:
-    """Joins the process group, runs `work(env)`, and returns the exit code: 0 after a clean teardown, or the
-    code `report_failure` gives. Callers exit right after (`exit_process`), so a failed rank leaves at once."""
+    """Joins the process group, runs `work(env)`, and returns the exit code: 0 after a clean teardown, an error's
+    `orderly_exit_code` after the teardown that every rank reaches alike (`preemption.Preempted`), or the code
+    `report_failure` gives. Callers exit right after (`exit_process`), so a failed rank leaves at once."""
     env = init_distributed(timeout_minutes)
     try:
         work(env)
     except BaseException as error:  # noqa: BLE001 - every failure must end the rank, and end it fast
+        if getattr(error, "orderly_exit_code", None) is not None:  # every rank stopped here alike (a preemption)
+            teardown()
+            return error.orderly_exit_code
         return report_failure(error, env.rank)
     teardown()
     return 0

@@ -24,6 +24,7 @@ from .targets import Targets
 from .teacher_cache import CachedTeacher
 from .teacher_model import MODEL_TEACHERS, model_kind
 from .teacher_ranks import RemoteTeacher
+from .preemption import no_signal
 
 
 class Teacher(Protocol):
@@ -39,7 +40,10 @@ class Teacher(Protocol):
     on other ranks starts on them at once), and `targets(batch)` gives one's targets, as a context manager entered
     while the loss runs (a teacher's head is gathered only then). `metric_names` says how the loss's metrics read
     against this kind (a metric renamed, or dropped as None, where it gives less than a live teacher); `distills`
-    whether the loss has a KD term at all. `close()` ends it after a run that finished."""
+    whether the loss has a KD term at all. `signalled(device)` is how many of the teacher's own ranks got a stop signal
+    while serving the step's micro-batches, on the device (a teacher on ranks of its own; the others say none,
+    `preemption.no_signal`): the step's counts take it in. `close(preempted)` ends it after a run that finished, or that
+    a stop signal stopped (a teacher on ranks of its own then stops with the same exit code)."""
     vocab_size: int
     teacher_vocab_size: int
     retokenize: TeacherTokenization | None
@@ -61,7 +65,9 @@ class Teacher(Protocol):
 
     def targets(self, batch: MicroBatch) -> AbstractContextManager[Targets]: ...
 
-    def close(self) -> None: ...
+    def signalled(self, device: torch.device) -> torch.Tensor: ...
+
+    def close(self, preempted: bool = False) -> None: ...
 
 
 class NoTeacher:
@@ -96,7 +102,10 @@ class NoTeacher:
     def targets(self, batch: MicroBatch) -> AbstractContextManager[Targets]:
         return PLAIN_CE
 
-    def close(self) -> None:
+    def signalled(self, device: torch.device) -> torch.Tensor:
+        return no_signal(device)
+
+    def close(self, preempted: bool = False) -> None:
         pass
 
 

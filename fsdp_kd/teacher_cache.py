@@ -46,6 +46,7 @@ from .divergences import DIVERGENCES, effective_divergence
 from .errors import ConfigError
 from .kernel import Head, ModelBlock, pass1_logits, vocab_chunks
 from .loss import LossSpec, choose_chunks
+from .preemption import no_signal
 from .targets import LiveTargets, SparseTargets, Targets
 
 META_FILE = "cache.json"
@@ -514,7 +515,10 @@ class CachedTeacher:
     def begin(self, batches) -> None:
         pass  # each micro-batch's rows are read when its targets are asked for
 
-    def close(self) -> None:
+    def signalled(self, device) -> torch.Tensor:
+        return no_signal(device)
+
+    def close(self, preempted: bool = False) -> None:
         self._open.cache_clear()
 
     def targets(self, batch) -> AbstractContextManager[Targets]:

@@ -23,6 +23,7 @@ from .heads import probe_head
 from .targets import LiveTargets
 from .loading import LoadSpec, load_sharded
 from .privileged import PrivilegedTokenization, TeacherContext
+from .preemption import no_signal
 from .records import IGNORE_INDEX
 from .sharding import ShardedCausalLM, TeacherSharding, parameter_count
 from .tokenizer_compat import shared_vocab_size, tokenizer_or_error
@@ -92,7 +93,10 @@ class ModelTeacher:
     def targets_from(self, hidden: torch.Tensor, batch: MicroBatch, gathered_head):
         raise NotImplementedError
 
-    def close(self) -> None:
+    def signalled(self, device: torch.device) -> torch.Tensor:
+        return no_signal(device)
+
+    def close(self, preempted: bool = False) -> None:
         pass
 
 

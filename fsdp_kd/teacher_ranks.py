@@ -13,7 +13,9 @@ The wire, per micro-batch, between student rank s and teacher rank `split.teache
            varlen boundaries C, packed, real tokens, longest sequence
   layout   int64[2 or 4, B, T] on the device, over the inputs group: ids, mask (and segments, positions when packed)
   rows     int64[N + C] on the device, over the inputs group: target rows, then the varlen boundaries
-  hidden   [N, H] in the teacher's compute dtype, back to the student over the default group
+  hidden   [N + 1, H] in the teacher's compute dtype, back to the student over the default group: the hidden states,
+           then a row of the teacher rank's stop flag (1 once it got a stop signal, `preemption`), which the student
+           rank adds to its step's counts, so the student ranks stop and save as on a signal of their own
 Point-to-point messages between two ranks arrive in the order they were sent, so nothing else is needed to match
 them. A student rank sends every micro-batch of a step as the step starts (`RemoteTeacher.begin`); its teacher rank
 runs them as they come, up to `SENDS_AHEAD` micro-batches ahead of the student, and each student rank ends the run
@@ -40,12 +42,13 @@ from .distributed import DistEnv, Split
 from .dtypes import resolve_dtype
 from .heads import head_config
 from .kernel import Head
+from .preemption import StopSignals, no_signal
 from .loading import (Checkpoint, check_head_covers_vocab, local_model_path, names_match, parameters_on_meta,
                       read_own_slices, safetensors_index, split_load_refused)
 from .teacher_model import ModelTeacher, model_teacher
 
 SENDS_AHEAD = 2  # hidden states a teacher rank may have in flight (to all the student ranks it serves): its lead
-_BATCH, _STOP = 1, 0
+_BATCH, _STOP, _PREEMPTED = 1, 0, 2  # a header's kind: a micro-batch, or the last, after a run that ended or stopped
 _HEADER = 8
 
 
@@ -67,22 +70,23 @@ def send_layout(batch: MicroBatch, dst: int, split: Split) -> list:
             (dist.isend(layout, dst, group=split.inputs), layout), (dist.isend(rows, dst, group=split.inputs), rows)]
 
 
-def send_stop(dst: int, split: Split) -> None:
-    dist.send(torch.tensor([_STOP] + [0] * (_HEADER - 1), dtype=torch.long), dst, group=split.control)
+def send_stop(dst: int, split: Split, preempted: bool) -> None:
+    dist.send(torch.tensor([_PREEMPTED if preempted else _STOP] + [0] * (_HEADER - 1), dtype=torch.long), dst,
+              group=split.control)
 
 
 def nbytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def receive_layout(src: int, split: Split, device: torch.device) -> tuple[MicroBatch, int] | None:
-    """The next micro-batch a student rank sent, as the teacher runs it, and the bytes it took (None: that student
-    rank is done)."""
+def receive_layout(src: int, split: Split, device: torch.device) -> tuple[MicroBatch, int] | bool:
+    """The next micro-batch a student rank sent, as the teacher runs it, and the bytes it took; or, once that
+    student rank is done, whether a stop signal stopped it (`preemption`)."""
     header = torch.empty(_HEADER, dtype=torch.long)
     dist.recv(header, src, group=split.control)
     kind, rows_, width, targets, boundaries, packed, real, longest = header.tolist()
-    if kind == _STOP:
-        return None
+    if kind != _BATCH:
+        return kind == _PREEMPTED
     layout = torch.empty((4 if packed else 2, rows_, width), dtype=torch.long, device=device)
     rows = torch.empty(targets + boundaries, dtype=torch.long, device=device)
     dist.recv(layout, src, group=split.inputs)
@@ -152,6 +156,7 @@ class RemoteTeacher:
         self.sends: list = []
         self.waiting: deque = deque()  # (batch, its teacher batch): sent, hidden states not yet received
         self.receiving: deque = deque()  # (batch, hidden buffer, receive work): posted, at most SENDS_AHEAD
+        self.flags: list[torch.Tensor] = []  # the teacher rank's stop flag with each micro-batch of the step
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> RemoteTeacher:
@@ -201,8 +206,8 @@ class RemoteTeacher:
     def _post_receives(self) -> None:
         while self.waiting and len(self.receiving) < SENDS_AHEAD:
             batch, teacher_batch = self.waiting.popleft()
-            hidden = torch.empty(teacher_batch.target_rows.numel(), self.head.hidden_size, dtype=self.head.dtype,
-                                 device=self.env.device)
+            hidden = torch.empty(teacher_batch.target_rows.numel() + 1, self.head.hidden_size,
+                                 dtype=self.head.dtype, device=self.env.device)
             self.receiving.append((batch, hidden, dist.irecv(hidden, self.teacher)))
 
     def targets(self, batch: MicroBatch):
@@ -211,19 +216,33 @@ class RemoteTeacher:
             raise RuntimeError("teacher_ranks: targets were asked for a micro-batch other than the next one begun")
         work.wait()
         self._post_receives()
-        return self.model.targets_from(hidden, batch, self.head.gathered)
+        self.flags.append(hidden[-1, :1].clone())  # not a view: the step would otherwise hold every buffer
+        return self.model.targets_from(hidden[:-1], batch, self.head.gathered)
 
-    def close(self) -> None:
-        """Tells the teacher rank that this student rank is done: it returns once all of its student ranks are."""
+    def signalled(self, device: torch.device) -> torch.Tensor:
+        """Whether the teacher rank got a stop signal by this step's micro-batches: the flag rows of their hidden
+        states, on the device, taken once per step."""
+        flags, self.flags = self.flags, []
+        return torch.cat(flags).double().amax().reshape(1) if flags else no_signal(device)
+
+    def close(self, preempted: bool = False) -> None:
+        """Tells the teacher rank that this student rank is done, and whether a stop signal stopped it: it returns
+        once all of its student ranks are. The hidden states of a step stopped midway are received first: the
+        teacher rank sends them."""
+        self._post_receives()
+        while self.receiving:
+            self.receiving.popleft()[2].wait()
+            self._post_receives()
         self._sent()
-        send_stop(self.teacher, self.env.split)
+        send_stop(self.teacher, self.env.split, preempted)
 
 
-def serve(model: ModelTeacher, env: DistEnv, dtype: torch.dtype) -> dict[str, int]:
+def serve(model: ModelTeacher, env: DistEnv, dtype: torch.dtype, stop: StopSignals) -> dict[str, int]:
     """A teacher rank's run once the student ranks' checks have passed (`students_checked`): load the teacher
     (`model`, in the compute `dtype`) sharded over the teacher ranks, then run each micro-batch its student ranks
-    send and send back the hidden states, until all of them have said stop. Returns (and the first teacher rank
-    prints) what it served: micro-batches, trained tokens, bytes received and sent."""
+    send and send back the hidden states, each with a row of this rank's `stop` flag, until all of them have said stop.
+    Returns (and the first teacher rank prints) what it served: micro-batches, trained tokens, bytes received and
+    sent, and whether the student ranks stopped on a stop signal."""
     split = env.split
     model.load(env, dtype)
     model.verify(env.device)
@@ -234,16 +253,18 @@ def serve(model: ModelTeacher, env: DistEnv, dtype: torch.dtype) -> dict[str, in
     with torch.no_grad():
         while True:
             batches = [receive_layout(s, split, env.device) for s in students]
-            if all(b is None for b in batches):
+            if all(isinstance(b, bool) for b in batches):
+                preempted = any(batches)
                 break
-            if any(b is None for b in batches):
+            if any(isinstance(b, bool) for b in batches):
                 raise RuntimeError(f"teacher_ranks: student ranks {students} stopped after different numbers of "
                                    "micro-batches")
             for student, (batch, wire_bytes) in zip(students, batches):
                 hidden = root(hidden_at_targets, batch).to(dtype)  # what the student ranks expect, whatever the family
+                hidden = torch.cat([hidden, hidden.new_full((1, hidden.shape[1]), stop.flag)])
                 root.reshard_everything()  # a tied head's root would otherwise stay gathered: no loss reads it here
                 sends.append((dist.isend(hidden, student), hidden))
-                served, tokens = served + 1, tokens + hidden.shape[0]
+                served, tokens = served + 1, tokens + hidden.shape[0] - 1
                 received, sent = received + wire_bytes, sent + nbytes(hidden)
                 while len(sends) > SENDS_AHEAD:
                     sends.popleft()[0].wait()
@@ -255,4 +276,4 @@ def serve(model: ModelTeacher, env: DistEnv, dtype: torch.dtype) -> dict[str, in
               f"tokens, {sent / max(tokens, 1):.0f} bytes of hidden states sent per trained token (fp32 logits: "
               f"{logits}, {logits * tokens / max(sent, 1):.1f}x), {received / max(tokens, 1):.0f} bytes of inputs "
               "received", flush=True)
-    return {"micro_batches": served, "tokens": tokens, "received": received, "sent": sent}
+    return {"micro_batches": served, "tokens": tokens, "received": received, "sent": sent, "preempted": preempted}

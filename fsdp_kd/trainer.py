@@ -7,6 +7,7 @@ Everything before the first step (the cheap checks, then the models) is `run_set
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -20,6 +21,7 @@ from .distributed import DistEnv, all_reduce_sum
 from .export import export_student
 from .loss import LossSpec
 from .on_policy import GenerationStats, on_policy_metrics
+from .preemption import MidStepCheck, Preempted, StopSignals
 from .progress import Progress
 from .records import Sample
 from .run_log import SkipGuard, peak_memory
@@ -34,6 +36,7 @@ class StepResult:
     metrics: dict[str, float]
     real_tokens: int
     skipped: bool = False  # the loss or the gradient norm was not finite: no optimizer update
+    stop: bool = False  # a rank got a stop signal: the run saves this step and ends (`preemption`)
 
 
 @dataclass
@@ -48,10 +51,13 @@ class StepWork:
 class Trainer:
     """One run on this rank: set up by `run_setup` (the checks, the data and the teacher, then the models), then
     `train` takes the steps from `start_step` to `total_steps`, evaluating, checkpointing and logging as the config
-    asks, and exports the student."""
+    asks, and exports the student. A stop signal that `stop` hears ends it early, saved (`preemption`)."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, log=print):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, log=print, stop: StopSignals | None = None):
         self.cfg, self.env = cfg, env
+        self.stop = stop or StopSignals(cfg.preempt_signal, cfg.preempt_grace_s)
+        self.mid_step: MidStepCheck | None = None  # once a step and a save outlast the grace period
+        self.step_seconds = self.save_seconds = 0.0  # this rank's last of each, measured on the host
         self.log = log if env.is_main else (lambda *a, **k: None)
         ready = preflight(cfg, env, self.log)
         self.tokenizer, self.teacher, self.data = ready.tokenizer, ready.teacher, ready.data
@@ -101,6 +107,9 @@ class Trainer:
         sums = no_sums(self.env.device)
         on_policy_sums = torch.zeros_like(sums)
         for i, (batch, generated) in enumerate(zip(micro_batches, on_policy)):
+            left = (len(micro_batches) - i) / len(micro_batches) * self.step_seconds + self.save_seconds
+            if self.mid_step is not None and self.mid_step.must_stop(self.stop, left):
+                raise self._dropped(step, i, len(micro_batches))
             if self.student.replicated:
                 self.student.set_requires_all_reduce(i == len(micro_batches) - 1)
             loss_sum, metrics = self._run_micro_batch(batch, self.on_policy_spec if generated else self.spec)
@@ -112,6 +121,9 @@ class Trainer:
         return StepWork(sums, on_policy_sums, micro_batches, generation)
 
     def train_step(self, step: int) -> StepResult:
+        """One optimizer step. Its reduced counts also carry each rank's stop flag and its last step and save times,
+        so the ranks agree on a stop, and on whether to check for one between micro-batches, at no extra cost."""
+        started = time.monotonic()
         lr = self.schedule.at(step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -121,10 +133,12 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         device, gen = self.env.device, work.generation
         counts = host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
-                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds], device)
+                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, self.stop.flag,
+                               self.step_seconds + self.save_seconds], device)
         totals = all_reduce_sum(torch.cat([work.on_policy_sums[SUMMED.index("kl")].reshape(1),
-                                           work.on_policy_sums[SUMMED.index("tokens")].reshape(1), counts]))
-        metrics, (norm, peak, kl_on, tokens_on, real_tokens, *on) = self._reduce(
+                                           work.on_policy_sums[SUMMED.index("tokens")].reshape(1), counts,
+                                           self.teacher.signalled(device)]))
+        metrics, (norm, peak, kl_on, tokens_on, real_tokens, *on, stops, seconds, teacher_stops) = self._reduce(
             work.sums, [grad_norm, peak_memory(device), totals])
         metrics.update(lr=lr, grad_norm=norm, peak_mem_gb=peak)
         if self.on_policy is not None:
@@ -133,7 +147,10 @@ class Trainer:
         if finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(metrics, int(real_tokens), skipped=not finite)
+        if self.mid_step is None and seconds / self.env.world_size > self.stop.grace_s:  # agreed: reduced values
+            self.mid_step = MidStepCheck(self.cfg.dist_timeout_minutes)
+        self.step_seconds = time.monotonic() - started
+        return StepResult(metrics, int(real_tokens), skipped=not finite, stop=stops + teacher_stops > 0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -166,9 +183,12 @@ class Trainer:
             progress.logged(done, result)
             if self.data.held_out and cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == self.total_steps):
                 progress.evaluated(done, self.evaluate())
+            saved = None
             if cfg.save_steps > 0 and done % cfg.save_steps == 0:
-                path = self.checkpoints.save(self.student, self.optimizer, done)
-                self.log(f"{'saving' if cfg.async_save else 'saved'} checkpoint {path}")
+                saved = self._save(done)
+                self.log(f"{'saving' if cfg.async_save else 'saved'} checkpoint {saved}")
+            if result.stop:
+                raise self._preempted(done, saved)
         save_error = None
         try:
             self.checkpoints.finish()
@@ -179,13 +199,44 @@ class Trainer:
             raise save_error
         return progress.summary(cfg.save_path)
 
+    def _save(self, done: int, synchronous: bool = False) -> str:
+        started = time.monotonic()
+        path = self.checkpoints.save(self.student, self.optimizer, done, synchronous)
+        self.save_seconds = time.monotonic() - started
+        return path
+
+    def _preempted(self, done: int, saved: str | None) -> Preempted:
+        """The stop at a step's end: that step's checkpoint on disk (written now, synchronously, unless save_steps
+        has just begun it), then any save in flight finished, and one line that says so."""
+        started = time.monotonic()
+        path = saved or self._save(done, synchronous=True)
+        self.checkpoints.finish()
+        self.log(f"preempted at step {done}/{self.total_steps} ({self._signal()}): checkpoint {path} is complete "
+                 f"({time.monotonic() - started:.1f}s to save); to resume, run the same command with "
+                 f"--load_checkpoint true")
+        return Preempted(f"preempted at step {done}")
+
+    def _dropped(self, step: int, micro_batch: int, micro_batches: int) -> Preempted:
+        """The stop within a step that would not end, and be saved, before the grace period does: the step is
+        dropped, and the last complete checkpoint (an async save in flight finished first) is where to resume."""
+        self.checkpoints.finish()
+        self.log(f"preempted during step {step + 1}/{self.total_steps} ({self._signal()}): the rest of it and a save "
+                 f"would take longer than what is left of preempt_grace_s {self.stop.grace_s:g}s, so it stopped before "
+                 f"micro-batch {micro_batch + 1} of {micro_batches} and did not save it; the last complete checkpoint "
+                 f"is {ckpt.latest_checkpoint(self.cfg.resolved_ckpt_path())}; to resume from it, run the same "
+                 "command with --load_checkpoint true")
+        return Preempted(f"preempted during step {step + 1}")
+
+    def _signal(self) -> str:
+        return f"{self.stop.received} here" if self.stop.received else "a stop signal on another rank"
+
     def export(self) -> None:
         export_student(self.student, self.export_config, self.tokenizer, self.cfg.save_path, self.env.rank,
                        source=self.cfg.pretrain, trust_remote_code=self.cfg.trust_remote_code)
 
-    def close(self, failed: bool) -> None:
-        """Ends the metric mirrors (W&B, TensorBoard) as finished or failed, and, after a run that finished, the
-        teacher (a teacher on ranks of its own then stops; after a failure, torchrun stops it)."""
+    def close(self, failed: bool, preempted: bool = False) -> None:
+        """Ends the metric mirrors (W&B, TensorBoard) as finished or failed, and, after a run that finished or was
+        `preempted`, the teacher (a teacher on ranks of its own then stops; after a failure, torchrun stops it)."""
         self.metrics_log.close(failed)
         if not failed:
-            self.teacher.close()
+            self.teacher.close(preempted)

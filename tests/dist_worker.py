@@ -13,10 +13,16 @@ MODE generate every rank's on-policy responses to its prompts (gathered once, an
               single-process HF generate of the same weights with the same seed                ARGS: train.py flags
 MODE teacher_logits  the teacher's logits at the trained rows of the first samples, and of their on-policy
               rewrites                                                                         ARGS: train.py flags
+MODE preempt  train.py's run whole (its exit code), with a signal raised in one rank's own process at a chosen
+              point, as a scheduler's would arrive: "step:N" after step N, "save:N" as step N's save begins, "serve:N"
+              after a teacher rank's Nth micro-batch received, "chunk:N" after a cache build's chunk N (the flags are
+              then cache_teacher's); RANK -1: every rank
+                                                                                    ARGS: WHEN SIGNAL RANK flags
 """
 
 import dataclasses
 import os
+import signal
 import sys
 
 import torch
@@ -206,12 +212,48 @@ def teacher_logits(env, flags, out_file):
     return out
 
 
+def preempt(args, out_file) -> int:
+    import fsdp_kd.cache_teacher as cache_teacher
+    import fsdp_kd.teacher_ranks as teacher_ranks
+    from fsdp_kd.checkpoint import CheckpointWriter
+    from fsdp_kd.cli import run_training
+
+    (kind, at), name, rank, flags = args[0].split(":"), args[1], int(args[2]), args[3:]
+
+    def fire(when: int) -> None:
+        if when == int(at) and rank in (-1, int(os.environ["RANK"])):  # -1: every rank, as torchrun forwards it
+            signal.raise_signal(signal.Signals[name])
+
+    if kind == "step":
+        return run_training(parse_config(flags), on_step=lambda done, total: fire(done))
+    owner, attribute = {"save": (CheckpointWriter, "save"), "chunk": (cache_teacher, "write_part"),
+                        "serve": (teacher_ranks, "receive_layout")}[kind]
+    original, received = getattr(owner, attribute), []
+
+    def firing(*a, **k):
+        if kind == "save":
+            fire(a[3])  # (writer, root, optimizer, step)
+            return original(*a, **k)
+        out = original(*a, **k)
+        received.append(out)
+        fire(int(a[1].split("-")[1]) if kind == "chunk" else len(received))  # a part's name: part-CHUNK-...
+        return out
+
+    setattr(owner, attribute, firing)
+    try:
+        return cache_teacher.main(flags) if kind == "chunk" else run_training(parse_config(flags))
+    finally:
+        setattr(owner, attribute, original)  # a case host runs later cases in this process
+
+
 MODES = {"grads": grads, "dense": dense, "gathers": gathers, "logits": logits, "families": families, "load": load,
          "generate": generate, "teacher_logits": teacher_logits}
 
 
 def main(argv: list[str]) -> int:
     mode, out_file, args = argv[0], argv[1], argv[2:]
+    if mode == "preempt":  # a whole run: its own process group handling and exit code
+        return preempt(args, out_file)
     env = init_distributed()
     result = MODES[mode](env, args, out_file)
     if env.is_main:

@@ -252,6 +252,20 @@ def test_a_steady_state_micro_batch_makes_no_host_sync(tiny, uneven, tmp_path, e
     assert_only_the_metrics_read(steady_state_syncs(trainer_for(tiny, tmp_path / "run", env, **overrides), run))
 
 
+def test_a_step_that_checks_for_a_stop_signal_between_micro_batches_makes_no_device_sync(tiny, uneven, tmp_path,
+                                                                                          env):
+    """A grace period shorter than a step turns on the check between micro-batches (`preemption.MidStepCheck`) once
+    a step is measured: its messages are host tensors on a Gloo group, so the device is never waited for."""
+    trainer = trainer_for(tiny, tmp_path / "run", env, dataset=uneven, preempt_grace_s=1e-6)
+    with SyncDetector() as syncs:
+        for step in range(2):  # the first step's time rides in the second step's counts
+            trainer.train_step(step)
+        assert trainer.mid_step is not None
+        with syncs.counting():
+            trainer.train_step(2)
+    assert_only_the_metrics_read(syncs)
+
+
 def test_an_on_policy_step_syncs_only_while_generating(tiny, uneven, tmp_path, env):
     """The micro-batch trained on the student's responses makes no sync. Generation does: HF's `generate` reads
     the device to stop (and, with left-padded prompts, to build each token's mask), and the responses come to the
