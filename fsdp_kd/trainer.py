@@ -123,12 +123,12 @@ class Trainer:
         counts = host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
                                len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds], device)
         totals = all_reduce_sum(torch.cat([work.on_policy_sums[SUMMED.index("kl")].reshape(1),
-                                           work.on_policy_sums[SUMMED.index("tokens")].reshape(1), counts]))
-        metrics, (norm, peak, kl_on, tokens_on, real_tokens, *on) = self._reduce(
+                                           work.on_policy_sums[SUMMED.index("kd_tokens")].reshape(1), counts]))
+        metrics, (norm, peak, kl_on, kd_tokens_on, real_tokens, *on) = self._reduce(
             work.sums, [grad_norm, peak_memory(device), totals])
         metrics.update(lr=lr, grad_norm=norm, peak_mem_gb=peak)
         if self.on_policy is not None:
-            metrics.update(on_policy_metrics(metrics, kl_on, tokens_on, *on, world_size=self.env.world_size))
+            metrics.update(on_policy_metrics(metrics, kl_on, kd_tokens_on, *on, world_size=self.env.world_size))
         finite = math.isfinite(metrics["loss"]) and math.isfinite(norm)  # global values: every rank agrees
         if finite:
             self.optimizer.step()
