@@ -26,6 +26,11 @@ import numpy as np
 ALIGNMENT_VERSION = 3  # bump when what `TeacherTokenization.columns` stores changes: the tokenized data's key holds it
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
+# why a student position has no teacher position: its negative value in `teacher_fields`, as metrics.jsonl counts them
+LEFT_OUT = {-1: "multi_token_group",  # its token is in a group of several tokens on a side (or a cut character's)
+            -2: "past_teacher_tokens",  # past the teacher's last position (its max_position_embeddings; a cut end)
+            -3: "unaligned_sample"}  # its sample got no teacher tokens at all (`TeacherTokenization.columns`)
+PAST_TEACHER_TOKENS, UNALIGNED_SAMPLE = -2, -3
 
 
 @lru_cache(maxsize=1)
@@ -253,6 +258,7 @@ class TeacherTokenization:
     student: TokenBytes
     teacher: TokenBytes
     tokenizer: object  # the teacher's (HF) tokenizer
+    max_positions: int | None = None  # the teacher's max_position_embeddings: its tokens past it are cut off
 
     @cached_property
     def _encoders(self):
@@ -327,7 +333,8 @@ class TeacherTokenization:
     def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
         """(teacher ids, student group ends, teacher group ends) of one sample; three empty lists when the two
         tokenizations cannot be aligned. Tokens cut from a character at either end are left out of the groups, so
-        their positions get no teacher; the teacher's BOS joins the first group."""
+        their positions get no teacher; the teacher's BOS joins the first group. A sample longer in the teacher's
+        tokens than its `max_positions` keeps the groups that end within them (`LEFT_OUT` counts the rest)."""
         run = self.text(input_ids)
         if run is None:
             return [], [], []
@@ -338,7 +345,14 @@ class TeacherTokenization:
         except AlignmentError:
             return [], [], []
         bos = self._bos if teacher_ids[:len(self._bos)] != self._bos else []
-        return bos + teacher_ids, (groups.student_ends + a).tolist(), (groups.teacher_ends + len(bos)).tolist()
+        teacher_ids, s_ends, t_ends = bos + teacher_ids, groups.student_ends + a, groups.teacher_ends + len(bos)
+        if self.max_positions is not None and len(teacher_ids) > self.max_positions:
+            within = t_ends <= self.max_positions
+            if not within.any():
+                return [], [], []
+            s_ends, t_ends = s_ends[within], t_ends[within]
+            teacher_ids = teacher_ids[:int(t_ends[-1])]
+        return teacher_ids, s_ends.tolist(), t_ends.tolist()
 
 
 def _no_dummy_prefix(node):
@@ -355,6 +369,12 @@ def _no_dummy_prefix(node):
 
 
 def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, length: int) -> dict[str, list[int]]:
-    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`) from its stored columns."""
+    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`) from its stored columns; a
+    position without a teacher position holds why (a `LEFT_OUT` key)."""
     groups = Alignment(np.asarray(student_ends, dtype=np.int64), np.asarray(teacher_ends, dtype=np.int64))
-    return {"teacher_ids": list(teacher_ids), "teacher_positions": groups.teacher_positions(length).tolist()}
+    positions = groups.teacher_positions(length)
+    if not len(teacher_ids):
+        positions[:] = UNALIGNED_SAMPLE
+    elif groups.groups:
+        positions[max(int(groups.student_ends[-1]) - 1, 0):] = PAST_TEACHER_TOKENS  # they predict tokens past it
+    return {"teacher_ids": list(teacher_ids), "teacher_positions": positions.tolist()}

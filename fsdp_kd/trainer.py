@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .cross_tokenizer import LEFT_OUT
 from .data import MicroBatch, host_values
 from .distill import run_student
 from .distributed import DistEnv, all_reduce_sum
@@ -120,13 +121,17 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         device, gen = self.env.device, work.generation
+        left_out = [sum(counts) for counts in zip(*(mb.left_out for mb in work.micro_batches))]
         counts = host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
-                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds], device)
+                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, *left_out], device)
         totals = all_reduce_sum(torch.cat([work.on_policy_sums[SUMMED.index("kl")].reshape(1),
                                            work.on_policy_sums[SUMMED.index("kd_tokens")].reshape(1), counts]))
-        metrics, (norm, peak, kl_on, kd_tokens_on, real_tokens, *on) = self._reduce(
+        metrics, (norm, peak, kl_on, kd_tokens_on, real_tokens, *rest) = self._reduce(
             work.sums, [grad_norm, peak_memory(device), totals])
+        on, left_out = rest[:5], rest[5:]
         metrics.update(lr=lr, grad_norm=norm, peak_mem_gb=peak)
+        if self.teacher.retokenize is not None:  # across tokenizers: the trained tokens without a KD term, by why
+            metrics.update({f"kd_left_out_{why}": n for why, n in zip(LEFT_OUT.values(), left_out)})
         if self.on_policy is not None:
             metrics.update(on_policy_metrics(metrics, kl_on, kd_tokens_on, *on, world_size=self.env.world_size))
         finite = math.isfinite(metrics["loss"]) and math.isfinite(norm)  # global values: every rank agrees
