@@ -71,6 +71,7 @@ class CacheBuilder:
             settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=teacher_identity(cfg.teacher_model),
             samples_per_chunk=cfg.cache_chunk_samples,
             teacher_tokenizer=None if retokenize is None else tokenizer_fingerprint(retokenize.tokenizer),
+            teacher_vocab_size=None if retokenize is None else self.teacher.teacher_vocab_size,
             hidden_dtype=cfg.cache_hidden_dtype if self.mode.keeps_head else CacheMeta.hidden_dtype)
         self.already_complete = self._adopt_existing()
 
