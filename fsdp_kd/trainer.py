@@ -144,10 +144,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.student.eval()
         sums = no_sums(self.env.device)
-        for batch in self._device_batches(self.data.eval_groups(self.cfg.micro_train_batch_size, self.env.rank,
-                                                                self.env.world_size)):
-            loss_sum, metrics = self._run_micro_batch(batch, self.spec)
-            sums += summed(loss_sum, metrics)
+        groups = self.data.eval_groups(self.cfg.micro_train_batch_size, self.env.rank, self.env.world_size)
+        ahead = self.data.sampler.accumulation  # begun at once, as a step's: not the whole eval set on the device
+        for start in range(0, len(groups), ahead):  # (nor sent to the teacher ranks) at once
+            for batch in self._device_batches(groups[start:start + ahead]):
+                loss_sum, metrics = self._run_micro_batch(batch, self.spec)
+                sums += summed(loss_sum, metrics)
         self.student.reshard_everything()
         reduced, _ = self._reduce(sums)
         return {"eval_" + ("ce_loss" if k == "ce" else k): v for k, v in reduced.items()}
