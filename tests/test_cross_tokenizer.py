@@ -291,3 +291,39 @@ def test_real_pairs_align_accents_and_foreign_markers_as_their_twins(tokenizers,
         assert t_ids and not set(t_ids) & {t_tok.convert_tokens_to_ids(m) for m in ("<|im_end|>", "<|end|>",
                                                                                    "<|im_start|>") if m in t_tok.get_vocab()}
         assert abs(kd_share(retokenize, with_marker) - kd_share(retokenize, neutral)) < 8 / len(neutral), marker
+
+
+def test_the_teachers_tokens_stop_at_its_max_positions_and_the_rest_is_counted():
+    """A sample longer in the teacher's tokens than its max_position_embeddings keeps the groups within them; the
+    positions past them say why they have no teacher position (`LEFT_OUT`), as do a sample that does not align and
+    a multi-token group."""
+    from fsdp_kd.cross_tokenizer import LEFT_OUT
+
+    student, teacher = byte_tokenizer(), byte_tokenizer(normalize=True)
+    s_vocab, t_vocab = TokenBytes.of(student), TokenBytes.of(teacher)
+    ids = student("hello there, general kenobi", add_special_tokens=False)["input_ids"]
+    whole = TeacherTokenization(s_vocab, t_vocab, teacher)
+    cut = TeacherTokenization(s_vocab, t_vocab, teacher, max_positions=10)
+    assert len(whole.columns(ids)[0]) == len(ids) and cut.columns(ids)[0] == whole.columns(ids)[0][:10]
+    positions = cut.fields(ids)["teacher_positions"]
+    assert positions[:9] == list(range(9)) and set(positions[9:]) == {-2} and LEFT_OUT[-2] == "past_teacher_tokens"
+    assert set(TeacherTokenization(s_vocab, t_vocab, teacher, max_positions=0).fields(ids)["teacher_positions"]) == {-3}
+    accent = student("cafe\u0301 ok", add_special_tokens=False)["input_ids"]
+    assert -1 in whole.fields(accent)["teacher_positions"] and LEFT_OUT[-1] == "multi_token_group"
+
+
+def test_a_micro_batch_counts_its_trained_tokens_without_a_teacher_position_by_why():
+    """kd rows (`aligned`) and the left-out counts add up to the trained tokens."""
+    from fsdp_kd.data import collate
+    from fsdp_kd.records import IGNORE_INDEX, Sample
+
+    student, teacher = byte_tokenizer(), byte_tokenizer(normalize=True)
+    retokenize = TeacherTokenization(TokenBytes.of(student), TokenBytes.of(teacher), teacher, max_positions=12)
+    samples = []
+    for text in ("cafe\u0301 and more text here", "short"):
+        ids = student(text, add_special_tokens=False)["input_ids"]
+        samples.append(Sample(ids, [IGNORE_INDEX] + ids[2:] + [IGNORE_INDEX], **retokenize.fields(ids)))
+    batch = collate(samples, 0)
+    multi, past, unaligned = batch.left_out
+    assert multi == 3 and past > 0 and unaligned == 0
+    assert int(batch.aligned.sum()) + sum(batch.left_out) == batch.target_rows.numel()
