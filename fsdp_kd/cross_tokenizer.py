@@ -228,14 +228,15 @@ def normalized_ends(text: str, forms: tuple[str, ...], ends: np.ndarray) -> np.n
 
 
 def normalized_as(text: str, forms: tuple[str, ...]) -> str:
+    """`text` under these Unicode normal forms, in order."""
     for form in forms:
         text = unicodedata.normalize(form, text)
     return text
 
 
 def normalized(text: str, *vocabularies: TokenBytes) -> str:
-    """`text` under the tokenizers' Unicode normalizers (NFC, NFKC), applied before both tokenize it, so that their
-    tokens spell the same bytes; a tokenizer without one leaves it as is."""
+    """`text` as the tokenizers' Unicode normalizers (NFC, NFKC) make it before they cut it, so what their tokens
+    spell; a tokenizer without one leaves it as is."""
     for vocab in vocabularies:
         text = normalized_as(text, vocab.normalizer_forms)
     return text
