@@ -327,3 +327,20 @@ def test_a_micro_batch_counts_its_trained_tokens_without_a_teacher_position_by_w
     multi, past, unaligned = batch.left_out
     assert multi == 3 and past > 0 and unaligned == 0
     assert int(batch.aligned.sum()) + sum(batch.left_out) == batch.target_rows.numel()
+
+
+def test_the_start_up_share_reads_a_sample_of_every_source():
+    """The start-up line's share counts samples spread over every source (it used to read the first source's first
+    1000 only): a second source whose samples have no teacher tokens halves it, and says why."""
+    from fsdp_kd.records import IGNORE_INDEX, Sample
+    from fsdp_kd.teacher_model import CrossTokenizerTeacher
+
+    aligned = Sample([1, 2, 3, 4], [IGNORE_INDEX, 3, 4, IGNORE_INDEX], teacher_ids=[1, 2, 3, 4],
+                     teacher_positions=[0, 1, 2, -2])
+    unaligned = Sample([1, 2, 3, 4], [IGNORE_INDEX, 3, 4, IGNORE_INDEX], teacher_ids=[],
+                       teacher_positions=[-3, -3, -3, -3])
+    teacher = object.__new__(CrossTokenizerTeacher)
+    teacher.check(None, [[aligned] * 3000, [unaligned] * 5], None)
+    assert teacher.aligned_share == pytest.approx(1000 / 1005)
+    teacher.check(None, [[aligned] * 3000, [unaligned] * 5000], None)
+    assert teacher.aligned_share == 0.5 and teacher.left_out_shares["unaligned_sample"] == 0.5
