@@ -284,12 +284,13 @@ def test_real_pairs_align_accents_and_foreign_markers_as_their_twins(tokenizers,
     accented = unicodedata.normalize("NFD", base + " Caf\u00e9 na\u00efve S\u00e3o Paulo.")
     ids = s_tok(accented, add_special_tokens=False)["input_ids"]
     assert kd_share(retokenize, ids) > 0.8 * kd_share(retokenize, s_tok(base, add_special_tokens=False)["input_ids"])
-    for marker in ("<|im_end|>", "<|end|>", "<|im_start|>"):
+    markers = ("<|im_end|>", "<|end|>", "<|im_start|>")
+    teacher_markers = {t_tok.convert_tokens_to_ids(m) for m in markers if m in t_tok.get_vocab()}
+    for marker in markers:
         with_marker = s_tok(f"{base} {marker} then", add_special_tokens=False, split_special_tokens=True)["input_ids"]
         neutral = s_tok(f"{base} {marker.replace('|', '!')} then", add_special_tokens=False)["input_ids"]
         t_ids = retokenize.columns(with_marker)[0]
-        assert t_ids and not set(t_ids) & {t_tok.convert_tokens_to_ids(m) for m in ("<|im_end|>", "<|end|>",
-                                                                                   "<|im_start|>") if m in t_tok.get_vocab()}
+        assert t_ids and not set(t_ids) & teacher_markers
         assert abs(kd_share(retokenize, with_marker) - kd_share(retokenize, neutral)) < 8 / len(neutral), marker
 
 
