@@ -75,6 +75,7 @@ class CacheBuilder:
             samples_per_chunk=cfg.cache_chunk_samples,
             teacher_tokenizer=tokenizer_fingerprint(retokenize.tokenizer) if across else None,
             teacher_context=list(retokenize.rendering) if retokenize is not None and retokenize.rendering else None,
+            teacher_vocab_size=self.teacher.teacher_vocab_size if across else None,
             hidden_dtype=cfg.cache_hidden_dtype if self.mode.keeps_head else CacheMeta.hidden_dtype)
         self.already_complete = self._adopt_existing()
 

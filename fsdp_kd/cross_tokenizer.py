@@ -19,14 +19,19 @@ import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import ClassVar
 
 import numpy as np
 
-ALIGNMENT_VERSION = 2  # bump when what `TeacherTokenization.columns` stores changes: the tokenized data's key holds it
+ALIGNMENT_VERSION = 3  # bump when what `TeacherTokenization.columns` stores changes: the tokenized data's key holds it
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
+# why a student position has no teacher position: its negative value in `teacher_fields`, as metrics.jsonl counts them
+LEFT_OUT = {-1: "multi_token_group",  # its token is in a group of several tokens on a side (or a cut character's)
+            -2: "past_teacher_tokens",  # past the teacher's last position (its max_position_embeddings; a cut end)
+            -3: "unaligned_sample"}  # its sample got no teacher tokens at all (`TeacherTokenization.columns`)
+PAST_TEACHER_TOKENS, UNALIGNED_SAMPLE = -2, -3
 
 
 @lru_cache(maxsize=1)
@@ -53,6 +58,7 @@ class TokenBytes:
     kind: str  # "byte_level" or "sentencepiece": how the vocabulary writes bytes
     prefix_space: bool  # the tokenizer puts a space before the text (SentencePiece's dummy prefix)
     normalizer_forms: tuple[str, ...] = ()  # the Unicode normal forms its normalizer applies (Qwen's NFC)
+    added: frozenset[int] = frozenset()  # its added (special or control) tokens: a chat template's markers, BOS
 
     @classmethod
     def of(cls, tokenizer) -> TokenBytes:
@@ -79,7 +85,8 @@ class TokenBytes:
             else:
                 spelled.append(token.replace(SPACE_MARK, " ").encode())
                 regular.append(True)
-        return cls(tuple(spelled), tuple(regular), kind, prefix_space, forms)
+        added_ids = frozenset(tokenizer.added_tokens_decoder)
+        return cls(tuple(spelled), tuple(regular), kind, prefix_space, forms, added_ids)
 
     def __len__(self) -> int:
         return len(self.spelled)
@@ -183,9 +190,14 @@ def byte_ends(ids: list[int], vocab: TokenBytes, text: bytes) -> np.ndarray:
 def align(student_ids: list[int], teacher_ids: list[int], student: TokenBytes, teacher: TokenBytes,
           text: str) -> Alignment:
     """Groups of consecutive tokens that cover the same bytes of `text`, which both id lists tokenize (without
-    special tokens added around it): cut wherever both sides end a token at the same byte."""
-    data = text.encode()
-    s_ends, t_ends = byte_ends(student_ids, student, data), byte_ends(teacher_ids, teacher, data)
+    special tokens added around it): cut wherever both sides end a token at the same byte. The student's tokens
+    spell `text`, the teacher's what its normalizer makes of it (`normalized`: Qwen's NFC composes a decomposed
+    accent); a student token that ends inside a character the normalization changes is never a cut."""
+    teacher_text = normalized(text, teacher)
+    s_ends = byte_ends(student_ids, student, text.encode())
+    t_ends = byte_ends(teacher_ids, teacher, teacher_text.encode())
+    if teacher_text != text:  # in half bytes of the teacher's text: see `normalized_ends`
+        s_ends, t_ends = normalized_ends(text, teacher.normalizer_forms, s_ends), 2 * t_ends
     cuts = np.intersect1d(s_ends, t_ends)
     cuts = cuts[cuts > 0]  # a token that spells nothing at the start joins the first group
     # a token belongs to the first cut at or after its end; a group's last token is the last one that does
@@ -194,12 +206,40 @@ def align(student_ids: list[int], teacher_ids: list[int], student: TokenBytes, t
                      np.searchsorted(t_group, np.arange(len(cuts)), side="right"))
 
 
+def normalized_ends(text: str, forms: tuple[str, ...], ends: np.ndarray) -> np.ndarray:
+    """Byte offsets into `text` as offsets into its normal form (under `forms`), doubled: an offset at the edge of a
+    run of characters that normalizes on its own (a letter and its combining accents), or inside a run that it leaves
+    as it is, maps to twice its place there; one inside a run that it changes, to the odd number just after twice the
+    run's start, so it sorts inside the run and never equals a teacher's (even) end: no cut. Raises AlignmentError
+    where the runs do not normalize apart."""
+    runs, start = [], 0
+    for i in range(1, len(text) + 1):  # a run starts at a character of combining class 0 (not a Hangul vowel/final)
+        if i == len(text) or (unicodedata.combining(text[i]) == 0 and not 0x1160 <= ord(text[i]) <= 0x11FF):
+            runs.append(text[start:i])
+            start = i
+    pieces = [normalized_as(run, forms) for run in runs]
+    if "".join(pieces) != normalized_as(text, forms):
+        raise AlignmentError("the text does not normalize run by run")
+    raw = np.cumsum([0] + [len(run.encode()) for run in runs])
+    norm = np.cumsum([0] + [len(piece.encode()) for piece in pieces])
+    at = np.searchsorted(raw, ends, side="right") - 1  # the run each end is in (or starts)
+    inside = ends - raw[at]
+    same = np.array([run == piece for run, piece in zip(runs, pieces)] + [True])[at]
+    return np.where((inside == 0) | same, 2 * (norm[at] + inside), 2 * norm[at] + 1)
+
+
+def normalized_as(text: str, forms: tuple[str, ...]) -> str:
+    """`text` under these Unicode normal forms, in order."""
+    for form in forms:
+        text = unicodedata.normalize(form, text)
+    return text
+
+
 def normalized(text: str, *vocabularies: TokenBytes) -> str:
-    """`text` under the tokenizers' Unicode normalizers (NFC, NFKC), applied before both tokenize it, so that their
-    tokens spell the same bytes; a tokenizer without one leaves it as is."""
+    """`text` as the tokenizers' Unicode normalizers (NFC, NFKC) make it before they cut it, so what their tokens
+    spell; a tokenizer without one leaves it as is."""
     for vocab in vocabularies:
-        for form in vocab.normalizer_forms:
-            text = unicodedata.normalize(form, text)
+        text = normalized_as(text, vocab.normalizer_forms)
     return text
 
 
@@ -209,14 +249,43 @@ class TeacherTokenization:
     """The teacher's tokens of each student sample and their alignment, computed when the data is tokenized (the
     Arrow cache stores them) so that training does no string work.
 
-    The text is what the student's tokens spell (`TokenBytes`), special tokens as their content, so the teacher
-    reads the same rendered sample, chat template included. A sample whose text the teacher's tokens do not spell
-    (its normalizer changed it, or truncation cut a UTF-8 character) gets no teacher tokens: it gets the CE term alone,
-    and `columns` says so by returning empty lists."""
+    The text is what the student's tokens spell (`TokenBytes`), so the teacher reads the same rendered sample, chat
+    template included, as its own tokenizer would cut it: its normalizer applied (`align` matches bytes through it),
+    its BOS first when its tokenizer adds one, and each of the student's added tokens (a template's markers) as the
+    teacher's token of the same content where it has one. Everything else is text: the runs between those tokens are
+    tokenized with special tokens split, so a literal "<|im_end|>" in a student's text (a Phi-3 student's data) is
+    text to the teacher too, never its end-of-turn token. A sample whose text the teacher's tokens do not spell, or
+    that truncation left without a whole character, gets no teacher tokens: it gets the CE term alone, and `columns`
+    says so by returning empty lists."""
     student: TokenBytes
     teacher: TokenBytes
     tokenizer: object  # the teacher's (HF) tokenizer
+    max_positions: int | None = None  # the teacher's max_position_embeddings: its tokens past it are cut off
     rendering: ClassVar[tuple] = ()  # what the teacher reads besides the sample's text: nothing (`privileged` adds)
+
+    @cached_property
+    def _encoders(self):
+        """(the text at the start, the text after a special token): the teacher's tokenizer with special tokens split,
+        the second without the dummy prefix a SentencePiece tokenizer puts only at the start of a sample."""
+        from tokenizers import Tokenizer
+
+        spec = json.loads(self.tokenizer.backend_tokenizer.to_str())
+        first, after = Tokenizer.from_str(json.dumps(spec)), Tokenizer.from_str(json.dumps(_no_dummy_prefix(spec)))
+        for encoder in (first, after):
+            encoder.encode_special_tokens = True
+        return first, after
+
+    @cached_property
+    def _special(self) -> dict[bytes, int]:
+        """The teacher's added tokens by content: where a student's added token goes as one teacher token."""
+        return {self.teacher.spelled[i]: i for i in sorted(self.teacher.added, reverse=True)}
+
+    @cached_property
+    def _bos(self) -> list[int]:
+        """The ids the teacher's tokenizer puts before a text (its BOS), if any."""
+        plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer("x")["input_ids"]
+        return ids[:len(ids) - len(plain)] if ids[len(ids) - len(plain):] == plain else []
 
     def text(self, input_ids: list[int]) -> tuple[str, int, int] | None:
         """(text, a, b): what the student's tokens [a, b) spell, the run without the tokens at either end that hold
@@ -238,6 +307,27 @@ class TeacherTokenization:
                 data = data[:len(data) - len(spelled[b])]
         return None
 
+    def teacher_ids(self, student_ids: list[int], text: str) -> list[int]:
+        """The teacher's tokens of `text`, which `student_ids` spell: each student added token that the teacher has
+        too as that token, the text between them through `_encoders` (without the BOS)."""
+        data = text.encode()
+        ends = byte_ends(student_ids, self.student, data)
+        out, start = [], 0
+        for k, token in enumerate(student_ids):
+            special = self._special.get(self.student.spelled[token]) if token in self.student.added else None
+            if special is None:
+                continue
+            begin = int(ends[k - 1]) if k else 0
+            out += self._text_ids(data[start:begin], start)
+            out.append(special)
+            start = int(ends[k])
+        return out + self._text_ids(data[start:], start)
+
+    def _text_ids(self, data: bytes, at: int) -> list[int]:
+        if not data:
+            return []
+        return self._encoders[0 if at == 0 else 1].encode(data.decode("utf-8"), add_special_tokens=False).ids
+
     def fields(self, input_ids: list[int]) -> dict[str, list[int]]:
         """The teacher's `records.Sample` fields of a sample with these ids, computed now: for a sample that was
         not in the tokenized data (an on-policy response, re-tokenized at step time)."""
@@ -253,21 +343,49 @@ class TeacherTokenization:
 
     def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
         """(teacher ids, student group ends, teacher group ends) of one sample; three empty lists when the two
-        tokenizations cannot be aligned (a normalizer that changes the text). Tokens cut from a character at either
-        end are left out of the groups, so their positions get no teacher."""
+        tokenizations cannot be aligned. Tokens cut from a character at either end are left out of the groups, so
+        their positions get no teacher; the teacher's BOS joins the first group. A sample longer in the teacher's
+        tokens than its `max_positions` keeps the groups that end within them (`LEFT_OUT` counts the rest)."""
         run = self.text(input_ids)
         if run is None:
             return [], [], []
         text, a, b = run
-        teacher_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         try:
+            teacher_ids = self.teacher_ids(input_ids[a:b], text)
             groups = align(input_ids[a:b], teacher_ids, self.student, self.teacher, text)
         except AlignmentError:
             return [], [], []
-        return list(teacher_ids), (groups.student_ends + a).tolist(), groups.teacher_ends.tolist()
+        bos = self._bos if teacher_ids[:len(self._bos)] != self._bos else []
+        teacher_ids, s_ends, t_ends = bos + teacher_ids, groups.student_ends + a, groups.teacher_ends + len(bos)
+        if self.max_positions is not None and len(teacher_ids) > self.max_positions:
+            within = t_ends <= self.max_positions
+            if not within.any():
+                return [], [], []
+            s_ends, t_ends = s_ends[within], t_ends[within]
+            teacher_ids = teacher_ids[:int(t_ends[-1])]
+        return teacher_ids, s_ends.tolist(), t_ends.tolist()
+
+
+def _no_dummy_prefix(node):
+    """A tokenizer spec (its JSON) that puts no dummy prefix "▁" before the text: Metaspace's prepend scheme
+    "never", and no Prepend normalizer (`_adds_prefix_space` reads the same two)."""
+    if isinstance(node, list):
+        return [_no_dummy_prefix(n) for n in node if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _no_dummy_prefix(value) for key, value in node.items()}
+    if node.get("type") == "Metaspace":
+        node.update({"prepend_scheme": "never"} if "prepend_scheme" in node else {"add_prefix_space": False})
+    return node
 
 
 def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, length: int) -> dict[str, list[int]]:
-    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`) from its stored columns."""
+    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`) from its stored columns; a
+    position without a teacher position holds why (a `LEFT_OUT` key)."""
     groups = Alignment(np.asarray(student_ends, dtype=np.int64), np.asarray(teacher_ends, dtype=np.int64))
-    return {"teacher_ids": list(teacher_ids), "teacher_positions": groups.teacher_positions(length).tolist()}
+    positions = groups.teacher_positions(length)
+    if not len(teacher_ids):
+        positions[:] = UNALIGNED_SAMPLE
+    elif groups.groups:
+        positions[max(int(groups.student_ends[-1]) - 1, 0):] = PAST_TEACHER_TOKENS  # they predict tokens past it
+    return {"teacher_ids": list(teacher_ids), "teacher_positions": positions.tolist()}

@@ -211,8 +211,8 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     top1 = vmap.student_to_teacher[student.argmax] == teacher.argmax
     per_row = torch.stack([student.lse_raw - student.label_logit, (value + lam * uld_value) * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -p.x_log_x, -q.x_log_x, top1.float(),
-                           teacher.lse_raw - teacher.label_logit])
-    if aligned is not None:  # ... and no KD metrics: those are sums over the aligned rows
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value)])
+    if aligned is not None:  # ... and no KD metrics (nor a kd_tokens count): those are sums over the aligned rows
         per_row[1:].masked_fill_(~aligned.T, 0.0)
     return per_row.sum(1)
 

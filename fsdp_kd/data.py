@@ -15,6 +15,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from .cross_tokenizer import LEFT_OUT
 from .records import IGNORE_INDEX, DataError, Sample
 
 
@@ -189,6 +190,9 @@ class MicroBatch:
     # one, else 0.0: the CE term alone there)
     teacher: MicroBatch | None = None
     aligned: torch.Tensor | None = None
+    # with a teacher of its own tokenizer: how many trained tokens have no teacher position, by why (host counts,
+    # ordered as `cross_tokenizer.LEFT_OUT`)
+    left_out: tuple[int, ...] = (0,) * len(LEFT_OUT)
 
     def __post_init__(self):
         if self.target_rows is None:
@@ -303,9 +307,12 @@ def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool) -> MicroB
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[mask.bool()] = torch.tensor([t for row in rows for s in row for t in s.targets], dtype=torch.long)
     keys = [(s.source, s.row) for row in rows for s in row if s.trainable_tokens]
-    teacher, aligned = _teacher_rows(rows, packed) if rows[0][0].teacher_ids is not None else (None, None)
+    if rows[0][0].teacher_ids is None:
+        return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
+                          sample_keys=keys)
+    teacher, aligned, left_out = _teacher_rows(rows, packed)
     return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
-                      sample_keys=keys, teacher=teacher, aligned=aligned)
+                      sample_keys=keys, teacher=teacher, aligned=aligned, left_out=left_out)
 
 
 def _row_layout(rows: list[list[list[int]]], pad_id: int):
@@ -331,13 +338,14 @@ def _row_layout(rows: list[list[list[int]]], pad_id: int):
     return ids, mask, segments, positions, starts
 
 
-def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, torch.Tensor]:
-    """The teacher's tokens of the same samples in the same rows (`MicroBatch.teacher`), and `aligned`. Its target
+def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, torch.Tensor, tuple[int, ...]]:
+    """The teacher's tokens of the same samples in the same rows (`MicroBatch.teacher`), `aligned`, and the trained
+    tokens without a teacher position by why (`cross_tokenizer.LEFT_OUT`, in its order: host counts). Its target
     rows follow the student's: row by row, sample by sample, position by position, as `MicroBatch` orders them.
     Padding is id 0: any valid id, masked and never read."""
     ids, mask, segments, positions, starts = _row_layout([[s.teacher_ids for s in row] for row in rows], 0)
     width = ids.shape[1]
-    flat, labels, aligned = [], [], []
+    flat, labels, aligned, flat_reasons = [], [], [], []
     for r, row in enumerate(rows):
         for s, offset in zip(row, starts[r]):
             teacher_ids = np.asarray(s.teacher_ids, dtype=np.int64)
@@ -346,12 +354,14 @@ def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, t
             flat.append(np.where(has, r * width + offset + at, 0))
             labels.append(np.where(has, teacher_ids[np.where(has, at + 1, 0)] if len(teacher_ids) else 0, 0))
             aligned.append(has)
+            flat_reasons.append(at[~has])
     rows_at, label_ids, where = (torch.from_numpy(np.concatenate(a)) for a in (flat, labels, aligned))
     if not mask.any():
         mask[:, 0] = 1  # no sample has teacher tokens: one real slot, so the forward has a token to attend to
     teacher = MicroBatch(ids, mask, torch.full_like(ids, IGNORE_INDEX), segments if packed else None,
                          positions if packed else None, target_rows=rows_at.long(), target_ids=label_ids.long())
-    return teacher, where.float()
+    reasons = np.concatenate(flat_reasons)
+    return teacher, where.float(), tuple(int((reasons == code).sum()) for code in LEFT_OUT)
 
 
 def padding_efficiency(batches: list[MicroBatch]) -> float:

@@ -214,7 +214,7 @@ AKL_HEAD_TOKENS = 64
 def akl_head(log_p_sorted: torch.Tensor, mu: float) -> torch.Tensor:
     """Which of the teacher's tokens, sorted most likely first ([rows, k]), form AKL's head."""
     head = log_p_sorted.exp().cumsum(1) <= mu
-    head[:, 0] = True
+    head[:, :1] = True  # no tokens at all (a cache across tokenizers whose top-k holds no shared one): no head
     return head
 
 

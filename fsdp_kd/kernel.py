@@ -38,8 +38,9 @@ import torch
 
 from .divergences import ChunkTerms, Divergence, row_dot
 
-# the metric sums every block returns, in this order; the loss returns them by name
-METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce")
+# the metric sums every block returns, in this order; the loss returns them by name. "kd_tokens" counts the rows that
+# get a KD term (a row the block masks from the KD term, e.g. one without an aligned teacher token, counts 0)
+METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce", "kd_tokens")
 
 
 # ---------------------------------------------------------------------------------------------------- heads

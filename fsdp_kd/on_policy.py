@@ -210,17 +210,18 @@ class OnPolicy:
         return out, flags, stats
 
 
-def on_policy_metrics(metrics: dict, kl_on: float, tokens_on: float, on_batches: float, batches: float,
+def on_policy_metrics(metrics: dict, kl_on: float, kd_tokens_on: float, on_batches: float, batches: float,
                        sequences: float, generated: float, seconds: float, world_size: int) -> dict[str, float]:
-    """The on-policy share of micro-batches, what generation did, and the KL on and off the student's own text."""
+    """The on-policy share of micro-batches, what generation did, and the KL on and off the student's own text, each
+    per token with a KD term (`kd_tokens_on` of them on-policy), as the step's KL is (`step_metrics.KD_ROW_MEANS`)."""
     out = {"on_policy_share": on_batches / max(batches, 1.0),
            "generated_len": generated / max(sequences, 1.0),
            "gen_tokens_per_sec": generated / max(seconds / world_size, 1e-9) if generated else 0.0}
     kl_key = next((k for k in ("kl", "kl_buckets", "kl_estimate", "kl_shared_buckets") if k in metrics), None)
     if kl_key is not None:
-        tokens_off = metrics["tokens"] - tokens_on
-        if tokens_on:
-            out["kl_on_policy"] = kl_on / tokens_on
+        tokens_off = metrics["kd_tokens"] - kd_tokens_on
+        if kd_tokens_on:
+            out["kl_on_policy"] = kl_on / kd_tokens_on
         if tokens_off:
-            out["kl_off_policy"] = (metrics[kl_key] * metrics["tokens"] - kl_on) / tokens_off
+            out["kl_off_policy"] = (metrics[kl_key] * metrics["kd_tokens"] - kl_on) / tokens_off
     return out

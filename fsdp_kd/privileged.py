@@ -83,6 +83,7 @@ class PrivilegedTokenization:
     stores (`tokenized.TEACHER_COLUMNS`); `tokenizer` is the run's, which renders both views."""
     context: TeacherContext
     tokenizer: object
+    max_positions = None  # the student's own model reads these rows: no cut beyond the student's max_len
 
     @property
     def rendering(self) -> tuple:

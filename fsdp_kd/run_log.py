@@ -111,7 +111,9 @@ def shown_teacher_metrics(record: dict, prefix: str = "") -> list[tuple[str, str
     shown = []
     for base, label in (("kl", "kl"), ("teacher_entropy", "H(teacher)")):
         for suffix, note in (("", ""), ("_buckets", " (buckets)"), ("_estimate", " (estimate)"),
-                             ("_shared_buckets", " (shared tokens)"), ("_aligned", " (aligned)"),
+                             ("_shared_buckets", " (shared tokens)"),
+                             ("_shared_buckets_lower_bound", " (shared tokens, top-k lower bound)"),
+                             ("_aligned", " (aligned)"),
                              ("_buckets_aligned", " (buckets, aligned)")):
             if prefix + base + suffix in record:
                 shown.append((prefix + base + suffix, label + note))

@@ -1,5 +1,8 @@
 """A step's metrics: summed on the device over its micro-batches, then summed over the ranks and read to the host in
-one transfer, the step's only one, as per-token means named as the teacher gives them."""
+one transfer, the step's only one, as means named as the teacher gives them: the loss, CE and KD term per trained
+token, the teacher's metrics (KL, entropies, top-1, teacher CE) per token with a KD term (`KD_ROW_MEANS`), and the
+share of trained tokens that have one (`kd_token_share`: 1 for a live teacher of the same tokenizer, 0 without a
+teacher, below 1 across tokenizers where a row has no aligned teacher token)."""
 
 from __future__ import annotations
 
@@ -8,8 +11,11 @@ import torch
 from .distributed import all_reduce_sum
 from .kernel import METRIC_NAMES
 
-# summed over tokens, micro-batches and ranks, then divided by "tokens"
+# summed over tokens, micro-batches and ranks, then divided by "tokens", or by "kd_tokens" (KD_ROW_MEANS)
 SUMMED = ("loss",) + METRIC_NAMES + ("tokens",)
+# the metrics that describe the teacher at a row, so only the rows with a KD term have them: a mean over those rows
+# (with a live teacher of the same tokenizer every row has one, and this is the per-token mean)
+KD_ROW_MEANS = ("kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce")
 
 
 def no_sums(device: torch.device) -> torch.Tensor:
@@ -29,8 +35,9 @@ def reduce_sums(sums: torch.Tensor, metric_names: dict[str, str | None],
     global; each flattened), all in one device-to-host transfer."""
     host = torch.cat([all_reduce_sum(sums.clone()), *(e.reshape(-1).double() for e in extra)]).tolist()
     totals = dict(zip(SUMMED, host[:len(SUMMED)]))
-    tokens = max(totals["tokens"], 1.0)
-    out = {k: totals[k] / tokens for k in ("loss", *METRIC_NAMES)}
-    out["tokens"] = totals["tokens"]
+    tokens, kd_tokens = max(totals["tokens"], 1.0), max(totals["kd_tokens"], 1.0)
+    out = {k: totals[k] / (kd_tokens if k in KD_ROW_MEANS else tokens) for k in ("loss", *METRIC_NAMES)
+           if k != "kd_tokens"}
     out = {metric_names.get(k, k): v for k, v in out.items() if metric_names.get(k, k) is not None}
+    out.update(tokens=totals["tokens"], kd_tokens=totals["kd_tokens"], kd_token_share=totals["kd_tokens"] / tokens)
     return out, host[len(SUMMED):]

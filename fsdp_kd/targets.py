@@ -114,7 +114,7 @@ def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBloc
     kd = plan.divergence.value(sums, plan.param) * plan.kd_unit
     per_row = torch.stack([student.lse_raw - student.label_logit, kd, sums["p_log_p"] - sums["p_log_q"],
                            -sums["p_log_p"], -sums["q_log_q"], (student.argmax == teacher.argmax).float(),
-                           teacher.lse_raw - teacher.label_logit])
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(kd)])
     return per_row.sum(1)
 
 
@@ -133,7 +133,7 @@ def student_bucket_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBl
     value = bucket_gradient(plan, student, places, b, labels, rows, grads)
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit, p.x_log_x - p_log_q,
                            -p.x_log_x, -q.x_log_x, (student.argmax == teacher.argmax).float(),
-                           teacher.lse_raw - teacher.label_logit])
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value)])
     return per_row.sum(1)
 
 
@@ -211,7 +211,7 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     teacher_top = cached.ids.gather(1, cached.log_p.argmax(1, keepdim=True))[:, 0]
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q.x_log_x,
-                           (student.argmax == teacher_top).float(), -teacher_log_p_label])
-    if cached.kd_rows is not None:  # a row without a teacher has the CE term alone
+                           (student.argmax == teacher_top).float(), -teacher_log_p_label, torch.ones_like(value)])
+    if cached.kd_rows is not None:  # a row without a teacher has the CE term alone (and counts in no kd_tokens)
         per_row[1:].masked_fill_(~cached.kd_rows[None], 0.0)
     return per_row.sum(1)

@@ -169,6 +169,7 @@ class CacheMeta:
     samples_per_chunk: int
     teacher_tokenizer: str | None = None  # a teacher of its own tokenizer (cross_tokenizer): its fingerprint
     teacher_context: list | None = None  # privileged context the teacher read (`PrivilegedTokenization.rendering`)
+    teacher_vocab_size: int | None = None  # ... and its vocabulary's size (a top-k below it is a part of it)
     hidden_dtype: str = "bfloat16"  # hidden mode: the stored hidden states' dtype
     head: dict | None = None  # hidden mode: the head's logit transforms, {"scale", "softcap"}
     complete: bool = False
@@ -244,6 +245,7 @@ class CacheMode:
     lacks: str = ""
     size_name: str = ""  # what its slots are, e.g. "k"
     keeps_head: bool = False
+    tempered: bool = True  # its rows hold the teacher at the build's kd_temperature (a hidden state does not)
 
     def describe(self, slots: int) -> str:
         """Its size per token, e.g. "k = 64"."""
@@ -259,9 +261,13 @@ def _topk_metric_names(meta: CacheMeta) -> dict[str, str | None]:
     """Over buckets. The live teacher_ce is at τ = 1; the cache holds the teacher at kd_temperature only, from which
     τ = 1 cannot be recovered, so a tempered cache's teacher CE says so."""
     tempered = "" if meta.temperature == 1.0 else "_at_kd_temperature"
-    if meta.teacher_tokenizer:  # across tokenizers: sums over the aligned rows; the KL is the live run's quantity,
-        # the teacher's entropy and CE are over the top-k buckets, the top-1 the cache's most likely shared token
-        return {"kl": ALIGNED_METRIC_NAMES["kl"], "teacher_entropy": "teacher_entropy_buckets_aligned",
+    if meta.teacher_tokenizer:  # across tokenizers: means over the aligned rows; the KL is the live run's quantity
+        # at k = V_t, and a lower bound of it below (the teacher's shared tokens past its top k are merged into the
+        # rest bucket: coarser buckets), the teacher's entropy and CE are over the top-k buckets, the top-1 the
+        # cache's most likely shared token
+        exact = meta.teacher_vocab_size is not None and meta.slots >= meta.teacher_vocab_size
+        return {"kl": ALIGNED_METRIC_NAMES["kl"] + ("" if exact else "_lower_bound"),
+                "teacher_entropy": "teacher_entropy_buckets_aligned",
                 "student_entropy": ALIGNED_METRIC_NAMES["student_entropy"],
                 "top1_agreement": "top1_agreement_shared_aligned", "teacher_ce": "teacher_ce_buckets_aligned" + tempered}
     return {"kl": "kl_buckets", "teacher_entropy": "teacher_entropy_buckets", "teacher_ce": "teacher_ce_buckets" + tempered}
@@ -309,7 +315,7 @@ CACHE_MODES: dict[str, CacheMode] = {
         columns=(Column("hidden", True, torch.float32, lambda t, meta: t.to(LOG_P_DTYPES[meta.hidden_dtype]),
                         lambda t: t),),
         targets=lambda columns, meta, head: LiveTargets(columns["hidden"].to(head.weight.dtype), head),
-        metric_names=lambda meta: {}, size_name="hidden size", keeps_head=True),
+        metric_names=lambda meta: {}, size_name="hidden size", keeps_head=True, tempered=False),
 }
 
 
@@ -417,7 +423,7 @@ def check_cache_fits(meta: CacheMeta, run: CacheRun, tokenizer, sources) -> None
     if meta.tokenizer != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"{where} was built with another tokenizer or chat template than this run's pretrain "
                           f"{run.pretrain}; build a cache with this run's pretrain")
-    if meta.temperature != run.temperature:
+    if meta.temperature != run.temperature and CACHE_MODES[meta.mode].tempered:
         raise ConfigError(f"{where} holds the teacher at kd_temperature {meta.temperature:g}, this run has "
                           f"{run.temperature:g}; set kd_temperature {meta.temperature:g} or build a cache at "
                           f"{run.temperature:g}")

@@ -12,10 +12,11 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .errors import ConfigError
-from .cross_tokenizer import TeacherTokenization, TokenBytes, shared_vocabulary
+from .cross_tokenizer import LEFT_OUT, TeacherTokenization, TokenBytes, shared_vocabulary
 from .cross_vocab import ALIGNED_METRIC_NAMES, CrossVocabTargets, VocabMap, topk_in_student_vocabulary
 from .data import MicroBatch
 from .distill import hidden_at_targets
@@ -42,6 +43,14 @@ class ModelSpec:
 
     def tokenizer(self):
         return tokenizer_or_error(self.path, "teacher_model", self.load.trust_remote_code)
+
+    def max_positions(self) -> int | None:
+        """The teacher's max_position_embeddings (None where its config has none): how many of its tokens a sample
+        may hold."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.load.trust_remote_code)
+        return getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 class ModelTeacher:
@@ -150,9 +159,10 @@ class CrossTokenizerTeacher(ModelTeacher):
             raise ConfigError(f"key cross_tokenizer: both tokenizers must be fast (tokenizer.json) to be aligned by "
                               f"bytes ({e})") from None
         self.shared = shared_vocabulary(student, teacher)
-        self.retokenize = TeacherTokenization(student, teacher, teacher_tokenizer)
+        self.retokenize = TeacherTokenization(student, teacher, teacher_tokenizer, spec.max_positions())
         self.vocab_size, self.teacher_vocab_size = len(tokenizer), len(teacher_tokenizer)
         self.aligned_share: float | None = None
+        self.left_out_shares: dict[str, float] = {}
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> CrossTokenizerTeacher:
@@ -166,19 +176,24 @@ class CrossTokenizerTeacher(ModelTeacher):
         return self._vocab_map
 
     def check(self, tokenizer, sources, env, samples: int = 1000) -> None:
-        """Counts, over the first source's first samples, the trained tokens that align one to one."""
-        trained = aligned = 0
-        for i in range(min(samples, len(sources[0]))):
-            sample = sources[0][i]
-            for target, position in zip(sample.targets, sample.teacher_positions):
-                trained += target != IGNORE_INDEX
-                aligned += target != IGNORE_INDEX and position >= 0
-        self.aligned_share = aligned / max(trained, 1)
+        """Counts, over up to `samples` samples spread evenly over each source, the trained tokens that align one
+        to one, and why the others do not (`cross_tokenizer.LEFT_OUT`)."""
+        positions = []
+        for source in sources:
+            for i in np.unique(np.linspace(0, len(source) - 1, num=min(samples, len(source))).astype(np.int64)):
+                sample = source[int(i)]
+                trained = np.asarray(sample.targets) != IGNORE_INDEX
+                positions.append(np.asarray(sample.teacher_positions)[trained])
+        positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+        trained = max(len(positions), 1)
+        self.aligned_share = float((positions >= 0).sum()) / trained
+        self.left_out_shares = {why: float((positions == code).sum()) / trained for code, why in LEFT_OUT.items()}
 
     def vocabulary_lines(self) -> list[str]:
-        return [f"cross-tokenizer: {self.shared.describe()}; {self.aligned_share:.1%} of the trained tokens of the "
-                f"first source's first samples align one to one with a teacher token (the rest get the CE term alone); "
-                f"KD = D over the shared tokens + {self.uld_weight:g}·ULD over {self.uld_topk} unshared"]
+        left_out = ", ".join(f"{why.replace('_', ' ')} {share:.1%}" for why, share in self.left_out_shares.items())
+        return [f"cross-tokenizer: {self.shared.describe()}; {self.aligned_share:.1%} of the trained tokens of a "
+                f"sample of every source align one to one with a teacher token (the rest get the CE term alone: "
+                f"{left_out}); KD = D over the shared tokens + {self.uld_weight:g}·ULD over {self.uld_topk} unshared"]
 
     def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
         return batch.teacher

@@ -89,7 +89,8 @@ def cache_key(path: str, split: str, max_samples: int | None, settings: TokenSet
            "tokenizer": tokenizer_fingerprint(tokenizer),
            "settings": dataclasses.asdict(settings)}
     if teacher is not None:
-        key["teacher_tokenizer"] = [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION, *teacher.rendering]
+        key["teacher_tokenizer"] = [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION, teacher.max_positions,
+                                    *teacher.rendering]
     return key
 
 

@@ -15,6 +15,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .cross_tokenizer import LEFT_OUT
 from .data import MicroBatch, host_values
 from .distill import run_student
 from .distributed import DistEnv, all_reduce_sum
@@ -132,17 +133,21 @@ class Trainer:
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         device, gen = self.env.device, work.generation
+        left_out = [sum(counts) for counts in zip(*(mb.left_out for mb in work.micro_batches))]
         counts = host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
                                len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, self.stop.flag,
-                               self.step_seconds + self.save_seconds], device)
+                               self.step_seconds + self.save_seconds, *left_out], device)
         totals = all_reduce_sum(torch.cat([work.on_policy_sums[SUMMED.index("kl")].reshape(1),
-                                           work.on_policy_sums[SUMMED.index("tokens")].reshape(1), counts,
+                                           work.on_policy_sums[SUMMED.index("kd_tokens")].reshape(1), counts,
                                            self.teacher.signalled(device)]))
-        metrics, (norm, peak, kl_on, tokens_on, real_tokens, *on, stops, seconds, teacher_stops) = self._reduce(
+        metrics, (norm, peak, kl_on, kd_tokens_on, real_tokens, *rest) = self._reduce(
             work.sums, [grad_norm, peak_memory(device), totals])
+        on, (stops, seconds), left_out, teacher_stops = rest[:5], rest[5:7], rest[7:-1], rest[-1]
         metrics.update(lr=lr, grad_norm=norm, peak_mem_gb=peak)
+        if self.teacher.retokenize is not None:  # across tokenizers: the trained tokens without a KD term, by why
+            metrics.update({f"kd_left_out_{why}": n for why, n in zip(LEFT_OUT.values(), left_out)})
         if self.on_policy is not None:
-            metrics.update(on_policy_metrics(metrics, kl_on, tokens_on, *on, world_size=self.env.world_size))
+            metrics.update(on_policy_metrics(metrics, kl_on, kd_tokens_on, *on, world_size=self.env.world_size))
         finite = math.isfinite(metrics["loss"]) and math.isfinite(norm)  # global values: every rank agrees
         if finite:
             self.optimizer.step()
@@ -156,10 +161,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.student.eval()
         sums = no_sums(self.env.device)
-        for batch in self._device_batches(self.data.eval_groups(self.cfg.micro_train_batch_size, self.env.rank,
-                                                                self.env.world_size)):
-            loss_sum, metrics = self._run_micro_batch(batch, self.spec)
-            sums += summed(loss_sum, metrics)
+        groups = self.data.eval_groups(self.cfg.micro_train_batch_size, self.env.rank, self.env.world_size)
+        ahead = self.data.sampler.accumulation  # begun at once, as a step's: not the whole eval set on the device
+        for start in range(0, len(groups), ahead):  # (nor sent to the teacher ranks) at once
+            for batch in self._device_batches(groups[start:start + ahead]):
+                loss_sum, metrics = self._run_micro_batch(batch, self.spec)
+                sums += summed(loss_sum, metrics)
         self.student.reshard_everything()
         reduced, _ = self._reduce(sums)
         return {"eval_" + ("ce_loss" if k == "ce" else k): v for k, v in reduced.items()}

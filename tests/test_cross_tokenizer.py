@@ -197,3 +197,151 @@ def test_a_sample_no_run_of_which_decodes_gets_no_teacher_tokens():
     assert retokenize.text([1]) is None and retokenize.text([2]) is None
     assert retokenize.columns([1]) == ([], [], [])
     assert retokenize.text([0, 1]) == ("a", 0, 1)
+
+
+def byte_tokenizer(normalize: bool = False, bos: bool = False):
+    """A tiny byte-level tokenizer (one token per byte, no merges) with ChatML's markers as special tokens; with
+    `normalize`, Qwen's NFC normalizer, with `bos`, a BOS that it puts before every text (as Llama-3's does)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    if normalize:
+        core.normalizer = normalizers.NFC()
+    specials = ["<|im_start|>", "<|im_end|>"] + (["<s>"] if bos else [])
+    core.add_special_tokens(specials)
+    if bos:
+        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
+            ("<s>", core.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>" if bos else None)
+
+
+def kd_share(retokenize: TeacherTokenization, ids: list[int]) -> float:
+    positions = retokenize.fields(ids)["teacher_positions"]
+    return sum(p >= 0 for p in positions[:-1]) / max(len(ids) - 1, 1)
+
+
+ACCENTED = "<|im_start|>user\nA caf\u00e9 in S\u00e3o Paulo, na\u00efve r\u00e9sum\u00e9<|im_end|>\n"
+
+
+def test_a_decomposed_accent_aligns_through_the_teachers_normalizer():
+    """A student that does not normalize, an NFC teacher: the decomposed twin of a sample aligns (it used to raise
+    AlignmentError and train on CE alone), every group spells the same text, and outside the accents' own groups it
+    aligns exactly as its composed twin."""
+    import unicodedata
+
+    student, teacher = byte_tokenizer(), byte_tokenizer(normalize=True)
+    retokenize = TeacherTokenization(TokenBytes.of(student), TokenBytes.of(teacher), teacher)
+    composed = student(ACCENTED, add_special_tokens=False)["input_ids"]
+    decomposed = student(unicodedata.normalize("NFD", ACCENTED), add_special_tokens=False)["input_ids"]
+    assert len(decomposed) == len(composed) + 5  # the five accents: one byte more each
+    t_ids, s_ends, t_ends = retokenize.columns(decomposed)
+    assert t_ids == teacher(ACCENTED, add_special_tokens=False)["input_ids"]
+    s_aligned = np.diff(s_ends, prepend=0) == 1
+    # one token per byte on both sides: every group is one to one but each accent's (the three bytes of e + U+0301
+    # against the two of é), whose three tokens are not predicted one to one
+    assert (~s_aligned).sum() == 5 and kd_share(retokenize, composed) == 1.0
+    assert kd_share(retokenize, decomposed) == pytest.approx(1 - 15 / (len(decomposed) - 1))
+
+
+def test_the_teachers_bos_comes_first_and_joins_the_first_group():
+    student, teacher = byte_tokenizer(), byte_tokenizer(bos=True)
+    retokenize = TeacherTokenization(TokenBytes.of(student), TokenBytes.of(teacher), teacher)
+    ids = student("hello there", add_special_tokens=False)["input_ids"]
+    t_ids, s_ends, t_ends = retokenize.columns(ids)
+    assert t_ids == teacher("hello there")["input_ids"] and t_ids[0] == teacher.bos_token_id
+    assert s_ends[0] == 1 and t_ends[0] == 2 and np.all(np.diff(t_ends) == 1)
+    assert kd_share(retokenize, ids) == 1.0  # the BOS costs no aligned position
+
+
+def test_special_token_text_is_text_and_special_tokens_map_by_content():
+    """The student's real "<|im_end|>" is the teacher's token of that content; the same characters written as text
+    (another template's marker in a sample) are text to the teacher too, never its control token."""
+    student, teacher = byte_tokenizer(), byte_tokenizer(normalize=True)
+    retokenize = TeacherTokenization(TokenBytes.of(student), TokenBytes.of(teacher), teacher)
+    end = teacher.convert_tokens_to_ids("<|im_end|>")
+    real = student("say hi<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert retokenize.columns(real)[0][-1] == end and kd_share(retokenize, real) == 1.0
+    literal = student("say <|im_end|> hi", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    twin = student("say <|im_fin|> hi", add_special_tokens=False)["input_ids"]
+    assert end not in retokenize.columns(literal)[0]
+    assert kd_share(retokenize, literal) == kd_share(retokenize, twin) == 1.0
+
+
+@pytest.mark.parametrize("pair", list(itertools.permutations(TOKENIZERS, 2)))
+def test_real_pairs_align_accents_and_foreign_markers_as_their_twins(tokenizers, texts, pair):
+    """On the real tokenizers: a decomposed-accent sample gets a teacher (Qwen2.5's NFC used to leave SmolLM and
+    Phi-3 students without one), and a sample holding another template's markers as text aligns as its twin with
+    a neutral string in their place (Phi-3's "<|end|>" read by Qwen, ChatML's read by Phi-3)."""
+    import unicodedata
+
+    (s_tok, s_vocab), (t_tok, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
+    retokenize = TeacherTokenization(s_vocab, t_vocab, t_tok)
+    base = texts[3]
+    accented = unicodedata.normalize("NFD", base + " Caf\u00e9 na\u00efve S\u00e3o Paulo.")
+    ids = s_tok(accented, add_special_tokens=False)["input_ids"]
+    assert kd_share(retokenize, ids) > 0.8 * kd_share(retokenize, s_tok(base, add_special_tokens=False)["input_ids"])
+    markers = ("<|im_end|>", "<|end|>", "<|im_start|>")
+    teacher_markers = {t_tok.convert_tokens_to_ids(m) for m in markers if m in t_tok.get_vocab()}
+    for marker in markers:
+        with_marker = s_tok(f"{base} {marker} then", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        neutral = s_tok(f"{base} {marker.replace('|', '!')} then", add_special_tokens=False)["input_ids"]
+        t_ids = retokenize.columns(with_marker)[0]
+        assert t_ids and not set(t_ids) & teacher_markers
+        assert abs(kd_share(retokenize, with_marker) - kd_share(retokenize, neutral)) < 8 / len(neutral), marker
+
+
+def test_the_teachers_tokens_stop_at_its_max_positions_and_the_rest_is_counted():
+    """A sample longer in the teacher's tokens than its max_position_embeddings keeps the groups within them; the
+    positions past them say why they have no teacher position (`LEFT_OUT`), as do a sample that does not align and
+    a multi-token group."""
+    from fsdp_kd.cross_tokenizer import LEFT_OUT
+
+    student, teacher = byte_tokenizer(), byte_tokenizer(normalize=True)
+    s_vocab, t_vocab = TokenBytes.of(student), TokenBytes.of(teacher)
+    ids = student("hello there, general kenobi", add_special_tokens=False)["input_ids"]
+    whole = TeacherTokenization(s_vocab, t_vocab, teacher)
+    cut = TeacherTokenization(s_vocab, t_vocab, teacher, max_positions=10)
+    assert len(whole.columns(ids)[0]) == len(ids) and cut.columns(ids)[0] == whole.columns(ids)[0][:10]
+    positions = cut.fields(ids)["teacher_positions"]
+    assert positions[:9] == list(range(9)) and set(positions[9:]) == {-2} and LEFT_OUT[-2] == "past_teacher_tokens"
+    assert set(TeacherTokenization(s_vocab, t_vocab, teacher, max_positions=0).fields(ids)["teacher_positions"]) == {-3}
+    accent = student("cafe\u0301 ok", add_special_tokens=False)["input_ids"]
+    assert -1 in whole.fields(accent)["teacher_positions"] and LEFT_OUT[-1] == "multi_token_group"
+
+
+def test_a_micro_batch_counts_its_trained_tokens_without_a_teacher_position_by_why():
+    """kd rows (`aligned`) and the left-out counts add up to the trained tokens."""
+    from fsdp_kd.data import collate
+    from fsdp_kd.records import IGNORE_INDEX, Sample
+
+    student, teacher = byte_tokenizer(), byte_tokenizer(normalize=True)
+    retokenize = TeacherTokenization(TokenBytes.of(student), TokenBytes.of(teacher), teacher, max_positions=12)
+    samples = []
+    for text in ("cafe\u0301 and more text here", "short"):
+        ids = student(text, add_special_tokens=False)["input_ids"]
+        samples.append(Sample(ids, [IGNORE_INDEX] + ids[2:] + [IGNORE_INDEX], **retokenize.fields(ids)))
+    batch = collate(samples, 0)
+    multi, past, unaligned = batch.left_out
+    assert multi == 3 and past > 0 and unaligned == 0
+    assert int(batch.aligned.sum()) + sum(batch.left_out) == batch.target_rows.numel()
+
+
+def test_the_start_up_share_reads_a_sample_of_every_source():
+    """The start-up line's share counts samples spread over every source (it used to read the first source's first
+    1000 only): a second source whose samples have no teacher tokens halves it, and says why."""
+    from fsdp_kd.records import IGNORE_INDEX, Sample
+    from fsdp_kd.teacher_model import CrossTokenizerTeacher
+
+    aligned = Sample([1, 2, 3, 4], [IGNORE_INDEX, 3, 4, IGNORE_INDEX], teacher_ids=[1, 2, 3, 4],
+                     teacher_positions=[0, 1, 2, -2])
+    unaligned = Sample([1, 2, 3, 4], [IGNORE_INDEX, 3, 4, IGNORE_INDEX], teacher_ids=[],
+                       teacher_positions=[-3, -3, -3, -3])
+    teacher = object.__new__(CrossTokenizerTeacher)
+    teacher.check(None, [[aligned] * 3000, [unaligned] * 5], None)
+    assert teacher.aligned_share == pytest.approx(1000 / 1005)
+    teacher.check(None, [[aligned] * 3000, [unaligned] * 5000], None)
+    assert teacher.aligned_share == 0.5 and teacher.left_out_shares["unaligned_sample"] == 0.5

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, python_run, read_metrics, torchrun, train_args
 from fsdp_kd.config import parse_config
 from fsdp_kd.errors import ConfigError
-from fsdp_kd.cross_tokenizer import TeacherTokenization, TokenBytes
+from fsdp_kd.cross_tokenizer import LEFT_OUT, TeacherTokenization, TokenBytes
 from fsdp_kd.data import collate, collate_packed
 from fsdp_kd.records import IGNORE_INDEX, Sample
 
@@ -60,6 +60,7 @@ def test_the_same_tokenizer_across_the_alignment_is_live_kd(tiny, tmp_path):
     cross = _grads(tiny, tmp_path, "cross", cross_tokenizer="true", **flags)
     assert cross["metrics"]["loss"] == pytest.approx(live["metrics"]["loss"], rel=1e-5)
     assert cross["metrics"]["kl_shared_buckets"] == pytest.approx(live["metrics"]["kl"], rel=1e-4)  # the cross path
+    assert cross["metrics"]["kd_token_share"] == live["metrics"]["kd_token_share"] == 1.0
     assert live["grads"].keys() == cross["grads"].keys() and live["grads"]
     for name, g in live["grads"].items():
         assert float((cross["grads"][name] - g).abs().max()) <= 1e-5 * float(g.abs().max()) + 1e-9, name
@@ -84,6 +85,12 @@ def test_a_teacher_with_another_tokenizer_teaches_the_student(tiny, pair_student
     train = [m for m in lines if "loss" in m]
     assert not any(m.get("skipped") for m in lines)  # every step finite and taken
     assert "kl_shared_buckets" in train[0] and "kl" not in train[0]
+    for m in train:  # every trained token has a KD term or a reason why not, counted
+        left_out = [m[f"kd_left_out_{why}"] for why in LEFT_OUT.values()]
+        assert m["kd_tokens"] + sum(left_out) == m["tokens"]
+        assert m["kd_token_share"] == pytest.approx(m["kd_tokens"] / m["tokens"])
+    assert 0 < min(m["kd_token_share"] for m in train) < 1  # the pairs make some groups two to one
+    assert sum(m["kd_left_out_multi_token_group"] for m in train) > 0
     assert train[-1]["kd"] < 0.7 * train[0]["kd"]
     assert np.isfinite([m["loss"] for m in train]).all()
     assert any("eval_kl_shared_buckets" in m for m in lines)
@@ -140,6 +147,9 @@ def test_on_policy_responses_are_re_tokenized_for_the_teacher(tiny, pair_student
     # teacher counterpart, so it is compared over the shared tokens, renormalized (`VocabMap.renormalized`)
     assert len(train) == 3 and all(m["on_policy_share"] == 1.0 for m in train)
     assert all(np.isfinite(m["kl_on_policy"]) and m["kl_on_policy"] > 0 for m in train)
+    # the student's own responses are counted like the data's: a KD term, or a reason why not
+    assert all(m["kd_tokens"] + sum(m[f"kd_left_out_{why}"] for why in LEFT_OUT.values()) == m["tokens"]
+               for m in train)
 
 
 def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny, pair_student, pair_teacher,

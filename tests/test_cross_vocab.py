@@ -200,3 +200,50 @@ def test_a_cached_row_without_a_teacher_has_a_finite_gradient_when_its_ids_cover
                            SparseTargets(ids, log_p, log_rest, kd_rows=kd_rows))
     assert torch.isfinite(loss)
     assert all(torch.isfinite(grad).all() for grad in torch.autograd.grad(loss, (h_s, w_s)))
+
+
+def test_aligned_metrics_are_means_over_the_aligned_rows():
+    """A student equal to its teacher (same vocabulary, same hidden states) with 2/3 of its rows aligned: the KD
+    metrics read as over the aligned rows (top-1 agreement 1, KL 0), the aligned count is logged, and
+    kd_token_share is the aligned share; CE stays per trained token."""
+    from fsdp_kd.step_metrics import reduce_sums, summed
+    from fsdp_kd.cross_vocab import ALIGNED_METRIC_NAMES
+
+    h_s, w_s, _, _, labels, _, _, _ = inputs(4)
+    aligned = (torch.arange(N) % 3 != 1).float()
+    identity = torch.arange(VS)
+    with torch.no_grad():
+        loss, metrics = kernel_loss(LossSpec(kd_coef=0.5, vocab_chunk=13, token_chunk=6), h_s, w_s, h_s, w_s,
+                                    labels, labels, identity, identity, aligned=aligned)
+    out, _ = reduce_sums(summed(loss, metrics), ALIGNED_METRIC_NAMES)
+    assert out["top1_agreement_aligned"] == 1.0
+    assert abs(out["kl_shared_buckets"]) < 1e-6
+    assert out["kd_tokens"] == float(aligned.sum()) and out["tokens"] == N
+    assert out["kd_token_share"] == pytest.approx(float(aligned.sum()) / N)
+    assert out["ce"] == pytest.approx(float(metrics["ce"]) / N)
+
+
+def test_kd_token_share_is_one_for_a_live_teacher_and_zero_without_one():
+    from fsdp_kd.step_metrics import reduce_sums, summed
+    from fsdp_kd.targets import NO_TEACHER
+
+    h_s, w_s, h_t, w_t, labels, _, _, _ = inputs(5, vt=VS)
+    spec = LossSpec(kd_coef=0.5, vocab_chunk=13, token_chunk=6)
+    with torch.no_grad():
+        live = reduce_sums(summed(*loss_against(h_s, w_s, labels, spec, VS, LiveTargets(h_t, Head(w_t)))), {})[0]
+        none = reduce_sums(summed(*loss_against(h_s, w_s, labels, spec, VS, NO_TEACHER)), {})[0]
+    assert live["kd_token_share"] == 1.0 and live["kd_tokens"] == N
+    assert none["kd_token_share"] == 0.0 and none["kd_tokens"] == 0.0
+
+
+def test_akl_with_nothing_shared_is_the_rest_buckets_and_uld_alone():
+    """AKL's head over no shared token is empty (it used to raise IndexError): the kernel equals the dense
+    reference, ULD alone teaching."""
+    h_s, w_s, h_t, w_t, labels, t_labels, _, _ = inputs(2)
+    none = torch.zeros(0, dtype=torch.long)
+    spec = LossSpec(kd_coef=1.0, divergence="akl", vocab_chunk=13, token_chunk=6)
+    loss, _ = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, none, none, uld_weight=1.0)
+    ref_loss, _ = dense_cross_vocab_loss(h_s, w_s, labels, spec, VS, h_t, w_t, VT, none, none, 1.0, 7)
+    assert_close(loss.detach(), ref_loss.detach())
+    for g, r in zip(torch.autograd.grad(loss, (h_s, w_s)), torch.autograd.grad(ref_loss, (h_s, w_s))):
+        assert_close(g, r)

@@ -287,3 +287,39 @@ def test_a_tempered_caches_teacher_ce_says_so(tmp_path):
     for temperature, name in ((1.0, "teacher_ce_buckets"), (2.0, "teacher_ce_buckets_at_kd_temperature")):
         cached = _reader(tmp_path, dataclasses.replace(meta, temperature=temperature))
         assert cached.metric_names["teacher_ce"] == name
+
+
+def test_a_hidden_state_cache_fits_any_kd_temperature_and_a_top_k_cache_only_its_own(tiny):
+    """Hidden states do not depend on the temperature (the loss applies it to the logits it computes from them), so
+    a hidden-state cache is not refused at another kd_temperature; a top-k cache holds p at its build's τ, and is."""
+    from transformers import AutoTokenizer
+
+    from fsdp_kd.errors import ConfigError
+    from fsdp_kd.teacher_cache import CacheMeta, CacheRun, check_cache_fits
+    from fsdp_kd.tokenized import tokenizer_fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["tok"])
+    run = CacheRun("/cache", None, "pretrain", 2.0, "forward_kl", {})
+    for mode, refused in (("hidden", False), ("topk", True)):
+        meta = CacheMeta(mode=mode, slots=3, temperature=1.0, vocab_size=V, log_p_dtype="float32",
+                         tokenizer=tokenizer_fingerprint(tokenizer), sources=[], settings={}, teacher="t",
+                         samples_per_chunk=1, complete=True)
+        if refused:
+            with pytest.raises(ConfigError, match="kd_temperature 1, this run has 2"):
+                check_cache_fits(meta, run, tokenizer, [])
+        else:
+            check_cache_fits(meta, run, tokenizer, [])
+
+
+def test_a_top_k_cache_across_tokenizers_names_its_kl_a_lower_bound_below_the_teachers_vocabulary():
+    """Its teacher's shared tokens past the top k are in the rest bucket: coarser buckets, so a KL at most the live
+    run's kl_shared_buckets; only at k = V_t is it the same quantity, under the same name."""
+    from fsdp_kd.teacher_cache import CACHE_MODES, CacheMeta
+
+    def kl_name(slots):
+        meta = CacheMeta(mode="topk", slots=slots, temperature=1.0, vocab_size=V, log_p_dtype="float32",
+                         tokenizer="t", sources=[], settings={}, teacher="t", samples_per_chunk=1,
+                         teacher_tokenizer="teacher", teacher_vocab_size=50)
+        return CACHE_MODES["topk"].metric_names(meta)["kl"]
+
+    assert kl_name(50) == "kl_shared_buckets" and kl_name(8) == "kl_shared_buckets_lower_bound"

@@ -226,3 +226,30 @@ def test_each_side_has_one_rank_that_downloads_per_node(rank, hosts, first):
     split = Split([0, 1], [2, 3], hosts, None, None)
     env = DistEnv(0, rank, 2, torch.device("cpu"), None, global_rank=rank, split=split)
     assert env.first_on_host is first
+
+
+def test_an_evaluation_begins_a_steps_worth_of_micro_batches_at_a_time():
+    """`Trainer.evaluate` hands the teacher (on ranks of its own: `RemoteTeacher.begin` sends them all at once) and
+    the device as many micro-batches at a time as a training step does, not the whole eval set."""
+    import types
+
+    from fsdp_kd.data import collate
+    from fsdp_kd.records import Sample
+    from fsdp_kd.step_metrics import SUMMED
+    from fsdp_kd.trainer import Trainer
+
+    begun = []
+    trainer = object.__new__(Trainer)
+    groups = [[Sample([1, 2, 3], [-100, 3, 4])] for _ in range(7)]
+    trainer.cfg = types.SimpleNamespace(micro_train_batch_size=1)
+    trainer.env = types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    trainer.data = types.SimpleNamespace(eval_groups=lambda *args: groups, collate=lambda s: collate(s, 0),
+                                         sampler=types.SimpleNamespace(accumulation=3))
+    trainer.teacher = types.SimpleNamespace(begin=lambda batches: begun.append(len(batches)), metric_names={})
+    trainer.student = types.SimpleNamespace(eval=lambda: None, reshard_everything=lambda: None)
+    trainer.spec = None
+    trainer._run_micro_batch = lambda batch, spec: (torch.zeros(()), {name: torch.zeros((), dtype=torch.float64)
+                                                                      for name in SUMMED[1:]})
+    trainer.evaluate()
+    assert begun == [3, 3, 1]
+

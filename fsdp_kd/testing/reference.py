@@ -203,7 +203,8 @@ def _akl(log_p: torch.Tensor, log_q: torch.Tensor, rankable: torch.Tensor, mu: f
     head_sorted[:, 0] = True
     head = torch.zeros_like(head_sorted).scatter(1, order, head_sorted) & rankable
     gap = (log_p.exp() - log_q.exp()).abs().detach()
-    share = torch.where(head, gap, 0.0).sum(-1) / gap.sum(-1)
+    total = gap.sum(-1)  # 0 where the two agree (both KLs 0 there): the share is then 0, not 0/0
+    share = torch.where(total > 0, torch.where(head, gap, 0.0).sum(-1) / total.clamp_min(1e-30), 0.0)
     return share * _kl(log_p, log_q) + (1 - share) * _kl(log_q, log_p)
 
 
