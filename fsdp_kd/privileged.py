@@ -83,7 +83,7 @@ class PrivilegedTokenization:
     stores (`tokenized.TEACHER_COLUMNS`); `tokenizer` is the run's, which renders both views."""
     context: TeacherContext
     tokenizer: object
-    max_positions = None  # the student's own model reads these rows: no cut beyond the student's max_len
+    max_positions = None  # not cut at the teacher's max_position_embeddings (its rows are the sample's and the context)
 
     @property
     def rendering(self) -> tuple:

@@ -16,7 +16,7 @@ from fsdp_kd.config import parse_config
 from fsdp_kd.cross_tokenizer import teacher_fields
 from fsdp_kd.errors import ConfigError
 from fsdp_kd.privileged import CONTEXT_SEPARATOR, PrivilegedTokenization, TeacherContext
-from fsdp_kd.records import IGNORE_INDEX, DataError, Sample, TokenSettings, record_to_sample
+from fsdp_kd.records import IGNORE_INDEX, Sample, TokenSettings, record_to_sample
 
 TRAIN = str(REPO / "train.py")
 WORKER = str(REPO / "tests" / "dist_worker.py")
