@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
-ALIGNMENT_VERSION = 2  # bump when what `TeacherTokenization.columns` stores changes: the tokenized data's key holds it
+ALIGNMENT_VERSION = 3  # bump when what `TeacherTokenization.columns` stores changes: the tokenized data's key holds it
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
 
@@ -159,6 +159,18 @@ class Alignment:
         out[i[keep] - 1] = j[keep] - 1
         return out
 
+    def spans(self, opaque=()) -> np.ndarray:
+        """[k, 4]: per group of several tokens on a side, the student positions [s0, s1) and teacher positions
+        [t0, t1) that predict its tokens (position p predicts token p + 1), so that each side's probability of the
+        group's text is the product of its probabilities there (the span term, `cross_vocab`). Left out: one-to-one
+        groups (the bucket term teaches them), a group whose first token on either side has no position before it,
+        and the groups listed in `opaque` (a special token on a side: not text the other side can spell)."""
+        s_start, t_start = (np.concatenate([[0], ends[:-1]]) for ends in (self.student_ends, self.teacher_ends))
+        taught = ~self.one_to_one() & (s_start >= 1) & (t_start >= 1)
+        taught &= (self.student_ends > s_start) & (self.teacher_ends > t_start)
+        taught[np.asarray(opaque, dtype=np.int64)] = False
+        return np.stack([s_start, self.student_ends, t_start, self.teacher_ends], 1)[taught] - 1
+
 
 class AlignmentError(ValueError):
     """A tokenizer's tokens do not spell the text (its normalizer changed it), so bytes cannot be matched."""
@@ -191,6 +203,22 @@ def align(student_ids: list[int], teacher_ids: list[int], student: TokenBytes, t
     s_group, t_group = np.searchsorted(cuts, s_ends), np.searchsorted(cuts, t_ends)
     return Alignment(np.searchsorted(s_group, np.arange(len(cuts)), side="right"),
                      np.searchsorted(t_group, np.arange(len(cuts)), side="right"))
+
+
+def special_groups(groups: Alignment, student_ids, teacher_ids, student: TokenBytes, teacher: TokenBytes) -> list[int]:
+    """The groups holding a special or added token on either side (a control token such as "<|end|>", whose
+    content the other side may only spell as text): the span term leaves them out, since the two sides' tokens are
+    not the same event there. A byte-fallback token ("<0x0A>", which `TokenBytes` also marks not regular) is text."""
+    def special(vocab: TokenBytes, ids) -> np.ndarray:
+        fallback = vocab.kind == "sentencepiece"
+        return np.fromiter((not vocab.regular[i] and not (fallback and len(vocab.spelled[i]) == 1) for i in ids),
+                           dtype=bool, count=len(ids))
+
+    found = set()
+    for ends, ids, vocab in ((groups.student_ends, student_ids, student), (groups.teacher_ends, teacher_ids, teacher)):
+        at = np.flatnonzero(special(vocab, ids))
+        found.update(np.searchsorted(ends, at, side="right").tolist())
+    return sorted(g for g in found if g < groups.groups)
 
 
 def normalized(text: str, *vocabularies: TokenBytes) -> str:
@@ -241,23 +269,26 @@ class TeacherTokenization:
         not in the tokenized data (an on-policy response, re-tokenized at step time)."""
         return teacher_fields(*self.columns(input_ids), len(input_ids))
 
-    def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
-        """(teacher ids, student group ends, teacher group ends) of one sample; three empty lists when the two
-        tokenizations cannot be aligned (a normalizer that changes the text). Tokens cut from a character at either
-        end are left out of the groups, so their positions get no teacher."""
+    def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(teacher ids, student group ends, teacher group ends, special groups) of one sample; empty lists when the
+        two tokenizations cannot be aligned (a normalizer that changes the text). Tokens cut from a character at
+        either end are left out of the groups, so their positions get no teacher."""
         run = self.text(input_ids)
         if run is None:
-            return [], [], []
+            return [], [], [], []
         text, a, b = run
         teacher_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         try:
             groups = align(input_ids[a:b], teacher_ids, self.student, self.teacher, text)
         except AlignmentError:
-            return [], [], []
-        return list(teacher_ids), (groups.student_ends + a).tolist(), groups.teacher_ends.tolist()
+            return [], [], [], []
+        special = special_groups(groups, input_ids[a:b], teacher_ids, self.student, self.teacher)
+        return list(teacher_ids), (groups.student_ends + a).tolist(), groups.teacher_ends.tolist(), special
 
 
-def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, length: int) -> dict[str, list[int]]:
-    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`) from its stored columns."""
+def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, special, length: int) -> dict[str, list]:
+    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`, `teacher_spans`) from its stored
+    columns."""
     groups = Alignment(np.asarray(student_ends, dtype=np.int64), np.asarray(teacher_ends, dtype=np.int64))
-    return {"teacher_ids": list(teacher_ids), "teacher_positions": groups.teacher_positions(length).tolist()}
+    return {"teacher_ids": list(teacher_ids), "teacher_positions": groups.teacher_positions(length).tolist(),
+            "teacher_spans": [tuple(span) for span in groups.spans(special).tolist()]}

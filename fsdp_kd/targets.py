@@ -40,6 +40,11 @@ class Targets(ABC):
     def check_divergence(self, name: str, divergence: Divergence) -> None:
         """Raises ValueError when these targets cannot give what the divergence is taken over."""
 
+    def row_blocks(self, n: int, block_rows: int) -> list[slice]:
+        """The token blocks over the call's n rows, `block_rows` each but the last: targets whose term spans rows
+        (a group of several tokens) cut them elsewhere."""
+        return [slice(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
+
     @abstractmethod
     def block(self, plan: KernelPlan, student: ModelBlock, labels: torch.Tensor, rows: slice,
               grads: Gradients | None) -> torch.Tensor:

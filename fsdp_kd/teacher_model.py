@@ -178,17 +178,19 @@ class CrossTokenizerTeacher(ModelTeacher):
     @contextmanager
     def targets_from(self, hidden: torch.Tensor, batch: MicroBatch, gathered_head):
         """Its hidden states and next tokens at the positions aligned with the student's target rows, and which rows
-        have one (`aligned`)."""
+        have one (`aligned`), then at the positions predicting its tokens of each group of several (`spans`)."""
         with gathered_head() as head:
             yield CrossVocabTargets(hidden, head, batch.teacher.target_ids, self.vocab_map(hidden.device),
-                                    self.uld_weight, self.uld_topk, batch.aligned)
+                                    self.uld_weight, self.uld_topk, batch.aligned, batch.spans)
 
     def in_loss_vocabulary(self, topk: tuple[torch.Tensor, ...], batch: MicroBatch) -> tuple[torch.Tensor, ...]:
         """The teacher's top-k rows (its vocabulary) as a cache of the student's vocabulary stores them (a micro-batch
-        of masked copies alone has no rows, and `teacher_rows` no columns)."""
+        of masked copies alone has no rows, and `teacher_rows` no columns): those aligned with the student's rows,
+        without the span rows after them, which a cache does not keep."""
         if not topk:
             return topk
-        return topk_in_student_vocabulary(*topk, batch.aligned, self.vocab_map(topk[0].device))
+        rows = batch.aligned.shape[0]
+        return topk_in_student_vocabulary(*(x[:rows] for x in topk), batch.aligned, self.vocab_map(topk[0].device))
 
 
 MODEL_TEACHERS = {"live": LiveTeacher, "cross_tokenizer": CrossTokenizerTeacher}
