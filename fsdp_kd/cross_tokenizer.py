@@ -165,7 +165,7 @@ class Alignment:
         group's text is the product of its probabilities there (the span term, `cross_vocab`). Left out: one-to-one
         groups (the bucket term teaches them), a group whose first token on either side has no position before it,
         and the groups listed in `opaque` (a special token on a side: not text the other side can spell)."""
-        s_start, t_start = (np.concatenate([[0], ends[:-1]]) for ends in (self.student_ends, self.teacher_ends))
+        s_start, t_start = (np.concatenate([[0], ends])[:-1] for ends in (self.student_ends, self.teacher_ends))
         taught = ~self.one_to_one() & (s_start >= 1) & (t_start >= 1)
         taught &= (self.student_ends > s_start) & (self.teacher_ends > t_start)
         taught[np.asarray(opaque, dtype=np.int64)] = False

@@ -184,7 +184,7 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     t_chunks = vocab_chunks(vmap.teacher_size, plan.chunks[0][1] - plan.chunks[0][0])
     pass1_logits(student, plan.chunks, labels, inv_tau)
     pass1_logits(teacher, t_chunks, teacher_labels, inv_tau)
-    term = None if span is None else student_span_term(plan, student, labels, *span)
+    term = None if span is None else student_span_term(plan, student, labels, *span, targets.span_weight)
     s_cols, t_cols = vmap.columns("student", plan.chunks), vmap.columns("teacher", t_chunks)
     q = side_mass(student, plan.chunks, s_cols, vmap.shared, targets.uld_topk, inv_tau)
     p = side_mass(teacher, t_chunks, t_cols, vmap.shared, targets.uld_topk, inv_tau)
@@ -252,6 +252,7 @@ class CrossVocabTargets(Targets):
     uld_topk: int = 64
     aligned: torch.Tensor | None = None  # [N] 0.0 where a row has no aligned teacher token (None: every row has)
     spans: Spans | None = None
+    span_weight: float = 1.0  # the span term's weight
     weight: torch.Tensor = field(init=False)
     rows: int = field(init=False)  # N: the teacher's rows aligned with the call's, before its span rows
 

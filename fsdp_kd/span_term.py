@@ -108,10 +108,10 @@ class SpanTerm:
         return self.w_label.new_zeros(rows).index_add_(0, self.rows, self.w_label * kd_scale)
 
 
-def student_span_term(plan: KernelPlan, student: ModelBlock, labels: torch.Tensor, span, teacher: SpanMass
-                      ) -> SpanTerm:
+def student_span_term(plan: KernelPlan, student: ModelBlock, labels: torch.Tensor, span, teacher: SpanMass,
+                      weight: float) -> SpanTerm:
     """The span term of a block whose student pass 1 has run, against the teacher's `SpanMass` of its groups
-    (`span`: the block's `data.SpanBlock`)."""
+    (`span`: the block's `data.SpanBlock`), `weight` times D."""
     rows, inv_tau = span.rows, plan.inv_tau
     lse = student.lse[rows]
     log_rest, places = label_rest([z.index_select(0, rows) for z in student.logits], lse, labels[rows], plan.chunks,
@@ -121,6 +121,8 @@ def student_span_term(plan: KernelPlan, student: ModelBlock, labels: torch.Tenso
     b = buckets_from_logs(torch.stack([teacher.log_span, teacher.log_rest], 1),
                           torch.stack([q.log_span, q.log_rest], 1))
     value, w = plan.divergence.on_buckets(b, plan.param)
+    if weight != 1.0:
+        value, w = value * weight, w * weight
     log_complement = torch.where(q.log_rest > -math.inf, q.log_rest, 0.0)  # a row of -inf only: no share anywhere
     share = (q.first_miss - log_complement[:, None]).exp()
     after = share.flip(1).cumsum(1).flip(1) - share  # Σ_{i'>i} π_i'

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -132,9 +133,9 @@ class CrossTokenizerTeacher(ModelTeacher):
     metric_names = ALIGNED_METRIC_NAMES
     own_tokenizer = ", its own tokenizer"
 
-    def __init__(self, spec: ModelSpec, tokenizer, uld_weight: float, uld_topk: int):
+    def __init__(self, spec: ModelSpec, tokenizer, uld_weight: float, uld_topk: int, span_weight: float = 1.0):
         super().__init__(spec, None)
-        self.uld_weight, self.uld_topk, self._vocab_map = uld_weight, uld_topk, None
+        self.uld_weight, self.uld_topk, self.span_weight, self._vocab_map = uld_weight, uld_topk, span_weight, None
         teacher_tokenizer = spec.tokenizer()
         try:
             student, teacher = TokenBytes.of(tokenizer), TokenBytes.of(teacher_tokenizer)
@@ -148,7 +149,7 @@ class CrossTokenizerTeacher(ModelTeacher):
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> CrossTokenizerTeacher:
-        return cls(ModelSpec.of(cfg), tokenizer, cfg.uld_weight, cfg.uld_topk)
+        return cls(ModelSpec.of(cfg), tokenizer, cfg.uld_weight, cfg.uld_topk, cfg.span_weight)
 
     def vocab_map(self, device: torch.device) -> VocabMap:
         if self._vocab_map is None:  # once per run; its chunk layouts are found once per block shape
@@ -173,7 +174,12 @@ class CrossTokenizerTeacher(ModelTeacher):
                 f"KD = D over the shared tokens + {self.uld_weight:g}·ULD over {self.uld_topk} unshared"]
 
     def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
-        return batch.teacher
+        """Its tokens of the batch, with the span rows after the aligned ones only when the span term is on."""
+        if self.span_weight > 0 or batch.spans is None:
+            return batch.teacher
+        rows = batch.aligned.shape[0]
+        return dataclasses.replace(batch.teacher, target_rows=batch.teacher.target_rows[:rows],
+                                   target_ids=batch.teacher.target_ids[:rows])
 
     @contextmanager
     def targets_from(self, hidden: torch.Tensor, batch: MicroBatch, gathered_head):
@@ -181,7 +187,8 @@ class CrossTokenizerTeacher(ModelTeacher):
         have one (`aligned`), then at the positions predicting its tokens of each group of several (`spans`)."""
         with gathered_head() as head:
             yield CrossVocabTargets(hidden, head, batch.teacher.target_ids, self.vocab_map(hidden.device),
-                                    self.uld_weight, self.uld_topk, batch.aligned, batch.spans)
+                                    self.uld_weight, self.uld_topk, batch.aligned,
+                                    batch.spans if self.span_weight > 0 else None, self.span_weight)
 
     def in_loss_vocabulary(self, topk: tuple[torch.Tensor, ...], batch: MicroBatch) -> tuple[torch.Tensor, ...]:
         """The teacher's top-k rows (its vocabulary) as a cache of the student's vocabulary stores them (a micro-batch

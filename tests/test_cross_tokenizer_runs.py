@@ -151,7 +151,7 @@ def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny
     eval_path = tmp_path / "eval3.jsonl"
     eval_path.write_text("".join(open(tiny["eval"]).readlines()[:3]))
     common = dict(pretrain=pair_student, teacher_model=pair_teacher, cross_tokenizer="true", uld_weight=0.0,
-                  train_batch_size=6,
+                  span_weight=0.0, train_batch_size=6,
                   micro_train_batch_size=1, max_steps=3, eval_dataset=str(eval_path), eval_steps=3, kd_coef=0.8,
                   kd_loss="reverse_kl")
     cache = tmp_path / "cache"
