@@ -263,7 +263,7 @@ def test_the_span_term_is_what_the_groups_add():
     _, with_spans = kernel_loss(spec, *args, aligned=aligned, spans=spans)
     h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids = args
     _, without = kernel_loss(spec, h_s, w_s, h_t[:N], w_t, labels, t_labels[:N], s_ids, t_ids, aligned=aligned)
-    span_kd = float(dense_span_kd(h_s, w_s, labels, spec, VS, h_t, w_t, t_labels, VT, groups))
+    span_kd = float(dense_span_kd(h_s, w_s, labels, spec, VS, h_t, w_t, t_labels, VT, groups).detach())
     assert span_kd > 0.1
     assert math.isclose(float(with_spans["kd"]) - float(without["kd"]), span_kd, rel_tol=1e-5)
     for name in ("ce", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce"):
