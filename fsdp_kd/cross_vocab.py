@@ -1,5 +1,6 @@
 """A teacher with another vocabulary, as one more `targets.Targets` entry: the loss at positions where the two
-tokenizations align one token to one token (`cross_tokenizer.align`).
+tokenizations align one token to one token (`cross_tokenizer.align`), and at groups of several tokens on a side
+the span term (`span_term`: each model's chain-rule probability of the group's text), folded into the same passes.
 
 At such a position the teacher's p is over its vocabulary V_t and the student's q over V_s. The two are compared in
 two parts (docs/cross_tokenizer.md has the formulas with every term defined):

@@ -170,8 +170,9 @@ class CrossTokenizerTeacher(ModelTeacher):
 
     def vocabulary_lines(self) -> list[str]:
         return [f"cross-tokenizer: {self.shared.describe()}; {self.aligned_share:.1%} of the trained tokens of the "
-                f"first source's first samples align one to one with a teacher token (the rest get the CE term alone); "
-                f"KD = D over the shared tokens + {self.uld_weight:g}·ULD over {self.uld_topk} unshared"]
+                f"first source's first samples align one to one with a teacher token (the rest: the span term in "
+                f"groups of several tokens, else the CE term alone); KD = D over the shared tokens + "
+                f"{self.uld_weight:g}·ULD over {self.uld_topk} unshared + {self.span_weight:g}·span term"]
 
     def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
         """Its tokens of the batch, with the span rows after the aligned ones only when the span term is on."""
