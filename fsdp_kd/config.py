@@ -105,6 +105,9 @@ class TrainConfig:
     uld_weight: float = opt(1.0, "cross_tokenizer: the weight of the ULD part (tokens without a counterpart, by "
                                  "rank) beside the exact part; 0: the exact part alone")
     uld_topk: int = opt(64, "cross_tokenizer: each side's most likely tokens without a counterpart that ULD sorts")
+    span_weight: float = opt(1.0, "cross_tokenizer: the weight of the span term, which teaches the tokens of groups "
+                                  "of several tokens on a side (each model's chain-rule probability of the group's "
+                                  "text); 0: those tokens get the CE term alone")
     trust_remote_code: bool = opt(False, "let transformers run a model's own .py files (architectures it does not "
                                          "ship); the export copies them")
     attn_implementation: str = opt("sdpa", "the models' attention implementation: {choices}",
@@ -278,6 +281,7 @@ RESUME_SENSITIVE_KEYS = (
     "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p", "cross_tokenizer", "uld_weight", "uld_topk",
     "teacher_context_key", "teacher_system_prompt",
+    "span_weight",
 )
 
 
@@ -478,6 +482,9 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
              "a teacher cache across tokenizers holds the exact part only, over the teacher's top-k (cache_mode "
              "topk; ULD needs both models' whole distributions): set cache_mode topk and uld_weight 0, or train "
              "with the live teacher")
+    if cfg.cross_tokenizer and cfg.teacher_cache is not None and cfg.span_weight > 0:
+        fail("span_weight", "a teacher cache across tokenizers holds no span term (the teacher's probabilities along "
+                            "groups of several tokens): set span_weight 0, or train with the live teacher")
     if cfg.cross_tokenizer and DIVERGENCES[cfg.kd_loss].student_buckets:
         fail("kd_loss", f"{cfg.kd_loss} takes its buckets from the student's own top tokens, which have no "
                         "counterpart in the teacher's vocabulary; choose another kd_loss with cross_tokenizer")
@@ -496,6 +503,8 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.uld_weight < 0 or cfg.uld_topk < 1:
         fail("uld_weight" if cfg.uld_weight < 0 else "uld_topk",
              f"uld_weight must be >= 0 and uld_topk >= 1, got {cfg.uld_weight} and {cfg.uld_topk}")
+    if cfg.span_weight < 0:
+        fail("span_weight", f"span_weight must be >= 0, got {cfg.span_weight}")
     if cfg.generate_temperature < 0 or not 0 < cfg.generate_top_p <= 1 or cfg.generate_max_new_tokens < 1:
         fail("generate_temperature" if cfg.generate_temperature < 0 else "generate_top_p"
              if not 0 < cfg.generate_top_p <= 1 else "generate_max_new_tokens",

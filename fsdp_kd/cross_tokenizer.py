@@ -28,7 +28,7 @@ ALIGNMENT_VERSION = 3  # bump when what `TeacherTokenization.columns` stores cha
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
 # why a student position has no teacher position: its negative value in `teacher_fields`, as metrics.jsonl counts them
-LEFT_OUT = {-1: "multi_token_group",  # its token is in a group of several tokens on a side (or a cut character's)
+LEFT_OUT = {-1: "multi_token_group",  # in a group of several tokens on a side that the span term does not teach
             -2: "past_teacher_tokens",  # past the teacher's last position (its max_position_embeddings; a cut end)
             -3: "unaligned_sample"}  # its sample got no teacher tokens at all (`TeacherTokenization.columns`)
 PAST_TEACHER_TOKENS, UNALIGNED_SAMPLE = -2, -3
@@ -167,6 +167,18 @@ class Alignment:
         out[i[keep] - 1] = j[keep] - 1
         return out
 
+    def spans(self, opaque=()) -> np.ndarray:
+        """[k, 4]: per group of several tokens on a side, the student positions [s0, s1) and teacher positions
+        [t0, t1) that predict its tokens (position p predicts token p + 1), so that each side's probability of the
+        group's text is the product of its probabilities there (the span term, `cross_vocab`). Left out: one-to-one
+        groups (the bucket term teaches them), a group whose first token on either side has no position before it,
+        and the groups listed in `opaque` (a special token on a side: not text the other side can spell)."""
+        s_start, t_start = (np.concatenate([[0], ends])[:-1] for ends in (self.student_ends, self.teacher_ends))
+        taught = ~self.one_to_one() & (s_start >= 1) & (t_start >= 1)
+        taught &= (self.student_ends > s_start) & (self.teacher_ends > t_start)
+        taught[np.asarray(opaque, dtype=np.int64)] = False
+        return np.stack([s_start, self.student_ends, t_start, self.teacher_ends], 1)[taught] - 1
+
 
 class AlignmentError(ValueError):
     """A tokenizer's tokens do not spell the text (its normalizer changed it), so bytes cannot be matched."""
@@ -233,6 +245,22 @@ def normalized_as(text: str, forms: tuple[str, ...]) -> str:
     for form in forms:
         text = unicodedata.normalize(form, text)
     return text
+
+
+def special_groups(groups: Alignment, student_ids, teacher_ids, student: TokenBytes, teacher: TokenBytes) -> list[int]:
+    """The groups holding a special or added token on either side (a control token such as "<|end|>", whose
+    content the other side may only spell as text): the span term leaves them out, since the two sides' tokens are
+    not the same event there. A byte-fallback token ("<0x0A>", which `TokenBytes` also marks not regular) is text."""
+    def special(vocab: TokenBytes, ids) -> np.ndarray:
+        fallback = vocab.kind == "sentencepiece"
+        return np.fromiter((not vocab.regular[i] and not (fallback and len(vocab.spelled[i]) == 1) for i in ids),
+                           dtype=bool, count=len(ids))
+
+    found = set()
+    for ends, ids, vocab in ((groups.student_ends, student_ids, student), (groups.teacher_ends, teacher_ids, teacher)):
+        at = np.flatnonzero(special(vocab, ids))
+        found.update(np.searchsorted(ends, at, side="right").tolist())
+    return sorted(g for g in found if g < groups.groups)
 
 
 def normalized(text: str, *vocabularies: TokenBytes) -> str:
@@ -333,37 +361,38 @@ class TeacherTokenization:
         not in the tokenized data (an on-policy response, re-tokenized at step time)."""
         return teacher_fields(*self.columns(input_ids), len(input_ids))
 
-    def record_columns(self, record, sample, settings, where: str) -> tuple[list[int], list[int], list[int]]:
+    def record_columns(self, record, sample, settings, where: str) -> tuple[list[int], ...]:
         """`columns` of a sample as the data is tokenized: the teacher reads the sample's text alone."""
         return self.columns(sample.input_ids)
 
-    def rewritten(self, original, sample) -> dict[str, list[int]]:
+    def rewritten(self, original, sample) -> dict[str, list]:
         """`fields` of `sample`, `original` with a new response (on-policy): its text alone again."""
         return self.fields(sample.input_ids)
 
-    def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int]]:
-        """(teacher ids, student group ends, teacher group ends) of one sample; three empty lists when the two
-        tokenizations cannot be aligned. Tokens cut from a character at either end are left out of the groups, so
+    def columns(self, input_ids: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(teacher ids, student group ends, teacher group ends, special groups) of one sample; empty lists when the
+        two tokenizations cannot be aligned. Tokens cut from a character at either end are left out of the groups, so
         their positions get no teacher; the teacher's BOS joins the first group. A sample longer in the teacher's
         tokens than its `max_positions` keeps the groups that end within them (`LEFT_OUT` counts the rest)."""
         run = self.text(input_ids)
         if run is None:
-            return [], [], []
+            return [], [], [], []
         text, a, b = run
         try:
             teacher_ids = self.teacher_ids(input_ids[a:b], text)
             groups = align(input_ids[a:b], teacher_ids, self.student, self.teacher, text)
         except AlignmentError:
-            return [], [], []
+            return [], [], [], []
+        special = special_groups(groups, input_ids[a:b], teacher_ids, self.student, self.teacher)
         bos = self._bos if teacher_ids[:len(self._bos)] != self._bos else []
         teacher_ids, s_ends, t_ends = bos + teacher_ids, groups.student_ends + a, groups.teacher_ends + len(bos)
         if self.max_positions is not None and len(teacher_ids) > self.max_positions:
             within = t_ends <= self.max_positions
             if not within.any():
-                return [], [], []
+                return [], [], [], []
             s_ends, t_ends = s_ends[within], t_ends[within]
-            teacher_ids = teacher_ids[:int(t_ends[-1])]
-        return teacher_ids, s_ends.tolist(), t_ends.tolist()
+            teacher_ids, special = teacher_ids[:int(t_ends[-1])], [g for g in special if g < len(t_ends)]
+        return teacher_ids, s_ends.tolist(), t_ends.tolist(), special
 
 
 def _no_dummy_prefix(node):
@@ -379,13 +408,28 @@ def _no_dummy_prefix(node):
     return node
 
 
-def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, length: int) -> dict[str, list[int]]:
-    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`) from its stored columns; a
-    position without a teacher position holds why (a `LEFT_OUT` key)."""
+def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, special, length: int) -> dict[str, list]:
+    """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`, `teacher_spans`) from its stored
+    columns; a position without a teacher position holds why (a `LEFT_OUT` key)."""
     groups = Alignment(np.asarray(student_ends, dtype=np.int64), np.asarray(teacher_ends, dtype=np.int64))
     positions = groups.teacher_positions(length)
     if not len(teacher_ids):
         positions[:] = UNALIGNED_SAMPLE
     elif groups.groups:
         positions[max(int(groups.student_ends[-1]) - 1, 0):] = PAST_TEACHER_TOKENS  # they predict tokens past it
-    return {"teacher_ids": list(teacher_ids), "teacher_positions": positions.tolist()}
+    return {"teacher_ids": list(teacher_ids), "teacher_positions": positions.tolist(),
+            "teacher_spans": [tuple(span) for span in groups.spans(special).tolist()]}
+
+
+def span_taught(spans, trained: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """The groups of `spans` (`Sample.teacher_spans`) that the span term teaches: those whose student positions are
+    all trained (a group that starts in the prompt has no student row for its first tokens)."""
+    return [span for span in spans or () if trained[span[0]:span[1]].all()]
+
+
+def in_spans(spans, length: int) -> np.ndarray:
+    """[length] bool: the student positions in these groups."""
+    mask = np.zeros(length, dtype=bool)
+    for s0, s1, _, _ in spans:
+        mask[s0:s1] = True
+    return mask

@@ -1,5 +1,6 @@
 """A teacher with another vocabulary, as one more `targets.Targets` entry: the loss at positions where the two
-tokenizations align one token to one token (`cross_tokenizer.align`).
+tokenizations align one token to one token (`cross_tokenizer.align`), and at groups of several tokens on a side
+the span term (`span_term`: each model's chain-rule probability of the group's text), folded into the same passes.
 
 At such a position the teacher's p is over its vocabulary V_t and the student's q over V_s. The two are compared in
 two parts (docs/cross_tokenizer.md has the formulas with every term defined):
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,14 +34,18 @@ from .divergences import row_dot, xlogy_sum
 from .buckets import IdPlace, buckets_from_logs, id_places, logsumexp_rows, merge_top
 from .kernel import (Gradients, Head, KernelPlan, ModelBlock, logit_grad, pass1_logits, push_back, push_back_labels,
                      vocab_chunks)
+from .span_term import SpanMass, student_span_term, teacher_span_mass
 from .targets import Targets, check_head_rows
+
+if TYPE_CHECKING:
+    from .data import SpanBlock, Spans
 
 
 # The live KD metrics across tokenizers: sums over the rows aligned one to one (per trained token, as every metric),
 # the KL over the shared tokens' buckets, the entropies over each whole vocabulary, the top-1 through the id map.
 ALIGNED_METRIC_NAMES = {"kl": "kl_shared_buckets", "teacher_entropy": "teacher_entropy_aligned",
                         "student_entropy": "student_entropy_aligned", "top1_agreement": "top1_agreement_aligned",
-                        "teacher_ce": "teacher_ce_aligned"}
+                        "teacher_ce": "teacher_ce_aligned", "span_tokens": "kd_span_tokens"}
 
 
 def renormalized_side(shared: int, student_size: int, teacher_size: int) -> str | None:
@@ -162,8 +168,12 @@ def uld(p: SideMass, q: SideMass) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock, targets: CrossVocabTargets,
-                      labels, teacher_labels, rows: slice, grads: Gradients | None) -> torch.Tensor:
+                      labels, teacher_labels, rows: slice, grads: Gradients | None,
+                      span: tuple[SpanBlock, SpanMass] | None = None) -> torch.Tensor:
     """One token block against a teacher of another vocabulary; returns the block's metric sums (METRIC_NAMES).
+    With `span` (the block's groups of several tokens and the teacher's `SpanMass` of them) the span term of
+    `span_term` is added, its gradient folded into the same passes: W1_i + W0_i into the softmax term's Σw,
+    (q_v / (1 - q_i))·W0_i into the dense term, W1_i into the label's one-hot weight.
 
     With w the exact part's ∂D/∂log Q per bucket and u the ULD part's ∂ULD/∂log q at the student's ranked tokens,
     the gradient with respect to the student's tempered logits is
@@ -175,6 +185,7 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     t_chunks = vocab_chunks(vmap.teacher_size, plan.chunks[0][1] - plan.chunks[0][0])
     pass1_logits(student, plan.chunks, labels, inv_tau)
     pass1_logits(teacher, t_chunks, teacher_labels, inv_tau)
+    term = None if span is None else student_span_term(plan, student, labels, *span, targets.span_weight)
     s_cols, t_cols = vmap.columns("student", plan.chunks), vmap.columns("teacher", t_chunks)
     q = side_mass(student, plan.chunks, s_cols, vmap.shared, targets.uld_topk, inv_tau)
     p = side_mass(teacher, t_chunks, t_cols, vmap.shared, targets.uld_topk, inv_tau)
@@ -191,6 +202,8 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     if grads is not None:
         exact_total = w.sum(1, keepdim=True) / b.q.sum(1, keepdim=True)
         w_total = lam * u.sum(1, keepdim=True) + (0.0 if renormalize_q else exact_total)
+        if term is not None:
+            w_total = term.add_totals(w_total)
         w_rest, w_shared = w[:, -1:], w[:, :-1] * kd_scale
         log_rest = torch.where(b.log_q[:, -1:] > -math.inf, b.log_q[:, -1:], 0.0)  # no rest: never read
         u_places: list[IdPlace] = id_places(q.top_ids, plan.chunks)
@@ -203,18 +216,25 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
                 part = log_q_v.masked_fill_(~cols.mask, -math.inf).sub_(log_s).exp_().mul_(-exact_total)
             else:  # (q_v / Q_r)·w_r off them
                 part = log_q_v.masked_fill_(cols.mask, -math.inf).sub_(log_rest).exp_().mul_(w_rest)
+            if term is not None:
+                term.add_rest(part, k, z, inv_tau)
             grad_z = logit_grad(z, q_chunk, student.lse_raw, part, w_total, inv_tau, plan.ce_coef, kd_scale)
             grad_z.index_add_(1, cols.local, w_shared.index_select(1, cols.bucket))
             grad_z.scatter_add_(1, u_places[k].local, u * u_places[k].here)
             push_back(grads, student, grad_z, z, rows, v0, v1)
-        push_back_labels(grads, student, labels, rows, plan.ce_coef)
+        push_back_labels(grads, student, labels, rows, plan.ce_coef,
+                         None if term is None else term.label_weights(len(labels), kd_scale))
     top1 = vmap.student_to_teacher[student.argmax] == teacher.argmax
     per_row = torch.stack([student.lse_raw - student.label_logit, (value + lam * uld_value) * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -p.x_log_x, -q.x_log_x, top1.float(),
-                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value)])
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value), torch.zeros_like(value)])
     if aligned is not None:  # ... and no KD metrics (nor a kd_tokens count): those are sums over the aligned rows
         per_row[1:].masked_fill_(~aligned.T, 0.0)
-    return per_row.sum(1)
+    sums = per_row.sum(1)
+    if term is not None:  # the groups' D, once per group, and their rows (a host count: the layout's)
+        sums[1] += term.value
+        sums[-1] += len(term.rows)
+    return sums
 
 
 @dataclass
@@ -222,8 +242,10 @@ class CrossVocabTargets(Targets):
     """A teacher of another vocabulary, run on its own tokens: its final hidden states at the positions aligned one
     to one with the call's rows [N, hidden_t], its next token there (`labels`, for its CE metric), its head, and the
     vocabularies' shared tokens. `uld_weight` (λ) weighs the ULD part over each side's `uld_topk` most likely tokens
-    without a counterpart. A row whose token has no one-to-one counterpart (`aligned` 0) gets the CE term alone, and its
-    hidden state and label only need to be a valid teacher row's."""
+    without a counterpart. A row whose token has no one-to-one counterpart (`aligned` 0) gets no bucket term, and its
+    hidden state and label only need to be a valid teacher row's; where it is in a group of several tokens
+    (`spans`, `data.Spans`) it gets the span term (`span_term`), from the teacher's rows after the first N in
+    `hidden` and `labels` (the positions predicting the group's teacher tokens), and else the CE term alone."""
     hidden: torch.Tensor
     head: Head
     labels: torch.Tensor
@@ -231,10 +253,14 @@ class CrossVocabTargets(Targets):
     uld_weight: float = 1.0
     uld_topk: int = 64
     aligned: torch.Tensor | None = None  # [N] 0.0 where a row has no aligned teacher token (None: every row has)
+    spans: Spans | None = None
+    span_weight: float = 1.0  # the span term's weight
     weight: torch.Tensor = field(init=False)
+    rows: int = field(init=False)  # N: the teacher's rows aligned with the call's, before its span rows
 
     def __post_init__(self):
         self.weight = self.head.weight.to(self.hidden.dtype)
+        self.rows = self.hidden.shape[0] - (0 if self.spans is None else self.spans.teacher_rows)
 
     @property
     def models(self) -> float:
@@ -256,9 +282,25 @@ class CrossVocabTargets(Targets):
             raise ValueError(f"{name} takes its buckets from the student's own top tokens, which have no counterpart "
                              "in another vocabulary; use one of the whole-vocabulary divergences (forward_kl, ...)")
 
+    def row_blocks(self, n: int, block_rows: int) -> list[slice]:
+        return super().row_blocks(n, block_rows) if self.spans is None else self.spans.row_blocks(n, block_rows)
+
     def block(self, plan, student, labels, rows, grads):
+        span = None if self.spans is None else self.spans.block(rows)
+        if span is not None:  # the teacher's side of the groups first, before the block's logits exist
+            span = span, self._teacher_span_mass(plan, span, rows.stop - rows.start)
         teacher = ModelBlock(self.head, self.weight, self.head.bias, self.hidden[rows])
-        return cross_vocab_block(plan, student, teacher, self, labels, self.labels[rows], rows, grads)
+        return cross_vocab_block(plan, student, teacher, self, labels, self.labels[rows], rows, grads, span)
+
+    def _teacher_span_mass(self, plan, span: SpanBlock, piece: int) -> SpanMass:
+        """The teacher's `SpanMass` of a block's groups, from its span rows in pieces of at most `piece` rows (the
+        block's size: one piece's logits at a time)."""
+        t_chunks = vocab_chunks(self.vocab_map.teacher_size, plan.chunks[0][1] - plan.chunks[0][0])
+        first, last = self.rows + span.teacher.start, self.rows + span.teacher.stop
+        pieces = ((ModelBlock(self.head, self.weight, self.head.bias, self.hidden[r0:min(r0 + piece, last)]),
+                   self.labels[r0:min(r0 + piece, last)]) for r0 in range(first, last, piece))
+        return teacher_span_mass(pieces, t_chunks, plan.inv_tau, span.teacher_group, span.teacher_slot, span.groups,
+                                 span.teacher_width)
 
 
 def topk_in_student_vocabulary(ids: torch.Tensor, log_p: torch.Tensor, log_rest: torch.Tensor,

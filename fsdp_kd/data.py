@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from .cross_tokenizer import LEFT_OUT
+from .cross_tokenizer import LEFT_OUT, in_spans, span_taught
 from .records import IGNORE_INDEX, DataError, Sample
 
 
@@ -190,8 +190,10 @@ class MicroBatch:
     # one, else 0.0: the CE term alone there)
     teacher: MicroBatch | None = None
     aligned: torch.Tensor | None = None
-    # with a teacher of its own tokenizer: how many trained tokens have no teacher position, by why (host counts,
-    # ordered as `cross_tokenizer.LEFT_OUT`)
+    # ... and its groups of several tokens on a side, whose teacher rows follow those N in teacher.target_rows
+    spans: Spans | None = None
+    # ... and how many trained tokens have no teacher term at all, by why (host counts, ordered as
+    # `cross_tokenizer.LEFT_OUT`)
     left_out: tuple[int, ...] = (0,) * len(LEFT_OUT)
 
     def __post_init__(self):
@@ -216,7 +218,7 @@ class MicroBatch:
         def moved(v):
             if isinstance(v, torch.Tensor):
                 return to_device(v, device)
-            return v.to(device) if isinstance(v, MicroBatch) else v
+            return v.to(device) if isinstance(v, (MicroBatch, Spans)) else v
 
         return MicroBatch(*(moved(getattr(self, f.name)) for f in dataclasses.fields(self)))
 
@@ -272,6 +274,84 @@ class MicroBatch:
         return mask
 
 
+@dataclass
+class SpanBlock:
+    """The groups of one token block of the loss: the block's rows that hold a group's tokens (`rows`, local) with
+    each one's group and place in it, the teacher's span rows of those groups (`teacher`, a range of the span rows)
+    with theirs, and each side's longest group."""
+    groups: int
+    rows: torch.Tensor
+    group: torch.Tensor
+    slot: torch.Tensor
+    teacher: slice
+    teacher_group: torch.Tensor
+    teacher_slot: torch.Tensor
+    width: int
+    teacher_width: int
+
+
+@dataclass
+class Spans:
+    """A micro-batch's groups of several tokens on a side (`Sample.teacher_spans`) that the span term teaches,
+    numbered in the order of the student's target rows: each group's student rows (consecutive target rows) and its
+    teacher rows (consecutive, after the N rows aligned with the student's in `MicroBatch.teacher.target_rows`), each
+    row's group and its place in it. Where each group starts stays on the host, so that the loss cuts its token
+    blocks between groups (`row_blocks`) and finds a block's groups (`block`) without reading the device."""
+    rows: torch.Tensor  # [R] the student's target rows in groups
+    group: torch.Tensor  # [R]
+    slot: torch.Tensor  # [R] its place in its group
+    teacher_group: torch.Tensor  # [M]
+    teacher_slot: torch.Tensor  # [M]
+    first_row: np.ndarray  # [G] each group's first target row
+    offsets: np.ndarray  # [G + 1] where each group's rows start in `rows`
+    teacher_offsets: np.ndarray  # [G + 1] ... and in the teacher's span rows
+
+    @classmethod
+    def of(cls, first_row, counts, teacher_counts) -> Spans:
+        """From each group's first target row and its token counts on each side."""
+        first_row, counts, teacher_counts = (np.asarray(x, dtype=np.int64) for x in (first_row, counts,
+                                                                                     teacher_counts))
+        offsets, teacher_offsets = (np.concatenate([[0], np.cumsum(c)]) for c in (counts, teacher_counts))
+        group, teacher_group = (np.repeat(np.arange(len(c)), c) for c in (counts, teacher_counts))
+        slot = np.arange(offsets[-1]) - offsets[group]
+        as_tensor = torch.from_numpy
+        return cls(as_tensor(first_row[group] + slot), as_tensor(group), as_tensor(slot), as_tensor(teacher_group),
+                   as_tensor(np.arange(teacher_offsets[-1]) - teacher_offsets[teacher_group]), first_row, offsets,
+                   teacher_offsets)
+
+    @property
+    def teacher_rows(self) -> int:
+        return int(self.teacher_offsets[-1])
+
+    def to(self, device: torch.device) -> Spans:
+        return dataclasses.replace(self, **{f.name: to_device(getattr(self, f.name), device)
+                                            for f in dataclasses.fields(self) if f.type == "torch.Tensor"})
+
+    def row_blocks(self, n: int, block_rows: int) -> list[slice]:
+        """Token blocks of about `block_rows` rows over n rows, each cut between two groups: a cut that would fall
+        inside a group moves to its end."""
+        blocks, r0 = [], 0
+        while r0 < n:
+            r1 = min(r0 + block_rows, n)
+            g = int(np.searchsorted(self.first_row, r1)) - 1  # the last group that starts before r1
+            if g >= 0:
+                r1 = max(r1, int(self.first_row[g] + self.offsets[g + 1] - self.offsets[g]))
+            blocks.append(slice(r0, r1))
+            r0 = r1
+        return blocks
+
+    def block(self, rows: slice) -> SpanBlock | None:
+        """The groups of token block `rows` (cut by `row_blocks`), or None when it holds none."""
+        g0, g1 = (int(np.searchsorted(self.first_row, r)) for r in (rows.start, rows.stop))
+        if g0 == g1:
+            return None
+        k0, k1, m0, m1 = self.offsets[g0], self.offsets[g1], self.teacher_offsets[g0], self.teacher_offsets[g1]
+        return SpanBlock(g1 - g0, self.rows[k0:k1] - rows.start, self.group[k0:k1] - g0, self.slot[k0:k1],
+                         slice(int(m0), int(m1)), self.teacher_group[m0:m1] - g0, self.teacher_slot[m0:m1],
+                         int(np.diff(self.offsets[g0:g1 + 1]).max()),
+                         int(np.diff(self.teacher_offsets[g0:g1 + 1]).max()))
+
+
 def uses_sliding_window(config) -> bool:
     """Whether any layer of the model attends over a sliding window (Mistral, Gemma-2/3, Qwen2 with
     use_sliding_window): transformers lists layer types where it has them, else a set `sliding_window` means all."""
@@ -310,9 +390,9 @@ def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool) -> MicroB
     if rows[0][0].teacher_ids is None:
         return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
                           sample_keys=keys)
-    teacher, aligned, left_out = _teacher_rows(rows, packed)
+    teacher, aligned, spans, left_out = _teacher_rows(rows, packed)
     return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
-                      sample_keys=keys, teacher=teacher, aligned=aligned, left_out=left_out)
+                      sample_keys=keys, teacher=teacher, aligned=aligned, spans=spans, left_out=left_out)
 
 
 def _row_layout(rows: list[list[list[int]]], pad_id: int):
@@ -338,30 +418,46 @@ def _row_layout(rows: list[list[list[int]]], pad_id: int):
     return ids, mask, segments, positions, starts
 
 
-def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, torch.Tensor, tuple[int, ...]]:
-    """The teacher's tokens of the same samples in the same rows (`MicroBatch.teacher`), `aligned`, and the trained
-    tokens without a teacher position by why (`cross_tokenizer.LEFT_OUT`, in its order: host counts). Its target
-    rows follow the student's: row by row, sample by sample, position by position, as `MicroBatch` orders them.
-    Padding is id 0: any valid id, masked and never read."""
+def _teacher_rows(rows: list[list[Sample]], packed: bool) -> tuple[MicroBatch, torch.Tensor, Spans, tuple[int, ...]]:
+    """The teacher's tokens of the same samples in the same rows (`MicroBatch.teacher`), `aligned`, the groups of
+    several tokens (`Spans`), and the trained tokens with no teacher term by why (`cross_tokenizer.LEFT_OUT`, in its
+    order: host counts). Its first N target rows follow the student's: row by row, sample by sample, position by
+    position, as `MicroBatch` orders them; then come the positions predicting each taught group's teacher tokens,
+    group by group. A group is taught when all its student positions are trained (`span_taught`). Padding is id 0:
+    any valid id, masked and never read."""
     ids, mask, segments, positions, starts = _row_layout([[s.teacher_ids for s in row] for row in rows], 0)
     width = ids.shape[1]
     flat, labels, aligned, flat_reasons = [], [], [], []
+    span_flat, span_labels, first_row, counts, teacher_counts = [], [], [], [], []
+    trained_before = 0
     for r, row in enumerate(rows):
         for s, offset in zip(row, starts[r]):
             teacher_ids = np.asarray(s.teacher_ids, dtype=np.int64)
-            at = np.asarray(s.teacher_positions, dtype=np.int64)[np.asarray(s.targets) != IGNORE_INDEX]
+            trained = np.asarray(s.targets) != IGNORE_INDEX
+            at = np.asarray(s.teacher_positions, dtype=np.int64)[trained]
             has = at >= 0
             flat.append(np.where(has, r * width + offset + at, 0))
             labels.append(np.where(has, teacher_ids[np.where(has, at + 1, 0)] if len(teacher_ids) else 0, 0))
             aligned.append(has)
-            flat_reasons.append(at[~has])
-    rows_at, label_ids, where = (torch.from_numpy(np.concatenate(a)) for a in (flat, labels, aligned))
+            target_row = trained_before + np.cumsum(trained) - 1  # each trained position's target row
+            spans = span_taught(s.teacher_spans, trained)
+            for s0, s1, t0, t1 in spans:
+                first_row.append(target_row[s0])
+                counts.append(s1 - s0)
+                teacher_counts.append(t1 - t0)
+                span_flat.append(r * width + offset + np.arange(t0, t1))
+                span_labels.append(teacher_ids[t0 + 1:t1 + 1])
+            flat_reasons.append(at[~has & ~in_spans(spans, len(trained))[trained]])
+            trained_before += int(trained.sum())
+    rows_at, label_ids, where = (torch.from_numpy(np.concatenate(a)) for a in (flat + span_flat,
+                                                                               labels + span_labels, aligned))
     if not mask.any():
         mask[:, 0] = 1  # no sample has teacher tokens: one real slot, so the forward has a token to attend to
     teacher = MicroBatch(ids, mask, torch.full_like(ids, IGNORE_INDEX), segments if packed else None,
                          positions if packed else None, target_rows=rows_at.long(), target_ids=label_ids.long())
     reasons = np.concatenate(flat_reasons)
-    return teacher, where.float(), tuple(int((reasons == code).sum()) for code in LEFT_OUT)
+    return (teacher, where.float(), Spans.of(first_row, counts, teacher_counts),
+            tuple(int((reasons == code).sum()) for code in LEFT_OUT))
 
 
 def padding_efficiency(batches: list[MicroBatch]) -> float:

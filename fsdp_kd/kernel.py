@@ -39,8 +39,10 @@ import torch
 from .divergences import ChunkTerms, Divergence, row_dot
 
 # the metric sums every block returns, in this order; the loss returns them by name. "kd_tokens" counts the rows that
-# get a KD term (a row the block masks from the KD term, e.g. one without an aligned teacher token, counts 0)
-METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce", "kd_tokens")
+# get a per-token KD term (a row the block masks from it, e.g. one without an aligned teacher token, counts 0), and
+# "span_tokens" the rows taught through a group of several tokens instead (across tokenizers: `span_term`)
+METRIC_NAMES = ("ce", "kd", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce", "kd_tokens",
+                "span_tokens")
 
 
 # ---------------------------------------------------------------------------------------------------- heads
@@ -304,10 +306,13 @@ def push_back(grads: Gradients, student: ModelBlock, grad_z: torch.Tensor, z: to
     _add_product(grads.weight[v0:v1], g.t(), student.hidden)
 
 
-def push_back_labels(grads: Gradients, student: ModelBlock, labels: torch.Tensor, rows: slice, ce_weight: float):
-    """The CE's one-hot term, -(1-c) at each row's label, through the head: rows W[y] and `index_add_`, so no
-    chunk has to find which labels it holds (a `nonzero`, a host sync, per chunk)."""
-    coef = student.head.chain(torch.full_like(student.label_logit, -ce_weight), student.label_logit)
+def push_back_labels(grads: Gradients, student: ModelBlock, labels: torch.Tensor, rows: slice, ce_weight: float,
+                     kd_weights: torch.Tensor | None = None):
+    """The CE's one-hot term, -(1-c) at each row's label (plus `kd_weights` [rows], a KD term's own one-hot weight
+    there, when it has one), through the head: rows W[y] and `index_add_`, so no chunk has to find which labels it
+    holds (a `nonzero`, a host sync, per chunk)."""
+    weight = torch.full_like(student.label_logit, -ce_weight)
+    coef = student.head.chain(weight if kd_weights is None else weight.add_(kd_weights), student.label_logit)
     grads.hidden[rows].add_(coef[:, None] * student.weight[labels].float())
     grads.weight.index_add_(0, labels, coef[:, None] * student.hidden.float())
     if grads.bias is not None:

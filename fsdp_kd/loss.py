@@ -170,8 +170,7 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
                           torch.zeros(s_head.weight.shape, device=device),
                           None if s_head.bias is None else torch.zeros(s_head.bias.shape, device=device))
     totals = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=device)
-    for r0 in range(0, n, block_rows):
-        rows = slice(r0, min(r0 + block_rows, n))
+    for rows in targets.row_blocks(n, block_rows):
         student = ModelBlock(s_head, s_weight, s_head.bias, h_s[rows])
         totals += targets.block(plan, student, job.labels[rows], rows, grads)
         del student  # the block's logit caches, before the next block allocates its own

@@ -90,12 +90,13 @@ class PrivilegedTokenization:
         return self.context.rendering
 
     def record_columns(self, record, sample: Sample, settings: TokenSettings,
-                       where: str) -> tuple[list[int], list[int], list[int]]:
-        """(teacher ids, student group ends, teacher group ends) of the student's `sample` of `record`."""
+                       where: str) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(teacher ids, student group ends, teacher group ends, special groups) of the student's `sample` of
+        `record`; every group is one token a side or the prompts', so none is a span (`Alignment.spans`)."""
         teacher = record_to_sample(teacher_record(record, settings, self.context, where),
                                    dataclasses.replace(settings, max_len=_UNBOUNDED), self.tokenizer, where)[0]
         s_pos, t_pos = matched_positions(sample, teacher, where)
-        return (teacher.input_ids[:int(t_pos[-1]) + 2], *group_ends(s_pos, t_pos))
+        return (teacher.input_ids[:int(t_pos[-1]) + 2], *group_ends(s_pos, t_pos), [])
 
     def rewritten(self, original: Sample, sample: Sample) -> dict[str, list[int]]:
         """The teacher fields of `sample`, `original`'s prompt with a new response (on-policy): the teacher's own
@@ -105,7 +106,7 @@ class PrivilegedTokenization:
         end = original.teacher_positions[start]
         t_pos = end + (s_pos - start)
         teacher_ids = original.teacher_ids[:end + 1] + sample.input_ids[start + 1:]
-        return teacher_fields(teacher_ids, *group_ends(s_pos, t_pos), len(sample.input_ids))
+        return teacher_fields(teacher_ids, *group_ends(s_pos, t_pos), [], len(sample.input_ids))
 
 
 def teacher_record(record, settings: TokenSettings, context: TeacherContext, where: str) -> dict:

@@ -56,6 +56,9 @@ class Sample:
     # this sample the teacher position predicting the same token, or -1 (`cross_tokenizer.Alignment`)
     teacher_ids: list[int] | None = None
     teacher_positions: list[int] | None = None
+    # its groups of several tokens on a side, each (s0, s1, t0, t1): the student positions [s0, s1) and the teacher
+    # positions [t0, t1) that predict the group's tokens (`cross_tokenizer.Alignment.spans`)
+    teacher_spans: list[tuple[int, int, int, int]] | None = None
 
     @property
     def trainable_tokens(self) -> int:

@@ -16,6 +16,7 @@ SUMMED = ("loss",) + METRIC_NAMES + ("tokens",)
 # the metrics that describe the teacher at a row, so only the rows with a KD term have them: a mean over those rows
 # (with a live teacher of the same tokenizer every row has one, and this is the per-token mean)
 KD_ROW_MEANS = ("kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce")
+COUNTS = ("kd_tokens", "span_tokens")  # logged as counts (the share of both), not as means
 
 
 def no_sums(device: torch.device) -> torch.Tensor:
@@ -37,7 +38,10 @@ def reduce_sums(sums: torch.Tensor, metric_names: dict[str, str | None],
     totals = dict(zip(SUMMED, host[:len(SUMMED)]))
     tokens, kd_tokens = max(totals["tokens"], 1.0), max(totals["kd_tokens"], 1.0)
     out = {k: totals[k] / (kd_tokens if k in KD_ROW_MEANS else tokens) for k in ("loss", *METRIC_NAMES)
-           if k != "kd_tokens"}
+           if k not in COUNTS}
     out = {metric_names.get(k, k): v for k, v in out.items() if metric_names.get(k, k) is not None}
-    out.update(tokens=totals["tokens"], kd_tokens=totals["kd_tokens"], kd_token_share=totals["kd_tokens"] / tokens)
+    out.update(tokens=totals["tokens"], kd_tokens=totals["kd_tokens"],
+               kd_token_share=(totals["kd_tokens"] + totals["span_tokens"]) / tokens)
+    if metric_names.get("span_tokens") is not None:  # a teacher that teaches groups of several tokens
+        out[metric_names["span_tokens"]] = totals["span_tokens"]
     return out, host[len(SUMMED):]

@@ -40,6 +40,11 @@ class Targets(ABC):
     def check_divergence(self, name: str, divergence: Divergence) -> None:
         """Raises ValueError when these targets cannot give what the divergence is taken over."""
 
+    def row_blocks(self, n: int, block_rows: int) -> list[slice]:
+        """The token blocks over the call's n rows, `block_rows` each but the last: targets whose term spans rows
+        (a group of several tokens) cut them elsewhere."""
+        return [slice(r0, min(r0 + block_rows, n)) for r0 in range(0, n, block_rows)]
+
     @abstractmethod
     def block(self, plan: KernelPlan, student: ModelBlock, labels: torch.Tensor, rows: slice,
               grads: Gradients | None) -> torch.Tensor:
@@ -114,7 +119,7 @@ def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBloc
     kd = plan.divergence.value(sums, plan.param) * plan.kd_unit
     per_row = torch.stack([student.lse_raw - student.label_logit, kd, sums["p_log_p"] - sums["p_log_q"],
                            -sums["p_log_p"], -sums["q_log_q"], (student.argmax == teacher.argmax).float(),
-                           teacher.lse_raw - teacher.label_logit, torch.ones_like(kd)])
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(kd), torch.zeros_like(kd)])
     return per_row.sum(1)
 
 
@@ -133,7 +138,7 @@ def student_bucket_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBl
     value = bucket_gradient(plan, student, places, b, labels, rows, grads)
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit, p.x_log_x - p_log_q,
                            -p.x_log_x, -q.x_log_x, (student.argmax == teacher.argmax).float(),
-                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value)])
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value), torch.zeros_like(value)])
     return per_row.sum(1)
 
 
@@ -211,7 +216,8 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     teacher_top = cached.ids.gather(1, cached.log_p.argmax(1, keepdim=True))[:, 0]
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q.x_log_x,
-                           (student.argmax == teacher_top).float(), -teacher_log_p_label, torch.ones_like(value)])
+                           (student.argmax == teacher_top).float(), -teacher_log_p_label, torch.ones_like(value),
+                           torch.zeros_like(value)])
     if cached.kd_rows is not None:  # a row without a teacher has the CE term alone (and counts in no kd_tokens)
         per_row[1:].masked_fill_(~cached.kd_rows[None], 0.0)
     return per_row.sum(1)

@@ -9,6 +9,7 @@ its own rendering of each sample with context the student does not see). Both lo
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
-from .cross_tokenizer import LEFT_OUT, TeacherTokenization, TokenBytes, shared_vocabulary
+from .cross_tokenizer import LEFT_OUT, TeacherTokenization, TokenBytes, in_spans, shared_vocabulary, span_taught
 from .cross_vocab import ALIGNED_METRIC_NAMES, CrossVocabTargets, VocabMap, topk_in_student_vocabulary
 from .data import MicroBatch
 from .distill import hidden_at_targets
@@ -28,6 +29,9 @@ from .preemption import no_signal
 from .records import IGNORE_INDEX
 from .sharding import ShardedCausalLM, TeacherSharding, parameter_count
 from .tokenizer_compat import shared_vocab_size, tokenizer_or_error
+
+
+_SPAN_TAUGHT = -100  # `check`'s mark of a position the span term teaches (no `LEFT_OUT` code)
 
 
 @dataclass(frozen=True)
@@ -149,9 +153,9 @@ class CrossTokenizerTeacher(ModelTeacher):
     own_tokenizer = ", its own tokenizer"
     across_tokenizers = True
 
-    def __init__(self, spec: ModelSpec, tokenizer, uld_weight: float, uld_topk: int):
+    def __init__(self, spec: ModelSpec, tokenizer, uld_weight: float, uld_topk: int, span_weight: float = 1.0):
         super().__init__(spec, None)
-        self.uld_weight, self.uld_topk, self._vocab_map = uld_weight, uld_topk, None
+        self.uld_weight, self.uld_topk, self.span_weight, self._vocab_map = uld_weight, uld_topk, span_weight, None
         teacher_tokenizer = spec.tokenizer()
         try:
             student, teacher = TokenBytes.of(tokenizer), TokenBytes.of(teacher_tokenizer)
@@ -166,7 +170,7 @@ class CrossTokenizerTeacher(ModelTeacher):
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> CrossTokenizerTeacher:
-        return cls(ModelSpec.of(cfg), tokenizer, cfg.uld_weight, cfg.uld_topk)
+        return cls(ModelSpec.of(cfg), tokenizer, cfg.uld_weight, cfg.uld_topk, cfg.span_weight)
 
     def vocab_map(self, device: torch.device) -> VocabMap:
         if self._vocab_map is None:  # once per run; its chunk layouts are found once per block shape
@@ -177,41 +181,55 @@ class CrossTokenizerTeacher(ModelTeacher):
 
     def check(self, tokenizer, sources, env, samples: int = 1000) -> None:
         """Counts, over up to `samples` samples spread evenly over each source, the trained tokens that align one
-        to one, and why the others do not (`cross_tokenizer.LEFT_OUT`)."""
+        to one, those in groups the span term teaches, and why the others get no teacher term
+        (`cross_tokenizer.LEFT_OUT`)."""
         positions = []
         for source in sources:
             for i in np.unique(np.linspace(0, len(source) - 1, num=min(samples, len(source))).astype(np.int64)):
                 sample = source[int(i)]
                 trained = np.asarray(sample.targets) != IGNORE_INDEX
-                positions.append(np.asarray(sample.teacher_positions)[trained])
+                at = np.asarray(sample.teacher_positions)
+                spans = span_taught(sample.teacher_spans, trained) if self.span_weight > 0 else []
+                positions.append(np.where(in_spans(spans, len(trained)), _SPAN_TAUGHT, at)[trained])
         positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
         trained = max(len(positions), 1)
         self.aligned_share = float((positions >= 0).sum()) / trained
+        self.span_share = float((positions == _SPAN_TAUGHT).sum()) / trained
         self.left_out_shares = {why: float((positions == code).sum()) / trained for code, why in LEFT_OUT.items()}
 
     def vocabulary_lines(self) -> list[str]:
         left_out = ", ".join(f"{why.replace('_', ' ')} {share:.1%}" for why, share in self.left_out_shares.items())
-        return [f"cross-tokenizer: {self.shared.describe()}; {self.aligned_share:.1%} of the trained tokens of a "
-                f"sample of every source align one to one with a teacher token (the rest get the CE term alone: "
-                f"{left_out}); KD = D over the shared tokens + {self.uld_weight:g}·ULD over {self.uld_topk} unshared"]
+        return [f"cross-tokenizer: {self.shared.describe()}; of the trained tokens of a sample of every source, "
+                f"{self.aligned_share:.1%} align one to one with a teacher token and {self.span_share:.1%} are in "
+                f"groups of several tokens the span term teaches (the rest get the CE term alone: {left_out}); "
+                f"KD = D over the shared tokens + {self.uld_weight:g}·ULD over {self.uld_topk} unshared + "
+                f"{self.span_weight:g}·span term"]
 
     def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
-        return batch.teacher
+        """Its tokens of the batch, with the span rows after the aligned ones only when the span term is on."""
+        if self.span_weight > 0 or batch.spans is None:
+            return batch.teacher
+        rows = batch.aligned.shape[0]
+        return dataclasses.replace(batch.teacher, target_rows=batch.teacher.target_rows[:rows],
+                                   target_ids=batch.teacher.target_ids[:rows])
 
     @contextmanager
     def targets_from(self, hidden: torch.Tensor, batch: MicroBatch, gathered_head):
         """Its hidden states and next tokens at the positions aligned with the student's target rows, and which rows
-        have one (`aligned`)."""
+        have one (`aligned`), then at the positions predicting its tokens of each group of several (`spans`)."""
         with gathered_head() as head:
             yield CrossVocabTargets(hidden, head, batch.teacher.target_ids, self.vocab_map(hidden.device),
-                                    self.uld_weight, self.uld_topk, batch.aligned)
+                                    self.uld_weight, self.uld_topk, batch.aligned,
+                                    batch.spans if self.span_weight > 0 else None, self.span_weight)
 
     def in_loss_vocabulary(self, topk: tuple[torch.Tensor, ...], batch: MicroBatch) -> tuple[torch.Tensor, ...]:
         """The teacher's top-k rows (its vocabulary) as a cache of the student's vocabulary stores them (a micro-batch
-        of masked copies alone has no rows, and `teacher_rows` no columns)."""
+        of masked copies alone has no rows, and `teacher_rows` no columns): those aligned with the student's rows,
+        without the span rows after them, which a cache does not keep."""
         if not topk:
             return topk
-        return topk_in_student_vocabulary(*topk, batch.aligned, self.vocab_map(topk[0].device))
+        rows = batch.aligned.shape[0]
+        return topk_in_student_vocabulary(*(x[:rows] for x in topk), batch.aligned, self.vocab_map(topk[0].device))
 
 
 class PrivilegedTeacher(LiveTeacher):

@@ -38,8 +38,9 @@ NO_TARGET = "with no trainable token left after truncation"
 PROBE_RECORDS = 32  # tried in-process before the parallel build, so a wrong key fails at once
 META_FILE = "fsdp_kd_tokenized.json"
 # a teacher with its own tokenizer (cross_tokenizer): its ids of the sample, and the alignment's groups (each side's
-# token index where each group ends, `cross_tokenizer.Alignment`); empty lists where the sample could not be aligned
-TEACHER_COLUMNS = ("teacher_ids", "student_group_ends", "teacher_group_ends")
+# token index where each group ends, `cross_tokenizer.Alignment`), and the groups that hold a special token
+# (`cross_tokenizer.special_groups`); empty lists where the sample could not be aligned
+TEACHER_COLUMNS = ("teacher_ids", "student_group_ends", "teacher_group_ends", "special_groups")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +182,7 @@ def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=Non
         out["truncated"].append(cut)
         out["error"].append(error)
         if teacher is not None:
-            for name, values in zip(TEACHER_COLUMNS, columns if error is None else ([], [], [])):
+            for name, values in zip(TEACHER_COLUMNS, columns if error is None else ([], [], [], [])):
                 out[name].append(values)
     return out
 

@@ -9,7 +9,7 @@ import pytest
 
 from assets import real_asset
 from fsdp_kd.cross_tokenizer import (Alignment, AlignmentError, TeacherTokenization, TokenBytes, _adds_prefix_space,
-                                     align, byte_ends, normalized, shared_vocabulary)
+                                     align, byte_ends, normalized, shared_vocabulary, special_groups)
 
 TOKENIZERS = ("tok_qwen2.5_instruct", "tok_phi3_mini_instruct", "tok_smollm_360m_instruct")
 EDGE_TEXTS = ["", " ", "x", "  leading spaces", "trailing  ", "Hello  world,\n naïve 日本 😀 x\t\ttabs",
@@ -155,7 +155,7 @@ def test_each_aligned_position_predicts_the_same_string_on_both_sides(tokenizers
     aligned = positions = 0
     for text in texts:
         s_ids = s_tok(normalized(text, s_vocab, t_vocab), add_special_tokens=False)["input_ids"]
-        t_ids, s_ends, t_ends = retokenize.columns(s_ids)
+        t_ids, s_ends, t_ends, _ = retokenize.columns(s_ids)
         at = Alignment(np.asarray(s_ends, dtype=np.int64), np.asarray(t_ends, dtype=np.int64)).teacher_positions(
             len(s_ids))
         positions += max(len(s_ids) - 1, 0)
@@ -168,6 +168,50 @@ def test_each_aligned_position_predicts_the_same_string_on_both_sides(tokenizers
             assert s_context.lstrip(b" ") == t_context.lstrip(b" ") or s_context == t_context, (pair, text)
     print(f"{pair[0]} -> {pair[1]}: {aligned / positions:.1%} of {positions} positions aligned one to one")
     assert aligned / positions > 0.8  # the tokenizers cut English and code alike most of the time
+
+
+@pytest.mark.parametrize("pair", list(itertools.permutations(TOKENIZERS, 2)))
+def test_each_span_is_the_same_text_after_the_same_context_on_both_sides(tokenizers, texts, pair):
+    """What the span term reads (`Sample.teacher_spans`): the student tokens its student positions predict spell the
+    same bytes as the teacher tokens its teacher positions predict, after contexts of the same bytes, and no span
+    holds a special token. With the one-to-one positions they leave out only the first token, the groups of special
+    tokens and what precedes a side's first position."""
+    (s_tok, s_vocab), (t_tok, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
+    retokenize = TeacherTokenization(s_vocab, t_vocab, t_tok)
+    taught = positions = spans = 0
+    for text in texts:
+        s_ids = s_tok(normalized(text, s_vocab, t_vocab), add_special_tokens=False)["input_ids"]
+        fields = retokenize.fields(s_ids)
+        t_ids = fields["teacher_ids"]
+        positions += max(len(s_ids) - 1, 0)
+        taught += sum(q >= 0 for q in fields["teacher_positions"])
+        for s0, s1, t0, t1 in fields["teacher_spans"]:
+            spans += 1
+            taught += s1 - s0
+            assert s1 - s0 > 1 or t1 - t0 > 1
+            assert spell(s_vocab, s_ids[s0 + 1:s1 + 1]) == spell(t_vocab, t_ids[t0 + 1:t1 + 1]), (pair, text)
+            s_context, t_context = spell(s_vocab, s_ids[:s0 + 1]), spell(t_vocab, t_ids[:t0 + 1])
+            assert s_context.lstrip(b" ") == t_context.lstrip(b" ") or s_context == t_context, (pair, text)
+            assert all(s_vocab.regular[i] or s_vocab.kind == "sentencepiece" for i in s_ids[s0 + 1:s1 + 1])
+            assert all(t_vocab.regular[i] or t_vocab.kind == "sentencepiece" for i in t_ids[t0 + 1:t1 + 1])
+    print(f"{pair[0]} -> {pair[1]}: {spans} spans; {taught / positions:.1%} of {positions} positions taught")
+    assert spans and taught / positions > 0.98
+
+
+def test_a_group_with_a_special_token_gets_no_span():
+    """A control token on one side against its content spelled as text on the other is not the same event: its
+    group gets no span, while a group of several plain tokens does (by hand: student "ab" + "<e>", teacher "a" "b"
+    "<" "e" ">", with "<e>" the student's special token)."""
+    student = TokenBytes(spelled=(b"ab", b"<e>", b"c"), regular=(True, False, True), kind="byte_level",
+                         prefix_space=False)
+    teacher = TokenBytes(spelled=(b"a", b"b", b"<", b"e", b">", b"c"), regular=(True,) * 6, kind="byte_level",
+                         prefix_space=False)
+    groups = align([2, 0, 1, 2], [5, 0, 1, 2, 3, 4, 5], student, teacher, "cab<e>c")
+    assert _ends(groups) == ([1, 2, 3, 4], [1, 3, 6, 7])
+    special = special_groups(groups, [2, 0, 1, 2], [5, 0, 1, 2, 3, 4, 5], student, teacher)
+    assert special == [2]
+    assert groups.spans(special).tolist() == [[0, 1, 0, 2]]  # "ab": student position 0, teacher positions 0-1
+    assert groups.spans().tolist() == [[0, 1, 0, 2], [1, 2, 2, 5]]
 
 
 def test_tokens_cut_inside_a_character_are_left_out_not_the_sample(tokenizers):
@@ -195,7 +239,7 @@ def test_a_sample_no_run_of_which_decodes_gets_no_teacher_tokens():
                        kind="byte_level", prefix_space=False)
     retokenize = TeacherTokenization(vocab, vocab, tokenizer=None)
     assert retokenize.text([1]) is None and retokenize.text([2]) is None
-    assert retokenize.columns([1]) == ([], [], [])
+    assert retokenize.columns([1]) == ([], [], [], [])
     assert retokenize.text([0, 1]) == ("a", 0, 1)
 
 

@@ -37,11 +37,26 @@ def test_the_teacher_rows_follow_the_students_target_rows(tiny, pair_student, pa
     s_tok, t_tok = AutoTokenizer.from_pretrained(pair_student), AutoTokenizer.from_pretrained(tiny["tok"])
     samples = _samples(s_tok, t_tok, ["abcd:ABCDEF", "hgfe:GHA", "abab:CDCDCDAB", "x:Q", "cdcd:EFGHABCDA"])
     batch = collate_packed(samples, 40, 0) if packed else collate(samples, 0)
-    teacher = batch.teacher
-    assert teacher.target_rows.shape == batch.target_rows.shape == batch.aligned.shape
+    teacher, n = batch.teacher, batch.target_rows.shape[0]
+    assert teacher.target_rows.shape[0] == n + batch.spans.teacher_rows and batch.aligned.shape[0] == n
     t_flat = teacher.input_ids.flatten()
-    assert 0.3 < float(batch.aligned.mean()) < 1.0  # pairs make some groups two-to-one: the CE term alone there
+    assert 0.3 < float(batch.aligned.mean()) < 1.0  # pairs make some groups two-to-one: the span term there
     s_seg, t_seg = batch._segments().flatten(), teacher._segments().flatten()
+    spans = batch.spans
+    assert len(spans.first_row) > 0
+    in_span = torch.zeros(n, dtype=torch.bool)
+    in_span[spans.rows] = True
+    assert not bool((in_span & (batch.aligned > 0)).any())  # a row is in a group of several or one to one
+    for g, first in enumerate(spans.first_row):  # each group: the same text on both sides, in the same sample
+        s_rows = spans.rows[spans.offsets[g]:spans.offsets[g + 1]]
+        t_rows = teacher.target_rows[n + spans.teacher_offsets[g]:n + spans.teacher_offsets[g + 1]]
+        t_labels = teacher.target_ids[n + spans.teacher_offsets[g]:n + spans.teacher_offsets[g + 1]]
+        assert int(s_rows[0]) == first and torch.equal(s_rows, torch.arange(first, first + len(s_rows)))
+        assert len(s_rows) > 1 or len(t_rows) > 1
+        s_text = "".join(s_tok.convert_ids_to_tokens(batch.target_ids[s_rows].tolist()))
+        assert s_text == "".join(t_tok.convert_ids_to_tokens(t_labels.tolist()))
+        assert torch.equal(t_flat[t_rows + 1], t_labels)
+        assert {int(s_seg[batch.target_rows[r]]) for r in s_rows} == {int(t_seg[r]) for r in t_rows}
     for s_row, t_row, label, t_label, aligned in zip(batch.target_rows, teacher.target_rows, batch.target_ids,
                                                      teacher.target_ids, batch.aligned):
         if aligned:
@@ -66,9 +81,9 @@ def test_the_same_tokenizer_across_the_alignment_is_live_kd(tiny, tmp_path):
         assert float((cross["grads"][name] - g).abs().max()) <= 1e-5 * float(g.abs().max()) + 1e-9, name
 
 
-def _grads(tiny, tmp_path, name, **flags):
+def _grads(tiny, tmp_path, name, nproc=2, **flags):
     out = tmp_path / f"{name}.pt"
-    torchrun([WORKER, "grads", str(out), *train_args(tiny, tmp_path / name, **flags)], nproc=2)
+    torchrun([WORKER, "grads", str(out), *train_args(tiny, tmp_path / name, **flags)], nproc=nproc)
     return torch.load(out, weights_only=True)
 
 
@@ -101,7 +116,7 @@ def test_a_cache_is_refused_where_one_vocabulary_is_all_shared(tiny, pair_studen
     the shared tokens there, which a cache's bucket loss cannot yet. The build says so in one line, before the
     teacher loads."""
     args = train_args(tiny, tmp_path / "unused", pretrain=pair_student, cross_tokenizer="true", uld_weight=0.0,
-                      teacher_cache=str(tmp_path / "cache"))
+                      span_weight=0.0, teacher_cache=str(tmp_path / "cache"))
     proc = python_run(["-m", "fsdp_kd.cache_teacher", *args])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
@@ -125,6 +140,8 @@ def test_a_student_whose_vocabulary_the_teacher_holds_whole_trains_every_diverge
 @pytest.mark.parametrize("flags,message", [
     (dict(teacher_cache="/tmp/cache"), "a teacher cache across tokenizers holds the exact part only"),
     (dict(teacher_cache="/tmp/cache", uld_weight=0, cache_mode="sampled"), "set cache_mode topk"),
+    (dict(teacher_cache="/tmp/cache", uld_weight=0), "holds no span term"),
+    (dict(span_weight=-1), "span_weight must be >= 0"),
     (dict(kd_loss="reverse_kl_student_topk"), "no counterpart in the teacher's vocabulary"),
     (dict(uld_topk=0), "uld_topk >= 1"),
 ])
@@ -161,7 +178,7 @@ def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny
     eval_path = tmp_path / "eval3.jsonl"
     eval_path.write_text("".join(open(tiny["eval"]).readlines()[:3]))
     common = dict(pretrain=pair_student, teacher_model=pair_teacher, cross_tokenizer="true", uld_weight=0.0,
-                  train_batch_size=6,
+                  span_weight=0.0, train_batch_size=6,
                   micro_train_batch_size=1, max_steps=3, eval_dataset=str(eval_path), eval_steps=3, kd_coef=0.8,
                   kd_loss="reverse_kl")
     cache = tmp_path / "cache"
@@ -180,3 +197,20 @@ def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny
             # top-1 are over its buckets, and named so)
             assert b["kl_shared_buckets"] == pytest.approx(a["kl_shared_buckets"], rel=1e-5, abs=1e-6)
             assert "teacher_entropy_buckets_aligned" in b and "teacher_entropy_aligned" in a
+
+
+def test_groups_of_several_tokens_train_the_same_on_any_split_into_ranks(tiny, pair_student, pair_teacher, tmp_path):
+    """Each side has pairs of its own, so groups of several tokens fall on both sides: the span term (summed per
+    group, divided by the global token count as every term) gives one step the same gradients and loss on 1, 2 and 3
+    ranks and any micro-batch size, and with span_weight 0 it is gone (the loss changes)."""
+    common = dict(pretrain=pair_student, teacher_model=pair_teacher, cross_tokenizer="true", train_batch_size=6,
+                  kd_coef=0.8, kd_loss="jsd")
+    runs = {nproc: _grads(tiny, tmp_path, f"w{nproc}", nproc, micro_train_batch_size=micro, **common)
+            for nproc, micro in ((1, 2), (2, 3), (3, 1))}
+    without = _grads(tiny, tmp_path, "off", 2, micro_train_batch_size=3, span_weight=0.0, **common)
+    for nproc in (2, 3):
+        assert runs[nproc]["metrics"]["loss"] == pytest.approx(runs[1]["metrics"]["loss"], rel=1e-5)
+        for name, g in runs[1]["grads"].items():
+            assert float((runs[nproc]["grads"][name] - g).abs().max()) <= 1e-5 * float(g.abs().max()) + 1e-9, name
+    assert without["metrics"]["kd"] < runs[1]["metrics"]["kd"]  # the groups' D is part of the KD term
+

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap, topk_in_student_vocabulary
+from fsdp_kd.data import Spans
 from fsdp_kd.kernel import Head
 from fsdp_kd.targets import LiveTargets, SparseTargets
 from fsdp_kd.loss import LossSpec, loss_against
-from fsdp_kd.testing.reference import dense_cross_vocab_loss
+from fsdp_kd.testing.reference import dense_cross_vocab_loss, dense_span_kd
 from test_loss import assert_close, spec_with
 
 N, HS, HT, VS, VT = 23, 12, 20, 97, 83
@@ -29,9 +30,10 @@ def inputs(seed=0, vs=VS, vt=VT, shared=40):
     return h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids
 
 
-def kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, uld_weight=0.5, uld_topk=7, aligned=None):
+def kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, uld_weight=0.5, uld_topk=7, aligned=None,
+                spans=None):
     vmap = VocabMap(s_ids, t_ids, w_s.shape[0], w_t.shape[0])
-    targets = CrossVocabTargets(h_t, Head(w_t), t_labels, vmap, uld_weight, uld_topk, aligned)
+    targets = CrossVocabTargets(h_t, Head(w_t), t_labels, vmap, uld_weight, uld_topk, aligned, spans)
     return loss_against(h_s, w_s, labels, spec, w_s.shape[0], targets)
 
 
@@ -247,3 +249,95 @@ def test_akl_with_nothing_shared_is_the_rest_buckets_and_uld_alone():
     assert_close(loss.detach(), ref_loss.detach())
     for g, r in zip(torch.autograd.grad(loss, (h_s, w_s)), torch.autograd.grad(ref_loss, (h_s, w_s))):
         assert_close(g, r)
+
+
+# groups of several tokens: (the student's rows, the teacher's count) over N = 23 rows; the third crosses the block cut
+# at row 12 of token_chunk 6, the last ends the call
+GROUPS = [([2, 3], 1), ([7], 3), ([10, 11, 12], 2), ([15], 1), ([20, 21, 22], 1)]
+
+
+def span_inputs(seed: int, groups=GROUPS):
+    """`inputs` with the teacher's span rows after its N aligned ones, and the groups' layout: rows in a group, and
+    every third row, are not aligned one to one."""
+    h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids = inputs(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    m = sum(count for _, count in groups)
+    h_t = torch.cat([h_t, torch.randn(m, HT, generator=g)])
+    t_labels = torch.cat([t_labels, torch.randint(0, VT, (m,), generator=g)])
+    aligned = (torch.arange(N) % 3 != 1).float()
+    for rows, _ in groups:
+        aligned[rows] = 0.0
+    spans = Spans.of([rows[0] for rows, _ in groups], [len(rows) for rows, _ in groups], [c for _, c in groups])
+    t_rows, at = [], N
+    for _, count in groups:
+        t_rows.append(list(range(at, at + count)))
+        at += count
+    return (h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids), aligned, spans, [
+        (rows, t) for (rows, _), t in zip(groups, t_rows)]
+
+
+def span_reference(spec, args, aligned, groups):
+    h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids = args
+    bucket_loss, bucket_kd = dense_cross_vocab_loss(h_s, w_s, labels, spec, VS, h_t[:N], w_t, VT, s_ids, t_ids, 0.5,
+                                                    7, aligned=aligned)
+    span_kd = dense_span_kd(h_s, w_s, labels, spec, VS, h_t, w_t, t_labels, VT, groups)
+    return bucket_loss + spec.kd_coef * span_kd, float(bucket_kd) + float(span_kd.detach())
+
+
+@pytest.mark.parametrize("divergence,tau,param", [("forward_kl", 1.0, 0), ("forward_kl", 2.0, 0),
+                                                  ("reverse_kl", 1.0, 0), ("jsd", 0.5, 0.3), ("tvd", 1.0, 0),
+                                                  ("skew_kl", 1.0, 0.1), ("skew_reverse_kl", 1.0, 0.1),
+                                                  ("akl", 1.0, 0.5)])
+def test_groups_of_several_tokens_match_the_dense_span_reference(divergence, tau, param):
+    """The span term (each side's chain-rule probability of a group's text, the divergence between the two
+    two-outcome distributions, once per group) beside the one-to-one rows' bucket term: loss, KD sum and gradients
+    equal the dense reference's, with a group across a block cut and one at the end of the call."""
+    args, aligned, spans, groups = span_inputs(8)
+    spec = spec_with(divergence, param, kd_coef=0.7, temperature=tau, vocab_chunk=13, token_chunk=6)
+    loss, metrics = kernel_loss(spec, *args, aligned=aligned, spans=spans)
+    ref_loss, ref_kd = span_reference(spec, args, aligned, groups)
+    assert_close(loss.detach(), ref_loss.detach())
+    assert math.isclose(float(metrics["kd"]), ref_kd, rel_tol=1e-5)
+    for g, r in zip(torch.autograd.grad(loss, args[:2]), torch.autograd.grad(ref_loss, args[:2])):
+        assert_close(g, r)
+
+
+def test_the_span_term_is_what_the_groups_add():
+    """Without its span rows the same call is the bucket term alone: the groups add their D and nothing else, and
+    the block cuts they move change nothing else."""
+    args, aligned, spans, groups = span_inputs(9)
+    spec = LossSpec(kd_coef=0.6, divergence="forward_kl", vocab_chunk=13, token_chunk=6)
+    _, with_spans = kernel_loss(spec, *args, aligned=aligned, spans=spans)
+    h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids = args
+    _, without = kernel_loss(spec, h_s, w_s, h_t[:N], w_t, labels, t_labels[:N], s_ids, t_ids, aligned=aligned)
+    span_kd = float(dense_span_kd(h_s, w_s, labels, spec, VS, h_t, w_t, t_labels, VT, groups).detach())
+    assert span_kd > 0.1
+    assert math.isclose(float(with_spans["kd"]) - float(without["kd"]), span_kd, rel_tol=1e-5)
+    for name in ("ce", "kl", "teacher_entropy", "student_entropy", "top1_agreement", "teacher_ce"):
+        assert math.isclose(float(with_spans[name]), float(without[name]), rel_tol=1e-6, abs_tol=1e-6), name
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_a_span_the_student_is_sure_of_keeps_an_exact_bounded_gradient(divergence):
+    """A group whose every token the student gives 1 - q below 1e-9, where 1 - Q rounds to 0 from the product and
+    dD/dlog Q = (Q - P)/(1 - Q) is ~1e9: the kernel sums the complement in log space and takes the gradient in its
+    bounded form, so loss and gradients stay finite and equal the float64 reference's."""
+    args, aligned, spans, groups = span_inputs(10)
+    h_s, w_s, labels = args[0].detach().clone(), args[1].detach(), args[4].clone()
+    for rows, _ in groups:
+        for r in rows:  # the label the row's most likely token, scaled until it leads the next one by 25
+            top = (h_s[r] @ w_s.T).topk(2)
+            labels[r] = top.indices[0]
+            h_s[r] *= 25.0 / float(top.values[0] - top.values[1])
+    args = (h_s.requires_grad_(), w_s.requires_grad_(), *args[2:4], labels, *args[5:])
+    log_q = torch.log_softmax(h_s.detach() @ w_s.T, -1).gather(1, labels[:, None])[:, 0]
+    assert all(float(log_q[rows].sum()) > -1e-9 for rows, _ in groups)  # 1 - Q < 1e-9: 0 from 1 - exp in fp32
+    spec = spec_with(divergence, 0.5, kd_coef=0.9, temperature=1.0, vocab_chunk=13, token_chunk=6)
+    loss, metrics = kernel_loss(spec, *args, aligned=aligned, spans=spans)
+    ref_loss, ref_kd = span_reference(spec, args, aligned, groups)
+    assert torch.isfinite(loss) and math.isfinite(ref_kd)
+    # the hidden states are scaled up: the logits' and the one-hot term's fp32 rounding (as the CE's) grow with them
+    assert_close(loss.detach(), ref_loss.detach(), rtol=1e-4)
+    for g, r in zip(torch.autograd.grad(loss, args[:2]), torch.autograd.grad(ref_loss, args[:2])):
+        assert torch.isfinite(g).all()
+        assert_close(g, r, rtol=1e-3)

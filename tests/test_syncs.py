@@ -240,6 +240,8 @@ PATHS = {  # name: (train.py flags over SMALL, what runs); a dataset or teacher_
     # max_len 64 keeps the rendered samples whole, so that every micro-batch still has padding)
     "privileged": ({"dataset": None, "teacher_model": "self", "teacher_system_prompt": "Translate.",
                     "apply_chat_template": True, "tokenizer_chat_template": CHAR_CHAT, "max_len": 64}, train_step),
+    # ... and another's (the pair student: groups of several tokens, the span term)
+    "cross_tokenizer_groups": ({"dataset": None, "cross_tokenizer": True, "pretrain": None}, train_step),
     "eval": ({"dataset": None, "eval_holdout_ratio": 0.5}, evaluate),
 }
 
@@ -247,7 +249,8 @@ PATHS = {  # name: (train.py flags over SMALL, what runs); a dataset or teacher_
 @pytest.mark.parametrize("path", list(PATHS))
 def test_a_steady_state_micro_batch_makes_no_host_sync(tiny, uneven, tmp_path, env, request, path):
     overrides, run = PATHS[path]
-    fixtures = {"dataset": lambda: uneven, "teacher_cache": lambda: request.getfixturevalue("cache")}
+    fixtures = {"dataset": lambda: uneven, "teacher_cache": lambda: request.getfixturevalue("cache"),
+                "pretrain": lambda: request.getfixturevalue("pair_student")}
     overrides = {k: fixtures[k]() if v is None and k in fixtures else v for k, v in overrides.items()}
     assert_only_the_metrics_read(steady_state_syncs(trainer_for(tiny, tmp_path / "run", env, **overrides), run))
 

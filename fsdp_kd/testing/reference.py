@@ -164,6 +164,23 @@ def dense_cross_vocab_loss(student_hidden, student_head, labels, spec: LossSpec,
     return ((1 - c) * ce + c * kd).sum(), kd.detach().double().sum()
 
 
+def dense_span_kd(student_hidden, student_head, labels, spec: LossSpec, student_vocab: int, teacher_hidden,
+                  teacher_head, teacher_labels, teacher_vocab: int, groups) -> torch.Tensor:
+    """The span term of `span_term` the obvious way, summed over `groups` (each a list of student rows and a list of
+    teacher rows, into the given hidden states and labels): both full log-softmaxes in float64, each side's
+    log-probability of the group's tokens summed along them, log(1 - Q) = log(-expm1(log Q)) by its definition, the
+    divergence between the two-outcome distributions, τ²; autograd for the gradient."""
+    _only_own_convention(spec)
+    tau = spec.temperature
+    log_q = F.log_softmax(dense_logits(student_hidden, student_head, student_vocab).double() / tau, dim=-1)
+    log_p = F.log_softmax(dense_logits(teacher_hidden, teacher_head, teacher_vocab).double() / tau, dim=-1)
+    ell_q, ell_p = log_q.gather(1, labels[:, None])[:, 0], log_p.gather(1, teacher_labels[:, None])[:, 0]
+    rows = [(ell_p[list(t_rows)].sum(), ell_q[list(s_rows)].sum()) for s_rows, t_rows in groups]
+    log_span = torch.stack([torch.stack(pair) for pair in rows])  # [G, 2]: log P, log Q
+    two = torch.stack([log_span, torch.log(-torch.expm1(log_span))], 2)  # [G, side, outcome]
+    return (_bucket_divergence(two[:, 0], two[:, 1], spec) * tau * tau).sum().float()
+
+
 def _renormalized(log_buckets: torch.Tensor) -> torch.Tensor:
     """Shared buckets renormalized over themselves, the rest bucket emptied."""
     shared = torch.log_softmax(log_buckets[:, :-1], dim=-1)
