@@ -282,7 +282,7 @@ def test_a_decomposed_accent_aligns_through_the_teachers_normalizer():
     composed = student(ACCENTED, add_special_tokens=False)["input_ids"]
     decomposed = student(unicodedata.normalize("NFD", ACCENTED), add_special_tokens=False)["input_ids"]
     assert len(decomposed) == len(composed) + 5  # the five accents: one byte more each
-    t_ids, s_ends, t_ends = retokenize.columns(decomposed)
+    t_ids, s_ends, t_ends, _ = retokenize.columns(decomposed)
     assert t_ids == teacher(ACCENTED, add_special_tokens=False)["input_ids"]
     s_aligned = np.diff(s_ends, prepend=0) == 1
     # one token per byte on both sides: every group is one to one but each accent's (the three bytes of e + U+0301
@@ -295,7 +295,7 @@ def test_the_teachers_bos_comes_first_and_joins_the_first_group():
     student, teacher = byte_tokenizer(), byte_tokenizer(bos=True)
     retokenize = TeacherTokenization(TokenBytes.of(student), TokenBytes.of(teacher), teacher)
     ids = student("hello there", add_special_tokens=False)["input_ids"]
-    t_ids, s_ends, t_ends = retokenize.columns(ids)
+    t_ids, s_ends, t_ends, _ = retokenize.columns(ids)
     assert t_ids == teacher("hello there")["input_ids"] and t_ids[0] == teacher.bos_token_id
     assert s_ends[0] == 1 and t_ends[0] == 2 and np.all(np.diff(t_ends) == 1)
     assert kd_share(retokenize, ids) == 1.0  # the BOS costs no aligned position
@@ -358,7 +358,8 @@ def test_the_teachers_tokens_stop_at_its_max_positions_and_the_rest_is_counted()
 
 
 def test_a_micro_batch_counts_its_trained_tokens_without_a_teacher_position_by_why():
-    """kd rows (`aligned`) and the left-out counts add up to the trained tokens."""
+    """kd rows (`aligned`), the rows of the groups the span term teaches and the left-out counts add up to the trained
+    tokens; the decomposed accent's group (3 student bytes against the teacher's 2) is taught, not left out."""
     from fsdp_kd.data import collate
     from fsdp_kd.records import IGNORE_INDEX, Sample
 
@@ -370,8 +371,8 @@ def test_a_micro_batch_counts_its_trained_tokens_without_a_teacher_position_by_w
         samples.append(Sample(ids, [IGNORE_INDEX] + ids[2:] + [IGNORE_INDEX], **retokenize.fields(ids)))
     batch = collate(samples, 0)
     multi, past, unaligned = batch.left_out
-    assert multi == 3 and past > 0 and unaligned == 0
-    assert int(batch.aligned.sum()) + sum(batch.left_out) == batch.target_rows.numel()
+    assert multi == 0 and past > 0 and unaligned == 0 and int(batch.spans.offsets[-1]) == 3
+    assert int(batch.aligned.sum()) + int(batch.spans.offsets[-1]) + sum(batch.left_out) == batch.target_rows.numel()
 
 
 def test_the_start_up_share_reads_a_sample_of_every_source():
@@ -385,6 +386,7 @@ def test_the_start_up_share_reads_a_sample_of_every_source():
     unaligned = Sample([1, 2, 3, 4], [IGNORE_INDEX, 3, 4, IGNORE_INDEX], teacher_ids=[],
                        teacher_positions=[-3, -3, -3, -3])
     teacher = object.__new__(CrossTokenizerTeacher)
+    teacher.span_weight = 1.0
     teacher.check(None, [[aligned] * 3000, [unaligned] * 5], None)
     assert teacher.aligned_share == pytest.approx(1000 / 1005)
     teacher.check(None, [[aligned] * 3000, [unaligned] * 5000], None)
