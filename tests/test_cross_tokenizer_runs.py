@@ -100,12 +100,12 @@ def test_a_teacher_with_another_tokenizer_teaches_the_student(tiny, pair_student
     train = [m for m in lines if "loss" in m]
     assert not any(m.get("skipped") for m in lines)  # every step finite and taken
     assert "kl_shared_buckets" in train[0] and "kl" not in train[0]
-    for m in train:  # every trained token has a KD term or a reason why not, counted
+    for m in train:  # every trained token has a KD term (per token, or the span term's) or a reason why not, counted
         left_out = [m[f"kd_left_out_{why}"] for why in LEFT_OUT.values()]
-        assert m["kd_tokens"] + sum(left_out) == m["tokens"]
-        assert m["kd_token_share"] == pytest.approx(m["kd_tokens"] / m["tokens"])
-    assert 0 < min(m["kd_token_share"] for m in train) < 1  # the pairs make some groups two to one
-    assert sum(m["kd_left_out_multi_token_group"] for m in train) > 0
+        assert m["kd_tokens"] + m["kd_span_tokens"] + sum(left_out) == m["tokens"]
+        assert m["kd_token_share"] == pytest.approx((m["kd_tokens"] + m["kd_span_tokens"]) / m["tokens"])
+    assert sum(m["kd_span_tokens"] for m in train) > 0  # the pairs make some groups two to one: the span term's
+    assert all(m["kd_token_share"] > m["kd_tokens"] / m["tokens"] for m in train if m["kd_span_tokens"])
     assert train[-1]["kd"] < 0.7 * train[0]["kd"]
     assert np.isfinite([m["loss"] for m in train]).all()
     assert any("eval_kl_shared_buckets" in m for m in lines)
@@ -165,8 +165,8 @@ def test_on_policy_responses_are_re_tokenized_for_the_teacher(tiny, pair_student
     assert len(train) == 3 and all(m["on_policy_share"] == 1.0 for m in train)
     assert all(np.isfinite(m["kl_on_policy"]) and m["kl_on_policy"] > 0 for m in train)
     # the student's own responses are counted like the data's: a KD term, or a reason why not
-    assert all(m["kd_tokens"] + sum(m[f"kd_left_out_{why}"] for why in LEFT_OUT.values()) == m["tokens"]
-               for m in train)
+    assert all(m["kd_tokens"] + m["kd_span_tokens"] + sum(m[f"kd_left_out_{why}"] for why in LEFT_OUT.values())
+               == m["tokens"] for m in train)
 
 
 def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny, pair_student, pair_teacher,
