@@ -171,9 +171,11 @@ def generate(env, flags, out_file):
                                   env.device)
     reference_model = AutoModelForCausalLM.from_pretrained(trainer.cfg.pretrain, dtype=torch.float32).eval()
     reference = [hf_generate(reference_model, [p], settings, seed)[0] for p, seed in zip(prompts, seeds)]
+    unmasked = [hf_generate(reference_model, [p], dataclasses.replace(settings, vocab_size=None), seed)[0]
+                for p, seed in zip(prompts, seeds)]  # the padded head rows left in: the control
     step_groups, flags_, stats = trainer.on_policy.rewrite(trainer.student, 0, [[trainer.data.train[i]]
                                                                                for i in range(4)])
-    return all_gather_object({"once": once, "per_token": per_token, "reference": reference,
+    return all_gather_object({"once": once, "per_token": per_token, "reference": reference, "unmasked": unmasked,
                               "stop_ids": list(settings.stop_ids), "max_new_tokens": settings.max_new_tokens,
                               "rewritten": [[(s.input_ids, s.targets) for s in g] for g in step_groups],
                               "flags": flags_})
