@@ -31,6 +31,36 @@ def test_the_prompt_of_a_multiturn_sample_ends_before_its_last_response():
     assert prompt_of(Sample(ids, targets)) == ids[:7]  # position 6 predicts 17, the last response's first token
 
 
+def test_one_generation_per_step_split_back_into_its_micro_batches(monkeypatch):
+    """OnPolicy.rewrite generates once for all of a step's chosen micro-batches, each row with the seed of its
+    (step, micro-batch, rank, row), and hands each chosen micro-batch its own rows back; the others are untouched."""
+    import fsdp_kd.on_policy as on_policy
+    from fsdp_kd.on_policy import GenerationSettings, OnPolicy, row_seed
+
+    calls = []
+
+    def fake_generate(root, prompts, settings, seeds, device):
+        calls.append(len(prompts))
+        return [[p[0], seed % 1000] for p, seed in zip(prompts, seeds)], 0.5
+
+    monkeypatch.setattr(on_policy, "generate", fake_generate)
+    settings = GenerationSettings(8, 1.0, 1.0, (2,), 64, 0)
+    policy = OnPolicy(0.5, seed=3, settings=settings, rank=1, device=torch.device("cpu"))
+    groups = [[make_sample([10 * i + j, 5], [7]) for j in range(3)] for i in range(6)]
+    out, flags, stats = policy.rewrite(None, 4, groups)
+    chosen = [i for i, on in enumerate(flags) if on]
+    assert 0 < len(chosen) < len(groups) and calls == [3 * len(chosen)]
+    for i, group in enumerate(out):
+        if i not in chosen:
+            assert group is groups[i]
+            continue
+        for j, sample in enumerate(group):
+            assert sample.input_ids == [10 * i + j, 5, 10 * i + j, row_seed(3, 4, i, 1, j) % 1000]
+    assert (stats.micro_batches, stats.sequences, stats.tokens, stats.seconds) == (len(chosen), 3 * len(chosen),
+                                                                                  6 * len(chosen), 0.5)
+    assert len({row_seed(3, 4, i, r, j) for i in range(6) for r in range(2) for j in range(3)}) == 36
+
+
 @pytest.mark.parametrize("name,expected", [("tok_qwen2.5_instruct", {"<|im_end|>"}),
                                            ("tok_phi3_mini_instruct", {"<|end|>", "<|endoftext|>"}),
                                            ("tok_smollm_360m_instruct", {"<|im_end|>"})])
