@@ -151,7 +151,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--hidden", type=int, default=576)
     parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--param_dtype", default="auto", help="train.py's param_dtype: auto is bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--param_dtype", default="auto",
+                        help="train.py's param_dtype: auto is bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.micro = [int(m) for m in args.micro.split(",")]
@@ -159,8 +160,7 @@ def main() -> None:
         worker(args)
         return
     realdata(TOKENIZER), realdata("gsm8k/train.jsonl")  # one line and out, before any worker starts
-    flags = [a for a in sys.argv[1:]]
-    r = run_worker(__file__, args.nproc, ["--worker", *flags])
+    r = run_worker(__file__, args.nproc, ["--worker", *sys.argv[1:]])
     seconds, tokens = r["new"]
     print(f"{args.nproc} ranks on {r['device']}, {args.prompts} prompts per rank and step, {args.new_tokens} new "
           f"tokens, {args.layers} layers, {args.steps} timed steps")

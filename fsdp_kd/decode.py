@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import to_device
+
 # With `torch.compile`, cache lengths are rounded up to a multiple of this, so that generations of different prompt
 # widths share compiled graphs instead of recompiling for every width.
 COMPILED_CACHE_ROUNDING = 64
@@ -108,9 +110,10 @@ def decode(lm, ids: torch.Tensor, mask: torch.Tensor, decoding: Decoding, sampli
     full_mask = torch.ones(rows, length, dtype=mask.dtype, device=device)
     full_mask[:, :width] = mask
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate numbers them
-    logits = _forward(lm, ids, full_mask, positions, torch.arange(width, device=device), cache).to(torch.float32, copy=True)
+    prefill = _forward(lm, ids, full_mask, positions, torch.arange(width, device=device), cache)
+    logits = prefill.to(torch.float32, copy=True)
     forward = _compiled_forward(device) if decoding.compile else _forward
-    stop_ids = torch.tensor(decoding.stop_ids, dtype=torch.long).to(device, non_blocking=True)
+    stop_ids = to_device(torch.tensor(decoding.stop_ids, dtype=torch.long), device)
     tokens = torch.full((rows, decoding.new_tokens), decoding.pad_id, dtype=torch.long, device=device)
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     noise = torch.empty_like(logits) if sampling.temperature > 0 else None

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import FSDPModule
+
 from .data import to_device
 from .decode import Decoding, Sampling, decode, row_generators
 from .distributed import all_reduce_max, all_reduce_sum, side_size
@@ -116,7 +117,7 @@ def generate(root, prompts: list[list[int]], settings: GenerationSettings, seeds
         mask[row, width - len(prompt):] = 1
     budget = max(1, min(settings.max_new_tokens, settings.max_len - width))
     together = must_step_together(settings)
-    new_tokens = int(all_reduce_max(torch.tensor([budget]))) if together else budget  # once per generation
+    new_tokens = int(all_reduce_max(to_device(torch.tensor([budget]), device))) if together else budget  # once
     lm, was_training = root.lm, root.lm.training
     lm.eval()
     try:

@@ -10,7 +10,7 @@ MODE families for each model, shard, train a step, export, and compare the expor
 MODE load     each model loaded into shards (as student, and as an offloaded teacher) against
               from_pretrained: the largest difference of any tensor                            ARGS: NAME=DIR ...
 MODE generate every rank's on-policy responses to its prompts (gathered once, and re-gathered per token), and
-              single-process HF generate of the same weights, each prompt alone with its row's seed  ARGS: train.py flags
+              single-process HF generate of the same weights, each prompt alone with its seed  ARGS: train.py flags
 """
 
 import dataclasses
