@@ -29,7 +29,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")))
 
 from bench.launch import run_worker  # noqa: E402
 from bench.realdata import realdata  # noqa: E402
@@ -86,39 +86,45 @@ def worker(args) -> None:
         start = step * per_step + env.rank * args.prompts
         return prompts[start:start + args.prompts]
 
-    def new(step: int) -> list[list[int]]:
-        seeds = [row_seed(0, step, row // args.prompts, env.rank, row) for row in range(args.prompts)]
-        return generate(root, mine(step), settings, seeds, env.device)[0]
+    def new(step: int, s: GenerationSettings) -> list[list[int]]:
+        seeds = [row_seed(0, step, 0, env.rank, row) for row in range(args.prompts)]
+        return generate(root, mine(step), s, seeds, env.device)[0]
 
-    def previous(step: int, micro: int) -> list[list[int]]:
+    def previous(step: int, s: GenerationSettings, micro: int) -> list[list[int]]:
         out = []
         for i in range(0, args.prompts, micro):
             with gathered(root):
                 root.lm.eval()
-                out += hf_generate(root.lm, mine(step)[i:i + micro], settings, row_seed(0, step, i, env.rank, 0))
+                out += hf_generate(root.lm, mine(step)[i:i + micro], s, row_seed(0, step, i, env.rank, 0))
         return out
 
-    def timed(fn) -> tuple[float, int]:
-        """(seconds on the slowest rank, tokens of every rank) of `fn()` over the timed steps, after a warm-up."""
-        fn(args.steps)  # warm-up on the spare prompts
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        dist.barrier()
-        start, tokens = time.perf_counter(), 0
-        for step in range(args.steps):
-            tokens += sum(map(len, fn(step)))
-        if env.device.type == "cuda":
-            torch.cuda.synchronize()
-        totals = torch.tensor([time.perf_counter() - start, tokens], dtype=torch.float64)
-        seconds = totals[:1].clone().to(env.device)
-        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        count = totals[1:].clone().to(env.device)
+    paths = {"new": new, **{f"previous_{micro}": (lambda step, s, m=micro: previous(step, s, m))
+                            for micro in args.micro}}
+    warm = dataclasses.replace(settings, max_new_tokens=args.warmup_tokens)
+    for path in paths.values():  # warm-up on the spare prompts, a few tokens each
+        path(args.steps, warm)
+    wall = {name: 0.0 for name in paths}
+    cpu = dict(wall)
+    tokens = {name: 0 for name in paths}
+    for step in range(args.steps):  # the paths take turns, so that a shared machine's load drifts over all of them
+        for name, path in paths.items():
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            dist.barrier()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            tokens[name] += sum(map(len, path(step, settings)))
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()
+            wall[name] += time.perf_counter() - start
+            cpu[name] += time.process_time() - start_cpu
+    result = {}
+    for name in paths:
+        totals = torch.tensor([wall[name], cpu[name], tokens[name]], dtype=torch.float64)
+        slowest = totals[:2].clone().to(env.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        count = totals[2:].clone().to(env.device)
         dist.all_reduce(count)
-        return float(seconds), int(count)
-
-    result = {"new": timed(new)}
-    for micro in args.micro:
-        result[f"previous_{micro}"] = timed(lambda step: previous(step, micro))
+        result[name] = (float(slowest[0]), float(slowest[1]), int(count))
 
     def syncs(new_tokens: int) -> int:
         short = dataclasses.replace(settings, max_new_tokens=new_tokens, stop_ids=(-1,))  # every row full length
@@ -146,6 +152,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="prompts per rank and step")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--micro", default="1,8", help="the previous path's micro-batch sizes, comma-separated")
+    parser.add_argument("--warmup_tokens", type=int, default=8, help="new tokens of each path's warm-up step")
     parser.add_argument("--check_every", type=int, default=16, help="generate_stop_check_every")
     parser.add_argument("--compile", action="store_true", help="generate_compile (CUDA graphs on CUDA)")
     parser.add_argument("--layers", type=int, default=30)
@@ -161,17 +168,20 @@ def main() -> None:
         return
     realdata(TOKENIZER), realdata("gsm8k/train.jsonl")  # one line and out, before any worker starts
     r = run_worker(__file__, args.nproc, ["--worker", *sys.argv[1:]])
-    seconds, tokens = r["new"]
+    seconds, cpu_seconds, tokens = r["new"]
     print(f"{args.nproc} ranks on {r['device']}, {args.prompts} prompts per rank and step, {args.new_tokens} new "
-          f"tokens, {args.layers} layers, {args.steps} timed steps")
-    print(f"| path | tokens | seconds | tok/s |\n|---|---|---|---|\n| new (one decode per step) | {tokens} | "
-          f"{seconds:.2f} | {tokens / seconds:.1f} |")
-    lines = []
+          f"tokens, {args.layers} layers, {args.steps} timed steps (the paths take turns)")
+    print(f"| path | tokens | seconds | tok/s | CPU seconds of the busiest rank |\n|---|---|---|---|---|\n"
+          f"| new (one decode per step) | {tokens} | {seconds:.2f} | {tokens / seconds:.1f} | {cpu_seconds:.2f} |")
+    lines, cpu_lines = [], []
     for micro in args.micro:
-        old_seconds, old_tokens = r[f"previous_{micro}"]
-        print(f"| previous, micro-batch {micro} | {old_tokens} | {old_seconds:.2f} | {old_tokens / old_seconds:.1f} |")
+        old_seconds, old_cpu, old_tokens = r[f"previous_{micro}"]
+        print(f"| previous, micro-batch {micro} | {old_tokens} | {old_seconds:.2f} | {old_tokens / old_seconds:.1f} | "
+              f"{old_cpu:.2f} |")
         lines.append(f"{tokens / seconds:.1f} tok/s vs the previous path {old_tokens / old_seconds:.1f} tok/s = "
                      f"{(tokens / seconds) / (old_tokens / old_seconds):.2f}× at micro-batch {micro}")
+        cpu_lines.append(f"{(tokens / cpu_seconds) / (old_tokens / old_cpu):.2f}× at micro-batch {micro}")
+    print("per CPU second (what the load of other processes does not change): " + ", ".join(cpu_lines))
     print(f"host syncs per generated token: {r['syncs_per_token']:g}; per generation, whatever its length: "
           f"{r['sync_report']}")
     print("generation: " + "; ".join(lines))
