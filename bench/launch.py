@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+REPO = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def run_worker(script: str, nproc: int, args: list[str]) -> dict:

@@ -255,13 +255,16 @@ def on_policy_step(args, env, student_root, teacher_root, optimizer, spec, ids) 
         dist.barrier()
         return out, time.perf_counter() - start
 
-    generate(student_root, prompts, settings, 0, env.device)  # warm-up
+    seeds = [env.rank * len(prompts) + row for row in range(len(prompts))]
+    generate(student_root, prompts, settings, seeds, env.device)  # warm-up
     times = {"generate": 0.0, "generate per token": 0.0, "teacher": 0.0, "student": 0.0}
     generated = 0
     for step in range(args.steps):
-        (responses, _), seconds = synced(lambda: generate(student_root, prompts, settings, step, env.device))
+        (responses, _), seconds = synced(lambda: generate(student_root, prompts, settings, [step + s for s in seeds],
+                                                        env.device))
         times["generate"] += seconds
-        _, seconds = synced(lambda: generate(student_root, prompts, per_token, step, env.device))
+        _, seconds = synced(lambda: generate(student_root, prompts, per_token, [step + s for s in seeds],
+                                                 env.device))
         times["generate per token"] += seconds
         generated += sum(map(len, responses)) * env.world_size
         batch = collate([with_response(p, r) for p, r in zip(prompts, responses)], 0).to(env.device)

@@ -217,6 +217,11 @@ class TrainConfig:
     generate_top_p: float = opt(1.0, "on-policy: nucleus sampling's probability mass; 1: off")
     generate_gather_once: bool = opt(True, "hold the whole student gathered while it generates; false: re-gather "
                                            "each layer per token (a student too big to hold whole)")
+    generate_stop_check_every: int = opt(16, "on-policy: tokens between reads of the stop flags (each read is one "
+                                             "host sync; generation ends at most this many tokens after the last "
+                                             "response stops)", must_be=">= 1")
+    generate_compile: bool = opt(False, "on-policy: torch.compile the decoding forward (on CUDA with CUDA graphs); "
+                                        "the first steps pay for compiling")
 
     teacher_cache: str | None = opt(None, "a directory of the teacher's stored distributions: cache_teacher writes "
                                           "it, training reads it instead of running a teacher", section="Teacher cache")

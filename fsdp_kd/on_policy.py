@@ -8,26 +8,27 @@ trains like any micro-batch, against the live teacher (a cache cannot grade text
 CE term is off on these micro-batches unless `on_policy_ce` is set, since it would only reinforce the student's own
 samples; the KD term keeps its weight `kd_coef`.
 
-Generation runs with the student gathered once for the whole `generate` (every FSDP unit unsharded, resharded after),
-with a KV cache and left-padded prompts, so the layers are not gathered again for every token. Each rank seeds its
-sampling from (seed, step, micro-batch, rank): a resumed run writes exactly the same responses. Ids past the
-tokenizer (a padded head's rows) are never sampled.
+A rank generates once per step: the prompts of all its on-policy micro-batches in one left-padded batch, with the
+student gathered once for it (every FSDP unit unsharded, resharded after), so the layers are not gathered again for
+every token; `decode` runs the loop (static KV cache, sampling and stop tracking on the device, no host sync per
+token). Each row samples from its own stream seeded from (seed, step, micro-batch, rank, row): a resumed run writes
+exactly the same responses, however the rows are batched. Ids past the tokenizer (a padded head's rows) are never
+sampled.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from .data import to_device
-from .distributed import side_size
+from .decode import Decoding, Sampling, decode, row_generators
+from .distributed import all_reduce_max, all_reduce_sum, side_size
 from .records import IGNORE_INDEX, Sample
 
 
@@ -41,6 +42,8 @@ class GenerationSettings:
     pad_id: int
     gather_once: bool = True  # the whole student gathered for the whole generate; False: FSDP re-gathers per token
     vocab_size: int | None = None  # the tokenizer's length: head rows from it on are padding, never sampled
+    check_every: int = 16  # tokens between reads of the stop flags (`decode`)
+    compile: bool = False  # torch.compile the decode forward (CUDA graphs on CUDA)
 
 
 def stop_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
@@ -77,7 +80,7 @@ def with_response(prompt: list[int], response: list[int]) -> Sample:
 
 @contextmanager
 def gathered(root, every_unit: bool = True):
-    """The student gathered for a stretch of forwards that `root`'s own forward does not wrap (`lm.generate`).
+    """The student gathered for a stretch of forwards that `root`'s own forward does not wrap (`decode`).
 
     The root unit (embeddings, norm, head, which FSDP gathers in the root's forward) is gathered for the whole block.
     With `every_unit`, so are the decoder layers: FSDP would otherwise gather each layer again (and free it) at every
@@ -99,10 +102,12 @@ def gathered(root, every_unit: bool = True):
 
 
 @torch.no_grad()
-def generate(root, prompts: list[list[int]], settings: GenerationSettings, seed: int,
+def generate(root, prompts: list[list[int]], settings: GenerationSettings, seeds: list[int],
              device: torch.device) -> tuple[list[list[int]], float]:
     """(responses, seconds): each prompt's sampled continuation, cut after its first stop token (kept) or at
-    `max_new_tokens` (or where prompt + response reaches max_len). Left-padded batch, KV cache, no gradients."""
+    `max_new_tokens` (or where prompt + response reaches max_len). Left-padded batch, static KV cache, no gradients,
+    no host sync per token (`decode`); row r samples from its own stream seeded with `seeds[r]`, so its response
+    does not depend on the other rows of the batch."""
     started = time.perf_counter()
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), settings.pad_id, dtype=torch.long)
@@ -110,58 +115,41 @@ def generate(root, prompts: list[list[int]], settings: GenerationSettings, seed:
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
-    new_tokens = max(1, min(settings.max_new_tokens, settings.max_len - width))
+    budget = max(1, min(settings.max_new_tokens, settings.max_len - width))
+    together = must_step_together(settings)
+    new_tokens = int(all_reduce_max(to_device(torch.tensor([budget]), device))) if together else budget  # once
     lm, was_training = root.lm, root.lm.training
     lm.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), gathered(root, settings.gather_once):
-            torch.manual_seed(seed)
-            out = lm.generate(input_ids=to_device(ids, device), attention_mask=to_device(mask, device),
-                              generation_config=generation_config(settings, new_tokens),
-                              logits_processor=LogitsProcessorList([NoPaddedRows(settings.vocab_size)]),
-                              synced_gpus=must_step_together(settings))
+        with gathered(root, settings.gather_once):
+            tokens = decode(lm, to_device(ids, device), to_device(mask, device),
+                            Decoding(new_tokens, settings.stop_ids, settings.pad_id, settings.check_every,
+                                     settings.compile),
+                            Sampling(settings.temperature, settings.top_p, settings.vocab_size),
+                            row_generators(seeds, device), all_ranks_done if together else None)
     finally:
         lm.train(was_training)
-    responses = []
-    for row in out[:, width:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in settings.stop_ids), len(row))
-        responses.append(row[:cut])
+    responses = [cut_at_stop(row, settings.stop_ids) for row in tokens[:, :budget].tolist()]
     return responses, time.perf_counter() - started
 
 
+def cut_at_stop(tokens: list[int], stop_ids) -> list[int]:
+    """A response up to and with its first stop token; all of it when it has none."""
+    return tokens[:next((i + 1 for i, t in enumerate(tokens) if t in stop_ids), len(tokens))]
+
+
+def all_ranks_done(flags: torch.Tensor) -> bool:
+    """Whether every row of every rank has stopped: one all-reduce per stop check, for ranks that must step
+    together."""
+    return int(all_reduce_sum((~flags).sum().reshape(1))) == 0
+
+
 def must_step_together(settings: GenerationSettings) -> bool:
-    """Whether every rank must run as many forwards as the longest generation of any rank (transformers'
-    `synced_gpus`): when FSDP gathers layers per token (`gather_once` false), each forward is a collective, and a
-    rank whose responses have all ended must keep joining them. Gathered once, a forward is local, and a rank that is
-    done goes on without a per-token all-reduce. Said explicitly: transformers would guess it from an attribute FSDP
-    happens to set."""
+    """Whether every rank must run as many forwards as the longest generation of any rank: when FSDP gathers layers
+    per token (`gather_once` false), each forward is a collective, so a rank whose responses have all ended keeps
+    joining them, and all ranks take the largest token budget of any rank (trimming their own responses to theirs).
+    Gathered once, a forward is local, and a rank that is done goes on without a collective."""
     return not settings.gather_once and side_size() > 1
-
-
-class NoPaddedRows(LogitsProcessor):
-    """No probability for the output head's rows at or past the tokenizer's length: heads are padded (Qwen2.5's has
-    151,936 rows for 151,665 tokens), and a padded row is no token. transformers runs the processors it is given
-    before temperature and top-p, so the nucleus is taken over tokens only. One fill of a fixed slice per token, in
-    place (generate hands the processors its own fp32 copy of the logits): no mask built, no host sync."""
-
-    def __init__(self, vocab_size: int | None):
-        self.vocab_size = vocab_size
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.vocab_size is not None:
-            scores[:, self.vocab_size:] = -math.inf
-        return scores
-
-
-def generation_config(settings: GenerationSettings, new_tokens: int):
-    """Exactly the run's sampling: plain temperature and nucleus sampling (no top-k, no penalties), whatever the
-    model's own generation_config.json suggests."""
-    from transformers import GenerationConfig
-
-    sample = settings.temperature > 0
-    return GenerationConfig(max_new_tokens=new_tokens, do_sample=sample, temperature=settings.temperature if sample
-                            else None, top_p=settings.top_p if sample else None, top_k=0 if sample else None,
-                            eos_token_id=list(settings.stop_ids), pad_token_id=settings.pad_id, use_cache=True)
 
 
 @dataclass
@@ -188,26 +176,32 @@ class OnPolicy:
 
     def rewrite(self, root, step: int, groups: list[list[Sample]]) -> tuple[list[list[Sample]], list[bool],
                                                                             GenerationStats]:
-        stats = GenerationStats()
+        """The step's micro-batches with the student's responses in the chosen ones: all of them generated in one
+        batch (the student gathered once), each row from its own stream (`row_seed`), so a response depends on
+        (seed, step, micro-batch, rank, row) only, not on how the rows were batched. Every rank agrees on which
+        micro-batches are chosen, so every rank generates (a collective gather) or none does."""
         flags = [self.chosen(step, i) for i in range(len(groups))]
-        out = []
-        for i, (group, on) in enumerate(zip(groups, flags)):
-            if not on:
-                out.append(group)
-                continue
-            prompts = [prompt_of(s) for s in group]
-            seed = ((self.seed * 1_000_003 + step) * 1009 + i) * 131 + self.rank
-            responses, seconds = generate(root, prompts, self.settings, seed, self.device)
-            samples = [with_response(p, r) for p, r in zip(prompts, responses)]
-            if self.retokenize is not None:  # host string work, about a millisecond a sample (docs/cross_tokenizer.md)
-                samples = [dataclasses.replace(s, **self.retokenize.rewritten(old, s))
-                           for old, s in zip(group, samples)]
-            out.append(samples)
-            stats.micro_batches += 1
-            stats.sequences += len(group)
-            stats.tokens += sum(map(len, responses))
-            stats.seconds += seconds
+        chosen = [i for i, on in enumerate(flags) if on]
+        if not chosen:
+            return groups, flags, GenerationStats()
+        prompts = [prompt_of(s) for i in chosen for s in groups[i]]
+        seeds = [row_seed(self.seed, step, i, self.rank, row) for i in chosen for row in range(len(groups[i]))]
+        responses, seconds = generate(root, prompts, self.settings, seeds, self.device)
+        samples = [with_response(p, r) for p, r in zip(prompts, responses)]
+        if self.retokenize is not None:  # host string work, about a millisecond a sample (docs/cross_tokenizer.md)
+            originals = [s for i in chosen for s in groups[i]]
+            samples = [dataclasses.replace(s, **self.retokenize.rewritten(old, s))
+                       for old, s in zip(originals, samples)]
+        out, taken = list(groups), 0
+        for i in chosen:
+            out[i], taken = samples[taken:taken + len(groups[i])], taken + len(groups[i])
+        stats = GenerationStats(len(chosen), len(prompts), sum(map(len, responses)), seconds)
         return out, flags, stats
+
+
+def row_seed(seed: int, step: int, micro_batch: int, rank: int, row: int) -> int:
+    """The seed of one row's sampling stream, from the run's seed and where the row is: a resumed run draws the same."""
+    return (((((seed * 1_000_003 + step) * 1009 + micro_batch) * 131 + rank) * 8191 + row)) % 2 ** 63
 
 
 def on_policy_metrics(metrics: dict, kl_on: float, kd_tokens_on: float, on_batches: float, batches: float,

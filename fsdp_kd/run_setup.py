@@ -147,11 +147,13 @@ def load_models(cfg: TrainConfig, env: DistEnv, ready: Preflight, log) -> Models
 def _on_policy(cfg: TrainConfig, env: DistEnv, ready: Preflight, log) -> OnPolicy:
     settings = GenerationSettings(cfg.generate_max_new_tokens, cfg.generate_temperature, cfg.generate_top_p,
                                   stop_token_ids(ready.tokenizer, _generation_config(cfg.pretrain)),
-                                  cfg.max_len, ready.data.pad_id, cfg.generate_gather_once, ready.teacher.vocab_size)
+                                  cfg.max_len, ready.data.pad_id, cfg.generate_gather_once, ready.teacher.vocab_size,
+                                  cfg.generate_stop_check_every, cfg.generate_compile)
     log(f"on-policy: {cfg.on_policy_ratio:.0%} of micro-batches train on the student's own responses "
         f"(up to {cfg.generate_max_new_tokens} tokens, temperature {cfg.generate_temperature:g}, top-p "
         f"{cfg.generate_top_p:g}, stop ids {list(settings.stop_ids)}; student "
-        f"{'gathered once per generate' if cfg.generate_gather_once else 're-gathered per token'}; CE "
+        f"{'gathered once per generate' if cfg.generate_gather_once else 're-gathered per token'}"
+        f"{', decoding compiled' if cfg.generate_compile else ''}; CE "
         f"{'on' if cfg.on_policy_ce else 'off'} there)")
     return OnPolicy(cfg.on_policy_ratio, cfg.seed, settings, env.rank, env.device, ready.teacher.retokenize)
 

@@ -9,8 +9,8 @@ MODE gathers  teacher parameters all-gathered for one micro-batch's targets     
 MODE families for each model, shard, train a step, export, and compare the export's logits   ARGS: FAMILY=DIR ...
 MODE load     each model loaded into shards (as student, and as an offloaded teacher) against
               from_pretrained: the largest difference of any tensor                            ARGS: NAME=DIR ...
-MODE generate every rank's on-policy responses to its prompts (gathered once, and re-gathered per token), and a
-              single-process HF generate of the same weights with the same seed                ARGS: train.py flags
+MODE generate every rank's on-policy responses to its prompts (gathered once, and re-gathered per token), and
+              single-process HF generate of the same weights, each prompt alone with its seed  ARGS: train.py flags
 MODE teacher_logits  the teacher's logits at the trained rows of the first samples, and of their on-policy
               rewrites                                                                         ARGS: train.py flags
 MODE preempt  train.py's run whole (its exit code), with a signal raised in one rank's own process at a chosen
@@ -167,29 +167,23 @@ def generate(env, flags, out_file):
     from transformers import AutoModelForCausalLM
 
     from fsdp_kd.distributed import all_gather_object
-    from fsdp_kd.on_policy import generate as fsdp_generate, generation_config, prompt_of
+    from fsdp_kd.on_policy import generate as fsdp_generate, prompt_of
+    from fsdp_kd.testing.reference import hf_generate
 
     trainer = trainer_from(flags, env)
     settings = trainer.on_policy.settings
     prompts = [prompt_of(trainer.data.train[i]) for i in range(env.rank * 5, env.rank * 5 + 5)]
-    seed = 1234 + env.rank
-    once, _ = fsdp_generate(trainer.student, prompts, settings, seed, env.device)
-    per_token, _ = fsdp_generate(trainer.student, prompts, dataclasses.replace(settings, gather_once=False), seed,
+    seeds = [1234 + 10 * env.rank + row for row in range(len(prompts))]
+    once, _ = fsdp_generate(trainer.student, prompts, settings, seeds, env.device)
+    per_token, _ = fsdp_generate(trainer.student, prompts, dataclasses.replace(settings, gather_once=False), seeds,
                                   env.device)
     reference_model = AutoModelForCausalLM.from_pretrained(trainer.cfg.pretrain, dtype=torch.float32).eval()
-    width = max(map(len, prompts))
-    ids = torch.tensor([[settings.pad_id] * (width - len(p)) + p for p in prompts])
-    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
-    torch.manual_seed(seed)
-    out = reference_model.generate(input_ids=ids, attention_mask=mask,
-                                   generation_config=generation_config(settings, settings.max_new_tokens))
-    reference = []
-    for row in out[:, width:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in settings.stop_ids), len(row))
-        reference.append(row[:cut])
+    reference = [hf_generate(reference_model, [p], settings, seed)[0] for p, seed in zip(prompts, seeds)]
+    unmasked = [hf_generate(reference_model, [p], dataclasses.replace(settings, vocab_size=None), seed)[0]
+                for p, seed in zip(prompts, seeds)]  # the padded head rows left in: the control
     step_groups, flags_, stats = trainer.on_policy.rewrite(trainer.student, 0, [[trainer.data.train[i]]
                                                                                for i in range(4)])
-    return all_gather_object({"once": once, "per_token": per_token, "reference": reference,
+    return all_gather_object({"once": once, "per_token": per_token, "reference": reference, "unmasked": unmasked,
                               "stop_ids": list(settings.stop_ids), "max_new_tokens": settings.max_new_tokens,
                               "rewritten": [[(s.input_ids, s.targets) for s in g] for g in step_groups],
                               "flags": flags_})

@@ -1,8 +1,6 @@
 """On-policy distillation: generation under FSDP2 equals HF generate, responses end at stop tokens, the step trains
 only on them at λ = 1, and prompts, responses and stop tokens are taken apart right."""
 
-import sys
-
 import pytest
 import torch
 
@@ -31,6 +29,36 @@ def test_the_prompt_of_a_multiturn_sample_ends_before_its_last_response():
     from fsdp_kd.records import Sample
 
     assert prompt_of(Sample(ids, targets)) == ids[:7]  # position 6 predicts 17, the last response's first token
+
+
+def test_one_generation_per_step_split_back_into_its_micro_batches(monkeypatch):
+    """OnPolicy.rewrite generates once for all of a step's chosen micro-batches, each row with the seed of its
+    (step, micro-batch, rank, row), and hands each chosen micro-batch its own rows back; the others are untouched."""
+    import fsdp_kd.on_policy as on_policy
+    from fsdp_kd.on_policy import GenerationSettings, OnPolicy, row_seed
+
+    calls = []
+
+    def fake_generate(root, prompts, settings, seeds, device):
+        calls.append(len(prompts))
+        return [[p[0], seed % 1000] for p, seed in zip(prompts, seeds)], 0.5
+
+    monkeypatch.setattr(on_policy, "generate", fake_generate)
+    settings = GenerationSettings(8, 1.0, 1.0, (2,), 64, 0)
+    policy = OnPolicy(0.5, seed=3, settings=settings, rank=1, device=torch.device("cpu"))
+    groups = [[make_sample([10 * i + j, 5], [7]) for j in range(3)] for i in range(6)]
+    out, flags, stats = policy.rewrite(None, 4, groups)
+    chosen = [i for i, on in enumerate(flags) if on]
+    assert 0 < len(chosen) < len(groups) and calls == [3 * len(chosen)]
+    for i, group in enumerate(out):
+        if i not in chosen:
+            assert group is groups[i]
+            continue
+        for j, sample in enumerate(group):
+            assert sample.input_ids == [10 * i + j, 5, 10 * i + j, row_seed(3, 4, i, 1, j) % 1000]
+    assert (stats.micro_batches, stats.sequences, stats.tokens, stats.seconds) == (len(chosen), 3 * len(chosen),
+                                                                                  6 * len(chosen), 0.5)
+    assert len({row_seed(3, 4, i, r, j) for i in range(6) for r in range(2) for j in range(3)}) == 36
 
 
 @pytest.mark.parametrize("name,expected", [("tok_qwen2.5_instruct", {"<|im_end|>"}),
@@ -95,32 +123,31 @@ def biased_student(tiny, path, padded_rows: int, eos_bias: float) -> int:
 def test_the_student_never_samples_a_padded_head_row(tiny, tmp_path):
     """Ids at or past the tokenizer's length are not tokens: on-policy generation gives them no probability, gathered
     once or per token, even from a head that favours them (HF generate on the same weights, the control, samples
-    them)."""
+    them), and samples what HF generate with those rows masked samples."""
     path = tmp_path / "student"
     tokens = biased_student(tiny, path, padded_rows=51, eos_bias=0.0)
     out = tmp_path / "gen.pt"
     torchrun([WORKER, "generate", str(out), *train_args(tiny, tmp_path / "run", pretrain=path, on_policy_ratio=1.0,
                                                         generate_max_new_tokens=10)])
     for r in torch.load(out, weights_only=False):
-        assert any(t >= tokens for response in r["reference"] for t in response)
+        assert any(t >= tokens for response in r["unmasked"] for t in response)
+        assert r["once"] == r["reference"] == r["per_token"]
         sampled = [t for response in r["once"] + r["per_token"] for t in response]
         sampled += [t for group in r["rewritten"] for ids, _ in group for t in ids]
         assert sampled and max(sampled) < tokens, sorted(set(sampled))[-5:]
 
 
-def test_ranks_generating_per_token_stay_in_step_without_transformers_guessing(tiny, tmp_path):
+def test_ranks_generating_per_token_stay_in_step(tiny, tmp_path):
     """generate_gather_once false gathers each layer for every token, a collective, so a rank whose responses have
-    all ended must keep stepping until every rank's have (`synced_gpus`). on_policy asks for it; transformers' own
-    guess from an FSDP attribute is switched off here, and ranks whose responses end at different lengths finish."""
+    all ended must keep stepping until every rank's have (`must_step_together`: a global token budget and an
+    all-reduce at each stop check). Ranks whose responses end at different lengths finish, with the responses of
+    the gathered-once path."""
     path = tmp_path / "student"
     biased_student(tiny, path, padded_rows=0, eos_bias=3.0)  # responses end at varied lengths
     out = tmp_path / "gen.pt"
-    unguessing = ("import runpy, sys; import transformers.generation.utils as generation; "
-                  "generation.is_fsdp_managed_module = lambda module: False; "
-                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-    torchrun(["--no-python", sys.executable, "-c", unguessing, WORKER, "generate", str(out),
-              *train_args(tiny, tmp_path / "run", pretrain=path, on_policy_ratio=1.0, generate_max_new_tokens=30,
-                          dist_timeout_minutes=1)])
+    torchrun([WORKER, "generate", str(out), *train_args(tiny, tmp_path / "run", pretrain=path, on_policy_ratio=1.0,
+                                                        generate_max_new_tokens=30, dist_timeout_minutes=1,
+                                                        generate_stop_check_every=2)])
     ranks = torch.load(out, weights_only=False)
     assert all(r["per_token"] == r["once"] for r in ranks)
     longest = [max(map(len, r["per_token"])) for r in ranks]

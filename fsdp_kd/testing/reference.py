@@ -5,6 +5,8 @@
   the loss against a cached teacher, on the bucketed distributions.
 - The chat-template response mask by its definition (every prefix tokenized by the template) for the one-rendering
   `records.chat_token_mask`: the tests check equality on real data, `bench/data_bench.py` measures the cost.
+- On-policy generation as it was before `decode`: transformers' `generate` (dynamic cache, a host sync per token) on
+  one batch of prompts: the tests check `decode`'s tokens against it, `bench/generate_bench.py` times it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from transformers import LogitsProcessor
 
 from ..kernel import Head, as_head
 from ..loss import LossSpec
@@ -263,3 +266,40 @@ def prefix_chat_token_mask(messages: list[dict], tokenizer, all_assistant_turns:
             end += 1
         trainable[start:end] = [True] * (end - start)
     return full, trainable
+
+
+class NoPaddedRows(LogitsProcessor):
+    """A logits processor for `generate` that gives no probability to the output head's rows at or past the
+    tokenizer's length (as `decode.next_tokens` does): run before temperature and top-p, so the nucleus is taken
+    over tokens only."""
+
+    def __init__(self, vocab_size: int | None):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.vocab_size is not None:
+            scores[:, self.vocab_size:] = -math.inf
+        return scores
+
+
+def hf_generate(lm, prompts: list[list[int]], settings, seed: int, new_tokens: int | None = None) -> list[list[int]]:
+    """Responses to `prompts` (one left-padded batch) from transformers' `generate` with the global generator
+    seeded with `seed`, sampled as `on_policy.GenerationSettings` says (plain temperature and top-p: no top-k, no
+    penalties, whatever the model's generation_config.json says), each cut after its first stop token."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from ..on_policy import cut_at_stop
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[settings.pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    sample = settings.temperature > 0
+    config = GenerationConfig(max_new_tokens=new_tokens or settings.max_new_tokens, do_sample=sample,
+                              temperature=settings.temperature if sample else None,
+                              top_p=settings.top_p if sample else None, top_k=0 if sample else None,
+                              eos_token_id=list(settings.stop_ids), pad_token_id=settings.pad_id, use_cache=True)
+    device = next(lm.parameters()).device
+    torch.manual_seed(seed)
+    out = lm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                      logits_processor=LogitsProcessorList([NoPaddedRows(settings.vocab_size)]))
+    return [cut_at_stop(row, settings.stop_ids) for row in out[:, width:].tolist()]
