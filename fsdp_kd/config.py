@@ -24,6 +24,7 @@ from .dtypes import PARAM_DTYPES
 from .errors import ConfigError, require, require_choice
 from .loss import CONVENTIONS, LossSpec
 from .records import TokenSettings
+from .routing import TEACHER_KEYS, check_routing, teacher_configs
 from .schedule import LR_SCHEDULES
 from .sharding import STRATEGIES, TEACHER_STRATEGIES
 from .teacher_cache import CACHE_MODES, HIDDEN_DTYPES, LOG_P_DTYPES
@@ -112,6 +113,9 @@ class TrainConfig:
                                        "forward: less device memory, slower")
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
                                         "needs its full size free on every device")
+    teachers: dict | None = opt(None, "several teachers: name -> that teacher's own keys (teacher_model or "
+                                      "teacher_cache, teacher_offload, kd_loss, kd_temperature ...), routed by "
+                                      "dataset_teachers; a flag takes it as inline YAML (docs/several_teachers.md)")
     teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send the "
                                 "student ranks its hidden states: 0 shares every rank (docs/scale_out.md)",
                              must_be=">= 0")
@@ -120,6 +124,8 @@ class TrainConfig:
                            "several comma-separated are mixed by dataset_probs", section="Data")
     dataset_probs: str | None = opt(None, "sampling weights of the comma-separated datasets, e.g. 0.7,0.3; none: "
                                           "equal weights")
+    dataset_teachers: str | None = opt(None, "with teachers: the teacher name of each comma-separated dataset "
+                                             "source, e.g. math,chat")
     dataset_split: str = opt("train", "the split of a hub dataset to train on")
     eval_dataset: str | None = opt(None, "held-out data, in the layouts dataset takes; none: see eval_holdout_ratio")
     eval_split: str = opt("test", "the split of a hub eval_dataset")
@@ -256,6 +262,7 @@ RESUME_SENSITIVE_KEYS = (
     "seed", "param_dtype", "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "student_topk", "kd_loss_convention",
     "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p", "cross_tokenizer", "uld_weight", "uld_topk",
+    "teachers", "dataset_teachers",
 )
 
 
@@ -299,6 +306,13 @@ def _coerce(key: str, value, where: str):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
+        if tp is dict:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return {name: {k: _coerce(k, v, f"{where} teachers.{name}") if k in FIELDS else v
+                           for k, v in keys.items()} if isinstance(keys, dict) else keys
+                    for name, keys in value.items()}
         if typing.get_origin(tp) is tuple:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)) or len(items) != 2:
@@ -306,7 +320,8 @@ def _coerce(key: str, value, where: str):
             return tuple(float(v) for v in items)
     except (TypeError, ValueError):
         pass
-    expected = "two numbers, e.g. [0.9, 0.95]" if typing.get_origin(tp) is tuple else f"a {tp.__name__}"
+    expected = ("two numbers, e.g. [0.9, 0.95]" if typing.get_origin(tp) is tuple else
+                "a mapping, e.g. {math: {teacher_model: path}}" if tp is dict else f"a {tp.__name__}")
     raise ConfigError(f"{where}: key '{key}' expects {expected}, got {value!r}")
 
 
@@ -413,7 +428,10 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("pretrain", "no student model: set pretrain to an HF model directory or hub id")
     if not cfg.dataset:
         fail("dataset", "no training data: set dataset to a .json/.jsonl file")
-    if cfg.teacher_model is None and cfg.teacher_cache is None and cfg.kd_coef > 0:
+    check_routing(cfg, where)
+    for name, own in teacher_configs(cfg).items():
+        validate(own, {k: f"{where.get('teachers', 'key teachers')} teachers.{name}.{k}" for k in TEACHER_KEYS})
+    if cfg.teacher_model is None and cfg.teacher_cache is None and cfg.teachers is None and cfg.kd_coef > 0:
         fail("kd_coef", f"kd_coef is {cfg.kd_coef} but no teacher_model or teacher_cache is set; set kd_coef 0 for "
                         "plain SFT")
     for key, field in FIELDS.items():

@@ -56,6 +56,8 @@ class Sample:
     # this sample the teacher position predicting the same token, or -1 (`cross_tokenizer.Alignment`)
     teacher_ids: list[int] | None = None
     teacher_positions: list[int] | None = None
+    # several teachers (`routing`): the index of the teacher this sample is routed to; None with one teacher
+    teacher: int | None = field(default=None, compare=False)
 
     @property
     def trainable_tokens(self) -> int:

@@ -37,11 +37,14 @@ class Teacher(Protocol):
     on other ranks starts on them at once), and `targets(batch)` gives one's targets, as a context manager entered
     while the loss runs (a teacher's head is gathered only then). `metric_names` says how the loss's metrics read
     against this kind (a metric renamed, or dropped as None, where it gives less than a live teacher); `distills`
-    whether the loss has a KD term at all. `close()` ends it after a run that finished."""
+    whether the loss has a KD term at all; `metric_groups`, empty but for several teachers
+    (`routed_teacher.RoutedTeachers`), each one's name and metric names. `close()` ends it after a run that
+    finished."""
     vocab_size: int
     teacher_vocab_size: int
     retokenize: TeacherTokenization | None
     metric_names: dict[str, str | None]
+    metric_groups: dict[str, dict[str, str | None]]
     distills: bool
 
     @classmethod
@@ -68,6 +71,7 @@ class NoTeacher:
     retokenize = None
     distills = False
     metric_names: dict[str, str | None] = {name: None for name in METRIC_NAMES if name != "ce"}
+    metric_groups: dict[str, dict[str, str | None]] = {}
 
     def __init__(self, vocab_size: int):
         self.vocab_size = self.teacher_vocab_size = vocab_size

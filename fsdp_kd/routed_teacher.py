@@ -1,0 +1,142 @@
+"""Several teachers in one run (`teachers` in the config, `routing`): a composition of ordinary teachers, each any
+entry of `teacher.TEACHERS` made from its own config, each training the rows routed to it.
+
+Each micro-batch carries, per teacher, its own samples of the batch laid out alone (`data.Route`, built at collate
+time from each sample's teacher index): a teacher runs on its own rows only, and a teacher that no row of a
+micro-batch needs is not run for it at all. One exception keeps the ranks in lock-step without any host sync: a
+teacher whose forward is a collective over the ranks (a co-located model teacher in a run of several ranks: FSDP
+gathers its shards in its forward, and its head for the loss) runs on every micro-batch of every rank, on a masked
+stand-in of one sample where this rank has none of its rows, because whether another rank has some is not known here
+without asking. A cached teacher costs nothing where it has no rows.
+
+The loss is exact: the student's rows are split by teacher, each part is scored against its own teacher (with that
+teacher's kd_loss and kd_temperature) by the one-teacher loss, and the parts' summed losses and metrics add up, so
+CE is counted once per row and the trainer's division by the global token count is unchanged. Each teacher's sums
+also go to the step's metrics as `<metric>_<name>` (`step_metrics`), in the step's one transfer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import ExitStack, contextmanager, nullcontext
+
+import torch
+
+from .data import MicroBatch
+from .errors import ConfigError
+from .kernel import METRIC_NAMES
+from .routing import loss_overrides, source_teachers, teacher_configs
+from .step_metrics import SUMMED, summed
+from .targets import NO_TEACHER
+from .teacher import TEACHERS, Teacher, open_teacher, teacher_kind
+from .teacher_model import MODEL_TEACHERS
+
+
+@dataclasses.dataclass
+class RoutedTargets:
+    """One micro-batch's targets from several teachers: per teacher with rows here, (its index, its rows among the
+    batch's target rows, its targets, its own loss settings)."""
+    parts: list[tuple[int, torch.Tensor, object, dict]]
+    teachers: int
+
+    def scored(self, score, hidden: torch.Tensor, labels: torch.Tensor, spec):
+        """The sum of each teacher's loss over its own rows, its summed metrics too, and each teacher's sums
+        (`by_teacher`, [teachers, len(SUMMED)], zero for a teacher with no row here)."""
+        if not self.parts:  # no target row at all (a batch of masked copies)
+            loss, metrics = score(hidden, labels, spec, NO_TEACHER)
+            return loss, {**metrics, "by_teacher": hidden.new_zeros((self.teachers, len(SUMMED)), dtype=torch.float64)}
+        loss, metrics, rows = None, None, [None] * self.teachers
+        for index, at, targets, overrides in self.parts:
+            part_loss, part = score(hidden.index_select(0, at), labels.index_select(0, at),
+                                    dataclasses.replace(spec, **overrides), targets)
+            rows[index] = summed(part_loss, part)
+            loss = part_loss if loss is None else loss + part_loss
+            metrics = part if metrics is None else {k: metrics[k] + part[k] for k in metrics}
+        zero = torch.zeros(len(SUMMED), dtype=torch.float64, device=hidden.device)
+        return loss, {**metrics, "by_teacher": torch.stack([zero if r is None else r for r in rows])}
+
+
+class RoutedTeachers:
+    """The run's teachers by name, each an ordinary `Teacher`, routed per source (`routing`). It answers what a run
+    asks of one teacher (`teacher.Teacher`) by asking each of them about its own rows."""
+    retokenize = None
+    distills = True
+    teacher_vocab_size = 0  # no head of its own: each teacher loads its own
+
+    def __init__(self, members: dict[str, Teacher], kinds: dict[str, str], overrides: dict[str, dict],
+                 sources: tuple[int, ...]):
+        self.members, self.kinds, self.overrides, self.sources = members, kinds, overrides, sources
+        sizes = {name: member.vocab_size for name, member in members.items()}
+        if len(set(sizes.values())) > 1:
+            raise ConfigError(f"key teachers: the teachers' vocabularies differ ({sizes}); each teacher must cover "
+                              "the same vocabulary of the student's tokenizer")
+        self.vocab_size = next(iter(sizes.values()))
+        # a metric of the whole run only where every teacher gives it under one name; each teacher's, by name
+        self.metric_groups = {name: member.metric_names for name, member in members.items()}
+        agreed = {k: {names.get(k, k) for names in self.metric_groups.values()} for k in METRIC_NAMES}
+        self.metric_names = {k: None if len(names) > 1 else names.pop() for k, names in agreed.items()}
+        self.collective = dict.fromkeys(members, False)
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> RoutedTeachers:
+        configs = teacher_configs(cfg)
+        kinds = {name: teacher_kind(own) for name, own in configs.items()}
+        members = {name: TEACHERS[kinds[name]].from_config(own, tokenizer) for name, own in configs.items()}
+        return cls(members, kinds, loss_overrides(cfg), source_teachers(cfg))
+
+    def check(self, tokenizer, sources, env) -> None:
+        """Each teacher against the sources routed to it."""
+        for index, (name, member) in enumerate(self.members.items()):
+            member.check(tokenizer, [s for s, t in zip(sources, self.sources) if t == index], env)
+
+    def load(self, env, dtype: torch.dtype) -> None:
+        for name, member in self.members.items():
+            member.load(env, dtype)
+            self.collective[name] = self.kinds[name] in MODEL_TEACHERS and env.world_size > 1
+
+    def verify(self, device: torch.device) -> None:
+        for member in self.members.values():
+            member.verify(device)
+
+    def describe(self) -> list[str]:
+        """Each teacher's own lines, under its name and the sources routed to it."""
+        lines = []
+        for index, (name, member) in enumerate(self.members.items()):
+            routed = sum(t == index for t in self.sources)
+            runs = "every micro-batch (collective)" if self.collective[name] else "its rows only"
+            lines += [f"teacher {name!r} ({self.kinds[name]}; {routed} source{'s' * (routed != 1)}, runs on {runs}"
+                      + "".join(f", {k} {v}" for k, v in self.overrides[name].items()) + "):",
+                      *("  " + line for line in member.describe())]
+        return lines
+
+    def _runs(self, name: str, count: int) -> bool:
+        """Whether a teacher runs for a micro-batch where `count` of its rows are routed to it."""
+        return count > 0 or self.collective[name]
+
+    def begin(self, batches: list[MicroBatch]) -> None:
+        for index, (name, member) in enumerate(self.members.items()):
+            member.begin([b.routes[index].batch for b in batches if self._runs(name, b.routes[index].count)])
+
+    @contextmanager
+    def targets(self, batch: MicroBatch):
+        """Each teacher that runs here makes its targets over its own samples now; all are entered while the loss
+        runs (a collective teacher's head is gathered on every rank alike)."""
+        made = [(index, name, route, self.members[name].targets(route.batch) if self._runs(name, route.count)
+                 else nullcontext())
+                for index, (name, route) in enumerate(zip(self.members, batch.routes))]
+        with ExitStack() as stack:
+            parts = []
+            for index, name, route, context in made:
+                targets = stack.enter_context(context)
+                if route.count:
+                    parts.append((index, route.rows, targets, self.overrides[name]))
+            yield RoutedTargets(parts, len(self.members))
+
+    def close(self) -> None:
+        for member in self.members.values():
+            member.close()
+
+
+def open_teachers(cfg, tokenizer) -> Teacher:
+    """The run's teacher: several routed ones when the config names `teachers`, else the one it names."""
+    return RoutedTeachers.from_config(cfg, tokenizer) if cfg.teachers is not None else open_teacher(cfg, tokenizer)

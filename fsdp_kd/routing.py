@@ -1,0 +1,102 @@
+"""Several teachers in one run, as the config names them: `teachers` maps each name to that teacher's own keys (a
+whole one-teacher config's teacher keys: `teacher_model` or `teacher_cache`, its offload, its kd_loss ...), and
+`dataset_teachers` routes each comma-separated `dataset` source to one of them. Each teacher is then an ordinary
+teacher of `teacher.TEACHERS`, made from its own config (`teacher_configs`); `routed_teacher.RoutedTeachers` runs
+them side by side. Every rule here is checked before any data or model is read (`check_routing`, from
+`config.validate`), one line naming the file, line and key. docs/several_teachers.md says the semantics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from .errors import ConfigError
+
+# the keys a teacher of `teachers` may set for itself; the rest of its config is the run's
+TEACHER_KEYS = ("teacher_model", "teacher_cache", "teacher_offload", "teacher_resident", "teacher_sharding_strategy",
+                "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n")
+# the keys of the run a teacher's own config leaves out: the routing itself
+ROUTING_KEYS = ("teachers", "dataset_teachers")
+# a teacher's own loss settings, as the `loss.LossSpec` fields they set
+LOSS_FIELDS = {"kd_loss": "divergence", "kd_temperature": "temperature"}
+# keys of the run that do not go with several teachers yet, and why
+NOT_WITH_TEACHERS = {
+    "teacher_model": "each teacher names its own under teachers",
+    "teacher_cache": "each teacher names its own under teachers",
+    "teacher_ranks": "teachers on ranks of their own are not supported with several teachers yet",
+    "cross_tokenizer": "teachers of another tokenizer are not supported with several teachers yet",
+    "on_policy_ratio": "on-policy distillation is not supported with several teachers yet",
+    "eval_dataset": "with dataset_teachers an eval source has no teacher: hold out training data with "
+                    "eval_holdout_ratio instead",
+}
+NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_routing(cfg, where: dict[str, str]) -> None:
+    """The routing's rules: each name a word with its own teacher keys and one teacher, every source routed to a
+    teacher that exists, and no run-wide key that several teachers cannot take."""
+    def fail(key, message):
+        raise ConfigError(f"{where.get(key, f'key {key}')}: {message}")
+
+    if cfg.teachers is None:
+        if cfg.dataset_teachers is not None:
+            fail("dataset_teachers", "dataset_teachers routes sources to the teachers of `teachers`, which is not "
+                                     "set; name the teachers, or drop dataset_teachers")
+        return
+    if not cfg.teachers:
+        fail("teachers", "teachers is empty; name at least one teacher, e.g. teachers: {math: {teacher_model: ...}}")
+    for name, keys in cfg.teachers.items():
+        here = f"key teachers.{name}"
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            fail("teachers", f"{here}: a teacher's name is letters, digits, _ and - (it names its metrics, "
+                             f"kl_<name>), got {name!r}")
+        if not isinstance(keys, dict):
+            fail("teachers", f"{here}: expects a mapping of that teacher's keys, e.g. {{teacher_model: path}}, got "
+                             f"{keys!r}")
+        unknown = [k for k in keys if k not in TEACHER_KEYS]
+        if unknown:
+            fail("teachers", f"{here}: unknown key '{unknown[0]}'; a teacher takes {', '.join(TEACHER_KEYS)}")
+        if not keys.get("teacher_model") and not keys.get("teacher_cache"):
+            fail("teachers", f"{here}: give the teacher a teacher_model or a teacher_cache")
+    for key, why in NOT_WITH_TEACHERS.items():
+        if getattr(cfg, key):
+            fail(key, f"{key} is set with teachers: {why}")
+    sources = cfg.dataset.split(",")
+    if cfg.dataset_teachers is None:
+        if len(cfg.teachers) > 1:
+            fail("teachers", f"{len(cfg.teachers)} teachers but no routing: set dataset_teachers, one teacher name "
+                             f"per dataset source ({len(sources)})")
+        return
+    names = cfg.dataset_teachers.split(",")
+    if len(names) != len(sources):
+        fail("dataset_teachers", f"dataset_teachers names {len(names)} teachers for {len(sources)} dataset sources; "
+                                 "give one teacher name per source, in the order of dataset")
+    for name, source in zip(names, sources):
+        if name not in cfg.teachers:
+            fail("dataset_teachers", f"source {source} is routed to {name!r}, which no teacher has; the teachers are "
+                                     f"{', '.join(cfg.teachers)}")
+
+
+def teacher_configs(cfg) -> dict:
+    """Each teacher's own config: the run's, with that teacher's keys over it and no routing; with no `teachers`,
+    none."""
+    if cfg.teachers is None:
+        return {}
+    return {name: dataclasses.replace(cfg, **keys, **{k: None for k in ROUTING_KEYS})
+            for name, keys in cfg.teachers.items()}
+
+
+def source_teachers(cfg) -> tuple[int, ...] | None:
+    """The index (in `teachers` order) of the teacher each training source is routed to; None with no routing."""
+    if cfg.teachers is None:
+        return None
+    names = list(cfg.teachers)
+    routed = cfg.dataset_teachers.split(",") if cfg.dataset_teachers else [names[0]] * len(cfg.dataset.split(","))
+    return tuple(names.index(name) for name in routed)
+
+
+def loss_overrides(cfg) -> dict[str, dict]:
+    """Per teacher, the `loss.LossSpec` fields it sets for itself (its kd_loss, its kd_temperature)."""
+    return {name: {field: keys[key] for key, field in LOSS_FIELDS.items() if key in keys}
+            for name, keys in (cfg.teachers or {}).items()}
