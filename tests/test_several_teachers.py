@@ -215,3 +215,32 @@ def test_a_cached_and_a_live_teacher_in_one_run_each_log_their_own_kl(tiny, tmp_
             assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
         assert f"{prefix}kl" not in record  # the live KL and a cache's KL over buckets are not one figure
     assert any("eval_kl_cached" in record for record in metrics)
+
+
+def test_routing_a_micro_batch_to_its_teachers_does_not_sync():
+    """The routes are laid out on the host at collate time and moved with the batch; splitting the rows by teacher
+    and scoring each part reads nothing back from the device."""
+    from fsdp_kd.testing.profiling import SyncDetector
+
+    device = torch.device("cpu")  # the compute device as the code names it
+    samples = [Sample(list(range(1, n + 1)), [-100] * 2 + list(range(10, 8 + n)), teacher=t)
+               for n, t in ((9, 0), (7, 1), (8, 0), (6, 1))]
+    with SyncDetector() as syncs:
+        batch = collate(samples, 0, teachers=2).to(device)
+        h_s = torch.randn(batch.trainable_tokens, HS, device=device).requires_grad_()
+        w_s = torch.randn(V, HS, device=device).requires_grad_()
+        heads = [Head(torch.randn(V, HT, device=device), None) for _ in range(2)]
+        hidden = [torch.randn(r.count, HT, device=device) for r in batch.routes]
+
+        def step():
+            parts = [(t, r.rows, LiveTargets(hidden[t], heads[t]), {}) for t, r in enumerate(batch.routes)]
+            loss, metrics = RoutedTargets(parts, 2).scored(
+                lambda h, labels, spec, targets: loss_against(h, w_s, labels, spec, V, targets),
+                h_s, batch.target_ids, LossSpec())
+            loss.backward()
+            return summed(loss, metrics)
+
+        step()
+        with syncs.counting():
+            step()
+    assert not syncs.events, syncs.report()
