@@ -126,6 +126,8 @@ class TrainConfig:
                                           "equal weights")
     dataset_teachers: str | None = opt(None, "with teachers: the teacher name of each comma-separated dataset "
                                              "source, e.g. math,chat")
+    teacher_key: str | None = opt(None, "with teachers: the record field naming each record's teacher (instead of "
+                                        "dataset_teachers)")
     dataset_split: str = opt("train", "the split of a hub dataset to train on")
     eval_dataset: str | None = opt(None, "held-out data, in the layouts dataset takes; none: see eval_holdout_ratio")
     eval_split: str = opt("test", "the split of a hub eval_dataset")
@@ -262,7 +264,7 @@ RESUME_SENSITIVE_KEYS = (
     "seed", "param_dtype", "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "student_topk", "kd_loss_convention",
     "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p", "cross_tokenizer", "uld_weight", "uld_topk",
-    "teachers", "dataset_teachers",
+    "teachers", "dataset_teachers", "teacher_key",
 )
 
 
@@ -505,7 +507,7 @@ def token_settings(cfg: TrainConfig) -> TokenSettings:
 
 def data_sources(cfg: TrainConfig) -> DataSources:
     return DataSources(tuple(cfg.dataset.split(",")), cfg.dataset_split, cfg.max_samples, cfg.eval_dataset,
-                       cfg.eval_split, cfg.max_eval_samples, cfg.data_cache_dir, token_settings(cfg))
+                       cfg.eval_split, cfg.max_eval_samples, cfg.data_cache_dir, token_settings(cfg), cfg.teacher_key)
 
 
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:

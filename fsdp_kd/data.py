@@ -42,16 +42,17 @@ class Rows:
 
 
 class RoutedTo:
-    """A table whose every sample is routed to one teacher (`routing`: a source's teacher, by its index)."""
+    """A table whose samples are routed to several teachers (`routing`): sample i to the teacher of index
+    `teachers[i]`."""
 
-    def __init__(self, table: SampleTable, teacher: int):
-        self.table, self.teacher, self.lengths = table, teacher, table.lengths
+    def __init__(self, table: SampleTable, teachers: np.ndarray):
+        self.table, self.teachers, self.lengths = table, teachers, table.lengths
 
     def __len__(self) -> int:
         return len(self.table)
 
     def __getitem__(self, i: int) -> Sample:
-        return dataclasses.replace(self.table[i], teacher=self.teacher)
+        return dataclasses.replace(self.table[i], teacher=int(self.teachers[i]))
 
 
 class Concatenated:

@@ -169,6 +169,16 @@ def _field(record: object, key: str, where: str):
     return value
 
 
+def teacher_named(record: object, key: str, where: str) -> str:
+    """The teacher a record names under `key` (several teachers routed per record, `teacher_key`)."""
+    if not isinstance(record, dict) or key not in record:
+        raise DataError(f"{where}: missing key '{key}' (teacher_key): each record names its teacher there; add it, "
+                        "or route per source with dataset_teachers")
+    if not isinstance(record[key], str) or not record[key]:
+        raise DataError(f"{where}: key '{key}' must name the record's teacher, got {record[key]!r}")
+    return record[key]
+
+
 def _conversation(turns: list, key: str, where: str) -> list[dict]:
     """OpenAI `messages` (role/content) or ShareGPT `conversations` (from/value) → role/content messages."""
     messages = []

@@ -25,7 +25,7 @@ import torch
 from .data import MicroBatch
 from .errors import ConfigError
 from .kernel import METRIC_NAMES
-from .routing import loss_overrides, source_teachers, teacher_configs
+from .routing import RowRouting, loss_overrides, row_routing, teacher_configs
 from .step_metrics import SUMMED, summed
 from .targets import NO_TEACHER
 from .teacher import TEACHERS, Teacher, open_teacher, teacher_kind
@@ -57,15 +57,15 @@ class RoutedTargets:
 
 
 class RoutedTeachers:
-    """The run's teachers by name, each an ordinary `Teacher`, routed per source (`routing`). It answers what a run
-    asks of one teacher (`teacher.Teacher`) by asking each of them about its own rows."""
+    """The run's teachers by name, each an ordinary `Teacher`, routed per source or per record (`routing`). It
+    answers what a run asks of one teacher (`teacher.Teacher`) by asking each of them about its own rows."""
     retokenize = None
     distills = True
     teacher_vocab_size = 0  # no head of its own: each teacher loads its own
 
     def __init__(self, members: dict[str, Teacher], kinds: dict[str, str], overrides: dict[str, dict],
-                 sources: tuple[int, ...]):
-        self.members, self.kinds, self.overrides, self.sources = members, kinds, overrides, sources
+                 routing: RowRouting):
+        self.members, self.kinds, self.overrides, self.routing = members, kinds, overrides, routing
         sizes = {name: member.vocab_size for name, member in members.items()}
         if len(set(sizes.values())) > 1:
             raise ConfigError(f"key teachers: the teachers' vocabularies differ ({sizes}); each teacher must cover "
@@ -82,12 +82,19 @@ class RoutedTeachers:
         configs = teacher_configs(cfg)
         kinds = {name: teacher_kind(own) for name, own in configs.items()}
         members = {name: TEACHERS[kinds[name]].from_config(own, tokenizer) for name, own in configs.items()}
-        return cls(members, kinds, loss_overrides(cfg), source_teachers(cfg))
+        return cls(members, kinds, loss_overrides(cfg), row_routing(cfg))
+
+    def _sources(self, index: int, sources: list) -> list:
+        """Of the run's sources, those whose samples may go to teacher `index`: its own, routed per source; every
+        one, routed per record."""
+        if self.routing.sources is None:
+            return sources
+        return [s for s, t in zip(sources, self.routing.sources) if t == index]
 
     def check(self, tokenizer, sources, env) -> None:
         """Each teacher against the sources routed to it."""
-        for index, (name, member) in enumerate(self.members.items()):
-            member.check(tokenizer, [s for s, t in zip(sources, self.sources) if t == index], env)
+        for index, member in enumerate(self.members.values()):
+            member.check(tokenizer, self._sources(index, sources), env)
 
     def load(self, env, dtype: torch.dtype) -> None:
         for name, member in self.members.items():
@@ -102,9 +109,10 @@ class RoutedTeachers:
         """Each teacher's own lines, under its name and the sources routed to it."""
         lines = []
         for index, (name, member) in enumerate(self.members.items()):
-            routed = sum(t == index for t in self.sources)
+            routed = (f"the records whose {self.routing.key} names it" if self.routing.sources is None else
+                      f"{sum(t == index for t in self.routing.sources)} source(s)")
             runs = "every micro-batch (collective)" if self.collective[name] else "its rows only"
-            lines += [f"teacher {name!r} ({self.kinds[name]}; {routed} source{'s' * (routed != 1)}, runs on {runs}"
+            lines += [f"teacher {name!r} ({self.kinds[name]}; {routed}, runs on {runs}"
                       + "".join(f", {k} {v}" for k, v in self.overrides[name].items()) + "):",
                       *("  " + line for line in member.describe())]
         return lines

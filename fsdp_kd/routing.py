@@ -1,6 +1,7 @@
 """Several teachers in one run, as the config names them: `teachers` maps each name to that teacher's own keys (a
 whole one-teacher config's teacher keys: `teacher_model` or `teacher_cache`, its offload, its kd_loss ...), and
-`dataset_teachers` routes each comma-separated `dataset` source to one of them. Each teacher is then an ordinary
+each sample goes to one of them by its source (`dataset_teachers`, one name per comma-separated `dataset` source) or
+by a field of its record (`teacher_key`; `RowRouting` gives each sample's teacher index). Each teacher is then an ordinary
 teacher of `teacher.TEACHERS`, made from its own config (`teacher_configs`); `routed_teacher.RoutedTeachers` runs
 them side by side. Every rule here is checked before any data or model is read (`check_routing`, from
 `config.validate`), one line naming the file, line and key. docs/several_teachers.md says the semantics.
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import ConfigError
 
@@ -17,7 +21,7 @@ from .errors import ConfigError
 TEACHER_KEYS = ("teacher_model", "teacher_cache", "teacher_offload", "teacher_resident", "teacher_sharding_strategy",
                 "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n")
 # the keys of the run a teacher's own config leaves out: the routing itself
-ROUTING_KEYS = ("teachers", "dataset_teachers")
+ROUTING_KEYS = ("teachers", "dataset_teachers", "teacher_key")
 # a teacher's own loss settings, as the `loss.LossSpec` fields they set
 LOSS_FIELDS = {"kd_loss": "divergence", "kd_temperature": "temperature"}
 # keys of the run that do not go with several teachers yet, and why
@@ -27,8 +31,6 @@ NOT_WITH_TEACHERS = {
     "teacher_ranks": "teachers on ranks of their own are not supported with several teachers yet",
     "cross_tokenizer": "teachers of another tokenizer are not supported with several teachers yet",
     "on_policy_ratio": "on-policy distillation is not supported with several teachers yet",
-    "eval_dataset": "with dataset_teachers an eval source has no teacher: hold out training data with "
-                    "eval_holdout_ratio instead",
 }
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -40,9 +42,10 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         raise ConfigError(f"{where.get(key, f'key {key}')}: {message}")
 
     if cfg.teachers is None:
-        if cfg.dataset_teachers is not None:
-            fail("dataset_teachers", "dataset_teachers routes sources to the teachers of `teachers`, which is not "
-                                     "set; name the teachers, or drop dataset_teachers")
+        for key in ("dataset_teachers", "teacher_key"):
+            if getattr(cfg, key) is not None:
+                fail(key, f"{key} routes samples to the teachers of `teachers`, which is not set; name the "
+                          f"teachers, or drop {key}")
         return
     if not cfg.teachers:
         fail("teachers", "teachers is empty; name at least one teacher, e.g. teachers: {math: {teacher_model: ...}}")
@@ -63,11 +66,19 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         if getattr(cfg, key):
             fail(key, f"{key} is set with teachers: {why}")
     sources = cfg.dataset.split(",")
+    if cfg.dataset_teachers is not None and cfg.teacher_key is not None:
+        fail("teacher_key", "teacher_key routes each record by its field, dataset_teachers each source: choose one")
+    if cfg.teacher_key is not None:
+        return
     if cfg.dataset_teachers is None:
         if len(cfg.teachers) > 1:
             fail("teachers", f"{len(cfg.teachers)} teachers but no routing: set dataset_teachers, one teacher name "
-                             f"per dataset source ({len(sources)})")
+                             f"per dataset source ({len(sources)}), or teacher_key, the record field naming each "
+                             "record's teacher")
         return
+    if cfg.eval_dataset:
+        fail("eval_dataset", "with dataset_teachers an eval source has no teacher: hold out training data with "
+                             "eval_holdout_ratio, or route per record with teacher_key")
     names = cfg.dataset_teachers.split(",")
     if len(names) != len(sources):
         fail("dataset_teachers", f"dataset_teachers names {len(names)} teachers for {len(sources)} dataset sources; "
@@ -87,9 +98,32 @@ def teacher_configs(cfg) -> dict:
             for name, keys in cfg.teachers.items()}
 
 
-def source_teachers(cfg) -> tuple[int, ...] | None:
-    """The index (in `teachers` order) of the teacher each training source is routed to; None with no routing."""
+@dataclass(frozen=True)
+class RowRouting:
+    """How each sample finds its teacher (an index into `names`): by its source (`sources`, an index per training
+    source) or by its record's field `key`."""
+    names: tuple[str, ...]
+    sources: tuple[int, ...] | None
+    key: str | None
+
+    def teachers(self, source: int | None, table) -> np.ndarray:
+        """Each sample's teacher index in training source `source` (None: the eval source) read as `table`."""
+        if self.key is not None:
+            return table.teachers(self.names, self.key)
+        return np.full(len(table), self.sources[source], dtype=np.int64)
+
+
+def row_routing(cfg) -> RowRouting | None:
+    """How the config routes samples to its teachers; None with one teacher of its own (no `teachers`)."""
     if cfg.teachers is None:
+        return None
+    return RowRouting(tuple(cfg.teachers), source_teachers(cfg), cfg.teacher_key)
+
+
+def source_teachers(cfg) -> tuple[int, ...] | None:
+    """The index (in `teachers` order) of the teacher each training source is routed to; None where no source has
+    one teacher (no `teachers`, or routed per record)."""
+    if cfg.teachers is None or cfg.teacher_key is not None:
         return None
     names = list(cfg.teachers)
     routed = cfg.dataset_teachers.split(",") if cfg.dataset_teachers else [names[0]] * len(cfg.dataset.split(","))

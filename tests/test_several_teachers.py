@@ -1,15 +1,17 @@
-"""Several teachers in one run (`teachers`, `dataset_teachers`): the routed loss equals the dense per-teacher
-reference (loss, gradients, metrics); a micro-batch's routes put each teacher's rows where they are; refusals before
-anything loads; resume refuses a changed routing; and train.py on 2 ranks with a live and a cached teacher, each
-logging its own kl_<name>, and with two copies of one teacher training exactly like that teacher alone."""
+"""Several teachers in one run (`teachers`, routed by `dataset_teachers` or `teacher_key`): the routed loss equals
+the dense per-teacher reference (loss, gradients, metrics); a micro-batch's routes put each teacher's rows where they
+are, without a host sync; refusals before any model loads; resume refuses a changed routing; and train.py on 2 ranks
+with a live and a cached teacher, each logging its own kl_<name>, and with two copies of one teacher, routed per
+source or per record, training exactly like that teacher alone."""
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, torchrun, train_args
+from conftest import REPO, python_run, read_metrics, torchrun, train_args
 from fsdp_kd.config import ConfigError, parse_config, resume_mismatches
 from fsdp_kd.data import collate, collate_packed
 from fsdp_kd.kernel import METRIC_NAMES, Head
@@ -192,6 +194,58 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         assert mixed == pytest.approx(b[f"{prefix}kl"], rel=1e-5)
 
 
+def _routed_records(tiny, path, name_of):
+    """The tiny task's training records, each naming its teacher under `domain` (`name_of(i)`; None: no field)."""
+    from fsdp_kd.testing.tiny import read_jsonl, write_jsonl
+
+    records = read_jsonl(tiny["train"])
+    write_jsonl(str(path), [{**r, **({} if name_of(i) is None else {"domain": name_of(i)})}
+                            for i, r in enumerate(records)])
+    return str(path)
+
+
+def test_two_copies_of_one_teacher_routed_per_record_train_exactly_like_that_teacher(tiny, tmp_path):
+    """Per record (teacher_key), on 2 ranks with an eval source whose records name their teachers too: every logged
+    figure equals the one-teacher run's, and the copies' token counts are their records'."""
+    data = _routed_records(tiny, tmp_path / "train.jsonl", lambda i: "ab"[i % 3 == 0])
+    held = _routed_records({"train": tiny["eval"]}, tmp_path / "eval.jsonl", lambda i: "ab"[i % 2])
+    common = dict(dataset=data, eval_dataset=held, eval_steps=4, logging_steps=2, kd_loss="reverse_kl")
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)])
+    routed = tmp_path / "routed.yaml"
+    routed.write_text(f"teachers: {{a: {{teacher_model: {tiny['teacher']}}}, b: {{teacher_model: {tiny['teacher']}}}}}"
+                      "\nteacher_key: domain\n")
+    torchrun([TRAIN, "--config", str(routed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for name, value in a.items():
+            if name not in ("tokens_per_sec", "peak_mem_gb"):
+                assert b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, a, b)
+    assert two[-1]["eval_tokens_a"] > 0 and two[-1]["eval_tokens_b"] > 0
+    for record in two[:2]:
+        assert record["tokens_a"] > 0 and record["tokens_b"] > 0
+        assert record["tokens_a"] + record["tokens_b"] == record["tokens"]
+
+
+@pytest.mark.parametrize("name_of, message", [
+    (lambda i: None if i == 4 else "a", r"train.jsonl:5: missing key 'domain' \(teacher_key\)"),
+    (lambda i: "physics" if i == 6 else "a", r"train.jsonl:7: key 'domain' names the teacher 'physics', which no "
+                                             r"teacher has; the teachers are a, b"),
+])
+def test_a_record_whose_teacher_is_missing_is_refused_before_any_model_loads(tiny, tmp_path, name_of, message):
+    data = _routed_records(tiny, tmp_path / "train.jsonl", name_of)
+    routed = tmp_path / "routed.yaml"
+    teacher = tiny["teacher"]
+    routed.write_text(f"teachers: {{a: {{teacher_model: {teacher}}}, b: {{teacher_model: {teacher}}}}}\n")
+    proc = python_run([TRAIN, "--config", str(routed), *train_args(tiny, tmp_path / "out", teacher_model=None,
+                                                                   dataset=data, teacher_key="domain",
+                                                                   data_cache_dir=str(tmp_path / "tokenized"))])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_cached_and_a_live_teacher_in_one_run_each_log_their_own_kl(tiny, tmp_path):
     """The bar's job: two sources, one taught live, the other from a cache of another teacher (built on that source
     alone); metrics.jsonl carries kl_<name> for both, and the start-up summary says where each lives."""
@@ -205,8 +259,8 @@ def test_a_cached_and_a_live_teacher_in_one_run_each_log_their_own_kl(tiny, tmp_
     proc = torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "run", teacher_model=None,
                                                             dataset=f"{a},{b}", eval_holdout_ratio=0.1,
                                                             eval_steps=4)])
-    assert "teacher 'live' (live; 1 source, runs on every micro-batch (collective)):" in proc.stdout
-    assert "teacher 'cached' (cache; 1 source, runs on its rows only):" in proc.stdout
+    assert "teacher 'live' (live; 1 source(s), runs on every micro-batch (collective)):" in proc.stdout
+    assert "teacher 'cached' (cache; 1 source(s), runs on its rows only):" in proc.stdout
     assert "rows (k = 64) from the cache" in proc.stdout
     metrics = read_metrics(tmp_path / "run")
     for record in metrics:
