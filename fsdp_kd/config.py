@@ -128,6 +128,8 @@ class TrainConfig:
                                              "source, e.g. math,chat")
     teacher_key: str | None = opt(None, "with teachers: the record field naming each record's teacher (instead of "
                                         "dataset_teachers)")
+    teacher_weights: str | None = opt(None, "with teachers: every token distilled from all of them, KD = the "
+                                            "weighted sum of their divergences, one weight per teacher, e.g. 0.7,0.3")
     dataset_split: str = opt("train", "the split of a hub dataset to train on")
     eval_dataset: str | None = opt(None, "held-out data, in the layouts dataset takes; none: see eval_holdout_ratio")
     eval_split: str = opt("test", "the split of a hub eval_dataset")
@@ -264,7 +266,7 @@ RESUME_SENSITIVE_KEYS = (
     "seed", "param_dtype", "kd_coef", "kd_loss", "jsd_beta", "skew_alpha", "akl_mu", "student_topk", "kd_loss_convention",
     "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p", "cross_tokenizer", "uld_weight", "uld_topk",
-    "teachers", "dataset_teachers", "teacher_key",
+    "teachers", "dataset_teachers", "teacher_key", "teacher_weights",
 )
 
 

@@ -293,7 +293,7 @@ class Route:
     on the host. A teacher with no sample here gets a masked stand-in batch and no rows (`count` 0): a teacher whose
     forward is collective over the ranks runs on it, so every rank calls it alike."""
     batch: MicroBatch
-    rows: torch.Tensor  # [count] long
+    rows: torch.Tensor | None  # [count] long; None: every target row of the batch
     count: int
 
 

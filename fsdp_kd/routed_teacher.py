@@ -22,50 +22,79 @@ from contextlib import ExitStack, contextmanager, nullcontext
 
 import torch
 
-from .data import MicroBatch
+from .data import MicroBatch, Route
 from .errors import ConfigError
 from .kernel import METRIC_NAMES
-from .routing import RowRouting, loss_overrides, row_routing, teacher_configs
+from .routing import RowRouting, loss_overrides, mixture_weights, row_routing, teacher_configs
 from .step_metrics import SUMMED, summed
 from .targets import NO_TEACHER
 from .teacher import TEACHERS, Teacher, open_teacher, teacher_kind
 from .teacher_model import MODEL_TEACHERS
 
 
+# metrics of the student's rows alone: in a mixture, where every teacher scores every row, counted once
+ROW_METRICS = ("ce", "student_entropy", "tokens")
+
+
+@dataclasses.dataclass
+class Part:
+    """One teacher's share of a micro-batch's loss: its index, its rows among the batch's target rows (None: all of
+    them, a mixture), its targets, its own loss settings, its weight in the KD term (1 when routed), and whether the
+    CE of its rows is counted here (routed: always; a mixture: by the first teacher alone)."""
+    index: int
+    rows: torch.Tensor | None
+    targets: object
+    overrides: dict
+    share: float = 1.0
+    owns_rows: bool = True
+
+    def spec(self, spec):
+        """The run's loss settings as this part takes them."""
+        coefs = {} if self.share == 1.0 and self.owns_rows else {
+            "kd_coef": spec.kd_coef * self.share, "ce_coef": spec.ce_weight if self.owns_rows else 0.0}
+        return dataclasses.replace(spec, **self.overrides, **coefs)
+
+
 @dataclasses.dataclass
 class RoutedTargets:
-    """One micro-batch's targets from several teachers: per teacher with rows here, (its index, its rows among the
-    batch's target rows, its targets, its own loss settings)."""
-    parts: list[tuple[int, torch.Tensor, object, dict]]
+    """One micro-batch's targets from several teachers: a `Part` per teacher that scores rows here."""
+    parts: list[Part]
     teachers: int
 
     def scored(self, score, hidden: torch.Tensor, labels: torch.Tensor, spec):
-        """The sum of each teacher's loss over its own rows, its summed metrics too, and each teacher's sums
-        (`by_teacher`, [teachers, len(SUMMED)], zero for a teacher with no row here)."""
+        """The sum of each part's loss, the run's summed metrics (the rows' own once, each teacher's weighted by its
+        share), and each teacher's sums (`by_teacher`, [teachers, len(SUMMED)], zero for a teacher with no row
+        here)."""
         if not self.parts:  # no target row at all (a batch of masked copies)
             loss, metrics = score(hidden, labels, spec, NO_TEACHER)
             return loss, {**metrics, "by_teacher": hidden.new_zeros((self.teachers, len(SUMMED)), dtype=torch.float64)}
-        loss, metrics, rows = None, None, [None] * self.teachers
-        for index, at, targets, overrides in self.parts:
-            part_loss, part = score(hidden.index_select(0, at), labels.index_select(0, at),
-                                    dataclasses.replace(spec, **overrides), targets)
-            rows[index] = summed(part_loss, part)
+        loss, metrics, rows = None, {}, [None] * self.teachers
+        for part in self.parts:
+            at = (hidden, labels) if part.rows is None else (hidden.index_select(0, part.rows),
+                                                             labels.index_select(0, part.rows))
+            part_loss, got = score(*at, part.spec(spec), part.targets)
+            rows[part.index] = summed(part_loss, got)
             loss = part_loss if loss is None else loss + part_loss
-            metrics = part if metrics is None else {k: metrics[k] + part[k] for k in metrics}
+            for k, v in got.items():
+                if k not in ROW_METRICS or part.owns_rows:
+                    v = v if k in ROW_METRICS or part.share == 1.0 else v * part.share
+                    metrics[k] = v if k not in metrics else metrics[k] + v
         zero = torch.zeros(len(SUMMED), dtype=torch.float64, device=hidden.device)
         return loss, {**metrics, "by_teacher": torch.stack([zero if r is None else r for r in rows])}
 
 
 class RoutedTeachers:
-    """The run's teachers by name, each an ordinary `Teacher`, routed per source or per record (`routing`). It
-    answers what a run asks of one teacher (`teacher.Teacher`) by asking each of them about its own rows."""
+    """The run's teachers by name, each an ordinary `Teacher`, routed per source or per record (`routing`), or, with
+    `weights`, all of them on every row, a teacher of weight 0 never run. It answers what a run asks of one teacher
+    (`teacher.Teacher`) by asking each of them about its own rows."""
     retokenize = None
     distills = True
     teacher_vocab_size = 0  # no head of its own: each teacher loads its own
 
     def __init__(self, members: dict[str, Teacher], kinds: dict[str, str], overrides: dict[str, dict],
-                 routing: RowRouting):
+                 routing: RowRouting | None, weights: tuple[float, ...] | None = None):
         self.members, self.kinds, self.overrides, self.routing = members, kinds, overrides, routing
+        self.weights = weights
         sizes = {name: member.vocab_size for name, member in members.items()}
         if len(set(sizes.values())) > 1:
             raise ConfigError(f"key teachers: the teachers' vocabularies differ ({sizes}); each teacher must cover "
@@ -82,12 +111,13 @@ class RoutedTeachers:
         configs = teacher_configs(cfg)
         kinds = {name: teacher_kind(own) for name, own in configs.items()}
         members = {name: TEACHERS[kinds[name]].from_config(own, tokenizer) for name, own in configs.items()}
-        return cls(members, kinds, loss_overrides(cfg), row_routing(cfg))
+        weights = mixture_weights(cfg.teacher_weights) if cfg.teacher_weights is not None else None
+        return cls(members, kinds, loss_overrides(cfg), row_routing(cfg), weights)
 
     def _sources(self, index: int, sources: list) -> list:
         """Of the run's sources, those whose samples may go to teacher `index`: its own, routed per source; every
-        one, routed per record."""
-        if self.routing.sources is None:
+        one, routed per record or mixed."""
+        if self.routing is None or self.routing.sources is None:
             return sources
         return [s for s, t in zip(sources, self.routing.sources) if t == index]
 
@@ -109,7 +139,8 @@ class RoutedTeachers:
         """Each teacher's own lines, under its name and the sources routed to it."""
         lines = []
         for index, (name, member) in enumerate(self.members.items()):
-            routed = (f"the records whose {self.routing.key} names it" if self.routing.sources is None else
+            routed = (f"weight {self.weights[index]:.3g} on every token" if self.weights is not None else
+                      f"the records whose {self.routing.key} names it" if self.routing.sources is None else
                       f"{sum(t == index for t in self.routing.sources)} source(s)")
             runs = "every micro-batch (collective)" if self.collective[name] else "its rows only"
             lines += [f"teacher {name!r} ({self.kinds[name]}; {routed}, runs on {runs}"
@@ -121,9 +152,17 @@ class RoutedTeachers:
         """Whether a teacher runs for a micro-batch where `count` of its rows are routed to it."""
         return count > 0 or self.collective[name]
 
+    def _routes(self, batch: MicroBatch) -> list[Route]:
+        """Each teacher's rows of a micro-batch: its route, or in a mixture the whole batch (no rows for a teacher
+        of weight 0)."""
+        if self.weights is None:
+            return batch.routes
+        return [Route(batch, None, batch.trainable_tokens if w > 0 else 0) for w in self.weights]
+
     def begin(self, batches: list[MicroBatch]) -> None:
         for index, (name, member) in enumerate(self.members.items()):
-            member.begin([b.routes[index].batch for b in batches if self._runs(name, b.routes[index].count)])
+            routes = [self._routes(b)[index] for b in batches]
+            member.begin([r.batch for r in routes if self._runs(name, r.count)])
 
     @contextmanager
     def targets(self, batch: MicroBatch):
@@ -131,13 +170,15 @@ class RoutedTeachers:
         runs (a collective teacher's head is gathered on every rank alike)."""
         made = [(index, name, route, self.members[name].targets(route.batch) if self._runs(name, route.count)
                  else nullcontext())
-                for index, (name, route) in enumerate(zip(self.members, batch.routes))]
+                for index, (name, route) in enumerate(zip(self.members, self._routes(batch)))]
         with ExitStack() as stack:
             parts = []
             for index, name, route, context in made:
                 targets = stack.enter_context(context)
                 if route.count:
-                    parts.append((index, route.rows, targets, self.overrides[name]))
+                    share = 1.0 if self.weights is None else self.weights[index]
+                    parts.append(Part(index, route.rows, targets, self.overrides[name], share,
+                                      owns_rows=self.weights is None or not parts))
             yield RoutedTargets(parts, len(self.members))
 
     def close(self) -> None:

@@ -1,7 +1,8 @@
 """Several teachers in one run, as the config names them: `teachers` maps each name to that teacher's own keys (a
 whole one-teacher config's teacher keys: `teacher_model` or `teacher_cache`, its offload, its kd_loss ...), and
 each sample goes to one of them by its source (`dataset_teachers`, one name per comma-separated `dataset` source) or
-by a field of its record (`teacher_key`; `RowRouting` gives each sample's teacher index). Each teacher is then an ordinary
+by a field of its record (`teacher_key`; `RowRouting` gives each sample's teacher index), or every token to all of
+them, weighted (`teacher_weights`: the weighted sum of their divergences). Each teacher is then an ordinary
 teacher of `teacher.TEACHERS`, made from its own config (`teacher_configs`); `routed_teacher.RoutedTeachers` runs
 them side by side. Every rule here is checked before any data or model is read (`check_routing`, from
 `config.validate`), one line naming the file, line and key. docs/several_teachers.md says the semantics.
@@ -21,7 +22,7 @@ from .errors import ConfigError
 TEACHER_KEYS = ("teacher_model", "teacher_cache", "teacher_offload", "teacher_resident", "teacher_sharding_strategy",
                 "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n")
 # the keys of the run a teacher's own config leaves out: the routing itself
-ROUTING_KEYS = ("teachers", "dataset_teachers", "teacher_key")
+ROUTING_KEYS = ("teachers", "dataset_teachers", "teacher_key", "teacher_weights")
 # a teacher's own loss settings, as the `loss.LossSpec` fields they set
 LOSS_FIELDS = {"kd_loss": "divergence", "kd_temperature": "temperature"}
 # keys of the run that do not go with several teachers yet, and why
@@ -66,15 +67,23 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         if getattr(cfg, key):
             fail(key, f"{key} is set with teachers: {why}")
     sources = cfg.dataset.split(",")
-    if cfg.dataset_teachers is not None and cfg.teacher_key is not None:
-        fail("teacher_key", "teacher_key routes each record by its field, dataset_teachers each source: choose one")
+    routings = [key for key in ("dataset_teachers", "teacher_key", "teacher_weights") if getattr(cfg, key) is not None]
+    if len(routings) > 1:
+        fail(routings[1], f"{' and '.join(routings)} are each a routing (by source, by record, a weighted mixture "
+                          "for every token): choose one")
+    if cfg.teacher_weights is not None:
+        weights = mixture_weights(cfg.teacher_weights)
+        if weights is None or len(weights) != len(cfg.teachers):
+            fail("teacher_weights", f"teacher_weights needs one non-negative weight per teacher "
+                                    f"({', '.join(cfg.teachers)}), not all 0, got {cfg.teacher_weights!r}")
+        return
     if cfg.teacher_key is not None:
         return
     if cfg.dataset_teachers is None:
         if len(cfg.teachers) > 1:
             fail("teachers", f"{len(cfg.teachers)} teachers but no routing: set dataset_teachers, one teacher name "
-                             f"per dataset source ({len(sources)}), or teacher_key, the record field naming each "
-                             "record's teacher")
+                             f"per dataset source ({len(sources)}), teacher_key, the record field naming each "
+                             "record's teacher, or teacher_weights, a weight per teacher for every token")
         return
     if cfg.eval_dataset:
         fail("eval_dataset", "with dataset_teachers an eval source has no teacher: hold out training data with "
@@ -113,9 +122,27 @@ class RowRouting:
         return np.full(len(table), self.sources[source], dtype=np.int64)
 
 
+def mixture_weights(text: str) -> tuple[float, ...] | None:
+    """`teacher_weights` normalized to sum to 1; None where they are not non-negative numbers, not all 0."""
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        return None
+    if min(weights) < 0 or sum(weights) <= 0:
+        return None
+    return tuple(w / sum(weights) for w in weights)
+
+
+def routed_count(cfg) -> int:
+    """How many teachers the samples are routed among (each micro-batch then carries each one's `data.Route`); 0
+    with one teacher of its own or a mixture."""
+    return 0 if cfg.teachers is None or cfg.teacher_weights is not None else len(cfg.teachers)
+
+
 def row_routing(cfg) -> RowRouting | None:
-    """How the config routes samples to its teachers; None with one teacher of its own (no `teachers`)."""
-    if cfg.teachers is None:
+    """How the config routes samples to its teachers; None with one teacher of its own (no `teachers`) or a
+    mixture (every token goes to every teacher)."""
+    if cfg.teachers is None or cfg.teacher_weights is not None:
         return None
     return RowRouting(tuple(cfg.teachers), source_teachers(cfg), cfg.teacher_key)
 
@@ -123,7 +150,7 @@ def row_routing(cfg) -> RowRouting | None:
 def source_teachers(cfg) -> tuple[int, ...] | None:
     """The index (in `teachers` order) of the teacher each training source is routed to; None where no source has
     one teacher (no `teachers`, or routed per record)."""
-    if cfg.teachers is None or cfg.teacher_key is not None:
+    if cfg.teachers is None or cfg.teacher_key is not None or cfg.teacher_weights is not None:
         return None
     names = list(cfg.teachers)
     routed = cfg.dataset_teachers.split(",") if cfg.dataset_teachers else [names[0]] * len(cfg.dataset.split(","))

@@ -17,7 +17,7 @@ from fsdp_kd.data import collate, collate_packed
 from fsdp_kd.kernel import METRIC_NAMES, Head
 from fsdp_kd.loss import LossSpec, loss_against
 from fsdp_kd.records import Sample
-from fsdp_kd.routed_teacher import RoutedTargets
+from fsdp_kd.routed_teacher import Part, RoutedTargets
 from fsdp_kd.step_metrics import SUMMED, no_sums, reduce_sums, summed
 from fsdp_kd.targets import LiveTargets
 from fsdp_kd.testing.reference import dense_distillation_loss
@@ -42,7 +42,7 @@ def test_the_routed_loss_equals_each_teachers_dense_loss_over_its_rows():
     def score(hidden, labels_, spec_, targets):
         return loss_against(hidden, w_s, labels_, spec_, V, targets)
 
-    parts = [(t, rows[t], LiveTargets(teachers[t][0][rows[t]], Head(teachers[t][1], None)), overrides[t])
+    parts = [Part(t, rows[t], LiveTargets(teachers[t][0][rows[t]], Head(teachers[t][1], None)), overrides[t])
              for t in range(2)]
     loss, metrics = RoutedTargets(parts, 2).scored(score, h_s, labels, spec)
     grads = torch.autograd.grad(loss, (h_s, w_s))
@@ -67,6 +67,45 @@ def test_the_routed_loss_equals_each_teachers_dense_loss_over_its_rows():
         assert float(by_teacher[t, 0]) == pytest.approx(float(ref_rows[t]), rel=1e-5)
         assert float(by_teacher[t, SUMMED.index("tokens")]) == len(rows[t])
     torch.testing.assert_close(by_teacher.sum(0), summed(loss, metrics)[:len(SUMMED)])
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (0.0, 1.0)])
+def test_a_weighted_mixture_is_the_weighted_sum_of_each_teachers_dense_divergence(weights):
+    """Every row to both teachers (their own kd_loss and τ): loss = (1 - c)·CE + c·Σ w_t·D_t, gradients alike; the
+    run's kd is the weighted sum, its CE and token count the rows' once, and each teacher's sums are its own."""
+    g = torch.Generator().manual_seed(1)
+    h_s = torch.randn(N, HS, generator=g).requires_grad_()
+    w_s = (torch.randn(V, HS, generator=g) * 0.5).requires_grad_()
+    teachers = [(torch.randn(N, HT, generator=g), torch.randn(V, HT, generator=g) * 0.5) for _ in range(2)]
+    labels = torch.randint(0, V, (N,), generator=g)
+    spec = LossSpec(kd_coef=0.6, vocab_chunk=7, token_chunk=5)
+    overrides = [{"divergence": "reverse_kl", "temperature": 2.0}, {"divergence": "jsd"}]
+    parts = [Part(t, None, LiveTargets(teachers[t][0], Head(teachers[t][1], None)), overrides[t], weights[t],
+                  owns_rows=t == min(i for i, w in enumerate(weights) if w > 0))
+             for t in range(2) if weights[t] > 0]
+    loss, metrics = RoutedTargets(parts, 2).scored(
+        lambda hidden, labels_, spec_, targets: loss_against(hidden, w_s, labels_, spec_, V, targets),
+        h_s, labels, spec)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+
+    ce, _ = dense_distillation_loss(h_s, w_s, labels, spec, V)
+    kd = [dense_distillation_loss(h_s, w_s, labels, dataclasses.replace(spec, kd_coef=1.0, **overrides[t]), V,
+                                  *teachers[t]) for t in range(2)]
+    ref = (1 - spec.kd_coef) * ce + spec.kd_coef * sum(w * part for w, (part, _) in zip(weights, kd))
+    ref_grads = torch.autograd.grad(ref, (h_s, w_s))
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(metrics["ce"]) == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert float(metrics["tokens"]) == N
+    assert float(metrics["kd"]) == pytest.approx(sum(w * float(m["kd"]) for w, (_, m) in zip(weights, kd)), rel=1e-5)
+    for t in range(2):
+        row = metrics["by_teacher"][t]
+        if weights[t] == 0:
+            assert not row.any()  # a teacher of weight 0 is not run
+        else:
+            assert float(row[SUMMED.index("kl")]) == pytest.approx(float(kd[t][1]["kl"]), rel=1e-5)
+            assert float(row[SUMMED.index("tokens")]) == N
 
 
 def test_each_teachers_sums_read_as_its_own_metrics_in_one_transfer():
@@ -144,6 +183,22 @@ def test_a_routing_that_cannot_run_is_refused_with_where_and_key(tmp_path, extra
         config(tmp_path, extra, *flags)
 
 
+@pytest.mark.parametrize("extra, message", [
+    ("teacher_weights: 0.5,0.5\ndataset_teachers: math,chat\n", r"run.yaml:7: dataset_teachers and teacher_weights "
+                                                                r"are each a routing"),
+    ("teacher_weights: 1,-1\n", r"run.yaml:7: teacher_weights needs one non-negative weight per teacher"),
+    ("teacher_weights: 1\n", r"run.yaml:7: teacher_weights needs one non-negative weight per teacher \(math, chat\)"),
+    ("teacher_key: domain\n", None),
+    ("teacher_weights: 3,1\n", None),
+])
+def test_a_run_is_routed_one_way(tmp_path, extra, message):
+    if message is None:
+        config(tmp_path, extra)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            config(tmp_path, extra)
+
+
 def test_resume_refuses_a_changed_routing_naming_it(tmp_path):
     saved = config(tmp_path).to_dict()
     assert resume_mismatches(saved, config(tmp_path).to_dict()) == []
@@ -192,6 +247,28 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         assert tokens["a"] > 0 and tokens["b"] > 0 and tokens["a"] + tokens["b"] == b[f"{prefix}tokens"]
         mixed = sum(b[f"{prefix}kl_{n}"] * tokens[n] for n in "ab") / b[f"{prefix}tokens"]
         assert mixed == pytest.approx(b[f"{prefix}kl"], rel=1e-5)
+
+
+def test_a_mixture_of_two_copies_of_one_teacher_trains_exactly_like_that_teacher(tiny, tmp_path):
+    """teacher_weights on 2 ranks: Σ w_t·D(p ‖ q) with p the same teacher is D(p ‖ q), so every logged figure of the
+    run's equals the one-teacher run's; each copy's own KL is the whole KL, over every token."""
+    common = dict(eval_dataset=tiny["eval"], eval_steps=4, logging_steps=2, kd_temperature=2.0)
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)])
+    mixed = tmp_path / "mixed.yaml"
+    teacher = tiny["teacher"]
+    mixed.write_text(f"teachers: {{a: {{teacher_model: {teacher}}}, b: {{teacher_model: {teacher}}}}}\n"
+                     "teacher_weights: 1,3\n")
+    torchrun([TRAIN, "--config", str(mixed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for name, value in a.items():
+            if name not in ("tokens_per_sec", "peak_mem_gb"):
+                assert b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, a, b)
+        prefix = "eval_" if "eval_loss" in a else ""
+        for copy in "ab":
+            assert b[f"{prefix}kl_{copy}"] == pytest.approx(a[f"{prefix}kl"], rel=1e-5)
+            assert b[f"{prefix}tokens_{copy}"] == a[f"{prefix}tokens"]
 
 
 def _routed_records(tiny, path, name_of):
@@ -287,7 +364,7 @@ def test_routing_a_micro_batch_to_its_teachers_does_not_sync():
         hidden = [torch.randn(r.count, HT, device=device) for r in batch.routes]
 
         def step():
-            parts = [(t, r.rows, LiveTargets(hidden[t], heads[t]), {}) for t, r in enumerate(batch.routes)]
+            parts = [Part(t, r.rows, LiveTargets(hidden[t], heads[t]), {}) for t, r in enumerate(batch.routes)]
             loss, metrics = RoutedTargets(parts, 2).scored(
                 lambda h, labels, spec, targets: loss_against(h, w_s, labels, spec, V, targets),
                 h_s, batch.target_ids, LossSpec())
