@@ -148,9 +148,10 @@ class RoutedTeachers:
                       *("  " + line for line in member.describe())]
         return lines
 
-    def _runs(self, name: str, count: int) -> bool:
-        """Whether a teacher runs for a micro-batch where `count` of its rows are routed to it."""
-        return count > 0 or self.collective[name]
+    def _runs(self, index: int, name: str, count: int) -> bool:
+        """Whether a teacher runs for a micro-batch where `count` of its rows are routed to it: where it has rows,
+        and a collective one everywhere but in a mixture that gives it weight 0 (on every rank alike)."""
+        return count > 0 or (self.collective[name] and (self.weights is None or self.weights[index] > 0))
 
     def _routes(self, batch: MicroBatch) -> list[Route]:
         """Each teacher's rows of a micro-batch: its route, or in a mixture the whole batch (no rows for a teacher
@@ -162,13 +163,13 @@ class RoutedTeachers:
     def begin(self, batches: list[MicroBatch]) -> None:
         for index, (name, member) in enumerate(self.members.items()):
             routes = [self._routes(b)[index] for b in batches]
-            member.begin([r.batch for r in routes if self._runs(name, r.count)])
+            member.begin([r.batch for r in routes if self._runs(index, name, r.count)])
 
     @contextmanager
     def targets(self, batch: MicroBatch):
         """Each teacher that runs here makes its targets over its own samples now; all are entered while the loss
         runs (a collective teacher's head is gathered on every rank alike)."""
-        made = [(index, name, route, self.members[name].targets(route.batch) if self._runs(name, route.count)
+        made = [(index, name, route, self.members[name].targets(route.batch) if self._runs(index, name, route.count)
                  else nullcontext())
                 for index, (name, route) in enumerate(zip(self.members, self._routes(batch)))]
         with ExitStack() as stack:
