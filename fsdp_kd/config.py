@@ -25,6 +25,7 @@ from .errors import ConfigError, require, require_choice
 from .loss import CONVENTIONS, LossSpec
 from .preemption import PREEMPT_SIGNALS
 from .records import TokenSettings
+from .routing import TEACHER_KEYS, check_routing, teacher_configs
 from .schedule import LR_SCHEDULES
 from .sharding import STRATEGIES, TEACHER_STRATEGIES
 from .teacher_cache import CACHE_MODES, HIDDEN_DTYPES, LOG_P_DTYPES
@@ -126,6 +127,9 @@ class TrainConfig:
                                        "forward: less device memory, slower")
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
                                         "needs its full size free on every device")
+    teachers: dict | None = opt(None, "several teachers: name -> that teacher's own keys (teacher_model or "
+                                      "teacher_cache, teacher_offload, kd_loss, kd_temperature ...), routed by "
+                                      "dataset_teachers; a flag takes it as inline YAML (docs/several_teachers.md)")
     teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send the "
                                 "student ranks its hidden states: 0 shares every rank (docs/scale_out.md)",
                              must_be=">= 0")
@@ -134,6 +138,12 @@ class TrainConfig:
                            "several comma-separated are mixed by dataset_probs", section="Data")
     dataset_probs: str | None = opt(None, "sampling weights of the comma-separated datasets, e.g. 0.7,0.3; none: "
                                           "equal weights")
+    dataset_teachers: str | None = opt(None, "with teachers: the teacher name of each comma-separated dataset "
+                                             "source, e.g. math,chat")
+    teacher_key: str | None = opt(None, "with teachers: the record field naming each record's teacher (instead of "
+                                        "dataset_teachers)")
+    teacher_weights: str | None = opt(None, "with teachers: every token distilled from all of them, KD = the "
+                                            "weighted sum of their divergences, one weight per teacher, e.g. 0.7,0.3")
     dataset_split: str = opt("train", "the split of a hub dataset to train on")
     eval_dataset: str | None = opt(None, "held-out data, in the layouts dataset takes; none: see eval_holdout_ratio")
     eval_split: str = opt("test", "the split of a hub eval_dataset")
@@ -287,6 +297,7 @@ RESUME_SENSITIVE_KEYS = (
     "generate_max_new_tokens", "generate_temperature", "generate_top_p", "cross_tokenizer", "uld_weight", "uld_topk",
     "teacher_context_key", "teacher_system_prompt",
     "span_weight",
+    "teachers", "dataset_teachers", "teacher_key", "teacher_weights",
 )
 
 
@@ -330,6 +341,13 @@ def _coerce(key: str, value, where: str):
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
+        if tp is dict:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return {name: {k: _coerce(k, v, f"{where} teachers.{name}") if k in FIELDS else v
+                           for k, v in keys.items()} if isinstance(keys, dict) else keys
+                    for name, keys in value.items()}
         if typing.get_origin(tp) is tuple:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)) or len(items) != 2:
@@ -337,7 +355,8 @@ def _coerce(key: str, value, where: str):
             return tuple(float(v) for v in items)
     except (TypeError, ValueError):
         pass
-    expected = "two numbers, e.g. [0.9, 0.95]" if typing.get_origin(tp) is tuple else f"a {tp.__name__}"
+    expected = ("two numbers, e.g. [0.9, 0.95]" if typing.get_origin(tp) is tuple else
+                "a mapping, e.g. {math: {teacher_model: path}}" if tp is dict else f"a {tp.__name__}")
     raise ConfigError(f"{where}: key '{key}' expects {expected}, got {value!r}")
 
 
@@ -444,7 +463,10 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
         fail("pretrain", "no student model: set pretrain to an HF model directory or hub id")
     if not cfg.dataset:
         fail("dataset", "no training data: set dataset to a .json/.jsonl file")
-    if cfg.teacher_model is None and cfg.teacher_cache is None and cfg.kd_coef > 0:
+    check_routing(cfg, where)
+    for name, own in teacher_configs(cfg).items():
+        validate(own, {k: f"{where.get('teachers', 'key teachers')} teachers.{name}.{k}" for k in TEACHER_KEYS})
+    if cfg.teacher_model is None and cfg.teacher_cache is None and cfg.teachers is None and cfg.kd_coef > 0:
         fail("kd_coef", f"kd_coef is {cfg.kd_coef} but no teacher_model or teacher_cache is set; set kd_coef 0 for "
                         "plain SFT")
     for key, field in FIELDS.items():
@@ -535,7 +557,7 @@ def token_settings(cfg: TrainConfig) -> TokenSettings:
 
 def data_sources(cfg: TrainConfig) -> DataSources:
     return DataSources(tuple(cfg.dataset.split(",")), cfg.dataset_split, cfg.max_samples, cfg.eval_dataset,
-                       cfg.eval_split, cfg.max_eval_samples, cfg.data_cache_dir, token_settings(cfg))
+                       cfg.eval_split, cfg.max_eval_samples, cfg.data_cache_dir, token_settings(cfg), cfg.teacher_key)
 
 
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:

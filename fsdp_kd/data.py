@@ -42,6 +42,20 @@ class Rows:
         return self.table[int(self.rows[i])]
 
 
+class RoutedTo:
+    """A table whose samples are routed to several teachers (`routing`): sample i to the teacher of index
+    `teachers[i]`."""
+
+    def __init__(self, table: SampleTable, teachers: np.ndarray):
+        self.table, self.teachers, self.lengths = table, teachers, table.lengths
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, i: int) -> Sample:
+        return dataclasses.replace(self.table[i], teacher=int(self.teachers[i]))
+
+
 class Concatenated:
     """Several sources as one index space: source k's row j is at offsets[k] + j."""
 
@@ -195,6 +209,8 @@ class MicroBatch:
     # ... and how many trained tokens have no teacher term at all, by why (host counts, ordered as
     # `cross_tokenizer.LEFT_OUT`)
     left_out: tuple[int, ...] = (0,) * len(LEFT_OUT)
+    # several teachers (`routing`): per teacher index, its samples of this batch alone (`Route`)
+    routes: list[Route] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.target_rows is None:
@@ -218,6 +234,8 @@ class MicroBatch:
         def moved(v):
             if isinstance(v, torch.Tensor):
                 return to_device(v, device)
+            if isinstance(v, list) and v and isinstance(v[0], Route):
+                return [Route(r.batch.to(device), to_device(r.rows, device), r.count) for r in v]
             return v.to(device) if isinstance(v, (MicroBatch, Spans)) else v
 
         return MicroBatch(*(moved(getattr(self, f.name)) for f in dataclasses.fields(self)))
@@ -352,6 +370,17 @@ class Spans:
                          int(np.diff(self.teacher_offsets[g0:g1 + 1]).max()))
 
 
+@dataclass
+class Route:
+    """The samples of a micro-batch routed to one teacher: `batch` holds them alone, in the micro-batch's own layout
+    order, so its target rows are, in order, the micro-batch's target rows at `rows`; `count` is their number, known
+    on the host. A teacher with no sample here gets a masked stand-in batch and no rows (`count` 0): a teacher whose
+    forward is collective over the ranks runs on it, so every rank calls it alike."""
+    batch: MicroBatch
+    rows: torch.Tensor | None  # [count] long; None: every target row of the batch
+    count: int
+
+
 def uses_sliding_window(config) -> bool:
     """Whether any layer of the model attends over a sliding window (Mistral, Gemma-2/3, Qwen2 with
     use_sliding_window): transformers lists layer types where it has them, else a set `sliding_window` means all."""
@@ -371,28 +400,44 @@ def _varlen_layout(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(starts.astype(np.int32)), int(np.diff(starts).max())
 
 
-def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
-    """One sample per row, right-padded."""
-    return _collate_rows([[s] for s in samples], pad_id, packed=False)
+def collate(samples: list[Sample], pad_id: int, teachers: int = 0) -> MicroBatch:
+    """One sample per row, right-padded; with `teachers` (several, `routing`), each one's `Route` too."""
+    return _collate_rows([[s] for s in samples], pad_id, packed=False, teachers=teachers)
 
 
-def collate_packed(samples: list[Sample], max_len: int, pad_id: int) -> MicroBatch:
+def collate_packed(samples: list[Sample], max_len: int, pad_id: int, teachers: int = 0) -> MicroBatch:
     """The micro-batch's samples packed into as few rows of at most max_len as first-fit-decreasing finds."""
-    return _collate_rows(pack(samples, max_len), pad_id, packed=True)
+    return _collate_rows(pack(samples, max_len), pad_id, packed=True, teachers=teachers)
 
 
-def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool) -> MicroBatch:
+def _routes(rows: list[list[Sample]], pad_id: int, packed: bool, teachers: int) -> list[Route]:
+    """Per teacher index, its samples laid out in the same rows and order (`Route`), from each sample's `teacher`."""
+    owner = np.repeat([s.teacher for row in rows for s in row], [s.trainable_tokens for row in rows for s in row])
+    routes = []
+    for t in range(teachers):
+        mine = [[s for s in row if s.teacher == t] for row in rows]
+        mine = [row for row in mine if row]
+        rows_at = torch.from_numpy(np.flatnonzero(owner == t).astype(np.int64))
+        if not rows_at.numel():
+            mine = [[masked_copy(rows[0][0])]]
+        routes.append(Route(_collate_rows(mine, pad_id, packed), rows_at, rows_at.numel()))
+    return routes
+
+
+def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool, teachers: int = 0) -> MicroBatch:
     """Each row's samples one after the other, then padding; segments and restarting positions when packed."""
     ids, mask, segments, positions, _ = _row_layout([[s.input_ids for s in row] for row in rows], pad_id)
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[mask.bool()] = torch.tensor([t for row in rows for s in row for t in s.targets], dtype=torch.long)
     keys = [(s.source, s.row) for row in rows for s in row if s.trainable_tokens]
+    routes = _routes(rows, pad_id, packed, teachers) if teachers else []
     if rows[0][0].teacher_ids is None:
         return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
-                          sample_keys=keys)
+                          sample_keys=keys, routes=routes)
     teacher, aligned, spans, left_out = _teacher_rows(rows, packed)
     return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
-                      sample_keys=keys, teacher=teacher, aligned=aligned, spans=spans, left_out=left_out)
+                      sample_keys=keys, teacher=teacher, aligned=aligned, spans=spans, left_out=left_out,
+                      routes=routes)
 
 
 def _row_layout(rows: list[list[list[int]]], pad_id: int):

@@ -45,4 +45,5 @@ def student_loss(lm, batch: MicroBatch, spec: LossSpec, vocab_size: int,
     hidden = hidden_at_targets(lm, batch)
     head = output_head(lm)
     with targets as teacher:
-        return loss_against(hidden, head, batch.target_ids, spec, vocab_size, teacher)
+        return teacher.scored(lambda rows, labels, rows_spec, rows_targets: loss_against(
+            rows, head, labels, rows_spec, vocab_size, rows_targets), hidden, batch.target_ids, spec)

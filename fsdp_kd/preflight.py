@@ -14,11 +14,12 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, data_sources
-from .data import Concatenated, EpochOrder, Rows, SampleTable
+from .data import Concatenated, EpochOrder, RoutedTo, Rows, SampleTable
 from .distributed import DistEnv, all_gather_object
 from .errors import ConfigError
 from .loading import check_model_dir
 from .records import Sample, check_data_path, looks_local
+from .routing import RowRouting, row_routing
 from .run_log import METRICS_FILE
 from .tokenized import DataSources, TokenizedDataset, open_sources
 
@@ -109,11 +110,13 @@ class DataSpec:
     probs: tuple[float, ...] | None  # dataset_probs; none: equal weights
     seed: int
     batch_size: int  # train_batch_size
+    routing: RowRouting | None = None  # several teachers: how each sample finds its teacher
 
 
 def data_spec(cfg: TrainConfig) -> DataSpec:
     probs = tuple(float(p) for p in cfg.dataset_probs.split(",")) if cfg.dataset_probs else None
-    return DataSpec(data_sources(cfg), cfg.eval_holdout_ratio, probs, cfg.seed, cfg.train_batch_size)
+    return DataSpec(data_sources(cfg), cfg.eval_holdout_ratio, probs, cfg.seed, cfg.train_batch_size,
+                    row_routing(cfg))
 
 
 @dataclass
@@ -134,6 +137,10 @@ def open_training_data(spec: DataSpec, env: DistEnv, tokenizer, log=print, retok
     sources, eval_source = open_sources(spec.sources, tokenizer, env.local_rank, all_gather_object, log, retokenize)
     fingerprint = ckpt.data_fingerprint(sources)
     every_source = sources + ([eval_source] if eval_source is not None else [])
+    if spec.routing is not None:  # each sample says its teacher, held out or not
+        sources = [RoutedTo(source, spec.routing.teachers(k, source)) for k, source in enumerate(sources)]
+        if eval_source is not None:
+            eval_source = RoutedTo(eval_source, spec.routing.teachers(None, eval_source))
     held_out: list[Sample] = []
     if eval_source is not None:
         held_out = [eval_source[i] for i in range(len(eval_source))]

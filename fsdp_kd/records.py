@@ -59,6 +59,8 @@ class Sample:
     # its groups of several tokens on a side, each (s0, s1, t0, t1): the student positions [s0, s1) and the teacher
     # positions [t0, t1) that predict the group's tokens (`cross_tokenizer.Alignment.spans`)
     teacher_spans: list[tuple[int, int, int, int]] | None = None
+    # several teachers (`routing`): the index of the teacher this sample is routed to; None with one teacher
+    teacher: int | None = field(default=None, compare=False)
 
     @property
     def trainable_tokens(self) -> int:
@@ -168,6 +170,16 @@ def _field(record: object, key: str, where: str):
     if not isinstance(value, str):
         raise DataError(f"{where}: key '{key}' must be a string, got {type(value).__name__}")
     return value
+
+
+def teacher_named(record: object, key: str, where: str) -> str:
+    """The teacher a record names under `key` (several teachers routed per record, `teacher_key`)."""
+    if not isinstance(record, dict) or key not in record:
+        raise DataError(f"{where}: missing key '{key}' (teacher_key): each record names its teacher there; add it, "
+                        "or route per source with dataset_teachers")
+    if not isinstance(record[key], str) or not record[key]:
+        raise DataError(f"{where}: key '{key}' must name the record's teacher, got {record[key]!r}")
+    return record[key]
 
 
 def _conversation(turns: list, key: str, where: str) -> list[dict]:

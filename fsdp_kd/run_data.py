@@ -21,11 +21,12 @@ class RunData:
     pad_id: int
     packing: bool
     max_len: int
+    teachers: int = 0  # several teachers (`routing`): how many, so each micro-batch carries each one's `Route`
 
     def collate(self, samples: list[Sample]) -> MicroBatch:
         if self.packing:
-            return collate_packed(samples, self.max_len, self.pad_id)
-        return collate(samples, self.pad_id)
+            return collate_packed(samples, self.max_len, self.pad_id, self.teachers)
+        return collate(samples, self.pad_id, self.teachers)
 
     def step_samples(self, step: int) -> list[list[Sample]]:
         """This rank's micro-batches of samples for a global step."""

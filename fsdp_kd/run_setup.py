@@ -30,7 +30,9 @@ from .run_data import RunData
 from .run_log import METRICS_FILE, MetricsLog, check_logger_packages
 from .sharding import ShardedCausalLM, StudentSharding, parameter_count
 from .startup import CLOCK
-from .teacher import Teacher, open_teacher
+from .routed_teacher import open_teachers
+from .routing import routed_count
+from .teacher import Teacher
 from .tokenizer_compat import padding_id, student_tokenizer
 
 CONFIG_FILE = "train_config.yaml"
@@ -60,7 +62,7 @@ def preflight(cfg: TrainConfig, env: DistEnv, log) -> Preflight:
 
     tokenizer = student_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template,
                                   cfg.apply_chat_template)
-    teacher = open_teacher(cfg, tokenizer)  # live, cache, ... or none (teacher.TEACHERS)
+    teacher = open_teachers(cfg, tokenizer)  # live, cache, ... or none (teacher.TEACHERS), or several routed
     CLOCK.lap("tokenizers")
 
     opened = open_training_data(data_spec(cfg), env, tokenizer, log, teacher.retokenize)
@@ -71,7 +73,7 @@ def preflight(cfg: TrainConfig, env: DistEnv, log) -> Preflight:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     data = RunData(opened.train, opened.held_out, opened.order, sampler, padding_id(tokenizer), cfg.packing_samples,
-                   cfg.max_len)
+                   cfg.max_len, routed_count(cfg))
     data.report_padding(total_steps, log)
     CLOCK.lap("data")
     # last: with teacher_ranks, the teacher ranks start loading once every student rank has passed it

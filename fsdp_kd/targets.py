@@ -37,6 +37,11 @@ class Targets(ABC):
     def check_vocab(self, vocab_size: int) -> None:
         """Raises ValueError when the targets do not reach over the shared vocabulary."""
 
+    def scored(self, score, hidden: torch.Tensor, labels: torch.Tensor, spec):
+        """The loss over these targets' rows, `score(hidden, labels, spec, targets)`: one call here; several teachers'
+        targets (`routed_teacher.RoutedTargets`) make one per teacher, over its rows."""
+        return score(hidden, labels, spec, self)
+
     def check_divergence(self, name: str, divergence: Divergence) -> None:
         """Raises ValueError when these targets cannot give what the divergence is taken over."""
 

@@ -40,7 +40,8 @@ class Teacher(Protocol):
     on other ranks starts on them at once), and `targets(batch)` gives one's targets, as a context manager entered
     while the loss runs (a teacher's head is gathered only then). `metric_names` says how the loss's metrics read
     against this kind (a metric renamed, or dropped as None, where it gives less than a live teacher); `distills`
-    whether the loss has a KD term at all. `signalled(device)` is how many of the teacher's own ranks got a stop signal
+    whether the loss has a KD term at all; `metric_groups`, empty but for several teachers
+    (`routed_teacher.RoutedTeachers`), each one's name and metric names. `signalled(device)` is how many of the teacher's own ranks got a stop signal
     while serving the step's micro-batches, on the device (a teacher on ranks of its own; the others say none,
     `preemption.no_signal`): the step's counts take it in. `close(preempted)` ends it after a run that finished, or that
     a stop signal stopped (a teacher on ranks of its own then stops with the same exit code)."""
@@ -48,6 +49,7 @@ class Teacher(Protocol):
     teacher_vocab_size: int
     retokenize: TeacherTokenization | None
     metric_names: dict[str, str | None]
+    metric_groups: dict[str, dict[str, str | None]]
     distills: bool
 
     @classmethod
@@ -76,6 +78,7 @@ class NoTeacher:
     retokenize = None
     distills = False
     metric_names: dict[str, str | None] = {name: None for name in METRIC_NAMES if name != "ce"}
+    metric_groups: dict[str, dict[str, str | None]] = {}
 
     def __init__(self, vocab_size: int):
         self.vocab_size = self.teacher_vocab_size = vocab_size

@@ -458,6 +458,7 @@ class CachedTeacher:
     vm.max_map_count of 65530), so at most `OPEN_PARTS` parts stay open (mapped) at once, the most recently read."""
     retokenize = None
     distills = True
+    metric_groups: dict[str, dict[str, str | None]] = {}  # one teacher
 
     def __init__(self, run: CacheRun, meta: CacheMeta):
         self.run, self.directory, self.meta = run, os.path.expanduser(run.directory), meta

@@ -62,6 +62,7 @@ class ModelTeacher:
     micro-batch, and the start-up summary's line, where `own_tokenizer` says which kind it is. A kind gives
     `vocabulary_lines`, and `targets_from` as a context manager: the head is gathered only while the loss runs."""
     metric_names: dict[str, str | None]
+    metric_groups: dict[str, dict[str, str | None]] = {}  # one teacher
     own_tokenizer: str
     distills = True
     vocab_size: int

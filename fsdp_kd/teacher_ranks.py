@@ -147,6 +147,7 @@ class RemoteTeacher:
     `teacher_model.LiveTeacher` or `CrossTokenizerTeacher`, whose model is not on this rank); this student rank holds
     its head, sends it each micro-batch's layout and makes the targets from the hidden states that come back."""
     distills = True
+    metric_groups: dict[str, dict[str, str | None]] = {}  # one teacher
 
     def __init__(self, model: ModelTeacher, param_dtype: str):
         self.model, self.param_dtype = model, param_dtype

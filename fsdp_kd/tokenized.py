@@ -29,7 +29,7 @@ import numpy as np
 
 from .cross_tokenizer import ALIGNMENT_VERSION, teacher_fields
 from .records import (IGNORE_INDEX, LOCAL_SUFFIXES, DataError, DataStats, Sample, TokenSettings, looks_local,
-                      parse_record, raw_records, record_to_sample)
+                      parse_record, raw_records, record_to_sample, teacher_named)
 
 FORMAT_VERSION = 2  # bump when the stored columns or the tokenization rules change (2: conversations cut from the left)
 DEFAULT_CACHE = "~/.cache/fsdp_kd/tokenized"
@@ -41,6 +41,9 @@ META_FILE = "fsdp_kd_tokenized.json"
 # token index where each group ends, `cross_tokenizer.Alignment`), and the groups that hold a special token
 # (`cross_tokenizer.special_groups`); empty lists where the sample could not be aligned
 TEACHER_COLUMNS = ("teacher_ids", "student_group_ends", "teacher_group_ends", "special_groups")
+# several teachers routed per record (`teacher_key`): the teacher each record names, and where the record is, to say
+# where a name no teacher has comes from (the names are the run's, checked when the table is opened)
+ROUTE_COLUMNS = ("teacher_name", "where")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,7 @@ class DataSources:
     max_eval_samples: int | None
     cache_dir: str | None  # `data_cache_dir`; none: `cache_root`'s default
     settings: TokenSettings
+    teacher_key: str | None = None  # several teachers routed per record: the field naming each record's teacher
 
 
 def cache_root(cache_dir: str | None) -> str:
@@ -79,7 +83,7 @@ def source_files(path: str) -> list[str]:
 
 
 def cache_key(path: str, split: str, max_samples: int | None, settings: TokenSettings, tokenizer,
-              teacher=None) -> dict:
+              teacher=None, teacher_key: str | None = None) -> dict:
     """Everything that changes the tokenized samples of one source (and, with a teacher of its own tokenizer, its
     tokens of them)."""
     if looks_local(path):
@@ -92,6 +96,8 @@ def cache_key(path: str, split: str, max_samples: int | None, settings: TokenSet
     if teacher is not None:
         key["teacher_tokenizer"] = [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION, teacher.max_positions,
                                     *teacher.rendering]
+    if teacher_key is not None:
+        key["teacher_key"] = teacher_key
     return key
 
 
@@ -106,6 +112,7 @@ class TokenizedDataset:
         self.input_ids, self.spans = table.column("input_ids"), table.column("spans")
         self.lengths = table.column("length").to_numpy()
         self.teacher = {name: table.column(name) for name in TEACHER_COLUMNS if name in table.column_names}
+        self.route = {name: table.column(name) for name in ROUTE_COLUMNS if name in table.column_names}
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -118,6 +125,20 @@ class TokenizedDataset:
             columns = (self.teacher[name][i].as_py() for name in TEACHER_COLUMNS)
             sample = dataclasses.replace(sample, **teacher_fields(*columns, len(sample.input_ids)))
         return sample
+
+    def teachers(self, names: tuple[str, ...], key: str) -> np.ndarray:
+        """Each sample's teacher index in `names`, from the teacher its record names under `key` (routed per
+        record); a name that no teacher has is refused where its record is."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        named = self.route["teacher_name"]
+        index = pc.index_in(named, value_set=pa.array(names))
+        if index.null_count:
+            row = pc.index(pc.is_null(index), True).as_py()
+            raise DataError(f"{self.route['where'][row].as_py()}: key '{key}' names the teacher "
+                            f"{named[row].as_py()!r}, which no teacher has; the teachers are {', '.join(names)}")
+        return index.to_numpy(zero_copy_only=False).astype(np.int64)
 
     @property
     def stats(self) -> DataStats:
@@ -161,15 +182,19 @@ def spans_of(sample: Sample) -> list[int]:
     return spans
 
 
-def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=None) -> dict:
+def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=None, teacher_key: str | None = None
+                    ) -> dict:
     out: dict[str, list] = {"input_ids": [], "spans": [], "length": [], "truncated": [], "error": []}
     if teacher is not None:
         out.update({name: [] for name in TEACHER_COLUMNS})
+    if teacher_key is not None:
+        out.update({name: [] for name in ROUTE_COLUMNS})
     for text, where in zip(batch["record"], batch["where"]):
-        sample, cut, error, columns = Sample([], []), False, None, ([], [], [])
+        sample, cut, error, columns, named = Sample([], []), False, None, ([], [], [], []), ""
         try:
             record = parse_record(text, where)
             sample, cut = record_to_sample(record, settings, tokenizer, where)
+            named = teacher_named(record, teacher_key, where) if teacher_key is not None else ""
             if sample.trainable_tokens == 0:
                 error = NO_TARGET
             elif teacher is not None:
@@ -181,6 +206,9 @@ def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=Non
         out["length"].append(len(sample.input_ids))
         out["truncated"].append(cut)
         out["error"].append(error)
+        if teacher_key is not None:
+            out["teacher_name"].append(named)
+            out["where"].append(where)
         if teacher is not None:
             for name, values in zip(TEACHER_COLUMNS, columns if error is None else ([], [], [], [])):
                 out[name].append(values)
@@ -189,19 +217,19 @@ def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=Non
 
 def open_tokenized(path: str, split: str, max_samples: int | None, settings: TokenSettings, cache_dir: str | None,
                    tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda error: [error], log=print,
-                   teacher=None) -> TokenizedDataset:
+                   teacher=None, teacher_key: str | None = None) -> TokenizedDataset:
     """The source's tokenized table: built by local rank 0 of each node if no run has built it yet, else opened from
     the cache. `share` exchanges each rank's build error (None if none) with every rank, and doubles as the wait
     for the build: every rank fails with the builder's message, rather than waiting on a barrier for a rank that
     has died."""
-    key = cache_key(path, split, max_samples, settings, tokenizer, teacher)
+    key = cache_key(path, split, max_samples, settings, tokenizer, teacher, teacher_key)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(path.rstrip("/")))[:60]
     directory = os.path.join(cache_root(cache_dir), f"{name}-{digest}")
     failure, error = None, None
     if not os.path.exists(os.path.join(directory, META_FILE)) and local_rank == 0:
         try:
-            build_tokenized(path, split, max_samples, settings, tokenizer, key, directory, log, teacher)
+            build_tokenized(path, split, max_samples, settings, tokenizer, key, directory, log, teacher, teacher_key)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, whatever it is
             failure, error = e, str(e) if isinstance(e, DataError) else f"{path}: tokenizing failed: {e!r}"
     errors = [e for e in share(error) if e]
@@ -222,7 +250,7 @@ def open_sources(sources: DataSources, tokenizer, local_rank: int, share: Callab
     `cross_tokenizer.TeacherTokenization`), each sample holds the teacher's tokens too."""
     def source(path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
         table = open_tokenized(path, split, max_samples, sources.settings, sources.cache_dir, tokenizer, local_rank,
-                               share, log, teacher)
+                               share, log, teacher, sources.teacher_key)
         log(table.stats.summary(f"{what} {path}"))
         return table
 
@@ -233,7 +261,7 @@ def open_sources(sources: DataSources, tokenizer, local_rank: int, share: Callab
 
 
 def build_tokenized(path: str, split: str, max_samples: int | None, settings: TokenSettings, tokenizer, key: dict,
-                    directory: str, log=print, teacher=None) -> None:
+                    directory: str, log=print, teacher=None, teacher_key: str | None = None) -> None:
     """Tokenizes a source into `directory`, atomically: it is written beside it and renamed into place, so a
     killed build leaves nothing that a later run would take for a finished one."""
     import datasets
@@ -252,13 +280,15 @@ def build_tokenized(path: str, split: str, max_samples: int | None, settings: To
             "input_ids": datasets.List(datasets.Value("int32")), "spans": datasets.List(datasets.Value("int32")),
             "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
             "error": datasets.Value("string"),
-            **({name: datasets.List(datasets.Value("int32")) for name in TEACHER_COLUMNS} if teacher else {})})
+            **({name: datasets.List(datasets.Value("int32")) for name in TEACHER_COLUMNS} if teacher else {}),
+            **({name: datasets.Value("string") for name in ROUTE_COLUMNS} if teacher_key is not None else {})})
         workers = max(1, min(os.cpu_count() or 1, len(raw) // 1000))
         datasets.enable_progress_bars()
         with contextlib.redirect_stderr(sys.stdout):  # progress is output; stderr stays for errors
             tokenized = raw.map(_tokenize_batch, batched=True, batch_size=256,
                                 num_proc=workers if workers > 1 else None,
-                                fn_kwargs={"settings": settings, "tokenizer": tokenizer, "teacher": teacher},
+                                fn_kwargs={"settings": settings, "tokenizer": tokenizer, "teacher": teacher,
+                                           "teacher_key": teacher_key},
                                 remove_columns=["record", "where"],
                                 features=features, desc=f"tokenizing {os.path.basename(path)}",
                                 cache_file_name=os.path.join(work, "map", "tokenized.arrow"))

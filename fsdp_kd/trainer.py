@@ -85,7 +85,7 @@ class Trainer:
 
     def _reduce(self, sums: torch.Tensor, extra: list[torch.Tensor] = ()) -> tuple[dict[str, float], list[float]]:
         """The step's metrics as the teacher names them, and `extra`, on the host (`step_metrics.reduce_sums`)."""
-        return reduce_sums(sums, self.teacher.metric_names, extra)
+        return reduce_sums(sums, self.teacher.metric_names, extra, self.teacher.metric_groups)
 
     def forward_backward(self, step: int) -> StepWork:
         """Accumulates this rank's share of the step's gradients; returns the summed metrics (on the device, ordered
@@ -105,7 +105,7 @@ class Trainer:
         local_tokens = host_values([sum(mb.trainable_tokens for mb in micro_batches)], self.env.device)[0]
         global_tokens = all_reduce_sum(local_tokens).clamp_min(1.0)
         self.student.train()
-        sums = no_sums(self.env.device)
+        sums = no_sums(self.env.device, len(self.teacher.metric_groups))
         on_policy_sums = torch.zeros_like(sums)
         for i, (batch, generated) in enumerate(zip(micro_batches, on_policy)):
             left = (len(micro_batches) - i) / len(micro_batches) * self.step_seconds + self.save_seconds
@@ -162,7 +162,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.student.eval()
-        sums = no_sums(self.env.device)
+        sums = no_sums(self.env.device, len(self.teacher.metric_groups))
         groups = self.data.eval_groups(self.cfg.micro_train_batch_size, self.env.rank, self.env.world_size)
         ahead = self.data.sampler.accumulation  # begun at once, as a step's: not the whole eval set on the device
         for start in range(0, len(groups), ahead):  # (nor sent to the teacher ranks) at once

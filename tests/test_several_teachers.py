@@ -1,0 +1,377 @@
+"""Several teachers in one run (`teachers`, routed by `dataset_teachers` or `teacher_key`): the routed loss equals
+the dense per-teacher reference (loss, gradients, metrics); a micro-batch's routes put each teacher's rows where they
+are, without a host sync; refusals before any model loads; resume refuses a changed routing; and train.py on 2 ranks
+with a live and a cached teacher, each logging its own kl_<name>, and with two copies of one teacher, routed per
+source or per record, training exactly like that teacher alone."""
+
+import dataclasses
+import math
+import re
+
+import pytest
+import torch
+
+from conftest import REPO, python_run, read_metrics, torchrun, train_args
+from fsdp_kd.config import ConfigError, parse_config, resume_mismatches
+from fsdp_kd.data import collate, collate_packed
+from fsdp_kd.kernel import METRIC_NAMES, Head
+from fsdp_kd.loss import LossSpec, loss_against
+from fsdp_kd.records import Sample
+from fsdp_kd.routed_teacher import Part, RoutedTargets
+from fsdp_kd.step_metrics import SUMMED, no_sums, reduce_sums, summed
+from fsdp_kd.targets import LiveTargets
+from fsdp_kd.testing.reference import dense_distillation_loss
+
+TRAIN = str(REPO / "train.py")
+N, HS, HT, V = 31, 12, 20, 53
+
+
+def test_the_routed_loss_equals_each_teachers_dense_loss_over_its_rows():
+    """Two live teachers, each with its own kd_loss and τ, over interleaved rows: the loss, both gradients, the
+    metrics and each teacher's own sums equal the sum of the dense reference over each teacher's rows."""
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(N, HS, generator=g).requires_grad_()
+    w_s = (torch.randn(V, HS, generator=g) * 0.5).requires_grad_()
+    teachers = [(torch.randn(N, HT, generator=g), torch.randn(V, HT, generator=g) * 0.5) for _ in range(2)]
+    labels = torch.randint(0, V, (N,), generator=g)
+    owner = torch.randint(0, 2, (N,), generator=g)
+    spec = LossSpec(kd_coef=0.6, vocab_chunk=7, token_chunk=5)
+    overrides = [{"divergence": "jsd", "temperature": 2.0}, {}]
+    rows = [torch.nonzero(owner == t)[:, 0] for t in range(2)]
+
+    def score(hidden, labels_, spec_, targets):
+        return loss_against(hidden, w_s, labels_, spec_, V, targets)
+
+    parts = [Part(t, rows[t], LiveTargets(teachers[t][0][rows[t]], Head(teachers[t][1], None)), overrides[t])
+             for t in range(2)]
+    loss, metrics = RoutedTargets(parts, 2).scored(score, h_s, labels, spec)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+
+    ref_loss, ref_rows, ref_metrics = 0.0, [], {}
+    for t in range(2):
+        part_loss, part = dense_distillation_loss(h_s[rows[t]], w_s, labels[rows[t]],
+                                                  dataclasses.replace(spec, **overrides[t]), V,
+                                                  teachers[t][0][rows[t]], teachers[t][1])
+        ref_loss = ref_loss + part_loss
+        ref_rows.append(part_loss.detach().double())
+        ref_metrics = {k: ref_metrics.get(k, 0.0) + float(v) for k, v in part.items()}
+    ref_grads = torch.autograd.grad(ref_loss, (h_s, w_s))
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name, value in ref_metrics.items():
+        assert float(metrics[name]) == pytest.approx(value, rel=1e-5, abs=1e-4), name
+    by_teacher = metrics["by_teacher"]
+    assert by_teacher.shape == (2, len(SUMMED))
+    for t in range(2):
+        assert float(by_teacher[t, 0]) == pytest.approx(float(ref_rows[t]), rel=1e-5)
+        assert float(by_teacher[t, SUMMED.index("tokens")]) == len(rows[t])
+    torch.testing.assert_close(by_teacher.sum(0), summed(loss, metrics)[:len(SUMMED)])
+
+
+@pytest.mark.parametrize("weights", [(0.7, 0.3), (0.0, 1.0)])
+def test_a_weighted_mixture_is_the_weighted_sum_of_each_teachers_dense_divergence(weights):
+    """Every row to both teachers (their own kd_loss and τ): loss = (1 - c)·CE + c·Σ w_t·D_t, gradients alike; the
+    run's kd is the weighted sum, its CE and token count the rows' once, and each teacher's sums are its own."""
+    g = torch.Generator().manual_seed(1)
+    h_s = torch.randn(N, HS, generator=g).requires_grad_()
+    w_s = (torch.randn(V, HS, generator=g) * 0.5).requires_grad_()
+    teachers = [(torch.randn(N, HT, generator=g), torch.randn(V, HT, generator=g) * 0.5) for _ in range(2)]
+    labels = torch.randint(0, V, (N,), generator=g)
+    spec = LossSpec(kd_coef=0.6, vocab_chunk=7, token_chunk=5)
+    overrides = [{"divergence": "reverse_kl", "temperature": 2.0}, {"divergence": "jsd"}]
+    parts = [Part(t, None, LiveTargets(teachers[t][0], Head(teachers[t][1], None)), overrides[t], weights[t],
+                  owns_rows=t == min(i for i, w in enumerate(weights) if w > 0))
+             for t in range(2) if weights[t] > 0]
+    loss, metrics = RoutedTargets(parts, 2).scored(
+        lambda hidden, labels_, spec_, targets: loss_against(hidden, w_s, labels_, spec_, V, targets),
+        h_s, labels, spec)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+
+    ce, _ = dense_distillation_loss(h_s, w_s, labels, spec, V)
+    kd = [dense_distillation_loss(h_s, w_s, labels, dataclasses.replace(spec, kd_coef=1.0, **overrides[t]), V,
+                                  *teachers[t]) for t in range(2)]
+    ref = (1 - spec.kd_coef) * ce + spec.kd_coef * sum(w * part for w, (part, _) in zip(weights, kd))
+    ref_grads = torch.autograd.grad(ref, (h_s, w_s))
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(metrics["ce"]) == pytest.approx(float(ce.detach()), rel=1e-5)
+    assert float(metrics["tokens"]) == N
+    assert float(metrics["kd"]) == pytest.approx(sum(w * float(m["kd"]) for w, (_, m) in zip(weights, kd)), rel=1e-5)
+    for t in range(2):
+        row = metrics["by_teacher"][t]
+        if weights[t] == 0:
+            assert not row.any()  # a teacher of weight 0 is not run
+        else:
+            assert float(row[SUMMED.index("kl")]) == pytest.approx(float(kd[t][1]["kl"]), rel=1e-5)
+            assert float(row[SUMMED.index("tokens")]) == N
+
+
+def test_each_teachers_sums_read_as_its_own_metrics_in_one_transfer():
+    sums = no_sums(torch.device("cpu"), 2)
+    assert sums.numel() == 3 * len(SUMMED)
+    row = torch.arange(len(SUMMED), dtype=torch.float64) + 1
+    sums += torch.cat([row + row, row, row])
+    out, extra = reduce_sums(sums, {"kl": "kl_buckets", "teacher_ce": None},
+                             [torch.tensor([7.0])], {"a": {}, "b": {"kl": "kl_buckets", "teacher_ce": None}})
+    tokens = len(SUMMED)
+    assert extra == [7.0]
+    assert out["kl_buckets"] == pytest.approx(2 * (1 + METRIC_NAMES.index("kl") + 1) / (2 * tokens))
+    assert out["kl_a"] == out["kl_b"] == pytest.approx((METRIC_NAMES.index("kl") + 2) / tokens)
+    assert "teacher_ce_a" in out and "teacher_ce_b" not in out and out["tokens_b"] == tokens
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_micro_batchs_routes_hold_each_teachers_samples_at_its_rows(packed):
+    """Each route's batch is its teacher's samples alone, whose target rows are the whole batch's at `rows`; a
+    teacher with no sample gets a stand-in with no rows."""
+    samples = [Sample(list(range(1, n + 1)), [-100] * (n // 2) + list(range(50, 50 + n - n // 2)), teacher=t)
+               for n, t in ((5, 0), (8, 2), (3, 0), (6, 2), (4, 0))]
+    batch = collate_packed(samples, 12, 0, teachers=3) if packed else collate(samples, 0, teachers=3)
+    assert [r.count for r in batch.routes] == [sum(s.trainable_tokens for s in samples if s.teacher == t)
+                                               for t in range(3)]
+    for route in batch.routes:
+        assert torch.equal(batch.target_ids[route.rows], route.batch.target_ids)
+    assert batch.routes[1].batch.trainable_tokens == 0 and batch.routes[1].rows.numel() == 0
+    assert sorted(torch.cat([r.rows for r in batch.routes]).tolist()) == list(range(batch.trainable_tokens))
+    assert collate(samples, 0).routes == []  # one teacher: no routes, the batch as before
+
+
+YAML = """pretrain: s
+dataset: a.jsonl,b.jsonl
+kd_coef: 0.5
+teachers:
+  math: {{teacher_model: t1, kd_temperature: 2}}
+  chat: {{teacher_cache: c1}}
+{extra}"""
+
+
+def config(tmp_path, extra="dataset_teachers: math,chat\n", *flags):
+    path = tmp_path / "run.yaml"
+    path.write_text(YAML.format(extra=extra))
+    return parse_config(["--config", str(path), *flags])
+
+
+def test_teachers_and_their_routing_are_read_with_each_teachers_own_keys(tmp_path):
+    cfg = config(tmp_path)
+    assert cfg.teachers == {"math": {"teacher_model": "t1", "kd_temperature": 2.0}, "chat": {"teacher_cache": "c1"}}
+    from fsdp_kd.routing import loss_overrides, source_teachers, teacher_configs
+    own = teacher_configs(cfg)
+    assert own["math"].teacher_model == "t1" and own["math"].kd_temperature == 2.0 and own["math"].teachers is None
+    assert own["chat"].teacher_cache == "c1" and own["chat"].kd_temperature == 1.0
+    assert source_teachers(cfg) == (0, 1) and loss_overrides(cfg) == {"math": {"temperature": 2.0}, "chat": {}}
+
+
+@pytest.mark.parametrize("extra, flags, message", [
+    ("dataset_teachers: math,physics\n", (), r"run.yaml:7: source b.jsonl is routed to 'physics', which no teacher "
+                                             r"has; the teachers are math, chat"),
+    ("dataset_teachers: math\n", (), r"run.yaml:7: dataset_teachers names 1 teachers for 2 dataset sources"),
+    ("", (), r"run.yaml:4: 2 teachers but no routing: set dataset_teachers"),
+    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_offload: true}}"),
+     r"command line --teachers: key teachers.chat: give the teacher a teacher_model or a teacher_cache"),
+    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, cache_kk: 3}}"),
+     r"key teachers.math: unknown key 'cache_kk'"),
+    ("dataset_teachers: math,chat\nteacher_model: t\n", (), r"run.yaml:8: teacher_model is set with teachers: each "
+                                                            r"teacher names its own under teachers"),
+    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, kd_loss: kl}, chat: {teacher_model: "
+                                                     "t}}"),
+     r"command line --teachers teachers.math.kd_loss: kd_loss must be one of"),
+])
+def test_a_routing_that_cannot_run_is_refused_with_where_and_key(tmp_path, extra, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, extra, *flags)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("teacher_weights: 0.5,0.5\ndataset_teachers: math,chat\n", r"run.yaml:7: dataset_teachers and teacher_weights "
+                                                                r"are each a routing"),
+    ("teacher_weights: 1,-1\n", r"run.yaml:7: teacher_weights needs one non-negative weight per teacher"),
+    ("teacher_weights: 1\n", r"run.yaml:7: teacher_weights needs one non-negative weight per teacher \(math, chat\)"),
+    ("teacher_key: domain\n", None),
+    ("teacher_weights: 3,1\n", None),
+])
+def test_a_run_is_routed_one_way(tmp_path, extra, message):
+    if message is None:
+        config(tmp_path, extra)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            config(tmp_path, extra)
+
+
+def test_resume_refuses_a_changed_routing_naming_it(tmp_path):
+    saved = config(tmp_path).to_dict()
+    assert resume_mismatches(saved, config(tmp_path).to_dict()) == []
+    swapped = config(tmp_path, "dataset_teachers: chat,math\n").to_dict()
+    assert resume_mismatches(saved, swapped) == ["dataset_teachers ('math,chat' -> 'chat,math')"]
+    other = config(tmp_path, "dataset_teachers: math,chat\n", "--teachers",
+                   "{math: {teacher_model: t2}, chat: {teacher_cache: c1}}").to_dict()
+    assert [m.split(" ")[0] for m in resume_mismatches(saved, other)] == ["teachers"]
+
+
+def _two_sources(tiny, tmp_path):
+    """The tiny task's training records cut into two sources."""
+    from fsdp_kd.testing.tiny import read_jsonl, write_jsonl
+
+    records = read_jsonl(tiny["train"])
+    paths = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")]
+    write_jsonl(paths[0], records[:128])
+    write_jsonl(paths[1], records[128:])
+    return paths
+
+
+def _teachers_yaml(path, teachers: dict, routing: str):
+    import yaml
+
+    path.write_text(yaml.safe_dump({"teachers": teachers, "dataset_teachers": routing}))
+    return str(path)
+
+
+def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path):
+    """On 2 ranks (a live teacher is collective there: it runs on stand-ins where a rank has none of its rows), the
+    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'."""
+    sources = ",".join(_two_sources(tiny, tmp_path))
+    common = dict(dataset=sources, eval_holdout_ratio=0.1, eval_steps=2, logging_steps=1, kd_temperature=2.0)
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)])
+    routed = _teachers_yaml(tmp_path / "routed.yaml", {"a": {"teacher_model": tiny["teacher"]},
+                                                      "b": {"teacher_model": tiny["teacher"]}}, "a,b")
+    torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        for name, value in a.items():
+            if name not in ("tokens_per_sec", "peak_mem_gb"):
+                assert b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, a, b)
+        prefix = "eval_" if "eval_loss" in a else ""
+        tokens = {n: b[f"{prefix}tokens_{n}"] for n in "ab"}
+        assert tokens["a"] > 0 and tokens["b"] > 0 and tokens["a"] + tokens["b"] == b[f"{prefix}tokens"]
+        mixed = sum(b[f"{prefix}kl_{n}"] * tokens[n] for n in "ab") / b[f"{prefix}tokens"]
+        assert mixed == pytest.approx(b[f"{prefix}kl"], rel=1e-5)
+
+
+def test_a_mixture_of_two_copies_of_one_teacher_trains_exactly_like_that_teacher(tiny, tmp_path):
+    """teacher_weights on 2 ranks: Σ w_t·D(p ‖ q) with p the same teacher is D(p ‖ q), so every logged figure of the
+    run's equals the one-teacher run's; each copy's own KL is the whole KL, over every token."""
+    common = dict(eval_dataset=tiny["eval"], eval_steps=4, logging_steps=2, kd_temperature=2.0)
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)])
+    mixed = tmp_path / "mixed.yaml"
+    teacher = tiny["teacher"]
+    mixed.write_text(f"teachers: {{a: {{teacher_model: {teacher}}}, b: {{teacher_model: {teacher}}}}}\n"
+                     "teacher_weights: 1,3\n")
+    torchrun([TRAIN, "--config", str(mixed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for name, value in a.items():
+            if name not in ("tokens_per_sec", "peak_mem_gb"):
+                assert b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, a, b)
+        prefix = "eval_" if "eval_loss" in a else ""
+        for copy in "ab":
+            assert b[f"{prefix}kl_{copy}"] == pytest.approx(a[f"{prefix}kl"], rel=1e-5)
+            assert b[f"{prefix}tokens_{copy}"] == a[f"{prefix}tokens"]
+
+
+def _routed_records(tiny, path, name_of):
+    """The tiny task's training records, each naming its teacher under `domain` (`name_of(i)`; None: no field)."""
+    from fsdp_kd.testing.tiny import read_jsonl, write_jsonl
+
+    records = read_jsonl(tiny["train"])
+    write_jsonl(str(path), [{**r, **({} if name_of(i) is None else {"domain": name_of(i)})}
+                            for i, r in enumerate(records)])
+    return str(path)
+
+
+def test_two_copies_of_one_teacher_routed_per_record_train_exactly_like_that_teacher(tiny, tmp_path):
+    """Per record (teacher_key), on 2 ranks with an eval source whose records name their teachers too: every logged
+    figure equals the one-teacher run's, and the copies' token counts are their records'."""
+    data = _routed_records(tiny, tmp_path / "train.jsonl", lambda i: "ab"[i % 3 == 0])
+    held = _routed_records({"train": tiny["eval"]}, tmp_path / "eval.jsonl", lambda i: "ab"[i % 2])
+    common = dict(dataset=data, eval_dataset=held, eval_steps=4, logging_steps=2, kd_loss="reverse_kl")
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)])
+    routed = tmp_path / "routed.yaml"
+    routed.write_text(f"teachers: {{a: {{teacher_model: {tiny['teacher']}}}, b: {{teacher_model: {tiny['teacher']}}}}}"
+                      "\nteacher_key: domain\n")
+    torchrun([TRAIN, "--config", str(routed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for name, value in a.items():
+            if name not in ("tokens_per_sec", "peak_mem_gb"):
+                assert b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, a, b)
+    assert two[-1]["eval_tokens_a"] > 0 and two[-1]["eval_tokens_b"] > 0
+    for record in two[:2]:
+        assert record["tokens_a"] > 0 and record["tokens_b"] > 0
+        assert record["tokens_a"] + record["tokens_b"] == record["tokens"]
+
+
+@pytest.mark.parametrize("name_of, message", [
+    (lambda i: None if i == 4 else "a", r"train.jsonl:5: missing key 'domain' \(teacher_key\)"),
+    (lambda i: "physics" if i == 6 else "a", r"train.jsonl:7: key 'domain' names the teacher 'physics', which no "
+                                             r"teacher has; the teachers are a, b"),
+])
+def test_a_record_whose_teacher_is_missing_is_refused_before_any_model_loads(tiny, tmp_path, name_of, message):
+    data = _routed_records(tiny, tmp_path / "train.jsonl", name_of)
+    routed = tmp_path / "routed.yaml"
+    teacher = tiny["teacher"]
+    routed.write_text(f"teachers: {{a: {{teacher_model: {teacher}}}, b: {{teacher_model: {teacher}}}}}\n")
+    proc = python_run([TRAIN, "--config", str(routed), *train_args(tiny, tmp_path / "out", teacher_model=None,
+                                                                   dataset=data, teacher_key="domain",
+                                                                   data_cache_dir=str(tmp_path / "tokenized"))])
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cached_and_a_live_teacher_in_one_run_each_log_their_own_kl(tiny, tmp_path):
+    """The bar's job: two sources, one taught live, the other from a cache of another teacher (built on that source
+    alone); metrics.jsonl carries kl_<name> for both, and the start-up summary says where each lives."""
+    a, b = _two_sources(tiny, tmp_path)
+    cache = tmp_path / "cache"
+    torchrun(["-m", "fsdp_kd.cache_teacher", *train_args(tiny, tmp_path / "unused", dataset=b,
+                                                         teacher_model=tiny["qwen_teacher"],
+                                                         teacher_cache=str(cache), cache_chunk_samples=64)])
+    routed = _teachers_yaml(tmp_path / "routed.yaml", {"live": {"teacher_model": tiny["teacher"]},
+                                                      "cached": {"teacher_cache": str(cache)}}, "live,cached")
+    proc = torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "run", teacher_model=None,
+                                                            dataset=f"{a},{b}", eval_holdout_ratio=0.1,
+                                                            eval_steps=4)])
+    assert "teacher 'live' (live; 1 source(s), runs on every micro-batch (collective)):" in proc.stdout
+    assert "teacher 'cached' (cache; 1 source(s), runs on its rows only):" in proc.stdout
+    assert "rows (k = 64) from the cache" in proc.stdout
+    metrics = read_metrics(tmp_path / "run")
+    for record in metrics:
+        prefix = "eval_" if "eval_loss" in record else ""
+        for name in ("live", "cached"):
+            assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
+        assert f"{prefix}kl" not in record  # the live KL and a cache's KL over buckets are not one figure
+    assert any("eval_kl_cached" in record for record in metrics)
+
+
+def test_routing_a_micro_batch_to_its_teachers_does_not_sync():
+    """The routes are laid out on the host at collate time and moved with the batch; splitting the rows by teacher
+    and scoring each part reads nothing back from the device."""
+    from fsdp_kd.testing.profiling import SyncDetector
+
+    device = torch.device("cpu")  # the compute device as the code names it
+    samples = [Sample(list(range(1, n + 1)), [-100] * 2 + list(range(10, 8 + n)), teacher=t)
+               for n, t in ((9, 0), (7, 1), (8, 0), (6, 1))]
+    with SyncDetector() as syncs:
+        batch = collate(samples, 0, teachers=2).to(device)
+        h_s = torch.randn(batch.trainable_tokens, HS, device=device).requires_grad_()
+        w_s = torch.randn(V, HS, device=device).requires_grad_()
+        heads = [Head(torch.randn(V, HT, device=device), None) for _ in range(2)]
+        hidden = [torch.randn(r.count, HT, device=device) for r in batch.routes]
+
+        def step():
+            parts = [Part(t, r.rows, LiveTargets(hidden[t], heads[t]), {}) for t, r in enumerate(batch.routes)]
+            loss, metrics = RoutedTargets(parts, 2).scored(
+                lambda h, labels, spec, targets: loss_against(h, w_s, labels, spec, V, targets),
+                h_s, batch.target_ids, LossSpec())
+            loss.backward()
+            return summed(loss, metrics)
+
+        step()
+        with syncs.counting():
+            step()
+    assert not syncs.events, syncs.report()
