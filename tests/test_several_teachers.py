@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, python_run, read_metrics, torchrun, train_args
 from fsdp_kd.config import ConfigError, parse_config, resume_mismatches
 from fsdp_kd.data import collate, collate_packed
-from fsdp_kd.kernel import METRIC_NAMES, Head
+from fsdp_kd.kernel import Head
 from fsdp_kd.loss import LossSpec, loss_against
 from fsdp_kd.records import Sample
 from fsdp_kd.routed_teacher import Part, RoutedTargets
@@ -115,11 +115,14 @@ def test_each_teachers_sums_read_as_its_own_metrics_in_one_transfer():
     sums += torch.cat([row + row, row, row])
     out, extra = reduce_sums(sums, {"kl": "kl_buckets", "teacher_ce": None},
                              [torch.tensor([7.0])], {"a": {}, "b": {"kl": "kl_buckets", "teacher_ce": None}})
-    tokens = len(SUMMED)
+    def value(k):  # each teacher's row holds 1, 2, ... in SUMMED's order; the run's, twice that
+        return SUMMED.index(k) + 1
+
     assert extra == [7.0]
-    assert out["kl_buckets"] == pytest.approx(2 * (1 + METRIC_NAMES.index("kl") + 1) / (2 * tokens))
-    assert out["kl_a"] == out["kl_b"] == pytest.approx((METRIC_NAMES.index("kl") + 2) / tokens)
-    assert "teacher_ce_a" in out and "teacher_ce_b" not in out and out["tokens_b"] == tokens
+    assert out["kl_buckets"] == pytest.approx(2 * value("kl") / (2 * value("kd_tokens")))  # per token with a KD term
+    assert out["kl_a"] == out["kl_b"] == pytest.approx(value("kl") / value("kd_tokens"))
+    assert out["ce_a"] == pytest.approx(value("ce") / value("tokens"))
+    assert "teacher_ce_a" in out and "teacher_ce_b" not in out and out["tokens_b"] == value("tokens")
 
 
 @pytest.mark.parametrize("packed", [False, True])
