@@ -227,13 +227,13 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     top1 = vmap.student_to_teacher[student.argmax] == teacher.argmax
     per_row = torch.stack([student.lse_raw - student.label_logit, (value + lam * uld_value) * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -p.x_log_x, -q.x_log_x, top1.float(),
-                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value), torch.zeros_like(value)])
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value)])
     if aligned is not None:  # ... and no KD metrics (nor a kd_tokens count): those are sums over the aligned rows
         per_row[1:].masked_fill_(~aligned.T, 0.0)
     sums = per_row.sum(1)
-    if term is not None:  # the groups' D, once per group, and their rows (a host count: the layout's)
+    if term is not None:  # the groups' D, once per group, and their rows (`span_tokens`, a host count: the layout's)
         sums[1] += term.value
-        sums[-1] += len(term.rows)
+        sums = torch.cat([sums, sums.new_full((1,), len(term.rows))])
     return sums
 
 

@@ -172,7 +172,8 @@ def chunked_loss(h_s: torch.Tensor, s_head: Head, job: LossJob, with_grad: bool)
     totals = torch.zeros(len(METRIC_NAMES), dtype=torch.float64, device=device)
     for rows in targets.row_blocks(n, block_rows):
         student = ModelBlock(s_head, s_weight, s_head.bias, h_s[rows])
-        totals += targets.block(plan, student, job.labels[rows], rows, grads)
+        block = targets.block(plan, student, job.labels[rows], rows, grads)
+        totals[:block.numel()] += block  # a block may leave out the last entries (`Targets.block`)
         del student  # the block's logit caches, before the next block allocates its own
     loss = plan.ce_coef * totals[0] + plan.kd_coef * totals[1]
     return loss, totals, grads

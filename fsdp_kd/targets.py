@@ -53,8 +53,9 @@ class Targets(ABC):
     @abstractmethod
     def block(self, plan: KernelPlan, student: ModelBlock, labels: torch.Tensor, rows: slice,
               grads: Gradients | None) -> torch.Tensor:
-        """The metric sums of token block `rows`, ordered as METRIC_NAMES; with `grads`, the block's gradient is
-        added into them."""
+        """The metric sums of token block `rows`, ordered as METRIC_NAMES (its last entries left out where they are 0
+        for the block: `span_tokens` without groups of several tokens); with `grads`, the block's gradient is added
+        into them."""
 
 
 def check_head_rows(head: Head, vocab_size: int) -> None:
@@ -124,7 +125,7 @@ def distillation_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBloc
     kd = plan.divergence.value(sums, plan.param) * plan.kd_unit
     per_row = torch.stack([student.lse_raw - student.label_logit, kd, sums["p_log_p"] - sums["p_log_q"],
                            -sums["p_log_p"], -sums["q_log_q"], (student.argmax == teacher.argmax).float(),
-                           teacher.lse_raw - teacher.label_logit, torch.ones_like(kd), torch.zeros_like(kd)])
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(kd)])
     return per_row.sum(1)
 
 
@@ -143,7 +144,7 @@ def student_bucket_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBl
     value = bucket_gradient(plan, student, places, b, labels, rows, grads)
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit, p.x_log_x - p_log_q,
                            -p.x_log_x, -q.x_log_x, (student.argmax == teacher.argmax).float(),
-                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value), torch.zeros_like(value)])
+                           teacher.lse_raw - teacher.label_logit, torch.ones_like(value)])
     return per_row.sum(1)
 
 
@@ -221,8 +222,7 @@ def bucket_block(plan: KernelPlan, student: ModelBlock, cached: SparseTargets, l
     teacher_top = cached.ids.gather(1, cached.log_p.argmax(1, keepdim=True))[:, 0]
     per_row = torch.stack([student.lse_raw - student.label_logit, value * plan.kd_unit,
                            xlogy_sum(b.p, b.log_p - b.log_q), -xlogy_sum(b.p, b.log_p), -q.x_log_x,
-                           (student.argmax == teacher_top).float(), -teacher_log_p_label, torch.ones_like(value),
-                           torch.zeros_like(value)])
+                           (student.argmax == teacher_top).float(), -teacher_log_p_label, torch.ones_like(value)])
     if cached.kd_rows is not None:  # a row without a teacher has the CE term alone (and counts in no kd_tokens)
         per_row[1:].masked_fill_(~cached.kd_rows[None], 0.0)
     return per_row.sum(1)

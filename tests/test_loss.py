@@ -202,6 +202,7 @@ def big_inputs(tokens=1024, hidden=16, vocab=32768):
 
 
 def training_call(spec, h_s, w_s, h_t, w_t, labels):
+    h_s.grad = w_s.grad = None  # the loss's own launches, not autograd adding into an earlier call's .grad
     loss, metrics = distillation_loss(h_s, w_s, labels, spec, w_s.shape[0], h_t, w_t)
     loss.backward()
     return loss
