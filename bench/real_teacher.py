@@ -234,6 +234,7 @@ def table(out: str) -> str:
     for path in sorted(glob.glob(os.path.join(out, "*.json"))):
         result = json.load(open(path))
         rows[result["tag"]] = result
+    rows = dict(sorted(rows.items(), key=lambda item: (list(RECIPES).index(item[1]["recipe"]), item[0])))
     sft = rows.get("sft")
     lines = ["| recipe | CE ref | CE / SFT | KL ref | KL / SFT | KL greedy | ends with stop | greedy tokens | "
              "train s | tok/s | goal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
