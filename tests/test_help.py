@@ -19,6 +19,7 @@ ENTRY_POINTS = {
     "cache_teacher": ["-m", "fsdp_kd.cache_teacher"],
     "export": ["-m", "fsdp_kd.export"],
     "demo": ["-m", "fsdp_kd.demo"],
+    "prune": ["-m", "fsdp_kd.prune"],
 }
 COLUMNS = "120"  # the help wraps to the terminal's width: the same for every run here
 # An option's line: two spaces, its name, an optional upper-case type, then its meaning (or nothing, when the name is
@@ -80,7 +81,7 @@ def test_help_exits_zero_with_usage_summary_and_documented_options(entry, help_o
     assert not os.listdir(proc.cwd), "--help must not run anything (train.py with no arguments runs the demo)"
 
 
-@pytest.mark.parametrize("module", ["cli", "cache_teacher", "export", "demo"])
+@pytest.mark.parametrize("module", ["cli", "cache_teacher", "export", "demo", "prune"])
 def test_dash_h_is_the_same_help(module, help_of, capsys, monkeypatch):
     import importlib
 
