@@ -245,7 +245,8 @@ def test_an_evaluation_begins_a_steps_worth_of_micro_batches_at_a_time():
     trainer.env = types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     trainer.data = types.SimpleNamespace(eval_groups=lambda *args: groups, collate=lambda s: collate(s, 0),
                                          sampler=types.SimpleNamespace(accumulation=3))
-    trainer.teacher = types.SimpleNamespace(begin=lambda batches: begun.append(len(batches)), metric_names={})
+    trainer.teacher = types.SimpleNamespace(begin=lambda batches: begun.append(len(batches)), metric_names={},
+                                            metric_groups={})
     trainer.student = types.SimpleNamespace(eval=lambda: None, reshard_everything=lambda: None)
     trainer.spec = None
     trainer._run_micro_batch = lambda batch, spec: (torch.zeros(()), {name: torch.zeros((), dtype=torch.float64)
