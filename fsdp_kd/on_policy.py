@@ -105,9 +105,10 @@ def gathered(root, every_unit: bool = True):
 def generate(root, prompts: list[list[int]], settings: GenerationSettings, seeds: list[int],
              device: torch.device) -> tuple[list[list[int]], float]:
     """(responses, seconds): each prompt's sampled continuation, cut after its first stop token (kept) or at
-    `max_new_tokens` (or where prompt + response reaches max_len). Left-padded batch, static KV cache, no gradients,
-    no host sync per token (`decode`); row r samples from its own stream seeded with `seeds[r]`, so its response
-    does not depend on the other rows of the batch."""
+    `max_new_tokens` (or where its prompt + response reaches max_len: each row's own budget, so a long prompt in the
+    batch does not shorten the others). Left-padded batch, static KV cache, no gradients, no host sync per token
+    (`decode`); row r samples from its own stream seeded with `seeds[r]`, so its response does not depend on the
+    other rows of the batch."""
     started = time.perf_counter()
     width = max(map(len, prompts))
     ids = torch.full((len(prompts), width), settings.pad_id, dtype=torch.long)
@@ -115,7 +116,8 @@ def generate(root, prompts: list[list[int]], settings: GenerationSettings, seeds
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
-    budget = max(1, min(settings.max_new_tokens, settings.max_len - width))
+    budgets = [max(1, min(settings.max_new_tokens, settings.max_len - len(prompt))) for prompt in prompts]
+    budget = max(budgets)
     together = must_step_together(settings)
     new_tokens = int(all_reduce_max(to_device(torch.tensor([budget]), device))) if together else budget  # once
     lm, was_training = root.lm, root.lm.training
@@ -129,7 +131,7 @@ def generate(root, prompts: list[list[int]], settings: GenerationSettings, seeds
                             row_generators(seeds, device), all_ranks_done if together else None)
     finally:
         lm.train(was_training)
-    responses = [cut_at_stop(row, settings.stop_ids) for row in tokens[:, :budget].tolist()]
+    responses = [cut_at_stop(row[:b], settings.stop_ids) for row, b in zip(tokens[:, :budget].tolist(), budgets)]
     return responses, time.perf_counter() - started
 
 

@@ -122,6 +122,24 @@ def test_a_row_draws_the_same_however_rows_are_batched():
     assert len(set(map(tuple, together))) == len(together)  # different seeds, different draws
 
 
+def test_each_row_has_its_own_length_budget_under_max_len(monkeypatch):
+    """`on_policy.generate`: a prompt near max_len gets the few tokens left to it; the short prompts beside it keep
+    their whole max_new_tokens, as each would alone (the budget is a row's, not the batch's longest prompt's)."""
+    import types
+    from contextlib import nullcontext
+
+    import fsdp_kd.on_policy as on_policy
+
+    monkeypatch.setattr(on_policy, "gathered", lambda root, once: nullcontext())  # one process: nothing sharded
+    root = types.SimpleNamespace(lm=build("llama", seed=5, head_scale=2.0))
+    s = settings(temperature=1.0, max_new_tokens=10, max_len=24, stop_ids=(-1,))  # no stop: every budget runs out
+    prompts, seeds = PROMPTS[:2] + [list(range(3, 23))], [7, 8, 99]
+    together, _ = on_policy.generate(root, prompts, s, seeds, torch.device("cpu"))
+    alone = [on_policy.generate(root, [p], s, [seed], torch.device("cpu"))[0][0] for p, seed in zip(prompts, seeds)]
+    assert together == alone
+    assert [len(r) for r in together] == [10, 10, 24 - 20]
+
+
 def test_a_model_that_emits_its_stop_token_ends_early_and_one_that_never_does_runs_to_the_limit():
     """Responses end with their first stop token, nothing after it; once every row has stopped the loop ends at the
     next check. A model that never emits a stop id writes max_new_tokens for every row."""
