@@ -190,13 +190,15 @@ class Trainer:
             if on_step is not None:
                 on_step(done, self.total_steps)
             progress.logged(done, result)
-            if self.data.held_out and cfg.eval_steps > 0 and (done % cfg.eval_steps == 0 or done == self.total_steps):
+            stopping = result.stop and done < self.total_steps  # a stop on the last step: finish and export as usual
+            if (self.data.held_out and cfg.eval_steps > 0 and not stopping  # no evaluation in the grace period
+                    and (done % cfg.eval_steps == 0 or done == self.total_steps)):
                 progress.evaluated(done, self.evaluate())
             saved = None
             if cfg.save_steps > 0 and done % cfg.save_steps == 0:
                 saved = self._save(done)
                 self.log(f"{'saving' if cfg.async_save else 'saved'} checkpoint {saved}")
-            if result.stop:
+            if stopping:
                 raise self._preempted(done, saved)
         save_error = None
         try:

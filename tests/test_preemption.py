@@ -88,6 +88,17 @@ def test_sigusr1_as_preempt_signal_stops_the_run_as_sigterm_does(tiny, tmp_path)
     assert complete(save) == ["step_4", "step_5"]  # resuming from it: as from the SIGTERM's, above
 
 
+def test_a_signal_on_the_last_step_finishes_the_run_and_exports(tiny, tmp_path, reference):
+    """Step 10 of 10 is the step in progress: nothing is left to resume, so the run ends as usual (its last
+    evaluation, the export, exit 0) and equals the reference."""
+    save = tmp_path / "run"
+    proc = preempted_run(tmp_path, "step:9", "SIGTERM", 1, resume_args(tiny, save))
+    assert proc.codes == [0, 0], proc.stderr[-3000:]
+    assert "preempted" not in proc.stdout
+    assert comparable(read_metrics(save)) == comparable(read_metrics(reference))
+    assert (save / "config.json").exists()
+
+
 def test_a_signal_during_a_save_finishes_it_then_stops_after_the_next_step(tiny, tmp_path, reference):
     """The signal comes as step 8's save begins: that save completes (the handler only notes the signal), and the
     ranks agree on it with step 9's counts. (With async_save, the save in flight is finished before the preemption's:
