@@ -310,10 +310,12 @@ class TeacherTokenization:
 
     @cached_property
     def _bos(self) -> list[int]:
-        """The ids the teacher's tokenizer puts before a text (its BOS), if any."""
+        """The ids the teacher's tokenizer puts before a text (its BOS), if any (an EOS it also puts after is not
+        one: the sample's own text says where it ends)."""
         plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
         ids = self.tokenizer("x")["input_ids"]
-        return ids[:len(ids) - len(plain)] if ids[len(ids) - len(plain):] == plain else []
+        return next((ids[:start] for start in range(len(ids) - len(plain) + 1)
+                     if ids[start:start + len(plain)] == plain), [])
 
     def text(self, input_ids: list[int]) -> tuple[str, int, int] | None:
         """(text, a, b): what the student's tokens [a, b) spell, the run without the tokens at either end that hold

@@ -26,7 +26,7 @@ from .data import MicroBatch, Route
 from .errors import ConfigError
 from .kernel import METRIC_NAMES
 from .routing import RowRouting, loss_overrides, mixture_weights, row_routing, teacher_configs
-from .step_metrics import SUMMED, summed
+from .step_metrics import COUNTS, SUMMED, summed
 from .targets import NO_TEACHER
 from .teacher import TEACHERS, Teacher, open_teacher, teacher_kind
 from .teacher_model import MODEL_TEACHERS
@@ -102,7 +102,8 @@ class RoutedTeachers:
         self.vocab_size = next(iter(sizes.values()))
         # a metric of the whole run only where every teacher gives it under one name; each teacher's, by name
         self.metric_groups = {name: member.metric_names for name, member in members.items()}
-        agreed = {k: {names.get(k, k) for names in self.metric_groups.values()} for k in METRIC_NAMES}
+        agreed = {k: {names.get(k, k) for names in self.metric_groups.values()} for k in METRIC_NAMES
+                  if k not in COUNTS}  # counts are the run's, never renamed
         self.metric_names = {k: None if len(names) > 1 else names.pop() for k, names in agreed.items()}
         self.collective = dict.fromkeys(members, False)
 

@@ -41,10 +41,11 @@ class Teacher(Protocol):
     while the loss runs (a teacher's head is gathered only then). `metric_names` says how the loss's metrics read
     against this kind (a metric renamed, or dropped as None, where it gives less than a live teacher); `distills`
     whether the loss has a KD term at all; `metric_groups`, empty but for several teachers
-    (`routed_teacher.RoutedTeachers`), each one's name and metric names. `signalled(device)` is how many of the teacher's own ranks got a stop signal
-    while serving the step's micro-batches, on the device (a teacher on ranks of its own; the others say none,
-    `preemption.no_signal`): the step's counts take it in. `close(preempted)` ends it after a run that finished, or that
-    a stop signal stopped (a teacher on ranks of its own then stops with the same exit code)."""
+    (`routed_teacher.RoutedTeachers`), each one's name and metric names. `signalled(device)` is how many of the
+    teacher's own ranks got a stop signal while serving the step's micro-batches, on the device (a teacher on ranks
+    of its own; the others say none, `preemption.no_signal`): the step's counts take it in. `close(preempted)` ends it
+    after a run that finished, or that a stop signal stopped (a teacher on ranks of its own then stops with the same
+    exit code)."""
     vocab_size: int
     teacher_vocab_size: int
     retokenize: TeacherTokenization | None
