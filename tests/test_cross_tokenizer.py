@@ -243,9 +243,10 @@ def test_a_sample_no_run_of_which_decodes_gets_no_teacher_tokens():
     assert retokenize.text([0, 1]) == ("a", 0, 1)
 
 
-def byte_tokenizer(normalize: bool = False, bos: bool = False):
+def byte_tokenizer(normalize: bool = False, bos: bool = False, eos: bool = False):
     """A tiny byte-level tokenizer (one token per byte, no merges) with ChatML's markers as special tokens; with
-    `normalize`, Qwen's NFC normalizer, with `bos`, a BOS that it puts before every text (as Llama-3's does)."""
+    `normalize`, Qwen's NFC normalizer, with `bos`, a BOS that it puts before every text (as Llama-3's does), and
+    with `eos` an EOS after it too."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -255,11 +256,11 @@ def byte_tokenizer(normalize: bool = False, bos: bool = False):
     core.decoder = decoders.ByteLevel()
     if normalize:
         core.normalizer = normalizers.NFC()
-    specials = ["<|im_start|>", "<|im_end|>"] + (["<s>"] if bos else [])
+    specials = ["<|im_start|>", "<|im_end|>"] + (["<s>", "</s>"] if bos else [])
     core.add_special_tokens(specials)
     if bos:
-        core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[
-            ("<s>", core.token_to_id("<s>"))])
+        core.post_processor = processors.TemplateProcessing(single="<s> $A </s>" if eos else "<s> $A", special_tokens=[
+            ("<s>", core.token_to_id("<s>")), ("</s>", core.token_to_id("</s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>" if bos else None)
 
 
@@ -291,12 +292,15 @@ def test_a_decomposed_accent_aligns_through_the_teachers_normalizer():
     assert kd_share(retokenize, decomposed) == pytest.approx(1 - 15 / (len(decomposed) - 1))
 
 
-def test_the_teachers_bos_comes_first_and_joins_the_first_group():
-    student, teacher = byte_tokenizer(), byte_tokenizer(bos=True)
+@pytest.mark.parametrize("eos", [False, True])
+def test_the_teachers_bos_comes_first_and_joins_the_first_group(eos):
+    """Also from a tokenizer that puts an EOS after a text: the BOS alone comes first (the sample's text ends it)."""
+    student, teacher = byte_tokenizer(), byte_tokenizer(bos=True, eos=eos)
     retokenize = TeacherTokenization(TokenBytes.of(student), TokenBytes.of(teacher), teacher)
     ids = student("hello there", add_special_tokens=False)["input_ids"]
     t_ids, s_ends, t_ends, _ = retokenize.columns(ids)
-    assert t_ids == teacher("hello there")["input_ids"] and t_ids[0] == teacher.bos_token_id
+    plain = teacher("hello there", add_special_tokens=False)["input_ids"]
+    assert t_ids == [teacher.convert_tokens_to_ids("<s>")] + plain
     assert s_ends[0] == 1 and t_ends[0] == 2 and np.all(np.diff(t_ends) == 1)
     assert kd_share(retokenize, ids) == 1.0  # the BOS costs no aligned position
 
