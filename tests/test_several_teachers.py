@@ -252,6 +252,17 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         assert mixed == pytest.approx(b[f"{prefix}kl"], rel=1e-5)
 
 
+def same_figures(one_dir, two_dir) -> tuple[list[dict], list[dict]]:
+    """Both runs' metrics.jsonl records, every figure of the first (but speed and memory) equal in the second."""
+    one, two = read_metrics(one_dir), read_metrics(two_dir)
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for name, value in a.items():
+            if name not in ("tokens_per_sec", "peak_mem_gb"):
+                assert b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, a, b)
+    return one, two
+
+
 def test_a_mixture_of_two_copies_of_one_teacher_trains_exactly_like_that_teacher(tiny, tmp_path):
     """teacher_weights on 2 ranks: Σ w_t·D(p ‖ q) with p the same teacher is D(p ‖ q), so every logged figure of the
     run's equals the one-teacher run's; each copy's own KL is the whole KL, over every token."""
@@ -262,12 +273,8 @@ def test_a_mixture_of_two_copies_of_one_teacher_trains_exactly_like_that_teacher
     mixed.write_text(f"teachers: {{a: {{teacher_model: {teacher}}}, b: {{teacher_model: {teacher}}}}}\n"
                      "teacher_weights: 1,3\n")
     torchrun([TRAIN, "--config", str(mixed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 3
+    one, two = same_figures(tmp_path / "one", tmp_path / "two")
     for a, b in zip(one, two):
-        for name, value in a.items():
-            if name not in ("tokens_per_sec", "peak_mem_gb"):
-                assert b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, a, b)
         prefix = "eval_" if "eval_loss" in a else ""
         for copy in "ab":
             assert b[f"{prefix}kl_{copy}"] == pytest.approx(a[f"{prefix}kl"], rel=1e-5)
@@ -295,12 +302,7 @@ def test_two_copies_of_one_teacher_routed_per_record_train_exactly_like_that_tea
     routed.write_text(f"teachers: {{a: {{teacher_model: {tiny['teacher']}}}, b: {{teacher_model: {tiny['teacher']}}}}}"
                       "\nteacher_key: domain\n")
     torchrun([TRAIN, "--config", str(routed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
-    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 3
-    for a, b in zip(one, two):
-        for name, value in a.items():
-            if name not in ("tokens_per_sec", "peak_mem_gb"):
-                assert b[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, a, b)
+    one, two = same_figures(tmp_path / "one", tmp_path / "two")
     assert two[-1]["eval_tokens_a"] > 0 and two[-1]["eval_tokens_b"] > 0
     for record in two[:2]:
         assert record["tokens_a"] > 0 and record["tokens_b"] > 0
