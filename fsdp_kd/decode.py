@@ -16,6 +16,7 @@ tokens (the test of exactness). multinomial itself is not called: it reads its i
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -71,10 +72,17 @@ def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generat
     return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
 
-def _forward(lm, ids, mask, positions, cache_position, cache):
-    """One forward over the static cache: the logits of each row's last position only."""
-    return lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache_position=cache_position, cache=cache,
-              use_cache=True, logits_to_keep=1).logits[:, -1]
+def _forward(lm, ids, mask, positions, cache_position, cache, keyword: str):
+    """One forward over the static cache (passed as `keyword`, `cache_keyword`'s): the logits of each row's last
+    position only."""
+    return lm(input_ids=ids, attention_mask=mask, position_ids=positions, cache_position=cache_position,
+              **{keyword: cache}, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def cache_keyword(model_class) -> str:
+    """The forward's KV-cache argument: `cache` in transformers 5, `past_key_values` before (an unknown keyword
+    would land in **kwargs and decode without the cache)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 _COMPILED = {}  # device type -> the compiled `_forward`
@@ -110,7 +118,8 @@ def decode(lm, ids: torch.Tensor, mask: torch.Tensor, decoding: Decoding, sampli
     full_mask = torch.ones(rows, length, dtype=mask.dtype, device=device)
     full_mask[:, :width] = mask
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate numbers them
-    prefill = _forward(lm, ids, full_mask, positions, torch.arange(width, device=device), cache)
+    keyword = cache_keyword(type(lm))
+    prefill = _forward(lm, ids, full_mask, positions, torch.arange(width, device=device), cache, keyword)
     logits = prefill.to(torch.float32, copy=True)
     forward = _compiled_forward(device) if decoding.compile else _forward
     stop_ids = to_device(torch.tensor(decoding.stop_ids, dtype=torch.long), device)
@@ -128,7 +137,8 @@ def decode(lm, ids: torch.Tensor, mask: torch.Tensor, decoding: Decoding, sampli
         if t == decoding.new_tokens - 1 or ((t + 1) % decoding.check_every == 0 and check(done)):
             made = t + 1
             break
-        logits = forward(lm, token[:, None], full_mask, position, cache_position, cache).to(torch.float32, copy=True)
+        logits = forward(lm, token[:, None], full_mask, position, cache_position, cache, keyword)
+        logits = logits.to(torch.float32, copy=True)
         position += 1
         cache_position += 1
     return tokens[:, :made]
