@@ -160,6 +160,7 @@ class GenerationStats:
     sequences: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    stopped: int = 0  # responses that end with a stop token (the others ran out of budget)
 
 
 class OnPolicy:
@@ -197,7 +198,8 @@ class OnPolicy:
         out, taken = list(groups), 0
         for i in chosen:
             out[i], taken = samples[taken:taken + len(groups[i])], taken + len(groups[i])
-        stats = GenerationStats(len(chosen), len(prompts), sum(map(len, responses)), seconds)
+        stopped = sum(bool(r) and r[-1] in self.settings.stop_ids for r in responses)
+        stats = GenerationStats(len(chosen), len(prompts), sum(map(len, responses)), seconds, stopped)
         return out, flags, stats
 
 
@@ -207,11 +209,14 @@ def row_seed(seed: int, step: int, micro_batch: int, rank: int, row: int) -> int
 
 
 def on_policy_metrics(metrics: dict, kl_on: float, kd_tokens_on: float, on_batches: float, batches: float,
-                       sequences: float, generated: float, seconds: float, world_size: int) -> dict[str, float]:
-    """The on-policy share of micro-batches, what generation did, and the KL on and off the student's own text, each
-    per token with a KD term (`kd_tokens_on` of them on-policy), as the step's KL is (`step_metrics.KD_ROW_MEANS`)."""
+                       sequences: float, generated: float, seconds: float, stopped: float,
+                       world_size: int) -> dict[str, float]:
+    """The on-policy share of micro-batches, what generation did (with the share of responses that ended with a stop
+    token), and the KL on and off the student's own text, each per token with a KD term (`kd_tokens_on` of them
+    on-policy), as the step's KL is (`step_metrics.KD_ROW_MEANS`)."""
     out = {"on_policy_share": on_batches / max(batches, 1.0),
            "generated_len": generated / max(sequences, 1.0),
+           "generated_stop_share": stopped / max(sequences, 1.0),
            "gen_tokens_per_sec": generated / max(seconds / world_size, 1e-9) if generated else 0.0}
     kl_key = next((k for k in ("kl", "kl_buckets", "kl_estimate", "kl_shared_buckets") if k in metrics), None)
     if kl_key is not None:

@@ -137,14 +137,14 @@ class Trainer:
         if self.cfg.span_weight == 0:  # the groups the span term would teach get no KD term: left out as such
             left_out[0] += sum(int(mb.spans.offsets[-1]) for mb in work.micro_batches if mb.spans is not None)
         counts = host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
-                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, self.stop.flag,
+                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, gen.stopped, self.stop.flag,
                                self.step_seconds + self.save_seconds, *left_out], device)
         totals = all_reduce_sum(torch.cat([work.on_policy_sums[SUMMED.index("kl")].reshape(1),
                                            work.on_policy_sums[SUMMED.index("kd_tokens")].reshape(1), counts,
                                            self.teacher.signalled(device)]))
         metrics, (norm, peak, kl_on, kd_tokens_on, real_tokens, *rest) = self._reduce(
             work.sums, [grad_norm, peak_memory(device), totals])
-        on, (stops, seconds), left_out, teacher_stops = rest[:5], rest[5:7], rest[7:-1], rest[-1]
+        on, (stops, seconds), left_out, teacher_stops = rest[:6], rest[6:8], rest[8:-1], rest[-1]
         metrics.update(lr=lr, grad_norm=norm, peak_mem_gb=peak)
         if self.teacher.retokenize is not None:  # across tokenizers: the trained tokens without a KD term, by why
             metrics.update({f"kd_left_out_{why}": n for why, n in zip(LEFT_OUT.values(), left_out)})

@@ -41,7 +41,7 @@ def test_one_generation_per_step_split_back_into_its_micro_batches(monkeypatch):
 
     def fake_generate(root, prompts, settings, seeds, device):
         calls.append(len(prompts))
-        return [[p[0], seed % 1000] for p, seed in zip(prompts, seeds)], 0.5
+        return [[p[0], seed % 1000] + [2] * (seed % 2) for p, seed in zip(prompts, seeds)], 0.5  # odd seeds stop
 
     monkeypatch.setattr(on_policy, "generate", fake_generate)
     settings = GenerationSettings(8, 1.0, 1.0, (2,), 64, 0)
@@ -55,9 +55,12 @@ def test_one_generation_per_step_split_back_into_its_micro_batches(monkeypatch):
             assert group is groups[i]
             continue
         for j, sample in enumerate(group):
-            assert sample.input_ids == [10 * i + j, 5, 10 * i + j, row_seed(3, 4, i, 1, j) % 1000]
-    assert (stats.micro_batches, stats.sequences, stats.tokens, stats.seconds) == (len(chosen), 3 * len(chosen),
-                                                                                  6 * len(chosen), 0.5)
+            seed = row_seed(3, 4, i, 1, j)
+            assert sample.input_ids == [10 * i + j, 5, 10 * i + j, seed % 1000] + [2] * (seed % 2)
+    stopped = sum(row_seed(3, 4, i, 1, j) % 2 for i in chosen for j in range(3))
+    assert 0 < stopped < 3 * len(chosen)
+    assert (stats.micro_batches, stats.sequences, stats.tokens, stats.seconds, stats.stopped) == (
+        len(chosen), 3 * len(chosen), 6 * len(chosen) + stopped, 0.5, stopped)
     assert len({row_seed(3, 4, i, r, j) for i in range(6) for r in range(2) for j in range(3)}) == 36
 
 
@@ -162,6 +165,7 @@ def test_lambda_one_trains_on_generated_text_with_no_ce_and_logs_generation(tiny
                                  **divergence)])
     for m in read_metrics(tmp_path / "out"):
         assert m["on_policy_share"] == 1.0 and 1 <= m["generated_len"] <= 8 and m["gen_tokens_per_sec"] > 0
+        assert 0.0 <= m["generated_stop_share"] <= 1.0
         assert m["loss"] == pytest.approx(0.5 * m["kd"], rel=1e-5)  # the CE term is off on self-generated text
         assert m["kl_on_policy"] == pytest.approx(m["kl"], rel=1e-5) and "kl_off_policy" not in m
 
