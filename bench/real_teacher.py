@@ -46,6 +46,7 @@ class Recipe:
     teacher: bool = True  # trains against the teacher (live or cached)
     trains: bool = True  # false: scores a model as it is (`model`: the student or the teacher)
     model: str = "student"
+    student: str = "cut"  # a STUDENTS entry
 
 
 RECIPES = {
@@ -61,12 +62,14 @@ RECIPES = {
     "hidden": Recipe({"kd_loss": "forward_kl"}, cache={"cache_mode": "hidden"}),
     "on_policy_0.5": Recipe({"kd_loss": "reverse_kl", "on_policy_ratio": 0.5}),
     "on_policy_1": Recipe({"kd_loss": "reverse_kl", "on_policy_ratio": 1.0}),
+    # Across tokenizers: the same cut with its vocabulary moved to Phi-3's (bench/transplant_vocab.py), its own
+    # SFT the baseline of its rows
+    "xtok_init": Recipe(trains=False, student="phi3"),
+    "xtok_sft": Recipe({"kd_coef": 0.0}, teacher=False, student="phi3"),
+    "xtok_forward_kl": Recipe({"kd_loss": "forward_kl", "cross_tokenizer": True}, student="phi3"),
 }
-# Recipes of the issue that cannot run here, and why: listed in the table, never measured.
-NOT_APPLICABLE = {
-    "cross_tokenizer": "needs a second real model with another tokenizer; SmolLM2-135M-Instruct is the only real "
-                       "model on this machine, and its pruned students share its tokenizer",
-}
+# The students: the teacher's depth-pruned cut, and that cut with another tokenizer (a realdata tokenizer directory)
+STUDENTS = {"cut": None, "phi3": "tok_phi3_mini_instruct"}
 
 
 def common_keys(args, student: str) -> dict:
@@ -137,7 +140,7 @@ def token_kl_ce(student, teacher, ids: list[int], positions: list[int], targets:
         log_q = torch.log_softmax(student(x, use_cache=False).logits[0, positions].float(), -1)
         log_p = torch.log_softmax(teacher(x, use_cache=False).logits[0, positions].float(), -1)
     p = log_p.exp()
-    out = {"kl": float((p * (log_p - log_q)).sum()),
+    out = {"kl": float((p * (log_p - log_q)).sum()), "kl_tokens": len(positions),
            "ce": float(-log_q.gather(1, torch.tensor(targets)[:, None]).sum())}
     top_p, top = p.topk(max(TOPK), -1)
     top_q = log_q.gather(1, top).exp()
@@ -146,6 +149,68 @@ def token_kl_ce(student, teacher, ids: list[int], positions: list[int], targets:
         p_rest, q_rest = (1 - p_k.sum(-1)).clamp_min(1e-12), (1 - q_k.sum(-1)).clamp_min(1e-12)
         out[f"kl_buckets_k{k}"] = float((p_k * (p_k / q_k).log()).sum() + (p_rest * (p_rest / q_rest).log()).sum())
         out[f"teacher_tail_k{k}"] = float(p_rest.sum())
+    return out
+
+
+@dataclass
+class CrossScoring:
+    """Scoring a student of another tokenizer: the teacher reads each sample in its own tokens
+    (`cross_tokenizer.TeacherTokenization`), and the two are compared where a student token aligns one to one with a
+    teacher token, as the trainer's exact part does: KL over the tokens both vocabularies spell alike plus one rest
+    bucket each (`shared`). The ULD part's top-k error is read off the same positions."""
+    tokenization: object
+    shared: object  # cross_tokenizer.SharedVocabulary
+
+    @classmethod
+    def of(cls, student_tokenizer, teacher_tokenizer) -> "CrossScoring | None":
+        """None when the two tokenizers are one."""
+        from fsdp_kd.cross_tokenizer import TeacherTokenization, TokenBytes, shared_vocabulary
+
+        if student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab():
+            return None
+        s, t = TokenBytes.of(student_tokenizer), TokenBytes.of(teacher_tokenizer)
+        return cls(TeacherTokenization(s, t, teacher_tokenizer), shared_vocabulary(s, t))
+
+
+def cross_kl_ce(student, teacher, ids: list[int], positions: list[int], targets: list[int],
+                cross: CrossScoring) -> dict:
+    """Sums over `positions`: the student's CE; and over those of them aligned one to one with a teacher position,
+    the bucket KL(teacher ‖ student) and ULD's parts: its full value (the L1 distance between the two sides' sorted
+    probabilities of their unshared tokens), its value over the top k ranks, and the bound on the difference (the
+    two tails' mass past rank k), per k in TOPK."""
+    from fsdp_kd.cross_tokenizer import teacher_fields
+
+    fields = teacher_fields(*cross.tokenization.columns(ids), len(ids))
+    where = fields["teacher_positions"]
+    with torch.no_grad():
+        log_q = torch.log_softmax(student(torch.tensor([ids]), use_cache=False).logits[0, positions].float(), -1)
+        teacher_ids = fields["teacher_ids"]
+        log_p_all = (torch.log_softmax(teacher(torch.tensor([teacher_ids]), use_cache=False).logits[0].float(), -1)
+                     if teacher_ids else None)
+    out = {"ce": float(-log_q.gather(1, torch.tensor(targets)[:, None]).sum()), "kl": 0.0, "kl_tokens": 0,
+           "uld_full": 0.0, **{f"uld_k{k}": 0.0 for k in TOPK}, **{f"uld_bound_k{k}": 0.0 for k in TOPK}}
+    rows = [(i, where[p]) for i, p in enumerate(positions) if where[p] >= 0]
+    if not rows:
+        return out
+    log_q, log_p = log_q[[i for i, _ in rows]], log_p_all[[j for _, j in rows]]
+    s_ids, t_ids = torch.from_numpy(cross.shared.student_ids), torch.from_numpy(cross.shared.teacher_ids)
+
+    def buckets_and_tail(log: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rest = torch.ones(log.shape[1], dtype=torch.bool)
+        rest[ids] = False
+        tail = log[:, rest]
+        return torch.cat([log[:, ids], tail.logsumexp(-1, keepdim=True)], 1), tail.exp().sort(-1, descending=True)[0]
+
+    bucket_p, tail_p = buckets_and_tail(log_p, t_ids)
+    bucket_q, tail_q = buckets_and_tail(log_q, s_ids)
+    out["kl"], out["kl_tokens"] = float((bucket_p.exp() * (bucket_p - bucket_q)).sum()), len(rows)
+    width = max(tail_p.shape[1], tail_q.shape[1])
+    tail_p, tail_q = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (tail_p, tail_q))
+    gaps = (tail_p - tail_q).abs()
+    out["uld_full"] = float(gaps.sum())
+    for k in TOPK:
+        out[f"uld_k{k}"] = float(gaps[:, :k].sum())
+        out[f"uld_bound_k{k}"] = float(tail_p[:, k:].sum() + tail_q[:, k:].sum())
     return out
 
 
@@ -177,6 +242,9 @@ def score(model_dir: str, teacher_dir: str, args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     student = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    cross = CrossScoring.of(tokenizer, AutoTokenizer.from_pretrained(teacher_dir))
+    figures_of = (token_kl_ce if cross is None else
+                  lambda *a: cross_kl_ce(*a, cross=cross))  # (student, teacher, ids, positions, targets)
     stops = GenerationConfig.from_pretrained(model_dir).eos_token_id
     stops = set(stops if isinstance(stops, list) else [stops])
     settings = TokenSettings("question", "answer", None, True, False, False, 10**6, False)
@@ -186,40 +254,50 @@ def score(model_dir: str, teacher_dir: str, args) -> dict:
     for i, record in enumerate(records):
         sample, _ = record_to_sample(record, settings, tokenizer, f"gsm8k/test.jsonl:{i + 1}")
         positions = [j for j, t in enumerate(sample.targets) if t >= 0]
-        figures = token_kl_ce(student, teacher, sample.input_ids, positions, [sample.targets[j] for j in positions])
+        figures = figures_of(student, teacher, sample.input_ids, positions, [sample.targets[j] for j in positions])
         for key, value in {**figures, "tokens": len(positions)}.items():
             sums[key + "_ref"] = sums.get(key + "_ref", 0.0) + value
         prompts.append(sample.input_ids[:positions[0] + 1])  # the prompt: everything before the first answer token
     start = time.perf_counter()
     answers = greedy_answers(student, tokenizer, prompts, args.gen, stops)
     gen_wall = time.perf_counter() - start
-    sums["kl_greedy"] = sums["tokens_greedy"] = 0.0
+    sums["kl_greedy"] = sums["kl_tokens_greedy"] = sums["tokens_greedy"] = 0.0
     for prompt, (answer, _) in zip(prompts, answers):
         if answer:
             ids = prompt + answer
-            sums["kl_greedy"] += token_kl_ce(student, teacher, ids, list(range(len(prompt) - 1, len(ids) - 1)),
-                                             answer)["kl"]
+            figures = figures_of(student, teacher, ids, list(range(len(prompt) - 1, len(ids) - 1)), answer)
+            sums["kl_greedy"] += figures["kl"]
+            sums["kl_tokens_greedy"] += figures["kl_tokens"]
             sums["tokens_greedy"] += len(answer)
-    per_token = {key[:-4]: value / sums["tokens_ref"] for key, value in sums.items()
-                 if key.endswith("_ref") and key != "tokens_ref"}
+    # CE is per answer token, every KL figure per token it was taken over (all of them, or the aligned ones)
+    per_token = {key[:-4]: value / sums["tokens_ref" if key == "ce_ref" else "kl_tokens_ref"]
+                 for key, value in sums.items() if key.endswith("_ref") and key not in ("tokens_ref", "kl_tokens_ref")}
     return {"ce_ref": per_token["ce"], "kl_ref": per_token["kl"],
             **{key: value for key, value in per_token.items() if key not in ("ce", "kl")},
-            "kl_greedy": sums["kl_greedy"] / max(sums["tokens_greedy"], 1),
+            "kl_greedy": sums["kl_greedy"] / max(sums["kl_tokens_greedy"], 1),
             "stop_share": sum(stopped for _, stopped in answers) / len(answers),
             "greedy_tokens_mean": sums["tokens_greedy"] / len(answers), "greedy_wall_s": gen_wall,
             "eval_questions": len(records), "eval_tokens_ref": int(sums["tokens_ref"]),
+            "kl_tokens_ref": int(sums["kl_tokens_ref"]), "cross_tokenizer": cross is not None,
             "example_answer": tokenizer.decode(answers[0][0])}
 
 
-def student_of(args, teacher: str) -> str:
-    """`--student`, or the teacher's depth-pruned cut made once in OUT."""
+def student_of(args, teacher: str, kind: str) -> str:
+    """`--student`, or the teacher's depth-pruned cut made once in OUT, with its vocabulary moved to the
+    STUDENTS entry's tokenizer where it names one (also made once)."""
     if args.student:
         return args.student
     path = os.path.join(args.out, f"student_keep{args.keep}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         run(["-m", "fsdp_kd.prune", "--model", teacher, "--keep", str(args.keep), "--out", path],
             path + ".log")
-    return path
+    if STUDENTS[kind] is None:
+        return path
+    moved = f"{path}_{kind}"
+    if not os.path.isfile(os.path.join(moved, "config.json")):
+        run(["bench/transplant_vocab.py", "--model", path, "--tokenizer", realdata(STUDENTS[kind]), "--out", moved],
+            moved + ".log")
+    return moved
 
 
 def budget_of(args) -> dict:
@@ -235,14 +313,15 @@ def table(out: str) -> str:
         result = json.load(open(path))
         rows[result["tag"]] = result
     rows = dict(sorted(rows.items(), key=lambda item: (list(RECIPES).index(item[1]["recipe"]), item[0])))
-    sft = rows.get("sft")
+    baselines = {RECIPES[r["recipe"]].student: r for r in rows.values()
+                 if r["trains"] and not RECIPES[r["recipe"]].teacher}  # each student's SFT
     lines = ["| recipe | CE ref | CE / SFT | KL ref | KL / SFT | KL greedy | ends with stop | greedy tokens | "
              "train s | tok/s | goal |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for tag, r in rows.items():
-        s = r["scores"]
+        s, sft = r["scores"], baselines.get(RECIPES[r["recipe"]].student)
         ce_ratio = s["ce_ref"] / sft["scores"]["ce_ref"] if sft else None
         kl_ratio = s["kl_ref"] / sft["scores"]["kl_ref"] if sft else None
-        goal = ("yes" if ce_ratio <= 1.05 and kl_ratio <= 0.8 else "no") if sft and r["trains"] and tag != "sft" \
+        goal = ("yes" if ce_ratio <= 1.05 and kl_ratio <= 0.8 else "no") if sft and r["trains"] and sft is not r \
             else ""
         train = r.get("train") or {}
         cells = [tag, f"{s['ce_ref']:.3f}", f"{ce_ratio:.3f}" if ce_ratio else "", f"{s['kl_ref']:.3f}",
@@ -263,12 +342,23 @@ def table(out: str) -> str:
                 f"{s[f'kl_buckets_k{k}']:.3f} (-{1 - s[f'kl_buckets_k{k}'] / s['kl_ref']:.0%})" for k in TOPK)
                 + " | " + " | ".join(f"{s[f'teacher_tail_k{k}']:.3f}" for k in TOPK) + " |")
     lines += gaps if len(gaps) > 5 else []
+    uld = ["", "Across tokenizers (the `xtok_` rows: KL ref and KL greedy are over the one-to-one aligned answer "
+           "tokens, on the shared tokens + one rest bucket a side): ULD's value at the full sort and its top-k "
+           "shortfall (ULD_full − ULD_k) against the bound the two tails' mass past rank k gives, per aligned token:",
+           "", "| student | aligned share | ULD full | " + " | ".join(f"shortfall k={k} (bound)" for k in TOPK) + " |",
+           "|---" * (3 + len(TOPK)) + "|"]
+    for tag, r in rows.items():
+        s = r["scores"]
+        if "uld_full" in s:
+            uld.append(f"| {tag} | {s['kl_tokens_ref'] / s['eval_tokens_ref']:.1%} | {s['uld_full']:.4f} | "
+                       + " | ".join(f"{s['uld_full'] - s[f'uld_k{k}']:.4f} ({s[f'uld_bound_k{k}']:.4f})" for k in TOPK)
+                       + " |")
+    lines += uld if len(uld) > 5 else []
     missing = [name for name in RECIPES if name not in rows]
     budgets = {json.dumps(r["budget"], sort_keys=True) for r in rows.values() if r["trains"]}
     notes = [f"Budget: {b}" for b in sorted(budgets)]
     if missing:
         notes.append(f"Not yet run: {', '.join(missing)}.")
-    notes += [f"Not applicable: {name}: {why}." for name, why in NOT_APPLICABLE.items()]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
 
@@ -304,8 +394,8 @@ def main() -> None:
         teacher = args.teacher or real_teacher(args.teacher_cache_dir)
     except TeacherUnavailable as e:
         sys.exit(f"error: {e}")
-    student = student_of(args, teacher)
     recipe = RECIPES[args.recipe]
+    student = student_of(args, teacher, recipe.student)
     trained, figures = (train(recipe, args, teacher, student) if recipe.trains
                         else ({"student": student, "teacher": teacher}[recipe.model], None))
     result = {"tag": args.tag, "recipe": args.recipe, "trains": recipe.trains, "budget": budget_of(args),
