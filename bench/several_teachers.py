@@ -15,6 +15,10 @@ by their tokens). The goal (issue 34): on each domain the routed student within 
 from that domain's specialist alone, and on the union below every single-teacher student.
 
     python bench/several_teachers.py --out /tmp/several --seeds 0,1,2   # prints the table of docs/several_teachers.md
+
+Each seed's scores are saved under --out (`seed_<n>/scores.json`, with the budget that made them): the seeds may run
+as processes of their own side by side (`--seeds 1`, ...), and a run over all of them then reads them back and
+prints the table.
 """
 
 from __future__ import annotations
