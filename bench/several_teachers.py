@@ -1,23 +1,31 @@
 """Two domains, two specialists: does a student routed to each domain's teacher learn each domain as well as a
 student distilled from that domain's specialist alone, and better than any one teacher on both?
 
-The demo's toy translation task (`fsdp_kd.demo`, `testing.tiny.translation_task`) in two domains: each its own
-rendering table (its own seed), told apart by the prompt's last character (`:` or `=`). Two teachers of the demo's
-size are each trained (SFT) on one domain only. The same student is then trained on both domains, four ways, on the
-same budget: routed (`teachers`, `dataset_teachers a,b`: each domain's source to its own teacher), distilled from
-teacher A alone, from teacher B alone, and CE only. Each student is scored on each domain's held-out records
-against that domain's teacher (KL(teacher‖student) per token, one evaluation pass of the trainer), and on the union
-(the two domains' KLs weighted by their tokens). The goal (issue 34): on each domain the routed student within 1.2×
-the KL of the student distilled from that domain's specialist alone, and on the union below every single-teacher
-student.
+The demo's toy translation task (`fsdp_kd.demo`, `testing.tiny.translation_task`) in two domains, each its own
+rendering table (its own seed) over its own source letters (a-h or i-p), and its prompt ending with its own mark
+(`:` or `=`). Each domain has inputs of its own, as math and code do: were the two domains' words of one alphabet,
+told apart by the mark alone, a teacher would answer the other domain's prompts with its own domain's table, and the
+student distilled from it alone would train on its teacher's domain twice over (the union's every record), a lesson
+no real specialist gives on another domain's prompts. Two teachers of the demo's size are each trained (SFT) on one
+domain only. The same student is then trained on both domains, four ways, on the same budget: routed (`teachers`,
+`dataset_teachers a,b`: each domain's source to its own teacher), distilled from teacher A alone, from teacher B
+alone, and CE only. Each student is scored on each domain's held-out records against that domain's teacher
+(KL(teacher‖student) per token, one evaluation pass of the trainer), and on the union (the two domains' KLs weighted
+by their tokens). The goal (issue 34): on each domain the routed student within 1.2× the KL of the student distilled
+from that domain's specialist alone, and on the union below every single-teacher student.
 
     python bench/several_teachers.py --out /tmp/several --seeds 0,1,2   # prints the table of docs/several_teachers.md
+
+Each seed's scores are saved under --out (`seed_<n>/scores.json`, with the budget that made them): the seeds may run
+as processes of their own side by side (`--seeds 1`, ...), and a run over all of them then reads them back and
+prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import sys
@@ -25,22 +33,26 @@ import sys
 
 from fsdp_kd.demo import INIT_STD, STUDENT, TEACHER, base_config
 from fsdp_kd.distributed import init_distributed, seed_everything, teardown
-from fsdp_kd.testing.tiny import build_char_tokenizer, build_tiny_model, translation_task, write_jsonl
+from fsdp_kd.testing.tiny import SOURCE_LETTERS, build_char_tokenizer, build_tiny_model, translation_task, write_jsonl
 from fsdp_kd.trainer import Trainer
 
-DOMAINS = {"a": ":", "b": "="}  # each domain's prompt ends with its own mark
+# each domain's words of its own source letters, and its prompt ending with its own mark
+DOMAINS = {"a": (SOURCE_LETTERS, ":"), "b": ("ijklmnop", "=")}
 STUDENTS = ("routed (a→A, b→B)", "teacher A alone", "teacher B alone", "CE only")
 
 
 def domain_data(out: str, seed: int, train_samples: int) -> dict[str, dict[str, str]]:
-    """Per domain, its training and held-out records (its own rendering table), as JSONL paths."""
+    """Per domain, its training and held-out records (its own rendering table, its own source letters), as JSONL
+    paths."""
     paths = {}
-    for k, (domain, mark) in enumerate(DOMAINS.items()):
+    for k, (domain, (letters, mark)) in enumerate(DOMAINS.items()):
         train, held_out, _ = translation_task(1000 * seed + k, train_samples, 200)
+        to_domain = str.maketrans(SOURCE_LETTERS, letters)
         paths[domain] = {}
         for part, records in (("train", train), ("eval", held_out)):
             paths[domain][part] = os.path.join(out, "data", f"{domain}_{part}.jsonl")
-            write_jsonl(paths[domain][part], [{**r, "input": r["input"][:-1] + mark} for r in records])
+            write_jsonl(paths[domain][part], [{**r, "input": r["input"][:-1].translate(to_domain) + mark}
+                                              for r in records])
     return paths
 
 
@@ -96,6 +108,22 @@ def one_seed(out: str, seed: int, args, env) -> dict[str, dict[str, float]]:
     return scores
 
 
+def seed_scores(out: str, seed: int, args, env) -> dict[str, dict[str, float]]:
+    """One seed's scores, read back from `out`/scores.json where a run with the same budget wrote them (so the seeds
+    may run as separate processes side by side, and one more run prints their table), else measured and written."""
+    path, budget = os.path.join(out, "scores.json"), [args.teacher_steps, args.student_steps, args.train_samples]
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["budget"] == budget:
+            return saved["scores"]
+    scores = one_seed(out, seed, args, env)
+    if env.is_main:
+        with open(path, "w") as f:
+            json.dump({"budget": budget, "scores": scores}, f)
+    return scores
+
+
 def table(per_seed: list[dict[str, dict[str, float]]]) -> str:
     """Mean (min-max over seeds) of each student's KL per domain and on the union, and the goal's ratios."""
     def cell(name, column):
@@ -127,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = []
     try:
         for seed in (int(s) for s in args.seeds.split(",")):
-            per_seed.append(one_seed(os.path.join(args.out, f"seed_{seed}"), seed, args, env))
+            per_seed.append(seed_scores(os.path.join(args.out, f"seed_{seed}"), seed, args, env))
             if env.is_main:
                 print(f"seed {seed}: {per_seed[-1]}", flush=True)
     finally:

@@ -35,6 +35,13 @@ NOT_WITH_TEACHERS = {
     "teacher_context_key": "a teacher's privileged context is not supported with several teachers yet",
     "teacher_system_prompt": "a teacher's privileged context is not supported with several teachers yet",
 }
+# keys a one-teacher run takes that a teacher of `teachers` does not take yet, why, and the fix
+NOT_IN_A_TEACHER = {
+    "teacher_ranks": "a teacher on ranks of its own is not supported inside teachers yet; co-locate it (drop "
+                     "teacher_ranks; teacher_offload: true keeps its weights in host memory)",
+    "cross_tokenizer": "a teacher of another tokenizer is not supported inside teachers yet; distil from it in a "
+                       "run of its own (cross_tokenizer: true)",
+}
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -60,6 +67,10 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         if not isinstance(keys, dict):
             fail("teachers", f"{here}: expects a mapping of that teacher's keys, e.g. {{teacher_model: path}}, got "
                              f"{keys!r}")
+        refused = [k for k in keys if k in NOT_IN_A_TEACHER]
+        if refused:
+            fail("teachers", f"{here}.{refused[0]}: {NOT_IN_A_TEACHER[refused[0]]} (docs/several_teachers.md says "
+                             "what it would need)")
         unknown = [k for k in keys if k not in TEACHER_KEYS]
         if unknown:
             fail("teachers", f"{here}: unknown key '{unknown[0]}'; a teacher takes {', '.join(TEACHER_KEYS)}")

@@ -175,6 +175,13 @@ def test_teachers_and_their_routing_are_read_with_each_teachers_own_keys(tmp_pat
      r"command line --teachers: key teachers.chat: give the teacher a teacher_model or a teacher_cache"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, cache_kk: 3}}"),
      r"key teachers.math: unknown key 'cache_kk'"),
+    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, teacher_ranks: 1}, "
+                                                     "chat: {teacher_model: t}}"),
+     r"key teachers.math.teacher_ranks: a teacher on ranks of its own is not supported inside teachers yet; "
+     r"co-locate it"),
+    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_model: t, "
+                                                     "cross_tokenizer: true}}"),
+     r"key teachers.chat.cross_tokenizer: a teacher of another tokenizer is not supported inside teachers yet"),
     ("dataset_teachers: math,chat\nteacher_model: t\n", (), r"run.yaml:8: teacher_model is set with teachers: each "
                                                             r"teacher names its own under teachers"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, kd_loss: kl}, chat: {teacher_model: "
