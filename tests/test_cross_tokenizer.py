@@ -366,6 +366,13 @@ def test_the_end_of_turn_is_the_teachers_by_role_and_aligns_one_to_one(tokenizer
     fields = retokenize.fields(literal)
     assert fields["teacher_ids"].count(t_end) == 1 and fields["teacher_ids"][-1] == t_end
     assert fields["teacher_positions"][len(literal) - 2] == len(fields["teacher_ids"]) - 2
+    # on-policy: a response the student wrote, up to its stop token, re-tokenized at step time the same way
+    from fsdp_kd.on_policy import with_response
+
+    sample = with_response(ids[:ends[0] + 1], s_tok("Sure, here.", add_special_tokens=False)["input_ids"] + [s_end])
+    fields = retokenize.rewritten(None, sample)
+    q = fields["teacher_positions"][len(sample.input_ids) - 2]
+    assert q >= 0 and fields["teacher_ids"][q + 1] == t_end
 
 
 @pytest.mark.parametrize("pair", list(itertools.permutations(TOKENIZERS, 2)))
