@@ -114,18 +114,21 @@ def _adds_prefix_space(spec: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- the id map
 def role_pairs(student: TokenBytes, teacher: TokenBytes) -> dict[str, tuple[int, int]]:
-    """{role: (student id, teacher id)} for each control token both tokenizers have (`ROLES`: the end of a turn): the
-    student's is the teacher's, whatever each spells, so the teacher's own "stop here" stands for the student's."""
+    """{role: (student id, teacher id)} for each control token both tokenizers have (`ROLES`: the end of a turn) that
+    no token of the other vocabulary spells alike: the student's is the teacher's, so the teacher's own "stop here"
+    stands for the student's. A token the other side spells too keeps that pair (`shared_vocabulary`), so the id map
+    stays one to one, and a tokenizer against itself maps nothing by role."""
     return {role: (student.roles[role], teacher.roles[role]) for role in ROLES
-            if role in student.roles and role in teacher.roles}
+            if role in student.roles and role in teacher.roles
+            and student.spelled[student.roles[role]] not in teacher.spelled
+            and teacher.spelled[teacher.roles[role]] not in student.spelled}
 
 
 @dataclass(frozen=True)
 class SharedVocabulary:
     """The tokens both vocabularies spell identically: `student_ids[j]` and `teacher_ids[j]` are the same string.
     Each string appears once; among several ids of one vocabulary spelling it, the regular one is kept. The control
-    tokens mapped by role (`role_pairs`) are pairs too, whatever they spell; `by_role` names those that spell
-    different strings."""
+    tokens mapped by role (`role_pairs`) are pairs too, and `by_role` names them."""
     student_ids: np.ndarray
     teacher_ids: np.ndarray
     student_size: int
@@ -142,7 +145,7 @@ class SharedVocabulary:
 
 def shared_vocabulary(student: TokenBytes, teacher: TokenBytes) -> SharedVocabulary:
     """The id map between two vocabularies by the bytes each token spells (`TokenBytes`), and the control tokens by
-    role (`role_pairs`), which replace whatever their ids map to by spelling."""
+    role (`role_pairs`), which no token of the other side spells."""
     def by_spelling(vocab: TokenBytes) -> dict[bytes, int]:
         index: dict[bytes, int] = {}
         for i, (spelled, regular) in enumerate(zip(vocab.spelled, vocab.regular)):
@@ -152,13 +155,10 @@ def shared_vocabulary(student: TokenBytes, teacher: TokenBytes) -> SharedVocabul
 
     s_index, t_index = by_spelling(student), by_spelling(teacher)
     roles = role_pairs(student, teacher)
-    s_role, t_role = ({pair[k] for pair in roles.values()} for k in (0, 1))
-    pairs = sorted({(s_index[b], t_index[b]) for b in s_index.keys() & t_index.keys()
-                    if s_index[b] not in s_role and t_index[b] not in t_role} | set(roles.values()))
+    pairs = sorted([(s_index[b], t_index[b]) for b in s_index.keys() & t_index.keys()] + list(roles.values()))
     s_ids, t_ids = (np.array(ids, dtype=np.int64) for ids in zip(*pairs)) if pairs else (np.zeros(0, np.int64),) * 2
     by_role = tuple(f"the {role}: the student's {student.spelled[s].decode(errors='replace')} as the teacher's "
-                    f"{teacher.spelled[t].decode(errors='replace')}" for role, (s, t) in roles.items()
-                    if student.spelled[s] != teacher.spelled[t])
+                    f"{teacher.spelled[t].decode(errors='replace')}" for role, (s, t) in roles.items())
     return SharedVocabulary(s_ids, t_ids, len(student), len(teacher), by_role)
 
 
@@ -339,9 +339,9 @@ class TeacherTokenization:
 
     @cached_property
     def _markers(self) -> dict[int, int]:
-        """{student id: teacher id}: each student added token that goes to the teacher as one token: a control token
-        the two map by role (`role_pairs`) as the teacher's of that role, any other as the teacher's added token of
-        the same content."""
+        """{student id: teacher id}: each student added token that goes to the teacher as one token: one of the same
+        content as the teacher's added token, a control token the two map by role (`role_pairs`) as the teacher's of
+        that role."""
         by_content = {self.teacher.spelled[i]: i for i in sorted(self.teacher.added, reverse=True)}
         same = {i: by_content[self.student.spelled[i]] for i in self.student.added
                 if self.student.spelled[i] in by_content}

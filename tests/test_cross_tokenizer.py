@@ -95,8 +95,9 @@ def test_the_id_map_joins_every_string_both_vocabularies_spell(tokenizers, pair)
     string is mapped once, and no string that both vocabularies hold as a regular token is left out."""
     (_, s_vocab), (_, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
     shared = shared_vocabulary(s_vocab, t_vocab)
-    by_role = set(role_pairs(s_vocab, t_vocab).values())
-    assert len(by_role) == 1 and by_role <= set(zip(shared.student_ids.tolist(), shared.teacher_ids.tolist()))
+    by_role = set(role_pairs(s_vocab, t_vocab).values())  # Phi-3's end of turn and ChatML's; ChatML's alike
+    assert len(by_role) == ("tok_phi3_mini_instruct" in pair)
+    assert by_role <= set(zip(shared.student_ids.tolist(), shared.teacher_ids.tolist()))
     for s, t in zip(shared.student_ids, shared.teacher_ids):
         assert s_vocab.spelled[s] == t_vocab.spelled[t] or (s, t) in by_role
     assert len(set(shared.student_ids.tolist())) == len(shared.student_ids)
