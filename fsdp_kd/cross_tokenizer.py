@@ -316,9 +316,9 @@ class TeacherTokenization:
     teacher's token of the same content where it has one. Everything else is text: the runs between those tokens are
     tokenized with special tokens split, so a literal "<|im_end|>" in a student's text (a Phi-3 student's data) is
     text to the teacher too, never its end-of-turn token. A student's control token mapped by role (`role_pairs`:
-    its end of turn) is the teacher's of that role, whatever the two spell. A sample whose text the teacher's tokens do not spell, or
-    that truncation left without a whole character, gets no teacher tokens: it gets the CE term alone, and `columns`
-    says so by returning empty lists."""
+    its end of turn) is the teacher's of that role, whatever the two spell. A sample whose text the teacher's tokens
+    do not spell, or that truncation left without a whole character, gets no teacher tokens: it gets the CE term
+    alone, and `columns` says so by returning empty lists."""
     student: TokenBytes
     teacher: TokenBytes
     tokenizer: object  # the teacher's (HF) tokenizer

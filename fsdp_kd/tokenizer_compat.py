@@ -67,8 +67,8 @@ def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     the tokenizer's EOS when it has no template, or the template writes no such token after the message."""
     if getattr(tokenizer, "chat_template", None):
         marker = "fsdp-kd end-of-turn probe"
-        turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}],
-                                             tokenize=False)
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
         if marker in turn:
             special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
             after = tokenizer(turn[turn.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]

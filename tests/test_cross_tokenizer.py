@@ -202,7 +202,8 @@ def test_each_span_is_the_same_text_after_the_same_context_on_both_sides(tokeniz
             spans += 1
             taught += s1 - s0
             assert s1 - s0 > 1 or t1 - t0 > 1
-            assert spell(s_vocab, s_ids[s0 + 1:s1 + 1]) == spell_for(s_vocab, t_vocab, t_ids[t0 + 1:t1 + 1]), (pair, text)
+            s_text, t_text = spell(s_vocab, s_ids[s0 + 1:s1 + 1]), spell_for(s_vocab, t_vocab, t_ids[t0 + 1:t1 + 1])
+            assert s_text == t_text, (pair, text)
             s_context, t_context = spell(s_vocab, s_ids[:s0 + 1]), spell_for(s_vocab, t_vocab, t_ids[:t0 + 1])
             assert s_context.lstrip(b" ") == t_context.lstrip(b" ") or s_context == t_context, (pair, text)
             assert all(s_vocab.regular[i] or s_vocab.kind == "sentencepiece" for i in s_ids[s0 + 1:s1 + 1])
