@@ -127,8 +127,8 @@ def coverage(samples: int) -> None:
     loaded = {name: AutoTokenizer.from_pretrained(paths[name]) for name in TOKENIZERS}
     vocabs = {name: TokenBytes.of(tok) for name, tok in loaded.items()}
     print(f"the first {samples} samples of each source; response tokens as trained (the student's chat template)")
-    print("| source | student → teacher | response tokens | one to one (before) | taught (after: one to one or "
-          "span) | not taught, by reason |")
+    print("| source | student → teacher | response tokens | one to one | taught (one to one or span) | not taught, "
+          "by reason |")
     print("|---|---|---|---|---|---|")
     for source, (settings, records) in sources.items():
         for s, t in itertools.permutations(TOKENIZERS, 2):

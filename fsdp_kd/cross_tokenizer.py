@@ -9,6 +9,9 @@ here is string work done once: per tokenizer (`TokenBytes`, the id map `shared_v
   printable byte alphabet ("Ġ" is a space); SentencePiece-style vocabularies (Llama, Phi-3) write a space as "▁" and
   unknown bytes as "<0xHH>" tokens; a special or added token spells its own content. Two tokens are the same string
   when they spell the same bytes, whatever each vocabulary's notation.
+- A template's control token that the two vocabularies spell differently is mapped by its role (`ROLES`: the end of
+  a turn, Phi-3's `<|end|>` and ChatML's `<|im_end|>`): the student's is the teacher's, in the id map and in the
+  teacher's tokens of a sample, where it stands for the student's bytes.
 - An alignment cuts a sample where both tokenizations have a token boundary at the same byte. Each group between two
   such cuts holds one or more consecutive tokens on each side, covering the same bytes (`Alignment`).
 """
@@ -18,13 +21,15 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import ClassVar
 
 import numpy as np
 
-ALIGNMENT_VERSION = 3  # bump when what `TeacherTokenization.columns` stores changes: the tokenized data's key holds it
+from .tokenizer_compat import end_of_turn_id
+
+ALIGNMENT_VERSION = 4  # bump when what `TeacherTokenization.columns` stores changes: the tokenized data's key holds it
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
 # why a student position has no teacher position: its negative value in `teacher_fields`, as metrics.jsonl counts them
@@ -32,6 +37,8 @@ LEFT_OUT = {-1: "multi_token_group",  # in a group of several tokens on a side t
             -2: "past_teacher_tokens",  # past the teacher's last position (its max_position_embeddings; a cut end)
             -3: "unaligned_sample"}  # its sample got no teacher tokens at all (`TeacherTokenization.columns`)
 PAST_TEACHER_TOKENS, UNALIGNED_SAMPLE = -2, -3
+# a template's control tokens by role: how to read each from a tokenizer (an id, or None when it has none)
+ROLES = {"end of turn": end_of_turn_id}
 
 
 @lru_cache(maxsize=1)
@@ -59,6 +66,7 @@ class TokenBytes:
     prefix_space: bool  # the tokenizer puts a space before the text (SentencePiece's dummy prefix)
     normalizer_forms: tuple[str, ...] = ()  # the Unicode normal forms its normalizer applies (Qwen's NFC)
     added: frozenset[int] = frozenset()  # its added (special or control) tokens: a chat template's markers, BOS
+    roles: dict[str, int] = field(default_factory=dict)  # its control tokens by role (`ROLES`), those it has
 
     @classmethod
     def of(cls, tokenizer) -> TokenBytes:
@@ -86,7 +94,8 @@ class TokenBytes:
                 spelled.append(token.replace(SPACE_MARK, " ").encode())
                 regular.append(True)
         added_ids = frozenset(tokenizer.added_tokens_decoder)
-        return cls(tuple(spelled), tuple(regular), kind, prefix_space, forms, added_ids)
+        roles = {role: i for role, read in ROLES.items() if (i := read(tokenizer)) is not None}
+        return cls(tuple(spelled), tuple(regular), kind, prefix_space, forms, added_ids, roles)
 
     def __len__(self) -> int:
         return len(self.spelled)
@@ -104,24 +113,39 @@ def _adds_prefix_space(spec: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------- the id map
+def role_pairs(student: TokenBytes, teacher: TokenBytes) -> dict[str, tuple[int, int]]:
+    """{role: (student id, teacher id)} for each control token both tokenizers have (`ROLES`: the end of a turn) that
+    no token of the other vocabulary spells alike: the student's is the teacher's, so the teacher's own "stop here"
+    stands for the student's. A token the other side spells too keeps that pair (`shared_vocabulary`), so the id map
+    stays one to one, and a tokenizer against itself maps nothing by role."""
+    return {role: (student.roles[role], teacher.roles[role]) for role in ROLES
+            if role in student.roles and role in teacher.roles
+            and student.spelled[student.roles[role]] not in teacher.spelled
+            and teacher.spelled[teacher.roles[role]] not in student.spelled}
+
+
 @dataclass(frozen=True)
 class SharedVocabulary:
     """The tokens both vocabularies spell identically: `student_ids[j]` and `teacher_ids[j]` are the same string.
-    Each string appears once; among several ids of one vocabulary spelling it, the regular one is kept."""
+    Each string appears once; among several ids of one vocabulary spelling it, the regular one is kept. The control
+    tokens mapped by role (`role_pairs`) are pairs too, and `by_role` names them."""
     student_ids: np.ndarray
     teacher_ids: np.ndarray
     student_size: int
     teacher_size: int
+    by_role: tuple[str, ...] = ()  # "the end of turn: the student's <|end|> as the teacher's <|im_end|>"
 
     def describe(self) -> str:
         share = len(self.student_ids) / max(self.student_size, 1)
+        roles = "".join(f"; by role, {role}" for role in self.by_role)
         return (f"{len(self.student_ids)} tokens map exactly between the vocabularies ({share:.1%} of the student's "
                 f"{self.student_size}, {len(self.teacher_ids) / max(self.teacher_size, 1):.1%} of the teacher's "
-                f"{self.teacher_size})")
+                f"{self.teacher_size}){roles}")
 
 
 def shared_vocabulary(student: TokenBytes, teacher: TokenBytes) -> SharedVocabulary:
-    """The id map between two vocabularies by the bytes each token spells (`TokenBytes`)."""
+    """The id map between two vocabularies by the bytes each token spells (`TokenBytes`), and the control tokens by
+    role (`role_pairs`), which no token of the other side spells."""
     def by_spelling(vocab: TokenBytes) -> dict[bytes, int]:
         index: dict[bytes, int] = {}
         for i, (spelled, regular) in enumerate(zip(vocab.spelled, vocab.regular)):
@@ -130,9 +154,12 @@ def shared_vocabulary(student: TokenBytes, teacher: TokenBytes) -> SharedVocabul
         return index
 
     s_index, t_index = by_spelling(student), by_spelling(teacher)
-    pairs = sorted((s_index[b], t_index[b]) for b in s_index.keys() & t_index.keys())
+    roles = role_pairs(student, teacher)
+    pairs = sorted([(s_index[b], t_index[b]) for b in s_index.keys() & t_index.keys()] + list(roles.values()))
     s_ids, t_ids = (np.array(ids, dtype=np.int64) for ids in zip(*pairs)) if pairs else (np.zeros(0, np.int64),) * 2
-    return SharedVocabulary(s_ids, t_ids, len(student), len(teacher))
+    by_role = tuple(f"the {role}: the student's {student.spelled[s].decode(errors='replace')} as the teacher's "
+                    f"{teacher.spelled[t].decode(errors='replace')}" for role, (s, t) in roles.items())
+    return SharedVocabulary(s_ids, t_ids, len(student), len(teacher), by_role)
 
 
 # ---------------------------------------------------------------------------------------------------- alignment
@@ -184,11 +211,16 @@ class AlignmentError(ValueError):
     """A tokenizer's tokens do not spell the text (its normalizer changed it), so bytes cannot be matched."""
 
 
-def byte_ends(ids: list[int], vocab: TokenBytes, text: bytes) -> np.ndarray:
+def byte_ends(ids: list[int], vocab: TokenBytes, text: bytes, respelled: dict[int, bytes] | None = None) -> np.ndarray:
     """The byte offset in `text` where each token ends; the dummy prefix space, if the tokenizer added one, is not
-    part of the text. Raises AlignmentError when the tokens do not spell the text."""
-    lengths = np.fromiter((len(vocab.spelled[i]) for i in ids), dtype=np.int64, count=len(ids))
-    spelled = b"".join(vocab.spelled[i] for i in ids)
+    part of the text. The tokens at the places `respelled` holds spell its bytes instead of their own (a control
+    token mapped by role: the other side's bytes it stands for). Raises AlignmentError when the tokens do not spell
+    the text."""
+    pieces = [vocab.spelled[i] for i in ids]
+    for at, data in (respelled or {}).items():
+        pieces[at] = data
+    lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(ids))
+    spelled = b"".join(pieces)
     skip = 0
     if spelled != text and vocab.prefix_space and spelled == b" " + text:
         skip = 1
@@ -200,14 +232,15 @@ def byte_ends(ids: list[int], vocab: TokenBytes, text: bytes) -> np.ndarray:
 
 
 def align(student_ids: list[int], teacher_ids: list[int], student: TokenBytes, teacher: TokenBytes,
-          text: str) -> Alignment:
+          text: str, respelled: dict[int, bytes] | None = None) -> Alignment:
     """Groups of consecutive tokens that cover the same bytes of `text`, which both id lists tokenize (without
     special tokens added around it): cut wherever both sides end a token at the same byte. The student's tokens
     spell `text`, the teacher's what its normalizer makes of it (`normalized`: Qwen's NFC composes a decomposed
-    accent); a student token that ends inside a character the normalization changes is never a cut."""
+    accent), but for the teacher's tokens at the places in `respelled`, which stand for those bytes (`byte_ends`); a
+    student token that ends inside a character the normalization changes is never a cut."""
     teacher_text = normalized(text, teacher)
     s_ends = byte_ends(student_ids, student, text.encode())
-    t_ends = byte_ends(teacher_ids, teacher, teacher_text.encode())
+    t_ends = byte_ends(teacher_ids, teacher, teacher_text.encode(), respelled)
     if teacher_text != text:  # in half bytes of the teacher's text: see `normalized_ends`
         s_ends, t_ends = normalized_ends(text, teacher.normalizer_forms, s_ends), 2 * t_ends
     cuts = np.intersect1d(s_ends, t_ends)
@@ -282,9 +315,10 @@ class TeacherTokenization:
     its BOS first when its tokenizer adds one, and each of the student's added tokens (a template's markers) as the
     teacher's token of the same content where it has one. Everything else is text: the runs between those tokens are
     tokenized with special tokens split, so a literal "<|im_end|>" in a student's text (a Phi-3 student's data) is
-    text to the teacher too, never its end-of-turn token. A sample whose text the teacher's tokens do not spell, or
-    that truncation left without a whole character, gets no teacher tokens: it gets the CE term alone, and `columns`
-    says so by returning empty lists."""
+    text to the teacher too, never its end-of-turn token. A student's control token mapped by role (`role_pairs`:
+    its end of turn) is the teacher's of that role, whatever the two spell. A sample whose text the teacher's tokens
+    do not spell, or that truncation left without a whole character, gets no teacher tokens: it gets the CE term
+    alone, and `columns` says so by returning empty lists."""
     student: TokenBytes
     teacher: TokenBytes
     tokenizer: object  # the teacher's (HF) tokenizer
@@ -304,9 +338,14 @@ class TeacherTokenization:
         return first, after
 
     @cached_property
-    def _special(self) -> dict[bytes, int]:
-        """The teacher's added tokens by content: where a student's added token goes as one teacher token."""
-        return {self.teacher.spelled[i]: i for i in sorted(self.teacher.added, reverse=True)}
+    def _markers(self) -> dict[int, int]:
+        """{student id: teacher id}: each student added token that goes to the teacher as one token: one of the same
+        content as the teacher's added token, a control token the two map by role (`role_pairs`) as the teacher's of
+        that role."""
+        by_content = {self.teacher.spelled[i]: i for i in sorted(self.teacher.added, reverse=True)}
+        same = {i: by_content[self.student.spelled[i]] for i in self.student.added
+                if self.student.spelled[i] in by_content}
+        return same | dict(role_pairs(self.student, self.teacher).values())
 
     @cached_property
     def _bos(self) -> list[int]:
@@ -337,21 +376,24 @@ class TeacherTokenization:
                 data = data[:len(data) - len(spelled[b])]
         return None
 
-    def teacher_ids(self, student_ids: list[int], text: str) -> list[int]:
-        """The teacher's tokens of `text`, which `student_ids` spell: each student added token that the teacher has
-        too as that token, the text between them through `_encoders` (without the BOS)."""
+    def teacher_ids(self, student_ids: list[int], text: str) -> tuple[list[int], dict[int, bytes]]:
+        """(the teacher's tokens of `text`, which `student_ids` spell; the places among them of the tokens that stand
+        for student tokens of other bytes, and those bytes): each student added token in `_markers` as its teacher
+        token, the text between them through `_encoders` (without the BOS)."""
         data = text.encode()
         ends = byte_ends(student_ids, self.student, data)
-        out, start = [], 0
+        out, respelled, start = [], {}, 0
         for k, token in enumerate(student_ids):
-            special = self._special.get(self.student.spelled[token]) if token in self.student.added else None
+            special = self._markers.get(token)
             if special is None:
                 continue
             begin = int(ends[k - 1]) if k else 0
             out += self._text_ids(data[start:begin], start)
+            if self.teacher.spelled[special] != data[begin:ends[k]]:
+                respelled[len(out)] = data[begin:ends[k]]
             out.append(special)
             start = int(ends[k])
-        return out + self._text_ids(data[start:], start)
+        return out + self._text_ids(data[start:], start), respelled
 
     def _text_ids(self, data: bytes, at: int) -> list[int]:
         if not data:
@@ -381,8 +423,8 @@ class TeacherTokenization:
             return [], [], [], []
         text, a, b = run
         try:
-            teacher_ids = self.teacher_ids(input_ids[a:b], text)
-            groups = align(input_ids[a:b], teacher_ids, self.student, self.teacher, text)
+            teacher_ids, respelled = self.teacher_ids(input_ids[a:b], text)
+            groups = align(input_ids[a:b], teacher_ids, self.student, self.teacher, text, respelled)
         except AlignmentError:
             return [], [], [], []
         special = special_groups(groups, input_ids[a:b], teacher_ids, self.student, self.teacher)

@@ -30,6 +30,7 @@ from .data import to_device
 from .decode import Decoding, Sampling, decode, row_generators
 from .distributed import all_reduce_max, all_reduce_sum, side_size
 from .records import IGNORE_INDEX, Sample
+from .tokenizer_compat import end_of_turn_id
 
 
 @dataclass(frozen=True)
@@ -49,17 +50,9 @@ class GenerationSettings:
 def stop_token_ids(tokenizer, generation_config=None) -> tuple[int, ...]:
     """Every id that ends a response: the tokenizer's EOS, the generation config's EOS ids (Qwen lists two), and
     the special token the chat template closes an assistant turn with (Phi-3's `<|end|>`, ChatML's `<|im_end|>`)."""
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)} - {None}
     eos = getattr(generation_config, "eos_token_id", None)
     ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-    if getattr(tokenizer, "chat_template", None):
-        turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-                                             tokenize=False)
-        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-        after = tokenizer(turn[turn.rindex("a") + 1:], add_special_tokens=False)["input_ids"]
-        ids.update(next(([i] for i in after if i in special), []))
     return tuple(sorted(ids))
 
 

@@ -61,6 +61,23 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, apply_cha
                           "tokenizer_chat_template (a Jinja template or a file), or drop --apply_chat_template")
 
 
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token that ends an assistant's turn: the first special or added token the chat template writes after an
+    assistant message (Phi-3's `<|end|>`, ChatML's `<|im_end|>`), read from a rendered turn with a marker message;
+    the tokenizer's EOS when it has no template, or the template writes no such token after the message."""
+    if getattr(tokenizer, "chat_template", None):
+        marker = "fsdp-kd end-of-turn probe"
+        turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+        if marker in turn:
+            special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+            after = tokenizer(turn[turn.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+            found = next((i for i in after if i in special), None)
+            if found is not None:
+                return found
+    return tokenizer.eos_token_id
+
+
 def _id_to_token(tokenizer: PreTrainedTokenizerBase) -> list[str | None]:
     table: list[str | None] = [None] * len(tokenizer)
     for token, idx in tokenizer.get_vocab().items():

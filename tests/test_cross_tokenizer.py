@@ -9,7 +9,7 @@ import pytest
 
 from assets import real_asset
 from fsdp_kd.cross_tokenizer import (Alignment, AlignmentError, TeacherTokenization, TokenBytes, _adds_prefix_space,
-                                     align, byte_ends, normalized, shared_vocabulary, special_groups)
+                                     align, byte_ends, normalized, role_pairs, shared_vocabulary, special_groups)
 
 TOKENIZERS = ("tok_qwen2.5_instruct", "tok_phi3_mini_instruct", "tok_smollm_360m_instruct")
 EDGE_TEXTS = ["", " ", "x", "  leading spaces", "trailing  ", "Hello  world,\n naïve 日本 😀 x\t\ttabs",
@@ -34,6 +34,13 @@ def texts():
 
 def spell(vocab: TokenBytes, ids) -> bytes:
     return b"".join(vocab.spelled[i] for i in ids)
+
+
+def spell_for(student: TokenBytes, teacher: TokenBytes, ids) -> bytes:
+    """What the teacher's tokens stand for in the student's text: its control tokens mapped by role spell the
+    student's tokens of that role, the others their own bytes."""
+    as_student = {t: student.spelled[s] for s, t in role_pairs(student, teacher).values()}
+    return b"".join(as_student.get(i, teacher.spelled[i]) for i in ids)
 
 
 def test_every_tokenization_spells_its_text(tokenizers, texts):
@@ -84,12 +91,15 @@ def byte_span(ends, start, end) -> tuple[int, int]:
 
 @pytest.mark.parametrize("pair", list(itertools.combinations(TOKENIZERS, 2)))
 def test_the_id_map_joins_every_string_both_vocabularies_spell(tokenizers, pair):
-    """Each pair spells the same bytes, each byte string is mapped once, and no string that both vocabularies hold
-    as a regular token is left out."""
+    """Each pair spells the same bytes but the control tokens mapped by role (the templates' ends of turn), each byte
+    string is mapped once, and no string that both vocabularies hold as a regular token is left out."""
     (_, s_vocab), (_, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
     shared = shared_vocabulary(s_vocab, t_vocab)
+    by_role = set(role_pairs(s_vocab, t_vocab).values())  # Phi-3's end of turn and ChatML's; ChatML's alike
+    assert len(by_role) == ("tok_phi3_mini_instruct" in pair)
+    assert by_role <= set(zip(shared.student_ids.tolist(), shared.teacher_ids.tolist()))
     for s, t in zip(shared.student_ids, shared.teacher_ids):
-        assert s_vocab.spelled[s] == t_vocab.spelled[t]
+        assert s_vocab.spelled[s] == t_vocab.spelled[t] or (s, t) in by_role
     assert len(set(shared.student_ids.tolist())) == len(shared.student_ids)
     assert len(set(shared.teacher_ids.tolist())) == len(shared.teacher_ids)
     s_regular = {b for b, r in zip(s_vocab.spelled, s_vocab.regular) if r and b}
@@ -100,11 +110,14 @@ def test_the_id_map_joins_every_string_both_vocabularies_spell(tokenizers, pair)
     print(shared.describe())
 
 
-def test_a_vocabulary_with_itself_maps_every_regular_token_to_itself(tokenizers):
-    _, vocab = tokenizers["tok_smollm_360m_instruct"]
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_a_vocabulary_with_itself_maps_every_regular_token_to_itself(tokenizers, name):
+    """Its end of turn too, to itself: nothing is mapped by role that is not mapped by spelling."""
+    _, vocab = tokenizers[name]
     shared = shared_vocabulary(vocab, vocab)
     assert np.array_equal(shared.student_ids, shared.teacher_ids)
-    assert len(shared.student_ids) == len(set(vocab.spelled) - {b""})
+    assert len(shared.student_ids) == len(set(vocab.spelled) - {b""}) and shared.by_role == ()
+    assert vocab.roles["end of turn"] in shared.student_ids
 
 
 def test_the_same_tokenizer_gives_one_group_per_token(tokenizers, texts):
@@ -163,8 +176,8 @@ def test_each_aligned_position_predicts_the_same_string_on_both_sides(tokenizers
             if q < 0:
                 continue
             aligned += 1
-            assert spell(s_vocab, s_ids[p + 1:p + 2]) == spell(t_vocab, t_ids[q + 1:q + 2]), (pair, text)
-            s_context, t_context = spell(s_vocab, s_ids[:p + 1]), spell(t_vocab, t_ids[:q + 1])
+            assert spell(s_vocab, s_ids[p + 1:p + 2]) == spell_for(s_vocab, t_vocab, t_ids[q + 1:q + 2]), (pair, text)
+            s_context, t_context = spell(s_vocab, s_ids[:p + 1]), spell_for(s_vocab, t_vocab, t_ids[:q + 1])
             assert s_context.lstrip(b" ") == t_context.lstrip(b" ") or s_context == t_context, (pair, text)
     print(f"{pair[0]} -> {pair[1]}: {aligned / positions:.1%} of {positions} positions aligned one to one")
     assert aligned / positions > 0.8  # the tokenizers cut English and code alike most of the time
@@ -189,8 +202,9 @@ def test_each_span_is_the_same_text_after_the_same_context_on_both_sides(tokeniz
             spans += 1
             taught += s1 - s0
             assert s1 - s0 > 1 or t1 - t0 > 1
-            assert spell(s_vocab, s_ids[s0 + 1:s1 + 1]) == spell(t_vocab, t_ids[t0 + 1:t1 + 1]), (pair, text)
-            s_context, t_context = spell(s_vocab, s_ids[:s0 + 1]), spell(t_vocab, t_ids[:t0 + 1])
+            s_text, t_text = spell(s_vocab, s_ids[s0 + 1:s1 + 1]), spell_for(s_vocab, t_vocab, t_ids[t0 + 1:t1 + 1])
+            assert s_text == t_text, (pair, text)
+            s_context, t_context = spell(s_vocab, s_ids[:s0 + 1]), spell_for(s_vocab, t_vocab, t_ids[:t0 + 1])
             assert s_context.lstrip(b" ") == t_context.lstrip(b" ") or s_context == t_context, (pair, text)
             assert all(s_vocab.regular[i] or s_vocab.kind == "sentencepiece" for i in s_ids[s0 + 1:s1 + 1])
             assert all(t_vocab.regular[i] or t_vocab.kind == "sentencepiece" for i in t_ids[t0 + 1:t1 + 1])
@@ -317,6 +331,50 @@ def test_special_token_text_is_text_and_special_tokens_map_by_content():
     twin = student("say <|im_fin|> hi", add_special_tokens=False)["input_ids"]
     assert end not in retokenize.columns(literal)[0]
     assert kd_share(retokenize, literal) == kd_share(retokenize, twin) == 1.0
+
+
+END_OF_TURN = {"tok_qwen2.5_instruct": "<|im_end|>", "tok_phi3_mini_instruct": "<|end|>",
+               "tok_smollm_360m_instruct": "<|im_end|>"}
+
+
+@pytest.mark.parametrize("pair", [pair for pair in itertools.permutations(TOKENIZERS, 2)
+                                  if "tok_phi3_mini_instruct" in pair])
+def test_the_end_of_turn_is_the_teachers_by_role_and_aligns_one_to_one(tokenizers, pair):
+    """Phi-3's `<|end|>` and ChatML's `<|im_end|>`: read off each chat template, the pair is in the id map, and in a
+    conversation rendered by the student's template every end of turn is predicted one to one with the teacher's
+    (it was a special token's group, left out). The same characters written as text in a message stay text: the
+    teacher gets its end of turn only where the student has its own."""
+    (s_tok, s_vocab), (t_tok, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
+    s_end, t_end = s_tok.convert_tokens_to_ids(END_OF_TURN[pair[0]]), t_tok.convert_tokens_to_ids(END_OF_TURN[pair[1]])
+    assert s_vocab.roles == {"end of turn": s_end} and t_vocab.roles == {"end of turn": t_end}
+    shared = shared_vocabulary(s_vocab, t_vocab)
+    assert (s_end, t_end) in set(zip(shared.student_ids.tolist(), shared.teacher_ids.tolist()))
+    assert shared.by_role == (f"the end of turn: the student's {END_OF_TURN[pair[0]]} as the teacher's "
+                              f"{END_OF_TURN[pair[1]]}",) and shared.by_role[0] in shared.describe()
+    retokenize = TeacherTokenization(s_vocab, t_vocab, t_tok)
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "You too!"},
+                    {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Bye."}]
+    ids = s_tok(s_tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+    fields = retokenize.fields(ids)
+    ends = [k for k, token in enumerate(ids) if token == s_end]
+    assert len(ends) >= 4  # after each of the four turns
+    for k in ends:
+        q = fields["teacher_positions"][k - 1]
+        assert q >= 0 and fields["teacher_ids"][q + 1] == t_end, (k, q)
+    assert fields["teacher_ids"].count(t_end) == len(ends)
+    literal = s_tok(f"Write {END_OF_TURN[pair[0]]} or {END_OF_TURN[pair[1]]} here.", add_special_tokens=False,
+                    split_special_tokens=True)["input_ids"] + [s_end]
+    assert s_end not in literal[:-1]
+    fields = retokenize.fields(literal)
+    assert fields["teacher_ids"].count(t_end) == 1 and fields["teacher_ids"][-1] == t_end
+    assert fields["teacher_positions"][len(literal) - 2] == len(fields["teacher_ids"]) - 2
+    # on-policy: a response the student wrote, up to its stop token, re-tokenized at step time the same way
+    from fsdp_kd.on_policy import with_response
+
+    sample = with_response(ids[:ends[0] + 1], s_tok("Sure, here.", add_special_tokens=False)["input_ids"] + [s_end])
+    fields = retokenize.rewritten(None, sample)
+    q = fields["teacher_positions"][len(sample.input_ids) - 2]
+    assert q >= 0 and fields["teacher_ids"][q + 1] == t_end
 
 
 @pytest.mark.parametrize("pair", list(itertools.permutations(TOKENIZERS, 2)))
