@@ -64,11 +64,17 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, apply_cha
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The token that ends an assistant's turn: the first special or added token the chat template writes after an
     assistant message (Phi-3's `<|end|>`, ChatML's `<|im_end|>`), read from a rendered turn with a marker message;
-    the tokenizer's EOS when it has no template, or the template writes no such token after the message."""
+    the tokenizer's EOS when it has no template, the template refuses a plain user/assistant exchange, or it writes no
+    such token after the message."""
+    from jinja2.exceptions import TemplateError
+
     if getattr(tokenizer, "chat_template", None):
         marker = "fsdp-kd end-of-turn probe"
-        turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
-                                              {"role": "assistant", "content": marker}], tokenize=False)
+        try:
+            turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
+                                                  {"role": "assistant", "content": marker}], tokenize=False)
+        except TemplateError:  # e.g. a template that requires a system message first
+            turn = ""
         if marker in turn:
             special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
             after = tokenizer(turn[turn.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]

@@ -202,3 +202,13 @@ def test_a_killed_on_policy_run_resumes_bitwise(tiny, tmp_path):
     final = load_file(tmp_path / "run" / "model-00001-of-00001.safetensors")
     expected = load_file(tmp_path / "reference" / "model-00001-of-00001.safetensors")
     assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def test_a_template_that_refuses_a_plain_exchange_ends_turns_with_its_eos():
+    """A chat template that raises on a user/assistant exchange without a system message leaves the end of turn to
+    the tokenizer's EOS instead of failing start-up."""
+    from fsdp_kd.tokenizer_compat import end_of_turn_id
+
+    tok = load_tokenizer(str(real_asset("tok_phi3_mini_instruct")), False)
+    tok.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    assert end_of_turn_id(tok) == tok.eos_token_id
