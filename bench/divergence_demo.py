@@ -19,7 +19,9 @@ with KD, and the same student over the demo's second tokenizer (the characters p
 of the responses, `demo.prepare_task`) with CE only and with cross-tokenizer KD (`cross_tokenizer: true`, ULD weight
 1). All four are scored by `demo.aligned_scores`: KL(teacher‖model) per response token where the tokenizations align
 one to one (the full KL for the character students, where every token aligns), the share of such tokens, and exact
-match decoded to text.
+match decoded to text. `--prefix_buckets`, `--uld_weight` and `--span_weight` set those keys for the cross-tokenizer
+KD student; `bench/exact_translation_kl.py --dir OUT/seedS` scores each seed's four students against the teacher's
+exact translation into their own tokens.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ CROSS_ROWS = ("char tokenizer, CE only", "char tokenizer, KD", "pair tokenizer, 
               "pair tokenizer, cross-tokenizer KD")
 
 
-def student_flags(row: str, paths: dict[str, str], teacher_dir: str) -> dict:
-    """A row's student: its initial model and its loss."""
+def student_flags(row: str, paths: dict[str, str], teacher_dir: str, cross: dict) -> dict:
+    """A row's student: its initial model and its loss (`cross`: the cross-tokenizer student's keys)."""
     teacher = {"kd_coef": 0.9, "teacher_model": teacher_dir}
     return {CE_ONLY: {"kd_coef": 0.0}, CROSS_ROWS[0]: {"kd_coef": 0.0}, CROSS_ROWS[1]: teacher,
             CROSS_ROWS[2]: {"pretrain": paths["pair_student_init"], "kd_coef": 0.0},
-            CROSS_ROWS[3]: {"pretrain": paths["pair_student_init"], "cross_tokenizer": True, **teacher},
+            CROSS_ROWS[3]: {"pretrain": paths["pair_student_init"], "cross_tokenizer": True, **teacher, **cross},
             }.get(row, {**teacher, "kd_loss": row})
 
 
@@ -64,6 +66,9 @@ def main() -> int:
     parser.add_argument("--student_steps", type=int, default=STUDENT_STEPS)
     parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES))
     parser.add_argument("--cross_tokenizer", action="store_true", help="the four rows of the cross-tokenizer table")
+    parser.add_argument("--prefix_buckets", action="store_true", help="the cross-tokenizer KD student's prefix_buckets")
+    parser.add_argument("--uld_weight", type=float, default=1.0, help="the cross-tokenizer KD student's uld_weight")
+    parser.add_argument("--span_weight", type=float, default=1.0, help="the cross-tokenizer KD student's span_weight")
     args = parser.parse_args()
     env = init_distributed()
     rows = list(CROSS_ROWS) if args.cross_tokenizer else [CE_ONLY] + args.divergences
@@ -81,7 +86,9 @@ def main() -> int:
             for i, row in enumerate(rows):
                 cfg = dataclasses.replace(base, pretrain=paths["student_init"], max_steps=args.student_steps,
                                           save_path=os.path.join(out, f"row{i}"))
-                cfg = dataclasses.replace(cfg, **student_flags(row, paths, teacher_dir))
+                cross = {"prefix_buckets": args.prefix_buckets, "uld_weight": args.uld_weight,
+                         "span_weight": args.span_weight}
+                cfg = dataclasses.replace(cfg, **student_flags(row, paths, teacher_dir, cross))
                 train_stage(f"seed {seed}: {row}", cfg, env, stages)
                 if args.cross_tokenizer:
                     if env.is_main:  # (KL per aligned token, share aligned, exact match)
