@@ -111,6 +111,7 @@ class VocabMap:
     student_to_teacher: torch.Tensor = field(init=False)  # [student_size] the teacher's id, or -1
     teacher_to_student: torch.Tensor = field(init=False)  # [teacher_size] the student's id, or -1
     _columns: dict = field(default_factory=dict, init=False)
+    _joined: dict = field(default_factory=dict, init=False)  # per side, how many tokens join a shared bucket
 
     def __post_init__(self):
         device = self.student_ids.device
@@ -118,6 +119,8 @@ class VocabMap:
         self.student_to_teacher[self.student_ids] = self.teacher_ids
         self.teacher_to_student = torch.full((self.teacher_size,), -1, dtype=torch.long, device=device)
         self.teacher_to_student[self.teacher_ids] = self.student_ids
+        self._joined = {side: 0 if joins is None else int((joins >= 0).sum())
+                        for side, joins in (("student", self.student_joins), ("teacher", self.teacher_joins))}
 
     @property
     def shared(self) -> int:
@@ -135,8 +138,7 @@ class VocabMap:
 
     def joined(self, side: str) -> int:
         """How many of a side's tokens without a counterpart join a shared bucket (`prefix_buckets`)."""
-        joins = self.student_joins if side == "student" else self.teacher_joins
-        return 0 if joins is None else int((joins >= 0).sum())
+        return self._joined[side]
 
     def columns(self, side: str, chunks) -> list[SharedColumns]:
         """Per chunk of `side`'s vocabulary, its shared columns; found on the host once per chunk layout."""
