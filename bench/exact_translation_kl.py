@@ -17,6 +17,9 @@ in its own tokens, is q*. Printed per model:
 - `aligned KL`: `demo.aligned_scores`'s KL per one-to-one aligned token, and the same for q* itself (`the exact
   translation`): what that metric charges a student that is the teacher, exactly, in other tokens.
 
+and last, the exact match that greedy decoding would give q* in the first model's tokens and the teacher in its own
+(`greedy_exact_match`), on the held-out prompts: greedy over pair tokens is not greedy over characters.
+
     python bench/exact_translation_kl.py --dir DEMO_OUT [--models row0 row1 ...]
 
 DIR is a `bench/divergence_demo.py --cross_tokenizer` seed folder (models row0..row3) or a demo output folder
@@ -126,6 +129,39 @@ def score(model_dir: str, teacher_dir: str, data: str) -> dict[str, float]:
             "share aligned": sums["aligned_rows"] / sums["positions"]}
 
 
+@torch.no_grad()
+def greedy_exact_match(tok_dir: str, teacher_dir: str, data: str) -> tuple[float, float]:
+    """(q*'s greedy exact match in `tok_dir`'s tokens, the teacher's in its own) on the most likely renderings
+    (`data`: eval_mode.jsonl): the share of prompts where the most likely token, teacher-forced on the rendering, is
+    the rendering's at every response position, which is when greedy decoding writes it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fsdp_kd.testing.tiny import read_jsonl
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(tok_dir), AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
+    char_ids = {c: i for c, i in t_vocab.items() if c not in set(t_tok.all_special_tokens)}
+    pairs = {tok: i for tok, i in s_vocab.items() if tok not in t_vocab}
+    hits = teacher_hits = 0
+    records = read_jsonl(data)
+    for r in records:
+        text = r["input"] + r["output"]
+        s_ids = s_tok(text)["input_ids"] + [s_tok.eos_token_id]
+        t_ids = t_tok(text)["input_ids"] + [t_tok.eos_token_id]
+        prompt = len(s_tok(r["input"])["input_ids"])
+        lengths = [len(s_tok.convert_ids_to_tokens(i)) for i in s_ids[:-1]] + [1]
+        starts = torch.tensor([0] + lengths).cumsum(0)[:-1]
+        tokens = torch.arange(prompt, len(s_ids))
+        log_star = exact_translation(teacher, t_ids, starts[tokens] - 1, s_tok.convert_ids_to_tokens(
+            s_ids[prompt - 1:-1]), char_ids, pairs, len(s_tok))
+        hits += bool((log_star.argmax(1) == torch.tensor(s_ids)[tokens]).all())
+        t_rows = torch.arange(len(r["input"]) - 1, len(t_ids) - 1)
+        teacher_hits += bool((teacher(torch.tensor([t_ids])).logits[0, t_rows].argmax(1) ==
+                              torch.tensor(t_ids)[t_rows + 1]).all())
+    return hits / len(records), teacher_hits / len(records)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", required=True)
@@ -140,6 +176,9 @@ def main() -> None:
             header = list(result)
             print("| model | " + " | ".join(header) + " |\n|---|" + "---|" * len(header))
         print(f"| {name} | " + " | ".join(f"{result[k]:.5f}" for k in header) + " |", flush=True)
+    exact, teacher_exact = greedy_exact_match(os.path.join(args.dir, args.models[-1]), teacher,
+                                              os.path.join(args.dir, "data", "eval_mode.jsonl"))
+    print(f"greedy exact match of q* in {args.models[-1]}'s tokens: {exact:.1%}; of the teacher: {teacher_exact:.1%}")
 
 
 if __name__ == "__main__":
