@@ -19,9 +19,9 @@ with KD, and the same student over the demo's second tokenizer (the characters p
 of the responses, `demo.prepare_task`) with CE only and with cross-tokenizer KD (`cross_tokenizer: true`, ULD weight
 1). All four are scored by `demo.aligned_scores`: KL(teacher‖model) per response token where the tokenizations align
 one to one (the full KL for the character students, where every token aligns), the share of such tokens, and exact
-match decoded to text. `--prefix_buckets`, `--uld_weight` and `--span_weight` set those keys for the cross-tokenizer
-KD student; `bench/exact_translation_kl.py --dir OUT/seedS` scores each seed's four students against the teacher's
-exact translation into their own tokens.
+match decoded to text, and by KL(q*‖student) per response position (`exact_translation_kl.py`: against the
+teacher's exact translation into each student's tokens, the like-for-like KL across tokenizers). `--prefix_buckets`,
+`--uld_weight` and `--span_weight` set those keys for the cross-tokenizer KD student.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def main() -> int:
     from fsdp_kd.stages import Stages
     from fsdp_kd.testing.tiny import read_jsonl
 
+    from exact_translation_kl import score
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -92,7 +94,9 @@ def main() -> int:
                 train_stage(f"seed {seed}: {row}", cfg, env, stages)
                 if args.cross_tokenizer:
                     if env.is_main:  # (KL per aligned token, share aligned, exact match)
-                        scores[row].append(aligned_scores(cfg.save_path, teacher_dir, paths))
+                        exact = score(cfg.save_path, teacher_dir, os.path.join(paths["data"], "eval.jsonl"))
+                        scores[row].append((*aligned_scores(cfg.save_path, teacher_dir, paths),
+                                            exact["KL(q*‖q) per position"]))
                     torch.distributed.barrier()
                 else:
                     kl = teacher_eval(cfg, teacher_dir, out, env)["eval_kl"]
@@ -108,16 +112,18 @@ def main() -> int:
     if env.is_main:
         print(f"\n{args.student_steps} student steps, seeds {args.seeds}; mean ± sd (per seed)")
         if args.cross_tokenizer:
-            print("| student | KL(teacher‖student) per aligned token | response tokens aligned | exact match |\n"
-                  "|---|---|---|---|")
+            print("| student | KL(teacher‖student) per aligned token | response tokens aligned | exact match | "
+                  "KL(q*‖student) per response position |\n|---|---|---|---|---|")
         else:
             print("| student | KL(teacher‖student) | exact match |\n|---|---|---|")
         for row in rows:
             kl, *rest = zip(*scores[row])
             aligned = f" {100 * statistics.mean(rest[0]):.1f}% |" if args.cross_tokenizer else ""
-            em = rest[-1]
+            em = rest[1] if args.cross_tokenizer else rest[0]
+            exact = f" {_mean_sd(rest[2], '.4f')} ({', '.join(f'{v:.4f}' for v in rest[2])}) |" \
+                if args.cross_tokenizer else ""
             print(f"| {row} | {_mean_sd(kl, '.4f')} ({', '.join(f'{v:.4f}' for v in kl)}) |{aligned} "
-                  f"{_mean_sd([100 * v for v in em], '.1f')}% ({', '.join(f'{100 * v:.1f}' for v in em)}) |")
+                  f"{_mean_sd([100 * v for v in em], '.1f')}% ({', '.join(f'{100 * v:.1f}' for v in em)}) |{exact}")
     return 0
 
 
