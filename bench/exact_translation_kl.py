@@ -73,6 +73,27 @@ def exact_translation(teacher, t_ids: list[int], rows: torch.Tensor, before: lis
     return out
 
 
+def translate(teacher, s_tok, t_tok, record: dict) -> tuple[list[int], list[int], int, list[int], torch.Tensor,
+                                                             torch.Tensor]:
+    """A record's text as both sides read it, and q* along the student's response: (the student's ids, the
+    teacher's, the student's prompt length, each student token's length in characters, the response tokens' indices,
+    log q* there [tokens, student vocabulary])."""
+    t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
+    char_ids = {c: i for c, i in t_vocab.items() if c not in set(t_tok.all_special_tokens)}
+    assert all(s_vocab[c] == i for c, i in char_ids.items()) and len(t_vocab) == max(t_vocab.values()) + 1
+    pairs = {tok: i for tok, i in s_vocab.items() if tok not in t_vocab}
+    text = record["input"] + record["output"]
+    s_ids = s_tok(text)["input_ids"] + [s_tok.eos_token_id]
+    t_ids = t_tok(text)["input_ids"] + [t_tok.eos_token_id]
+    prompt = len(s_tok(record["input"])["input_ids"])
+    lengths = [len(s_tok.convert_ids_to_tokens(i)) for i in s_ids[:-1]] + [1]
+    starts = torch.tensor([0] + lengths).cumsum(0)[:-1]  # each student token's character offset
+    tokens = torch.arange(prompt, len(s_ids))
+    before = s_tok.convert_ids_to_tokens(s_ids[prompt - 1:-1])
+    log_star = exact_translation(teacher, t_ids, starts[tokens] - 1, before, char_ids, pairs, len(s_tok))
+    return s_ids, t_ids, prompt, lengths, tokens, log_star
+
+
 def aligned_kl(log_p: torch.Tensor, log_q: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     """`demo.aligned_scores`'s KL summed over rows: the teacher's whole distribution (all shared) against the
     student's shared tokens plus one bucket for its others (which the teacher leaves empty)."""
@@ -88,29 +109,15 @@ def score(model_dir: str, teacher_dir: str, data: str) -> dict[str, float]:
     s_tok, t_tok = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
-    specials = set(t_tok.all_special_tokens)
-    char_ids = {c: i for c, i in t_vocab.items() if c not in specials}
-    assert all(s_vocab[c] == i for c, i in char_ids.items()) and len(t_vocab) == max(t_vocab.values()) + 1
-    pairs = {tok: i for tok, i in s_vocab.items() if tok not in t_vocab}
-    shared = torch.arange(len(t_vocab))
+    shared = torch.arange(len(t_tok))
     sums = dict.fromkeys(("kl_all", "kl_aligned", "aligned", "aligned_oracle", "positions", "aligned_rows"), 0.0)
     for r in read_jsonl(data):
-        text = r["input"] + r["output"]
-        s_ids = s_tok(text)["input_ids"] + [s_tok.eos_token_id]
-        t_ids = t_tok(text)["input_ids"] + [t_tok.eos_token_id]
-        prompt = len(s_tok(r["input"])["input_ids"])
-        lengths = [len(s_tok.convert_ids_to_tokens(i)) for i in s_ids[:-1]] + [1]
-        starts = torch.tensor([0] + lengths).cumsum(0)[:-1]  # each student token's character offset
-        tokens = torch.arange(prompt, len(s_ids))
-        s_rows, t_rows = tokens - 1, starts[tokens] - 1
-        log_q = torch.log_softmax(model(torch.tensor([s_ids])).logits[0].double(), -1)[s_rows, :len(s_tok)]
-        before = s_tok.convert_ids_to_tokens(s_ids[prompt - 1:-1])
-        log_star = exact_translation(teacher, t_ids, t_rows, before, char_ids, pairs, len(s_tok))
-
-        log_p = torch.log_softmax(teacher(torch.tensor([t_ids])).logits[0].double(), -1)[t_rows, :len(t_tok)]
-        # a check that q* is exact: along the student's tokens it gives the response the teacher's probability
+        s_ids, t_ids, prompt, lengths, tokens, log_star = translate(teacher, s_tok, t_tok, r)
+        t_rows = torch.tensor([0] + lengths).cumsum(0)[tokens] - 1
+        log_q = torch.log_softmax(model(torch.tensor([s_ids])).logits[0].double(), -1)[tokens - 1, :len(s_tok)]
         t_all = torch.log_softmax(teacher(torch.tensor([t_ids])).logits[0].double(), -1)
+        log_p = t_all[t_rows, :len(t_tok)]
+        # a check that q* is exact: along the student's tokens it gives the response the teacher's probability
         t_logp = t_all[torch.arange(len(r["input"]) - 1, len(t_ids) - 1), t_ids[len(r["input"]):]].sum()
         s_logp = log_star[torch.arange(len(tokens)), torch.tensor(s_ids)[tokens]].sum()
         assert torch.isclose(t_logp, s_logp, atol=1e-6), (t_logp, s_logp)
@@ -140,21 +147,10 @@ def greedy_exact_match(tok_dir: str, teacher_dir: str, data: str) -> tuple[float
 
     s_tok, t_tok = AutoTokenizer.from_pretrained(tok_dir), AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
-    t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
-    char_ids = {c: i for c, i in t_vocab.items() if c not in set(t_tok.all_special_tokens)}
-    pairs = {tok: i for tok, i in s_vocab.items() if tok not in t_vocab}
     hits = teacher_hits = 0
     records = read_jsonl(data)
     for r in records:
-        text = r["input"] + r["output"]
-        s_ids = s_tok(text)["input_ids"] + [s_tok.eos_token_id]
-        t_ids = t_tok(text)["input_ids"] + [t_tok.eos_token_id]
-        prompt = len(s_tok(r["input"])["input_ids"])
-        lengths = [len(s_tok.convert_ids_to_tokens(i)) for i in s_ids[:-1]] + [1]
-        starts = torch.tensor([0] + lengths).cumsum(0)[:-1]
-        tokens = torch.arange(prompt, len(s_ids))
-        log_star = exact_translation(teacher, t_ids, starts[tokens] - 1, s_tok.convert_ids_to_tokens(
-            s_ids[prompt - 1:-1]), char_ids, pairs, len(s_tok))
+        s_ids, t_ids, _, _, tokens, log_star = translate(teacher, s_tok, t_tok, r)
         hits += bool((log_star.argmax(1) == torch.tensor(s_ids)[tokens]).all())
         t_rows = torch.arange(len(r["input"]) - 1, len(t_ids) - 1)
         teacher_hits += bool((teacher(torch.tensor([t_ids])).logits[0, t_rows].argmax(1) ==

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from exact_translation_kl import exact_translation, score  # noqa: E402
+from exact_translation_kl import score, translate  # noqa: E402
 
 
 @torch.no_grad()
@@ -33,22 +33,10 @@ def targets(student_dir: str, teacher, t_tok, records: list[dict]) -> list[tuple
     from transformers import AutoTokenizer
 
     s_tok = AutoTokenizer.from_pretrained(student_dir)
-    t_vocab, s_vocab = t_tok.get_vocab(), s_tok.get_vocab()
-    specials = set(t_tok.all_special_tokens)
-    char_ids = {c: i for c, i in t_vocab.items() if c not in specials}
-    pairs = {tok: i for tok, i in s_vocab.items() if tok not in t_vocab}
     out = []
     for r in records:
-        text = r["input"] + r["output"]
-        s_ids = s_tok(text)["input_ids"] + [s_tok.eos_token_id]
-        t_ids = t_tok(text)["input_ids"] + [t_tok.eos_token_id]
-        prompt = len(s_tok(r["input"])["input_ids"])
-        lengths = [len(s_tok.convert_ids_to_tokens(i)) for i in s_ids[:-1]] + [1]
-        starts = torch.tensor([0] + lengths).cumsum(0)[:-1]
-        before = s_tok.convert_ids_to_tokens(s_ids[prompt - 1:-1])
-        rows = starts[torch.arange(prompt, len(s_ids))] - 1
-        out.append((s_ids, prompt, exact_translation(teacher, t_ids, rows, before, char_ids, pairs,
-                                                     len(s_tok)).float()))
+        s_ids, _, prompt, _, _, log_star = translate(teacher, s_tok, t_tok, r)
+        out.append((s_ids, prompt, log_star.float()))
     return out
 
 
