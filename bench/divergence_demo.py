@@ -19,7 +19,9 @@ with KD, and the same student over the demo's second tokenizer (the characters p
 of the responses, `demo.prepare_task`) with CE only and with cross-tokenizer KD (`cross_tokenizer: true`, ULD weight
 1). All four are scored by `demo.aligned_scores`: KL(teacher‖model) per response token where the tokenizations align
 one to one (the full KL for the character students, where every token aligns), the share of such tokens, and exact
-match decoded to text.
+match decoded to text, and by KL(q*‖student) per response position (`exact_translation_kl.py`: against the
+teacher's exact translation into each student's tokens, the like-for-like KL across tokenizers). `--prefix_buckets`,
+`--uld_weight` and `--span_weight` set those keys for the cross-tokenizer KD student.
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ CROSS_ROWS = ("char tokenizer, CE only", "char tokenizer, KD", "pair tokenizer, 
               "pair tokenizer, cross-tokenizer KD")
 
 
-def student_flags(row: str, paths: dict[str, str], teacher_dir: str) -> dict:
-    """A row's student: its initial model and its loss."""
+def student_flags(row: str, paths: dict[str, str], teacher_dir: str, cross: dict) -> dict:
+    """A row's student: its initial model and its loss (`cross`: the cross-tokenizer student's keys)."""
     teacher = {"kd_coef": 0.9, "teacher_model": teacher_dir}
     return {CE_ONLY: {"kd_coef": 0.0}, CROSS_ROWS[0]: {"kd_coef": 0.0}, CROSS_ROWS[1]: teacher,
             CROSS_ROWS[2]: {"pretrain": paths["pair_student_init"], "kd_coef": 0.0},
-            CROSS_ROWS[3]: {"pretrain": paths["pair_student_init"], "cross_tokenizer": True, **teacher},
+            CROSS_ROWS[3]: {"pretrain": paths["pair_student_init"], "cross_tokenizer": True, **teacher, **cross},
             }.get(row, {**teacher, "kd_loss": row})
 
 
@@ -57,6 +59,8 @@ def main() -> int:
     from fsdp_kd.stages import Stages
     from fsdp_kd.testing.tiny import read_jsonl
 
+    from exact_translation_kl import score
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -64,6 +68,9 @@ def main() -> int:
     parser.add_argument("--student_steps", type=int, default=STUDENT_STEPS)
     parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES))
     parser.add_argument("--cross_tokenizer", action="store_true", help="the four rows of the cross-tokenizer table")
+    parser.add_argument("--prefix_buckets", action="store_true", help="the cross-tokenizer KD student's prefix_buckets")
+    parser.add_argument("--uld_weight", type=float, default=1.0, help="the cross-tokenizer KD student's uld_weight")
+    parser.add_argument("--span_weight", type=float, default=1.0, help="the cross-tokenizer KD student's span_weight")
     args = parser.parse_args()
     env = init_distributed()
     rows = list(CROSS_ROWS) if args.cross_tokenizer else [CE_ONLY] + args.divergences
@@ -81,11 +88,15 @@ def main() -> int:
             for i, row in enumerate(rows):
                 cfg = dataclasses.replace(base, pretrain=paths["student_init"], max_steps=args.student_steps,
                                           save_path=os.path.join(out, f"row{i}"))
-                cfg = dataclasses.replace(cfg, **student_flags(row, paths, teacher_dir))
+                cross = {"prefix_buckets": args.prefix_buckets, "uld_weight": args.uld_weight,
+                         "span_weight": args.span_weight}
+                cfg = dataclasses.replace(cfg, **student_flags(row, paths, teacher_dir, cross))
                 train_stage(f"seed {seed}: {row}", cfg, env, stages)
                 if args.cross_tokenizer:
                     if env.is_main:  # (KL per aligned token, share aligned, exact match)
-                        scores[row].append(aligned_scores(cfg.save_path, teacher_dir, paths))
+                        exact = score(cfg.save_path, teacher_dir, os.path.join(paths["data"], "eval.jsonl"))
+                        scores[row].append((*aligned_scores(cfg.save_path, teacher_dir, paths),
+                                            exact["KL(q*‖q) per position"]))
                     torch.distributed.barrier()
                 else:
                     kl = teacher_eval(cfg, teacher_dir, out, env)["eval_kl"]
@@ -101,16 +112,18 @@ def main() -> int:
     if env.is_main:
         print(f"\n{args.student_steps} student steps, seeds {args.seeds}; mean ± sd (per seed)")
         if args.cross_tokenizer:
-            print("| student | KL(teacher‖student) per aligned token | response tokens aligned | exact match |\n"
-                  "|---|---|---|---|")
+            print("| student | KL(teacher‖student) per aligned token | response tokens aligned | exact match | "
+                  "KL(q*‖student) per response position |\n|---|---|---|---|---|")
         else:
             print("| student | KL(teacher‖student) | exact match |\n|---|---|---|")
         for row in rows:
             kl, *rest = zip(*scores[row])
             aligned = f" {100 * statistics.mean(rest[0]):.1f}% |" if args.cross_tokenizer else ""
-            em = rest[-1]
+            em = rest[1] if args.cross_tokenizer else rest[0]
+            exact = f" {_mean_sd(rest[2], '.4f')} ({', '.join(f'{v:.4f}' for v in rest[2])}) |" \
+                if args.cross_tokenizer else ""
             print(f"| {row} | {_mean_sd(kl, '.4f')} ({', '.join(f'{v:.4f}' for v in kl)}) |{aligned} "
-                  f"{_mean_sd([100 * v for v in em], '.1f')}% ({', '.join(f'{100 * v:.1f}' for v in em)}) |")
+                  f"{_mean_sd([100 * v for v in em], '.1f')}% ({', '.join(f'{100 * v:.1f}' for v in em)}) |{exact}")
     return 0
 
 

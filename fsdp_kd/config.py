@@ -109,6 +109,10 @@ class TrainConfig:
     span_weight: float = opt(1.0, "cross_tokenizer: the weight of the span term, which teaches the tokens of groups "
                                   "of several tokens on a side (each model's chain-rule probability of the group's "
                                   "text); 0: those tokens get the CE term alone")
+    prefix_buckets: bool = opt(False, "cross_tokenizer: a token without a counterpart joins the bucket of the "
+                                      "longest shared token its bytes start with (each bucket: the probability that "
+                                      "the text goes on with that token's bytes; exact where the other side's tokens "
+                                      "are single characters), rather than the rest bucket and ULD")
     trust_remote_code: bool = opt(False, "let transformers run a model's own .py files (architectures it does not "
                                          "ship); the export copies them")
     attn_implementation: str = opt("sdpa", "the models' attention implementation: {choices}",
@@ -296,7 +300,7 @@ RESUME_SENSITIVE_KEYS = (
     "kd_temperature", "max_epochs", "max_steps", "on_policy_ratio", "on_policy_ce",
     "generate_max_new_tokens", "generate_temperature", "generate_top_p", "cross_tokenizer", "uld_weight", "uld_topk",
     "teacher_context_key", "teacher_system_prompt",
-    "span_weight",
+    "span_weight", "prefix_buckets",
     "teachers", "dataset_teachers", "teacher_key", "teacher_weights",
 )
 
@@ -512,6 +516,9 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     if cfg.cross_tokenizer and cfg.teacher_cache is not None and cfg.span_weight > 0:
         fail("span_weight", "a teacher cache across tokenizers holds no span term (the teacher's probabilities along "
                             "groups of several tokens): set span_weight 0, or train with the live teacher")
+    if cfg.cross_tokenizer and cfg.teacher_cache is not None and cfg.prefix_buckets:
+        fail("prefix_buckets", "a teacher cache across tokenizers folds the teacher's tokens without a counterpart "
+                               "into its rest bucket: set prefix_buckets false, or train with the live teacher")
     if cfg.cross_tokenizer and DIVERGENCES[cfg.kd_loss].student_buckets:
         fail("kd_loss", f"{cfg.kd_loss} takes its buckets from the student's own top tokens, which have no "
                         "counterpart in the teacher's vocabulary; choose another kd_loss with cross_tokenizer")

@@ -13,6 +13,11 @@ two parts (docs/cross_tokenizer.md has the formulas with every term defined):
               2024): ULD = Σ_{i<k} |p̃_(i) - q̃_(i)| over each side's k most likely such tokens, sorted (`uld_topk`;
               the full sort is the same sum with k = V, and the tail beyond k is left out).
 
+With `prefix_buckets`, a side's token without a counterpart whose bytes start with a shared token's bytes joins
+that token's bucket (the longest such: `prefix_joins`) rather than the rest: P_j and Q_j are then each side's
+probability that the text goes on with token j's bytes, not that its next token is exactly token j; ULD is over the
+tokens that join no bucket. Exact where the other side's tokens are single characters (the demo's teacher).
+
 KD = D(P‖Q) + uld_weight·ULD. With the same tokenizer on both sides every token is shared, both rest buckets and
 the ULD part are empty, and the loss is today's live KD (tested to fp32 rounding).
 
@@ -56,10 +61,36 @@ def renormalized_side(shared: int, student_size: int, teacher_size: int) -> str 
     return "teacher" if student_all else "student"
 
 
+def prefix_joins(spelled, regular, own_ids: np.ndarray) -> np.ndarray:
+    """[tokens] for each token of a vocabulary (what each spells, and whether it is a regular token: `cross_tokenizer.
+    TokenBytes`) without a counterpart, the shared bucket it joins under `prefix_buckets`: that of the longest
+    shared token (`own_ids`, this side's ids, bucket j at j) whose bytes its bytes start with; -1 for a shared token,
+    a special one, or one that starts with no shared token's bytes."""
+    bucket_of = {spelled[i]: j for j, i in enumerate(own_ids.tolist())}
+    joins = np.full(len(spelled), -1, dtype=np.int64)
+    shared = set(own_ids.tolist())
+    for i, (text, is_regular) in enumerate(zip(spelled, regular)):
+        if i in shared or not is_regular:
+            continue
+        joins[i] = next((bucket_of[text[:n]] for n in range(len(text) - 1, 0, -1) if text[:n] in bucket_of), -1)
+    return joins
+
+
+def bucket_logsumexp(log_x: torch.Tensor, bucket: torch.Tensor, buckets: int) -> torch.Tensor:
+    """[rows, buckets] the log of each bucket's mass from log-masses [rows, n] and each column's bucket [n]; -inf
+    where a bucket has no column."""
+    shape = (log_x.shape[0], buckets)
+    top = log_x.new_full(shape, -math.inf).scatter_reduce_(1, bucket.expand_as(log_x), log_x, "amax")
+    shift = torch.where(top > -math.inf, top, 0.0)
+    total = log_x.new_zeros(shape).index_add_(1, bucket, (log_x - shift.index_select(1, bucket)).exp())
+    return total.log_() + shift
+
+
 @dataclass
 class SharedColumns:
-    """One vocabulary chunk of one side: which of its columns are shared tokens (`local`, as indices into the chunk)
-    and which bucket each is (`bucket`), and the same as a column mask."""
+    """One vocabulary chunk of one side: which of its columns are in a shared bucket (`local`, as indices into the
+    chunk: the shared tokens, then under `prefix_buckets` the tokens that join one) and which bucket each is in
+    (`bucket`), and the same as a column mask."""
     local: torch.Tensor  # [m_c] long
     bucket: torch.Tensor  # [m_c] long
     mask: torch.Tensor  # [columns] bool
@@ -68,14 +99,19 @@ class SharedColumns:
 
 @dataclass
 class VocabMap:
-    """The shared vocabulary on a device: `student_ids[j]` and `teacher_ids[j]` spell the same bytes."""
+    """The shared vocabulary on a device: `student_ids[j]` and `teacher_ids[j]` spell the same bytes. With
+    `student_joins` / `teacher_joins` ([size], `prefix_joins`), a side's tokens without a counterpart that join a
+    shared bucket."""
     student_ids: torch.Tensor
     teacher_ids: torch.Tensor
     student_size: int
     teacher_size: int
+    student_joins: np.ndarray | None = None
+    teacher_joins: np.ndarray | None = None
     student_to_teacher: torch.Tensor = field(init=False)  # [student_size] the teacher's id, or -1
     teacher_to_student: torch.Tensor = field(init=False)  # [teacher_size] the student's id, or -1
     _columns: dict = field(default_factory=dict, init=False)
+    _joined: dict = field(default_factory=dict, init=False)  # per side, how many tokens join a shared bucket
 
     def __post_init__(self):
         device = self.student_ids.device
@@ -83,6 +119,8 @@ class VocabMap:
         self.student_to_teacher[self.student_ids] = self.teacher_ids
         self.teacher_to_student = torch.full((self.teacher_size,), -1, dtype=torch.long, device=device)
         self.teacher_to_student[self.teacher_ids] = self.student_ids
+        self._joined = {side: 0 if joins is None else int((joins >= 0).sum())
+                        for side, joins in (("student", self.student_joins), ("teacher", self.teacher_joins))}
 
     @property
     def shared(self) -> int:
@@ -94,7 +132,13 @@ class VocabMap:
         that side has no rest bucket, so mass in the first side's rest would have no counterpart (an infinite
         forward or reverse KL). "teacher" when the student's vocabulary is all shared (a student a subset of its
         teacher by spelling), "student" when the teacher's is; None when both or neither are."""
-        return renormalized_side(self.shared, self.student_size, self.teacher_size)
+        # a side whose every token is in a shared bucket has no rest, as when every token is shared
+        return renormalized_side(self.shared, self.student_size - self.joined("student"),
+                                 self.teacher_size - self.joined("teacher"))
+
+    def joined(self, side: str) -> int:
+        """How many of a side's tokens without a counterpart join a shared bucket (`prefix_buckets`)."""
+        return self._joined[side]
 
     def columns(self, side: str, chunks) -> list[SharedColumns]:
         """Per chunk of `side`'s vocabulary, its shared columns; found on the host once per chunk layout."""
@@ -105,14 +149,17 @@ class VocabMap:
             if len(np.unique(ids)) != len(ids) or (len(ids) and not 0 <= ids.min() <= ids.max() < size):
                 raise ValueError(f"the {side}'s shared ids must be distinct ids below {size}")
             device = self.student_ids.device
+            joins = self.student_joins if side == "student" else self.teacher_joins
+            joins = np.full(size, -1, dtype=np.int64) if joins is None else joins
             per_chunk = []
             for v0, v1 in chunks:
                 buckets = np.flatnonzero((ids >= v0) & (ids < v1))
-                local = torch.from_numpy(ids[buckets] - v0).to(device)
+                joining = np.flatnonzero(joins[v0:v1] >= 0)
+                local = torch.from_numpy(np.concatenate([ids[buckets] - v0, joining])).to(device)
                 mask = torch.zeros(v1 - v0, dtype=torch.bool, device=device)
                 mask[local] = True
-                per_chunk.append(SharedColumns(local, torch.from_numpy(buckets).to(device), mask,
-                                               len(buckets) == v1 - v0))
+                bucket = torch.from_numpy(np.concatenate([buckets, joins[v0:v1][joining]])).to(device)
+                per_chunk.append(SharedColumns(local, bucket, mask, len(local) == v1 - v0))
             self._columns[key] = per_chunk
         return self._columns[key]
 
@@ -128,17 +175,23 @@ class SideMass:
     top_ids: torch.Tensor  # [rows, k]
 
 
-def side_mass(model: ModelBlock, chunks, columns: list[SharedColumns], shared: int, k: int,
-              inv_tau: float) -> SideMass:
-    """`SideMass` from a model's pass-1 logits, in one sweep of its chunks."""
+def side_mass(model: ModelBlock, chunks, columns: list[SharedColumns], shared: int, k: int, inv_tau: float,
+              joined: bool = False) -> SideMass:
+    """`SideMass` from a model's pass-1 logits, in one sweep of its chunks; `joined`: some bucket holds several
+    tokens (`prefix_buckets`), so each is a log-sum-exp over its tokens."""
     rows = model.lse.shape[0]
-    log_shared = torch.empty(rows, shared, device=model.lse.device)
+    log_shared = (torch.full((rows, shared), -math.inf, device=model.lse.device) if joined else
+                  torch.empty(rows, shared, device=model.lse.device))
     x_log_x = lse_rest = top_log = top_ids = None
     for z, (v0, v1), cols in zip(model.logits, chunks, columns):
         log_x = (z if inv_tau == 1.0 else z * inv_tau) - model.lse[:, None]
         term = row_dot(log_x.exp(), log_x)
         x_log_x = term if x_log_x is None else x_log_x + term
-        log_shared.index_copy_(1, cols.bucket, log_x.index_select(1, cols.local))
+        if joined:
+            log_shared = torch.logaddexp(log_shared, bucket_logsumexp(log_x.index_select(1, cols.local), cols.bucket,
+                                                                      shared))
+        else:
+            log_shared.index_copy_(1, cols.bucket, log_x.index_select(1, cols.local))
         log_x.masked_fill_(cols.mask, -math.inf)  # now only the tokens without a counterpart
         chunk_rest = logsumexp_rows(log_x, may_be_empty=cols.all_shared)
         lse_rest = chunk_rest if lse_rest is None else torch.logaddexp(lse_rest, chunk_rest)
@@ -177,8 +230,9 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
 
     With w the exact part's ∂D/∂log Q per bucket and u the ULD part's ∂ULD/∂log q at the student's ranked tokens,
     the gradient with respect to the student's tempered logits is
-        -q_v·(Σ_B w_B + λ·Σ_i u_i) + [v shared]·w_B(v) + [v not shared]·(q_v / Q_r)·w_r + λ·[v ranked]·u_v,
-    each factor bounded, as in `buckets.bucket_gradient`. When the student is renormalized over the shared tokens
+        -q_v·(Σ_B w_B + λ·Σ_i u_i) + [v in B]·(q_v / Q_B)·w_B + [v in no B]·(q_v / Q_r)·w_r + λ·[v ranked]·u_v,
+    each factor bounded, as in `buckets.bucket_gradient` (q_v / Q_B is 1 where B holds token v alone, as without
+    `prefix_buckets`). When the student is renormalized over the shared tokens
     (`VocabMap.renormalized`: Q_j = q_j / S, S = Σ_shared q, no rest), the exact part's softmax term is over the shared
     tokens alone: -[v shared]·(q_v / S)·Σ_B w_B in place of the first and third terms' w parts."""
     vmap, inv_tau = targets.vocab_map, plan.inv_tau
@@ -187,8 +241,9 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
     pass1_logits(teacher, t_chunks, teacher_labels, inv_tau)
     term = None if span is None else student_span_term(plan, student, labels, *span, targets.span_weight)
     s_cols, t_cols = vmap.columns("student", plan.chunks), vmap.columns("teacher", t_chunks)
-    q = side_mass(student, plan.chunks, s_cols, vmap.shared, targets.uld_topk, inv_tau)
-    p = side_mass(teacher, t_chunks, t_cols, vmap.shared, targets.uld_topk, inv_tau)
+    joined = vmap.joined("student") > 0
+    q = side_mass(student, plan.chunks, s_cols, vmap.shared, targets.uld_topk, inv_tau, joined)
+    p = side_mass(teacher, t_chunks, t_cols, vmap.shared, targets.uld_topk, inv_tau, vmap.joined("teacher") > 0)
     renormalize_q = vmap.renormalized == "student"
     log_p, _ = _buckets(p, vmap.renormalized == "teacher")
     log_q, log_s = _buckets(q, renormalize_q)
@@ -212,6 +267,10 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
             z, cols = student.logits[k], s_cols[k]
             log_q_v = (z if inv_tau == 1.0 else z * inv_tau) - student.lse[:, None]
             q_chunk = log_q_v.exp()
+            # a bucket's w at its tokens, each times its share of the bucket (q_v / Q_B: 1 for a bucket of one token)
+            w_members = w_shared.index_select(1, cols.bucket)
+            if joined:
+                w_members *= (log_q_v.index_select(1, cols.local) - q.log_shared.index_select(1, cols.bucket)).exp()
             if renormalize_q:  # -(q_v / S)·Σ_B w_B on the shared tokens
                 part = log_q_v.masked_fill_(~cols.mask, -math.inf).sub_(log_s).exp_().mul_(-exact_total)
             else:  # (q_v / Q_r)·w_r off them
@@ -219,7 +278,7 @@ def cross_vocab_block(plan: KernelPlan, student: ModelBlock, teacher: ModelBlock
             if term is not None:
                 term.add_rest(part, k, z, inv_tau)
             grad_z = logit_grad(z, q_chunk, student.lse_raw, part, w_total, inv_tau, plan.ce_coef, kd_scale)
-            grad_z.index_add_(1, cols.local, w_shared.index_select(1, cols.bucket))
+            grad_z.index_add_(1, cols.local, w_members)
             grad_z.scatter_add_(1, u_places[k].local, u * u_places[k].here)
             push_back(grads, student, grad_z, z, rows, v0, v1)
         push_back_labels(grads, student, labels, rows, plan.ce_coef,

@@ -18,7 +18,7 @@ import torch
 
 from .errors import ConfigError
 from .cross_tokenizer import LEFT_OUT, TeacherTokenization, TokenBytes, in_spans, shared_vocabulary, span_taught
-from .cross_vocab import ALIGNED_METRIC_NAMES, CrossVocabTargets, VocabMap, topk_in_student_vocabulary
+from .cross_vocab import ALIGNED_METRIC_NAMES, CrossVocabTargets, VocabMap, prefix_joins, topk_in_student_vocabulary
 from .data import MicroBatch
 from .distill import hidden_at_targets
 from .heads import probe_head
@@ -154,7 +154,8 @@ class CrossTokenizerTeacher(ModelTeacher):
     own_tokenizer = ", its own tokenizer"
     across_tokenizers = True
 
-    def __init__(self, spec: ModelSpec, tokenizer, uld_weight: float, uld_topk: int, span_weight: float = 1.0):
+    def __init__(self, spec: ModelSpec, tokenizer, uld_weight: float, uld_topk: int, span_weight: float = 1.0,
+                 prefix_buckets: bool = False):
         super().__init__(spec, None)
         self.uld_weight, self.uld_topk, self.span_weight, self._vocab_map = uld_weight, uld_topk, span_weight, None
         teacher_tokenizer = spec.tokenizer()
@@ -164,6 +165,9 @@ class CrossTokenizerTeacher(ModelTeacher):
             raise ConfigError(f"key cross_tokenizer: both tokenizers must be fast (tokenizer.json) to be aligned by "
                               f"bytes ({e})") from None
         self.shared = shared_vocabulary(student, teacher)
+        self.joins = ((prefix_joins(student.spelled, student.regular, self.shared.student_ids),
+                       prefix_joins(teacher.spelled, teacher.regular, self.shared.teacher_ids)) if prefix_buckets
+                      else (None, None))
         self.retokenize = TeacherTokenization(student, teacher, teacher_tokenizer, spec.max_positions())
         self.vocab_size, self.teacher_vocab_size = len(tokenizer), len(teacher_tokenizer)
         self.aligned_share: float | None = None
@@ -171,13 +175,13 @@ class CrossTokenizerTeacher(ModelTeacher):
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> CrossTokenizerTeacher:
-        return cls(ModelSpec.of(cfg), tokenizer, cfg.uld_weight, cfg.uld_topk, cfg.span_weight)
+        return cls(ModelSpec.of(cfg), tokenizer, cfg.uld_weight, cfg.uld_topk, cfg.span_weight, cfg.prefix_buckets)
 
     def vocab_map(self, device: torch.device) -> VocabMap:
         if self._vocab_map is None:  # once per run; its chunk layouts are found once per block shape
             self._vocab_map = VocabMap(torch.from_numpy(self.shared.student_ids).to(device),
                                        torch.from_numpy(self.shared.teacher_ids).to(device),
-                                       self.vocab_size, self.teacher_vocab_size)
+                                       self.vocab_size, self.teacher_vocab_size, *self.joins)
         return self._vocab_map
 
     def check(self, tokenizer, sources, env, samples: int = 1000) -> None:
@@ -203,8 +207,15 @@ class CrossTokenizerTeacher(ModelTeacher):
         return [f"cross-tokenizer: {self.shared.describe()}; of the trained tokens of a sample of every source, "
                 f"{self.aligned_share:.1%} align one to one with a teacher token and {self.span_share:.1%} are in "
                 f"groups of several tokens the span term teaches (the rest get the CE term alone: {left_out}); "
-                f"KD = D over the shared tokens + {self.uld_weight:g}·ULD over {self.uld_topk} unshared + "
-                f"{self.span_weight:g}·span term"]
+                f"KD = D over the shared tokens{self._joined()} + {self.uld_weight:g}·ULD over {self.uld_topk} "
+                f"unshared + {self.span_weight:g}·span term"]
+
+    def _joined(self) -> str:
+        """With prefix buckets, how many of each side's tokens join a shared token's bucket."""
+        if self.joins[0] is None:
+            return ""
+        student, teacher = ((joins >= 0).sum() for joins in self.joins)
+        return f" (with {student} of the student's and {teacher} of the teacher's tokens that start with them)"
 
     def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
         """Its tokens of the batch, with the span rows after the aligned ones only when the span term is on."""

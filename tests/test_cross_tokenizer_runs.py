@@ -137,10 +137,23 @@ def test_a_student_whose_vocabulary_the_teacher_holds_whole_trains_every_diverge
         assert all(np.isfinite(m["loss"]) and m["kd"] > 0 for m in lines)
 
 
+def test_prefix_buckets_put_the_pair_tokens_in_their_first_characters_bucket(tiny, pair_student, tmp_path):
+    """With prefix_buckets the pair student's pair tokens join their first character's bucket (neither side has
+    a rest, so neither is renormalized): the start-up line says so, every step is taken and the KD term falls."""
+    proc = torchrun([TRAIN, *train_args(tiny, tmp_path / "out", pretrain=pair_student, cross_tokenizer="true",
+                                        prefix_buckets="true", kd_coef=1.0, max_steps=8, learning_rate=1e-2)])
+    assert "(with 6 of the student's and 0 of the teacher's tokens that start with them)" in proc.stdout
+    train = [m for m in read_metrics(tmp_path / "out") if "loss" in m]
+    assert not any(m.get("skipped") for m in train) and np.isfinite([m["loss"] for m in train]).all()
+    assert train[-1]["kd"] < 0.7 * train[0]["kd"]
+
+
 @pytest.mark.parametrize("flags,message", [
     (dict(teacher_cache="/tmp/cache"), "a teacher cache across tokenizers holds the exact part only"),
     (dict(teacher_cache="/tmp/cache", uld_weight=0, cache_mode="sampled"), "set cache_mode topk"),
     (dict(teacher_cache="/tmp/cache", uld_weight=0), "holds no span term"),
+    (dict(teacher_cache="/tmp/cache", uld_weight=0, span_weight=0, prefix_buckets="true"),
+     "folds the teacher's tokens without a counterpart into its rest bucket"),
     (dict(span_weight=-1), "span_weight must be >= 0"),
     (dict(kd_loss="reverse_kl_student_topk"), "no counterpart in the teacher's vocabulary"),
     (dict(uld_topk=0), "uld_topk >= 1"),

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap, topk_in_student_vocabulary
+from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap, prefix_joins, topk_in_student_vocabulary
 from fsdp_kd.data import Spans
 from fsdp_kd.kernel import Head
 from fsdp_kd.targets import LiveTargets, SparseTargets
@@ -31,8 +31,8 @@ def inputs(seed=0, vs=VS, vt=VT, shared=40):
 
 
 def kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, uld_weight=0.5, uld_topk=7, aligned=None,
-                spans=None):
-    vmap = VocabMap(s_ids, t_ids, w_s.shape[0], w_t.shape[0])
+                spans=None, joins=(None, None)):
+    vmap = VocabMap(s_ids, t_ids, w_s.shape[0], w_t.shape[0], *joins)
     targets = CrossVocabTargets(h_t, Head(w_t), t_labels, vmap, uld_weight, uld_topk, aligned, spans)
     return loss_against(h_s, w_s, labels, spec, w_s.shape[0], targets)
 
@@ -385,3 +385,61 @@ def test_the_end_of_turn_mapped_by_role_is_a_bucket_of_the_exact_part():
             kd_at_end[stops_at] = float(kernel_loss(spec, h[:1], w, h_t[:1], w_t, labels[:1], t_labels[:1], s_ids,
                                                     t_ids)[1]["kd"])
         assert 10 * kd_at_end[s_end] < kd_at_end[unshared], (divergence, kd_at_end)
+
+
+def random_joins(ids: torch.Tensor, size: int, share: float, seed: int):
+    """[size] a random bucket (an index into `ids`) for about `share` of the tokens outside `ids`, -1 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    joins = torch.randint(0, len(ids), (size,), generator=g)
+    joins[torch.rand(size, generator=g) >= share] = -1
+    joins[ids] = -1
+    return joins.numpy()
+
+
+@pytest.mark.parametrize("divergence,tau,param", [("forward_kl", 1.0, 0), ("reverse_kl", 1.5, 0), ("jsd", 1.0, 0.3),
+                                                  ("tvd", 1.0, 0), ("akl", 1.0, 0.5)])
+@pytest.mark.parametrize("student_share,teacher_share", [(0.5, 0.7), (1.0, 0.4), (0.6, 1.0), (1.0, 1.0)])
+def test_prefix_buckets_match_the_dense_reference(divergence, tau, param, student_share, teacher_share):
+    """With `prefix_buckets`, tokens without a counterpart join shared buckets (several to a bucket, across vocabulary
+    chunks): loss, KD sum and gradients equal the dense reference, with unaligned rows; a share of 1 puts every
+    token of a side in a bucket (no rest: the other side renormalized, or neither when both have none)."""
+    h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids = inputs(7)
+    joins = random_joins(s_ids, VS, student_share, 8), random_joins(t_ids, VT, teacher_share, 9)
+    aligned = (torch.arange(N) % 4 != 1).float()
+    spec = spec_with(divergence, param, kd_coef=0.7, temperature=tau, vocab_chunk=13, token_chunk=6)
+    loss, metrics = kernel_loss(spec, h_s, w_s, h_t, w_t, labels, t_labels, s_ids, t_ids, aligned=aligned,
+                                joins=joins)
+    ref_loss, ref_kd = dense_cross_vocab_loss(h_s, w_s, labels, spec, VS, h_t, w_t, VT, s_ids, t_ids, 0.5, 7,
+                                              aligned=aligned, student_joins=joins[0], teacher_joins=joins[1])
+    assert torch.isfinite(loss)
+    assert_close(loss.detach(), ref_loss.detach())
+    assert math.isclose(float(metrics["kd"]), float(ref_kd), rel_tol=1e-5)
+    for g, r in zip(torch.autograd.grad(loss, (h_s, w_s)), torch.autograd.grad(ref_loss, (h_s, w_s))):
+        assert_close(g, r)
+
+
+def test_a_token_joins_the_bucket_of_the_longest_shared_token_it_starts_with():
+    spelled = (b"<eos>", b"t", b"th", b"the", b"ther", b"x", b"he", b"<s>t")
+    regular = (False, True, True, True, True, True, True, False)
+    own_ids = torch.tensor([1, 3, 0]).numpy()  # shared: "t" (bucket 0), "the" (1), "<eos>" (2)
+    assert prefix_joins(spelled, regular, own_ids).tolist() == [-1, -1, 0, -1, 1, -1, -1, -1]
+
+
+def test_the_demos_pair_tokens_join_their_first_characters_bucket(tmp_path):
+    """The demo's second tokenizer (characters and letter pairs) against its character teacher: every pair joins
+    its first character's bucket, so neither side has a rest and the buckets are the next character's
+    distribution on both."""
+    from fsdp_kd.cross_tokenizer import TokenBytes, shared_vocabulary
+    from fsdp_kd.testing.tiny import build_char_tokenizer
+
+    chars = build_char_tokenizer(str(tmp_path / "chars"))
+    pairs = build_char_tokenizer(str(tmp_path / "pairs"), pairs=("AB", "BA", "CD"))
+    s_bytes, t_bytes = TokenBytes.of(pairs), TokenBytes.of(chars)
+    shared = shared_vocabulary(s_bytes, t_bytes)
+    joins = prefix_joins(s_bytes.spelled, s_bytes.regular, shared.student_ids)
+    first = {pairs.convert_ids_to_tokens(int(shared.student_ids[j])) for j in joins[joins >= 0]}
+    assert sorted(pairs.convert_ids_to_tokens(i) for i in (joins >= 0).nonzero()[0].tolist()) == ["AB", "BA", "CD"]
+    assert first == {"A", "B", "C"}
+    vmap = VocabMap(torch.from_numpy(shared.student_ids), torch.from_numpy(shared.teacher_ids), len(pairs),
+                    len(chars), joins)
+    assert vmap.renormalized is None

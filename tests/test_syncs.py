@@ -242,6 +242,9 @@ PATHS = {  # name: (train.py flags over SMALL, what runs); a dataset or teacher_
                     "apply_chat_template": True, "tokenizer_chat_template": CHAR_CHAT, "max_len": 64}, train_step),
     # ... and another's (the pair student: groups of several tokens, the span term)
     "cross_tokenizer_groups": ({"dataset": None, "cross_tokenizer": True, "pretrain": None}, train_step),
+    # ... with its pair tokens in their first character's bucket (prefix buckets: log-sum-exps per bucket)
+    "cross_tokenizer_prefix": ({"dataset": None, "cross_tokenizer": True, "pretrain": None, "prefix_buckets": True},
+                               train_step),
     "eval": ({"dataset": None, "eval_holdout_ratio": 0.5}, evaluate),
 }
 

@@ -141,19 +141,20 @@ def _bucket_divergence(log_p: torch.Tensor, log_q: torch.Tensor, spec: LossSpec)
 
 def dense_cross_vocab_loss(student_hidden, student_head, labels, spec: LossSpec, student_vocab: int, teacher_hidden,
                            teacher_head, teacher_vocab: int, student_ids, teacher_ids, uld_weight: float,
-                           uld_topk: int, aligned=None):
+                           uld_topk: int, aligned=None, student_joins=None, teacher_joins=None):
     """`cross_vocab.CrossVocabTargets`'s loss the obvious way: both full log-softmaxes, the shared tokens as buckets
-    and a rest bucket per side, the divergence between them, plus uld_weight times ULD over each side's uld_topk most
-    likely tokens without a counterpart (sorted), autograd for the gradient; KD only at the rows `aligned` marks (all
-    when None). Returns (summed loss, summed kd)."""
+    (with `*_joins`, [vocab] the bucket each other token joins or -1: `cross_vocab.prefix_joins`, each bucket the
+    log-sum-exp of its tokens) and a rest bucket per side, the divergence between them, plus uld_weight times ULD
+    over each side's uld_topk most likely tokens in no bucket (sorted), autograd for the gradient; KD only at the
+    rows `aligned` marks (all when None). Returns (summed loss, summed kd)."""
     _only_own_convention(spec)
     tau, c = spec.temperature, spec.kd_coef
     z_s = dense_logits(student_hidden, student_head, student_vocab)
     ce = F.cross_entropy(z_s, labels, reduction="none")
     log_q_all = F.log_softmax(z_s / tau, dim=-1)
     log_p_all = F.log_softmax(dense_logits(teacher_hidden, teacher_head, teacher_vocab) / tau, dim=-1)
-    log_q, q_unshared = _shared_and_rest(log_q_all, student_ids)
-    log_p, p_unshared = _shared_and_rest(log_p_all, teacher_ids)
+    log_q, q_unshared = _shared_and_rest(log_q_all, student_ids, student_joins)
+    log_p, p_unshared = _shared_and_rest(log_p_all, teacher_ids, teacher_joins)
     if q_unshared.shape[1] == 0 and p_unshared.shape[1] > 0:  # the student has no rest: the teacher renormalized
         log_p = _renormalized(log_p)
     if p_unshared.shape[1] == 0 and q_unshared.shape[1] > 0:  # the teacher has none: the student renormalized
@@ -190,14 +191,18 @@ def _renormalized(log_buckets: torch.Tensor) -> torch.Tensor:
     return torch.cat([shared, torch.full_like(log_buckets[:, -1:], -math.inf)], 1)
 
 
-def _shared_and_rest(log_x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log x at the shared `ids` then the log of the rest's mass, log x at every other token)."""
-    unshared = torch.ones(log_x.shape[1], dtype=torch.bool)
-    unshared[ids] = False
-    others = log_x[:, unshared]
+def _shared_and_rest(log_x: torch.Tensor, ids: torch.Tensor, joins=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log of each shared bucket's mass (the shared `ids`, and the tokens `joins` puts in each) then of the rest's,
+    log x at every token in no bucket)."""
+    bucket = torch.full((log_x.shape[1],), -1, dtype=torch.long)
+    if joins is not None:
+        bucket = torch.as_tensor(joins).clone()
+    bucket[ids] = torch.arange(len(ids))
+    others = log_x[:, bucket < 0]
     rest = (torch.logsumexp(others, dim=-1, keepdim=True) if others.shape[1] else
             torch.full_like(log_x[:, :1], -math.inf))
-    return torch.cat([log_x[:, ids], rest], 1), others
+    buckets = [torch.logsumexp(log_x[:, bucket == j], dim=-1) for j in range(len(ids))]
+    return torch.cat([torch.stack(buckets, 1) if buckets else log_x[:, :0], rest], 1), others
 
 
 def _bucketed(log_x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
