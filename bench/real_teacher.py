@@ -354,7 +354,7 @@ def table(out: str) -> str:
                        + " | ".join(f"{s['uld_full'] - s[f'uld_k{k}']:.4f} ({s[f'uld_bound_k{k}']:.4f})" for k in TOPK)
                        + " |")
     lines += uld if len(uld) > 5 else []
-    missing = [name for name in RECIPES if name not in rows]
+    missing = [name for name in RECIPES if name not in {r["recipe"] for r in rows.values()}]
     budgets = {json.dumps(r["budget"], sort_keys=True) for r in rows.values() if r["trains"]}
     notes = [f"Budget: {b}" for b in sorted(budgets)]
     if missing:

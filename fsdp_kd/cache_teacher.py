@@ -24,6 +24,7 @@ import torch.distributed as dist
 from .config import TrainConfig, data_sources, parse_config
 from .errors import ConfigError
 from .data import collate, collate_packed, eval_shards, host_values
+from .cross_tokenizer import ALIGNMENT_VERSION
 from .cross_vocab import renormalized_side
 from .dtypes import resolve_dtype
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, exit_process, report_failure, run_ranked
@@ -74,6 +75,7 @@ class CacheBuilder:
             settings={k: getattr(cfg, k) for k in TOKEN_SETTINGS}, teacher=teacher_identity(cfg.teacher_model),
             samples_per_chunk=cfg.cache_chunk_samples,
             teacher_tokenizer=tokenizer_fingerprint(retokenize.tokenizer) if across else None,
+            alignment=ALIGNMENT_VERSION if across else None,
             teacher_context=list(retokenize.rendering) if retokenize is not None and retokenize.rendering else None,
             teacher_vocab_size=self.teacher.teacher_vocab_size if across else None,
             hidden_dtype=cfg.cache_hidden_dtype if self.mode.keeps_head else CacheMeta.hidden_dtype)
@@ -91,7 +93,8 @@ class CacheBuilder:
             return False
         old = CacheMeta.load(self.directory)
         differ = [k for k in ("mode", "slots", "temperature", "vocab_size", "log_p_dtype", "tokenizer", "sources",
-                              "teacher", "samples_per_chunk", "teacher_tokenizer", "hidden_dtype", "teacher_context")
+                              "teacher", "samples_per_chunk", "teacher_tokenizer", "alignment", "hidden_dtype",
+                              "teacher_context")
                   if getattr(old, k) != getattr(self.meta, k)]
         if differ:
             raise ConfigError(f"key teacher_cache: {self.directory} holds a cache built with other {', '.join(differ)}; "

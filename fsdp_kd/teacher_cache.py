@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .buckets import ID_MASKS, id_places, mass_on_buckets, top_tokens
+from .cross_tokenizer import ALIGNMENT_VERSION
 from .cross_vocab import ALIGNED_METRIC_NAMES
 from .data import to_device
 from .divergences import DIVERGENCES, effective_divergence
@@ -168,6 +169,7 @@ class CacheMeta:
     teacher: str  # teacher_identity(teacher_model)
     samples_per_chunk: int
     teacher_tokenizer: str | None = None  # a teacher of its own tokenizer (cross_tokenizer): its fingerprint
+    alignment: int | None = None  # ... and the cross_tokenizer.ALIGNMENT_VERSION its rows were placed with
     teacher_context: list | None = None  # privileged context the teacher read (`PrivilegedTokenization.rendering`)
     teacher_vocab_size: int | None = None  # ... and its vocabulary's size (a top-k below it is a part of it)
     hidden_dtype: str = "bfloat16"  # hidden mode: the stored hidden states' dtype
@@ -420,6 +422,10 @@ def check_cache_fits(meta: CacheMeta, run: CacheRun, tokenizer, sources) -> None
                           f"{built} (teacher_context_key, teacher_system_prompt), this run names "
                           f"{run.teacher_context[2:]}; drop both keys to train from the cache, or build a cache with "
                           "this context")
+    if meta.teacher_tokenizer and meta.alignment != ALIGNMENT_VERSION:
+        raise ConfigError(f"{where} was built with an older alignment of the two tokenizers (version "
+                          f"{meta.alignment}; this version places the teacher's rows by version {ALIGNMENT_VERSION}, "
+                          "e.g. the end of turn mapped by role); build the cache again")
     if meta.tokenizer != tokenizer_fingerprint(tokenizer):
         raise ConfigError(f"{where} was built with another tokenizer or chat template than this run's pretrain "
                           f"{run.pretrain}; build a cache with this run's pretrain")

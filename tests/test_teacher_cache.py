@@ -311,6 +311,29 @@ def test_a_hidden_state_cache_fits_any_kd_temperature_and_a_top_k_cache_only_its
             check_cache_fits(meta, run, tokenizer, [])
 
 
+def test_a_cache_across_tokenizers_from_an_older_alignment_is_refused(tiny):
+    """Its rows were placed by another alignment (before the end of turn was mapped by role, its end-of-turn rows are
+    empty and the teacher's end of turn is in the rest bucket): training from it would mix two id maps."""
+    from transformers import AutoTokenizer
+
+    from fsdp_kd.cross_tokenizer import ALIGNMENT_VERSION
+    from fsdp_kd.errors import ConfigError
+    from fsdp_kd.teacher_cache import CacheMeta, CacheRun, check_cache_fits
+    from fsdp_kd.tokenized import tokenizer_fingerprint
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["tok"])
+    run = CacheRun("/cache", None, "pretrain", 1.0, "forward_kl", {})
+    for alignment, refused in ((None, True), (ALIGNMENT_VERSION - 1, True), (ALIGNMENT_VERSION, False)):
+        meta = CacheMeta(mode="topk", slots=3, temperature=1.0, vocab_size=V, log_p_dtype="float32",
+                         tokenizer=tokenizer_fingerprint(tokenizer), sources=[], settings={}, teacher="t",
+                         samples_per_chunk=1, teacher_tokenizer="teacher", alignment=alignment, complete=True)
+        if refused:
+            with pytest.raises(ConfigError, match="older alignment of the two tokenizers"):
+                check_cache_fits(meta, run, tokenizer, [])
+        else:
+            check_cache_fits(meta, run, tokenizer, [])
+
+
 def test_a_top_k_cache_across_tokenizers_names_its_kl_a_lower_bound_below_the_teachers_vocabulary():
     """Its teacher's shared tokens past the top k are in the rest bucket: coarser buckets, so a KL at most the live
     run's kl_shared_buckets; only at k = V_t is it the same quantity, under the same name."""
