@@ -63,25 +63,25 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, path: str, apply_cha
 
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The token that ends an assistant's turn: the first special or added token the chat template writes after an
-    assistant message (Phi-3's `<|end|>`, ChatML's `<|im_end|>`), read from a rendered turn with a marker message;
-    the tokenizer's EOS when it has no template, the template refuses a plain user/assistant exchange, or it writes no
-    such token after the message."""
+    assistant message (Phi-3's `<|end|>`, ChatML's `<|im_end|>`), read from a rendered exchange with a marker message
+    (with a system message first where the template refuses one without). None when there is no template or it writes
+    no such token: the EOS is another role (the end of a document), never taken for this one."""
     from jinja2.exceptions import TemplateError
 
-    if getattr(tokenizer, "chat_template", None):
-        marker = "fsdp-kd end-of-turn probe"
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "fsdp-kd end-of-turn probe"
+    exchange = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    for messages in (exchange, [{"role": "system", "content": "s"}, *exchange]):
         try:
-            turn = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
-                                                  {"role": "assistant", "content": marker}], tokenize=False)
+            turn = tokenizer.apply_chat_template(messages, tokenize=False)
         except TemplateError:  # e.g. a template that requires a system message first
-            turn = ""
+            continue
         if marker in turn:
-            special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
             after = tokenizer(turn[turn.rindex(marker) + len(marker):], add_special_tokens=False)["input_ids"]
-            found = next((i for i in after if i in special), None)
-            if found is not None:
-                return found
-    return tokenizer.eos_token_id
+            return next((i for i in after if i in special), None)
+    return None
 
 
 def _id_to_token(tokenizer: PreTrainedTokenizerBase) -> list[str | None]:

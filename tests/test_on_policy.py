@@ -204,11 +204,15 @@ def test_a_killed_on_policy_run_resumes_bitwise(tiny, tmp_path):
     assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
-def test_a_template_that_refuses_a_plain_exchange_ends_turns_with_its_eos():
-    """A chat template that raises on a user/assistant exchange without a system message leaves the end of turn to
-    the tokenizer's EOS instead of failing start-up."""
+def test_the_end_of_turn_is_read_from_the_template_only():
+    """A template that refuses an exchange without a system message is read with one; without a template there is no
+    end of turn (the EOS ends a document, another role: cross_tokenizer must not map it to a teacher's end of turn),
+    and generation still stops at the EOS."""
     from fsdp_kd.tokenizer_compat import end_of_turn_id
 
     tok = load_tokenizer(str(real_asset("tok_phi3_mini_instruct")), False)
-    tok.chat_template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
-    assert end_of_turn_id(tok) == tok.eos_token_id
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+                         "{% for m in messages %}{{ m['content'] }}<|end|>{% endfor %}")
+    assert tok.convert_ids_to_tokens(end_of_turn_id(tok)) == "<|end|>"
+    tok.chat_template = None
+    assert end_of_turn_id(tok) is None and stop_token_ids(tok) == (tok.eos_token_id,)
