@@ -201,6 +201,8 @@ def _shared_and_rest(log_x: torch.Tensor, ids: torch.Tensor, joins=None) -> tupl
     others = log_x[:, bucket < 0]
     rest = (torch.logsumexp(others, dim=-1, keepdim=True) if others.shape[1] else
             torch.full_like(log_x[:, :1], -math.inf))
+    if joins is None:  # a bucket per shared token: a gather (a loop over 26k buckets takes a minute)
+        return torch.cat([log_x[:, ids], rest], 1), others
     buckets = [torch.logsumexp(log_x[:, bucket == j], dim=-1) for j in range(len(ids))]
     return torch.cat([torch.stack(buckets, 1) if buckets else log_x[:, :0], rest], 1), others
 
