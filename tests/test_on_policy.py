@@ -170,6 +170,17 @@ def test_lambda_one_trains_on_generated_text_with_no_ce_and_logs_generation(tiny
         assert m["kl_on_policy"] == pytest.approx(m["kl"], rel=1e-5) and "kl_off_policy" not in m
 
 
+def test_responses_that_all_stop_at_once_log_a_stop_share_of_one(tiny, tmp_path):
+    """A student whose head all but always says <eos>: every response is that one token, and the step's reduced
+    counts say so (generated_len 1, generated_stop_share 1), on 2 ranks."""
+    path = tmp_path / "student"
+    biased_student(tiny, path, padded_rows=0, eos_bias=60.0)
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "out", pretrain=path, on_policy_ratio=1.0, generate_max_new_tokens=8,
+                                 logging_steps=1, max_steps=2)])
+    for m in read_metrics(tmp_path / "out"):
+        assert (m["generated_len"], m["generated_stop_share"]) == (1.0, 1.0), m
+
+
 def test_lambda_zero_is_the_off_policy_run(tiny, tmp_path):
     torchrun([TRAIN, *train_args(tiny, tmp_path / "default", max_steps=2, logging_steps=1)], nproc=1)
     torchrun([TRAIN, *train_args(tiny, tmp_path / "zero", max_steps=2, logging_steps=1, on_policy_ratio=0.0)], nproc=1)
