@@ -54,7 +54,8 @@ def transplant(model_dir: str, tokenizer_dir: str, out: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    old_tokenizer, new_tokenizer = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
+    old_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    new_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     pieces = source_pieces(new_tokenizer, old_tokenizer)
     index = torch.tensor([j for ids in pieces for j in ids])
     owner = torch.tensor([i for i, ids in enumerate(pieces) for _ in ids])

@@ -125,7 +125,8 @@ def step_line(record: dict, total_steps: int, eta: float) -> str:
     teacher_part = "".join(f"{name} {record[key]:.4f} | " for key, name in shown_teacher_metrics(record))
     if "on_policy_share" in record:
         teacher_part += (f"on-policy {record['on_policy_share']:.0%}, {record['generated_len']:.1f} "
-                         f"tokens, {record['generated_stop_share']:.0%} ended, {record['gen_tokens_per_sec']:.0f} gen tok/s | ")
+                         f"tokens, {record['generated_stop_share']:.0%} ended, "
+                         f"{record['gen_tokens_per_sec']:.0f} gen tok/s | ")
     return (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | ce {record['ce']:.4f} | "
             f"{teacher_part}lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
             f"{record['tokens_per_sec']:.0f} tok/s | mem {record['peak_mem_gb']:.2f} GB | eta {eta:.0f}s")

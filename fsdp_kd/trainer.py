@@ -137,7 +137,8 @@ class Trainer:
         if self.cfg.span_weight == 0:  # the groups the span term would teach get no KD term: left out as such
             left_out[0] += sum(int(mb.spans.offsets[-1]) for mb in work.micro_batches if mb.spans is not None)
         counts = host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
-                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, gen.stopped, self.stop.flag,
+                               len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, gen.stopped,
+                               self.stop.flag,
                                self.step_seconds + self.save_seconds, *left_out], device)
         totals = all_reduce_sum(torch.cat([work.on_policy_sums[SUMMED.index("kl")].reshape(1),
                                            work.on_policy_sums[SUMMED.index("kd_tokens")].reshape(1), counts,
