@@ -378,6 +378,9 @@ def main() -> None:
     parser.add_argument("--kd_coef", type=float, help="the KD recipes' kd_coef; default: train.py's")
     parser.add_argument("--eval", type=int, default=8, help="held-out GSM8K test questions scored")
     parser.add_argument("--gen", type=int, default=96, help="the greedy answers' (and on-policy's) token budget")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the recipe's trained student again (after a change to the scoring), keeping its "
+                             "training figures; the budget flags must be the ones it trained with")
     args = parser.parse_args()
     if args.table == bool(args.recipe):
         sys.exit("error: give --recipe NAME or --table")
@@ -396,8 +399,15 @@ def main() -> None:
         sys.exit(f"error: {e}")
     recipe = RECIPES[args.recipe]
     student = student_of(args, teacher, recipe.student)
-    trained, figures = (train(recipe, args, teacher, student) if recipe.trains
-                        else ({"student": student, "teacher": teacher}[recipe.model], None))
+    if args.rescore and recipe.trains:
+        previous = os.path.join(args.out, f"{args.tag}.json")
+        if not os.path.isfile(previous):
+            sys.exit(f"error: --rescore: {previous} does not exist; run the recipe without --rescore first")
+        figures = json.load(open(previous))["train"]
+        trained = figures["train_keys"]["save_path"]
+    else:
+        trained, figures = (train(recipe, args, teacher, student) if recipe.trains
+                            else ({"student": student, "teacher": teacher}[recipe.model], None))
     result = {"tag": args.tag, "recipe": args.recipe, "trains": recipe.trains, "budget": budget_of(args),
               "teacher": teacher, "student_init": student, "train": figures,
               "scores": score(trained, teacher, args)}
