@@ -36,10 +36,18 @@ def spell(vocab: TokenBytes, ids) -> bytes:
     return b"".join(vocab.spelled[i] for i in ids)
 
 
+_ROLE_SPELLINGS: dict = {}  # (id(student), id(teacher)) -> (student, teacher, {teacher id: student bytes})
+
+
 def spell_for(student: TokenBytes, teacher: TokenBytes, ids) -> bytes:
     """What the teacher's tokens stand for in the student's text: its control tokens mapped by role spell the
-    student's tokens of that role, the others their own bytes."""
-    as_student = {t: student.spelled[s] for s, t in role_pairs(student, teacher).values()}
+    student's tokens of that role, the others their own bytes. (`role_pairs` scans a vocabulary: once per pair, the
+    vocabularies kept alive with it so their ids stay theirs.)"""
+    key = (id(student), id(teacher))
+    if key not in _ROLE_SPELLINGS:
+        _ROLE_SPELLINGS[key] = (student, teacher,
+                                {t: student.spelled[s] for s, t in role_pairs(student, teacher).values()})
+    as_student = _ROLE_SPELLINGS[key][2]
     return b"".join(as_student.get(i, teacher.spelled[i]) for i in ids)
 
 
