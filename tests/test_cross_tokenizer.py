@@ -36,18 +36,15 @@ def spell(vocab: TokenBytes, ids) -> bytes:
     return b"".join(vocab.spelled[i] for i in ids)
 
 
-_ROLE_SPELLINGS: dict = {}  # (id(student), id(teacher)) -> (student, teacher, {teacher id: student bytes})
+def role_spellings(student: TokenBytes, teacher: TokenBytes) -> dict[int, bytes]:
+    """{teacher id: the student's bytes it stands for}: the control tokens mapped by role (`role_pairs`, which scans
+    a vocabulary: read it once per pair, not per position)."""
+    return {t: student.spelled[s] for s, t in role_pairs(student, teacher).values()}
 
 
-def spell_for(student: TokenBytes, teacher: TokenBytes, ids) -> bytes:
+def spell_for(teacher: TokenBytes, as_student: dict[int, bytes], ids) -> bytes:
     """What the teacher's tokens stand for in the student's text: its control tokens mapped by role spell the
-    student's tokens of that role, the others their own bytes. (`role_pairs` scans a vocabulary: once per pair, the
-    vocabularies kept alive with it so their ids stay theirs.)"""
-    key = (id(student), id(teacher))
-    if key not in _ROLE_SPELLINGS:
-        _ROLE_SPELLINGS[key] = (student, teacher,
-                                {t: student.spelled[s] for s, t in role_pairs(student, teacher).values()})
-    as_student = _ROLE_SPELLINGS[key][2]
+    student's tokens of that role (`role_spellings`), the others their own bytes."""
     return b"".join(as_student.get(i, teacher.spelled[i]) for i in ids)
 
 
@@ -172,7 +169,7 @@ def test_each_aligned_position_predicts_the_same_string_on_both_sides(tokenizers
     there, and both contexts before it spell the same bytes too. The student's ids are its own tokenization of the
     text, as the data pipeline gives them (special tokens included)."""
     (s_tok, s_vocab), (t_tok, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
-    retokenize = TeacherTokenization(s_vocab, t_vocab, t_tok)
+    retokenize, as_student = TeacherTokenization(s_vocab, t_vocab, t_tok), role_spellings(s_vocab, t_vocab)
     aligned = positions = 0
     for text in texts:
         s_ids = s_tok(normalized(text, s_vocab, t_vocab), add_special_tokens=False)["input_ids"]
@@ -184,8 +181,9 @@ def test_each_aligned_position_predicts_the_same_string_on_both_sides(tokenizers
             if q < 0:
                 continue
             aligned += 1
-            assert spell(s_vocab, s_ids[p + 1:p + 2]) == spell_for(s_vocab, t_vocab, t_ids[q + 1:q + 2]), (pair, text)
-            s_context, t_context = spell(s_vocab, s_ids[:p + 1]), spell_for(s_vocab, t_vocab, t_ids[:q + 1])
+            predicted = spell_for(t_vocab, as_student, t_ids[q + 1:q + 2])
+            assert spell(s_vocab, s_ids[p + 1:p + 2]) == predicted, (pair, text)
+            s_context, t_context = spell(s_vocab, s_ids[:p + 1]), spell_for(t_vocab, as_student, t_ids[:q + 1])
             assert s_context.lstrip(b" ") == t_context.lstrip(b" ") or s_context == t_context, (pair, text)
     print(f"{pair[0]} -> {pair[1]}: {aligned / positions:.1%} of {positions} positions aligned one to one")
     assert aligned / positions > 0.8  # the tokenizers cut English and code alike most of the time
@@ -198,7 +196,7 @@ def test_each_span_is_the_same_text_after_the_same_context_on_both_sides(tokeniz
     holds a special token. With the one-to-one positions they leave out only the first token, the groups of special
     tokens and what precedes a side's first position."""
     (s_tok, s_vocab), (t_tok, t_vocab) = tokenizers[pair[0]], tokenizers[pair[1]]
-    retokenize = TeacherTokenization(s_vocab, t_vocab, t_tok)
+    retokenize, as_student = TeacherTokenization(s_vocab, t_vocab, t_tok), role_spellings(s_vocab, t_vocab)
     taught = positions = spans = 0
     for text in texts:
         s_ids = s_tok(normalized(text, s_vocab, t_vocab), add_special_tokens=False)["input_ids"]
@@ -210,9 +208,9 @@ def test_each_span_is_the_same_text_after_the_same_context_on_both_sides(tokeniz
             spans += 1
             taught += s1 - s0
             assert s1 - s0 > 1 or t1 - t0 > 1
-            s_text, t_text = spell(s_vocab, s_ids[s0 + 1:s1 + 1]), spell_for(s_vocab, t_vocab, t_ids[t0 + 1:t1 + 1])
+            s_text, t_text = spell(s_vocab, s_ids[s0 + 1:s1 + 1]), spell_for(t_vocab, as_student, t_ids[t0 + 1:t1 + 1])
             assert s_text == t_text, (pair, text)
-            s_context, t_context = spell(s_vocab, s_ids[:s0 + 1]), spell_for(s_vocab, t_vocab, t_ids[:t0 + 1])
+            s_context, t_context = spell(s_vocab, s_ids[:s0 + 1]), spell_for(t_vocab, as_student, t_ids[:t0 + 1])
             assert s_context.lstrip(b" ") == t_context.lstrip(b" ") or s_context == t_context, (pair, text)
             assert all(s_vocab.regular[i] or s_vocab.kind == "sentencepiece" for i in s_ids[s0 + 1:s1 + 1])
             assert all(t_vocab.regular[i] or t_vocab.kind == "sentencepiece" for i in t_ids[t0 + 1:t1 + 1])
