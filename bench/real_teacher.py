@@ -179,6 +179,7 @@ def cross_kl_ce(student, teacher, ids: list[int], positions: list[int], targets:
     probabilities of their unshared tokens), its value over the top k ranks, and the bound on the difference (the
     two tails' mass past rank k), per k in TOPK."""
     from fsdp_kd.cross_tokenizer import teacher_fields
+    from fsdp_kd.testing.reference import shared_and_rest
 
     fields = teacher_fields(*cross.tokenization.columns(ids), len(ids))
     where = fields["teacher_positions"]
@@ -195,14 +196,8 @@ def cross_kl_ce(student, teacher, ids: list[int], positions: list[int], targets:
     log_q, log_p = log_q[[i for i, _ in rows]], log_p_all[[j for _, j in rows]]
     s_ids, t_ids = torch.from_numpy(cross.shared.student_ids), torch.from_numpy(cross.shared.teacher_ids)
 
-    def buckets_and_tail(log: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rest = torch.ones(log.shape[1], dtype=torch.bool)
-        rest[ids] = False
-        tail = log[:, rest]
-        return torch.cat([log[:, ids], tail.logsumexp(-1, keepdim=True)], 1), tail.exp().sort(-1, descending=True)[0]
-
-    bucket_p, tail_p = buckets_and_tail(log_p, t_ids)
-    bucket_q, tail_q = buckets_and_tail(log_q, s_ids)
+    (bucket_p, tail_p), (bucket_q, tail_q) = shared_and_rest(log_p, t_ids), shared_and_rest(log_q, s_ids)
+    tail_p, tail_q = (tail.exp().sort(-1, descending=True)[0] for tail in (tail_p, tail_q))
     out["kl"], out["kl_tokens"] = float((bucket_p.exp() * (bucket_p - bucket_q)).sum()), len(rows)
     width = max(tail_p.shape[1], tail_q.shape[1])
     tail_p, tail_q = (torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in (tail_p, tail_q))
@@ -216,6 +211,8 @@ def cross_kl_ce(student, teacher, ids: list[int], positions: list[int], targets:
 
 def greedy_answers(model, tokenizer, prompts: list[list[int]], budget: int, stops: set[int], batch: int = 16):
     """Each prompt's greedy answer, cut after its first stop token, and whether it had one within `budget`."""
+    from fsdp_kd.on_policy import cut_at_stop
+
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers = []
     for start in range(0, len(prompts), batch):
@@ -227,8 +224,8 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], budget: int, stop
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=budget, do_sample=False,
                                  pad_token_id=pad)
         for row in out[:, width:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            answers.append((row[:end + 1], True) if end is not None else (row, False))
+            answer = cut_at_stop(row, stops)
+            answers.append((answer, bool(answer) and answer[-1] in stops))
     return answers
 
 

@@ -153,8 +153,8 @@ def dense_cross_vocab_loss(student_hidden, student_head, labels, spec: LossSpec,
     ce = F.cross_entropy(z_s, labels, reduction="none")
     log_q_all = F.log_softmax(z_s / tau, dim=-1)
     log_p_all = F.log_softmax(dense_logits(teacher_hidden, teacher_head, teacher_vocab) / tau, dim=-1)
-    log_q, q_unshared = _shared_and_rest(log_q_all, student_ids, student_joins)
-    log_p, p_unshared = _shared_and_rest(log_p_all, teacher_ids, teacher_joins)
+    log_q, q_unshared = shared_and_rest(log_q_all, student_ids, student_joins)
+    log_p, p_unshared = shared_and_rest(log_p_all, teacher_ids, teacher_joins)
     if q_unshared.shape[1] == 0 and p_unshared.shape[1] > 0:  # the student has no rest: the teacher renormalized
         log_p = _renormalized(log_p)
     if p_unshared.shape[1] == 0 and q_unshared.shape[1] > 0:  # the teacher has none: the student renormalized
@@ -191,7 +191,7 @@ def _renormalized(log_buckets: torch.Tensor) -> torch.Tensor:
     return torch.cat([shared, torch.full_like(log_buckets[:, -1:], -math.inf)], 1)
 
 
-def _shared_and_rest(log_x: torch.Tensor, ids: torch.Tensor, joins=None) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_and_rest(log_x: torch.Tensor, ids: torch.Tensor, joins=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log of each shared bucket's mass (the shared `ids`, and the tokens `joins` puts in each) then of the rest's,
     log x at every token in no bucket)."""
     bucket = torch.full((log_x.shape[1],), -1, dtype=torch.long)
