@@ -107,6 +107,7 @@ def run_case(case: dict, out_path: str, err_path: str) -> int:
             code = distributed.report_failure(error, dist.get_rank())
         finally:
             gc.collect()  # the case's sharded models, before the next case loads its own
+            gc.freeze()  # what outlives a case (modules, caches) is not walked again by the next one's collections
             distributed.forget_side()
     return int(code or 0)
 

@@ -7,6 +7,7 @@ the summary hook below counts those skips.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -295,6 +296,31 @@ def _host(world: int) -> CaseHost:
         _HOSTS[world] = CaseHost(world)
         LAUNCHES["hosts"] += 1
     return _HOSTS[world]
+
+
+# A full pass of the garbage collector walks every object alive: in this process torch's and transformers' modules,
+# and a real tokenizer's 150k-entry vocabularies held by a module's fixtures, walked again some hundred times a file
+# (a third of test_cross_tokenizer.py's time). What is alive once the tests are imported, and what a test's fixtures
+# have built, is frozen (no longer walked; still freed when its last reference goes); each module's cycles are
+# collected as it ends.
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    yield
+    gc.freeze()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if nextitem is None or nextitem.module is not item.module:
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
 
 def _read(path: str) -> str:
