@@ -168,13 +168,12 @@ class RemoteTeacher:
         return self.model.metric_names
 
     def check(self, tokenizer, sources, env: DistEnv) -> None:
-        """The last of the student ranks' checks (the trainer runs it last): the teacher's head, then the teacher
-        ranks may start loading."""
+        """Among the last of the student ranks' checks (the trainer runs the teacher's last; the teacher ranks start
+        loading after them, `students_checked`): the teacher's head, on `env.split`, this teacher's block of ranks."""
         self.model.check(tokenizer, sources, env)
         self.env, self.teacher, spec = env, env.split.teacher_of(env.global_rank), self.model.spec
         self.head = ShardedHead(spec.path, spec.load.trust_remote_code, env,
                                 resolve_dtype(self.param_dtype, env.device), self.teacher_vocab_size)
-        students_checked(env.split)
 
     def load(self, env: DistEnv, dtype: torch.dtype) -> None:
         """The teacher's head, sharded over the student ranks; its body loads on the teacher ranks meanwhile."""
@@ -273,7 +272,8 @@ def serve(model: ModelTeacher, env: DistEnv, dtype: torch.dtype, stop: StopSigna
         work.wait()
     if env.is_main:  # its own counts: every teacher rank serves alike
         logits = 4 * model.teacher_vocab_size
-        print(f"teacher ranks: served {served} micro-batches per rank; teacher rank {env.rank}: {tokens} trained "
+        of = "" if split.name is None else f" of teacher {split.name!r}"
+        print(f"teacher ranks{of}: served {served} micro-batches per rank; teacher rank {env.rank}: {tokens} trained "
               f"tokens, {sent / max(tokens, 1):.0f} bytes of hidden states sent per trained token (fp32 logits: "
               f"{logits}, {logits * tokens / max(sent, 1):.1f}x), {received / max(tokens, 1):.0f} bytes of inputs "
               "received", flush=True)
