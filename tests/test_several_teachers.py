@@ -299,6 +299,10 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         assert tokens["a"] > 0 and tokens["b"] > 0 and tokens["a"] + tokens["b"] == b[f"{prefix}tokens"]
         mixed = sum(b[f"{prefix}kl_{n}"] * tokens[n] for n in "ab") / b[f"{prefix}tokens"]
         assert mixed == pytest.approx(b[f"{prefix}kl"], rel=1e-5)
+    for name in "ab":  # the start-up summary says where each lives
+        kind = "teacher_ranks" if name in own_ranks else "live"
+        runs = "every micro-batch (collective)" if name in own_ranks or students > 1 else "its rows only"
+        assert f"teacher '{name}' ({kind}; 1 source(s), runs on {runs}):" in proc.stdout, proc.stdout[-3000:]
     served = {n: re.findall(rf"teacher ranks of teacher '{n}': served (\d+) micro-batches", proc.stdout) for n in "ab"}
     for rank, name in enumerate(own_ranks, start=1):  # its rank ran every micro-batch of the student rank's
         assert "teacher on ranks of its own: 1 student rank (global rank 0 on " in proc.stdout, proc.stdout[-3000:]
