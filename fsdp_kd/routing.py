@@ -123,12 +123,12 @@ def rank_blocks(cfg) -> dict[str | None, int]:
 def check_world(cfg, where: dict[str, str]) -> None:
     """Several teachers' blocks of ranks fit the job's world (torchrun's WORLD_SIZE; a plain process is a world of
     one), said with where `teachers` was set. (A one-teacher run's teacher_ranks is checked as the job splits.)"""
-    blocks = rank_blocks(cfg) if cfg.teachers is not None else {}
-    if blocks:
-        try:
-            plan_split(int(os.environ.get("WORLD_SIZE", "1")), blocks)
-        except ConfigError as e:
-            raise ConfigError(f"{where.get('teachers', 'key teachers')}: {e}") from None
+    if cfg.teachers is None:
+        return
+    try:
+        plan_split(int(os.environ.get("WORLD_SIZE", "1")), rank_blocks(cfg))
+    except ConfigError as e:
+        raise ConfigError(f"{where.get('teachers', 'key teachers')}: {e}") from None
 
 
 def teacher_configs(cfg) -> dict:

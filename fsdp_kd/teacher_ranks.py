@@ -22,6 +22,10 @@ runs them as they come, up to `SENDS_AHEAD` micro-batches ahead of the student, 
 with a stop. The teacher ranks run their forwards together (FSDP over their own mesh), one micro-batch of each student
 rank they serve in turn; the student ranks all run as many micro-batches as each other, so the teacher ranks do too.
 
+With several teachers (`teachers`), each that sets its own `teacher_ranks` has a block of ranks of its own, after
+the student ranks in the order of `teachers` (`distributed.split_world`): the wire is the same between a student rank
+and each block, and a teacher rank serves its own block's teacher (`Split.name`).
+
 A failure on either side ends the job as any rank's failure does (`distributed.report_failure`): the failing rank
 exits, and torchrun stops the others, who are blocked in a receive.
 """
