@@ -275,13 +275,14 @@ def _teachers_yaml(path, teachers: dict, routing: str):
                                                            "one_on_a_rank_of_its_own"])
 def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path, own_ranks):
     """On 2 ranks (a live teacher is collective there: it runs on stand-ins where a rank has none of its rows), the
-    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'. With
-    the copies named in `own_ranks` each on a rank of its own (`teachers.<name>.teacher_ranks: 1`), the routed run
-    trains on 1 student rank, as the one-teacher run it equals: such a copy runs on every micro-batch of the student
-    rank (a stand-in where it has none of its rows), beside the other on its own rank or co-located."""
+    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'. The
+    copies named in `own_ranks` each run on a rank of its own (`teachers.<name>.teacher_ranks: 1`), after the student
+    ranks: both (1 student rank, as the one-teacher run it equals: a world of 3), or one beside the other co-located
+    (2 student ranks, a world of 3), whose rank serves both student ranks in turn. Such a copy runs on every
+    micro-batch of every student rank (a stand-in where it has none of its rows)."""
     sources = ",".join(_two_sources(tiny, tmp_path))
     common = dict(dataset=sources, eval_holdout_ratio=0.1, eval_steps=2, logging_steps=1, kd_temperature=2.0)
-    students = 1 if own_ranks else 2
+    students = 1 if own_ranks == "ab" else 2
     torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)], nproc=students)
     routed = _teachers_yaml(tmp_path / "routed.yaml", {n: {"teacher_model": tiny["teacher"],
                                                            **({"teacher_ranks": 1} if n in own_ranks else {})}
@@ -304,11 +305,13 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         runs = "every micro-batch (collective)" if name in own_ranks or students > 1 else "its rows only"
         assert f"teacher '{name}' ({kind}; 1 source(s), runs on {runs}):" in proc.stdout, proc.stdout[-3000:]
     served = {n: re.findall(rf"teacher ranks of teacher '{n}': served (\d+) micro-batches", proc.stdout) for n in "ab"}
-    for rank, name in enumerate(own_ranks, start=1):  # its rank ran every micro-batch of the student rank's
-        assert "teacher on ranks of its own: 1 student rank (global rank 0 on " in proc.stdout, proc.stdout[-3000:]
+    held_out = int(re.search(r"held out (\d+) training samples", proc.stdout)[1])
+    per_student = 4 * 4 // students + 2 * math.ceil(math.ceil(held_out / students) / 4)  # 4 steps of 4, 2 evaluations
+    side = "1 student rank (global rank 0 on " if students == 1 else f"{students} student ranks (global ranks 0-1 on "
+    for rank, name in enumerate(own_ranks, start=students):  # its rank ran every micro-batch of every student rank
+        assert f"teacher on ranks of its own: {side}" in proc.stdout, proc.stdout[-3000:]
         assert f"1 teacher rank (global rank {rank} on " in proc.stdout
-        held_out = int(re.search(r"held out (\d+) training samples", proc.stdout)[1])
-        assert served[name] == [str(4 * 4 + 2 * math.ceil(held_out / 4))], served  # 4 steps of 4, 2 evaluations
+        assert served[name] == [str(students * per_student)], served
     assert all(not served[n] for n in "ab" if n not in own_ranks)
 
 
