@@ -45,7 +45,7 @@ def worker(argv: list[str]) -> None:
 
     cfg = parse_config(argv)
     env = init_distributed()
-    side = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes) if cfg.teacher_ranks else env
+    side = split_world(env, {None: cfg.teacher_ranks}, cfg.dist_timeout_minutes) if cfg.teacher_ranks else env
     times: list[float] = []
     served = None
     if side.split is not None and side.split.is_teacher(side.global_rank):

@@ -32,12 +32,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_training(cfg, on_step=None) -> int:
-    """Trains on every rank (on the student ranks, with teacher_ranks: the others serve the teacher,
-    `teacher_ranks.serve`); a failure on any one rank ends the job at once (see `report_failure`). A stop signal
-    (`preemption`) ends it after a step, saved, with `PREEMPTED_EXIT_CODE`; a teacher rank serves on until the student
-    ranks stop, then exits with that code too. `on_step(done, total)` runs after each step (`Trainer.train`)."""
+    """Trains on every rank (on the student ranks, with teacher_ranks: the others serve the teacher, a block of
+    ranks per teacher with several, `teacher_ranks.serve`); a failure on any one rank ends the job at once (see
+    `report_failure`). A stop signal (`preemption`) ends it after a step, saved, with `PREEMPTED_EXIT_CODE`; a teacher
+    rank serves on until the student ranks stop, then exits with that code too. `on_step(done, total)` runs after each
+    step (`Trainer.train`)."""
     from .distributed import run_ranked, seed_everything, split_world
     from .preemption import Preempted, StopSignals
+    from .routing import rank_blocks
     from .startup import CLOCK
     from .trainer import Trainer
 
@@ -47,8 +49,9 @@ def run_training(cfg, on_step=None) -> int:
 
     def work(env):
         CLOCK.lap("process group")
-        if cfg.teacher_ranks:
-            env = split_world(env, cfg.teacher_ranks, cfg.dist_timeout_minutes)
+        blocks = rank_blocks(cfg)
+        if blocks:
+            env = split_world(env, blocks, cfg.dist_timeout_minutes)
             if env.split.is_teacher(env.global_rank):
                 if serve_teacher(cfg, env, stop)["preempted"]:  # the student ranks stopped on a signal
                     raise Preempted("a teacher rank stopped with the student ranks")
@@ -70,17 +73,20 @@ def run_training(cfg, on_step=None) -> int:
 
 
 def serve_teacher(cfg, env, stop) -> dict[str, int]:
-    """A teacher rank's run: after the student ranks' checks, the teacher_model they would run, with the student's
-    tokenizer (or, with cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
+    """A teacher rank's run: after the student ranks' checks, the teacher_model they would run (the one its block
+    serves, `Split.name`: with several teachers, that one's own config), with the student's tokenizer (or, with
+    cross_tokenizer, its own) for the vocabulary; a frozen forward needs no seed."""
     from .dtypes import resolve_dtype
+    from .routing import teacher_configs
     from .teacher_model import model_teacher
     from .teacher_ranks import serve, students_checked
     from .tokenizer_compat import student_tokenizer
 
     students_checked(env.split)
+    own = cfg if env.split.name is None else teacher_configs(cfg)[env.split.name]
     tokenizer = student_tokenizer(cfg.pretrain, cfg.trust_remote_code, cfg.tokenizer_chat_template,
                                   cfg.apply_chat_template)
-    return serve(model_teacher(cfg, tokenizer), env, resolve_dtype(cfg.param_dtype, env.device), stop)
+    return serve(model_teacher(own, tokenizer), env, resolve_dtype(own.param_dtype, env.device), stop)
 
 
 def console_main() -> None:

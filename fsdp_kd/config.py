@@ -25,7 +25,7 @@ from .errors import ConfigError, require, require_choice
 from .loss import CONVENTIONS, LossSpec
 from .preemption import PREEMPT_SIGNALS
 from .records import TokenSettings
-from .routing import TEACHER_KEYS, check_routing, teacher_configs
+from .routing import TEACHER_KEYS, check_routing, check_world, teacher_configs
 from .schedule import LR_SCHEDULES
 from .sharding import STRATEGIES, TEACHER_STRATEGIES
 from .teacher_cache import CACHE_MODES, HIDDEN_DTYPES, LOG_P_DTYPES
@@ -132,10 +132,13 @@ class TrainConfig:
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
                                         "needs its full size free on every device")
     teachers: dict | None = opt(None, "several teachers: name -> that teacher's own keys (teacher_model or "
-                                      "teacher_cache, teacher_offload, kd_loss, kd_temperature ...), routed by "
-                                      "dataset_teachers; a flag takes it as inline YAML (docs/several_teachers.md)")
+                                      "teacher_cache, teacher_offload, teacher_ranks, kd_loss, kd_temperature ...), "
+                                      "routed by dataset_teachers; a flag takes it as inline YAML "
+                                      "(docs/several_teachers.md)")
     teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send the "
-                                "student ranks its hidden states: 0 shares every rank (docs/scale_out.md)",
+                                "student ranks its hidden states: 0 shares every rank (docs/scale_out.md); with "
+                                "teachers, a teacher's own key: each such teacher's block after the student ranks, "
+                                "in the order of teachers",
                              must_be=">= 0")
 
     dataset: str = opt("", "training data: a .jsonl/.json/.parquet/.csv file, a directory of them or a hub dataset; "
@@ -470,6 +473,7 @@ def validate(cfg: TrainConfig, where: dict[str, str] | None = None) -> None:
     check_routing(cfg, where)
     for name, own in teacher_configs(cfg).items():
         validate(own, {k: f"{where.get('teachers', 'key teachers')} teachers.{name}.{k}" for k in TEACHER_KEYS})
+    check_world(cfg, where)
     if cfg.teacher_model is None and cfg.teacher_cache is None and cfg.teachers is None and cfg.kd_coef > 0:
         fail("kd_coef", f"kd_coef is {cfg.kd_coef} but no teacher_model or teacher_cache is set; set kd_coef 0 for "
                         "plain SFT")

@@ -6,14 +6,16 @@ path (FSDP2 included) serves a laptop and a cluster.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import itertools
 import os
 import random
 import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Callable, NoReturn
 
@@ -34,7 +36,8 @@ class DistEnv:
     device: torch.device
     mesh: DeviceMesh  # 1-D over every rank of this side
     global_rank: int = -1  # -1: the same as rank (the job is not split)
-    split: Split | None = None  # how the job is split, if it is
+    split: Split | None = None  # how the job is split, if it is: a teacher rank's own block, a student rank's first
+    splits: dict[str | None, Split] = field(default_factory=dict)  # each block, by the name of the teacher it runs
 
     @property
     def is_main(self) -> bool:
@@ -50,6 +53,10 @@ class DistEnv:
         hosts = self.split.hosts
         side = self.split.teachers if self.split.is_teacher(self.global_rank) else self.split.students
         return self.global_rank == next(r for r in side if hosts[r] == hosts[self.global_rank])
+
+    def for_teacher(self, name: str) -> DistEnv:
+        """This rank as teacher `name` of several sees it: its `split` that teacher's block, where it has one."""
+        return dataclasses.replace(self, split=self.splits[name]) if name in self.splits else self
 
     def hybrid_mesh(self, shard_size: int | None) -> DeviceMesh:
         """2-D (replicate, shard) mesh for HSDP: shard within a group of `shard_size` ranks (default: one node, from
@@ -258,10 +265,11 @@ def all_gather_object(obj) -> list:
 
 @dataclass
 class Split:
-    """One torchrun job as two sides: global ranks [0, S) train the student, [S, W) run the teacher. The split
-    follows torchrun's rank order, so with whole nodes per side the teacher gets the last nodes. Teacher rank t
-    serves the student ranks s with s % T == t; the teacher ranks run their forwards together (FSDP over their own
-    mesh), so each serves as many student ranks as the others."""
+    """One torchrun job as two sides, seen by one teacher's block: global ranks [0, S) train the student, `teachers`
+    run the teacher (the last ranks, or with several teachers on ranks of their own, `split_world`'s blocks after the
+    student ranks, one per teacher). The split follows torchrun's rank order, so with whole nodes per side the teachers
+    get the last nodes. Teacher rank t of the block serves the student ranks s with s % T == t; the teacher ranks run
+    their forwards together (FSDP over their own mesh), so each serves as many student ranks as the others."""
     students: list[int]
     teachers: list[int]
     hosts: list[str]  # each global rank's host
@@ -271,6 +279,7 @@ class Split:
     # student rank's queued sends of its next inputs and a teacher rank's send of hidden states would each wait for
     # the other.
     inputs: dist.ProcessGroup
+    name: str | None = None  # the teacher of `teachers` the block runs; None: the run's one teacher
 
     def is_teacher(self, rank: int) -> bool:
         return rank in self.teachers
@@ -292,23 +301,43 @@ class Split:
                 f"{len(self.students) // len(self.teachers)}")
 
 
-def split_world(env: DistEnv, teacher_ranks: int, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
-    """Collective over every rank: this rank's side, as its `DistEnv` (with the `split`); its collectives from now on
-    run over its side only (`side_group`). Refuses a split where the teacher ranks could not serve alike."""
+def block_key(name: str | None) -> str:
+    """The config key that gives teacher `name` its block of ranks (None: the run's one teacher)."""
+    return "teacher_ranks" if name is None else f"teachers.{name}.teacher_ranks"
+
+
+def plan_split(world: int, blocks: dict[str | None, int]) -> tuple[list[int], dict[str | None, list[int]]]:
+    """The student ranks of a world of `world` ranks, and each teacher's block after them, in the order of `blocks`
+    (teacher name -> its count of ranks). Refuses a world whose student ranks are not a positive multiple of every
+    block: each teacher rank of a block serves as many student ranks as the others."""
+    taken = sum(blocks.values())
+    students = list(range(world - taken))
+    for name, size in blocks.items():
+        if not students or len(students) % size:
+            key = block_key(name)
+            raise ConfigError(f"key {key}: {taken} teacher ranks of {world} leave {len(students)} student ranks, "
+                              f"which must be a positive multiple of {size} (each teacher rank serves as many student "
+                              f"ranks as the others); change {key} or --nproc_per_node")
+    bounds = list(itertools.accumulate(blocks.values(), initial=len(students)))
+    return students, {name: list(range(a, b)) for name, a, b in zip(blocks, bounds, bounds[1:])}
+
+
+def split_world(env: DistEnv, blocks: dict[str | None, int],
+                timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistEnv:
+    """Collective over every rank: this rank's side, as its `DistEnv` (with the `split`, and every block's in
+    `splits`), for a job whose teachers run on `blocks` of ranks of their own (teacher name, None for the run's one
+    teacher -> its count of ranks, `plan_split`); its collectives from now on run over its side only (`side_group`):
+    the student ranks, or its own teacher's block."""
     global _SIDE_GROUP
-    students = list(range(env.world_size - teacher_ranks))
-    teachers = list(range(len(students), env.world_size))
-    if not students or len(students) % teacher_ranks:
-        raise ConfigError(f"key teacher_ranks: {teacher_ranks} teacher ranks of {env.world_size} leave "
-                          f"{len(students)} student ranks, which must be a positive multiple of {teacher_ranks} (each "
-                          "teacher rank serves as many student ranks as the others); change teacher_ranks or "
-                          "--nproc_per_node")
+    students, teachers = plan_split(env.world_size, blocks)
     timeout = timedelta(minutes=timeout_minutes)  # a group's own default is 30 minutes on gloo, 10 on nccl
-    student_group, teacher_group = (dist.new_group(ranks, timeout=timeout) for ranks in (students, teachers))
+    student_group = dist.new_group(students, timeout=timeout)
+    groups = {name: dist.new_group(ranks, timeout=timeout) for name, ranks in teachers.items()}
     control, inputs = dist.new_group(backend="gloo", timeout=timeout), dist.new_group(timeout=timeout)
     hosts = all_gather_object(socket.gethostname())  # over every rank: the side group is not set yet
-    side = teachers if env.rank >= len(students) else students
-    _SIDE_GROUP = teacher_group if side is teachers else student_group
+    splits = {name: Split(students, ranks, hosts, control, inputs, name) for name, ranks in teachers.items()}
+    own = [name for name, ranks in teachers.items() if env.rank in ranks]
+    side, _SIDE_GROUP, split = ((teachers[own[0]], groups[own[0]], splits[own[0]]) if own else
+                                (students, student_group, next(iter(splits.values()))))
     mesh = DeviceMesh.from_group(_SIDE_GROUP, env.device.type, mesh_dim_names=("dp",))
-    split = Split(students, teachers, hosts, control, inputs)
-    return DistEnv(side.index(env.rank), env.local_rank, len(side), env.device, mesh, env.rank, split)
+    return DistEnv(side.index(env.rank), env.local_rank, len(side), env.device, mesh, env.rank, split, splits)

@@ -5,9 +5,10 @@ Each micro-batch carries, per teacher, its own samples of the batch laid out alo
 time from each sample's teacher index): a teacher runs on its own rows only, and a teacher that no row of a
 micro-batch needs is not run for it at all. One exception keeps the ranks in lock-step without any host sync: a
 teacher whose forward is a collective over the ranks (a co-located model teacher in a run of several ranks: FSDP
-gathers its shards in its forward, and its head for the loss) runs on every micro-batch of every rank, on a masked
-stand-in of one sample where this rank has none of its rows, because whether another rank has some is not known here
-without asking. A cached teacher costs nothing where it has no rows.
+gathers its shards in its forward, and its head for the loss; a teacher on ranks of its own, whose ranks run one
+micro-batch of each student rank in turn, and whose head the student ranks gather) runs on every micro-batch of
+every rank, on a masked stand-in of one sample where this rank has none of its rows, because whether another rank has
+some is not known here without asking. A cached teacher costs nothing where it has no rows.
 
 The loss is exact: the student's rows are split by teacher, each part is scored against its own teacher (with that
 teacher's kd_loss and kd_temperature) by the one-teacher loss, and the parts' summed losses and metrics add up, so
@@ -123,14 +124,15 @@ class RoutedTeachers:
         return [s for s, t in zip(sources, self.routing.sources) if t == index]
 
     def check(self, tokenizer, sources, env) -> None:
-        """Each teacher against the sources routed to it."""
-        for index, member in enumerate(self.members.values()):
-            member.check(tokenizer, self._sources(index, sources), env)
+        """Each teacher against the sources routed to it (one on ranks of its own, on its block of them)."""
+        for index, (name, member) in enumerate(self.members.items()):
+            member.check(tokenizer, self._sources(index, sources), env.for_teacher(name))
 
     def load(self, env, dtype: torch.dtype) -> None:
         for name, member in self.members.items():
             member.load(env, dtype)
-            self.collective[name] = self.kinds[name] in MODEL_TEACHERS and env.world_size > 1
+            self.collective[name] = (self.kinds[name] == "teacher_ranks"  # its ranks await every student rank's
+                                     or self.kinds[name] in MODEL_TEACHERS and env.world_size > 1)
 
     def verify(self, device: torch.device) -> None:
         for member in self.members.values():
@@ -184,8 +186,8 @@ class RoutedTeachers:
             yield RoutedTargets(parts, len(self.members))
 
     def signalled(self, device: torch.device) -> torch.Tensor:
-        """How many of the teachers' own ranks got a stop signal (`teacher.Teacher.signalled`): none here, since
-        no teacher of several runs on ranks of its own, but each is asked."""
+        """How many of the teachers' own ranks got a stop signal (`teacher.Teacher.signalled`): each teacher on ranks
+        of its own gives its flags, the others none."""
         return sum(member.signalled(device) for member in self.members.values())
 
     def close(self, preempted: bool = False) -> None:

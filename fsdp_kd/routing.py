@@ -11,16 +11,18 @@ them side by side. Every rule here is checked before any data or model is read (
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
 import numpy as np
 
+from .distributed import plan_split
 from .errors import ConfigError
 
 # the keys a teacher of `teachers` may set for itself; the rest of its config is the run's
 TEACHER_KEYS = ("teacher_model", "teacher_cache", "teacher_offload", "teacher_resident", "teacher_sharding_strategy",
-                "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n")
+                "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n", "teacher_ranks")
 # the keys of the run a teacher's own config leaves out: the routing itself
 ROUTING_KEYS = ("teachers", "dataset_teachers", "teacher_key", "teacher_weights")
 # a teacher's own loss settings, as the `loss.LossSpec` fields they set
@@ -29,7 +31,7 @@ LOSS_FIELDS = {"kd_loss": "divergence", "kd_temperature": "temperature"}
 NOT_WITH_TEACHERS = {
     "teacher_model": "each teacher names its own under teachers",
     "teacher_cache": "each teacher names its own under teachers",
-    "teacher_ranks": "teachers on ranks of their own are not supported with several teachers yet",
+    "teacher_ranks": "a teacher on ranks of its own takes them as its own key (teachers.<name>.teacher_ranks)",
     "cross_tokenizer": "teachers of another tokenizer are not supported with several teachers yet",
     "on_policy_ratio": "on-policy distillation is not supported with several teachers yet",
     "teacher_context_key": "a teacher's privileged context is not supported with several teachers yet",
@@ -37,8 +39,6 @@ NOT_WITH_TEACHERS = {
 }
 # keys a one-teacher run takes that a teacher of `teachers` does not take yet, why, and the fix
 NOT_IN_A_TEACHER = {
-    "teacher_ranks": "a teacher on ranks of its own is not supported inside teachers yet; co-locate it (drop "
-                     "teacher_ranks; teacher_offload: true keeps its weights in host memory)",
     "cross_tokenizer": "a teacher of another tokenizer is not supported inside teachers yet; distil from it in a "
                        "run of its own (cross_tokenizer: true)",
 }
@@ -109,6 +109,26 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         if name not in cfg.teachers:
             fail("dataset_teachers", f"source {source} is routed to {name!r}, which no teacher has; the teachers are "
                                      f"{', '.join(cfg.teachers)}")
+
+
+def rank_blocks(cfg) -> dict[str | None, int]:
+    """The teachers on ranks of their own and each one's count of ranks, in the order of the job's blocks
+    (`distributed.split_world`): the run's one teacher (None) with teacher_ranks, or each of `teachers` that sets its
+    own."""
+    if cfg.teachers is None:
+        return {None: cfg.teacher_ranks} if cfg.teacher_ranks else {}
+    return {name: keys["teacher_ranks"] for name, keys in cfg.teachers.items() if keys.get("teacher_ranks")}
+
+
+def check_world(cfg, where: dict[str, str]) -> None:
+    """Several teachers' blocks of ranks fit the job's world (torchrun's WORLD_SIZE; a plain process is a world of
+    one), said with where `teachers` was set. (A one-teacher run's teacher_ranks is checked as the job splits.)"""
+    if cfg.teachers is None:
+        return
+    try:
+        plan_split(int(os.environ.get("WORLD_SIZE", "1")), rank_blocks(cfg))
+    except ConfigError as e:
+        raise ConfigError(f"{where.get('teachers', 'key teachers')}: {e}") from None
 
 
 def teacher_configs(cfg) -> dict:

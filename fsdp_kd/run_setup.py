@@ -33,6 +33,7 @@ from .startup import CLOCK
 from .routed_teacher import open_teachers
 from .routing import routed_count
 from .teacher import Teacher
+from .teacher_ranks import students_checked
 from .tokenizer_compat import padding_id, student_tokenizer
 
 CONFIG_FILE = "train_config.yaml"
@@ -76,8 +77,9 @@ def preflight(cfg: TrainConfig, env: DistEnv, log) -> Preflight:
                    cfg.max_len, routed_count(cfg))
     data.report_padding(total_steps, log)
     CLOCK.lap("data")
-    # last: with teacher_ranks, the teacher ranks start loading once every student rank has passed it
     teacher.check(tokenizer, opened.sources, env)
+    if env.split is not None:  # last: the teacher ranks (every block of them) start loading once it has passed
+        students_checked(env.split)
 
     barrier()  # every rank has checked save_path before rank 0 writes into it
     if env.is_main:

@@ -22,6 +22,10 @@ runs them as they come, up to `SENDS_AHEAD` micro-batches ahead of the student, 
 with a stop. The teacher ranks run their forwards together (FSDP over their own mesh), one micro-batch of each student
 rank they serve in turn; the student ranks all run as many micro-batches as each other, so the teacher ranks do too.
 
+With several teachers (`teachers`), each that sets its own `teacher_ranks` has a block of ranks of its own, after
+the student ranks in the order of `teachers` (`distributed.split_world`): the wire is the same between a student rank
+and each block, and a teacher rank serves its own block's teacher (`Split.name`).
+
 A failure on either side ends the job as any rank's failure does (`distributed.report_failure`): the failing rank
 exits, and torchrun stops the others, who are blocked in a receive.
 """
@@ -168,13 +172,12 @@ class RemoteTeacher:
         return self.model.metric_names
 
     def check(self, tokenizer, sources, env: DistEnv) -> None:
-        """The last of the student ranks' checks (the trainer runs it last): the teacher's head, then the teacher
-        ranks may start loading."""
+        """Among the last of the student ranks' checks (the trainer runs the teacher's last; the teacher ranks start
+        loading after them, `students_checked`): the teacher's head, on `env.split`, this teacher's block of ranks."""
         self.model.check(tokenizer, sources, env)
         self.env, self.teacher, spec = env, env.split.teacher_of(env.global_rank), self.model.spec
         self.head = ShardedHead(spec.path, spec.load.trust_remote_code, env,
                                 resolve_dtype(self.param_dtype, env.device), self.teacher_vocab_size)
-        students_checked(env.split)
 
     def load(self, env: DistEnv, dtype: torch.dtype) -> None:
         """The teacher's head, sharded over the student ranks; its body loads on the teacher ranks meanwhile."""
@@ -273,7 +276,8 @@ def serve(model: ModelTeacher, env: DistEnv, dtype: torch.dtype, stop: StopSigna
         work.wait()
     if env.is_main:  # its own counts: every teacher rank serves alike
         logits = 4 * model.teacher_vocab_size
-        print(f"teacher ranks: served {served} micro-batches per rank; teacher rank {env.rank}: {tokens} trained "
+        of = "" if split.name is None else f" of teacher {split.name!r}"
+        print(f"teacher ranks{of}: served {served} micro-batches per rank; teacher rank {env.rank}: {tokens} trained "
               f"tokens, {sent / max(tokens, 1):.0f} bytes of hidden states sent per trained token (fp32 logits: "
               f"{logits}, {logits * tokens / max(sent, 1):.1f}x), {received / max(tokens, 1):.0f} bytes of inputs "
               "received", flush=True)

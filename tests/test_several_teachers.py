@@ -175,10 +175,11 @@ def test_teachers_and_their_routing_are_read_with_each_teachers_own_keys(tmp_pat
      r"command line --teachers: key teachers.chat: give the teacher a teacher_model or a teacher_cache"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, cache_kk: 3}}"),
      r"key teachers.math: unknown key 'cache_kk'"),
-    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, teacher_ranks: 1}, "
+    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_cache: c, teacher_ranks: 1}, "
                                                      "chat: {teacher_model: t}}"),
-     r"key teachers.math.teacher_ranks: a teacher on ranks of its own is not supported inside teachers yet; "
-     r"co-locate it"),
+     r"command line --teachers teachers.math.teacher_ranks: teacher_ranks runs the teacher_model on ranks of its own"),
+    ("dataset_teachers: math,chat\nteacher_ranks: 1\n", (), r"run.yaml:8: teacher_ranks is set with teachers: a "
+                                                           r"teacher on ranks of its own takes them as its own key"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_model: t, "
                                                      "cross_tokenizer: true}}"),
      r"key teachers.chat.cross_tokenizer: a teacher of another tokenizer is not supported inside teachers yet"),
@@ -191,6 +192,39 @@ def test_teachers_and_their_routing_are_read_with_each_teachers_own_keys(tmp_pat
 def test_a_routing_that_cannot_run_is_refused_with_where_and_key(tmp_path, extra, flags, message):
     with pytest.raises(ConfigError, match=message):
         config(tmp_path, extra, *flags)
+
+
+@pytest.mark.parametrize("world, ranks, message", [
+    (3, {"math": 1, "chat": 1}, None),  # 1 student rank, then math's rank, then chat's
+    (3, {"math": 1, "chat": 2}, r"run.yaml:4: key teachers.math.teacher_ranks: 3 teacher ranks of 3 leave 0 student "
+                                r"ranks, which must be a positive multiple of 1"),
+    (4, {"math": 1, "chat": 2}, r"run.yaml:4: key teachers.chat.teacher_ranks: 3 teacher ranks of 4 leave 1 student "
+                                r"ranks, which must be a positive multiple of 2 .*; change teachers.chat.teacher_ranks "
+                                r"or --nproc_per_node"),
+    (1, {"math": 1}, r"run.yaml:4: key teachers.math.teacher_ranks: 1 teacher ranks of 1 leave 0 student ranks"),
+])
+def test_teachers_on_ranks_of_their_own_that_the_world_cannot_split_are_refused(tmp_path, monkeypatch, world, ranks,
+                                                                                message):
+    """Each teacher's block follows the student ranks, in the order of teachers; the student ranks must be a positive
+    multiple of every block, checked against torchrun's WORLD_SIZE as the config is read (a plain process: 1)."""
+    from fsdp_kd.distributed import plan_split
+    from fsdp_kd.routing import rank_blocks
+
+    if world == 1:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    path = tmp_path / "run.yaml"
+    path.write_text("pretrain: s\ndataset: a.jsonl,b.jsonl\ndataset_teachers: math,chat\nteachers:\n" + "".join(
+        f"  {name}: {{teacher_model: t{f', teacher_ranks: {ranks[name]}' if name in ranks else ''}}}\n"
+        for name in ("math", "chat")))
+    if message is not None:
+        with pytest.raises(ConfigError, match=message):
+            parse_config(["--config", str(path)])
+        return
+    cfg = parse_config(["--config", str(path)])
+    assert rank_blocks(cfg) == ranks
+    assert plan_split(world, rank_blocks(cfg)) == ([0], {"math": [1], "chat": [2]})
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -237,15 +271,24 @@ def _teachers_yaml(path, teachers: dict, routing: str):
     return str(path)
 
 
-def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path):
+@pytest.mark.parametrize("own_ranks", ["", "ab", "a"], ids=["co_located", "each_on_a_rank_of_its_own",
+                                                           "one_on_a_rank_of_its_own"])
+def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path, own_ranks):
     """On 2 ranks (a live teacher is collective there: it runs on stand-ins where a rank has none of its rows), the
-    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'."""
+    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'. The
+    copies named in `own_ranks` each run on a rank of its own (`teachers.<name>.teacher_ranks: 1`), after the student
+    ranks: both (1 student rank, as the one-teacher run it equals: a world of 3), or one beside the other co-located
+    (2 student ranks, a world of 3), whose rank serves both student ranks in turn. Such a copy runs on every
+    micro-batch of every student rank (a stand-in where it has none of its rows)."""
     sources = ",".join(_two_sources(tiny, tmp_path))
     common = dict(dataset=sources, eval_holdout_ratio=0.1, eval_steps=2, logging_steps=1, kd_temperature=2.0)
-    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)])
-    routed = _teachers_yaml(tmp_path / "routed.yaml", {"a": {"teacher_model": tiny["teacher"]},
-                                                      "b": {"teacher_model": tiny["teacher"]}}, "a,b")
-    torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
+    students = 1 if own_ranks == "ab" else 2
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)], nproc=students)
+    routed = _teachers_yaml(tmp_path / "routed.yaml", {n: {"teacher_model": tiny["teacher"],
+                                                           **({"teacher_ranks": 1} if n in own_ranks else {})}
+                                                       for n in "ab"}, "a,b")
+    proc = torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "two", teacher_model=None, **common)],
+                    nproc=students + len(own_ranks))
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(one) == len(two) == 6
     for a, b in zip(one, two):
@@ -257,6 +300,19 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         assert tokens["a"] > 0 and tokens["b"] > 0 and tokens["a"] + tokens["b"] == b[f"{prefix}tokens"]
         mixed = sum(b[f"{prefix}kl_{n}"] * tokens[n] for n in "ab") / b[f"{prefix}tokens"]
         assert mixed == pytest.approx(b[f"{prefix}kl"], rel=1e-5)
+    for name in "ab":  # the start-up summary says where each lives
+        kind = "teacher_ranks" if name in own_ranks else "live"
+        runs = "every micro-batch (collective)" if name in own_ranks or students > 1 else "its rows only"
+        assert f"teacher '{name}' ({kind}; 1 source(s), runs on {runs}):" in proc.stdout, proc.stdout[-3000:]
+    served = {n: re.findall(rf"teacher ranks of teacher '{n}': served (\d+) micro-batches", proc.stdout) for n in "ab"}
+    held_out = int(re.search(r"held out (\d+) training samples", proc.stdout)[1])
+    per_student = 4 * 4 // students + 2 * math.ceil(math.ceil(held_out / students) / 4)  # 4 steps of 4, 2 evaluations
+    side = "1 student rank (global rank 0 on " if students == 1 else f"{students} student ranks (global ranks 0-1 on "
+    for rank, name in enumerate(own_ranks, start=students):  # its rank ran every micro-batch of every student rank
+        assert f"teacher on ranks of its own: {side}" in proc.stdout, proc.stdout[-3000:]
+        assert f"1 teacher rank (global rank {rank} on " in proc.stdout
+        assert served[name] == [str(students * per_student)], served
+    assert all(not served[n] for n in "ab" if n not in own_ranks)
 
 
 def same_figures(one_dir, two_dir) -> tuple[list[dict], list[dict]]:
