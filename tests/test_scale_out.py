@@ -50,14 +50,15 @@ def single_process(tiny, tmp_path_factory):
     return save
 
 
-@pytest.mark.parametrize("strategy", ["full_shard", "hybrid_shard", "shard_grad_op"])
-def test_two_nodes_match_one_process(tiny, tmp_path, single_process, strategy):
+@pytest.mark.parametrize("nodes,strategy", [(2, "full_shard"), (2, "hybrid_shard"), (1, "shard_grad_op")])
+def test_sharded_runs_match_one_process(tiny, tmp_path, single_process, nodes, strategy):
+    """Two nodes of 2 ranks meeting at a rendezvous, fully sharded or HSDP (2x2); shard_grad_op (the student kept
+    gathered from forward to backward) needs no second node, so it runs on one node of 2 ranks."""
     save = tmp_path / "run"
-    outputs = finish(two_nodes([TRAIN, *train_args(tiny, save, max_steps=4, sharding_strategy=strategy,
-                                                   teacher_sharding_strategy="hybrid_shard"
-                                                   if strategy == "hybrid_shard" else "full_shard")],
-                               _free_port()))
-    assert any("world size 4" in out for out in outputs)
+    args = [TRAIN, *train_args(tiny, save, max_steps=4, sharding_strategy=strategy,
+                               teacher_sharding_strategy="hybrid_shard" if strategy == "hybrid_shard" else "full_shard")]
+    outputs = finish(two_nodes(args, _free_port())) if nodes == 2 else [torchrun(args, nproc=2).stdout]
+    assert any(f"world size {2 * nodes}" in out for out in outputs)
     assert losses(save) == pytest.approx(losses(single_process), rel=1e-5)
     ours, reference = weights(save), weights(single_process)
     for name in reference:
