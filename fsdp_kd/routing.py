@@ -20,7 +20,7 @@ from .errors import ConfigError
 
 # the keys a teacher of `teachers` may set for itself; the rest of its config is the run's
 TEACHER_KEYS = ("teacher_model", "teacher_cache", "teacher_offload", "teacher_resident", "teacher_sharding_strategy",
-                "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n")
+                "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n", "cross_tokenizer")
 # the keys of the run a teacher's own config leaves out: the routing itself
 ROUTING_KEYS = ("teachers", "dataset_teachers", "teacher_key", "teacher_weights")
 # a teacher's own loss settings, as the `loss.LossSpec` fields they set
@@ -30,7 +30,7 @@ NOT_WITH_TEACHERS = {
     "teacher_model": "each teacher names its own under teachers",
     "teacher_cache": "each teacher names its own under teachers",
     "teacher_ranks": "teachers on ranks of their own are not supported with several teachers yet",
-    "cross_tokenizer": "teachers of another tokenizer are not supported with several teachers yet",
+    "cross_tokenizer": "set it per teacher (teachers.<name>.cross_tokenizer: true)",
     "on_policy_ratio": "on-policy distillation is not supported with several teachers yet",
     "teacher_context_key": "a teacher's privileged context is not supported with several teachers yet",
     "teacher_system_prompt": "a teacher's privileged context is not supported with several teachers yet",
@@ -39,8 +39,6 @@ NOT_WITH_TEACHERS = {
 NOT_IN_A_TEACHER = {
     "teacher_ranks": "a teacher on ranks of its own is not supported inside teachers yet; co-locate it (drop "
                      "teacher_ranks; teacher_offload: true keeps its weights in host memory)",
-    "cross_tokenizer": "a teacher of another tokenizer is not supported inside teachers yet; distil from it in a "
-                       "run of its own (cross_tokenizer: true)",
 }
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -85,6 +83,11 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         fail(routings[1], f"{' and '.join(routings)} are each a routing (by source, by record, a weighted mixture "
                           "for every token): choose one")
     if cfg.teacher_weights is not None:
+        across = [name for name, keys in cfg.teachers.items() if keys.get("cross_tokenizer")]
+        if across:
+            fail("teacher_weights", f"teacher_weights with teachers.{across[0]}.cross_tokenizer: a mixture needs that "
+                                    "teacher's own tokens on every sample, and a sample holds those of one teacher "
+                                    "only; route per source (dataset_teachers) or per record (teacher_key)")
         weights = mixture_weights(cfg.teacher_weights)
         if weights is None or len(weights) != len(cfg.teachers):
             fail("teacher_weights", f"teacher_weights needs one non-negative weight per teacher "
@@ -134,6 +137,14 @@ class RowRouting:
             return table.teachers(self.names, self.key)
         return np.full(len(table), self.sources[source], dtype=np.int64)
 
+    def own_tokens(self, source: int | None, tokenizations: dict):
+        """What gives the samples of training source `source` (None: the eval source) their teacher's own tokens,
+        of `tokenizations` (by teacher name, those that read their own): per record, all of them, each record taking
+        its teacher's (`tokenized`); per source, its teacher's, or None where it reads the student's tokens."""
+        if self.key is not None:
+            return tokenizations
+        return tokenizations.get(self.names[self.sources[source]])
+
 
 def mixture_weights(text: str) -> tuple[float, ...] | None:
     """`teacher_weights` normalized to sum to 1; None where they are not non-negative numbers, not all 0."""
@@ -146,10 +157,13 @@ def mixture_weights(text: str) -> tuple[float, ...] | None:
     return tuple(w / sum(weights) for w in weights)
 
 
-def routed_count(cfg) -> int:
-    """How many teachers the samples are routed among (each micro-batch then carries each one's `data.Route`); 0
-    with one teacher of its own or a mixture."""
-    return 0 if cfg.teachers is None or cfg.teacher_weights is not None else len(cfg.teachers)
+def routed_tokens(cfg, tokenizations: dict | None) -> tuple[bool, ...]:
+    """Per teacher the samples are routed among (each micro-batch then carries each one's `data.Route`), whether it
+    reads its own tokens of them (it has a tokenization in `tokenizations`, by name: a live `cross_tokenizer`
+    teacher); none with one teacher of its own or a mixture."""
+    if cfg.teachers is None or cfg.teacher_weights is not None:
+        return ()
+    return tuple(name in (tokenizations or {}) for name in cfg.teachers)
 
 
 def row_routing(cfg) -> RowRouting | None:

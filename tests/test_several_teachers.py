@@ -69,6 +69,62 @@ def test_the_routed_loss_equals_each_teachers_dense_loss_over_its_rows():
     torch.testing.assert_close(by_teacher.sum(0), summed(loss, metrics)[:len(SUMMED)])
 
 
+def test_a_cross_tokenizer_teachers_part_is_its_one_teacher_loss_over_its_rows(tiny, pair_student, pair_teacher):
+    """A teacher of another tokenizer and a live one, routed per sample: the cross-tokenizer part (its span rows after
+    its aligned ones) scores the student's rows of its samples as a one-teacher batch of those samples alone does,
+    the live part as the dense reference; loss, gradients and the micro-batch's left-out counts add up."""
+    from transformers import AutoTokenizer
+
+    from fsdp_kd.cross_tokenizer import TokenBytes, shared_vocabulary
+    from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap
+    from test_cross_tokenizer_runs import _samples
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(pair_student), AutoTokenizer.from_pretrained(pair_teacher)
+    texts = ["abcd:ABCDEF", "hgfe:GHA", "abab:CDCDCDAB", "dcba:BCDE", "cdcd:EFGHABCDA", "bada:IJBA"]
+    samples = [dataclasses.replace(s, teacher=t) if t == 0 else dataclasses.replace(
+        Sample(s.input_ids, s.targets), teacher=t) for s, t in zip(_samples(s_tok, t_tok, texts), (0, 1, 0, 1, 1, 0))]
+    batch = collate(samples, 0, teachers=(True, False))
+    alone = collate([s for s in samples if s.teacher == 0], 0)  # the one-teacher batch of its samples
+    cross, live = batch.routes
+    assert alone.spans.teacher_rows > 0 and cross.batch.teacher.target_rows.shape[0] > cross.count
+    assert torch.equal(cross.batch.teacher.target_ids, alone.teacher.target_ids)
+    assert live.batch.teacher is None and batch.teacher is None  # routed: its own tokens in its route alone
+    assert batch.left_out == alone.left_out
+
+    g = torch.Generator().manual_seed(2)
+    vs, vt = len(s_tok), len(t_tok)
+    h_s = torch.randn(batch.trainable_tokens, HS, generator=g).requires_grad_()
+    w_s = (torch.randn(vs, HS, generator=g) * 0.5).requires_grad_()
+    embed, w_t = torch.randn(vt, HT, generator=g), torch.randn(vt, HT, generator=g) * 2
+    live_hidden, w_live = torch.randn(live.count, HT, generator=g), torch.randn(vs, HT, generator=g)
+    shared = shared_vocabulary(TokenBytes.of(s_tok), TokenBytes.of(t_tok))
+    vmap = VocabMap(torch.from_numpy(shared.student_ids), torch.from_numpy(shared.teacher_ids), vs, vt)
+
+    def teacher_targets(mb):  # a teacher "model" of its own tokens: each row's hidden state from the token it reads
+        hidden = embed[mb.teacher.input_ids.flatten()[mb.teacher.target_rows]]
+        return CrossVocabTargets(hidden, Head(w_t), mb.teacher.target_ids, vmap, 0.5, 8, mb.aligned, mb.spans)
+
+    spec = LossSpec(kd_coef=0.6, vocab_chunk=7, token_chunk=5)
+    parts = [Part(0, cross.rows, teacher_targets(cross.batch), {}),
+             Part(1, live.rows, LiveTargets(live_hidden, Head(w_live, None)), {"divergence": "jsd"})]
+    loss, metrics = RoutedTargets(parts, 2).scored(
+        lambda h, labels, spec_, targets: loss_against(h, w_s, labels, spec_, vs, targets), h_s, batch.target_ids,
+        spec)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+
+    assert torch.equal(batch.target_ids[cross.rows], alone.target_ids)
+    ref_cross, cross_metrics = loss_against(h_s[cross.rows], w_s, alone.target_ids, spec, vs, teacher_targets(alone))
+    ref_live, _ = dense_distillation_loss(h_s[live.rows], w_s, batch.target_ids[live.rows],
+                                          dataclasses.replace(spec, divergence="jsd"), vs, live_hidden, w_live)
+    ref_grads = torch.autograd.grad(ref_cross + ref_live, (h_s, w_s))
+    assert float(loss.detach()) == pytest.approx(float((ref_cross + ref_live).detach()), rel=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    row = metrics["by_teacher"][0]
+    assert float(row[SUMMED.index("span_tokens")]) == float(cross_metrics["span_tokens"]) > 0
+    assert float(row[SUMMED.index("kl")]) == pytest.approx(float(cross_metrics["kl"]), rel=1e-5)
+
+
 @pytest.mark.parametrize("weights", [(0.7, 0.3), (0.0, 1.0)])
 def test_a_weighted_mixture_is_the_weighted_sum_of_each_teachers_dense_divergence(weights):
     """Every row to both teachers (their own kd_loss and τ): loss = (1 - c)·CE + c·Σ w_t·D_t, gradients alike; the
@@ -131,7 +187,8 @@ def test_a_micro_batchs_routes_hold_each_teachers_samples_at_its_rows(packed):
     teacher with no sample gets a stand-in with no rows."""
     samples = [Sample(list(range(1, n + 1)), [-100] * (n // 2) + list(range(50, 50 + n - n // 2)), teacher=t)
                for n, t in ((5, 0), (8, 2), (3, 0), (6, 2), (4, 0))]
-    batch = collate_packed(samples, 12, 0, teachers=3) if packed else collate(samples, 0, teachers=3)
+    routes = (False,) * 3  # three teachers, none reading its own tokens
+    batch = collate_packed(samples, 12, 0, teachers=routes) if packed else collate(samples, 0, teachers=routes)
     assert [r.count for r in batch.routes] == [sum(s.trainable_tokens for s in samples if s.teacher == t)
                                                for t in range(3)]
     for route in batch.routes:
@@ -179,9 +236,12 @@ def test_teachers_and_their_routing_are_read_with_each_teachers_own_keys(tmp_pat
                                                      "chat: {teacher_model: t}}"),
      r"key teachers.math.teacher_ranks: a teacher on ranks of its own is not supported inside teachers yet; "
      r"co-locate it"),
-    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_model: t, "
-                                                     "cross_tokenizer: true}}"),
-     r"key teachers.chat.cross_tokenizer: a teacher of another tokenizer is not supported inside teachers yet"),
+    ("teacher_weights: 1,1\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_model: t, "
+                                             "cross_tokenizer: true}}"),
+     r"run.yaml:7: teacher_weights with teachers.chat.cross_tokenizer: a mixture needs that teacher's own tokens on "
+     r"every sample"),
+    ("dataset_teachers: math,chat\ncross_tokenizer: true\n", (), r"run.yaml:8: cross_tokenizer is set with teachers: "
+                                                                 r"set it per teacher"),
     ("dataset_teachers: math,chat\nteacher_model: t\n", (), r"run.yaml:8: teacher_model is set with teachers: each "
                                                             r"teacher names its own under teachers"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, kd_loss: kl}, chat: {teacher_model: "
@@ -237,17 +297,24 @@ def _teachers_yaml(path, teachers: dict, routing: str):
     return str(path)
 
 
-def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path):
+@pytest.mark.parametrize("across", [False, True], ids=["live", "cross_tokenizer"])
+def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path, request, across):
     """On 2 ranks (a live teacher is collective there: it runs on stand-ins where a rank has none of its rows), the
-    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'."""
+    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'. Across
+    tokenizers (the pair student, the pair teacher) each source is tokenized with its teacher's tokens and the
+    left-out counts are the routes' together."""
     sources = ",".join(_two_sources(tiny, tmp_path))
     common = dict(dataset=sources, eval_holdout_ratio=0.1, eval_steps=2, logging_steps=1, kd_temperature=2.0)
-    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)])
-    routed = _teachers_yaml(tmp_path / "routed.yaml", {"a": {"teacher_model": tiny["teacher"]},
-                                                      "b": {"teacher_model": tiny["teacher"]}}, "a,b")
+    own = dict(teacher_model=tiny["teacher"])
+    if across:
+        own = dict(teacher_model=request.getfixturevalue("pair_teacher"), cross_tokenizer="true")
+        common.update(pretrain=request.getfixturevalue("pair_student"), max_steps=3, eval_steps=3)
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common, **own)])
+    routed = _teachers_yaml(tmp_path / "routed.yaml", {"a": own, "b": own}, "a,b")
     torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 6
+    assert len(one) == len(two) == (4 if across else 6)
+    kl = "kl_shared_buckets" if across else "kl"
     for a, b in zip(one, two):
         for name, value in a.items():
             if name not in ("tokens_per_sec", "peak_mem_gb"):
@@ -255,8 +322,11 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         prefix = "eval_" if "eval_loss" in a else ""
         tokens = {n: b[f"{prefix}tokens_{n}"] for n in "ab"}
         assert tokens["a"] > 0 and tokens["b"] > 0 and tokens["a"] + tokens["b"] == b[f"{prefix}tokens"]
-        mixed = sum(b[f"{prefix}kl_{n}"] * tokens[n] for n in "ab") / b[f"{prefix}tokens"]
-        assert mixed == pytest.approx(b[f"{prefix}kl"], rel=1e-5)
+        kd_tokens = {n: b[f"{prefix}kd_tokens_{n}"] for n in "ab"}
+        mixed = sum(b[f"{prefix}kl_{n}"] * kd_tokens[n] for n in "ab") / b[f"{prefix}kd_tokens"]
+        assert mixed == pytest.approx(b[f"{prefix}{kl}"], rel=1e-5)
+    if across:  # the figures compared above include the span term's and the left-out counts
+        assert sum(m["kd_span_tokens"] for m in one if "loss" in m) > 0 and "kd_left_out_unaligned_sample" in one[0]
 
 
 def same_figures(one_dir, two_dir) -> tuple[list[dict], list[dict]]:
@@ -369,7 +439,7 @@ def test_routing_a_micro_batch_to_its_teachers_does_not_sync():
     samples = [Sample(list(range(1, n + 1)), [-100] * 2 + list(range(10, 8 + n)), teacher=t)
                for n, t in ((9, 0), (7, 1), (8, 0), (6, 1))]
     with SyncDetector() as syncs:
-        batch = collate(samples, 0, teachers=2).to(device)
+        batch = collate(samples, 0, teachers=(False, False)).to(device)
         h_s = torch.randn(batch.trainable_tokens, HS, device=device).requires_grad_()
         w_s = torch.randn(V, HS, device=device).requires_grad_()
         heads = [Head(torch.randn(V, HT, device=device), None) for _ in range(2)]
