@@ -90,6 +90,8 @@ def test_a_cross_tokenizer_teachers_part_is_its_one_teacher_loss_over_its_rows(t
     assert torch.equal(cross.batch.teacher.target_ids, alone.teacher.target_ids)
     assert live.batch.teacher is None and batch.teacher is None  # routed: its own tokens in its route alone
     assert batch.left_out == alone.left_out
+    stand_in = collate([s for s in samples if s.teacher == 1], 0, teachers=(True, False)).routes[0]
+    assert stand_in.count == 0 and stand_in.batch.teacher.target_rows.numel() == 0  # none of another's tokens
 
     g = torch.Generator().manual_seed(2)
     vs, vt = len(s_tok), len(t_tok)
@@ -386,6 +388,40 @@ def test_two_copies_of_one_teacher_routed_per_record_train_exactly_like_that_tea
         assert record["tokens_a"] + record["tokens_b"] == record["tokens"]
 
 
+def test_routed_per_record_each_record_gets_its_teachers_tokens_and_the_cache_key_names_them(tiny, pair_student,
+                                                                                            pair_teacher, tmp_path):
+    """teacher_key with a teacher of another tokenizer ('x') and one of the student's ('y'): each record of x holds
+    x's tokens of it, computed as for a run of x alone, each of y none; a cache tokenized for another routing of the
+    names is another cache; a micro-batch lays out x's tokens in x's route alone."""
+    from transformers import AutoTokenizer
+
+    from fsdp_kd.config import TrainConfig, token_settings
+    from fsdp_kd.cross_tokenizer import TeacherTokenization, TokenBytes
+    from fsdp_kd.data import RoutedTo
+    from fsdp_kd.tokenized import open_tokenized
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(pair_student), AutoTokenizer.from_pretrained(pair_teacher)
+    data = _routed_records({"train": tiny["eval"]}, tmp_path / "train.jsonl", lambda i: "xy"[i % 3 == 0])
+    x = TeacherTokenization(TokenBytes.of(s_tok), TokenBytes.of(t_tok), t_tok)
+    settings = token_settings(TrainConfig(pretrain="s", dataset=data))
+
+    def tokenized(routing):
+        return open_tokenized(data, "train", None, settings, str(tmp_path / "cache"), s_tok, 0, log=lambda *a: None,
+                              teacher=routing, teacher_key="domain")
+
+    table = tokenized({"x": x})
+    names = table.teachers(("x", "y"), "domain")
+    assert 0 < names.sum() < len(table)
+    for i in range(len(table)):
+        sample = table[i]
+        assert sample.teacher_ids == (x.fields(sample.input_ids)["teacher_ids"] if names[i] == 0 else [])
+    assert tokenized({"x": x}).directory == table.directory
+    assert tokenized({"y": x}).directory != table.directory
+    batch = collate([RoutedTo(table, names)[i] for i in range(6)], 0, teachers=(True, False))
+    assert batch.routes[0].batch.teacher is not None and batch.routes[1].batch.teacher is None
+    assert batch.routes[0].count + batch.routes[1].count == batch.trainable_tokens
+
+
 @pytest.mark.parametrize("name_of, message", [
     (lambda i: None if i == 4 else "a", r"train.jsonl:5: missing key 'domain' \(teacher_key\)"),
     (lambda i: "physics" if i == 6 else "a", r"train.jsonl:7: key 'domain' names the teacher 'physics', which no "
@@ -428,6 +464,30 @@ def test_a_cached_and_a_live_teacher_in_one_run_each_log_their_own_kl(tiny, tmp_
             assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
         assert f"{prefix}kl" not in record  # the live KL and a cache's KL over buckets are not one figure
     assert any("eval_kl_cached" in record for record in metrics)
+
+
+def test_a_teacher_of_another_tokenizer_and_a_live_one_in_one_run_each_log_their_own_kl(tiny, pair_teacher,
+                                                                                         tmp_path):
+    """Two sources on 2 ranks, one taught by the pair teacher across tokenizers, the other by the live teacher of the
+    student's tokenizer: each logs kl_<name> over its own rows, the span term's count is the cross teacher's, and the
+    run-wide KL (not one figure across the two) is not logged."""
+    a, b = _two_sources(tiny, tmp_path)
+    routed = _teachers_yaml(tmp_path / "routed.yaml", {"cross": {"teacher_model": pair_teacher,
+                                                                 "cross_tokenizer": True},
+                                                       "live": {"teacher_model": tiny["teacher"]}}, "cross,live")
+    proc = torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "run", teacher_model=None,
+                                                            dataset=f"{a},{b}", eval_holdout_ratio=0.1,
+                                                            max_steps=2, eval_steps=2)])
+    assert "teacher 'cross' (cross_tokenizer; 1 source(s), runs on every micro-batch (collective)):" in proc.stdout
+    assert "align one to one with a teacher token" in proc.stdout
+    metrics = read_metrics(tmp_path / "run")
+    for record in metrics:
+        prefix = "eval_" if "eval_loss" in record else ""
+        for name in ("cross", "live"):
+            assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
+        assert record[f"{prefix}span_tokens_cross"] == record[f"{prefix}kd_span_tokens"] > 0
+        assert f"{prefix}kl" not in record and f"{prefix}span_tokens_live" not in record
+    assert any("eval_kl_cross" in record for record in metrics)
 
 
 def test_routing_a_micro_batch_to_its_teachers_does_not_sync():
