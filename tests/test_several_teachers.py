@@ -271,6 +271,16 @@ def test_a_run_is_routed_one_way(tmp_path, extra, message):
             config(tmp_path, extra)
 
 
+def test_one_teacher_of_teachers_routes_an_eval_source_to_itself(tmp_path):
+    from fsdp_kd.routing import row_routing
+
+    cfg = parse_config(["--pretrain", "s", "--dataset", "a.jsonl", "--eval_dataset", "e.jsonl", "--teachers",
+                        "{x: {teacher_model: t, cross_tokenizer: true}}"])
+    routing = row_routing(cfg)
+    assert routing.teachers(None, [None] * 3).tolist() == [0, 0, 0]
+    assert routing.own_tokens(None, {"x": "its tokens"}) == routing.own_tokens(0, {"x": "its tokens"}) == "its tokens"
+
+
 def test_resume_refuses_a_changed_routing_naming_it(tmp_path):
     saved = config(tmp_path).to_dict()
     assert resume_mismatches(saved, config(tmp_path).to_dict()) == []
@@ -466,27 +476,39 @@ def test_a_cached_and_a_live_teacher_in_one_run_each_log_their_own_kl(tiny, tmp_
     assert any("eval_kl_cached" in record for record in metrics)
 
 
-def test_a_teacher_of_another_tokenizer_and_a_live_one_in_one_run_each_log_their_own_kl(tiny, pair_teacher,
-                                                                                         tmp_path):
-    """Two sources on 2 ranks, one taught by the pair teacher across tokenizers, the other by the live teacher of the
-    student's tokenizer: each logs kl_<name> over its own rows, the span term's count is the cross teacher's, and the
-    run-wide KL (not one figure across the two) is not logged."""
-    a, b = _two_sources(tiny, tmp_path)
-    routed = _teachers_yaml(tmp_path / "routed.yaml", {"cross": {"teacher_model": pair_teacher,
-                                                                 "cross_tokenizer": True},
-                                                       "live": {"teacher_model": tiny["teacher"]}}, "cross,live")
-    proc = torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "run", teacher_model=None,
-                                                            dataset=f"{a},{b}", eval_holdout_ratio=0.1,
-                                                            max_steps=2, eval_steps=2)])
-    assert "teacher 'cross' (cross_tokenizer; 1 source(s), runs on every micro-batch (collective)):" in proc.stdout
+@pytest.mark.parametrize("per_record", [False, True], ids=["per_source", "per_record_packed"])
+def test_a_teacher_of_another_tokenizer_and_a_live_one_in_one_run_each_log_their_own_kl(tiny, pair_teacher, tmp_path,
+                                                                                         per_record):
+    """On 2 ranks, samples taught by the pair teacher across tokenizers and by the live teacher of the student's
+    tokenizer, by source, or by record (packed, with an eval source whose records name their teachers): each logs
+    kl_<name> over its own rows, the span term's count is the cross teacher's, and the run-wide KL (not one figure
+    across the two) is not logged."""
+    import yaml
+
+    teachers = {"cross": {"teacher_model": pair_teacher, "cross_tokenizer": True},
+                "live": {"teacher_model": tiny["teacher"]}}
+    if per_record:
+        routing = {"teacher_key": "domain"}
+        data = dict(dataset=_routed_records(tiny, tmp_path / "train.jsonl", lambda i: ["cross", "live"][i % 3 == 0]),
+                    eval_dataset=_routed_records({"train": tiny["eval"]}, tmp_path / "eval.jsonl",
+                                                 lambda i: ["cross", "live"][i % 2]),
+                    packing_samples="true", max_len=64)
+    else:
+        routing = {"dataset_teachers": "cross,live"}
+        data = dict(dataset=",".join(_two_sources(tiny, tmp_path)), eval_holdout_ratio=0.1)
+    (tmp_path / "routed.yaml").write_text(yaml.safe_dump({"teachers": teachers, **routing}))
+    proc = torchrun([TRAIN, "--config", str(tmp_path / "routed.yaml"),
+                     *train_args(tiny, tmp_path / "run", teacher_model=None, max_steps=2, eval_steps=2, **data)])
+    assert re.search(r"teacher 'cross' \(cross_tokenizer; .*, runs on every micro-batch \(collective\)\):", proc.stdout)
     assert "align one to one with a teacher token" in proc.stdout
     metrics = read_metrics(tmp_path / "run")
     for record in metrics:
         prefix = "eval_" if "eval_loss" in record else ""
         for name in ("cross", "live"):
             assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
-        assert record[f"{prefix}span_tokens_cross"] == record[f"{prefix}kd_span_tokens"] > 0
+        assert record[f"{prefix}span_tokens_cross"] == record[f"{prefix}kd_span_tokens"]
         assert f"{prefix}kl" not in record and f"{prefix}span_tokens_live" not in record
+    assert sum(record.get("span_tokens_cross", 0) for record in metrics) > 0
     assert any("eval_kl_cross" in record for record in metrics)
 
 
