@@ -313,14 +313,15 @@ def _teachers_yaml(path, teachers: dict, routing: str):
 def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path, request, across):
     """On 2 ranks (a live teacher is collective there: it runs on stand-ins where a rank has none of its rows), the
     routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'. Across
-    tokenizers (the pair student, the pair teacher) each source is tokenized with its teacher's tokens and the
-    left-out counts are the routes' together."""
+    tokenizers (the pair student, the pair teacher) each source is tokenized with its teacher's tokens, the left-out
+    counts are the routes' together, and one sample per micro-batch makes the other copy run on a stand-in."""
     sources = ",".join(_two_sources(tiny, tmp_path))
     common = dict(dataset=sources, eval_holdout_ratio=0.1, eval_steps=2, logging_steps=1, kd_temperature=2.0)
     own = dict(teacher_model=tiny["teacher"])
     if across:
         own = dict(teacher_model=request.getfixturevalue("pair_teacher"), cross_tokenizer="true")
-        common.update(pretrain=request.getfixturevalue("pair_student"), max_steps=3, eval_steps=3)
+        common.update(pretrain=request.getfixturevalue("pair_student"), max_steps=3, eval_steps=3,
+                      micro_train_batch_size=1, train_batch_size=4)  # each micro-batch a stand-in for one copy
     torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common, **own)])
     routed = _teachers_yaml(tmp_path / "routed.yaml", {"a": own, "b": own}, "a,b")
     torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
