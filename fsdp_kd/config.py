@@ -102,7 +102,7 @@ class TrainConfig:
                                                   "system role)")
     cross_tokenizer: bool = opt(False, "the teacher has its own tokenizer: align the two tokenizations by bytes and "
                                        "distil over the tokens both vocabularies spell alike, plus ULD "
-                                       "(docs/cross_tokenizer.md)")
+                                       "(docs/cross_tokenizer.md); with teachers, a teacher's own key")
     uld_weight: float = opt(1.0, "cross_tokenizer: the weight of the ULD part (tokens without a counterpart, by "
                                  "rank) beside the exact part; 0: the exact part alone")
     uld_topk: int = opt(64, "cross_tokenizer: each side's most likely tokens without a counterpart that ULD sorts")
@@ -132,9 +132,9 @@ class TrainConfig:
     teacher_resident: bool = opt(False, "keep the teacher gathered after its first forward: no gathers per step, but "
                                         "needs its full size free on every device")
     teachers: dict | None = opt(None, "several teachers: name -> that teacher's own keys (teacher_model or "
-                                      "teacher_cache, teacher_offload, teacher_ranks, kd_loss, kd_temperature ...), "
-                                      "routed by dataset_teachers; a flag takes it as inline YAML "
-                                      "(docs/several_teachers.md)")
+                                      "teacher_cache, teacher_offload, teacher_ranks, cross_tokenizer, kd_loss, "
+                                      "kd_temperature ...), routed by dataset_teachers; a flag takes it as inline "
+                                      "YAML (docs/several_teachers.md)")
     teacher_ranks: int = opt(0, "run the teacher on the last N ranks of the job (FSDP2 over those), which send the "
                                 "student ranks its hidden states: 0 shares every rank (docs/scale_out.md); with "
                                 "teachers, a teacher's own key: each such teacher's block after the student ranks, "

@@ -15,7 +15,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from .cross_tokenizer import LEFT_OUT, in_spans, span_taught
+from .cross_tokenizer import LEFT_OUT, UNALIGNED_SAMPLE, in_spans, span_taught
 from .records import IGNORE_INDEX, DataError, Sample
 
 
@@ -400,44 +400,59 @@ def _varlen_layout(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(starts.astype(np.int32)), int(np.diff(starts).max())
 
 
-def collate(samples: list[Sample], pad_id: int, teachers: int = 0) -> MicroBatch:
-    """One sample per row, right-padded; with `teachers` (several, `routing`), each one's `Route` too."""
+def collate(samples: list[Sample], pad_id: int, teachers: Sequence[bool] = ()) -> MicroBatch:
+    """One sample per row, right-padded; with `teachers` (several, `routing`: whether each reads its own tokens),
+    each one's `Route` too."""
     return _collate_rows([[s] for s in samples], pad_id, packed=False, teachers=teachers)
 
 
-def collate_packed(samples: list[Sample], max_len: int, pad_id: int, teachers: int = 0) -> MicroBatch:
+def collate_packed(samples: list[Sample], max_len: int, pad_id: int, teachers: Sequence[bool] = ()) -> MicroBatch:
     """The micro-batch's samples packed into as few rows of at most max_len as first-fit-decreasing finds."""
     return _collate_rows(pack(samples, max_len), pad_id, packed=True, teachers=teachers)
 
 
-def _routes(rows: list[list[Sample]], pad_id: int, packed: bool, teachers: int) -> list[Route]:
-    """Per teacher index, its samples laid out in the same rows and order (`Route`), from each sample's `teacher`."""
+NO_TEACHER_TOKENS = {"teacher_ids": None, "teacher_positions": None, "teacher_spans": None}
+
+
+def _routes(rows: list[list[Sample]], pad_id: int, packed: bool, teachers: Sequence[bool]) -> list[Route]:
+    """Per teacher index, its samples laid out in the same rows and order (`Route`), from each sample's `teacher`;
+    a teacher that reads its own tokens (`teachers[t]`) gets them laid out (`MicroBatch.teacher`), another none (a
+    sample routed per record holds empty ones of a teacher that reads the student's). A teacher with no sample here
+    gets a masked stand-in, with no teacher tokens at all where it reads its own (one padding slot: `_teacher_rows`)."""
     owner = np.repeat([s.teacher for row in rows for s in row], [s.trainable_tokens for row in rows for s in row])
     routes = []
-    for t in range(teachers):
-        mine = [[s for s in row if s.teacher == t] for row in rows]
+    for t, own in enumerate(teachers):
+        mine = [[s if own else dataclasses.replace(s, **NO_TEACHER_TOKENS) for s in row if s.teacher == t]
+                for row in rows]
         mine = [row for row in mine if row]
         rows_at = torch.from_numpy(np.flatnonzero(owner == t).astype(np.int64))
         if not rows_at.numel():
-            mine = [[masked_copy(rows[0][0])]]
+            stand_in = masked_copy(rows[0][0])
+            tokens = (dict(teacher_ids=[], teacher_positions=[UNALIGNED_SAMPLE] * len(stand_in.input_ids),
+                           teacher_spans=[]) if own else NO_TEACHER_TOKENS)
+            mine = [[dataclasses.replace(stand_in, **tokens)]]
         routes.append(Route(_collate_rows(mine, pad_id, packed), rows_at, rows_at.numel()))
     return routes
 
 
-def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool, teachers: int = 0) -> MicroBatch:
-    """Each row's samples one after the other, then padding; segments and restarting positions when packed."""
+def _collate_rows(rows: list[list[Sample]], pad_id: int, packed: bool, teachers: Sequence[bool] = ()) -> MicroBatch:
+    """Each row's samples one after the other, then padding; segments and restarting positions when packed. The
+    teacher's tokens are laid out where every sample has them and the batch is not routed; routed, in each route of
+    a teacher that reads its own, and the batch's `left_out` counts are the routes' together."""
     ids, mask, segments, positions, _ = _row_layout([[s.input_ids for s in row] for row in rows], pad_id)
     targets = torch.full_like(ids, IGNORE_INDEX)
     targets[mask.bool()] = torch.tensor([t for row in rows for s in row for t in s.targets], dtype=torch.long)
     keys = [(s.source, s.row) for row in rows for s in row if s.trainable_tokens]
-    routes = _routes(rows, pad_id, packed, teachers) if teachers else []
-    if rows[0][0].teacher_ids is None:
-        return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
-                          sample_keys=keys, routes=routes)
+    layout = dict(segment_ids=segments if packed else None, position_ids=positions if packed else None,
+                  sample_keys=keys)
+    if teachers:
+        routes = _routes(rows, pad_id, packed, teachers)
+        left_out = tuple(map(sum, zip(*(route.batch.left_out for route in routes))))
+        return MicroBatch(ids, mask, targets, **layout, left_out=left_out, routes=routes)
+    if any(s.teacher_ids is None for row in rows for s in row):
+        return MicroBatch(ids, mask, targets, **layout)
     teacher, aligned, spans, left_out = _teacher_rows(rows, packed)
-    return MicroBatch(ids, mask, targets, segments if packed else None, positions if packed else None,
-                      sample_keys=keys, teacher=teacher, aligned=aligned, spans=spans, left_out=left_out,
-                      routes=routes)
+    return MicroBatch(ids, mask, targets, **layout, teacher=teacher, aligned=aligned, spans=spans, left_out=left_out)
 
 
 def _row_layout(rows: list[list[list[int]]], pad_id: int):

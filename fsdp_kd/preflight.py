@@ -7,6 +7,7 @@ The trainer calls these in order; each failure is one line naming the key and th
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -132,8 +133,11 @@ class TrainingData:
 
 def open_training_data(spec: DataSpec, env: DistEnv, tokenizer, log=print, retokenize=None) -> TrainingData:
     """Each source is tokenized once per node into the cache and read memory-mapped (`tokenized`), with a teacher's
-    own tokens of each sample if `retokenize` gives them; the held-out samples are the eval data set, or a seeded
+    own tokens of each sample if `retokenize` gives them (several teachers: a dict by name of those that read their
+    own, each sample taking its teacher's by its route); the held-out samples are the eval data set, or a seeded
     share of the training data (`eval_holdout_ratio`)."""
+    if spec.routing is not None and retokenize is not None:
+        retokenize = functools.partial(spec.routing.own_tokens, tokenizations=retokenize)
     sources, eval_source = open_sources(spec.sources, tokenizer, env.local_rank, all_gather_object, log, retokenize)
     fingerprint = ckpt.data_fingerprint(sources)
     every_source = sources + ([eval_source] if eval_source is not None else [])

@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 from contextlib import ExitStack, contextmanager, nullcontext
 
+import numpy as np
 import torch
 
-from .data import MicroBatch, Route
+from .data import MicroBatch, Route, Rows
 from .errors import ConfigError
 from .kernel import METRIC_NAMES
 from .routing import RowRouting, loss_overrides, mixture_weights, row_routing, teacher_configs
@@ -87,8 +88,8 @@ class RoutedTargets:
 class RoutedTeachers:
     """The run's teachers by name, each an ordinary `Teacher`, routed per source or per record (`routing`), or, with
     `weights`, all of them on every row, a teacher of weight 0 never run. It answers what a run asks of one teacher
-    (`teacher.Teacher`) by asking each of them about its own rows."""
-    retokenize = None
+    (`teacher.Teacher`) by asking each of them about its own rows; its `retokenize` is, by name, the tokenization
+    of each teacher that reads its own tokens (`cross_tokenizer`), which the samples routed to it get, or None."""
     distills = True
     teacher_vocab_size = 0  # no head of its own: each teacher loads its own
 
@@ -96,16 +97,20 @@ class RoutedTeachers:
                  routing: RowRouting | None, weights: tuple[float, ...] | None = None):
         self.members, self.kinds, self.overrides, self.routing = members, kinds, overrides, routing
         self.weights = weights
-        sizes = {name: member.vocab_size for name, member in members.items()}
+        self.retokenize = {name: m.retokenize for name, m in members.items() if m.retokenize is not None} or None
+        sizes = {name: member.vocab_size for name, member in members.items()}  # the loss's, the student's tokens
         if len(set(sizes.values())) > 1:
-            raise ConfigError(f"key teachers: the teachers' vocabularies differ ({sizes}); each teacher must cover "
-                              "the same vocabulary of the student's tokenizer")
+            raise ConfigError(f"key teachers: the teachers' loss vocabularies differ ({sizes}); each teacher must "
+                              "cover the same vocabulary of the student's tokenizer")
         self.vocab_size = next(iter(sizes.values()))
         # a metric of the whole run only where every teacher gives it under one name; each teacher's, by name
         self.metric_groups = {name: member.metric_names for name, member in members.items()}
         agreed = {k: {names.get(k, k) for names in self.metric_groups.values()} for k in METRIC_NAMES
                   if k not in COUNTS}  # counts are the run's, never renamed
         self.metric_names = {k: None if len(names) > 1 else names.pop() for k, names in agreed.items()}
+        # the span term's count is logged where some teacher teaches groups of several tokens (across tokenizers)
+        spans = {names["span_tokens"] for names in self.metric_groups.values() if names.get("span_tokens")}
+        self.metric_names.update(span_tokens=spans.pop() if spans else None)
         self.collective = dict.fromkeys(members, False)
 
     @classmethod
@@ -124,9 +129,14 @@ class RoutedTeachers:
         return [s for s, t in zip(sources, self.routing.sources) if t == index]
 
     def check(self, tokenizer, sources, env) -> None:
-        """Each teacher against the sources routed to it (one on ranks of its own, on its block of them)."""
+        """Each teacher against the sources routed to it (one on ranks of its own, on its block of them); one that
+        reads its own tokens, routed per record, against its own records of them (the others hold none of its
+        tokens)."""
         for index, (name, member) in enumerate(self.members.items()):
-            member.check(tokenizer, self._sources(index, sources), env.for_teacher(name))
+            own = self._sources(index, sources)
+            if member.retokenize is not None and self.routing is not None and self.routing.key is not None:
+                own = [Rows(s, np.flatnonzero(self.routing.teachers(None, s) == index)) for s in own]
+            member.check(tokenizer, own, env.for_teacher(name))
 
     def load(self, env, dtype: torch.dtype) -> None:
         for name, member in self.members.items():

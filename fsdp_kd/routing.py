@@ -22,7 +22,7 @@ from .errors import ConfigError
 
 # the keys a teacher of `teachers` may set for itself; the rest of its config is the run's
 TEACHER_KEYS = ("teacher_model", "teacher_cache", "teacher_offload", "teacher_resident", "teacher_sharding_strategy",
-                "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n", "teacher_ranks")
+                "kd_loss", "kd_temperature", "cache_mode", "cache_k", "cache_n", "teacher_ranks", "cross_tokenizer")
 # the keys of the run a teacher's own config leaves out: the routing itself
 ROUTING_KEYS = ("teachers", "dataset_teachers", "teacher_key", "teacher_weights")
 # a teacher's own loss settings, as the `loss.LossSpec` fields they set
@@ -32,15 +32,10 @@ NOT_WITH_TEACHERS = {
     "teacher_model": "each teacher names its own under teachers",
     "teacher_cache": "each teacher names its own under teachers",
     "teacher_ranks": "a teacher on ranks of its own takes them as its own key (teachers.<name>.teacher_ranks)",
-    "cross_tokenizer": "teachers of another tokenizer are not supported with several teachers yet",
+    "cross_tokenizer": "set it per teacher (teachers.<name>.cross_tokenizer: true)",
     "on_policy_ratio": "on-policy distillation is not supported with several teachers yet",
     "teacher_context_key": "a teacher's privileged context is not supported with several teachers yet",
     "teacher_system_prompt": "a teacher's privileged context is not supported with several teachers yet",
-}
-# keys a one-teacher run takes that a teacher of `teachers` does not take yet, why, and the fix
-NOT_IN_A_TEACHER = {
-    "cross_tokenizer": "a teacher of another tokenizer is not supported inside teachers yet; distil from it in a "
-                       "run of its own (cross_tokenizer: true)",
 }
 NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -67,10 +62,6 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         if not isinstance(keys, dict):
             fail("teachers", f"{here}: expects a mapping of that teacher's keys, e.g. {{teacher_model: path}}, got "
                              f"{keys!r}")
-        refused = [k for k in keys if k in NOT_IN_A_TEACHER]
-        if refused:
-            fail("teachers", f"{here}.{refused[0]}: {NOT_IN_A_TEACHER[refused[0]]} (docs/several_teachers.md says "
-                             "what it would need)")
         unknown = [k for k in keys if k not in TEACHER_KEYS]
         if unknown:
             fail("teachers", f"{here}: unknown key '{unknown[0]}'; a teacher takes {', '.join(TEACHER_KEYS)}")
@@ -85,6 +76,11 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         fail(routings[1], f"{' and '.join(routings)} are each a routing (by source, by record, a weighted mixture "
                           "for every token): choose one")
     if cfg.teacher_weights is not None:
+        across = [name for name, keys in cfg.teachers.items() if keys.get("cross_tokenizer")]
+        if across:
+            fail("teacher_weights", f"teacher_weights with teachers.{across[0]}.cross_tokenizer: a mixture needs that "
+                                    "teacher's own tokens on every sample, and a sample holds those of one teacher "
+                                    "only; route per source (dataset_teachers) or per record (teacher_key)")
         weights = mixture_weights(cfg.teacher_weights)
         if weights is None or len(weights) != len(cfg.teachers):
             fail("teacher_weights", f"teacher_weights needs one non-negative weight per teacher "
@@ -152,7 +148,20 @@ class RowRouting:
         """Each sample's teacher index in training source `source` (None: the eval source) read as `table`."""
         if self.key is not None:
             return table.teachers(self.names, self.key)
-        return np.full(len(table), self.sources[source], dtype=np.int64)
+        return np.full(len(table), self._teacher_of(source), dtype=np.int64)
+
+    def _teacher_of(self, source: int | None) -> int:
+        """The teacher index of training source `source`; the eval source (None) has one only where every source
+        has the same (one teacher: `check_routing` refuses an eval_dataset with dataset_teachers)."""
+        return self.sources[0 if source is None else source]
+
+    def own_tokens(self, source: int | None, tokenizations: dict):
+        """What gives the samples of training source `source` (None: the eval source) their teacher's own tokens,
+        of `tokenizations` (by teacher name, those that read their own): per record, all of them, each record taking
+        its teacher's (`tokenized`); per source, its teacher's, or None where it reads the student's tokens."""
+        if self.key is not None:
+            return tokenizations
+        return tokenizations.get(self.names[self._teacher_of(source)])
 
 
 def mixture_weights(text: str) -> tuple[float, ...] | None:
@@ -166,10 +175,13 @@ def mixture_weights(text: str) -> tuple[float, ...] | None:
     return tuple(w / sum(weights) for w in weights)
 
 
-def routed_count(cfg) -> int:
-    """How many teachers the samples are routed among (each micro-batch then carries each one's `data.Route`); 0
-    with one teacher of its own or a mixture."""
-    return 0 if cfg.teachers is None or cfg.teacher_weights is not None else len(cfg.teachers)
+def routed_tokens(cfg, tokenizations: dict | None) -> tuple[bool, ...]:
+    """Per teacher the samples are routed among (each micro-batch then carries each one's `data.Route`), whether it
+    reads its own tokens of them (it has a tokenization in `tokenizations`, by name: a live `cross_tokenizer`
+    teacher); none with one teacher of its own or a mixture."""
+    if cfg.teachers is None or cfg.teacher_weights is not None:
+        return ()
+    return tuple(name in (tokenizations or {}) for name in cfg.teachers)
 
 
 def row_routing(cfg) -> RowRouting | None:

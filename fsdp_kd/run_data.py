@@ -21,7 +21,9 @@ class RunData:
     pad_id: int
     packing: bool
     max_len: int
-    teachers: int = 0  # several teachers (`routing`): how many, so each micro-batch carries each one's `Route`
+    # several teachers (`routing`): per teacher, whether it reads its own tokens, so each micro-batch carries each
+    # one's `Route` (with its tokens laid out where it does)
+    teachers: tuple[bool, ...] = ()
 
     def collate(self, samples: list[Sample]) -> MicroBatch:
         if self.packing:

@@ -31,7 +31,7 @@ from .run_log import METRICS_FILE, MetricsLog, check_logger_packages
 from .sharding import ShardedCausalLM, StudentSharding, parameter_count
 from .startup import CLOCK
 from .routed_teacher import open_teachers
-from .routing import routed_count
+from .routing import routed_tokens
 from .teacher import Teacher
 from .teacher_ranks import students_checked
 from .tokenizer_compat import padding_id, student_tokenizer
@@ -74,7 +74,7 @@ def preflight(cfg: TrainConfig, env: DistEnv, log) -> Preflight:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
     data = RunData(opened.train, opened.held_out, opened.order, sampler, padding_id(tokenizer), cfg.packing_samples,
-                   cfg.max_len, routed_count(cfg))
+                   cfg.max_len, routed_tokens(cfg, teacher.retokenize))
     data.report_padding(total_steps, log)
     CLOCK.lap("data")
     teacher.check(tokenizer, opened.sources, env)

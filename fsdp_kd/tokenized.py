@@ -85,7 +85,7 @@ def source_files(path: str) -> list[str]:
 def cache_key(path: str, split: str, max_samples: int | None, settings: TokenSettings, tokenizer,
               teacher=None, teacher_key: str | None = None) -> dict:
     """Everything that changes the tokenized samples of one source (and, with a teacher of its own tokenizer, its
-    tokens of them)."""
+    tokens of them; routed per record, each such teacher's by its name)."""
     if looks_local(path):
         source = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in source_files(path)]
     else:
@@ -94,11 +94,15 @@ def cache_key(path: str, split: str, max_samples: int | None, settings: TokenSet
            "tokenizer": tokenizer_fingerprint(tokenizer),
            "settings": dataclasses.asdict(settings)}
     if teacher is not None:
-        key["teacher_tokenizer"] = [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION, teacher.max_positions,
-                                    *teacher.rendering]
+        key["teacher_tokenizer"] = ({name: _tokenization_key(t) for name, t in sorted(teacher.items())}
+                                    if isinstance(teacher, dict) else _tokenization_key(teacher))
     if teacher_key is not None:
         key["teacher_key"] = teacher_key
     return key
+
+
+def _tokenization_key(teacher) -> list:
+    return [tokenizer_fingerprint(teacher.tokenizer), ALIGNMENT_VERSION, teacher.max_positions, *teacher.rendering]
 
 
 class TokenizedDataset:
@@ -184,6 +188,8 @@ def spans_of(sample: Sample) -> list[int]:
 
 def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=None, teacher_key: str | None = None
                     ) -> dict:
+    """Each record's sample, with its teacher's own tokens where `teacher` gives them: one teacher's for every
+    record, or (routed per record) a dict by teacher name of those that read their own, the record's teacher's."""
     out: dict[str, list] = {"input_ids": [], "spans": [], "length": [], "truncated": [], "error": []}
     if teacher is not None:
         out.update({name: [] for name in TEACHER_COLUMNS})
@@ -195,10 +201,11 @@ def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=Non
             record = parse_record(text, where)
             sample, cut = record_to_sample(record, settings, tokenizer, where)
             named = teacher_named(record, teacher_key, where) if teacher_key is not None else ""
+            own = teacher.get(named) if isinstance(teacher, dict) else teacher
             if sample.trainable_tokens == 0:
                 error = NO_TARGET
-            elif teacher is not None:
-                columns = teacher.record_columns(record, sample, settings, where)
+            elif own is not None:
+                columns = own.record_columns(record, sample, settings, where)
         except DataError as e:
             error = str(e)
         out["input_ids"].append(sample.input_ids)
@@ -247,15 +254,17 @@ def open_tokenized(path: str, split: str, max_samples: int | None, settings: Tok
 def open_sources(sources: DataSources, tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda e: [e],
                  log=print, teacher=None) -> tuple[list[TokenizedDataset], TokenizedDataset | None]:
     """A run's training sources and its eval source (or None); with `teacher` (a
-    `cross_tokenizer.TeacherTokenization`), each sample holds the teacher's tokens too."""
-    def source(path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
+    `cross_tokenizer.TeacherTokenization`), each sample holds the teacher's tokens too. Several teachers give a
+    function of each source's index (None: the eval source) instead (`routing.RowRouting.own_tokens`)."""
+    def source(k: int | None, path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
         table = open_tokenized(path, split, max_samples, sources.settings, sources.cache_dir, tokenizer, local_rank,
-                               share, log, teacher, sources.teacher_key)
+                               share, log, teacher(k) if callable(teacher) else teacher, sources.teacher_key)
         log(table.stats.summary(f"{what} {path}"))
         return table
 
-    train = [source(path, sources.train_split, sources.max_samples, "train data") for path in sources.train_paths]
-    held_out = (source(sources.eval_path, sources.eval_split, sources.max_eval_samples, "eval data")
+    train = [source(k, path, sources.train_split, sources.max_samples, "train data")
+             for k, path in enumerate(sources.train_paths)]
+    held_out = (source(None, sources.eval_path, sources.eval_split, sources.max_eval_samples, "eval data")
                 if sources.eval_path else None)
     return train, held_out
 
@@ -280,7 +289,8 @@ def build_tokenized(path: str, split: str, max_samples: int | None, settings: To
             "input_ids": datasets.List(datasets.Value("int32")), "spans": datasets.List(datasets.Value("int32")),
             "length": datasets.Value("int32"), "truncated": datasets.Value("bool"),
             "error": datasets.Value("string"),
-            **({name: datasets.List(datasets.Value("int32")) for name in TEACHER_COLUMNS} if teacher else {}),
+            **({name: datasets.List(datasets.Value("int32")) for name in TEACHER_COLUMNS}
+               if teacher is not None else {}),
             **({name: datasets.Value("string") for name in ROUTE_COLUMNS} if teacher_key is not None else {})})
         workers = max(1, min(os.cpu_count() or 1, len(raw) // 1000))
         datasets.enable_progress_bars()

@@ -69,6 +69,64 @@ def test_the_routed_loss_equals_each_teachers_dense_loss_over_its_rows():
     torch.testing.assert_close(by_teacher.sum(0), summed(loss, metrics)[:len(SUMMED)])
 
 
+def test_a_cross_tokenizer_teachers_part_is_its_one_teacher_loss_over_its_rows(tiny, pair_student, pair_teacher):
+    """A teacher of another tokenizer and a live one, routed per sample: the cross-tokenizer part (its span rows after
+    its aligned ones) scores the student's rows of its samples as a one-teacher batch of those samples alone does,
+    the live part as the dense reference; loss, gradients and the micro-batch's left-out counts add up."""
+    from transformers import AutoTokenizer
+
+    from fsdp_kd.cross_tokenizer import TokenBytes, shared_vocabulary
+    from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap
+    from test_cross_tokenizer_runs import _samples
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(pair_student), AutoTokenizer.from_pretrained(pair_teacher)
+    texts = ["abcd:ABCDEF", "hgfe:GHA", "abab:CDCDCDAB", "dcba:BCDE", "cdcd:EFGHABCDA", "bada:IJBA"]
+    samples = [dataclasses.replace(s, teacher=t) if t == 0 else dataclasses.replace(
+        Sample(s.input_ids, s.targets), teacher=t) for s, t in zip(_samples(s_tok, t_tok, texts), (0, 1, 0, 1, 1, 0))]
+    batch = collate(samples, 0, teachers=(True, False))
+    alone = collate([s for s in samples if s.teacher == 0], 0)  # the one-teacher batch of its samples
+    cross, live = batch.routes
+    assert alone.spans.teacher_rows > 0 and cross.batch.teacher.target_rows.shape[0] > cross.count
+    assert torch.equal(cross.batch.teacher.target_ids, alone.teacher.target_ids)
+    assert live.batch.teacher is None and batch.teacher is None  # routed: its own tokens in its route alone
+    assert batch.left_out == alone.left_out
+    stand_in = collate([s for s in samples if s.teacher == 1], 0, teachers=(True, False)).routes[0]
+    assert stand_in.count == 0 and stand_in.batch.teacher.target_rows.numel() == 0  # none of another's tokens
+
+    g = torch.Generator().manual_seed(2)
+    vs, vt = len(s_tok), len(t_tok)
+    h_s = torch.randn(batch.trainable_tokens, HS, generator=g).requires_grad_()
+    w_s = (torch.randn(vs, HS, generator=g) * 0.5).requires_grad_()
+    embed, w_t = torch.randn(vt, HT, generator=g), torch.randn(vt, HT, generator=g) * 2
+    live_hidden, w_live = torch.randn(live.count, HT, generator=g), torch.randn(vs, HT, generator=g)
+    shared = shared_vocabulary(TokenBytes.of(s_tok), TokenBytes.of(t_tok))
+    vmap = VocabMap(torch.from_numpy(shared.student_ids), torch.from_numpy(shared.teacher_ids), vs, vt)
+
+    def teacher_targets(mb):  # a teacher "model" of its own tokens: each row's hidden state from the token it reads
+        hidden = embed[mb.teacher.input_ids.flatten()[mb.teacher.target_rows]]
+        return CrossVocabTargets(hidden, Head(w_t), mb.teacher.target_ids, vmap, 0.5, 8, mb.aligned, mb.spans)
+
+    spec = LossSpec(kd_coef=0.6, vocab_chunk=7, token_chunk=5)
+    parts = [Part(0, cross.rows, teacher_targets(cross.batch), {}),
+             Part(1, live.rows, LiveTargets(live_hidden, Head(w_live, None)), {"divergence": "jsd"})]
+    loss, metrics = RoutedTargets(parts, 2).scored(
+        lambda h, labels, spec_, targets: loss_against(h, w_s, labels, spec_, vs, targets), h_s, batch.target_ids,
+        spec)
+    grads = torch.autograd.grad(loss, (h_s, w_s))
+
+    assert torch.equal(batch.target_ids[cross.rows], alone.target_ids)
+    ref_cross, cross_metrics = loss_against(h_s[cross.rows], w_s, alone.target_ids, spec, vs, teacher_targets(alone))
+    ref_live, _ = dense_distillation_loss(h_s[live.rows], w_s, batch.target_ids[live.rows],
+                                          dataclasses.replace(spec, divergence="jsd"), vs, live_hidden, w_live)
+    ref_grads = torch.autograd.grad(ref_cross + ref_live, (h_s, w_s))
+    assert float(loss.detach()) == pytest.approx(float((ref_cross + ref_live).detach()), rel=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    row = metrics["by_teacher"][0]
+    assert float(row[SUMMED.index("span_tokens")]) == float(cross_metrics["span_tokens"]) > 0
+    assert float(row[SUMMED.index("kl")]) == pytest.approx(float(cross_metrics["kl"]), rel=1e-5)
+
+
 @pytest.mark.parametrize("weights", [(0.7, 0.3), (0.0, 1.0)])
 def test_a_weighted_mixture_is_the_weighted_sum_of_each_teachers_dense_divergence(weights):
     """Every row to both teachers (their own kd_loss and τ): loss = (1 - c)·CE + c·Σ w_t·D_t, gradients alike; the
@@ -131,7 +189,8 @@ def test_a_micro_batchs_routes_hold_each_teachers_samples_at_its_rows(packed):
     teacher with no sample gets a stand-in with no rows."""
     samples = [Sample(list(range(1, n + 1)), [-100] * (n // 2) + list(range(50, 50 + n - n // 2)), teacher=t)
                for n, t in ((5, 0), (8, 2), (3, 0), (6, 2), (4, 0))]
-    batch = collate_packed(samples, 12, 0, teachers=3) if packed else collate(samples, 0, teachers=3)
+    routes = (False,) * 3  # three teachers, none reading its own tokens
+    batch = collate_packed(samples, 12, 0, teachers=routes) if packed else collate(samples, 0, teachers=routes)
     assert [r.count for r in batch.routes] == [sum(s.trainable_tokens for s in samples if s.teacher == t)
                                                for t in range(3)]
     for route in batch.routes:
@@ -180,9 +239,12 @@ def test_teachers_and_their_routing_are_read_with_each_teachers_own_keys(tmp_pat
      r"command line --teachers teachers.math.teacher_ranks: teacher_ranks runs the teacher_model on ranks of its own"),
     ("dataset_teachers: math,chat\nteacher_ranks: 1\n", (), r"run.yaml:8: teacher_ranks is set with teachers: a "
                                                            r"teacher on ranks of its own takes them as its own key"),
-    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_model: t, "
-                                                     "cross_tokenizer: true}}"),
-     r"key teachers.chat.cross_tokenizer: a teacher of another tokenizer is not supported inside teachers yet"),
+    ("teacher_weights: 1,1\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_model: t, "
+                                             "cross_tokenizer: true}}"),
+     r"run.yaml:7: teacher_weights with teachers.chat.cross_tokenizer: a mixture needs that teacher's own tokens on "
+     r"every sample"),
+    ("dataset_teachers: math,chat\ncross_tokenizer: true\n", (), r"run.yaml:8: cross_tokenizer is set with teachers: "
+                                                                 r"set it per teacher"),
     ("dataset_teachers: math,chat\nteacher_model: t\n", (), r"run.yaml:8: teacher_model is set with teachers: each "
                                                             r"teacher names its own under teachers"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, kd_loss: kl}, chat: {teacher_model: "
@@ -243,6 +305,16 @@ def test_a_run_is_routed_one_way(tmp_path, extra, message):
             config(tmp_path, extra)
 
 
+def test_one_teacher_of_teachers_routes_an_eval_source_to_itself(tmp_path):
+    from fsdp_kd.routing import row_routing
+
+    cfg = parse_config(["--pretrain", "s", "--dataset", "a.jsonl", "--eval_dataset", "e.jsonl", "--teachers",
+                        "{x: {teacher_model: t, cross_tokenizer: true}}"])
+    routing = row_routing(cfg)
+    assert routing.teachers(None, [None] * 3).tolist() == [0, 0, 0]
+    assert routing.own_tokens(None, {"x": "its tokens"}) == routing.own_tokens(0, {"x": "its tokens"}) == "its tokens"
+
+
 def test_resume_refuses_a_changed_routing_naming_it(tmp_path):
     saved = config(tmp_path).to_dict()
     assert resume_mismatches(saved, config(tmp_path).to_dict()) == []
@@ -271,26 +343,38 @@ def _teachers_yaml(path, teachers: dict, routing: str):
     return str(path)
 
 
-@pytest.mark.parametrize("own_ranks", ["", "ab", "a"], ids=["co_located", "each_on_a_rank_of_its_own",
-                                                           "one_on_a_rank_of_its_own"])
-def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path, own_ranks):
+LAYOUTS = {"co_located": "", "each_on_a_rank_of_its_own": "ab", "one_on_a_rank_of_its_own": "a",
+           "cross_tokenizer": ""}  # the copies on a rank of their own
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_teacher(tiny, tmp_path, request, layout):
     """On 2 ranks (a live teacher is collective there: it runs on stand-ins where a rank has none of its rows), the
-    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'. The
-    copies named in `own_ranks` each run on a rank of its own (`teachers.<name>.teacher_ranks: 1`), after the student
-    ranks: both (1 student rank, as the one-teacher run it equals: a world of 3), or one beside the other co-located
-    (2 student ranks, a world of 3), whose rank serves both student ranks in turn. Such a copy runs on every
-    micro-batch of every student rank (a stand-in where it has none of its rows)."""
+    routed run's every logged figure equals the one-teacher run's, and each copy's figures are its own rows'.
+
+    The copies named in `LAYOUTS` each run on a rank of its own (`teachers.<name>.teacher_ranks: 1`), after the
+    student ranks: both (1 student rank, as the one-teacher run it equals: a world of 3), or one beside the other
+    co-located (2 student ranks, a world of 3), whose rank serves both student ranks in turn. Such a copy runs on
+    every micro-batch of every student rank (a stand-in where it has none of its rows). Across tokenizers (the pair
+    student, the pair teacher) each source is tokenized with its teacher's tokens, the left-out counts are the
+    routes' together, and one sample per micro-batch makes the other copy run on a stand-in."""
+    own_ranks, across = LAYOUTS[layout], layout == "cross_tokenizer"
     sources = ",".join(_two_sources(tiny, tmp_path))
     common = dict(dataset=sources, eval_holdout_ratio=0.1, eval_steps=2, logging_steps=1, kd_temperature=2.0)
+    own = dict(teacher_model=tiny["teacher"])
+    if across:
+        own = dict(teacher_model=request.getfixturevalue("pair_teacher"), cross_tokenizer="true")
+        common.update(pretrain=request.getfixturevalue("pair_student"), max_steps=3, eval_steps=3,
+                      micro_train_batch_size=1, train_batch_size=4)  # each micro-batch a stand-in for one copy
     students = 1 if own_ranks == "ab" else 2
-    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)], nproc=students)
-    routed = _teachers_yaml(tmp_path / "routed.yaml", {n: {"teacher_model": tiny["teacher"],
-                                                           **({"teacher_ranks": 1} if n in own_ranks else {})}
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common, **own)], nproc=students)
+    routed = _teachers_yaml(tmp_path / "routed.yaml", {n: {**own, **({"teacher_ranks": 1} if n in own_ranks else {})}
                                                        for n in "ab"}, "a,b")
     proc = torchrun([TRAIN, "--config", routed, *train_args(tiny, tmp_path / "two", teacher_model=None, **common)],
                     nproc=students + len(own_ranks))
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 6
+    assert len(one) == len(two) == (4 if across else 6)
+    kl = "kl_shared_buckets" if across else "kl"
     for a, b in zip(one, two):
         for name, value in a.items():
             if name not in ("tokens_per_sec", "peak_mem_gb"):
@@ -298,8 +382,12 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         prefix = "eval_" if "eval_loss" in a else ""
         tokens = {n: b[f"{prefix}tokens_{n}"] for n in "ab"}
         assert tokens["a"] > 0 and tokens["b"] > 0 and tokens["a"] + tokens["b"] == b[f"{prefix}tokens"]
-        mixed = sum(b[f"{prefix}kl_{n}"] * tokens[n] for n in "ab") / b[f"{prefix}tokens"]
-        assert mixed == pytest.approx(b[f"{prefix}kl"], rel=1e-5)
+        kd_tokens = {n: b[f"{prefix}kd_tokens_{n}"] for n in "ab"}
+        mixed = sum(b[f"{prefix}kl_{n}"] * kd_tokens[n] for n in "ab") / b[f"{prefix}kd_tokens"]
+        assert mixed == pytest.approx(b[f"{prefix}{kl}"], rel=1e-5)
+    if across:  # the figures compared above include the span term's and the left-out counts
+        assert sum(m["kd_span_tokens"] for m in one if "loss" in m) > 0 and "kd_left_out_unaligned_sample" in one[0]
+        return
     for name in "ab":  # the start-up summary says where each lives
         kind = "teacher_ranks" if name in own_ranks else "live"
         runs = "every micro-batch (collective)" if name in own_ranks or students > 1 else "its rows only"
@@ -372,6 +460,40 @@ def test_two_copies_of_one_teacher_routed_per_record_train_exactly_like_that_tea
         assert record["tokens_a"] + record["tokens_b"] == record["tokens"]
 
 
+def test_routed_per_record_each_record_gets_its_teachers_tokens_and_the_cache_key_names_them(tiny, pair_student,
+                                                                                            pair_teacher, tmp_path):
+    """teacher_key with a teacher of another tokenizer ('x') and one of the student's ('y'): each record of x holds
+    x's tokens of it, computed as for a run of x alone, each of y none; a cache tokenized for another routing of the
+    names is another cache; a micro-batch lays out x's tokens in x's route alone."""
+    from transformers import AutoTokenizer
+
+    from fsdp_kd.config import TrainConfig, token_settings
+    from fsdp_kd.cross_tokenizer import TeacherTokenization, TokenBytes
+    from fsdp_kd.data import RoutedTo
+    from fsdp_kd.tokenized import open_tokenized
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(pair_student), AutoTokenizer.from_pretrained(pair_teacher)
+    data = _routed_records({"train": tiny["eval"]}, tmp_path / "train.jsonl", lambda i: "xy"[i % 3 == 0])
+    x = TeacherTokenization(TokenBytes.of(s_tok), TokenBytes.of(t_tok), t_tok)
+    settings = token_settings(TrainConfig(pretrain="s", dataset=data))
+
+    def tokenized(routing):
+        return open_tokenized(data, "train", None, settings, str(tmp_path / "cache"), s_tok, 0, log=lambda *a: None,
+                              teacher=routing, teacher_key="domain")
+
+    table = tokenized({"x": x})
+    names = table.teachers(("x", "y"), "domain")
+    assert 0 < names.sum() < len(table)
+    for i in range(len(table)):
+        sample = table[i]
+        assert sample.teacher_ids == (x.fields(sample.input_ids)["teacher_ids"] if names[i] == 0 else [])
+    assert tokenized({"x": x}).directory == table.directory
+    assert tokenized({"y": x}).directory != table.directory
+    batch = collate([RoutedTo(table, names)[i] for i in range(6)], 0, teachers=(True, False))
+    assert batch.routes[0].batch.teacher is not None and batch.routes[1].batch.teacher is None
+    assert batch.routes[0].count + batch.routes[1].count == batch.trainable_tokens
+
+
 @pytest.mark.parametrize("name_of, message", [
     (lambda i: None if i == 4 else "a", r"train.jsonl:5: missing key 'domain' \(teacher_key\)"),
     (lambda i: "physics" if i == 6 else "a", r"train.jsonl:7: key 'domain' names the teacher 'physics', which no "
@@ -416,6 +538,42 @@ def test_a_cached_and_a_live_teacher_in_one_run_each_log_their_own_kl(tiny, tmp_
     assert any("eval_kl_cached" in record for record in metrics)
 
 
+@pytest.mark.parametrize("per_record", [False, True], ids=["per_source", "per_record_packed"])
+def test_a_teacher_of_another_tokenizer_and_a_live_one_in_one_run_each_log_their_own_kl(tiny, pair_teacher, tmp_path,
+                                                                                         per_record):
+    """On 2 ranks, samples taught by the pair teacher across tokenizers and by the live teacher of the student's
+    tokenizer, by source, or by record (packed, with an eval source whose records name their teachers): each logs
+    kl_<name> over its own rows, the span term's count is the cross teacher's, and the run-wide KL (not one figure
+    across the two) is not logged."""
+    import yaml
+
+    teachers = {"cross": {"teacher_model": pair_teacher, "cross_tokenizer": True},
+                "live": {"teacher_model": tiny["teacher"]}}
+    if per_record:
+        routing = {"teacher_key": "domain"}
+        data = dict(dataset=_routed_records(tiny, tmp_path / "train.jsonl", lambda i: ["cross", "live"][i % 3 == 0]),
+                    eval_dataset=_routed_records({"train": tiny["eval"]}, tmp_path / "eval.jsonl",
+                                                 lambda i: ["cross", "live"][i % 2]),
+                    packing_samples="true", max_len=64)
+    else:
+        routing = {"dataset_teachers": "cross,live"}
+        data = dict(dataset=",".join(_two_sources(tiny, tmp_path)), eval_holdout_ratio=0.1)
+    (tmp_path / "routed.yaml").write_text(yaml.safe_dump({"teachers": teachers, **routing}))
+    proc = torchrun([TRAIN, "--config", str(tmp_path / "routed.yaml"),
+                     *train_args(tiny, tmp_path / "run", teacher_model=None, max_steps=2, eval_steps=2, **data)])
+    assert re.search(r"teacher 'cross' \(cross_tokenizer; .*, runs on every micro-batch \(collective\)\):", proc.stdout)
+    assert "align one to one with a teacher token" in proc.stdout
+    metrics = read_metrics(tmp_path / "run")
+    for record in metrics:
+        prefix = "eval_" if "eval_loss" in record else ""
+        for name in ("cross", "live"):
+            assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
+        assert record[f"{prefix}span_tokens_cross"] == record[f"{prefix}kd_span_tokens"]
+        assert f"{prefix}kl" not in record and f"{prefix}span_tokens_live" not in record
+    assert sum(record.get("span_tokens_cross", 0) for record in metrics) > 0
+    assert any("eval_kl_cross" in record for record in metrics)
+
+
 def test_routing_a_micro_batch_to_its_teachers_does_not_sync():
     """The routes are laid out on the host at collate time and moved with the batch; splitting the rows by teacher
     and scoring each part reads nothing back from the device."""
@@ -425,7 +583,7 @@ def test_routing_a_micro_batch_to_its_teachers_does_not_sync():
     samples = [Sample(list(range(1, n + 1)), [-100] * 2 + list(range(10, 8 + n)), teacher=t)
                for n, t in ((9, 0), (7, 1), (8, 0), (6, 1))]
     with SyncDetector() as syncs:
-        batch = collate(samples, 0, teachers=2).to(device)
+        batch = collate(samples, 0, teachers=(False, False)).to(device)
         h_s = torch.randn(batch.trainable_tokens, HS, device=device).requires_grad_()
         w_s = torch.randn(V, HS, device=device).requires_grad_()
         heads = [Head(torch.randn(V, HT, device=device), None) for _ in range(2)]
