@@ -344,7 +344,7 @@ def _teachers_yaml(path, teachers: dict, routing: str):
 
 
 LAYOUTS = {"co_located": "", "each_on_a_rank_of_its_own": "ab", "one_on_a_rank_of_its_own": "a",
-           "cross_tokenizer": ""}  # the copies on a rank of their own
+           "cross_tokenizer": "", "cross_tokenizer_one_on_a_rank_of_its_own": "a"}  # the copies on ranks of their own
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -357,8 +357,9 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
     co-located (2 student ranks, a world of 3), whose rank serves both student ranks in turn. Such a copy runs on
     every micro-batch of every student rank (a stand-in where it has none of its rows). Across tokenizers (the pair
     student, the pair teacher) each source is tokenized with its teacher's tokens, the left-out counts are the
-    routes' together, and one sample per micro-batch makes the other copy run on a stand-in."""
-    own_ranks, across = LAYOUTS[layout], layout == "cross_tokenizer"
+    routes' together, and one sample per micro-batch makes the other copy run on a stand-in; one such copy may run on
+    a rank of its own."""
+    own_ranks, across = LAYOUTS[layout], layout.startswith("cross_tokenizer")
     sources = ",".join(_two_sources(tiny, tmp_path))
     common = dict(dataset=sources, eval_holdout_ratio=0.1, eval_steps=2, logging_steps=1, kd_temperature=2.0)
     own = dict(teacher_model=tiny["teacher"])
