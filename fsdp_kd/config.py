@@ -568,7 +568,8 @@ def token_settings(cfg: TrainConfig) -> TokenSettings:
 
 def data_sources(cfg: TrainConfig) -> DataSources:
     return DataSources(tuple(cfg.dataset.split(",")), cfg.dataset_split, cfg.max_samples, cfg.eval_dataset,
-                       cfg.eval_split, cfg.max_eval_samples, cfg.data_cache_dir, token_settings(cfg), cfg.teacher_key)
+                       cfg.eval_split, cfg.max_eval_samples, cfg.data_cache_dir, token_settings(cfg), cfg.teacher_key,
+                       cfg.span_weight > 0)
 
 
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:

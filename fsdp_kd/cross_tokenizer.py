@@ -323,6 +323,7 @@ class TeacherTokenization:
     teacher: TokenBytes
     tokenizer: object  # the teacher's (HF) tokenizer
     max_positions: int | None = None  # the teacher's max_position_embeddings: its tokens past it are cut off
+    spans: bool = True  # whether samples lay out the groups of several tokens (`teacher_fields`): the span term on
     rendering: ClassVar[tuple] = ()  # what the teacher reads besides the sample's text: nothing (`privileged` adds)
 
     @cached_property
@@ -403,7 +404,7 @@ class TeacherTokenization:
     def fields(self, input_ids: list[int]) -> dict[str, list[int]]:
         """The teacher's `records.Sample` fields of a sample with these ids, computed now: for a sample that was
         not in the tokenized data (an on-policy response, re-tokenized at step time)."""
-        return teacher_fields(*self.columns(input_ids), len(input_ids))
+        return teacher_fields(*self.columns(input_ids), len(input_ids), self.spans)
 
     def record_columns(self, record, sample, settings, where: str) -> tuple[list[int], ...]:
         """`columns` of a sample as the data is tokenized: the teacher reads the sample's text alone."""
@@ -452,9 +453,12 @@ def _no_dummy_prefix(node):
     return node
 
 
-def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, special, length: int) -> dict[str, list]:
+def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, special, length: int,
+                   spans: bool = True) -> dict[str, list]:
     """A sample's teacher fields (`records.Sample.teacher_ids`, `teacher_positions`, `teacher_spans`) from its stored
-    columns; a position without a teacher position holds why (a `LEFT_OUT` key)."""
+    columns; a position without a teacher position holds why (a `LEFT_OUT` key). Without `spans` (the span term off,
+    `span_weight 0`) the groups of several tokens are laid out as no span: their tokens are left out, counted as
+    such, as every other token without a KD term."""
     groups = Alignment(np.asarray(student_ends, dtype=np.int64), np.asarray(teacher_ends, dtype=np.int64))
     positions = groups.teacher_positions(length)
     if not len(teacher_ids):
@@ -462,7 +466,7 @@ def teacher_fields(teacher_ids: list[int], student_ends, teacher_ends, special, 
     elif groups.groups:
         positions[max(int(groups.student_ends[-1]) - 1, 0):] = PAST_TEACHER_TOKENS  # they predict tokens past it
     return {"teacher_ids": list(teacher_ids), "teacher_positions": positions.tolist(),
-            "teacher_spans": [tuple(span) for span in groups.spans(special).tolist()]}
+            "teacher_spans": [tuple(span) for span in groups.spans(special).tolist()] if spans else []}
 
 
 def span_taught(spans, trained: np.ndarray) -> list[tuple[int, int, int, int]]:

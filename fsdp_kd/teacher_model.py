@@ -9,7 +9,6 @@ its own rendering of each sample with context the student does not see). Both lo
 
 from __future__ import annotations
 
-import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -168,7 +167,8 @@ class CrossTokenizerTeacher(ModelTeacher):
         self.joins = ((prefix_joins(student.spelled, student.regular, self.shared.student_ids),
                        prefix_joins(teacher.spelled, teacher.regular, self.shared.teacher_ids)) if prefix_buckets
                       else (None, None))
-        self.retokenize = TeacherTokenization(student, teacher, teacher_tokenizer, spec.max_positions())
+        self.retokenize = TeacherTokenization(student, teacher, teacher_tokenizer, spec.max_positions(),
+                                              spans=span_weight > 0)
         self.vocab_size, self.teacher_vocab_size = len(tokenizer), len(teacher_tokenizer)
         self.aligned_share: float | None = None
         self.left_out_shares: dict[str, float] = {}
@@ -194,7 +194,7 @@ class CrossTokenizerTeacher(ModelTeacher):
                 sample = source[int(i)]
                 trained = np.asarray(sample.targets) != IGNORE_INDEX
                 at = np.asarray(sample.teacher_positions)
-                spans = span_taught(sample.teacher_spans, trained) if self.span_weight > 0 else []
+                spans = span_taught(sample.teacher_spans, trained)
                 positions.append(np.where(in_spans(spans, len(trained)), _SPAN_TAUGHT, at)[trained])
         positions = np.concatenate(positions) if positions else np.zeros(0, np.int64)
         trained = max(len(positions), 1)
@@ -218,12 +218,9 @@ class CrossTokenizerTeacher(ModelTeacher):
         return f" (with {student} of the student's and {teacher} of the teacher's tokens that start with them)"
 
     def teacher_batch(self, batch: MicroBatch) -> MicroBatch:
-        """Its tokens of the batch, with the span rows after the aligned ones only when the span term is on."""
-        if self.span_weight > 0 or batch.spans is None:
-            return batch.teacher
-        rows = batch.aligned.shape[0]
-        return dataclasses.replace(batch.teacher, target_rows=batch.teacher.target_rows[:rows],
-                                   target_ids=batch.teacher.target_ids[:rows])
+        """Its tokens of the batch: its rows aligned with the student's, then those of the groups the span term
+        teaches (none with the span term off: `teacher_fields`)."""
+        return batch.teacher
 
     @contextmanager
     def targets_from(self, hidden: torch.Tensor, batch: MicroBatch, gathered_head):
@@ -232,7 +229,8 @@ class CrossTokenizerTeacher(ModelTeacher):
         with gathered_head() as head:
             yield CrossVocabTargets(hidden, head, batch.teacher.target_ids, self.vocab_map(hidden.device),
                                     self.uld_weight, self.uld_topk, batch.aligned,
-                                    batch.spans if self.span_weight > 0 else None, self.span_weight)
+                                    batch.spans if self.span_weight > 0 else None,  # off: none laid out, none run
+                                    self.span_weight)
 
     def in_loss_vocabulary(self, topk: tuple[torch.Tensor, ...], batch: MicroBatch) -> tuple[torch.Tensor, ...]:
         """The teacher's top-k rows (its vocabulary) as a cache of the student's vocabulary stores them (a micro-batch

@@ -58,6 +58,7 @@ class DataSources:
     cache_dir: str | None  # `data_cache_dir`; none: `cache_root`'s default
     settings: TokenSettings
     teacher_key: str | None = None  # several teachers routed per record: the field naming each record's teacher
+    spans: bool = True  # across tokenizers: the samples lay out the groups of several tokens (the span term is on)
 
 
 def cache_root(cache_dir: str | None) -> str:
@@ -108,8 +109,9 @@ def _tokenization_key(teacher) -> list:
 class TokenizedDataset:
     """One tokenized source, memory-mapped. `ds[i]` reads and rebuilds sample i; `lengths` are its token counts."""
 
-    def __init__(self, directory: str, path: str = ""):
+    def __init__(self, directory: str, path: str = "", spans: bool = True):
         self.directory, self.path = directory, path  # the cache directory; the data it was tokenized from
+        self.with_spans = spans  # its samples' groups of several tokens laid out (`cross_tokenizer.teacher_fields`)
         with open(os.path.join(directory, META_FILE)) as f:
             self.meta = json.load(f)
         table = _memory_mapped_table(directory)
@@ -127,7 +129,7 @@ class TokenizedDataset:
         sample.source, sample.row = self.samples_sha256, int(i)
         if self.teacher:
             columns = (self.teacher[name][i].as_py() for name in TEACHER_COLUMNS)
-            sample = dataclasses.replace(sample, **teacher_fields(*columns, len(sample.input_ids)))
+            sample = dataclasses.replace(sample, **teacher_fields(*columns, len(sample.input_ids), self.with_spans))
         return sample
 
     def teachers(self, names: tuple[str, ...], key: str) -> np.ndarray:
@@ -224,11 +226,11 @@ def _tokenize_batch(batch: dict, settings: TokenSettings, tokenizer, teacher=Non
 
 def open_tokenized(path: str, split: str, max_samples: int | None, settings: TokenSettings, cache_dir: str | None,
                    tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda error: [error], log=print,
-                   teacher=None, teacher_key: str | None = None) -> TokenizedDataset:
+                   teacher=None, teacher_key: str | None = None, spans: bool = True) -> TokenizedDataset:
     """The source's tokenized table: built by local rank 0 of each node if no run has built it yet, else opened from
     the cache. `share` exchanges each rank's build error (None if none) with every rank, and doubles as the wait
     for the build: every rank fails with the builder's message, rather than waiting on a barrier for a rank that
-    has died."""
+    has died. Its samples lay out a teacher's groups of several tokens with `spans` (`DataSources.spans`)."""
     key = cache_key(path, split, max_samples, settings, tokenizer, teacher, teacher_key)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(path.rstrip("/")))[:60]
@@ -248,7 +250,7 @@ def open_tokenized(path: str, split: str, max_samples: int | None, settings: Tok
         raise DataError(f"{path}: the tokenized cache {directory} was not built (it must be on a file system that "
                         "every rank of a node sees)")
     log(f"{path}: tokenized cache {directory}")
-    return TokenizedDataset(directory, path)
+    return TokenizedDataset(directory, path, spans)
 
 
 def open_sources(sources: DataSources, tokenizer, local_rank: int, share: Callable[[str | None], list] = lambda e: [e],
@@ -258,7 +260,8 @@ def open_sources(sources: DataSources, tokenizer, local_rank: int, share: Callab
     function of each source's index (None: the eval source) instead (`routing.RowRouting.own_tokens`)."""
     def source(k: int | None, path: str, split: str, max_samples: int | None, what: str) -> TokenizedDataset:
         table = open_tokenized(path, split, max_samples, sources.settings, sources.cache_dir, tokenizer, local_rank,
-                               share, log, teacher(k) if callable(teacher) else teacher, sources.teacher_key)
+                               share, log, teacher(k) if callable(teacher) else teacher, sources.teacher_key,
+                               sources.spans)
         log(table.stats.summary(f"{what} {path}"))
         return table
 

@@ -134,9 +134,6 @@ class Trainer:
             grad_norm = grad_norm.full_tensor()
         device, gen = self.env.device, work.generation
         left_out = [sum(counts) for counts in zip(*(mb.left_out for mb in work.micro_batches))]
-        if self.cfg.span_weight == 0:  # the groups the span term would teach get no KD term: left out as such
-            left_out[0] += sum(int(b.spans.offsets[-1]) for mb in work.micro_batches  # routed: in its routes
-                               for b in (mb, *(r.batch for r in mb.routes)) if b.spans is not None)
         counts = host_values([sum(mb.real_tokens for mb in work.micro_batches), gen.micro_batches,
                                len(work.micro_batches), gen.sequences, gen.tokens, gen.seconds, gen.stopped,
                                self.stop.flag,

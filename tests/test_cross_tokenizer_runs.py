@@ -202,6 +202,10 @@ def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny
                                  teacher_cache=str(cache))])
     live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
     assert len(live) == len(cached) == 4 and not any(m.get("skipped") for m in live + cached)
+    for m in (m for m in live if "loss" in m):  # span_weight 0: the groups' tokens are left out, counted as such
+        left_out = [m[f"kd_left_out_{why}"] for why in LEFT_OUT.values()]
+        assert m["kd_span_tokens"] == 0 and m["kd_tokens"] + sum(left_out) == m["tokens"]
+    assert sum(m["kd_left_out_multi_token_group"] for m in live if "loss" in m) > 0
     for a, b in zip(live, cached):
         for name in ("loss", "ce", "kd", "eval_loss"):
             if name in a:
