@@ -531,12 +531,21 @@ def test_a_cached_and_a_live_teacher_in_one_run_each_log_their_own_kl(tiny, tmp_
     assert "teacher 'cached' (cache; 1 source(s), runs on its rows only):" in proc.stdout
     assert "rows (k = 64) from the cache" in proc.stdout
     metrics = read_metrics(tmp_path / "run")
-    for record in metrics:
-        prefix = "eval_" if "eval_loss" in record else ""
-        for name in ("live", "cached"):
-            assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
+    for record, prefix in each_teachers_own_kl(metrics, ("live", "cached")):
         assert f"{prefix}kl" not in record  # the live KL and a cache's KL over buckets are not one figure
     assert any("eval_kl_cached" in record for record in metrics)
+
+
+def each_teachers_own_kl(metrics: list[dict], names) -> list[tuple[dict, str]]:
+    """Each record of metrics.jsonl and its prefix (eval_ or none), having checked that every teacher of `names`
+    logged a finite kl_<name> over some tokens of its own there."""
+    out = []
+    for record in metrics:
+        prefix = "eval_" if "eval_loss" in record else ""
+        for name in names:
+            assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
+        out.append((record, prefix))
+    return out
 
 
 @pytest.mark.parametrize("per_record", [False, True], ids=["per_source", "per_record_packed"])
@@ -565,10 +574,7 @@ def test_a_teacher_of_another_tokenizer_and_a_live_one_in_one_run_each_log_their
     assert re.search(r"teacher 'cross' \(cross_tokenizer; .*, runs on every micro-batch \(collective\)\):", proc.stdout)
     assert "align one to one with a teacher token" in proc.stdout
     metrics = read_metrics(tmp_path / "run")
-    for record in metrics:
-        prefix = "eval_" if "eval_loss" in record else ""
-        for name in ("cross", "live"):
-            assert math.isfinite(record[f"{prefix}kl_{name}"]) and record[f"{prefix}tokens_{name}"] > 0
+    for record, prefix in each_teachers_own_kl(metrics, ("cross", "live")):
         assert record[f"{prefix}span_tokens_cross"] == record[f"{prefix}kd_span_tokens"]
         assert f"{prefix}kl" not in record and f"{prefix}span_tokens_live" not in record
     assert sum(record.get("span_tokens_cross", 0) for record in metrics) > 0
