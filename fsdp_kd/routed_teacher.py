@@ -122,11 +122,12 @@ class RoutedTeachers:
         return cls(members, kinds, loss_overrides(cfg), row_routing(cfg), weights)
 
     def _sources(self, index: int, sources: list) -> list:
-        """Of the run's sources, those whose samples may go to teacher `index`: its own, routed per source; every
-        one, routed per record or mixed."""
+        """Of the run's sources (the training sources, then any eval source), those whose samples may go to teacher
+        `index`: its own, routed per source; every one, routed per record or mixed."""
         if self.routing is None or self.routing.sources is None:
             return sources
-        return [s for s, t in zip(sources, self.routing.sources) if t == index]
+        trained = len(self.routing.sources)
+        return [s for k, s in enumerate(sources) if self.routing.teacher_of(k if k < trained else None) == index]
 
     def check(self, tokenizer, sources, env) -> None:
         """Each teacher against the sources routed to it (one on ranks of its own, on its block of them); one that

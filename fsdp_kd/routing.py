@@ -148,9 +148,9 @@ class RowRouting:
         """Each sample's teacher index in training source `source` (None: the eval source) read as `table`."""
         if self.key is not None:
             return table.teachers(self.names, self.key)
-        return np.full(len(table), self._teacher_of(source), dtype=np.int64)
+        return np.full(len(table), self.teacher_of(source), dtype=np.int64)
 
-    def _teacher_of(self, source: int | None) -> int:
+    def teacher_of(self, source: int | None) -> int:
         """The teacher index of training source `source`; the eval source (None) has one only where every source
         has the same (one teacher: `check_routing` refuses an eval_dataset with dataset_teachers)."""
         return self.sources[0 if source is None else source]
@@ -161,7 +161,7 @@ class RowRouting:
         its teacher's (`tokenized`); per source, its teacher's, or None where it reads the student's tokens."""
         if self.key is not None:
             return tokenizations
-        return tokenizations.get(self.names[self._teacher_of(source)])
+        return tokenizations.get(self.names[self.teacher_of(source)])
 
 
 def mixture_weights(text: str) -> tuple[float, ...] | None:

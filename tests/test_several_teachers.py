@@ -315,6 +315,32 @@ def test_one_teacher_of_teachers_routes_an_eval_source_to_itself(tmp_path):
     assert routing.own_tokens(None, {"x": "its tokens"}) == routing.own_tokens(0, {"x": "its tokens"}) == "its tokens"
 
 
+@pytest.mark.parametrize("teachers, routed", [("{x: {teacher_cache: c}}", {"x": ["a", "b", "e"]}),
+                                                ("{x: {teacher_cache: c}, y: {teacher_cache: d}}",
+                                                 {"x": ["a"], "y": ["b"]})])
+def test_each_teacher_checks_the_sources_routed_to_it_and_a_lone_one_the_eval_source(teachers, routed):
+    """Start-up checks each teacher (say, that its cache holds the data) against its own sources: with one teacher,
+    the eval source too, which would otherwise fail only at the first evaluation."""
+    from types import SimpleNamespace
+
+    from fsdp_kd.routed_teacher import RoutedTeachers
+    from fsdp_kd.routing import row_routing
+
+    eval_source = ["--eval_dataset", "e.jsonl"] if len(routed) == 1 else ["--dataset_teachers", "x,y"]
+    cfg = parse_config(["--pretrain", "s", "--dataset", "a.jsonl,b.jsonl", *eval_source, "--teachers", teachers])
+    checked = {}
+
+    def member(name):
+        return SimpleNamespace(retokenize=None, vocab_size=V, metric_names={},
+                               check=lambda tokenizer, sources, env: checked.update({name: sources}))
+
+    routed_teachers = RoutedTeachers({n: member(n) for n in routed}, dict.fromkeys(routed, "teacher_cache"),
+                                     dict.fromkeys(routed, {}), row_routing(cfg))
+    sources = ["a", "b", "e"] if len(routed) == 1 else ["a", "b"]
+    routed_teachers.check(None, sources, SimpleNamespace(for_teacher=lambda name: None))
+    assert checked == routed
+
+
 def test_resume_refuses_a_changed_routing_naming_it(tmp_path):
     saved = config(tmp_path).to_dict()
     assert resume_mismatches(saved, config(tmp_path).to_dict()) == []
