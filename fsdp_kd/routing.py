@@ -70,6 +70,13 @@ def check_routing(cfg, where: dict[str, str]) -> None:
     for key, why in NOT_WITH_TEACHERS.items():
         if getattr(cfg, key):
             fail(key, f"{key} is set with teachers: {why}")
+    ranked = [name for name, keys in cfg.teachers.items() if keys.get("teacher_ranks")]
+    hybrid = [name for name, keys in cfg.teachers.items()
+              if keys.get("teacher_sharding_strategy", cfg.teacher_sharding_strategy) == "hybrid_shard"]
+    if ranked and hybrid:
+        fail("teachers", f"teachers.{hybrid[0]} is sharded hybrid_shard beside teachers.{ranked[0]}.teacher_ranks: a "
+                         "job split into blocks of ranks shards each side over its own ranks (full_shard); hybrid_shard "
+                         "is not supported with it yet")
     sources = cfg.dataset.split(",")
     routings = [key for key in ("dataset_teachers", "teacher_key", "teacher_weights") if getattr(cfg, key) is not None]
     if len(routings) > 1:
@@ -85,6 +92,10 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         if weights is None or len(weights) != len(cfg.teachers):
             fail("teacher_weights", f"teacher_weights needs one non-negative weight per teacher "
                                     f"({', '.join(cfg.teachers)}), not all 0, got {cfg.teacher_weights!r}")
+        idle = [name for name, w in zip(cfg.teachers, weights) if w == 0 and name in ranked]
+        if idle:
+            fail("teacher_weights", f"teacher_weights gives teachers.{idle[0]} weight 0, but it holds ranks of its own "
+                                    "(teacher_ranks) that would serve nothing; give it a weight, or drop it")
         return
     if cfg.teacher_key is not None:
         return

@@ -247,6 +247,11 @@ def test_teachers_and_their_routing_are_read_with_each_teachers_own_keys(tmp_pat
                                                                  r"set it per teacher"),
     ("dataset_teachers: math,chat\nteacher_model: t\n", (), r"run.yaml:8: teacher_model is set with teachers: each "
                                                             r"teacher names its own under teachers"),
+    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, teacher_ranks: 1}, chat: "
+                                                     "{teacher_model: t, teacher_sharding_strategy: hybrid_shard}}"),
+     r"command line --teachers: teachers.chat is sharded hybrid_shard beside teachers.math.teacher_ranks"),
+    ("teacher_weights: 1,0\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_model: t, teacher_ranks: 1}}"),
+     r"run.yaml:7: teacher_weights gives teachers.chat weight 0, but it holds ranks of its own"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, kd_loss: kl}, chat: {teacher_model: "
                                                      "t}}"),
      r"command line --teachers teachers.math.kd_loss: kd_loss must be one of"),
