@@ -446,16 +446,19 @@ def same_figures(one_dir, two_dir) -> tuple[list[dict], list[dict]]:
     return one, two
 
 
-def test_a_mixture_of_two_copies_of_one_teacher_trains_exactly_like_that_teacher(tiny, tmp_path):
-    """teacher_weights on 2 ranks: Σ w_t·D(p ‖ q) with p the same teacher is D(p ‖ q), so every logged figure of the
-    run's equals the one-teacher run's; each copy's own KL is the whole KL, over every token."""
+@pytest.mark.parametrize("b_ranks", [0, 1], ids=["co_located", "b_on_a_rank_of_its_own"])
+def test_a_mixture_of_two_copies_of_one_teacher_trains_exactly_like_that_teacher(tiny, tmp_path, b_ranks):
+    """teacher_weights on 2 student ranks: Σ w_t·D(p ‖ q) with p the same teacher is D(p ‖ q), so every logged figure
+    of the run's equals the one-teacher run's; each copy's own KL is the whole KL, over every token. Copy b may run
+    on a rank of its own (a world of 3), scoring every row of every micro-batch."""
     common = dict(eval_dataset=tiny["eval"], eval_steps=4, logging_steps=2, kd_temperature=2.0)
     torchrun([TRAIN, *train_args(tiny, tmp_path / "one", **common)])
     mixed = tmp_path / "mixed.yaml"
     teacher = tiny["teacher"]
-    mixed.write_text(f"teachers: {{a: {{teacher_model: {teacher}}}, b: {{teacher_model: {teacher}}}}}\n"
-                     "teacher_weights: 1,3\n")
-    torchrun([TRAIN, "--config", str(mixed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)])
+    mixed.write_text(f"teachers: {{a: {{teacher_model: {teacher}}}, b: {{teacher_model: {teacher}"
+                     f"{', teacher_ranks: 1' if b_ranks else ''}}}}}\nteacher_weights: 1,3\n")
+    torchrun([TRAIN, "--config", str(mixed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)],
+             nproc=2 + b_ranks)
     one, two = same_figures(tmp_path / "one", tmp_path / "two")
     for a, b in zip(one, two):
         prefix = "eval_" if "eval_loss" in a else ""
