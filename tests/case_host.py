@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
 import os
 import sys
@@ -106,10 +107,23 @@ def run_case(case: dict, out_path: str, err_path: str) -> int:
         except BaseException as error:  # noqa: BLE001 - a case's crash is its result, not the host's end
             code = distributed.report_failure(error, dist.get_rank())
         finally:
-            gc.collect()  # the case's sharded models, before the next case loads its own
-            gc.freeze()  # what outlives a case (modules, caches) is not walked again by the next one's collections
             distributed.forget_side()
+            _collect()
     return int(code or 0)
+
+
+_CASES = itertools.count(1)
+FULL_COLLECTION_EVERY = 16  # cases
+
+
+def _collect() -> None:
+    """The case's garbage (its sharded models) before the next case loads its own; then what outlives a case
+    (modules, caches) is frozen, not walked again by the next one's collections. Every few cases the frozen objects
+    are walked once more, so that one of them that has become garbage since (a cache cleared later) is freed too."""
+    if next(_CASES) % FULL_COLLECTION_EVERY == 0:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def serve(inbox: str, parent: int) -> None:

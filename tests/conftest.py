@@ -301,8 +301,9 @@ def _host(world: int) -> CaseHost:
 # A full pass of the garbage collector walks every object alive: in this process torch's and transformers' modules,
 # and a real tokenizer's 150k-entry vocabularies held by a module's fixtures, walked again some hundred times a file
 # (a third of test_cross_tokenizer.py's time). What is alive once the tests are imported, and what a test's fixtures
-# have built, is frozen (no longer walked; still freed when its last reference goes); each module's cycles are
-# collected as it ends.
+# have built, is frozen (no longer walked; still freed when its last reference goes), after a collection of the
+# young objects so that no garbage of the test before is frozen with it; each module's cycles are collected as it
+# ends.
 def pytest_collection_finish(session):
     gc.collect()
     gc.freeze()
@@ -311,6 +312,7 @@ def pytest_collection_finish(session):
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_setup(item):
     yield
+    gc.collect()
     gc.freeze()
 
 
