@@ -75,14 +75,17 @@ def test_a_cross_tokenizer_teachers_part_is_its_one_teacher_loss_over_its_rows(t
     the live part as the dense reference; loss, gradients and the micro-batch's left-out counts add up."""
     from transformers import AutoTokenizer
 
-    from fsdp_kd.cross_tokenizer import TokenBytes, shared_vocabulary
+    from fsdp_kd.cross_tokenizer import UNALIGNED_SAMPLE, TokenBytes, shared_vocabulary
     from fsdp_kd.cross_vocab import CrossVocabTargets, VocabMap
     from test_cross_tokenizer_runs import _samples
 
     s_tok, t_tok = AutoTokenizer.from_pretrained(pair_student), AutoTokenizer.from_pretrained(pair_teacher)
     texts = ["abcd:ABCDEF", "hgfe:GHA", "abab:CDCDCDAB", "dcba:BCDE", "cdcd:EFGHABCDA", "bada:IJBA"]
+    # the live teacher's samples hold no teacher tokens, as routed per record (`data._routes`), not counted left out
+    none_of_its_own = dict(teacher_ids=[], teacher_spans=[])
     samples = [dataclasses.replace(s, teacher=t) if t == 0 else dataclasses.replace(
-        Sample(s.input_ids, s.targets), teacher=t) for s, t in zip(_samples(s_tok, t_tok, texts), (0, 1, 0, 1, 1, 0))]
+        Sample(s.input_ids, s.targets), teacher=t, teacher_positions=[UNALIGNED_SAMPLE] * len(s.input_ids),
+        **none_of_its_own) for s, t in zip(_samples(s_tok, t_tok, texts), (0, 1, 0, 1, 1, 0))]
     batch = collate(samples, 0, teachers=(True, False))
     alone = collate([s for s in samples if s.teacher == 0], 0)  # the one-teacher batch of its samples
     cross, live = batch.routes
