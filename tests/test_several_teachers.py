@@ -422,14 +422,14 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         assert mixed == pytest.approx(b[f"{prefix}{kl}"], rel=1e-5)
     if across:  # the figures compared above include the span term's and the left-out counts
         assert sum(m["kd_span_tokens"] for m in one if "loss" in m) > 0 and "kd_left_out_unaligned_sample" in one[0]
-        return
     for name in "ab":  # the start-up summary says where each lives
-        kind = "teacher_ranks" if name in own_ranks else "live"
+        kind = "teacher_ranks" if name in own_ranks else "cross_tokenizer" if across else "live"
         runs = "every micro-batch (collective)" if name in own_ranks or students > 1 else "its rows only"
         assert f"teacher '{name}' ({kind}; 1 source(s), runs on {runs}):" in proc.stdout, proc.stdout[-3000:]
     served = {n: re.findall(rf"teacher ranks of teacher '{n}': served (\d+) micro-batches", proc.stdout) for n in "ab"}
     held_out = int(re.search(r"held out (\d+) training samples", proc.stdout)[1])
-    per_student = 4 * 4 // students + 2 * math.ceil(math.ceil(held_out / students) / 4)  # 4 steps of 4, 2 evaluations
+    steps, evaluations, batch, micro = (3, 1, 4, 1) if across else (4, 2, 16, 4)
+    per_student = steps * batch // (students * micro) + evaluations * math.ceil(math.ceil(held_out / students) / micro)
     side = "1 student rank (global rank 0 on " if students == 1 else f"{students} student ranks (global ranks 0-1 on "
     for rank, name in enumerate(own_ranks, start=students):  # its rank ran every micro-batch of every student rank
         assert f"teacher on ranks of its own: {side}" in proc.stdout, proc.stdout[-3000:]
