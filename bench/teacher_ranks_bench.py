@@ -41,15 +41,17 @@ def worker(argv: list[str]) -> None:
     from fsdp_kd.cli import serve_teacher
     from fsdp_kd.config import parse_config
     from fsdp_kd.distributed import init_distributed, split_world, teardown
+    from fsdp_kd.preemption import StopSignals
+    from fsdp_kd.routing import rank_blocks
     from fsdp_kd.trainer import Trainer
 
     cfg = parse_config(argv)
     env = init_distributed()
-    side = split_world(env, {None: cfg.teacher_ranks}, cfg.dist_timeout_minutes) if cfg.teacher_ranks else env
+    side = split_world(env, rank_blocks(cfg), cfg.dist_timeout_minutes) if cfg.teacher_ranks else env
     times: list[float] = []
     served = None
     if side.split is not None and side.split.is_teacher(side.global_rank):
-        served = serve_teacher(cfg, side)
+        served = serve_teacher(cfg, side, StopSignals())  # never installed: a bench run is not preempted
         role = "teacher"
     else:
         trainer = Trainer(cfg, side, log=lambda *a, **k: None)
