@@ -187,11 +187,16 @@ def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny
     """cache_teacher with cross_tokenizer stores the teacher's top-k in the student's vocabulary (k = V_t, float32:
     its unshared pair tokens folded into the rest bucket) and no distribution where a token has no aligned
     counterpart; training from it, with no teacher loaded, logs the live cross-tokenizer run's losses at uld_weight
-    0, step by step and in the evaluation (2 ranks, micro-batch 1, three eval samples, reverse KL)."""
-    eval_path = tmp_path / "eval3.jsonl"
-    eval_path.write_text("".join(open(tiny["eval"]).readlines()[:3]))
+    0, step by step and in the evaluation (2 ranks, micro-batch 1, three eval samples, reverse KL). So does a run of
+    two teachers routed per record (`teacher_key`), the cache for every third record, eval ones included, the live
+    teacher for the rest."""
+    from fsdp_kd.testing.tiny import read_jsonl, write_jsonl
+
+    data, eval_path = tmp_path / "train.jsonl", tmp_path / "eval3.jsonl"  # each record names its teacher
+    for path, records in ((data, read_jsonl(tiny["train"])), (eval_path, read_jsonl(tiny["eval"])[:3])):
+        write_jsonl(str(path), [{**r, "domain": "cached" if i % 3 == 0 else "live"} for i, r in enumerate(records)])
     common = dict(pretrain=pair_student, teacher_model=pair_teacher, cross_tokenizer="true", uld_weight=0.0,
-                  span_weight=0.0, train_batch_size=6,
+                  span_weight=0.0, train_batch_size=6, dataset=str(data),
                   micro_train_batch_size=1, max_steps=3, eval_dataset=str(eval_path), eval_steps=3, kd_coef=0.8,
                   kd_loss="reverse_kl")
     cache = tmp_path / "cache"
@@ -200,8 +205,23 @@ def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny
     torchrun([TRAIN, *train_args(tiny, tmp_path / "live", **common)])
     torchrun([TRAIN, *train_args(tiny, tmp_path / "cached", **{**common, "teacher_model": None},
                                  teacher_cache=str(cache))])
-    live, cached = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "cached")
-    assert len(live) == len(cached) == 4 and not any(m.get("skipped") for m in live + cached)
+    teachers = (f"{{cached: {{teacher_cache: {cache}, cross_tokenizer: true}}, "
+                f"live: {{teacher_model: {pair_teacher}, cross_tokenizer: true}}}}")
+    torchrun([TRAIN, *train_args(tiny, tmp_path / "routed", **{**common, "teacher_model": None, "cross_tokenizer": None},
+                                 teachers=teachers, teacher_key="domain")])
+    live, cached, routed = (read_metrics(tmp_path / run) for run in ("live", "cached", "routed"))
+    assert len(live) == len(cached) == len(routed) == 4 and not any(m.get("skipped") for m in live + cached)
+    left_out = {f"kd_left_out_{why}" for why in LEFT_OUT.values()}
+    for a, b in zip(live, routed):  # every figure the two runs both log (the teachers' own ones are by name)
+        prefix = "eval_" if "eval_loss" in a else ""
+        shared = set(a) & set(b) - {"tokens_per_sec", "peak_mem_gb"} - left_out
+        assert {f"{prefix}{name}" for name in ("loss", "kd", "kl_shared_buckets", "kd_tokens")} <= shared
+        for name in shared:
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (name, a, b)
+        assert b[f"{prefix}tokens_cached"] > 0 and b[f"{prefix}tokens_live"] > 0
+        if not prefix:  # the reasons are the live teacher's rows' (a cache keeps none: its rows are just untaught)
+            assert sum(b[k] for k in left_out) == b["tokens_live"] - b["kd_tokens_live"]
+    assert sum(m["tokens_cached"] - m["kd_tokens_cached"] for m in routed if "loss" in m) > 0
     for m in (m for m in live if "loss" in m):  # span_weight 0: the groups' tokens are left out, counted as such
         left_out = [m[f"kd_left_out_{why}"] for why in LEFT_OUT.values()]
         assert m["kd_span_tokens"] == 0 and m["kd_tokens"] + sum(left_out) == m["tokens"]
