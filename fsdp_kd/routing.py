@@ -71,12 +71,15 @@ def check_routing(cfg, where: dict[str, str]) -> None:
         if getattr(cfg, key):
             fail(key, f"{key} is set with teachers: {why}")
     ranked = [name for name, keys in cfg.teachers.items() if keys.get("teacher_ranks")]
-    hybrid = [name for name, keys in cfg.teachers.items()
-              if keys.get("teacher_sharding_strategy", cfg.teacher_sharding_strategy) == "hybrid_shard"]
+    hybrid = [name for name, keys in cfg.teachers.items()  # a co-located model (one with ranks: its own config's rule)
+              if not keys.get("teacher_ranks") and not keys.get("teacher_cache")
+              and keys.get("teacher_sharding_strategy", cfg.teacher_sharding_strategy) == "hybrid_shard"]
     if ranked and hybrid:
-        fail("teachers", f"teachers.{hybrid[0]} is sharded hybrid_shard beside teachers.{ranked[0]}.teacher_ranks: a "
-                         "job split into blocks of ranks shards each side over its own ranks (full_shard); hybrid_shard "
-                         "is not supported with it yet")
+        own = "teacher_sharding_strategy" in cfg.teachers[hybrid[0]]
+        fail("teachers" if own else "teacher_sharding_strategy",
+             f"teachers.{hybrid[0]} is sharded hybrid_shard beside teachers.{ranked[0]}.teacher_ranks: a job split "
+             "into blocks of ranks shards each side over its own ranks, and hybrid_shard is not supported with it "
+             f"yet; set {f'teachers.{hybrid[0]}.' if own else ''}teacher_sharding_strategy full_shard")
     sources = cfg.dataset.split(",")
     routings = [key for key in ("dataset_teachers", "teacher_key", "teacher_weights") if getattr(cfg, key) is not None]
     if len(routings) > 1:

@@ -210,7 +210,7 @@ def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny
     torchrun([TRAIN, *train_args(tiny, tmp_path / "routed", **{**common, "teacher_model": None, "cross_tokenizer": None},
                                  teachers=teachers, teacher_key="domain")])
     live, cached, routed = (read_metrics(tmp_path / run) for run in ("live", "cached", "routed"))
-    assert len(live) == len(cached) == len(routed) == 4 and not any(m.get("skipped") for m in live + cached)
+    assert len(live) == len(cached) == len(routed) == 4 and not any(m.get("skipped") for m in live + cached + routed)
     left_out = {f"kd_left_out_{why}" for why in LEFT_OUT.values()}
     for a, b in zip(live, routed):  # every figure the two runs both log (the teachers' own ones are by name)
         prefix = "eval_" if "eval_loss" in a else ""

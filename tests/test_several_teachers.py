@@ -80,7 +80,8 @@ def test_a_cross_tokenizer_teachers_part_is_its_one_teacher_loss_over_its_rows(t
     from test_cross_tokenizer_runs import _samples
 
     s_tok, t_tok = AutoTokenizer.from_pretrained(pair_student), AutoTokenizer.from_pretrained(pair_teacher)
-    texts = ["abcd:ABCDEF", "hgfe:GHA", "abab:CDCDCDAB", "dcba:BCDE", "cdcd:EFGHABCDA", "bada:IJBA"]
+    texts = ["abcd:ABCDEF", "hgfe:GHA", "abab:CDCDCDAB", "dcba:BCDE", "cdcd:EFGHABCDA",
+             "hgfbaGHA"]  # the last: a group of several tokens from the prompt into the response, left out
     # the live teacher's samples hold no teacher tokens, as routed per record (`data._routes`), not counted left out
     none_of_its_own = dict(teacher_ids=[], teacher_spans=[])
     samples = [dataclasses.replace(s, teacher=t) if t == 0 else dataclasses.replace(
@@ -92,7 +93,7 @@ def test_a_cross_tokenizer_teachers_part_is_its_one_teacher_loss_over_its_rows(t
     assert alone.spans.teacher_rows > 0 and cross.batch.teacher.target_rows.shape[0] > cross.count
     assert torch.equal(cross.batch.teacher.target_ids, alone.teacher.target_ids)
     assert live.batch.teacher is None and batch.teacher is None  # routed: its own tokens in its route alone
-    assert batch.left_out == alone.left_out
+    assert batch.left_out == alone.left_out and sum(alone.left_out) > 0
     stand_in = collate([s for s in samples if s.teacher == 1], 0, teachers=(True, False)).routes[0]
     assert stand_in.count == 0 and stand_in.batch.teacher.target_rows.numel() == 0  # none of another's tokens
 
@@ -252,7 +253,15 @@ def test_teachers_and_their_routing_are_read_with_each_teachers_own_keys(tmp_pat
                                                             r"teacher names its own under teachers"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, teacher_ranks: 1}, chat: "
                                                      "{teacher_model: t, teacher_sharding_strategy: hybrid_shard}}"),
-     r"command line --teachers: teachers.chat is sharded hybrid_shard beside teachers.math.teacher_ranks"),
+     r"command line --teachers: teachers.chat is sharded hybrid_shard beside teachers.math.teacher_ranks: .*; set "
+     r"teachers.chat.teacher_sharding_strategy full_shard$"),
+    ("dataset_teachers: math,chat\nteacher_sharding_strategy: hybrid_shard\n",
+     ("--teachers", "{math: {teacher_model: t, teacher_ranks: 1}, chat: {teacher_model: t}}"),
+     r"run.yaml:8: teachers.chat is sharded hybrid_shard beside teachers.math.teacher_ranks: .*; set "
+     r"teacher_sharding_strategy full_shard$"),
+    ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, teacher_ranks: 1, "
+                                                     "teacher_sharding_strategy: hybrid_shard}, chat: {teacher_cache: c}}"),
+     r"teachers.math.teacher_ranks: teacher_ranks shards each side over its own ranks \(full_shard\); hybrid_shard"),
     ("teacher_weights: 1,0\n", ("--teachers", "{math: {teacher_model: t}, chat: {teacher_model: t, teacher_ranks: 1}}"),
      r"run.yaml:7: teacher_weights gives teachers.chat weight 0, but it holds ranks of its own"),
     ("dataset_teachers: math,chat\n", ("--teachers", "{math: {teacher_model: t, kd_loss: kl}, chat: {teacher_model: "
@@ -460,8 +469,13 @@ def test_a_mixture_of_two_copies_of_one_teacher_trains_exactly_like_that_teacher
     teacher = tiny["teacher"]
     mixed.write_text(f"teachers: {{a: {{teacher_model: {teacher}}}, b: {{teacher_model: {teacher}"
                      f"{', teacher_ranks: 1' if b_ranks else ''}}}}}\nteacher_weights: 1,3\n")
-    torchrun([TRAIN, "--config", str(mixed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)],
-             nproc=2 + b_ranks)
+    proc = torchrun([TRAIN, "--config", str(mixed), *train_args(tiny, tmp_path / "two", teacher_model=None, **common)],
+                    nproc=2 + b_ranks)
+    if b_ranks:  # its rank ran every micro-batch of both student ranks: 4 steps of 16 in 4s, one evaluation
+        assert "teacher 'b' (teacher_ranks; weight 0.75 on every token, runs on every micro-batch" in proc.stdout
+        evaluated = math.ceil(math.ceil(len(open(tiny["eval"]).readlines()) / 2) / 4)
+        served = re.findall(r"teacher ranks of teacher 'b': served (\d+) micro-batches", proc.stdout)
+        assert served == [str(2 * (4 * 16 // 8 + evaluated))], served
     one, two = same_figures(tmp_path / "one", tmp_path / "two")
     for a, b in zip(one, two):
         prefix = "eval_" if "eval_loss" in a else ""
