@@ -211,16 +211,16 @@ def test_a_cache_across_tokenizers_trains_like_the_live_teacher_without_uld(tiny
                                  teachers=teachers, teacher_key="domain")])
     live, cached, routed = (read_metrics(tmp_path / run) for run in ("live", "cached", "routed"))
     assert len(live) == len(cached) == len(routed) == 4 and not any(m.get("skipped") for m in live + cached + routed)
-    left_out = {f"kd_left_out_{why}" for why in LEFT_OUT.values()}
+    reasons = {f"kd_left_out_{why}" for why in LEFT_OUT.values()}
     for a, b in zip(live, routed):  # every figure the two runs both log (the teachers' own ones are by name)
         prefix = "eval_" if "eval_loss" in a else ""
-        shared = set(a) & set(b) - {"tokens_per_sec", "peak_mem_gb"} - left_out
+        shared = set(a) & set(b) - {"tokens_per_sec", "peak_mem_gb"} - reasons
         assert {f"{prefix}{name}" for name in ("loss", "kd", "kl_shared_buckets", "kd_tokens")} <= shared
         for name in shared:
             assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6), (name, a, b)
         assert b[f"{prefix}tokens_cached"] > 0 and b[f"{prefix}tokens_live"] > 0
         if not prefix:  # the reasons are the live teacher's rows' (a cache keeps none: its rows are just untaught)
-            assert sum(b[k] for k in left_out) == b["tokens_live"] - b["kd_tokens_live"]
+            assert sum(b[k] for k in reasons) == b["tokens_live"] - b["kd_tokens_live"]
     assert sum(m["tokens_cached"] - m["kd_tokens_cached"] for m in routed if "loss" in m) > 0
     for m in (m for m in live if "loss" in m):  # span_weight 0: the groups' tokens are left out, counted as such
         left_out = [m[f"kd_left_out_{why}"] for why in LEFT_OUT.values()]

@@ -386,6 +386,18 @@ def _teachers_yaml(path, teachers: dict, routing: str):
     return str(path)
 
 
+def served_by(proc, name: str) -> list[str]:
+    """What the block of teacher `name` says it served, per rank, as its first rank prints it."""
+    return re.findall(rf"teacher ranks of teacher '{name}': served (\d+) micro-batches", proc.stdout)
+
+
+def micro_batches_per_student(steps: int, batch: int, micro: int, students: int, evaluations: int,
+                              held_out: int) -> int:
+    """The micro-batches of `micro` samples each student rank runs: its share of `steps` global batches of `batch`
+    samples, then of `evaluations` passes over `held_out` samples."""
+    return steps * batch // (students * micro) + evaluations * math.ceil(math.ceil(held_out / students) / micro)
+
+
 LAYOUTS = {"co_located": "", "each_on_a_rank_of_its_own": "ab", "one_on_a_rank_of_its_own": "a",
            "cross_tokenizer": "", "cross_tokenizer_one_on_a_rank_of_its_own": "a"}  # the copies on ranks of their own
 
@@ -435,10 +447,10 @@ def test_two_copies_of_one_teacher_routed_per_source_train_exactly_like_that_tea
         kind = "teacher_ranks" if name in own_ranks else "cross_tokenizer" if across else "live"
         runs = "every micro-batch (collective)" if name in own_ranks or students > 1 else "its rows only"
         assert f"teacher '{name}' ({kind}; 1 source(s), runs on {runs}):" in proc.stdout, proc.stdout[-3000:]
-    served = {n: re.findall(rf"teacher ranks of teacher '{n}': served (\d+) micro-batches", proc.stdout) for n in "ab"}
+    served = {n: served_by(proc, n) for n in "ab"}
     held_out = int(re.search(r"held out (\d+) training samples", proc.stdout)[1])
     steps, evaluations, batch, micro = (3, 1, 4, 1) if across else (4, 2, 16, 4)
-    per_student = steps * batch // (students * micro) + evaluations * math.ceil(math.ceil(held_out / students) / micro)
+    per_student = micro_batches_per_student(steps, batch, micro, students, evaluations, held_out)
     side = "1 student rank (global rank 0 on " if students == 1 else f"{students} student ranks (global ranks 0-1 on "
     for rank, name in enumerate(own_ranks, start=students):  # its rank ran every micro-batch of every student rank
         assert f"teacher on ranks of its own: {side}" in proc.stdout, proc.stdout[-3000:]
@@ -473,9 +485,9 @@ def test_a_mixture_of_two_copies_of_one_teacher_trains_exactly_like_that_teacher
                     nproc=2 + b_ranks)
     if b_ranks:  # its rank ran every micro-batch of both student ranks: 4 steps of 16 in 4s, one evaluation
         assert "teacher 'b' (teacher_ranks; weight 0.75 on every token, runs on every micro-batch" in proc.stdout
-        evaluated = math.ceil(math.ceil(len(open(tiny["eval"]).readlines()) / 2) / 4)
-        served = re.findall(r"teacher ranks of teacher 'b': served (\d+) micro-batches", proc.stdout)
-        assert served == [str(2 * (4 * 16 // 8 + evaluated))], served
+        held_out = len(open(tiny["eval"]).readlines())
+        served = served_by(proc, "b")
+        assert served == [str(2 * micro_batches_per_student(4, 16, 4, 2, 1, held_out))], served
     one, two = same_figures(tmp_path / "one", tmp_path / "two")
     for a, b in zip(one, two):
         prefix = "eval_" if "eval_loss" in a else ""
